@@ -1,0 +1,79 @@
+"""Exact resume, bitwise: an interrupted run ends with the same adapter bytes and losses.
+
+Each story runs `loraresume-train` as real processes against a real S3 server; the
+interrupted story is killed and relaunched (as the operator would) until it succeeds.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+
+import pytest
+
+from tests.support.trainer_runs import Kill, run_story
+from tests.trainer.conftest import read_object
+
+pytestmark = pytest.mark.slow
+
+KILL, TERM = signal.SIGKILL, signal.SIGTERM
+RNG = random.Random(20261128)  # seeded: the "random" kill steps are reproducible
+
+
+def adapter_bytes(s3_client, config) -> bytes:
+    return read_object(s3_client, config["storage"]["uri"] + "adapter/adapter_model.safetensors")
+
+
+def assert_same_result(s3, baseline_cfg, baseline, cfg, story):
+    _, _, client = s3
+    assert len(story.attempts) > 1, "the run was never interrupted"
+    resumed = story.losses_after_resume()
+    assert resumed, "no step was logged after a resume"
+    want = baseline.losses()
+    assert {step: want[step] for step in resumed} == resumed
+    assert story.final.exit_code == 0
+    assert adapter_bytes(client, cfg) == adapter_bytes(client, baseline_cfg)
+
+
+SCENARIOS = {
+    "sigkill-after-checkpoint": ({}, [Kill(KILL, RNG.randint(7, 17))]),
+    "sigterm-off-grid": ({}, [Kill(TERM, 12)]),
+    "several-kills": ({}, [Kill(KILL, RNG.randint(6, 9)), Kill(TERM, RNG.randint(12, 15)), Kill(KILL, 19)]),
+    "grad-accum-2-dropout": (
+        {"training": {"gradient_accumulation_steps": 2}, "lora": {"dropout": 0.1}},
+        [Kill(KILL, RNG.randint(7, 13)), Kill(TERM, 17)],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def baselines():
+    return {}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_interrupted_run_equals_uninterrupted(name, make_job, s3, baselines, tmp_path):
+    overrides, kills = SCENARIOS[name]
+    key = repr(sorted(overrides.items()))
+    if key not in baselines:  # one uninterrupted run per configuration
+        base_cfg, base_work = make_job(**overrides)
+        baselines[key] = (base_cfg, run_story(base_cfg, base_work).final)
+    base_cfg, baseline = baselines[key]
+    cfg, work = make_job(**overrides)
+    story = run_story(cfg, work, kills)
+
+    assert [a.killed_with for a in story.attempts[:-1]] == [k.sig.name for k in kills]
+    for attempt in story.attempts[:-1]:
+        if attempt.killed_with == "SIGTERM":
+            # Saved where it stopped (off the save grid) and said so.
+            assert attempt.exit_code == 75
+            assert attempt.termination["outcome"] == "preempted"
+            (stopped,) = attempt.of("preempted")
+            assert stopped["durable_step"] == stopped["step"]
+            assert attempt.termination["durable_step"] == stopped["step"]
+        else:
+            assert attempt.exit_code == -signal.SIGKILL
+    for attempt in story.attempts[1:]:
+        (start,) = attempt.of("start")
+        assert start["mode"] == "exact" and start["step"] > 0
+    assert_same_result(s3, base_cfg, baseline, cfg, story)

@@ -1,0 +1,71 @@
+"""The Trainer hooks that make checkpoints durable, honour SIGTERM and report progress."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .progress import emit_event, mean_train_loss, progress_record, tokens_before
+from .stop_signal import StopRequest
+from .uploader import BackgroundUploader
+
+log = logging.getLogger(__name__)
+
+PROGRESS_NAME = "progress.json"
+
+
+class DurableCheckpointCallback(TrainerCallback):
+    """Hands every saved checkpoint to the background uploader; stops and saves on SIGTERM."""
+
+    def __init__(self, uploader: BackgroundUploader, stop: StopRequest, *, attempt: int) -> None:
+        self.uploader = uploader
+        self.stop = stop
+        self.attempt = attempt
+        self.resumed_from = 0
+        self.token_offset = 0.0
+        self.last_save_seconds: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.resumed_from = state.global_step
+        # TRL counts tokens from this process's start; carry on from the restored history.
+        self.token_offset = tokens_before(state.log_history, state.global_step) if state.global_step else 0.0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.stop.requested and not control.should_training_stop:
+            log.warning("%s received: saving checkpoint-%d and stopping", self.stop.signal_name, state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+        self._save_started = time.monotonic()
+        return control
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step
+        self.last_save_seconds = time.monotonic() - self._save_started
+        self.uploader.submit_checkpoint(Path(args.output_dir) / f"checkpoint-{step}", step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs is None:
+            return
+        fixed: dict[str, Any] = {}
+        if "num_tokens" in logs:
+            fixed["num_tokens"] = self.token_offset + float(logs["num_tokens"])
+        if "train_loss" in logs:
+            fixed["train_loss"] = mean_train_loss(state.log_history, args.logging_steps)
+        logs.update(fixed)
+        if state.log_history:  # the entry HF appended for this log; checkpoints carry it
+            state.log_history[-1].update(fixed)
+        emit_event("log", step=state.global_step, attempt=self.attempt, **logs)
+        if "loss" in logs:
+            record = progress_record(
+                step=state.global_step,
+                max_steps=state.max_steps,
+                logs=logs,
+                attempt=self.attempt,
+                durable_step=self.uploader.durable_step,
+                phase="Running",
+            )
+            self.uploader.submit_json(PROGRESS_NAME, record)

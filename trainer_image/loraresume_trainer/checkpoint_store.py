@@ -1,0 +1,595 @@
+"""The job's S3 prefix: checkpoints with manifests, the final adapter, progress and logs.
+
+Layout under the job's root URI::
+
+    checkpoints/checkpoint-<step>/<files>            HF Trainer checkpoint files
+    checkpoints/checkpoint-<step>/_COMPLETE.json     written last; the checkpoint counts only then
+    adapter/<files> + adapter/_COMPLETE.json         the final adapter and tokenizer
+    progress.json                                    read by the operator for the status
+    logs/                                            TensorBoard event files
+
+Invariants: a manifest is written after every file it lists and deleted before any of
+them; downloads verify every size and hash into a temporary directory and only then
+rename it into place; names from listings are validated, never used as paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, DamagedCheckpoint, StorageError, TrainerError
+from .manifest import (
+    MANIFEST_NAME,
+    MAX_FILES,
+    Manifest,
+    build_manifest,
+    parse_checkpoint_name,
+    relpath_problem,
+    safe_join,
+)
+from .s3client import is_not_found, s3_errors
+from .s3uri import S3Uri
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints/"
+ADAPTER_DIR = "adapter/"
+LOGS_DIR = "logs/"
+PROGRESS_NAME = "progress.json"
+# An arbitrary pickle that HF does not need to resume: never published.
+CHECKPOINT_EXCLUDES = frozenset({"training_args.bin"})
+MiB = 1 << 20
+GiB = 1 << 30
+MAX_FILE_BYTES = 64 * GiB
+MAX_MANIFEST_BYTES = 16 * MiB
+MAX_JSON_BYTES = 4 * MiB
+_DELETE_BATCH = 1000
+_CHUNK = MiB
+_JSON_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*\.json$")
+
+
+@dataclass(frozen=True)
+class CheckpointListing:
+    """A ``checkpoint-<step>`` prefix seen in S3; ``complete`` when its manifest exists."""
+
+    step: int
+    complete: bool
+
+
+def _transfer_config() -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(
+        multipart_threshold=64 * MiB,
+        multipart_chunksize=16 * MiB,
+        max_concurrency=8,
+    )
+
+
+def _normalized(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON, so fingerprints compare like manifests store them."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def _replace_dir(src: Path, dest: Path) -> None:
+    """Move the finished directory ``src`` to ``dest``, replacing what was there."""
+    old: Path | None = None
+    if dest.exists() or dest.is_symlink():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(dest, old)
+    os.rename(src, dest)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+class CheckpointStore:
+    """Checkpoint, adapter and progress I/O for one job's S3 prefix."""
+
+    def __init__(self, client: Any, root: S3Uri):
+        self.client = client
+        self.root = root.as_dir()
+        self._transfer = _transfer_config()
+        self._uploaded_stats: dict[tuple[str, str], tuple[int, int]] = {}
+
+    # ----------------------------------------------------------------- layout
+
+    def checkpoint_uri(self, step: int) -> S3Uri:
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"checkpoint step must be a non-negative integer, got {step!r}")
+        return self.root.child(CHECKPOINTS_DIR, f"checkpoint-{step}/")
+
+    def adapter_uri(self) -> S3Uri:
+        return self.root.child(ADAPTER_DIR)
+
+    def logs_uri(self) -> S3Uri:
+        return self.root.child(LOGS_DIR)
+
+    # -------------------------------------------------------------- low level
+
+    def _list_objects(self, prefix: S3Uri) -> Iterator[tuple[str, int]]:
+        """(key, size) of every object below ``prefix`` (no delimiter)."""
+        with s3_errors("listing", prefix):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+                for obj in page.get("Contents", []) or []:
+                    yield obj["Key"], int(obj.get("Size", 0))
+
+    def _head_size(self, uri: S3Uri) -> int | None:
+        """ContentLength of an object, or None when it does not exist."""
+        from botocore.exceptions import ClientError
+
+        with s3_errors("checking", uri):
+            try:
+                response = self.client.head_object(Bucket=uri.bucket, Key=uri.key)
+            except ClientError as exc:
+                if is_not_found(exc):
+                    return None
+                raise
+        return int(response.get("ContentLength", -1))
+
+    def _get_small(self, uri: S3Uri, limit: int) -> bytes | None:
+        """Body of a small object (at most ``limit`` bytes), or None when it does not exist."""
+        from botocore.exceptions import ClientError
+
+        with s3_errors("reading", uri):
+            try:
+                response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
+            except ClientError as exc:
+                if is_not_found(exc):
+                    return None
+                raise
+            body = response["Body"]
+            try:
+                data = body.read(limit + 1)
+            finally:
+                body.close()
+        if len(data) > limit:
+            raise DamagedCheckpoint(f"{uri} is larger than the limit of {limit} bytes")
+        return data
+
+    def _delete_keys(self, bucket: str, keys: list[str], where: S3Uri) -> None:
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[start : start + _DELETE_BATCH]
+            with s3_errors("deleting objects under", where):
+                response = self.client.delete_objects(
+                    Bucket=bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                )
+            errors = response.get("Errors") or []
+            if errors:
+                code = errors[0].get("Code", "unknown")
+                raise StorageError(
+                    f"S3 did not delete {len(errors)} object(s) under {where} ({code})"
+                )
+
+    def _delete_object(self, uri: S3Uri, operation: str) -> None:
+        with s3_errors(operation, uri):
+            self.client.delete_object(Bucket=uri.bucket, Key=uri.key)
+
+    def _download_object(
+        self,
+        uri: S3Uri,
+        target: Path,
+        *,
+        size: int,
+        sha256: str | None,
+        label: str,
+        rel: str,
+    ) -> None:
+        """Stream one object to ``target``, checking its length and (when given) its hash."""
+        from botocore.exceptions import ClientError
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        written = 0
+        with s3_errors("downloading", uri):
+            try:
+                response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
+            except ClientError as exc:
+                if is_not_found(exc):
+                    raise DamagedCheckpoint(f"{label} is damaged: {rel} is missing") from None
+                raise
+            body = response["Body"]
+            try:
+                length = response.get("ContentLength")
+                if length is not None and int(length) != size:
+                    raise DamagedCheckpoint(
+                        f"{label} is damaged: {rel} has {length} bytes, expected {size}"
+                    )
+                with open(target, "wb") as out:
+                    for chunk in body.iter_chunks(_CHUNK):
+                        written += len(chunk)
+                        if written > size:
+                            raise DamagedCheckpoint(
+                                f"{label} is damaged: {rel} is longer than the expected {size} bytes"
+                            )
+                        digest.update(chunk)
+                        out.write(chunk)
+            finally:
+                body.close()
+        if written != size:
+            raise DamagedCheckpoint(
+                f"{label} is damaged: {rel} is truncated ({written} of {size} bytes)"
+            )
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise DamagedCheckpoint(f"{label} is damaged: {rel} does not match its sha256")
+
+    def _download_into(self, dest: Path, fill: Callable[[Path], None]) -> Path:
+        """Run ``fill(tmpdir)`` and move the result to ``dest``; nothing at ``dest`` on failure."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+        try:
+            fill(tmp)
+            _replace_dir(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest
+
+    # ---------------------------------------------------------------- listing
+
+    def _checkpoint_steps(self) -> list[int]:
+        """Steps of the validly named ``checkpoint-<step>/`` prefixes, newest first."""
+        prefix = self.root.child(CHECKPOINTS_DIR)
+        steps: set[int] = set()
+        with s3_errors("listing", prefix):
+            paginator = self.client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key, Delimiter="/")
+            for page in pages:
+                for common in page.get("CommonPrefixes", []) or []:
+                    full = common.get("Prefix", "")
+                    name = full[len(prefix.key) : -1] if full.endswith("/") else ""
+                    step = parse_checkpoint_name(name) if full.startswith(prefix.key) else None
+                    if step is None:
+                        log.warning("ignoring unexpected entry %r under %s", full, prefix)
+                        continue
+                    steps.add(step)
+        return sorted(steps, reverse=True)
+
+    def list_checkpoints(self) -> list[CheckpointListing]:
+        """Every ``checkpoint-<step>/`` prefix, newest first, with whether its manifest exists."""
+        listings = []
+        for step in self._checkpoint_steps():
+            manifest_uri = self.checkpoint_uri(step).child(MANIFEST_NAME)
+            listings.append(CheckpointListing(step, self._head_size(manifest_uri) is not None))
+        return listings
+
+    def read_manifest(self, step: int) -> Manifest | None:
+        """The manifest of ``checkpoint-<step>``; None if absent, DamagedCheckpoint if unusable."""
+        uri = self.checkpoint_uri(step).child(MANIFEST_NAME)
+        data = self._get_small(uri, MAX_MANIFEST_BYTES)
+        if data is None:
+            return None
+        manifest = Manifest.from_bytes(data, source=str(uri))
+        if manifest.kind != "checkpoint" or manifest.step != step:
+            raise DamagedCheckpoint(
+                f"manifest {uri} describes {manifest.kind} step {manifest.step}, not checkpoint step {step}"
+            )
+        return manifest
+
+    def complete_checkpoints(self) -> list[tuple[int, Manifest]]:
+        """Checkpoints with a usable manifest, newest first; unusable ones are skipped with a warning."""
+        found: list[tuple[int, Manifest]] = []
+        for step in self._checkpoint_steps():
+            try:
+                manifest = self.read_manifest(step)
+            except DamagedCheckpoint as exc:
+                log.warning("skipping checkpoint-%d: %s", step, exc)
+                continue
+            if manifest is not None:
+                found.append((step, manifest))
+        return found
+
+    # -------------------------------------------------------------- downloads
+
+    def download_tree(
+        self,
+        prefix_uri: S3Uri,
+        manifest: Manifest,
+        dest: Path,
+        *,
+        max_file_bytes: int = MAX_FILE_BYTES,
+    ) -> Path:
+        """Download and verify every manifest file; ``dest`` appears only when all are good."""
+        prefix = prefix_uri.as_dir()
+        label = f"checkpoint {prefix}" if manifest.kind == "checkpoint" else f"{manifest.kind} {prefix}"
+
+        # Check presence and sizes of everything before spending time on large bodies.
+        for entry in manifest.files:
+            problem = relpath_problem(entry.path)
+            if problem:  # Manifest.from_bytes refuses these; a hand-built Manifest may not
+                raise DamagedCheckpoint(f"{label} is damaged: file path {entry.path!r} {problem}")
+            if entry.size > max_file_bytes:
+                raise DamagedCheckpoint(
+                    f"{label} is damaged: {entry.path} claims {entry.size} bytes, over the limit of {max_file_bytes}"
+                )
+            size = self._head_size(prefix.child(entry.path))
+            if size is None:
+                raise DamagedCheckpoint(f"{label} is damaged: {entry.path} is missing")
+            if size != entry.size:
+                raise DamagedCheckpoint(
+                    f"{label} is damaged: {entry.path} has {size} bytes, expected {entry.size}"
+                )
+
+        def fill(tmp: Path) -> None:
+            for entry in manifest.files:
+                self._download_object(
+                    prefix.child(entry.path),
+                    safe_join(tmp, entry.path),
+                    size=entry.size,
+                    sha256=entry.sha256,
+                    label=label,
+                    rel=entry.path,
+                )
+
+        result = self._download_into(dest, fill)
+        log.info("downloaded %s (%d files, %d bytes) to %s", label, len(manifest.files), manifest.total_bytes, dest)
+        return result
+
+    def download_checkpoint(self, step: int, manifest: Manifest, dest_parent: Path) -> Path:
+        """Verified download of ``checkpoint-<step>`` to ``dest_parent/checkpoint-<step>``."""
+        return self.download_tree(
+            self.checkpoint_uri(step), manifest, Path(dest_parent) / f"checkpoint-{step}"
+        )
+
+    def download_newest_complete(self, dest_parent: Path) -> tuple[int, Manifest, Path] | None:
+        """The newest complete checkpoint that verifies, falling back past damaged ones; None if none."""
+        for step, manifest in self.complete_checkpoints():
+            try:
+                path = self.download_checkpoint(step, manifest, dest_parent)
+            except DamagedCheckpoint as exc:
+                log.warning("falling back past checkpoint-%d: %s", step, exc)
+                continue
+            return step, manifest, path
+        return None
+
+    def fetch_tree(self, uri: S3Uri, dest: Path) -> Path:
+        """Download a directory-like prefix (a base model, a user's adapter) to ``dest``.
+
+        With a ``_COMPLETE.json`` there, everything is verified against it; without one,
+        every object under the prefix is downloaded with its size checked.
+        """
+        prefix = uri.as_dir()
+        manifest_uri = prefix.child(MANIFEST_NAME)
+        data = self._get_small(manifest_uri, MAX_MANIFEST_BYTES)
+        if data is not None:
+            manifest = Manifest.from_bytes(data, source=str(manifest_uri))
+            return self.download_tree(prefix, manifest, dest)
+
+        objects: list[tuple[str, int]] = []
+        for key, size in self._list_objects(prefix):
+            if key.endswith("/"):
+                continue  # "directory marker" written by consoles and some tools
+            rel = key[len(prefix.key) :]
+            problem = relpath_problem(rel)
+            if problem:
+                raise ConfigError(
+                    f"cannot fetch {prefix}: object key {key!r} {problem}; rename or remove it"
+                )
+            objects.append((rel, size))
+            if len(objects) > MAX_FILES:
+                raise ConfigError(f"cannot fetch {prefix}: more than {MAX_FILES} objects")
+        if not objects:
+            raise ConfigError(f"nothing found at {prefix}: check the URI and that the upload finished")
+
+        label = f"download of {prefix}"
+
+        def fill(tmp: Path) -> None:
+            for rel, size in objects:
+                self._download_object(
+                    prefix.child(rel), safe_join(tmp, rel), size=size, sha256=None, label=label, rel=rel
+                )
+
+        result = self._download_into(dest, fill)
+        log.info("fetched %s (%d files, %d bytes) to %s", prefix, len(objects), sum(s for _, s in objects), dest)
+        return result
+
+    # ---------------------------------------------------------------- uploads
+
+    def upload_tree(
+        self,
+        local_dir: Path,
+        prefix_uri: S3Uri,
+        *,
+        kind: str,
+        step: int | None,
+        fingerprint: dict[str, Any],
+        exclude: frozenset[str] = frozenset(),
+    ) -> Manifest:
+        """Publish ``local_dir`` at ``prefix_uri``: old manifest off first, new manifest on last.
+
+        The manifest is built from the local files before uploading, so ``local_dir``
+        must not change meanwhile (callers pass a snapshot).
+        """
+        local_dir = Path(local_dir)
+        prefix = prefix_uri.as_dir()
+        manifest = build_manifest(
+            local_dir, kind=kind, step=step, fingerprint=fingerprint, exclude=exclude
+        )
+        manifest_uri = prefix.child(MANIFEST_NAME)
+        self._delete_object(manifest_uri, "removing the old manifest of")
+
+        wanted = {prefix.key + entry.path for entry in manifest.files}
+        stale = [key for key, _ in self._list_objects(prefix) if key not in wanted]
+        if stale:
+            log.info("removing %d stale object(s) under %s", len(stale), prefix)
+            self._delete_keys(prefix.bucket, stale, prefix)
+
+        for entry in manifest.files:
+            path = local_dir / entry.path
+            if path.stat().st_size != entry.size:
+                raise TrainerError(f"{path} changed while it was being published")
+            target = prefix.child(entry.path)
+            with s3_errors("uploading to", target):
+                self.client.upload_file(
+                    str(path), target.bucket, target.key, Config=self._transfer
+                )
+
+        with s3_errors("writing the manifest", manifest_uri):
+            self.client.put_object(
+                Bucket=manifest_uri.bucket,
+                Key=manifest_uri.key,
+                Body=manifest.to_bytes(),
+                ContentType="application/json",
+            )
+        return manifest
+
+    def upload_checkpoint(self, local_dir: Path, step: int, fingerprint: dict[str, Any]) -> Manifest:
+        """Publish an HF checkpoint directory as ``checkpoint-<step>`` (without training_args.bin)."""
+        return self.upload_tree(
+            local_dir,
+            self.checkpoint_uri(step),
+            kind="checkpoint",
+            step=step,
+            fingerprint=fingerprint,
+            exclude=CHECKPOINT_EXCLUDES,
+        )
+
+    def upload_adapter(
+        self, local_dir: Path, fingerprint: dict[str, Any], *, step: int | None = None
+    ) -> Manifest:
+        """Publish the final adapter + tokenizer at ``adapter/``."""
+        return self.upload_tree(
+            local_dir,
+            self.adapter_uri(),
+            kind="adapter",
+            step=step,
+            fingerprint=fingerprint,
+            exclude=CHECKPOINT_EXCLUDES,
+        )
+
+    def read_adapter_manifest(self) -> Manifest | None:
+        """The adapter's manifest (None until the adapter is complete)."""
+        uri = self.adapter_uri().child(MANIFEST_NAME)
+        data = self._get_small(uri, MAX_MANIFEST_BYTES)
+        return None if data is None else Manifest.from_bytes(data, source=str(uri))
+
+    def upload_files(self, local_dir: Path, prefix_uri: S3Uri) -> int:
+        """Upload the regular files under ``local_dir`` that changed since the last call; no manifest."""
+        local_dir = Path(local_dir)
+        prefix = prefix_uri.as_dir()
+        uploaded = 0
+        if not local_dir.is_dir():
+            return 0
+        for dirpath, dirnames, filenames in os.walk(local_dir, followlinks=False):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                if path.is_symlink() or not path.is_file():
+                    continue
+                rel = path.relative_to(local_dir).as_posix()
+                info = path.stat()
+                stamp = (info.st_size, info.st_mtime_ns)
+                memo = (str(prefix), rel)
+                if self._uploaded_stats.get(memo) == stamp:
+                    continue
+                target = prefix.child(rel)
+                with s3_errors("uploading to", target):
+                    self.client.upload_file(str(path), target.bucket, target.key, Config=self._transfer)
+                self._uploaded_stats[memo] = stamp
+                uploaded += 1
+        return uploaded
+
+    # -------------------------------------------------------------- retention
+
+    def delete_checkpoint(self, step: int) -> None:
+        """Remove ``checkpoint-<step>``: its manifest first, so it is never complete while half gone."""
+        prefix = self.checkpoint_uri(step)
+        self._delete_object(prefix.child(MANIFEST_NAME), "deleting the manifest")
+        keys = [key for key, _ in self._list_objects(prefix)]
+        self._delete_keys(prefix.bucket, keys, prefix)
+
+    def apply_retention(
+        self,
+        keep: int,
+        fingerprint: dict[str, Any],
+        protect: frozenset[int] = frozenset(),
+    ) -> list[int]:
+        """Delete old checkpoints of this job and leftovers of killed uploads; returns the deleted steps.
+
+        Keeps the newest ``keep`` complete checkpoints whose fingerprint matches, never the
+        newest complete one; deletes incomplete checkpoints below the newest complete step
+        unless protected; leaves checkpoints with another fingerprint and unreadable
+        manifests alone.
+        """
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
+        wanted = _normalized(fingerprint)
+        complete: dict[int, Manifest] = {}
+        incomplete: list[int] = []
+        for step in self._checkpoint_steps():
+            try:
+                manifest = self.read_manifest(step)
+            except DamagedCheckpoint as exc:
+                log.warning("retention leaves checkpoint-%d alone: %s", step, exc)
+                continue
+            if manifest is None:
+                incomplete.append(step)
+            else:
+                complete[step] = manifest
+        if not complete:
+            return []
+        newest = max(complete)
+        matching = sorted(
+            (s for s, m in complete.items() if _normalized(m.fingerprint) == wanted), reverse=True
+        )
+        doomed = {s for s in matching[keep:] if s != newest and s not in protect}
+        doomed |= {s for s in incomplete if s < newest and s not in protect}
+        deleted: list[int] = []
+        for step in sorted(doomed):
+            self.delete_checkpoint(step)
+            deleted.append(step)
+        if deleted:
+            log.info("retention deleted checkpoint(s) %s under %s", deleted, self.root)
+        return deleted
+
+    # --------------------------------------------------------------- progress
+
+    def _json_uri(self, name: str) -> S3Uri:
+        if not _JSON_NAME_RE.match(name):
+            raise ValueError(f"invalid JSON object name {name!r}")
+        return self.root.child(name)
+
+    def put_json(self, name: str, obj: Any) -> None:
+        """Write a small JSON document (e.g. progress.json) under the root."""
+        uri = self._json_uri(name)
+        body = json.dumps(obj, sort_keys=True, indent=2).encode("utf-8")
+        with s3_errors("writing", uri):
+            self.client.put_object(
+                Bucket=uri.bucket, Key=uri.key, Body=body, ContentType="application/json"
+            )
+
+    def get_json(self, name: str) -> dict[str, Any] | None:
+        """Read a JSON object written by ``put_json``; None when absent or not a JSON object."""
+        uri = self._json_uri(name)
+        try:
+            data = self._get_small(uri, MAX_JSON_BYTES)
+        except DamagedCheckpoint as exc:
+            log.warning("ignoring %s: %s", uri, exc)
+            return None
+        if data is None:
+            return None
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            log.warning("ignoring %s: not valid JSON", uri)
+            return None
+        if not isinstance(doc, dict):
+            log.warning("ignoring %s: not a JSON object", uri)
+            return None
+        return doc

@@ -1,0 +1,91 @@
+"""`loraresume-train`: run one attempt of a job and end with an exit code the operator understands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .config import load_job
+from .errors import ConfigError, StorageError, TrainerError
+from .outcome import Outcome, TerminationMessage, write_termination_message
+from .redact import install_log_redaction, redact
+from .stop_signal import StopRequest
+
+log = logging.getLogger("loraresume_trainer")
+
+DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraresume-train",
+        description="Run a LoraResume fine-tune job: train a LoRA with Unsloth, checkpoint to S3, resume exactly.",
+    )
+    parser.add_argument("--config", type=Path, help="job config file (JSON or YAML); default: $LORARESUME_JOB")
+    parser.add_argument(
+        "--termination-log", type=Path, help="where to write the termination message (overrides the job's)"
+    )
+    return parser
+
+
+def _finish(message: TerminationMessage, path: Path) -> int:
+    message.reason = redact(message.reason)
+    write_termination_message(path, message)
+    stream = sys.stderr if message.exit_code else sys.stdout
+    print(f"loraresume-train: {message.outcome}: {message.reason}", file=stream, flush=True)
+    return message.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LORARESUME_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    install_log_redaction()
+    termination_log = args.termination_log or DEFAULT_TERMINATION_LOG
+    stop = StopRequest()
+    try:
+        job = load_job(args.config)
+        termination_log = args.termination_log or job.termination_log
+        from .pipeline import Pipeline  # imports boto3; the heavy stack loads inside run()
+
+        pipeline = Pipeline(job, stop)
+
+        def preempted_while_loading() -> None:
+            durable = pipeline.durable_step
+            code = _finish(
+                TerminationMessage(
+                    outcome="preempted",
+                    reason="SIGTERM before training started; nothing new to save",
+                    exit_code=Outcome.PREEMPTED.code,
+                    durable_step=durable,
+                ),
+                termination_log,
+            )
+            os._exit(code)
+
+        stop.install(preempted_while_loading)
+        message = pipeline.run()
+    except ConfigError as exc:
+        message = TerminationMessage(
+            outcome="config_error", reason=str(exc), exit_code=Outcome.CONFIG_ERROR.code, field=exc.field
+        )
+    except (StorageError, TrainerError) as exc:
+        message = TerminationMessage(outcome="failed", reason=str(exc), exit_code=Outcome.FAILED.code)
+    except Exception as exc:  # noqa: BLE001 - any crash is a retryable failure for the operator
+        log.error("unexpected error:\n%s", redact(traceback.format_exc()))
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        message = TerminationMessage(
+            outcome="failed", reason=f"{type(exc).__name__}: {first}"[:1000], exit_code=Outcome.FAILED.code
+        )
+    return _finish(message, termination_log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The seed pipeline, step by step, with durable checkpoints and exact resume.
+
+1. Fetch inputs (base model, adapter, dataset) from S3 or local paths.
+2. Turn rows into texts with the template; fingerprint what makes resume exact.
+3. Plan the resume: newest complete checkpoint with this fingerprint (verified on
+   download, falling back past damaged ones), a warm start, or a fresh start.
+4. Load base + adapter through Unsloth (or create a new LoRA).
+5. Train with TRL's SFTTrainer; checkpoints stream to S3 in the background.
+6. Save the adapter and tokenizer to <storage>/adapter/ with a manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint_store import CheckpointStore
+from .config import JobConfig
+from .errors import ConfigError, DamagedCheckpoint
+from .fingerprint import make_fingerprint, texts_sha256
+from .manifest import parse_checkpoint_name
+from .outcome import Outcome, TerminationMessage
+from .progress import emit_event, progress_record
+from .resume_plan import Candidate, ResumeMode, ResumePlan, plan_resume
+from .s3client import make_s3_client, s3_errors
+from .s3uri import S3Uri
+from .stop_signal import StopRequest
+
+log = logging.getLogger(__name__)
+
+# Files that are pickles in an HF checkpoint; HF loads them with weights_only=True and
+# so do we, once, before the Trainer sees the checkpoint (an unsafe one is "damaged").
+PICKLED_STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt")
+# Without any of these HF resumes silently inexact (notes/training-stack.md) or crashes.
+REQUIRED_CHECKPOINT_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state.pth",
+    "trainer_state.json",
+)
+
+
+@dataclass
+class WorkDirs:
+    root: Path
+
+    def __post_init__(self) -> None:
+        for sub in ("cache", "output", "staging", "resume", "final", "tensorboard"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def __getattr__(self, name: str) -> Path:  # cache, output, staging, resume, final, tensorboard
+        return self.root / name
+
+
+def _cache_name(kind: str, uri: str) -> str:
+    return f"{kind}-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
+
+
+class Pipeline:
+    """One attempt of one job. `run()` returns the termination message; errors propagate typed."""
+
+    def __init__(self, job: JobConfig, stop: StopRequest) -> None:
+        self.job = job
+        self.stop = stop
+        self.dirs = WorkDirs(job.work_dir)
+        self.client = make_s3_client(job.storage.endpoint, job.storage.region)
+        self.store = CheckpointStore(self.client, S3Uri.parse(job.storage.uri))
+        self.durable_step: int | None = None
+
+    # 1. inputs ---------------------------------------------------------------------------
+    def fetch_dir(self, ref: str, kind: str, field: str) -> str:
+        """A local directory for `ref` (s3:// downloaded once into the cache), or a hub id as is."""
+        if ref.startswith("s3://"):
+            dest = self.dirs.cache / _cache_name(kind, ref)
+            if not dest.is_dir():
+                self.store.fetch_tree(S3Uri.parse(ref), dest)
+            return str(dest)
+        if Path(ref).is_dir():
+            return ref
+        if kind == "adapter" or ref.startswith(("/", "./", "../")):
+            raise ConfigError(f"{ref} does not exist (expected an s3:// URI or a local directory)", field=field)
+        return ref  # a hub id
+
+    def fetch_dataset_file(self) -> Path | None:
+        source = self.job.dataset.source
+        if source is None:
+            return None
+        if not source.startswith("s3://"):
+            return Path(source)
+        uri = S3Uri.parse(source)
+        name = Path(uri.key).name
+        if not name:
+            raise ConfigError(f"{source} names a prefix, not a file", field="dataset.source")
+        dest = self.dirs.cache / _cache_name("dataset", source) / name
+        if not dest.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_suffix(dest.suffix + ".part")
+            with s3_errors("downloading the dataset", source):
+                try:
+                    self.client.download_file(uri.bucket, uri.key, str(tmp))
+                except self.client.exceptions.ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                        raise ConfigError(f"{source} does not exist", field="dataset.source") from None
+                    raise
+            os.replace(tmp, dest)
+        return dest
+
+    # 2. texts and fingerprint ------------------------------------------------------------
+    def prepare_texts(self, tokenizer_dir: str) -> Any:
+        from transformers import AutoTokenizer
+
+        from .dataset_prep import load_rows, to_texts
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        rows = load_rows(self.job.dataset, self.fetch_dataset_file(), self.dirs.cache / "datasets")
+        return to_texts(rows, self.job.dataset, tokenizer)
+
+    def fingerprint(self, texts: Any, lora: dict[str, Any]) -> dict[str, Any]:
+        from .training_args import effective_training
+
+        training = effective_training(self.job)
+        return make_fingerprint(
+            base_model=self.job.base_model,
+            dataset_sha256=texts_sha256(texts["text"]),
+            template=self.job.dataset.template,
+            max_seq_length=self.job.max_seq_length,
+            per_device_train_batch_size=training["per_device_train_batch_size"],
+            gradient_accumulation_steps=training["gradient_accumulation_steps"],
+            max_steps=training.get("max_steps", -1),
+            num_train_epochs=training.get("num_train_epochs", 3.0),
+            seed=self.job.seed,
+            lora=lora,
+        )
+
+    # 3. resume plan ----------------------------------------------------------------------
+    def explicit_candidate(self) -> Candidate | None:
+        ref = self.job.resume.from_checkpoint
+        if ref is None:
+            return None
+        uri = S3Uri.parse(ref)
+        parts = uri.key.rstrip("/").split("/")
+        step = parse_checkpoint_name(parts[-1]) if len(parts) >= 2 and parts[-2] == "checkpoints" else None
+        if step is None:
+            raise ConfigError(
+                f"{ref} is not a checkpoint URI (expected s3://bucket/<job>/checkpoints/checkpoint-<step>/)",
+                field="resume.from_checkpoint",
+            )
+        store = CheckpointStore(self.client, S3Uri(uri.bucket, "/".join(parts[:-2]) + "/" if parts[:-2] else ""))
+        manifest = store.read_manifest(step)
+        if manifest is None:
+            raise ConfigError(f"{ref} is not a complete checkpoint (no manifest)", field="resume.from_checkpoint")
+        return Candidate(step, str(uri.as_dir()), manifest.fingerprint)
+
+    def fetch_candidate(self, plan: ResumePlan) -> tuple[Candidate, Path] | None:
+        """Download the first candidate that verifies; damaged ones are skipped with a warning."""
+        for cand in plan.candidates:
+            uri = S3Uri.parse(cand.uri)
+            root = uri.key.rstrip("/").rsplit("/", 2)[0]
+            store = CheckpointStore(self.client, S3Uri(uri.bucket, root + "/" if root else ""))
+            try:
+                manifest = store.read_manifest(cand.step)
+                if manifest is None:
+                    raise DamagedCheckpoint(f"{cand.uri} lost its manifest")
+                listed = {f.path for f in manifest.files}
+                missing = [name for name in REQUIRED_CHECKPOINT_FILES if name not in listed]
+                if missing:
+                    raise DamagedCheckpoint(f"{cand.uri} lacks {', '.join(missing)}: it cannot resume exactly")
+                path = store.download_checkpoint(cand.step, manifest, self.dirs.resume)
+                check_pickles_safe(path)
+                return cand, path
+            except DamagedCheckpoint as exc:
+                log.warning("skipping damaged checkpoint %s: %s", cand.uri, exc)
+                emit_event("checkpoint_damaged", uri=cand.uri, reason=str(exc))
+        return None
+
+    # the whole attempt ------------------------------------------------------------------
+    def run(self) -> TerminationMessage:
+        job = self.job
+        t_start = time.monotonic()
+        # Listing first: bad credentials or an unreachable endpoint fail before the slow imports.
+        complete = [
+            Candidate(s, str(self.store.checkpoint_uri(s)), m.fingerprint) for s, m in self.store.complete_checkpoints()
+        ]
+        if complete:
+            self.durable_step = complete[0].step
+        import unsloth  # noqa: F401  (must come before transformers/trl/peft: it patches them)
+
+        from .training_args import check_training_fields
+
+        check_training_fields(job.training)
+
+        from .model_loading import (
+            check_adapter_fits,
+            job_lora_shape,
+            lora_shape,
+            read_adapter_config,
+            stage_adapter,
+        )
+
+        base_path = self.fetch_dir(job.base_model, "base", "base_model")
+        adapter_src = Path(self.fetch_dir(job.adapter, "adapter", "adapter")) if job.adapter else None
+        lora = lora_shape(read_adapter_config(adapter_src, job.adapter)) if adapter_src else job_lora_shape(job)
+        texts = self.prepare_texts(str(adapter_src) if adapter_src and _has_tokenizer(adapter_src) else base_path)
+        fingerprint = self.fingerprint(texts, lora)
+
+        done = self.store.read_adapter_manifest()
+        if done is not None and done.fingerprint == fingerprint:
+            log.info("adapter already complete in %s: nothing to do", self.store.adapter_uri())
+            return self._succeeded(None)
+
+        plan = plan_resume(complete, fingerprint, explicit=self.explicit_candidate(), warm_start=job.resume.warm_start)
+        fetched = self.fetch_candidate(plan) if plan.candidates else None
+        if plan.candidates and fetched is None:
+            log.warning("no checkpoint could be verified; starting fresh from the adapter")
+        mode = plan.mode if fetched else ResumeMode.FRESH
+        resume_dir = fetched[1] if fetched and mode is ResumeMode.EXACT else None
+        # A warm start takes the checkpoint's adapter weights as its adapter.
+        model_adapter = fetched[1] if fetched and mode is ResumeMode.WARM else adapter_src
+        emit_event(
+            "start",
+            attempt=job.attempt,
+            mode=mode.value,
+            checkpoint=fetched[0].uri if fetched else None,
+            step=fetched[0].step if fetched else 0,
+            prepare_seconds=round(time.monotonic() - t_start, 3),
+        )
+
+        on_gpu, bf16_ok = _accelerator()
+        staged = None
+        if model_adapter is not None:
+            ref = job.adapter if model_adapter is adapter_src else fetched[0].uri  # type: ignore[index]
+            check_adapter_fits(model_adapter, base_path, adapter_ref=ref, base_ref=job.base_model)
+            staged = stage_adapter(model_adapter, self.dirs.root / "adapter-in", base_path)
+        return self.train(texts, fingerprint, staged, base_path, resume_dir, on_gpu, bf16_ok)
+
+    def train(
+        self,
+        texts: Any,
+        fingerprint: dict[str, Any],
+        adapter_dir: Path | None,
+        base_path: str,
+        resume_dir: Path | None,
+        on_gpu: bool,
+        bf16_ok: bool,
+    ) -> TerminationMessage:
+        from transformers import PrinterCallback
+        from trl import SFTTrainer
+
+        from .callbacks import DurableCheckpointCallback
+        from .model_loading import load_model
+        from .training_args import build_sft_config
+        from .uploader import BackgroundUploader
+
+        job = self.job
+        args = build_sft_config(job, self.dirs.output, on_gpu=on_gpu, bf16_supported=bf16_ok, tensorboard=job.tensorboard)
+        if job.tensorboard:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.dirs.tensorboard / f"attempt-{job.attempt}")
+        model, tokenizer = load_model(job, base_path, adapter_dir, on_gpu=on_gpu)
+        emit_event("model_ready", lora_sha256=lora_weights_sha256(model), resume_from=str(resume_dir) if resume_dir else None)
+        uploader = BackgroundUploader(
+            self.store,
+            keep=job.storage.keep_checkpoints,
+            fingerprint=fingerprint,
+            staging_dir=self.dirs.staging,
+            durable_step=self.durable_step,
+            on_durable=lambda step, _m: emit_event("checkpoint_durable", step=step, uri=str(self.store.checkpoint_uri(step))),
+        )
+        callback = DurableCheckpointCallback(uploader, self.stop, attempt=job.attempt)
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=texts, args=args, callbacks=[callback])
+        trainer.remove_callback(PrinterCallback)
+
+        self.stop.phase = "training"
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+        finally:
+            self.stop.phase = "finishing"
+        step = trainer.state.global_step
+
+        if self.stop.requested:
+            t_flush = time.monotonic()
+            uploader.close(timeout=None)
+            self.durable_step = uploader.durable_step
+            since_signal = time.monotonic() - (self.stop.received_at or t_flush)
+            log.warning(
+                "preempted: checkpoint-%s durable %.2f s after %s (save %.2f s, upload %.2f s)",
+                self.durable_step, since_signal, self.stop.signal_name,
+                callback.last_save_seconds or 0.0, time.monotonic() - t_flush,
+            )
+            emit_event("preempted", step=step, durable_step=self.durable_step, seconds=round(since_signal, 3))
+            self._put_progress(step, trainer.state.max_steps, {}, "Preempted")
+            return TerminationMessage(
+                outcome="preempted",
+                reason=f"SIGTERM: stopped at step {step}; checkpoint-{self.durable_step} is durable",
+                exit_code=Outcome.PREEMPTED.code,
+                step=step,
+                durable_step=self.durable_step,
+                checkpoint=str(self.store.checkpoint_uri(self.durable_step)) if self.durable_step is not None else None,
+            )
+
+        uploader.close(timeout=None)
+        self.durable_step = uploader.durable_step
+        self.save_adapter(model, tokenizer, fingerprint)
+        if job.tensorboard:
+            self.store.upload_files(self.dirs.tensorboard, self.store.root.child("logs").as_dir())
+        last = next((e for e in reversed(trainer.state.log_history) if "loss" in e), {})
+        self._put_progress(step, trainer.state.max_steps, last, "Succeeded")
+        return self._succeeded(step)
+
+    def save_adapter(self, model: Any, tokenizer: Any, fingerprint: dict[str, Any]) -> None:
+        out = self.dirs.final / "adapter"
+        if out.exists():
+            shutil.rmtree(out)
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        config_path = out / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = self.job.base_model  # not this pod's cache path
+        config_path.write_text(json.dumps(config, indent=2))
+        manifest = self.store.upload_adapter(out, fingerprint)
+        emit_event("adapter_saved", uri=str(self.store.adapter_uri()), files=len(manifest.files))
+
+    def _put_progress(self, step: int, max_steps: int, logs: dict[str, Any], phase: str) -> None:
+        record = progress_record(
+            step=step, max_steps=max_steps, logs=logs, attempt=self.job.attempt,
+            durable_step=self.durable_step, phase=phase,
+        )
+        self.store.put_json("progress.json", record)
+
+    def _succeeded(self, step: int | None) -> TerminationMessage:
+        return TerminationMessage(
+            outcome="succeeded",
+            reason="adapter saved",
+            exit_code=Outcome.SUCCEEDED.code,
+            step=step,
+            durable_step=self.durable_step,
+            adapter=str(self.store.adapter_uri()),
+        )
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer_config.json").is_file()
+
+
+def _accelerator() -> tuple[bool, bool]:
+    import torch
+
+    if torch.cuda.is_available():
+        return True, torch.cuda.is_bf16_supported()
+    return False, False
+
+
+def lora_weights_sha256(model: Any) -> str:
+    """Hash of the adapter weights as PEFT saves them (to show which weights a run starts from)."""
+    from peft import get_peft_model_state_dict
+
+    from .fingerprint import tensors_sha256
+
+    return tensors_sha256(get_peft_model_state_dict(model))
+
+
+def check_pickles_safe(checkpoint_dir: Path) -> None:
+    """Load each pickled state file with torch's weights-only unpickler; refuse anything else.
+
+    Uses transformers' allow-list (numpy RNG state) exactly as its resume does.
+    """
+    import pickle
+
+    import torch
+    from transformers.trainer import safe_globals
+
+    for name in PICKLED_STATE_FILES:
+        path = checkpoint_dir / name
+        if not path.is_file():
+            continue
+        try:
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DamagedCheckpoint(f"{name} is not a plain tensor/state file ({first[:200]})") from None

@@ -1,0 +1,89 @@
+"""The job's `training` section to a TRL SFTConfig: passthrough with checks and sane defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import JobConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from trl import SFTConfig
+
+# The seed notebook's values; every one can be overridden in `training`.
+DEFAULTS: dict[str, Any] = {
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 4,
+    "warmup_steps": 5,
+    "max_steps": 60,
+    "learning_rate": 2e-4,
+    "optim": "adamw_8bit",  # Unsloth's CPU mode swaps in adamw_torch by itself
+    "weight_decay": 0.01,
+    "lr_scheduler_type": "linear",
+    "logging_steps": 1,
+    "save_steps": 10,
+    "seed": 3407,
+}
+
+
+def sft_field_names() -> set[str]:
+    from trl import SFTConfig
+
+    return {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def check_training_fields(training: dict[str, Any]) -> None:
+    """Unknown SFTConfig fields are errors naming the field (with a suggestion)."""
+    known = sft_field_names()
+    for key in training:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise ConfigError(f"unknown SFTConfig field{hint}", field=f"training.{key}")
+
+
+def precision_defaults(on_gpu: bool, bf16_supported: bool) -> dict[str, bool]:
+    """bf16 only where the hardware has it; fp16 on older GPUs; fp32 on CPU (exact and portable)."""
+    if not on_gpu:
+        return {"bf16": False, "fp16": False}
+    return {"bf16": bf16_supported, "fp16": not bf16_supported}
+
+
+def effective_training(job: JobConfig) -> dict[str, Any]:
+    """Defaults overlaid with the job's values: what decides batches and schedule."""
+    return {**DEFAULTS, **job.training}
+
+
+def build_sft_config(
+    job: JobConfig, output_dir: Path, *, on_gpu: bool, bf16_supported: bool, tensorboard: bool
+) -> SFTConfig:
+    """Raises ConfigError for unknown fields, an inconsistent max_length or values SFTConfig rejects."""
+    from trl import SFTConfig
+
+    check_training_fields(job.training)
+    values = {**precision_defaults(on_gpu, bf16_supported), **effective_training(job)}
+    max_length = values.get("max_length", job.max_seq_length)
+    if max_length != job.max_seq_length:
+        raise ConfigError(
+            f"{max_length} differs from max_seq_length {job.max_seq_length}; Unsloth uses max_seq_length, "
+            "so set only that one",
+            field="training.max_length",
+        )
+    values.update(
+        output_dir=str(output_dir),
+        save_strategy="steps",
+        save_total_limit=None,  # retention happens in S3; local copies are snapshotted at save
+        report_to=["tensorboard"] if tensorboard else "none",
+        max_length=job.max_seq_length,
+        dataset_text_field="text",
+        disable_tqdm=True,
+        save_only_model=False,
+        ignore_data_skip=False,
+    )
+    try:
+        return SFTConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"rejected by SFTConfig: {str(exc).splitlines()[0]}", field="training") from None
