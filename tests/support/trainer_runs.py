@@ -24,7 +24,7 @@ def job_config(
     endpoint: str,
     storage_uri: str,
     base_model: str,
-    dataset: str,
+    dataset_file: str,
     training: dict[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def job_config(
         "baseModel": base_model,
         "maxSeqLength": 128,
         "loadIn4bit": False,
-        "dataset": {"source": dataset, "template": "alpaca"},
+        "dataset": {"source": dataset_file, "template": "alpaca"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "training": {
             "per_device_train_batch_size": 2,
@@ -124,7 +124,7 @@ def run_attempt(
     term = Path(config.get("terminationLog", work / "termination-log"))
     term.unlink(missing_ok=True)
     proc = subprocess.Popen(
-        [*TRAIN, "--config", str(path)],
+        [*TRAIN, "--config", str(path), "--termination-log", str(term)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

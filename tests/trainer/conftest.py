@@ -47,7 +47,7 @@ def make_job(s3, tiny_base, alpaca_file, tmp_path):
             endpoint=endpoint,
             storage_uri=f"s3://{bucket}/{prefix}/",
             base_model=str(tiny_base),
-            dataset=str(alpaca_file),
+            dataset_file=str(alpaca_file),
             **overrides,
         )
         return config, work

@@ -33,6 +33,19 @@ def assert_same_result(s3, baseline_cfg, baseline, cfg, story):
     assert {step: want[step] for step in resumed} == resumed
     assert story.final.exit_code == 0
     assert adapter_bytes(client, cfg) == adapter_bytes(client, baseline_cfg)
+    # Metrics HF gets wrong after a resume are reported as the uninterrupted run has them.
+    last = max(want)
+    assert tokens_at(story.final, last) == tokens_at(baseline, last)
+    assert final_train_loss(story.final) == final_train_loss(baseline)
+
+
+def tokens_at(attempt, step):
+    return next(e["num_tokens"] for e in attempt.of("log") if e["step"] == step and "num_tokens" in e)
+
+
+def final_train_loss(attempt):
+    (summary,) = [e for e in attempt.of("log") if "train_loss" in e]
+    return summary["train_loss"]
 
 
 SCENARIOS = {

@@ -1,0 +1,359 @@
+"""Resume planning (pure) and the fingerprints/hashes it compares."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+
+from loraresume_trainer.errors import ConfigError, ResumeRefused
+from loraresume_trainer.fingerprint import (
+    fingerprint_diff,
+    make_fingerprint,
+    tensors_sha256,
+    texts_sha256,
+)
+from loraresume_trainer.resume_plan import Candidate, ResumeMode, plan_resume
+
+LORA = {
+    "r": 16,
+    "alpha": 16,
+    "dropout": 0.0,
+    "target_modules": ["q_proj", "v_proj"],
+    "bias": "none",
+    "use_rslora": False,
+}
+
+
+def fp(**overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = dict(
+        base_model="tiny",
+        dataset_sha256="a" * 64,
+        template="alpaca",
+        max_seq_length=512,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_steps=30,
+        num_train_epochs=3.0,
+        seed=3407,
+        lora=LORA,
+    )
+    lora_overrides = overrides.pop("lora", {})
+    values.update(overrides)
+    values["lora"] = {**LORA, **lora_overrides}
+    return make_fingerprint(**values)
+
+
+CURRENT = fp()
+OTHER = fp(max_steps=40)
+
+
+def ckpt(step: int, fingerprint: dict[str, Any], job: str = "job") -> Candidate:
+    return Candidate(step, f"s3://bkt/{job}/checkpoints/checkpoint-{step}/", fingerprint)
+
+
+def roundtrip(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """As read back from a manifest in S3."""
+    return json.loads(json.dumps(fingerprint))
+
+
+# --- plan_resume ---------------------------------------------------------------------------
+
+PLANS = [
+    # (complete newest first, explicit, warm_start, mode, candidate URIs in order)
+    pytest.param([], None, False, ResumeMode.FRESH, [], id="no-checkpoints-fresh"),
+    pytest.param([], None, True, ResumeMode.FRESH, [], id="no-checkpoints-warm-start-still-fresh"),
+    pytest.param(
+        [ckpt(30, CURRENT), ckpt(20, CURRENT), ckpt(10, CURRENT)],
+        None,
+        False,
+        ResumeMode.EXACT,
+        [ckpt(30, CURRENT).uri, ckpt(20, CURRENT).uri, ckpt(10, CURRENT).uri],
+        id="matching-newest-exact-all-newest-first",
+    ),
+    pytest.param(
+        [ckpt(30, roundtrip(CURRENT))],
+        None,
+        False,
+        ResumeMode.EXACT,
+        [ckpt(30, CURRENT).uri],
+        id="fingerprint-read-back-from-json-matches",
+    ),
+    pytest.param(
+        [ckpt(30, OTHER), ckpt(20, CURRENT), ckpt(10, CURRENT)],
+        None,
+        False,
+        ResumeMode.EXACT,
+        [ckpt(20, CURRENT).uri, ckpt(10, CURRENT).uri],
+        id="non-matching-newer-exact-from-matching-older",
+    ),
+    pytest.param(
+        [ckpt(30, OTHER), ckpt(20, CURRENT)],
+        None,
+        True,
+        ResumeMode.EXACT,
+        [ckpt(20, CURRENT).uri],
+        id="warm-start-ignored-when-one-matches",
+    ),
+    pytest.param(
+        [ckpt(30, CURRENT)],
+        ckpt(10, CURRENT, job="other"),
+        False,
+        ResumeMode.EXACT,
+        [ckpt(10, CURRENT, job="other").uri, ckpt(30, CURRENT).uri],
+        id="explicit-first",
+    ),
+    pytest.param(
+        [],
+        ckpt(10, CURRENT, job="other"),
+        False,
+        ResumeMode.EXACT,
+        [ckpt(10, CURRENT, job="other").uri],
+        id="explicit-only",
+    ),
+    pytest.param(
+        [ckpt(30, CURRENT), ckpt(20, CURRENT)],
+        ckpt(20, CURRENT),
+        False,
+        ResumeMode.EXACT,
+        [ckpt(20, CURRENT).uri, ckpt(30, CURRENT).uri],
+        id="explicit-also-complete-listed-once",
+    ),
+    pytest.param(
+        [ckpt(30, CURRENT)],
+        ckpt(10, OTHER, job="other"),
+        False,
+        ResumeMode.EXACT,
+        [ckpt(30, CURRENT).uri],
+        id="explicit-non-matching-skipped-for-matching",
+    ),
+    pytest.param(
+        [ckpt(30, OTHER), ckpt(20, fp(seed=1))],
+        None,
+        True,
+        ResumeMode.WARM,
+        [ckpt(30, OTHER).uri, ckpt(20, OTHER).uri],
+        id="all-non-matching-warm-all-candidates",
+    ),
+    pytest.param(
+        [ckpt(30, OTHER)],
+        ckpt(10, OTHER, job="other"),
+        True,
+        ResumeMode.WARM,
+        [ckpt(10, OTHER, job="other").uri, ckpt(30, OTHER).uri],
+        id="warm-explicit-first",
+    ),
+]
+
+
+@pytest.mark.parametrize(("complete", "explicit", "warm_start", "mode", "uris"), PLANS)
+def test_plan_resume(
+    complete: list[Candidate], explicit: Candidate | None, warm_start: bool, mode: ResumeMode, uris: list[str]
+) -> None:
+    plan = plan_resume(complete, CURRENT, explicit=explicit, warm_start=warm_start)
+    assert plan.mode is mode
+    assert [c.uri for c in plan.candidates] == uris
+
+
+def test_exact_candidates_keep_their_steps_and_fingerprints() -> None:
+    plan = plan_resume([ckpt(30, OTHER), ckpt(20, CURRENT)], CURRENT)
+    assert plan.candidates == (ckpt(20, CURRENT),)
+
+
+REFUSALS = [
+    # (saved fingerprint, substrings of the message in order)
+    pytest.param(fp(max_steps=30), fp(max_steps=40), ["max_steps: 30 -> 40"], id="max_steps"),
+    pytest.param(
+        fp(dataset_sha256="b" * 64),
+        CURRENT,
+        [f"dataset content: {'b' * 12} -> {'a' * 12} (different rows or order)"],
+        id="dataset",
+    ),
+    pytest.param(fp(lora={"r": 8}), CURRENT, ["lora.r: 8 -> 16"], id="lora.r"),
+    pytest.param(
+        fp(lora={"target_modules": ["q_proj"]}),
+        CURRENT,
+        ["lora.target_modules: ['q_proj'] -> ['q_proj', 'v_proj']"],
+        id="lora.target_modules",
+    ),
+    pytest.param(fp(base_model="other"), CURRENT, ["base_model: 'other' -> 'tiny'"], id="base_model"),
+    pytest.param(fp(template="chat"), CURRENT, ["template: 'chat' -> 'alpaca'"], id="template"),
+    pytest.param(fp(num_train_epochs=1), CURRENT, ["num_train_epochs: 1.0 -> 3.0"], id="num_train_epochs"),
+    pytest.param(
+        fp(max_steps=30, dataset_sha256="b" * 64, seed=1),
+        fp(max_steps=40),
+        ["dataset content: bbbbbbbbbbbb -> aaaaaaaaaaaa", "; max_steps: 30 -> 40", "; seed: 1 -> 3407"],
+        id="several-in-key-order",
+    ),
+]
+
+
+@pytest.mark.parametrize(("saved", "current", "parts"), REFUSALS)
+def test_refused_lists_every_change(saved: dict[str, Any], current: dict[str, Any], parts: list[str]) -> None:
+    older = ckpt(10, saved)
+    newest = ckpt(20, saved)
+    with pytest.raises(ResumeRefused) as info:
+        plan_resume([newest, older], current)
+    message = str(info.value)
+    assert message.startswith(f"cannot resume exactly from {newest.uri}: the job changed since it was saved (")
+    position = 0
+    for part in parts:
+        position = message.index(part, position) + len(part)  # present, in this order
+    assert "resume.warm_start: true" in message
+    assert "storage.uri" in message
+
+
+def test_refusal_names_the_explicit_checkpoint() -> None:
+    explicit = ckpt(5, OTHER, job="other")
+    with pytest.raises(ResumeRefused) as info:
+        plan_resume([ckpt(30, fp(seed=1))], CURRENT, explicit=explicit)
+    message = str(info.value)
+    assert f"cannot resume exactly from {explicit.uri}:" in message
+    assert "max_steps: 40 -> 30" in message
+    assert "seed" not in message  # only the explicit (first) candidate's changes are listed
+
+
+def test_refusal_is_a_permanent_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        plan_resume([ckpt(10, OTHER)], CURRENT)
+    assert isinstance(info.value, ResumeRefused)
+    assert info.value.permanent is True
+
+
+# --- fingerprint_diff / make_fingerprint ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("saved", "current", "changes"),
+    [
+        pytest.param(CURRENT, fp(), [], id="equal"),
+        pytest.param(
+            fp(max_steps=30, per_device_train_batch_size=1),
+            fp(max_steps=60),
+            ["per_device_train_batch_size: 1 -> 2", "max_steps: 30 -> 60"],
+            id="fingerprint-key-order",
+        ),
+        pytest.param({**CURRENT, "zeta": 1, "alpha_extra": 2}, CURRENT, ["alpha_extra: 2 -> None", "zeta: 1 -> None"], id="unknown-keys-sorted-last"),
+        pytest.param(
+            fp(lora={"alpha": 32, "use_rslora": True}),
+            CURRENT,
+            ["lora.alpha: 32 -> 16", "lora.use_rslora: True -> False"],
+            id="lora-sub-fields",
+        ),
+        pytest.param(
+            fp(base_model="m" * 100),
+            CURRENT,
+            ["base_model: '" + "m" * 76 + "... -> 'tiny'"],
+            id="long-value-shortened",
+        ),
+    ],
+)
+def test_fingerprint_diff(saved: dict[str, Any], current: dict[str, Any], changes: list[str]) -> None:
+    assert fingerprint_diff(saved, current) == changes
+
+
+def test_target_modules_order_is_irrelevant() -> None:
+    a = fp(lora={"target_modules": ["v_proj", "q_proj", "o_proj"]})
+    b = fp(lora={"target_modules": ("o_proj", "q_proj", "v_proj")})
+    assert a == b
+    assert a["lora"]["target_modules"] == ["o_proj", "q_proj", "v_proj"]
+
+
+def test_make_fingerprint_does_not_touch_its_input() -> None:
+    lora = {**LORA, "target_modules": ["v_proj", "q_proj"]}
+    make_fingerprint(
+        base_model="m",
+        dataset_sha256="x",
+        template="alpaca",
+        max_seq_length=8,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        num_train_epochs=1,
+        seed=0,
+        lora=lora,
+    )
+    assert lora["target_modules"] == ["v_proj", "q_proj"]
+
+
+def test_make_fingerprint_normalises_number_types_and_survives_json() -> None:
+    a = fp(max_steps="30", num_train_epochs=3, max_seq_length=512.0)
+    assert a == CURRENT
+    assert isinstance(a["num_train_epochs"], float) and isinstance(a["max_steps"], int)
+    assert roundtrip(a) == a
+
+
+# --- texts_sha256 --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        pytest.param(["x", "y"], ["x", "y"], True, id="same-rows-same-hash"),
+        pytest.param(["x", "y"], ("x", "y"), True, id="any-iterable"),
+        pytest.param(["x", "y"], ["y", "x"], False, id="row-order"),
+        pytest.param(["ab", "c"], ["a", "bc"], False, id="row-boundaries"),
+        pytest.param(["abc"], ["ab", "c"], False, id="split-row"),
+        pytest.param([], [""], False, id="empty-vs-one-empty-row"),
+        pytest.param(["x"], ["x", ""], False, id="trailing-empty-row"),
+        pytest.param(["é"], ["e\u0301"], False, id="unicode-normal-forms-differ"),
+    ],
+)
+def test_texts_sha256(a: list[str], b: list[str], same: bool) -> None:
+    assert (texts_sha256(a) == texts_sha256(b)) is same
+
+
+def test_texts_sha256_is_hex_sha256() -> None:
+    digest = texts_sha256(["x"])
+    assert len(digest) == 64 and int(digest, 16) >= 0
+
+
+# --- tensors_sha256 ------------------------------------------------------------------------
+
+
+def base_tensors() -> dict[str, torch.Tensor]:
+    return {
+        "a.lora_A.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7,
+        "a.lora_B.weight": torch.ones(4, 3, dtype=torch.float32),
+    }
+
+
+def flip_lowest_bit(t: torch.Tensor) -> torch.Tensor:
+    bits = t.clone().view(torch.int32)
+    bits.view(-1)[5] ^= 1
+    return bits.view(torch.float32)
+
+
+TENSOR_CHANGES = [
+    # (change to base_tensors(), hash stays equal)
+    pytest.param(lambda d: d, True, id="copy-equal"),
+    pytest.param(lambda d: dict(reversed(list(d.items()))), True, id="name-order-irrelevant"),
+    pytest.param(lambda d: {**d, "a.lora_A.weight": d["a.lora_A.weight"].T.contiguous().T}, True, id="non-contiguous-same-values"),
+    pytest.param(lambda d: {**d, "a.lora_B.weight": d["a.lora_B.weight"].requires_grad_()}, True, id="requires-grad-irrelevant"),
+    pytest.param(lambda d: {**d, "a.lora_A.weight": flip_lowest_bit(d["a.lora_A.weight"])}, False, id="single-bit"),
+    pytest.param(lambda d: {**d, "a.lora_B.weight": d["a.lora_B.weight"].view(torch.int32)}, False, id="dtype-same-bytes"),
+    pytest.param(lambda d: {**d, "a.lora_B.weight": d["a.lora_B.weight"].double()}, False, id="dtype-same-values"),
+    pytest.param(lambda d: {**d, "a.lora_B.weight": d["a.lora_B.weight"].reshape(3, 4)}, False, id="shape"),
+    pytest.param(lambda d: {"b.lora_A.weight": d["a.lora_A.weight"], "a.lora_B.weight": d["a.lora_B.weight"]}, False, id="name"),
+    pytest.param(lambda d: {"a.lora_A.weight": d["a.lora_A.weight"]}, False, id="missing-tensor"),
+]
+
+
+@pytest.mark.parametrize(("change", "same"), TENSOR_CHANGES)
+def test_tensors_sha256(change: Any, same: bool) -> None:
+    reference = tensors_sha256(base_tensors())
+    assert (tensors_sha256(change(base_tensors())) == reference) is same
+
+
+def test_tensors_sha256_bfloat16() -> None:
+    t = torch.linspace(-1, 1, 8).to(torch.bfloat16)
+    assert tensors_sha256({"w": t}) == tensors_sha256({"w": t.clone()})
+    assert tensors_sha256({"w": t}) != tensors_sha256({"w": t.to(torch.float16)})
+
+
+def test_tensors_sha256_is_bitwise_not_numeric() -> None:
+    zero, negative_zero = torch.zeros(3), -torch.zeros(3)
+    assert torch.equal(zero, negative_zero)
+    assert tensors_sha256({"w": zero}) != tensors_sha256({"w": negative_zero})

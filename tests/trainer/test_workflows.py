@@ -1,0 +1,185 @@
+"""The seed's workflows and the resume guards, as real trainer processes against S3 on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import signal
+
+import pytest
+from safetensors.torch import load
+
+from loraresume_trainer.fingerprint import tensors_sha256
+from loraresume_trainer.manifest import MANIFEST_NAME, Manifest
+from tests.support.trainer_runs import Kill, run_attempt, run_story
+from tests.trainer.conftest import read_object
+
+pytestmark = pytest.mark.slow
+
+
+def split(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def weights_sha(client, uri: str) -> str:
+    return tensors_sha256(load(read_object(client, uri + "adapter_model.safetensors")))
+
+
+def copy_prefix(client, src: str, dst: str) -> None:
+    sb, sk = split(src)
+    db, dk = split(dst)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=sb, Prefix=sk):
+        for obj in page.get("Contents", []):
+            client.copy_object(Bucket=db, Key=dk + obj["Key"][len(sk):], CopySource={"Bucket": sb, "Key": obj["Key"]})
+
+
+def test_seed_workflow_second_job_continues_first_adapter(make_job, s3, alpaca_file_new):
+    """Job 1 trains an adapter; job 2 continues it on new data, starting from job 1's weights."""
+    _, _, client = s3
+    cfg1, work1 = make_job(training={"max_steps": 10}, tensorboard=True)
+    first = run_story(cfg1, work1).final
+    adapter_uri = cfg1["storage"]["uri"] + "adapter/"
+    saved = json.loads(read_object(client, adapter_uri + "adapter_config.json"))
+    assert saved["base_model_name_or_path"] == cfg1["baseModel"]
+    manifest = Manifest.from_bytes(read_object(client, adapter_uri + MANIFEST_NAME), source=adapter_uri)
+    assert manifest.kind == "adapter"
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {f.path for f in manifest.files}
+    progress = json.loads(read_object(client, cfg1["storage"]["uri"] + "progress.json"))
+    assert progress["step"] == 10 and progress["phase"] == "Succeeded" and progress["max_steps"] == 10
+    bucket, key = split(cfg1["storage"]["uri"] + "logs/")
+    logs = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", [])]
+    assert any("events.out.tfevents" in k for k in logs), logs
+
+    cfg2, work2 = make_job(adapter=adapter_uri, dataset={"source": str(alpaca_file_new)}, training={"max_steps": 8})
+    second = run_story(cfg2, work2).final
+    (ready,) = second.of("model_ready")
+    assert ready["lora_sha256"] == weights_sha(client, adapter_uri)
+    assert weights_sha(client, cfg2["storage"]["uri"] + "adapter/") != ready["lora_sha256"]
+    assert first.of("model_ready")[0]["lora_sha256"] != ready["lora_sha256"]  # job 1 started from a new LoRA
+
+
+@pytest.fixture(scope="module")
+def preempted_run(tmp_path_factory):
+    """Filled lazily by `interrupted`: a run stopped by SIGTERM at ~step 13 (checkpoints 5, 10, 13)."""
+    return {}
+
+
+@pytest.fixture
+def interrupted(make_job, s3, preempted_run):
+    """A fresh storage prefix holding a copy of the preempted run's checkpoints, plus the baseline."""
+    _, bucket, client = s3
+    if not preempted_run:
+        base_cfg, base_work = make_job()
+        preempted_run["baseline"] = (base_cfg, run_story(base_cfg, base_work).final)
+        cfg, work = make_job()
+        stopped = run_attempt(cfg, work, kill=Kill(signal.SIGTERM, 12))
+        assert stopped.exit_code == 75, stopped.stderr[-2000:]
+        preempted_run["source"] = (cfg["storage"]["uri"], stopped.termination["durable_step"])
+    source, newest = preempted_run["source"]
+
+    def copy(**overrides):
+        cfg, work = make_job(**overrides)
+        copy_prefix(client, source, cfg["storage"]["uri"])
+        return cfg, work
+
+    return copy, newest, preempted_run["baseline"]
+
+
+def _evil_pickle() -> bytes:
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickle code ran",))
+
+    return pickle.dumps(Evil())
+
+
+DAMAGES = {
+    "missing-file": lambda c, b, k: c.delete_object(Bucket=b, Key=k + "optimizer.pt"),
+    "wrong-hash": lambda c, b, k: _overwrite_same_size(c, b, k + "adapter_model.safetensors"),
+    "no-manifest": lambda c, b, k: c.delete_object(Bucket=b, Key=k + MANIFEST_NAME),
+    "truncated": lambda c, b, k: _truncate(c, b, k + "rng_state.pth"),
+    "unsafe-pickle": lambda c, b, k: _replace_with_manifest_update(c, b, k, "rng_state.pth", _evil_pickle()),
+}
+
+
+def _overwrite_same_size(client, bucket, key):
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(len(body)))
+
+
+def _truncate(client, bucket, key):
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=bucket, Key=key, Body=body[: len(body) // 2])
+
+
+def _replace_with_manifest_update(client, bucket, prefix, name, data):
+    """A consistent manifest over a malicious file: only content checks can catch it."""
+    import hashlib
+
+    client.put_object(Bucket=bucket, Key=prefix + name, Body=data)
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=prefix + MANIFEST_NAME)["Body"].read())
+    for entry in manifest["files"]:
+        if entry["path"] == name:
+            entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    client.put_object(Bucket=bucket, Key=prefix + MANIFEST_NAME, Body=json.dumps(manifest).encode())
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_newest_checkpoint_falls_back_to_previous(damage, interrupted, s3):
+    _, _, client = s3
+    copy, newest, (base_cfg, baseline) = interrupted
+    cfg, work = copy()
+    bucket, key = split(cfg["storage"]["uri"] + f"checkpoints/checkpoint-{newest}/")
+    DAMAGES[damage](client, bucket, key)
+
+    story = run_story(cfg, work)
+    attempt = story.final
+    (start,) = attempt.of("start")
+    assert start["mode"] == "exact"
+    assert start["step"] == 10 and start["step"] < newest
+    if damage != "no-manifest":  # without a manifest it was never a candidate
+        (warning,) = attempt.of("checkpoint_damaged")
+        assert f"checkpoint-{newest}" in warning["uri"]
+    assert "pickle code ran" not in attempt.stderr + json.dumps(attempt.events)
+    assert read_object(client, cfg["storage"]["uri"] + "adapter/adapter_model.safetensors") == read_object(
+        client, base_cfg["storage"]["uri"] + "adapter/adapter_model.safetensors"
+    )
+    want = baseline.losses()
+    assert {s: want[s] for s in attempt.losses()} == attempt.losses()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"training": {"max_steps": 30}}, "max_steps: 24 -> 30"),
+        ("new-data", "dataset content"),
+    ],
+    ids=["max_steps", "dataset"],
+)
+def test_changed_job_is_refused_with_the_diff(change, expected, interrupted, alpaca_file_new):
+    copy, newest, _ = interrupted
+    overrides = {"dataset": {"source": str(alpaca_file_new)}} if change == "new-data" else change
+    cfg, work = copy(**overrides)
+    attempt = run_attempt(cfg, work)
+    assert attempt.exit_code == 78
+    reason = attempt.termination["reason"]
+    assert expected in reason and f"checkpoint-{newest}" in reason and "warm_start" in reason
+    assert attempt.termination["outcome"] == "config_error"
+
+
+def test_warm_start_takes_the_checkpoint_adapter_and_starts_a_new_schedule(interrupted, s3, alpaca_file_new):
+    _, _, client = s3
+    copy, newest, _ = interrupted
+    cfg, work = copy(dataset={"source": str(alpaca_file_new)}, training={"max_steps": 12}, resume={"warmStart": True})
+    checkpoint = cfg["storage"]["uri"] + f"checkpoints/checkpoint-{newest}/"
+    start_weights = weights_sha(client, checkpoint)
+
+    attempt = run_story(cfg, work).final
+    (start,) = attempt.of("start")
+    assert start["mode"] == "warm" and start["checkpoint"] == checkpoint
+    (ready,) = attempt.of("model_ready")
+    assert ready["lora_sha256"] == start_weights
+    assert min(attempt.losses()) >= 1 and max(attempt.losses()) == 12  # steps 1..12: a new schedule
+    assert attempt.exit_code == 0
