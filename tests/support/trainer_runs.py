@@ -66,6 +66,11 @@ class Attempt:
     stderr: str
     termination: dict[str, Any] | None
     killed_with: str | None = None
+    seconds: float = 0.0  # wall time of the process
+
+    def first_seconds(self, kind: str) -> float | None:
+        """Seconds from process start until the first event of `kind` arrived."""
+        return next((e["_t"] for e in self.events if e.get("event") == kind), None)
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("event") == kind]
@@ -123,6 +128,7 @@ def run_attempt(
     path.write_text(yaml.safe_dump(config))
     term = Path(config.get("terminationLog", work / "termination-log"))
     term.unlink(missing_ok=True)
+    started = time.monotonic()
     proc = subprocess.Popen(
         [*TRAIN, "--config", str(path), "--termination-log", str(term)],
         stdout=subprocess.PIPE,
@@ -144,6 +150,7 @@ def run_attempt(
             continue
         if not isinstance(event, dict) or "event" not in event:
             continue
+        event["_t"] = round(time.monotonic() - started, 3)
         events.append(event)
         durable_seen |= event["event"] == "checkpoint_durable"
         if (
@@ -161,7 +168,8 @@ def run_attempt(
     code = proc.wait(timeout=timeout)
     reader.join(timeout=10)
     termination = json.loads(term.read_text()) if term.is_file() and term.read_text() else None
-    return Attempt(code, events, "".join(stderr_lines), termination, killed)
+    seconds = time.monotonic() - started
+    return Attempt(code, events, "".join(stderr_lines), termination, killed, seconds)
 
 
 def run_story(

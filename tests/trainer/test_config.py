@@ -230,13 +230,6 @@ def test_config_errors_are_permanent() -> None:
     assert info.value.permanent is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: parse_job raises ConfigError without `field` for validation errors, so the termination "
-    "message the CLI writes (field=exc.field) never names the bad field although errors.ConfigError "
-    "documents `field` as the offending dotted field 'when there is one'",
-)
 def test_validation_error_sets_field_attribute() -> None:
     with pytest.raises(ConfigError) as info:
         parse_job(job_doc(lora={"r": 0}))
@@ -404,13 +397,6 @@ def test_empty_file_is_not_a_mapping(tmp_path: Path) -> None:
     assert str(info.value) == f"{path} must be a mapping of fields, got NoneType"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="BUG: load_job probes a single-line $LORARESUME_JOB with Path(text).is_file(), which raises "
-    "OSError(ENAMETOOLONG) for text longer than a file name (255 bytes) on Python < 3.14; the CLI then "
-    "reports a retryable 'failed' (exit 1) instead of a config error (exit 78)",
-)
 def test_long_single_line_env_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         load_job(environ={ENV_JOB: "baseModel: " + "x" * 300})

@@ -102,8 +102,16 @@ PLANS = [
         ckpt(10, CURRENT, job="other"),
         False,
         ResumeMode.EXACT,
-        [ckpt(10, CURRENT, job="other").uri, ckpt(30, CURRENT).uri],
-        id="explicit-first",
+        [ckpt(30, CURRENT).uri, ckpt(10, CURRENT, job="other").uri],
+        id="own-newer-checkpoint-beats-explicit-start",
+    ),
+    pytest.param(
+        [ckpt(8, CURRENT)],
+        ckpt(10, CURRENT, job="other"),
+        False,
+        ResumeMode.EXACT,
+        [ckpt(10, CURRENT, job="other").uri, ckpt(8, CURRENT).uri],
+        id="explicit-first-when-newer",
     ),
     pytest.param(
         [],
@@ -118,7 +126,7 @@ PLANS = [
         ckpt(20, CURRENT),
         False,
         ResumeMode.EXACT,
-        [ckpt(20, CURRENT).uri, ckpt(30, CURRENT).uri],
+        [ckpt(30, CURRENT).uri, ckpt(20, CURRENT).uri],
         id="explicit-also-complete-listed-once",
     ),
     pytest.param(
@@ -138,11 +146,11 @@ PLANS = [
         id="all-non-matching-warm-all-candidates",
     ),
     pytest.param(
-        [ckpt(30, OTHER)],
+        [ckpt(5, OTHER)],
         ckpt(10, OTHER, job="other"),
         True,
         ResumeMode.WARM,
-        [ckpt(10, OTHER, job="other").uri, ckpt(30, OTHER).uri],
+        [ckpt(10, OTHER, job="other").uri, ckpt(5, OTHER).uri],
         id="warm-explicit-first",
     ),
 ]
@@ -208,7 +216,7 @@ def test_refused_lists_every_change(saved: dict[str, Any], current: dict[str, An
 def test_refusal_names_the_explicit_checkpoint() -> None:
     explicit = ckpt(5, OTHER, job="other")
     with pytest.raises(ResumeRefused) as info:
-        plan_resume([ckpt(30, fp(seed=1))], CURRENT, explicit=explicit)
+        plan_resume([ckpt(3, fp(seed=1))], CURRENT, explicit=explicit)
     message = str(info.value)
     assert f"cannot resume exactly from {explicit.uri}:" in message
     assert "max_steps: 40 -> 30" in message

@@ -35,10 +35,21 @@ def copy_prefix(client, src: str, dst: str) -> None:
             client.copy_object(Bucket=db, Key=dk + obj["Key"][len(sk):], CopySource={"Bucket": sb, "Key": obj["Key"]})
 
 
-def test_seed_workflow_second_job_continues_first_adapter(make_job, s3, alpaca_file_new):
-    """Job 1 trains an adapter; job 2 continues it on new data, starting from job 1's weights."""
-    _, _, client = s3
-    cfg1, work1 = make_job(training={"max_steps": 10}, tensorboard=True)
+def test_seed_workflow_second_job_continues_first_adapter(make_job, s3, alpaca_file, alpaca_file_new, tiny_base):
+    """Job 1 trains an adapter; job 2 continues it on new data, starting from job 1's weights.
+
+    Job 1 reads its base model and dataset from S3, as a cluster job would.
+    """
+    _, bucket, client = s3
+    for path in tiny_base.iterdir():
+        client.upload_file(str(path), bucket, f"models/tiny/{path.name}")
+    client.upload_file(str(alpaca_file), bucket, "data/train.jsonl")
+    cfg1, work1 = make_job(
+        training={"max_steps": 10},
+        tensorboard=True,
+        baseModel=f"s3://{bucket}/models/tiny/",
+        dataset={"source": f"s3://{bucket}/data/train.jsonl"},
+    )
     first = run_story(cfg1, work1).final
     adapter_uri = cfg1["storage"]["uri"] + "adapter/"
     saved = json.loads(read_object(client, adapter_uri + "adapter_config.json"))

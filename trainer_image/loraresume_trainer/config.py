@@ -206,7 +206,21 @@ def parse_job(data: Any, *, source: str = "job config") -> JobConfig:
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid {source}: {format_validation_error(exc)}") from None
+        first = exc.errors()[0]["loc"] if exc.errors() else ()
+        field = ".".join(str(p) for p in first) or None
+        error = ConfigError(f"invalid {source}: {format_validation_error(exc)}")
+        error.field = field  # the message already names every field
+        raise error from None
+
+
+def _is_file_path(text: str) -> bool:
+    """$LORARESUME_JOB may hold the config itself or a path to it."""
+    if "\n" in text or text.lstrip().startswith("{"):
+        return False
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # too long for a file name, NUL bytes: it is config text
+        return False
 
 
 def load_job(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> JobConfig:
@@ -222,7 +236,7 @@ def load_job(path: str | os.PathLike[str] | None = None, environ: dict[str, str]
             raise ConfigError(f"cannot read job config {path}: {exc.strerror}") from None
     elif env.get(ENV_JOB):
         text, source = env[ENV_JOB], f"${ENV_JOB}"
-        if "\n" not in text and not text.lstrip().startswith("{") and Path(text).is_file():
+        if _is_file_path(text):
             text, source = Path(text).read_text(), text
     else:
         raise ConfigError(f"no job config: pass --config PATH or set ${ENV_JOB}")

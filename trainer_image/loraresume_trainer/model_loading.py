@@ -23,11 +23,14 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 def read_adapter_config(adapter_dir: Path, adapter_ref: str) -> dict[str, Any]:
     try:
-        return json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{adapter_ref} is not a LoRA adapter: it has no {ADAPTER_CONFIG}", field="adapter") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{adapter_ref}: {ADAPTER_CONFIG} is not valid JSON ({exc})", field="adapter") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{adapter_ref}: {ADAPTER_CONFIG} is not a JSON object", field="adapter")
+    return config
 
 
 def lora_shape(adapter_config: dict[str, Any]) -> dict[str, Any]:

@@ -49,11 +49,13 @@ class TerminationMessage:
 
     def to_json(self) -> str:
         body = {k: v for k, v in asdict(self).items() if v is not None}
-        text = json.dumps(body, separators=(",", ":"))
-        if len(text.encode()) > MAX_MESSAGE_BYTES:
-            overflow = len(text.encode()) - MAX_MESSAGE_BYTES + 20
-            body["reason"] = body["reason"][: max(0, len(body["reason"]) - overflow)] + " …(truncated)"
-            text = json.dumps(body, separators=(",", ":"))
+        reason = body["reason"]
+        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        while len(text.encode()) > MAX_MESSAGE_BYTES and reason:
+            overflow = len(text.encode()) - MAX_MESSAGE_BYTES
+            reason = reason[: max(0, len(reason) - max(overflow, 16))]
+            body["reason"] = reason + " …(truncated)"
+            text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
         return text
 
 

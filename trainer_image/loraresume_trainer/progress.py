@@ -76,6 +76,8 @@ def emit_event(event: str, **fields: Any) -> None:
     import json
     import sys
 
-    clean = {k: v for k, v in fields.items() if v is not None}
-    sys.stdout.write(json.dumps({"event": event, **clean}, default=str) + "\n")
+    clean = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items() if v is not None
+    }
+    sys.stdout.write(json.dumps({"event": event, **clean}, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()

@@ -11,7 +11,8 @@ import os
 import re
 
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-_USERINFO = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")
+# Userinfo runs to the last "@" before the path: passwords may contain "@", users may be empty.
+_USERINFO = re.compile(r"(?<=://)[^/\s?#]*@")
 
 
 def redact(text: str) -> str:

@@ -43,11 +43,16 @@ def plan_resume(
     """Decide how to start.
 
     `complete` are this job's complete checkpoints, newest first. An explicit checkpoint is
-    tried first. Checkpoints made with the current fingerprint resume exactly; if none
-    match, a changed job is refused with the list of changes unless `warm_start` is set.
-    Raises ResumeRefused.
+    the starting point unless this job has since saved newer ones (they continue from it,
+    so a relaunch must not go back). Checkpoints made with the current fingerprint resume
+    exactly; if none match, a changed job is refused with the list of changes unless
+    `warm_start` is set. Raises ResumeRefused.
     """
-    ordered = ([explicit] if explicit else []) + [c for c in complete if not explicit or c.uri != explicit.uri]
+    if explicit is None:
+        ordered = list(complete)
+    else:
+        rest = [c for c in complete if c.uri != explicit.uri]
+        ordered = [c for c in rest if c.step > explicit.step] + [explicit] + [c for c in rest if c.step <= explicit.step]
     matching = tuple(c for c in ordered if dict(c.fingerprint) == dict(current))
     if matching:
         return ResumePlan(ResumeMode.EXACT, matching)
