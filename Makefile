@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch first, from the local CPU build: an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: venv test test-fast demo lint clean
+.PHONY: venv test test-fast demo docs clean
 
 venv: $(STAMP)
 
@@ -34,3 +34,6 @@ demo:
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+docs: $(STAMP)
+	$(BIN)/python -m loraresume_trainer.config_docs > docs/job-config.md

@@ -29,12 +29,12 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 RESERVED_TRAINING_FIELDS = {
     "output_dir": "the trainer writes checkpoints to its work dir and uploads them to storage.uri",
     "overwrite_output_dir": "the trainer owns its output dir",
-    "resume_from_checkpoint": "use resume.from_checkpoint",
+    "resume_from_checkpoint": "use resume.fromCheckpoint",
     "save_only_model": "a checkpoint without optimizer/scheduler/RNG state cannot resume exactly",
     "ignore_data_skip": "skipping the data fast-forward silently breaks exact resume",
-    "save_total_limit": "use storage.keep_checkpoints",
+    "save_total_limit": "use storage.keepCheckpoints",
     "save_strategy": "checkpoints are saved every training.save_steps steps",
-    "report_to": "set tensorboard: true",
+    "report_to": "set `tensorboard: true`",
     "push_to_hub": "adapters are saved to <storage.uri>/adapter/",
     "hub_model_id": "adapters are saved to <storage.uri>/adapter/",
     "hub_token": "adapters are saved to <storage.uri>/adapter/",
@@ -59,8 +59,8 @@ class LoraSettings(_Model):
     alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: tuple[str, ...] = Field(DEFAULT_TARGET_MODULES, min_length=1, description="Module names to adapt.")
-    bias: Literal["none", "all", "lora_only"] = "none"
-    use_rslora: bool = False
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train with the LoRA.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
 
 
 class DatasetSettings(_Model):
@@ -131,8 +131,12 @@ class StorageSettings(_Model):
 
 
 class ResumeSettings(_Model):
+    """Where a run starts; by default the newest complete checkpoint in `storage.uri`."""
+
     from_checkpoint: str | None = Field(
-        None, description="s3:// URI of a checkpoint to resume from instead of the newest complete one."
+        None,
+        description="s3:// URI of a checkpoint (…/checkpoints/checkpoint-N/) to start from; once this job has "
+        "saved newer complete checkpoints of its own, those win, so a relaunch never goes back.",
     )
     warm_start: bool = Field(
         False,
@@ -151,9 +155,11 @@ class JobConfig(_Model):
 
     name: str = Field("job", description="Job name, used in logs.")
     base_model: str = Field(..., min_length=1, description="Hub id, s3:// URI or local path of the base model.")
-    max_seq_length: int = Field(2048, ge=8, le=1_048_576)
-    load_in_4bit: bool = True
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_seq_length: int = Field(2048, ge=8, le=1_048_576, description="Longest sequence in tokens; longer rows are truncated.")
+    load_in_4bit: bool = Field(True, description="Load the base model 4-bit quantized (QLoRA).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype; `auto`: Unsloth's choice on a GPU, float32 on a CPU."
+    )
     adapter: str | None = Field(None, description="Saved LoRA adapter to continue from: s3:// URI or local dir.")
     lora: LoraSettings = LoraSettings()
     dataset: DatasetSettings
@@ -162,7 +168,7 @@ class JobConfig(_Model):
     )
     storage: StorageSettings
     resume: ResumeSettings = ResumeSettings()
-    tensorboard: bool = False
+    tensorboard: bool = Field(False, description="Write TensorBoard event files and upload them to <storage.uri>/logs/.")
     attempt: int = Field(1, ge=1, description="Attempt number, set by the operator.")
     work_dir: Path = Field(Path("/tmp/loraresume"), description="Local scratch space.")
     termination_log: Path = Field(Path("/dev/termination-log"), description="Kubernetes termination message file.")
