@@ -21,8 +21,13 @@ PROGRESS_NAME = "progress.json"
 class DurableCheckpointCallback(TrainerCallback):
     """Hands every saved checkpoint to the background uploader; stops and saves on SIGTERM."""
 
-    def __init__(self, uploader: BackgroundUploader, stop: StopRequest, *, attempt: int) -> None:
+    def __init__(
+        self, uploader: BackgroundUploader, stop: StopRequest, *, attempt: int, logs: tuple[Path, Any] | None = None
+    ) -> None:
+        """`logs`: (local TensorBoard dir, S3 prefix) uploaded with every checkpoint, so a preempted
+        attempt's curves survive too."""
         self.uploader = uploader
+        self.logs = logs
         self.stop = stop
         self.attempt = attempt
         self.resumed_from = 0
@@ -46,6 +51,8 @@ class DurableCheckpointCallback(TrainerCallback):
         step = state.global_step
         self.last_save_seconds = time.monotonic() - self._save_started
         self.uploader.submit_checkpoint(Path(args.output_dir) / f"checkpoint-{step}", step)
+        if self.logs and self.logs[0].is_dir():
+            self.uploader.submit_files(*self.logs)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs is None:

@@ -274,7 +274,8 @@ class Pipeline:
             durable_step=self.durable_step,
             on_durable=lambda step, _m: emit_event("checkpoint_durable", step=step, uri=str(self.store.checkpoint_uri(step))),
         )
-        callback = DurableCheckpointCallback(uploader, self.stop, attempt=job.attempt)
+        logs = (self.dirs.tensorboard, self.store.logs_uri()) if job.tensorboard else None
+        callback = DurableCheckpointCallback(uploader, self.stop, attempt=job.attempt, logs=logs)
         trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=texts, args=args, callbacks=[callback])
         trainer.remove_callback(PrinterCallback)
 
@@ -310,7 +311,7 @@ class Pipeline:
         self.durable_step = uploader.durable_step
         self.save_adapter(model, tokenizer, fingerprint)
         if job.tensorboard:
-            self.store.upload_files(self.dirs.tensorboard, self.store.root.child("logs").as_dir())
+            self.store.upload_files(self.dirs.tensorboard, self.store.logs_uri())
         last = next((e for e in reversed(trainer.state.log_history) if "loss" in e), {})
         self._put_progress(step, trainer.state.max_steps, last, "Succeeded")
         return self._succeeded(step)
