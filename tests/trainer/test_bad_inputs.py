@@ -56,7 +56,7 @@ CASES = {
         78, "dataset.template", ["instruction", "question", "answer"],
     ),
     "unknown-template": (
-        lambda f: {"dataset": {"template": "shakespeare"}}, 78, None, ["dataset.template", "shakespeare", "alpaca"],
+        lambda f: {"dataset": {"template": "shakespeare"}}, 78, "dataset.template", ["shakespeare", "alpaca"],
     ),
     "unknown-sftconfig-field": (
         lambda f: {"training": {"learning_rat": 0.1}}, 78, "training.learning_rat", ["learning_rate"],

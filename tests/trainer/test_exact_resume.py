@@ -48,13 +48,20 @@ def final_train_loss(attempt):
     return summary["train_loss"]
 
 
+# 40 steps, checkpoints every 5; kills leave room before the end, so a slow machine still
+# gets each kill in while training. Later kills need no new durable checkpoint in their
+# attempt: the one the attempt resumed from is durable already.
+LONG = {"training": {"max_steps": 40}}
 SCENARIOS = {
-    "sigkill-after-checkpoint": ({}, [Kill(KILL, RNG.randint(7, 17))]),
-    "sigterm-off-grid": ({}, [Kill(TERM, 12)]),
-    "several-kills": ({}, [Kill(KILL, RNG.randint(6, 9)), Kill(TERM, RNG.randint(12, 15)), Kill(KILL, 19)]),
+    "sigkill-after-checkpoint": (LONG, [Kill(KILL, RNG.randint(7, 17))]),
+    "sigterm-off-grid": (LONG, [Kill(TERM, 12)]),
+    "several-kills": (
+        LONG,
+        [Kill(KILL, RNG.randint(6, 9)), Kill(TERM, RNG.randint(12, 14)), Kill(KILL, 22, after_durable=False)],
+    ),
     "grad-accum-2-dropout": (
-        {"training": {"gradient_accumulation_steps": 2}, "lora": {"dropout": 0.1}},
-        [Kill(KILL, RNG.randint(7, 13)), Kill(TERM, 17)],
+        {"training": {"max_steps": 40, "gradient_accumulation_steps": 2}, "lora": {"dropout": 0.1}},
+        [Kill(KILL, RNG.randint(7, 13)), Kill(TERM, 21, after_durable=False)],
     ),
 }
 

@@ -95,7 +95,12 @@ def interrupted(make_job, s3, preempted_run):
         copy_prefix(client, source, cfg["storage"]["uri"])
         return cfg, work
 
+    copy.source_uri = source  # type: ignore[attr-defined]
     return copy, newest, preempted_run["baseline"]
+
+
+def interrupted_source_uri(interrupted) -> str:
+    return interrupted[0].source_uri
 
 
 def _evil_pickle() -> bytes:
@@ -194,3 +199,44 @@ def test_warm_start_takes_the_checkpoint_adapter_and_starts_a_new_schedule(inter
     assert ready["lora_sha256"] == start_weights
     assert min(attempt.losses()) >= 1 and max(attempt.losses()) == 12  # steps 1..12: a new schedule
     assert attempt.exit_code == 0
+
+
+def test_explicit_checkpoint_from_another_job_resumes_exactly(interrupted, make_job, s3):
+    """resume.fromCheckpoint pointing at another job's checkpoint continues that run exactly."""
+    _, _, client = s3
+    _, newest, (base_cfg, baseline) = interrupted
+    source_uri = interrupted_source_uri(interrupted)
+    cfg, work = make_job(resume={"fromCheckpoint": source_uri + "checkpoints/checkpoint-10/"})
+    attempt = run_story(cfg, work).final
+    (start,) = attempt.of("start")
+    assert start["mode"] == "exact" and start["step"] == 10
+    assert start["checkpoint"] == source_uri + "checkpoints/checkpoint-10/"
+    assert read_object(client, cfg["storage"]["uri"] + "adapter/adapter_model.safetensors") == read_object(
+        client, base_cfg["storage"]["uri"] + "adapter/adapter_model.safetensors"
+    )
+
+
+def test_lost_adapter_after_the_final_checkpoint_is_saved_again_identically(make_job, s3):
+    """Killed after the last checkpoint was durable but before the adapter upload: resume at max_steps."""
+    _, _, client = s3
+    cfg, work = make_job(training={"max_steps": 10})
+    run_story(cfg, work)
+    adapter = cfg["storage"]["uri"] + "adapter/"
+    before = read_object(client, adapter + "adapter_model.safetensors")
+    bucket, key = split(adapter)
+    for obj in client.list_objects_v2(Bucket=bucket, Prefix=key)["Contents"]:
+        client.delete_object(Bucket=bucket, Key=obj["Key"])
+
+    again = run_story(cfg, work).final
+    (start,) = again.of("start")
+    assert start["mode"] == "exact" and start["step"] == 10
+    assert not again.losses()  # no step trained twice
+    assert read_object(client, adapter + "adapter_model.safetensors") == before
+
+
+def test_finished_job_is_not_trained_again(make_job, s3):
+    cfg, work = make_job(training={"max_steps": 5})
+    run_story(cfg, work)
+    again = run_story(cfg, work).final
+    assert again.exit_code == 0 and not again.of("start")
+    assert again.termination["outcome"] == "succeeded"

@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +48,22 @@ REQUIRED_CHECKPOINT_FILES = (
 )
 
 
-@dataclass
 class WorkDirs:
-    root: Path
+    """Local scratch space of one attempt (an emptyDir in the pod)."""
 
-    def __post_init__(self) -> None:
-        for sub in ("cache", "output", "staging", "resume", "final", "tensorboard"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-
-    def __getattr__(self, name: str) -> Path:  # cache, output, staging, resume, final, tensorboard
-        return self.root / name
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cache = root / "cache"  # downloaded base models, adapters, datasets (kept across attempts)
+        self.output = root / "output"  # the Trainer's output_dir
+        self.staging = root / "staging"  # hard-link snapshots waiting for upload
+        self.resume = root / "resume"  # the verified checkpoint this attempt resumes from
+        self.final = root / "final"  # the adapter before upload
+        self.tensorboard = root / "tensorboard"
+        # Leftovers of an earlier attempt on the same disk must not leak into new checkpoints.
+        for path in (self.output, self.staging, self.resume, self.final):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in (self.cache, self.output, self.staging, self.resume, self.final, self.tensorboard):
+            path.mkdir(parents=True, exist_ok=True)
 
 
 def _cache_name(kind: str, uri: str) -> str:
