@@ -238,6 +238,13 @@ class Pipeline:
             step=fetched[0].step if fetched else 0,
             prepare_seconds=round(time.monotonic() - t_start, 3),
         )
+        if resume_dir is not None and training_finished(resume_dir):
+            # Killed after the last checkpoint was durable but before the adapter was: HF would
+            # train one step past max_steps, so publish the checkpoint's adapter instead.
+            self.durable_step = fetched[0].step  # type: ignore[index]
+            self.publish_adapter(adapter_from_checkpoint(resume_dir, self.dirs.final / "adapter"), fingerprint)
+            self._put_progress(self.durable_step, self.durable_step, {}, "Succeeded")
+            return self._succeeded(self.durable_step)
 
         on_gpu, bf16_ok = _accelerator()
         staged = None
@@ -327,6 +334,9 @@ class Pipeline:
             shutil.rmtree(out)
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
+        self.publish_adapter(out, fingerprint)
+
+    def publish_adapter(self, out: Path, fingerprint: dict[str, Any]) -> None:
         config_path = out / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = self.job.base_model  # not this pod's cache path
@@ -350,6 +360,22 @@ class Pipeline:
             durable_step=self.durable_step,
             adapter=str(self.store.adapter_uri()),
         )
+
+
+# Trainer state in a checkpoint; everything else in it is the adapter + tokenizer as saved.
+TRAINER_STATE_FILES = frozenset(PICKLED_STATE_FILES) | {"trainer_state.json", "training_args.bin"}
+
+
+def training_finished(checkpoint_dir: Path) -> bool:
+    state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
+    return int(state.get("max_steps", 0)) > 0 and int(state["global_step"]) >= int(state["max_steps"])
+
+
+def adapter_from_checkpoint(checkpoint_dir: Path, dest: Path) -> Path:
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(checkpoint_dir, dest, ignore=lambda _d, names: [n for n in names if n in TRAINER_STATE_FILES])
+    return dest
 
 
 def _has_tokenizer(path: Path) -> bool:
