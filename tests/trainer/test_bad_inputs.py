@@ -67,6 +67,9 @@ CASES = {
     "missing-dataset-file": (
         lambda f: {"dataset": {"source": "/nonexistent/data.jsonl"}}, 78, "dataset.source", ["not found"],
     ),
+    "missing-dataset-object": (
+        lambda f: {"dataset": {"source": "s3://no-such-data-bucket/data.jsonl"}}, 78, None, ["no-such-data-bucket"],
+    ),
     "unreachable-s3": (
         lambda f: {"storage": {"endpoint": "http://127.0.0.1:9"}}, 1, None, ["127.0.0.1"],
     ),

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from .checkpoint_store import CheckpointStore
 from .config import JobConfig
 from .errors import ConfigError, DamagedCheckpoint
@@ -28,7 +30,7 @@ from .manifest import parse_checkpoint_name
 from .outcome import Outcome, TerminationMessage
 from .progress import emit_event, progress_record
 from .resume_plan import Candidate, ResumeMode, ResumePlan, plan_resume
-from .s3client import make_s3_client, s3_errors
+from .s3client import is_not_found, make_s3_client, s3_errors
 from .s3uri import S3Uri
 from .stop_signal import StopRequest
 
@@ -112,8 +114,8 @@ class Pipeline:
             with s3_errors("downloading the dataset", source):
                 try:
                     self.client.download_file(uri.bucket, uri.key, str(tmp))
-                except self.client.exceptions.ClientError as exc:
-                    if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                except ClientError as exc:
+                    if is_not_found(exc):
                         raise ConfigError(f"{source} does not exist", field="dataset.source") from None
                     raise
             os.replace(tmp, dest)
