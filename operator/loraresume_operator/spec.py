@@ -1,0 +1,281 @@
+"""The LoraResume resource: one typed model of spec and status, the single source of truth.
+
+The CRD in crds/ is generated from these models (`python -m loraresume_operator.crd`);
+the trainer's own sections (`lora`, `dataset`) are reused as they are, so the resource and
+the job config a pod receives cannot disagree. Field descriptions become `kubectl explain`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from loraresume_trainer.config import DatasetSettings, LoraSettings, camel
+from loraresume_trainer.s3uri import S3Uri
+
+GROUP = "loraresume.dev"
+VERSION = "v1alpha1"
+KIND = "LoraResume"
+PLURAL = "loraresumes"
+SINGULAR = "loraresume"
+SHORT_NAMES = ["lr"]
+CATEGORIES = ["all", "ml"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Quantity as the API server accepts it (e.g. 48Gi, 500m, 2).
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=camel, populate_by_name=True, frozen=True)
+
+
+def immutable(message: str) -> dict[str, Any]:
+    """CEL rule for fields that define the run: changing them mid-run would break exact resume."""
+    return {"x-kubernetes-validations": [{"rule": "self == oldSelf", "message": message}]}
+
+
+_NEW_RESOURCE = "is immutable: it defines the run; create a new LoraResume (with a new storage.uri) instead"
+
+
+class AdapterSource(_Spec):
+    """The saved LoRA adapter to start from: an S3 URI, or another LoraResume in this namespace."""
+
+    uri: str | None = Field(None, pattern=S3_URI_PATTERN, description="s3:// URI of a saved adapter directory.")
+    from_resource: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Name of another LoraResume in this namespace; this one waits until it has Succeeded and "
+        "starts from its output adapter (curriculum stages, continuations).",
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> AdapterSource:
+        if bool(self.uri) == bool(self.from_resource):
+            raise ValueError("set exactly one of `uri` or `fromResource`")
+        return self
+
+
+class TrainingSpec(_Spec):
+    """The TRL SFTConfig of the run. Common fields are typed; any other SFTConfig field goes in `extra`."""
+
+    per_device_train_batch_size: int = Field(2, ge=1, le=4096, description="Rows per device per forward pass.")
+    gradient_accumulation_steps: int = Field(4, ge=1, le=4096, description="Forward passes per optimizer step.")
+    warmup_steps: int = Field(5, ge=0, description="Linear learning-rate warmup steps.")
+    max_steps: int = Field(60, ge=1, le=10_000_000, description="Optimizer steps of the whole run.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    optim: str = Field("adamw_8bit", min_length=1, description="Optimizer name as TRL/transformers know it.")
+    weight_decay: float = Field(0.01, ge=0, description="Weight decay.")
+    lr_scheduler_type: str = Field("linear", min_length=1, description="Learning-rate schedule.")
+    logging_steps: int = Field(1, ge=1, description="Steps between progress reports (status, progress.json).")
+    save_steps: int = Field(10, ge=1, description="Steps between checkpoints (each is uploaded to S3).")
+    seed: int = Field(3407, ge=0, description="Seed of LoRA initialisation, data order and dropout.")
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Other SFTConfig fields, snake_case as in TRL (e.g. {max_grad_norm: 0.3}); unknown ones "
+        "fail the attempt with a message naming the field.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    def sft_config(self) -> dict[str, Any]:
+        """The trainer's `training` section (snake_case SFTConfig fields)."""
+        typed = self.model_dump(exclude={"extra"})
+        return {**self.extra, **typed}
+
+
+class StorageSpec(_Spec):
+    """Where checkpoints, progress and the adapter live."""
+
+    uri: str = Field(..., pattern=S3_URI_PATTERN, description="s3://bucket/prefix/ for this run.")
+    endpoint: str | None = Field(None, description="S3 endpoint URL for S3-compatible stores; empty for AWS.")
+    region: str | None = Field(None, description="S3 region; empty for the environment's default.")
+    credentials_secret: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (optionally AWS_SESSION_TOKEN); "
+        "empty to use the pod's service-account identity (e.g. IRSA).",
+    )
+    keep_checkpoints: int = Field(3, ge=1, le=1000, description="Complete checkpoints kept in S3, newest first.")
+    delete_on_resource_deletion: bool = Field(
+        False, description="Delete the checkpoints in S3 when the resource is deleted (the adapter is kept)."
+    )
+
+
+class ResourcesSpec(_Spec):
+    """What the trainer pod requests (and is limited to)."""
+
+    gpus: int = Field(1, ge=0, le=64, description="nvidia.com/gpu count.")
+    cpu: str | None = Field(None, pattern=QUANTITY_PATTERN, description="CPU request, e.g. 8.")
+    memory: str | None = Field(None, pattern=QUANTITY_PATTERN, description="Memory request and limit, e.g. 48Gi.")
+    ephemeral_storage: str | None = Field(
+        None, pattern=QUANTITY_PATTERN, description="Scratch space for model cache and checkpoints, e.g. 100Gi."
+    )
+
+
+class Toleration(_Spec):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class SpotSpec(_Spec):
+    """Spot (preemptible) placement, and the on-demand fallback after repeated preemptions."""
+
+    enabled: bool = Field(False, description="Place attempts on spot nodes until the fallback triggers.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels for spot nodes.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for spot node taints.")
+    fallback_to_on_demand_after: int | None = Field(
+        None, ge=1, description="After this many preemptions, attempts drop the spot selector and tolerations."
+    )
+    on_demand_node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Extra node labels once the job has fallen back to on-demand nodes."
+    )
+
+
+class SchedulingSpec(_Spec):
+    """Placement of the trainer pod; changes apply to the next attempt."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels every attempt needs.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations every attempt gets.")
+    affinity: dict[str, Any] | None = Field(
+        None,
+        description="A core/v1 Affinity, passed to the pod as is.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    priority_class_name: str | None = Field(None, description="PriorityClass of the trainer pod.")
+    spot: SpotSpec = Field(default_factory=SpotSpec, description="Spot placement and on-demand fallback.")
+
+
+class RestartPolicySpec(_Spec):
+    """Bounded retries: preemptions and failures are counted apart (DESIGN: preemption is not failure)."""
+
+    max_preemptions: int = Field(50, ge=0, description="Preemptions tolerated before the job fails.")
+    backoff_limit: int = Field(3, ge=0, description="Failed attempts (crash, OOM, non-zero exit) retried.")
+    backoff_seconds: int = Field(10, ge=1, description="Delay before the first retry after a failure; doubles.")
+    max_backoff_seconds: int = Field(600, ge=1, description="Cap of the doubling retry delay.")
+
+
+class LoraResumeSpec(_Spec):
+    """A resumable LoRA fine-tune: base model + adapter + dataset, trained in a pod, checkpointed to S3."""
+
+    base_model: str = Field(
+        ...,
+        min_length=1,
+        description="Hub id, s3:// URI or path in the image of the base model.",
+        json_schema_extra=immutable(f"baseModel {_NEW_RESOURCE}"),
+    )
+    max_seq_length: int = Field(
+        2048, ge=8, le=1_048_576, description="Longest sequence in tokens.",
+        json_schema_extra=immutable(f"maxSeqLength {_NEW_RESOURCE}"),
+    )
+    load_in_4bit: bool = Field(True, description="Load the base model 4-bit quantized (QLoRA).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype.")
+    adapter: AdapterSource | None = Field(
+        None, description="The saved adapter to start from; omit to train a new LoRA (see `lora`).",
+        json_schema_extra=immutable(f"adapter {_NEW_RESOURCE}"),
+    )
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="Shape of a new LoRA (ignored when `adapter` is set).",
+        json_schema_extra=immutable(f"lora {_NEW_RESOURCE}"),
+    )
+    dataset: DatasetSettings = Field(
+        ..., description="Training rows and the template that turns each into text.",
+        json_schema_extra=immutable(f"dataset {_NEW_RESOURCE}"),
+    )
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec, description="The training schedule (TRL SFTConfig).",
+        json_schema_extra=immutable(f"training {_NEW_RESOURCE}"),
+    )
+    storage: StorageSpec = Field(
+        ..., description="S3 location of checkpoints, progress and the output adapter.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.uri == oldSelf.uri", "message": f"storage.uri {_NEW_RESOURCE}"}
+            ]
+        },
+    )
+    warm_start: bool = Field(
+        False,
+        description="If checkpoints in storage.uri were made by a different job, start a new schedule from the "
+        "newest one's adapter weights instead of failing.",
+    )
+    tensorboard: bool = Field(False, description="Upload TensorBoard event files to <storage.uri>/logs/.")
+    image: str | None = Field(None, description="Trainer image; empty for the operator's default.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(None, description="Image pull policy.")
+    service_account_name: str | None = Field(
+        None, description="Service account of the trainer pod (for workload identity such as IRSA)."
+    )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources.")
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Pod placement.")
+    restart_policy: RestartPolicySpec = Field(default_factory=RestartPolicySpec, description="Retry budgets.")
+    termination_grace_period_seconds: int = Field(
+        120, ge=5, le=3600,
+        description="Time between SIGTERM and SIGKILL: the trainer saves and uploads a checkpoint in it "
+        "(GKE spot: 15 s default, up to 120 s with a node setting; AWS spot: 2-minute notice).",
+    )
+
+    @property
+    def storage_root(self) -> S3Uri:
+        return S3Uri.parse(self.storage.uri).as_dir()
+
+
+class Phase(str, enum.Enum):
+    """Where a LoraResume is in its life."""
+
+    PENDING = "Pending"  # accepted; waiting for its adapter source or its first pod
+    RUNNING = "Running"  # a trainer pod is running
+    RESUMING = "Resuming"  # the last pod ended (preemption or failure); the next attempt is due
+    SUCCEEDED = "Succeeded"  # adapter durable in S3 (terminal)
+    FAILED = "Failed"  # budgets exhausted or a permanent error (terminal)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class CheckpointRef(_Spec):
+    uri: str
+    step: int
+
+
+class Condition(_Spec):
+    """Standard Kubernetes condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class LoraResumeStatus(_Spec):
+    """Observed state, written by the operator only."""
+
+    model_config = ConfigDict(extra="ignore", alias_generator=camel, populate_by_name=True, frozen=True)
+
+    phase: Phase = Field(Phase.PENDING, description="Pending, Running, Resuming, Succeeded or Failed.")
+    message: str = Field("", description="What is happening, for people.")
+    attempt: int = Field(0, ge=0, description="Trainer pods started so far.")
+    preemptions: int = Field(0, ge=0, description="Attempts ended by preemption (not failures).")
+    failures: int = Field(0, ge=0, description="Attempts ended by a failure.")
+    step: int = Field(0, ge=0, description="Last training step reported in progress.json.")
+    max_steps: int = Field(0, ge=0, description="Steps of the whole run.")
+    progress: str = Field("", description="step/maxSteps, for kubectl get.")
+    loss: str = Field("", description="Last logged training loss.")
+    latest_checkpoint: CheckpointRef | None = Field(None, description="Newest complete checkpoint in S3.")
+    output_adapter: str | None = Field(None, description="S3 URI of the final adapter, once saved.")
+    lost_steps: int = Field(0, ge=0, description="Steps trained but not durable when attempts ended, summed.")
+    pod_name: str | None = Field(None, description="The current attempt's pod.")
+    last_attempt_ended: str | None = Field(None, description="When the last pod ended (RFC 3339).")
+    next_attempt_after: str | None = Field(None, description="Backoff: no new pod before this time (RFC 3339).")
+    on_demand: bool = Field(False, description="True once the job has fallen back from spot to on-demand nodes.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Succeeded, Failed, ...")
+    observed_generation: int = Field(0, ge=0, description="The spec generation the status reflects.")
