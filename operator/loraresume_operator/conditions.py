@@ -1,0 +1,38 @@
+"""Condition types and reasons (constants, so tests and `kubectl wait` agree on spelling)."""
+
+from __future__ import annotations
+
+from .spec import Condition
+
+# Types. `kubectl wait --for=condition=Succeeded` / `=Failed` work on these.
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+RUNNING = "Running"  # a trainer pod is running now
+
+# Reasons.
+ADAPTER_SAVED = "AdapterSaved"
+CONFIG_ERROR = "ConfigError"
+INVALID_SPEC = "InvalidSpec"
+PREEMPTION_BUDGET_EXHAUSTED = "PreemptionBudgetExhausted"
+BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+ADAPTER_SOURCE_FAILED = "AdapterSourceFailed"
+WAITING_FOR_ADAPTER = "WaitingForAdapterSource"
+POD_RUNNING = "PodRunning"
+POD_STARTING = "PodStarting"
+RELAUNCHING = "Relaunching"
+BACKING_OFF = "BackingOff"
+FINISHED = "Finished"
+
+
+def set_condition(
+    conditions: list[Condition], type_: str, status: bool, reason: str, message: str, now: str, generation: int
+) -> list[Condition]:
+    """Replace one condition; lastTransitionTime changes only when the status flips."""
+    value = "True" if status else "False"
+    old = next((c for c in conditions if c.type == type_), None)
+    since = old.last_transition_time if old is not None and old.status == value else now
+    new = Condition(
+        type=type_, status=value, reason=reason, message=message[:1000], last_transition_time=since,
+        observed_generation=generation,
+    )
+    return [c for c in conditions if c.type != type_] + [new]

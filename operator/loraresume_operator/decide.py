@@ -1,0 +1,316 @@
+"""The reconcile decision: observed state in, actions and one new status out. No I/O.
+
+`decide(observation)` is the whole policy of the operator: when to launch an attempt,
+how an ended pod counts (DESIGN.md's preemption-versus-failure table), budgets and
+backoff, the spot fallback, chained resources. The kopf layer gathers an `Observation`,
+calls this, and executes the `Plan`.
+
+Idempotence: the status names the attempt and its pod before the pod is created, and a
+pod counts as "seen" only once phase is Running; so an operator restart between the
+status patch and the pod creation re-creates the same pod name instead of counting a loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from . import conditions as c
+from .observed import EndKind, ObservedPod, PodEnd, classify_end
+from .spec import CheckpointRef, LoraResumeSpec, LoraResumeStatus, Phase
+
+WAIT_FOR_SOURCE_SECONDS = 30.0
+POD_APPEAR_SECONDS = 10.0
+MAX_POD_NAME = 253
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class SourceState:
+    """The LoraResume named by `spec.adapter.fromResource`, as observed."""
+
+    exists: bool
+    phase: str | None = None
+    output_adapter: str | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    resource: Resource
+    spec: LoraResumeSpec
+    status: LoraResumeStatus
+    pod: ObservedPod | None  # the pod named status.podName, if it exists
+    checkpoint: CheckpointRef | None  # newest complete checkpoint in S3 (manifest present)
+    progress: dict[str, Any] | None  # <storage>/progress.json
+    adapter_complete: bool  # <storage>/adapter/_COMPLETE.json exists
+    now: datetime
+    source: SourceState | None = None
+
+
+# Actions ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CreatePod:
+    name: str
+    attempt: int
+    resume_from: str | None  # checkpoint URI whose manifest the operator saw
+    on_demand: bool
+    adapter_uri: str | None
+
+
+@dataclass(frozen=True)
+class EmitEvent:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Requeue:
+    after_seconds: float
+
+
+Action = CreatePod | EmitEvent | Requeue
+
+
+@dataclass(frozen=True)
+class Plan:
+    status: LoraResumeStatus
+    actions: tuple[Action, ...] = field(default=())
+
+    @property
+    def requeue(self) -> Requeue | None:
+        return next((a for a in self.actions if isinstance(a, Requeue)), None)
+
+
+def pod_name(resource_name: str, attempt: int) -> str:
+    """Deterministic per attempt: an operator restart can never create a second pod for one attempt."""
+    name = f"{resource_name}-attempt-{attempt}"
+    if len(name) <= MAX_POD_NAME:
+        return name
+    digest = hashlib.sha256(resource_name.encode()).hexdigest()[:8]
+    return f"{resource_name[: MAX_POD_NAME - 20]}-{digest}-a{attempt}"
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+def backoff_seconds(spec: LoraResumeSpec, failures: int) -> float:
+    policy = spec.restart_policy
+    return float(min(policy.max_backoff_seconds, policy.backoff_seconds * 2 ** max(0, failures - 1)))
+
+
+def wants_on_demand(spec: LoraResumeSpec, preemptions: int) -> bool:
+    spot = spec.scheduling.spot
+    return bool(spot.enabled and spot.fallback_to_on_demand_after and preemptions >= spot.fallback_to_on_demand_after)
+
+
+class _Builder:
+    """Accumulates the new status and actions for one decision."""
+
+    def __init__(self, obs: Observation) -> None:
+        self.obs = obs
+        self.now = iso(obs.now)
+        self.values: dict[str, Any] = obs.status.model_dump()
+        self.values["observed_generation"] = obs.resource.generation
+        self.conditions = list(obs.status.conditions)
+        self.actions: list[Action] = []
+
+    def set(self, **values: Any) -> None:
+        self.values.update(values)
+
+    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
+        self.conditions = c.set_condition(
+            self.conditions, type_, status, reason, message, self.now, self.obs.resource.generation
+        )
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.actions.append(EmitEvent(type_, reason, message))
+
+    def requeue(self, seconds: float) -> None:
+        self.actions.append(Requeue(max(1.0, seconds)))
+
+    def plan(self) -> Plan:
+        self.values["conditions"] = self.conditions
+        return Plan(LoraResumeStatus(**self.values), tuple(self.actions))
+
+
+def _report_progress(b: _Builder) -> None:
+    obs = b.obs
+    if obs.checkpoint is not None:
+        b.set(latest_checkpoint=obs.checkpoint)
+    progress = obs.progress or {}
+    max_steps = int(progress.get("max_steps") or obs.spec.training.max_steps)
+    step = int(progress.get("step") or b.values["step"])
+    b.set(step=step, max_steps=max_steps, progress=f"{step}/{max_steps}")
+    if progress.get("loss") is not None:
+        b.set(loss=f"{float(progress['loss']):.4g}")
+
+
+def _fail(b: _Builder, reason: str, message: str) -> None:
+    b.set(phase=Phase.FAILED, message=message, next_attempt_after=None)
+    b.condition(c.FAILED, True, reason, message)
+    b.condition(c.SUCCEEDED, False, reason, message)
+    b.condition(c.RUNNING, False, reason, message)
+    b.event("Warning", reason, message)
+
+
+def _launch(b: _Builder, adapter_uri: str | None, why: str) -> None:
+    obs = b.obs
+    attempt = obs.status.attempt + 1
+    name = pod_name(obs.resource.name, attempt)
+    on_demand = wants_on_demand(obs.spec, b.values["preemptions"])
+    resume = obs.checkpoint.uri if obs.checkpoint else None
+    where = f"resuming from {resume}" if resume else "starting fresh"
+    b.set(
+        attempt=attempt,
+        pod_name=name,
+        phase=Phase.PENDING if attempt == 1 else Phase.RESUMING,
+        next_attempt_after=None,
+        on_demand=on_demand,
+        message=f"attempt {attempt}: pod {name}, {where}",
+    )
+    b.actions.append(CreatePod(name, attempt, resume, on_demand, adapter_uri))
+    b.condition(c.RUNNING, False, c.POD_STARTING, f"starting pod {name}")
+    if on_demand and not obs.status.on_demand:
+        b.event("Warning", "FallbackToOnDemand", f"{b.values['preemptions']} preemptions: next attempts use on-demand nodes")
+    b.event("Normal", "AttemptStarted" if attempt == 1 else c.RELAUNCHING, f"attempt {attempt} ({why}): pod {name}, {where}")
+    b.requeue(POD_APPEAR_SECONDS)
+
+
+def _adapter_uri(b: _Builder) -> tuple[bool, str | None]:
+    """(ready, uri). Waits for a chained source; fails the job if the source failed."""
+    adapter = b.obs.spec.adapter
+    if adapter is None:
+        return True, None
+    if adapter.uri:
+        return True, adapter.uri
+    src, name = b.obs.source, adapter.from_resource
+    if src is None or not src.exists:
+        b.set(phase=Phase.PENDING, message=f"waiting for LoraResume {name} (adapter source) to exist")
+    elif src.phase == Phase.FAILED.value:
+        _fail(b, c.ADAPTER_SOURCE_FAILED, f"adapter source LoraResume {name} failed")
+        return False, None
+    elif src.phase != Phase.SUCCEEDED.value or not src.output_adapter:
+        b.set(phase=Phase.PENDING, message=f"waiting for LoraResume {name} (adapter source) to succeed")
+    else:
+        return True, src.output_adapter
+    b.condition(c.RUNNING, False, c.WAITING_FOR_ADAPTER, b.values["message"])
+    b.requeue(WAIT_FOR_SOURCE_SECONDS)
+    return False, None
+
+
+def _lost_steps(obs: Observation) -> int:
+    progress = obs.progress or {}
+    if int(progress.get("attempt") or 0) != obs.status.attempt:
+        return 0  # the ended attempt never reported a step
+    durable = obs.checkpoint.step if obs.checkpoint else 0
+    return max(0, int(progress.get("step") or 0) - durable)
+
+
+def _ended(b: _Builder, end: PodEnd) -> None:
+    obs, spec = b.obs, b.obs.spec
+    b.set(last_attempt_ended=b.now)
+    if end.kind is EndKind.SUCCEEDED:
+        uri = str(spec.storage_root.child("adapter/"))
+        message = f"adapter saved to {uri}"
+        b.set(phase=Phase.SUCCEEDED, output_adapter=uri, message=message)
+        b.condition(c.SUCCEEDED, True, c.ADAPTER_SAVED, message)
+        b.condition(c.FAILED, False, c.ADAPTER_SAVED, message)
+        b.condition(c.RUNNING, False, c.FINISHED, message)
+        b.event("Normal", c.ADAPTER_SAVED, f"attempt {obs.status.attempt} succeeded: {message}")
+        return
+    if end.kind is EndKind.PERMANENT:
+        _fail(b, c.CONFIG_ERROR, f"attempt {obs.status.attempt}: {end.message}")
+        return
+    lost = _lost_steps(obs)
+    b.set(lost_steps=obs.status.lost_steps + lost)
+    lost_text = f", {lost} steps lost" if lost else ""
+    if end.kind is EndKind.PREEMPTED:
+        preemptions = obs.status.preemptions + 1
+        b.set(preemptions=preemptions)
+        b.event("Warning", end.reason, f"attempt {obs.status.attempt} preempted: {end.message}{lost_text}")
+        if preemptions > spec.restart_policy.max_preemptions:
+            _fail(b, c.PREEMPTION_BUDGET_EXHAUSTED,
+                  f"{preemptions} preemptions exceed restartPolicy.maxPreemptions={spec.restart_policy.max_preemptions}")
+            return
+        ready, adapter = _adapter_uri(b)
+        if ready:
+            _launch(b, adapter, f"after preemption: {end.reason}")
+        return
+    failures = obs.status.failures + 1
+    b.set(failures=failures)
+    if failures > spec.restart_policy.backoff_limit:
+        b.event("Warning", end.reason, f"attempt {obs.status.attempt} failed: {end.message}{lost_text}")
+        _fail(b, c.BACKOFF_LIMIT_EXCEEDED,
+              f"{failures} failed attempts exceed restartPolicy.backoffLimit={spec.restart_policy.backoff_limit}; "
+              f"last: {end.message}")
+        return
+    delay = backoff_seconds(spec, failures)
+    b.set(
+        phase=Phase.RESUMING,
+        pod_name=None,
+        next_attempt_after=iso(obs.now + timedelta(seconds=delay)),
+        message=f"attempt {obs.status.attempt} failed ({end.reason}); retrying in {delay:.0f} s",
+    )
+    b.condition(c.RUNNING, False, c.BACKING_OFF, b.values["message"])
+    b.event("Warning", end.reason, f"attempt {obs.status.attempt} failed: {end.message}{lost_text}; retry in {delay:.0f} s")
+    b.requeue(delay)
+
+
+def decide(obs: Observation) -> Plan:
+    """The next status and actions for one LoraResume. Pure; see the module docstring."""
+    b = _Builder(obs)
+    _report_progress(b)
+    status = obs.status
+    if status.phase.is_terminal:
+        return b.plan()
+
+    if status.pod_name is None:
+        # No attempt in flight: the first one, or the next after a backoff.
+        if status.next_attempt_after:
+            wait = (parse_iso(status.next_attempt_after) - obs.now).total_seconds()
+            if wait > 0:
+                b.requeue(wait)
+                return b.plan()
+        ready, adapter = _adapter_uri(b)
+        if ready:
+            _launch(b, adapter, "first" if status.attempt == 0 else "after backoff")
+        return b.plan()
+
+    pod = obs.pod
+    if pod is None:
+        if status.phase == Phase.RUNNING:  # it ran, and now it is gone
+            _ended(b, classify_end(None, adapter_complete=obs.adapter_complete))
+        else:  # named but never seen: (re)create it under the same name
+            ready, adapter = _adapter_uri(b)
+            if ready:
+                b.actions.append(
+                    CreatePod(status.pod_name, status.attempt, obs.checkpoint.uri if obs.checkpoint else None,
+                              status.on_demand, adapter)
+                )
+                b.requeue(POD_APPEAR_SECONDS)
+        return b.plan()
+
+    if not pod.ended:
+        if status.phase != Phase.RUNNING:
+            b.event("Normal", c.POD_RUNNING, f"attempt {status.attempt}: pod {pod.name} is {pod.phase.lower()}")
+        b.set(phase=Phase.RUNNING, message=f"attempt {status.attempt}: pod {pod.name} {pod.phase.lower()}")
+        b.condition(c.RUNNING, True, c.POD_RUNNING, b.values["message"])
+        return b.plan()
+
+    _ended(b, classify_end(pod, adapter_complete=obs.adapter_complete))
+    return b.plan()

@@ -1,0 +1,123 @@
+"""What the operator observes of a trainer pod, and how an ended pod is classified.
+
+Pure: a pod as the API returns it (a dict) in, a small frozen record out. The table in
+DESIGN.md ("Preemption versus failure") lives in `classify_end`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from loraresume_trainer.outcome import Outcome
+
+TRAINER_CONTAINER = "trainer"
+
+# Pod conditions/reasons the kubelet, scheduler and eviction API set when a pod is disrupted.
+DISRUPTION_CONDITION = "DisruptionTarget"
+PREEMPTION_REASONS = frozenset(
+    {"Evicted", "Preempted", "PreemptionByScheduler", "DeletionByTaintManager", "TerminationByKubelet", "NodeLost",
+     "Shutdown", "NodeShutdown", "Terminated"}
+)
+
+
+class EndKind(enum.Enum):
+    SUCCEEDED = "Succeeded"
+    PREEMPTED = "Preempted"  # relaunch at once; counts against maxPreemptions only
+    FAILED = "Failed"  # relaunch with backoff; counts against backoffLimit
+    PERMANENT = "Permanent"  # a config error the trainer reported: no retry
+
+
+@dataclass(frozen=True)
+class ObservedPod:
+    name: str
+    phase: str  # Pending | Running | Succeeded | Failed | Unknown
+    terminating: bool = False
+    exit_code: int | None = None  # of the trainer container, once terminated
+    container_reason: str | None = None  # Completed | Error | OOMKilled | ...
+    pod_reason: str | None = None  # Evicted | NodeLost | ...
+    disrupted: bool = False  # DisruptionTarget condition True
+    disruption_reason: str | None = None
+    termination: dict[str, Any] | None = None  # the trainer's JSON termination message
+    message: str = ""
+
+    @property
+    def ended(self) -> bool:
+        return self.phase in ("Succeeded", "Failed") or self.exit_code is not None
+
+    @classmethod
+    def from_api(cls, pod: dict[str, Any]) -> ObservedPod:
+        meta, status = pod.get("metadata", {}), pod.get("status", {}) or {}
+        disrupted, disruption_reason = False, None
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == DISRUPTION_CONDITION and cond.get("status") == "True":
+                disrupted, disruption_reason = True, cond.get("reason")
+        exit_code = container_reason = termination = None
+        for cs in status.get("containerStatuses") or []:
+            if cs.get("name") != TRAINER_CONTAINER:
+                continue
+            terminated = (cs.get("state") or {}).get("terminated")
+            if terminated:
+                exit_code = terminated.get("exitCode")
+                container_reason = terminated.get("reason")
+                termination = parse_termination_message(terminated.get("message"))
+        return cls(
+            name=meta.get("name", ""),
+            phase=status.get("phase", "Pending"),
+            terminating=bool(meta.get("deletionTimestamp")),
+            exit_code=exit_code,
+            container_reason=container_reason,
+            pod_reason=status.get("reason"),
+            disrupted=disrupted,
+            disruption_reason=disruption_reason,
+            termination=termination,
+            message=status.get("message", "") or "",
+        )
+
+
+def parse_termination_message(text: str | None) -> dict[str, Any] | None:
+    """The trainer writes one JSON object; anything else (a crash's last log line) is kept as reason."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return {"reason": text.strip()[-500:]}
+    return data if isinstance(data, dict) else {"reason": str(data)[:500]}
+
+
+@dataclass(frozen=True)
+class PodEnd:
+    kind: EndKind
+    reason: str  # CamelCase, for events and conditions
+    message: str
+
+
+def classify_end(pod: ObservedPod | None, *, adapter_complete: bool) -> PodEnd:
+    """DESIGN.md's table. `pod is None` means the pod vanished (deleted by someone, node lost)."""
+    if pod is None:
+        return PodEnd(EndKind.PREEMPTED, "PodDeleted", "the trainer pod was deleted or its node was lost")
+    term = pod.termination or {}
+    trainer_says = term.get("reason", "")
+    if pod.exit_code == Outcome.SUCCEEDED.code and pod.phase != "Failed":
+        if adapter_complete:
+            return PodEnd(EndKind.SUCCEEDED, "AdapterSaved", trainer_says or "adapter saved")
+        return PodEnd(EndKind.FAILED, "NoAdapter", "the trainer exited 0 but no complete adapter is in S3")
+    if pod.exit_code == Outcome.CONFIG_ERROR.code or term.get("outcome") == "config_error":
+        return PodEnd(EndKind.PERMANENT, "ConfigError", trainer_says or "the trainer reported a configuration error")
+    if pod.disrupted:
+        return PodEnd(EndKind.PREEMPTED, pod.disruption_reason or DISRUPTION_CONDITION, pod.message or "pod disrupted")
+    if pod.terminating:  # deleted by someone else (the operator deletes pods only with the resource)
+        return PodEnd(EndKind.PREEMPTED, "PodDeleted", "the trainer pod was deleted while running")
+    if pod.pod_reason in PREEMPTION_REASONS:
+        return PodEnd(EndKind.PREEMPTED, pod.pod_reason, pod.message or f"pod {pod.pod_reason.lower()}")
+    if pod.exit_code == Outcome.PREEMPTED.code or term.get("outcome") == "preempted":
+        return PodEnd(EndKind.PREEMPTED, "SigtermCheckpointSaved", trainer_says or "preempted; checkpoint saved")
+    if pod.container_reason == "OOMKilled":
+        return PodEnd(EndKind.FAILED, "OOMKilled", "the trainer ran out of memory")
+    if pod.exit_code is not None:
+        detail = f": {trainer_says}" if trainer_says else ""
+        return PodEnd(EndKind.FAILED, "TrainerFailed", f"the trainer exited with code {pod.exit_code}{detail}")
+    return PodEnd(EndKind.FAILED, "PodFailed", pod.message or f"pod ended in phase {pod.phase}")

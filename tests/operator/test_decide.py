@@ -1,0 +1,288 @@
+"""Table tests for the reconcile decision: every row of DESIGN.md's preemption table and more."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from loraresume_operator import conditions as c
+from loraresume_operator.decide import (
+    CreatePod,
+    EmitEvent,
+    Observation,
+    Requeue,
+    Resource,
+    SourceState,
+    decide,
+    iso,
+    pod_name,
+)
+from loraresume_operator.observed import ObservedPod
+from loraresume_operator.spec import CheckpointRef, LoraResumeSpec, LoraResumeStatus, Phase
+
+NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
+RES = Resource("bot", "ml", "uid-1", 3)
+CKPT = CheckpointRef(uri="s3://ckpt/bot/checkpoints/checkpoint-20/", step=20)
+
+
+def spec(**over: Any) -> LoraResumeSpec:
+    doc: dict[str, Any] = {
+        "baseModel": "unsloth/llama-3-8b-bnb-4bit",
+        "dataset": {"source": "s3://data/d.jsonl"},
+        "storage": {"uri": "s3://ckpt/bot/"},
+        "training": {"maxSteps": 100},
+        "restartPolicy": {"maxPreemptions": 2, "backoffLimit": 2, "backoffSeconds": 10, "maxBackoffSeconds": 25},
+    }
+    doc.update(over)
+    return LoraResumeSpec.model_validate(doc)
+
+
+def status(**over: Any) -> LoraResumeStatus:
+    return LoraResumeStatus(**over)
+
+
+RUNNING_1 = dict(phase=Phase.RUNNING, attempt=1, pod_name="bot-attempt-1")
+
+
+def pod(**over: Any) -> ObservedPod:
+    return ObservedPod(**{"name": "bot-attempt-1", "phase": "Running", **over})
+
+
+def ended(exit_code: int, **over: Any) -> ObservedPod:
+    return pod(phase="Failed" if exit_code else "Succeeded", exit_code=exit_code, **over)
+
+
+def obs(st: LoraResumeStatus, p: ObservedPod | None = None, **over: Any) -> Observation:
+    base = dict(
+        resource=RES, spec=spec(), status=st, pod=p, checkpoint=CKPT,
+        progress={"step": 27, "max_steps": 100, "loss": 1.2345, "attempt": st.attempt}, adapter_complete=False,
+        now=NOW,
+    )
+    base.update(over)
+    return Observation(**base)
+
+
+def creates(plan) -> list[CreatePod]:
+    return [a for a in plan.actions if isinstance(a, CreatePod)]
+
+
+def cond(plan, type_: str):
+    return next((x for x in plan.status.conditions if x.type == type_), None)
+
+
+# --- DESIGN.md's preemption-versus-failure table ------------------------------------------
+
+ENDINGS = [
+    # (id, pod observed (None: gone), adapter_complete, expected phase, preemptions, failures, relaunch now, reason)
+    ("exit0-adapter", ended(0), True, Phase.SUCCEEDED, 0, 0, False, c.ADAPTER_SAVED),
+    ("exit0-no-adapter", ended(0), False, Phase.RESUMING, 0, 1, False, "NoAdapter"),
+    ("disruption-target", ended(137, disrupted=True, disruption_reason="PreemptionByScheduler"), False,
+     Phase.RESUMING, 1, 0, True, "PreemptionByScheduler"),
+    ("taint-eviction", ended(143, disrupted=True, disruption_reason="DeletionByTaintManager"), False,
+     Phase.RESUMING, 1, 0, True, "DeletionByTaintManager"),
+    ("evicted", pod(phase="Failed", pod_reason="Evicted", message="node low on memory"), False,
+     Phase.RESUMING, 1, 0, True, "Evicted"),
+    ("node-lost", pod(phase="Failed", pod_reason="NodeLost"), False, Phase.RESUMING, 1, 0, True, "NodeLost"),
+    ("pod-deleted-by-someone", None, False, Phase.RESUMING, 1, 0, True, "PodDeleted"),
+    ("pod-terminating-killed", ended(137, terminating=True), False, Phase.RESUMING, 1, 0, True, "PodDeleted"),
+    ("sigterm-saved", ended(75, termination={"outcome": "preempted", "reason": "SIGTERM: checkpoint-27 durable"}),
+     False, Phase.RESUMING, 1, 0, True, "SigtermCheckpointSaved"),
+    ("oom", ended(137, container_reason="OOMKilled"), False, Phase.RESUMING, 0, 1, False, "OOMKilled"),
+    ("crash", ended(1, termination={"outcome": "failed", "reason": "RuntimeError: boom"}), False,
+     Phase.RESUMING, 0, 1, False, "TrainerFailed"),
+    ("config-error", ended(78, termination={"outcome": "config_error", "reason": "dataset.template: needs column(s) output"}),
+     False, Phase.FAILED, 0, 0, False, c.CONFIG_ERROR),
+]
+
+
+@pytest.mark.parametrize(("p", "adapter", "phase", "pre", "fail", "relaunch", "reason"),
+                         [e[1:] for e in ENDINGS], ids=[e[0] for e in ENDINGS])
+def test_ended_attempt(p, adapter, phase, pre, fail, relaunch, reason):
+    plan = decide(obs(status(**RUNNING_1), p, adapter_complete=adapter))
+    st = plan.status
+    assert (st.phase, st.preemptions, st.failures) == (phase, pre, fail)
+    assert bool(creates(plan)) is relaunch
+    assert any(isinstance(a, EmitEvent) and a.reason == reason for a in plan.actions), plan.actions
+    if relaunch:
+        (create,) = creates(plan)
+        assert create == CreatePod("bot-attempt-2", 2, CKPT.uri, False, None)
+        assert st.attempt == 2 and st.pod_name == "bot-attempt-2"
+    if phase is Phase.RESUMING and not relaunch:  # failure: backoff, no pod
+        assert st.pod_name is None and st.next_attempt_after == iso(NOW + timedelta(seconds=10))
+        assert plan.requeue == Requeue(10.0)
+
+
+def test_success_sets_the_condition_kubectl_waits_for():
+    plan = decide(obs(status(**RUNNING_1), ended(0), adapter_complete=True))
+    assert cond(plan, c.SUCCEEDED).status == "True"
+    assert cond(plan, c.FAILED).status == "False"
+    assert plan.status.output_adapter == "s3://ckpt/bot/adapter/"
+
+
+def test_config_error_fails_at_once_with_the_trainers_message():
+    p = ended(78, termination={"outcome": "config_error", "reason": "dataset.template: needs column(s) output"})
+    plan = decide(obs(status(**RUNNING_1), p))
+    assert cond(plan, c.FAILED).status == "True" and cond(plan, c.FAILED).reason == c.CONFIG_ERROR
+    assert "dataset.template: needs column(s) output" in plan.status.message
+    assert not creates(plan) and plan.requeue is None
+
+
+def test_lost_steps_are_progress_minus_durable_checkpoint():
+    plan = decide(obs(status(**RUNNING_1, lost_steps=4), None))
+    assert plan.status.lost_steps == 4 + (27 - 20)
+
+
+def test_lost_steps_ignore_progress_of_another_attempt():
+    plan = decide(obs(status(**RUNNING_1), None, progress={"step": 27, "attempt": 0}))
+    assert plan.status.lost_steps == 0
+
+
+# --- budgets, backoff ------------------------------------------------------------------------
+
+def test_preemption_budget_exhausted():
+    plan = decide(obs(status(**RUNNING_1, preemptions=2), None))
+    assert plan.status.phase is Phase.FAILED and plan.status.preemptions == 3
+    assert cond(plan, c.FAILED).reason == c.PREEMPTION_BUDGET_EXHAUSTED
+    assert not creates(plan)
+
+
+def test_failure_budget_exhausted():
+    plan = decide(obs(status(**RUNNING_1, failures=2), ended(1)))
+    assert plan.status.phase is Phase.FAILED and cond(plan, c.FAILED).reason == c.BACKOFF_LIMIT_EXCEEDED
+
+
+def test_preemptions_never_count_as_failures():
+    plan = decide(obs(status(**RUNNING_1, failures=2), None))
+    assert plan.status.failures == 2 and plan.status.phase is Phase.RESUMING and creates(plan)
+
+
+@pytest.mark.parametrize(("failures_before", "delay"), [(0, 10), (1, 20), (2, 25)], ids=["first", "doubles", "capped"])
+def test_backoff_doubles_and_is_capped(failures_before, delay):
+    sp = spec(restartPolicy={"backoffLimit": 5, "backoffSeconds": 10, "maxBackoffSeconds": 25})
+    plan = decide(obs(status(**RUNNING_1, failures=failures_before), ended(1), spec=sp))
+    assert plan.requeue == Requeue(float(delay))
+
+
+def test_backoff_waits_then_relaunches_from_the_newest_checkpoint():
+    waiting = status(phase=Phase.RESUMING, attempt=1, failures=1, next_attempt_after=iso(NOW + timedelta(seconds=7)))
+    plan = decide(obs(waiting))
+    assert not creates(plan) and plan.requeue == Requeue(7.0)
+    later = decide(obs(waiting, now=NOW + timedelta(seconds=8)))
+    assert creates(later) == [CreatePod("bot-attempt-2", 2, CKPT.uri, False, None)]
+
+
+# --- first attempt, missing or incomplete checkpoint, restarts --------------------------------
+
+def test_first_attempt_without_checkpoint_starts_fresh():
+    plan = decide(obs(status(), checkpoint=None, progress=None))
+    assert creates(plan) == [CreatePod("bot-attempt-1", 1, None, False, None)]
+    assert plan.status.phase is Phase.PENDING and plan.status.attempt == 1
+    assert plan.status.observed_generation == 3
+
+
+def test_relaunch_without_a_complete_checkpoint_starts_fresh():
+    """An incomplete checkpoint is not reported (no manifest): the next attempt starts from scratch."""
+    plan = decide(obs(status(**RUNNING_1), None, checkpoint=None))
+    (create,) = creates(plan)
+    assert create.resume_from is None and plan.status.lost_steps == 27
+
+
+def test_operator_restart_before_the_pod_was_seen_recreates_the_same_pod():
+    """Status names attempt 2's pod, the pod does not exist yet: create it, count nothing."""
+    st = status(phase=Phase.RESUMING, attempt=2, pod_name="bot-attempt-2", preemptions=1)
+    plan = decide(obs(st, None))
+    assert creates(plan) == [CreatePod("bot-attempt-2", 2, CKPT.uri, False, None)]
+    assert plan.status.preemptions == 1 and plan.status.attempt == 2
+
+
+def test_operator_restart_while_the_pod_runs_changes_nothing():
+    st = status(**RUNNING_1)
+    plan = decide(obs(st, pod()))
+    assert not creates(plan) and plan.status.phase is Phase.RUNNING
+    assert not [a for a in plan.actions if isinstance(a, EmitEvent)]  # no duplicate "running" event
+
+
+def test_pending_pod_marks_the_attempt_seen():
+    st = status(phase=Phase.PENDING, attempt=1, pod_name="bot-attempt-1")
+    plan = decide(obs(st, pod(phase="Pending")))
+    assert plan.status.phase is Phase.RUNNING and cond(plan, c.RUNNING).status == "True"
+
+
+def test_progress_is_reported():
+    plan = decide(obs(status(**RUNNING_1), pod()))
+    assert (plan.status.step, plan.status.max_steps, plan.status.progress, plan.status.loss) == (27, 100, "27/100", "1.234")
+    assert plan.status.latest_checkpoint == CKPT
+
+
+def test_terminal_phase_is_left_alone():
+    st = status(phase=Phase.SUCCEEDED, attempt=3, pod_name="bot-attempt-3")
+    plan = decide(obs(st, None))
+    assert plan.actions == () and plan.status.phase is Phase.SUCCEEDED
+
+
+# --- spot fallback ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("preemptions_before", "on_demand"), [(0, False), (1, True), (2, True)])
+def test_on_demand_after_n_preemptions(preemptions_before, on_demand):
+    sp = spec(scheduling={"spot": {"enabled": True, "fallbackToOnDemandAfter": 2}},
+              restartPolicy={"maxPreemptions": 10})
+    before = status(**RUNNING_1, preemptions=preemptions_before, on_demand=preemptions_before >= 2)
+    plan = decide(obs(before, None, spec=sp))
+    (create,) = creates(plan)
+    assert create.on_demand is on_demand and plan.status.on_demand is on_demand
+    fallback_events = [a for a in plan.actions if isinstance(a, EmitEvent) and a.reason == "FallbackToOnDemand"]
+    assert len(fallback_events) == (1 if preemptions_before == 1 else 0)
+
+
+# --- chained resources -----------------------------------------------------------------------
+
+CHAINED = spec(adapter={"fromResource": "stage-1"})
+
+
+@pytest.mark.parametrize(
+    ("source", "phase", "created", "failed"),
+    [
+        (None, Phase.PENDING, False, False),
+        (SourceState(exists=False), Phase.PENDING, False, False),
+        (SourceState(True, "Running"), Phase.PENDING, False, False),
+        (SourceState(True, "Failed"), Phase.FAILED, False, True),
+        (SourceState(True, "Succeeded", "s3://ckpt/stage-1/adapter/"), Phase.PENDING, True, False),
+    ],
+    ids=["unobserved", "missing", "running", "failed", "succeeded"],
+)
+def test_chained_resource_waits_for_its_source(source, phase, created, failed):
+    plan = decide(obs(status(), spec=CHAINED, source=source, checkpoint=None))
+    assert plan.status.phase is phase
+    if created:
+        assert creates(plan) == [CreatePod("bot-attempt-1", 1, None, False, "s3://ckpt/stage-1/adapter/")]
+    else:
+        assert not creates(plan)
+    if failed:
+        assert cond(plan, c.FAILED).reason == c.ADAPTER_SOURCE_FAILED
+    elif not created:
+        assert plan.requeue is not None and "stage-1" in plan.status.message
+
+
+def test_chained_relaunch_keeps_the_sources_adapter():
+    source = SourceState(True, "Succeeded", "s3://ckpt/stage-1/adapter/")
+    plan = decide(obs(status(**RUNNING_1), None, spec=CHAINED, source=source))
+    (create,) = creates(plan)
+    assert create.adapter_uri == "s3://ckpt/stage-1/adapter/" and create.resume_from == CKPT.uri
+
+
+# --- spec edits ------------------------------------------------------------------------------
+
+def test_budget_raised_during_the_run_takes_effect():
+    """maxPreemptions edited from 2 to 5: the 3rd preemption relaunches instead of failing."""
+    sp = spec(restartPolicy={"maxPreemptions": 5})
+    plan = decide(obs(status(**RUNNING_1, preemptions=2), None, spec=sp, resource=replace(RES, generation=4)))
+    assert creates(plan) and plan.status.observed_generation == 4
+
+
+def test_pod_names_are_deterministic_and_bounded():
+    assert pod_name("bot", 7) == "bot-attempt-7"
+    long = pod_name("x" * 253, 12)
+    assert len(long) <= 253 and long.endswith("-a12") and long == pod_name("x" * 253, 12)
