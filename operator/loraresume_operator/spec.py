@@ -118,11 +118,17 @@ class ResourcesSpec(_Spec):
 
 
 class Toleration(_Spec):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    """A core/v1 Toleration: lets the trainer pod schedule onto nodes with a matching taint."""
+
+    key: str | None = Field(None, description="Taint key to tolerate; empty with operator Exists matches all taints.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (the default).")
+    value: str | None = Field(None, description="Taint value the toleration matches (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="With effect NoExecute: how long the pod stays bound after the taint appears."
+    )
 
 
 class SpotSpec(_Spec):
@@ -241,19 +247,21 @@ class Phase(str, enum.Enum):
 
 
 class CheckpointRef(_Spec):
-    uri: str
-    step: int
+    """A complete (manifest-verified) checkpoint in S3."""
+
+    uri: str = Field(..., description="s3:// URI of the checkpoint directory.")
+    step: int = Field(..., description="Training step the checkpoint was saved at.")
 
 
 class Condition(_Spec):
     """Standard Kubernetes condition."""
 
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str
-    message: str = ""
-    last_transition_time: str
-    observed_generation: int | None = None
+    type: str = Field(..., description="Condition type, e.g. Succeeded or Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    reason: str = Field(..., description="CamelCase reason for the last transition.")
+    message: str = Field("", description="Human-readable details of the last transition.")
+    last_transition_time: str = Field(..., description="When the status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="The spec generation the condition reflects.")
 
 
 class LoraResumeStatus(_Spec):

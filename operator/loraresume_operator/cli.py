@@ -1,0 +1,54 @@
+"""`loraresume-operator`: run the kopf operator (namespaced or cluster-wide) with metrics and liveness."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+import kopf
+from prometheus_client import start_http_server
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraresume-operator", description="Reconcile LoraResume resources.")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (cluster-wide)")
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("LORARESUME_METRICS_PORT", "8080")),
+                        help="Prometheus metrics port (0 to disable)")
+    parser.add_argument("--liveness", default=os.environ.get("LORARESUME_LIVENESS", "http://0.0.0.0:8081/healthz"),
+                        help="kopf liveness endpoint URL ('' to disable)")
+    parser.add_argument("--interval", type=float, help="seconds between periodic reconciles (default 10)")
+    parser.add_argument("--peering", help="kopf peering name for several replicas (default: standalone)")
+    parser.add_argument("--log-level", default=os.environ.get("LORARESUME_LOG_LEVEL", "INFO"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.interval:
+        os.environ["LORARESUME_RECONCILE_INTERVAL"] = str(args.interval)
+    from . import handlers  # noqa: F401  (registers the handlers; reads the interval)
+
+    if not args.namespace and not args.all_namespaces:
+        args.namespace = [os.environ.get("POD_NAMESPACE", "default")]
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    asyncio.run(
+        kopf.operator(
+            clusterwide=args.all_namespaces,
+            namespaces=args.namespace or None,
+            liveness_endpoint=args.liveness or None,
+            standalone=args.peering is None,
+            peering_name=args.peering,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

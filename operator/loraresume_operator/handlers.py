@@ -1,0 +1,95 @@
+"""kopf handlers: thin. Each turns an event into `Reconciler.reconcile(namespace, name)`.
+
+Level-based: a timer reconciles every resource periodically (progress, backoff expiry),
+pod events reconcile the owner at once, create/update/resume reconcile immediately.
+Retries are bounded here; the timer is the standing retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client import ApiException
+
+from loraresume_trainer.checkpoint_store import CheckpointStore
+from loraresume_trainer.s3uri import S3Uri
+
+from . import metrics
+from .pods import LABEL_RESOURCE, OperatorDefaults
+from .reconcile import Reconciler
+from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec
+
+log = logging.getLogger(__name__)
+
+RECONCILE_INTERVAL = float(os.environ.get("LORARESUME_RECONCILE_INTERVAL", "10"))
+_state: dict[str, Reconciler] = {}
+
+
+def reconciler() -> Reconciler:
+    return _state["reconciler"]
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    api = client.ApiClient()
+    _state["reconciler"] = Reconciler(client.CoreV1Api(api), client.CustomObjectsApi(api), OperatorDefaults.from_env())
+    settings.persistence.finalizer = f"{GROUP}/cleanup"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+
+
+def _reconcile(namespace: str, name: str) -> float | None:
+    try:
+        return reconciler().reconcile(namespace, name)
+    except ApiException as exc:
+        metrics.RECONCILE_ERRORS.labels("api").inc()
+        raise kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}", delay=5) from None
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL, retries=5, backoff=5)
+@kopf.on.resume(GROUP, VERSION, PLURAL, retries=5, backoff=5)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", retries=5, backoff=5)
+def on_change(namespace: str, name: str, **_: Any) -> None:
+    _reconcile(namespace, name)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL, initial_delay=RECONCILE_INTERVAL / 2, retries=3, backoff=5)
+def periodically(namespace: str, name: str, **_: Any) -> None:
+    _reconcile(namespace, name)
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
+def on_pod_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
+    """A trainer pod changed: reconcile its LoraResume now (errors wait for the timer)."""
+    try:
+        reconciler().reconcile(namespace, labels[LABEL_RESOURCE])
+    except ApiException as exc:
+        metrics.RECONCILE_ERRORS.labels("api").inc()
+        log.warning("reconcile after pod event failed (%s); the timer retries", exc.status)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=5)
+def on_delete(namespace: str, name: str, spec: dict[str, Any], **_: Any) -> None:
+    """Pods go with the resource; checkpoints in S3 stay unless the spec asks otherwise."""
+    rec = reconciler()
+    rec.delete_pods(namespace, name)
+    rec.record_phase(namespace, name, None)
+    try:
+        parsed = LoraResumeSpec.model_validate(spec)
+    except ValueError:
+        return
+    if parsed.storage.delete_on_resource_deletion:
+        store = CheckpointStore(rec.storage_client(namespace, parsed), S3Uri.parse(parsed.storage.uri))
+        for listing in store.list_checkpoints():
+            store.delete_checkpoint(listing.step)
+        log.info("%s/%s: deleted checkpoints under %s (adapter kept)", namespace, name, parsed.storage.uri)

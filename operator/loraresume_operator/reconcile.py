@@ -1,0 +1,236 @@
+"""One reconcile: observe (API + S3), decide (pure), write status once, then act.
+
+The status is written first, conditionally on the resourceVersion read (optimistic
+concurrency), so two reconciles racing for one resource cannot both count a pod's end;
+only then are pods created (AlreadyExists is success: names are per attempt).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi
+from pydantic import ValidationError
+
+from loraresume_trainer.config import format_validation_error
+from loraresume_trainer.errors import StorageAuthError, TrainerError
+
+from . import conditions as c
+from . import metrics
+from .decide import CreatePod, EmitEvent, Observation, Plan, Resource, SourceState, decide, iso, parse_iso
+from .observed import ObservedPod
+from .pods import LABEL_RESOURCE, OperatorDefaults, build_trainer_pod
+from .s3_view import StorageView, read_storage, s3_client
+from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus, Phase
+
+log = logging.getLogger(__name__)
+
+CONFLICT_RETRY_SECONDS = 1.0
+STORAGE_RETRY_SECONDS = 30.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        core: CoreV1Api,
+        custom: CustomObjectsApi,
+        defaults: OperatorDefaults,
+        clock: Callable[[], datetime] = utcnow,
+        s3_factory: Callable[..., Any] = s3_client,
+    ) -> None:
+        self.core, self.custom, self.defaults, self.clock, self.s3_factory = core, custom, defaults, clock, s3_factory
+        self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self._phases: dict[tuple[str, str], str] = {}
+
+    # ---- observe ----------------------------------------------------------------------------
+    def _get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _pod(self, namespace: str, name: str | None) -> ObservedPod | None:
+        if not name:
+            return None
+        try:
+            pod = self.core.read_namespaced_pod(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return ObservedPod.from_api(self.core.api_client.sanitize_for_serialization(pod))
+
+    def _credentials(self, namespace: str, spec: LoraResumeSpec) -> dict[str, str] | None:
+        name = spec.storage.credentials_secret
+        if not name:
+            return None
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise StorageAuthError(f"storage.credentialsSecret: Secret {namespace}/{name} not found") from None
+            raise
+        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+    def storage_client(self, namespace: str, spec: LoraResumeSpec) -> Any:
+        return self.s3_factory(
+            spec.storage.endpoint or self.defaults.storage_endpoint, spec.storage.region,
+            self._credentials(namespace, spec),
+        )
+
+    def _storage(self, namespace: str, spec: LoraResumeSpec) -> StorageView:
+        return read_storage(spec, self.storage_client(namespace, spec))
+
+    def _source(self, namespace: str, spec: LoraResumeSpec) -> SourceState | None:
+        if spec.adapter is None or not spec.adapter.from_resource:
+            return None
+        body = self._get(namespace, spec.adapter.from_resource)
+        if body is None:
+            return SourceState(exists=False)
+        status = body.get("status") or {}
+        return SourceState(True, status.get("phase"), status.get("outputAdapter"))
+
+    # ---- act ----------------------------------------------------------------------------------
+    def _write_status(self, body: dict[str, Any], status: LoraResumeStatus) -> bool:
+        meta = body["metadata"]
+        new = {
+            "apiVersion": body["apiVersion"], "kind": body["kind"],
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "resourceVersion": meta["resourceVersion"]},
+            "status": status.model_dump(by_alias=True, mode="json", exclude_none=True),
+        }
+        try:
+            self.custom.replace_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], new
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                log.info("status of %s/%s changed meanwhile; reconciling again", meta["namespace"], meta["name"])
+                return False
+            raise
+        return True
+
+    def _create_pod(self, resource: Resource, spec: LoraResumeSpec, action: CreatePod) -> None:
+        pod = build_trainer_pod(resource, spec, action, self.defaults)
+        try:
+            self.core.create_namespaced_pod(resource.namespace, pod)
+        except ApiException as exc:
+            if exc.status != 409:  # AlreadyExists: this attempt's pod was created before a restart
+                raise
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def reconcile(self, namespace: str, name: str) -> float | None:
+        """Returns seconds until the next reconcile is wanted (None: only on change)."""
+        with self._locks[(namespace, name)]:
+            body = self._get(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return None
+            return self._reconcile(body)
+
+    def _reconcile(self, body: dict[str, Any]) -> float | None:
+        meta = body["metadata"]
+        resource = Resource(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation") or 1))
+        status = LoraResumeStatus.model_validate(body.get("status") or {})
+        try:
+            spec = LoraResumeSpec.model_validate(body.get("spec") or {})
+        except ValidationError as exc:
+            return self._invalid(body, resource, status, format_validation_error(exc))
+        if status.phase.is_terminal and status.observed_generation == resource.generation:
+            return None
+        try:
+            view = self._storage(resource.namespace, spec)
+        except TrainerError as exc:
+            metrics.RECONCILE_ERRORS.labels("storage").inc()
+            log.warning("%s/%s: cannot read %s: %s", resource.namespace, resource.name, spec.storage.uri, exc)
+            kopf.event(body, type="Warning", reason="StorageUnavailable", message=str(exc))
+            return STORAGE_RETRY_SECONDS
+        now = self.clock()
+        observation = Observation(
+            resource=resource, spec=spec, status=status,
+            pod=self._pod(resource.namespace, status.pod_name),
+            checkpoint=view.checkpoint, progress=view.progress, adapter_complete=view.adapter_complete,
+            now=now, source=self._source(resource.namespace, spec),
+        )
+        plan = decide(observation)
+        if plan.status != status and not self._write_status(body, plan.status):
+            return CONFLICT_RETRY_SECONDS
+        self.record_phase(resource.namespace, resource.name, plan.status.phase.value)
+        self._execute(body, resource, spec, status, plan)
+        self._observe_metrics(resource, status, plan, view, now)
+        return plan.requeue.after_seconds if plan.requeue else None
+
+    def _execute(
+        self, body: dict[str, Any], resource: Resource, spec: LoraResumeSpec, before: LoraResumeStatus, plan: Plan
+    ) -> None:
+        for action in plan.actions:
+            if isinstance(action, CreatePod):
+                started = self.clock()
+                self._create_pod(resource, spec, action)
+                if before.last_attempt_ended != plan.status.last_attempt_ended or before.next_attempt_after:
+                    ended = plan.status.last_attempt_ended or before.last_attempt_ended
+                    if ended:
+                        metrics.RELAUNCH_SECONDS.observe(max(0.0, (self.clock() - parse_iso(ended)).total_seconds()))
+                log.info("%s/%s: created pod %s (%.2f s)", resource.namespace, resource.name, action.name,
+                         (self.clock() - started).total_seconds())
+            elif isinstance(action, EmitEvent):
+                kopf.event(body, type=action.type, reason=action.reason, message=action.message)
+
+    def _observe_metrics(
+        self, resource: Resource, before: LoraResumeStatus, plan: Plan, view: StorageView, now: datetime
+    ) -> None:
+        after = plan.status
+        ns = resource.namespace
+        if after.preemptions > before.preemptions:
+            metrics.PREEMPTIONS.labels(ns).inc(after.preemptions - before.preemptions)
+        if after.failures > before.failures:
+            metrics.FAILURES.labels(ns).inc(after.failures - before.failures)
+        if after.lost_steps > before.lost_steps:
+            metrics.LOST_STEPS.labels(ns).inc(after.lost_steps - before.lost_steps)
+        if view.checkpoint_created_at:
+            try:
+                created = datetime.fromisoformat(view.checkpoint_created_at.replace("Z", "+00:00"))
+                metrics.CHECKPOINT_AGE.labels(ns, resource.name).set(max(0.0, (now - created).total_seconds()))
+            except ValueError:
+                pass
+
+    def _invalid(self, body: dict[str, Any], resource: Resource, status: LoraResumeStatus, problems: str) -> None:
+        """A spec the schema let through but the model refuses: Failed, with every field named."""
+        message = f"invalid spec: {problems}"
+        if status.phase is Phase.FAILED and status.message == message:
+            return None
+        now = iso(self.clock())
+        conds = c.set_condition(list(status.conditions), c.FAILED, True, c.INVALID_SPEC, message, now, resource.generation)
+        failed = status.model_copy(
+            update={"phase": Phase.FAILED, "message": message, "conditions": conds,
+                    "observed_generation": resource.generation}
+        )
+        if self._write_status(body, failed):
+            kopf.event(body, type="Warning", reason=c.INVALID_SPEC, message=message)
+        return None
+
+    def delete_pods(self, namespace: str, name: str) -> None:
+        self.core.delete_collection_namespaced_pod(namespace, label_selector=f"{LABEL_RESOURCE}={name}")
+
+    def record_phase(self, namespace: str, name: str, phase: str | None) -> None:
+        """Resources by phase, from what this process reconciled (no cluster-wide list needed)."""
+        if phase is None:
+            self._phases.pop((namespace, name), None)
+        else:
+            self._phases[(namespace, name)] = phase
+        counts = {p.value: 0 for p in Phase}
+        for value in self._phases.values():
+            counts[value] = counts.get(value, 0) + 1
+        for value, count in counts.items():
+            metrics.RESOURCES_BY_PHASE.labels(value).set(count)

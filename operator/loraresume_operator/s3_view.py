@@ -1,0 +1,71 @@
+"""What the operator reads from a job's S3 prefix: newest complete checkpoint, progress, adapter.
+
+Uses the trainer's checkpoint store (light imports only). Credentials: the Secret the
+resource names (read through the API, held in memory only, never logged), or the
+operator's own identity when it names none.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from loraresume_trainer.checkpoint_store import CheckpointStore
+from loraresume_trainer.errors import TrainerError
+from loraresume_trainer.s3uri import S3Uri
+
+from .spec import CheckpointRef, LoraResumeSpec
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"
+
+
+@dataclass(frozen=True)
+class StorageView:
+    checkpoint: CheckpointRef | None
+    progress: dict[str, Any] | None
+    adapter_complete: bool
+    checkpoint_created_at: str | None = None  # from the newest complete manifest
+
+
+def s3_client(endpoint: str | None, region: str | None, credentials: dict[str, str] | None) -> Any:
+    """A client with bounded retries and timeouts: a slow store must not stall reconciles."""
+    kwargs: dict[str, Any] = {}
+    if credentials:
+        kwargs = {
+            "aws_access_key_id": credentials.get("AWS_ACCESS_KEY_ID"),
+            "aws_secret_access_key": credentials.get("AWS_SECRET_ACCESS_KEY"),
+            "aws_session_token": credentials.get("AWS_SESSION_TOKEN"),
+        }
+    session = boto3.session.Session(region_name=region or None, **kwargs)
+    config = Config(
+        retries={"mode": "standard", "max_attempts": 3},
+        connect_timeout=3,
+        read_timeout=10,
+        s3={"addressing_style": "path"} if endpoint else None,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return session.client("s3", endpoint_url=endpoint or None, config=config)
+
+
+def read_storage(spec: LoraResumeSpec, client: Any) -> StorageView:
+    """Raises loraresume_trainer.errors.TrainerError (StorageError / StorageAuthError) on S3 trouble."""
+    store = CheckpointStore(client, S3Uri.parse(spec.storage.uri))
+    complete = store.complete_checkpoints()
+    checkpoint, created = None, None
+    if complete:
+        step, manifest = complete[0]
+        checkpoint = CheckpointRef(uri=str(store.checkpoint_uri(step)), step=step)
+        created = manifest.created_at or None
+    progress = store.get_json(PROGRESS)
+    adapter = store.read_adapter_manifest()
+    return StorageView(checkpoint, progress, adapter is not None, created)
+
+
+__all__ = ["StorageView", "read_storage", "s3_client", "TrainerError"]
