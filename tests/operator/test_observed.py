@@ -1,0 +1,64 @@
+"""Parsing a pod as the API returns it into what the decision needs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraresume_operator.observed import EndKind, ObservedPod, classify_end, parse_termination_message
+
+
+def api_pod(phase="Running", *, terminated=None, conditions=(), reason=None, deleting=False, container="trainer"):
+    status = {"phase": phase, "conditions": list(conditions)}
+    if reason:
+        status["reason"] = reason
+    if terminated is not None:
+        status["containerStatuses"] = [{"name": container, "state": {"terminated": terminated}}]
+    meta = {"name": "bot-attempt-1"}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-28T12:00:00Z"
+    return {"metadata": meta, "status": status}
+
+
+def test_running_pod():
+    pod = ObservedPod.from_api(api_pod())
+    assert (pod.name, pod.phase, pod.ended, pod.terminating) == ("bot-attempt-1", "Running", False, False)
+
+
+def test_terminated_trainer_with_termination_message():
+    message = json.dumps({"outcome": "preempted", "reason": "SIGTERM", "durable_step": 14})
+    pod = ObservedPod.from_api(api_pod("Failed", terminated={"exitCode": 75, "reason": "Error", "message": message}))
+    assert pod.ended and pod.exit_code == 75 and pod.termination["durable_step"] == 14
+
+
+def test_other_containers_are_ignored():
+    pod = ObservedPod.from_api(api_pod(terminated={"exitCode": 1}, container="sidecar"))
+    assert pod.exit_code is None and not pod.ended
+
+
+def test_disruption_condition():
+    cond = {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+    pod = ObservedPod.from_api(api_pod("Failed", conditions=[cond], deleting=True))
+    assert pod.disrupted and pod.disruption_reason == "PreemptionByScheduler" and pod.terminating
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ('{"outcome": "failed"}', {"outcome": "failed"}),
+        ("Traceback ...\nRuntimeError: boom\n", {"reason": "Traceback ...\nRuntimeError: boom"}),
+        ("[1, 2]", {"reason": "[1, 2]"}),
+    ],
+    ids=["none", "empty", "json", "log-tail", "not-an-object"],
+)
+def test_termination_message(text, expected):
+    assert parse_termination_message(text) == expected
+
+
+def test_disruption_wins_over_the_exit_code_of_a_killed_trainer():
+    cond = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}
+    pod = ObservedPod.from_api(api_pod("Failed", terminated={"exitCode": 137, "reason": "Error"}, conditions=[cond]))
+    assert classify_end(pod, adapter_complete=False).kind is EndKind.PREEMPTED
