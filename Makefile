@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch first, from the local CPU build: an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: venv test test-fast demo docs clean
+.PHONY: venv test test-fast demo docs crds clean
 
 venv: $(STAMP)
 
@@ -37,3 +37,7 @@ clean:
 
 docs: $(STAMP)
 	$(BIN)/python -m loraresume_trainer.config_docs > docs/job-config.md
+
+# The CRD is generated from the operator's spec model; tests/operator/test_crd.py fails when it is stale.
+crds: $(STAMP)
+	$(BIN)/python -m loraresume_operator.crd > crds/loraresume.dev_loraresumes.yaml

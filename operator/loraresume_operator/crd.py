@@ -99,20 +99,28 @@ _KEY_ORDER = (
 )  # fmt: skip
 
 
+def _inline(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Resolve a `$ref`: the class's schema, overlaid by the field's own keys (its description
+    wins over the class docstring); CEL rules of both are kept."""
+    if "$ref" not in node:
+        return dict(node)
+    over = {k: v for k, v in node.items() if k != "$ref"}
+    target = _inline(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
+    rules = target.get("x-kubernetes-validations", []) + over.get("x-kubernetes-validations", [])
+    merged = {**target, **over}
+    if rules:
+        merged["x-kubernetes-validations"] = rules
+    return merged
+
+
 def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:
     """One pydantic JSON-schema node as a structural-schema node (recursively)."""
-    node = dict(node)
-    if "$ref" in node:
-        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
-        node = {**target, **node}  # the field's own description and rules win over the class's
+    node = _inline(node, defs)
     if "anyOf" in node:
         branches = [b for b in node.pop("anyOf") if b != {"type": "null"}]
         if len(branches) != 1:
             raise UnsupportedSchema(f"{path}: a union of several types cannot be a structural schema")
-        branch = branches[0]
-        if "$ref" in branch:
-            branch = {**defs[branch["$ref"].rsplit("/", 1)[-1]], **{k: v for k, v in branch.items() if k != "$ref"}}
-        node = {**branch, **node}  # not nullable: see the module docstring
+        node = _inline({**branches[0], **node}, defs)  # not nullable: see the module docstring
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROPPED:
@@ -168,8 +176,9 @@ def _unwrap(annotation: Any) -> Any:
 def _default_value(default: Any) -> Any:
     """A model default as the API server should store it: camelCase keys; nested models as `{}`
     when they are their class's defaults, so the nested schema defaults fill them in."""
-    if isinstance(default, BaseModel) and default == type(default)():
-        return {}
+    if isinstance(default, BaseModel) and not any(f.is_required() for f in type(default).model_fields.values()):
+        if default == type(default)():
+            return {}
     return to_jsonable_python(default, by_alias=True, exclude_none=True)
 
 
@@ -188,6 +197,11 @@ def _annotate(node: dict[str, Any], annotation: Any) -> None:
             if not field.is_required():
                 default = field.get_default(call_default_factory=True)
                 if default is not None:
+                    if _unwrap(field.annotation) is not field.annotation:
+                        raise UnsupportedSchema(
+                            f"{annotation.__name__}.{name}: optional with a non-None default: the API server "
+                            "would replace a null with the default, the model keeps None"
+                        )
                     prop["default"] = _default_value(default)
             _annotate(prop, field.annotation)
     elif origin in (list, tuple, set, frozenset) and args and "items" in node:
