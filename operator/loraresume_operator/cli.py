@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     asyncio.run(
         kopf.operator(
             clusterwide=args.all_namespaces,
-            namespaces=args.namespace or None,
+            namespaces=[] if args.all_namespaces else args.namespace,
             liveness_endpoint=args.liveness or None,
             standalone=args.peering is None,
             peering_name=args.peering,

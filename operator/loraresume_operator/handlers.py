@@ -1,14 +1,18 @@
 """kopf handlers: thin. Each turns an event into `Reconciler.reconcile(namespace, name)`.
 
-Level-based: a timer reconciles every resource periodically (progress, backoff expiry),
-pod events reconcile the owner at once, create/update/resume reconcile immediately.
-Retries are bounded here; the timer is the standing retry.
+Level-based: one background loop reconciles every known resource periodically (progress,
+backoff expiry), pod events reconcile the owner at once, create/update/resume reconcile
+immediately. Retries are bounded here; the loop is the standing retry. (Per-object kopf
+timers were dropped: kopf holds an object's finalizer until its timers stop, which left
+deletions hanging, and one loop scales better than a timer per resource.)
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
+import threading
 from typing import Any
 
 import kopf
@@ -26,7 +30,9 @@ from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec
 log = logging.getLogger(__name__)
 
 RECONCILE_INTERVAL = float(os.environ.get("LORARESUME_RECONCILE_INTERVAL", "10"))
-_state: dict[str, Reconciler] = {}
+_state: dict[str, Any] = {}
+_known: set[tuple[str, str]] = set()
+_known_lock = threading.Lock()
 
 
 def reconciler() -> Reconciler:
@@ -46,6 +52,28 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
+    stop = threading.Event()
+    _state["stop"] = stop
+    context = contextvars.copy_context()  # kopf.event() needs the operator's context vars
+    threading.Thread(target=context.run, args=(_periodic, stop), name="reconcile-loop", daemon=True).start()
+
+
+@kopf.on.cleanup()
+def cleanup(**_: Any) -> None:
+    if "stop" in _state:
+        _state["stop"].set()
+
+
+def _periodic(stop: threading.Event) -> None:
+    while not stop.wait(RECONCILE_INTERVAL):
+        with _known_lock:
+            keys = sorted(_known)
+        for namespace, name in keys:
+            try:
+                reconciler().reconcile(namespace, name)
+            except Exception:  # noqa: BLE001 - one resource's trouble must not stop the loop
+                metrics.RECONCILE_ERRORS.labels("loop").inc()
+                log.exception("periodic reconcile of %s/%s failed; next round retries", namespace, name)
 
 
 def _reconcile(namespace: str, name: str) -> float | None:
@@ -60,11 +88,8 @@ def _reconcile(namespace: str, name: str) -> float | None:
 @kopf.on.resume(GROUP, VERSION, PLURAL, retries=5, backoff=5)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", retries=5, backoff=5)
 def on_change(namespace: str, name: str, **_: Any) -> None:
-    _reconcile(namespace, name)
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL, initial_delay=RECONCILE_INTERVAL / 2, retries=3, backoff=5)
-def periodically(namespace: str, name: str, **_: Any) -> None:
+    with _known_lock:
+        _known.add((namespace, name))
     _reconcile(namespace, name)
 
 
@@ -81,6 +106,8 @@ def on_pod_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
 @kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=5)
 def on_delete(namespace: str, name: str, spec: dict[str, Any], **_: Any) -> None:
     """Pods go with the resource; checkpoints in S3 stay unless the spec asks otherwise."""
+    with _known_lock:
+        _known.discard((namespace, name))
     rec = reconciler()
     rec.delete_pods(namespace, name)
     rec.record_phase(namespace, name, None)
