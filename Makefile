@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q $(TORCH) -e '.[trainer,operator,test]'
+	$(BIN)/pip install -q $(TORCH) -e '.[trainer,operator,sandbox,test]'
 	# unsloth pulls PyPI's torchvision, a CUDA build that breaks `import unsloth` beside the
 	# CPU torch; the text-only pipeline does not need it (notes/training-stack.md).
 	$(BIN)/pip uninstall -y -q torchvision

@@ -8,6 +8,7 @@ from .spec import Condition
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 RUNNING = "Running"  # a trainer pod is running now
+STORAGE_READY = "StorageReady"  # the operator can read the job's S3 prefix
 
 # Reasons.
 ADAPTER_SAVED = "AdapterSaved"
@@ -22,6 +23,8 @@ POD_STARTING = "PodStarting"
 RELAUNCHING = "Relaunching"
 BACKING_OFF = "BackingOff"
 FINISHED = "Finished"
+STORAGE_UNAVAILABLE = "StorageUnavailable"
+STORAGE_OK = "StorageReadable"
 
 
 def set_condition(

@@ -305,6 +305,9 @@ def decide(obs: Observation) -> Plan:
                 b.requeue(POD_APPEAR_SECONDS)
         return b.plan()
 
+    if pod.stuck:  # e.g. the credentials Secret is missing: no retry loop, say what to fix
+        _ended(b, classify_end(pod, adapter_complete=obs.adapter_complete))
+        return b.plan()
     if not pod.ended:
         if status.phase != Phase.RUNNING:
             b.event("Normal", c.POD_RUNNING, f"attempt {status.attempt}: pod {pod.name} is {pod.phase.lower()}")

@@ -23,6 +23,10 @@ PREEMPTION_REASONS = frozenset(
 )
 
 
+# A container stuck waiting for one of these will never start without a spec or Secret change.
+PERMANENT_WAITING_REASONS = frozenset({"CreateContainerConfigError", "InvalidImageName"})
+
+
 class EndKind(enum.Enum):
     SUCCEEDED = "Succeeded"
     PREEMPTED = "Preempted"  # relaunch at once; counts against maxPreemptions only
@@ -42,6 +46,13 @@ class ObservedPod:
     disruption_reason: str | None = None
     termination: dict[str, Any] | None = None  # the trainer's JSON termination message
     message: str = ""
+    waiting_reason: str | None = None  # the trainer container's waiting reason, if waiting
+    waiting_message: str = ""
+
+    @property
+    def stuck(self) -> bool:
+        """Waiting for something only a person can fix (a missing Secret key, a bad image name)."""
+        return self.waiting_reason in PERMANENT_WAITING_REASONS
 
     @property
     def ended(self) -> bool:
@@ -54,10 +65,14 @@ class ObservedPod:
         for cond in status.get("conditions") or []:
             if cond.get("type") == DISRUPTION_CONDITION and cond.get("status") == "True":
                 disrupted, disruption_reason = True, cond.get("reason")
-        exit_code = container_reason = termination = None
+        exit_code = container_reason = termination = waiting_reason = None
+        waiting_message = ""
         for cs in status.get("containerStatuses") or []:
             if cs.get("name") != TRAINER_CONTAINER:
                 continue
+            waiting = (cs.get("state") or {}).get("waiting")
+            if waiting:
+                waiting_reason, waiting_message = waiting.get("reason"), waiting.get("message") or ""
             terminated = (cs.get("state") or {}).get("terminated")
             if terminated:
                 exit_code = terminated.get("exitCode")
@@ -74,6 +89,8 @@ class ObservedPod:
             disruption_reason=disruption_reason,
             termination=termination,
             message=status.get("message", "") or "",
+            waiting_reason=waiting_reason,
+            waiting_message=waiting_message,
         )
 
 
@@ -99,6 +116,8 @@ def classify_end(pod: ObservedPod | None, *, adapter_complete: bool) -> PodEnd:
     """DESIGN.md's table. `pod is None` means the pod vanished (deleted by someone, node lost)."""
     if pod is None:
         return PodEnd(EndKind.PREEMPTED, "PodDeleted", "the trainer pod was deleted or its node was lost")
+    if pod.stuck and not pod.ended:
+        return PodEnd(EndKind.PERMANENT, pod.waiting_reason or "", f"{pod.waiting_reason}: {pod.waiting_message}")
     term = pod.termination or {}
     trainer_says = term.get("reason", "")
     if pod.exit_code == Outcome.SUCCEEDED.code and pod.phase != "Failed":

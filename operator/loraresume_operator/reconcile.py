@@ -152,10 +152,7 @@ class Reconciler:
         try:
             view = self._storage(resource.namespace, spec)
         except TrainerError as exc:
-            metrics.RECONCILE_ERRORS.labels("storage").inc()
-            log.warning("%s/%s: cannot read %s: %s", resource.namespace, resource.name, spec.storage.uri, exc)
-            kopf.event(body, type="Warning", reason="StorageUnavailable", message=str(exc))
-            return STORAGE_RETRY_SECONDS
+            return self._storage_unavailable(body, resource, status, exc)
         now = self.clock()
         observation = Observation(
             resource=resource, spec=spec, status=status,
@@ -164,6 +161,11 @@ class Reconciler:
             now=now, source=self._source(resource.namespace, spec),
         )
         plan = decide(observation)
+        stale = next((x for x in plan.status.conditions if x.type == c.STORAGE_READY and x.status != "True"), None)
+        if stale is not None:
+            conds = c.set_condition(list(plan.status.conditions), c.STORAGE_READY, True, c.STORAGE_OK,
+                                    "storage is readable", iso(now), resource.generation)
+            plan = Plan(plan.status.model_copy(update={"conditions": conds}), plan.actions)
         if plan.status != status and not self._write_status(body, plan.status):
             return CONFLICT_RETRY_SECONDS
         self.record_phase(resource.namespace, resource.name, plan.status.phase.value)
@@ -204,6 +206,24 @@ class Reconciler:
                 metrics.CHECKPOINT_AGE.labels(ns, resource.name).set(max(0.0, (now - created).total_seconds()))
             except ValueError:
                 pass
+
+    def _storage_unavailable(
+        self, body: dict[str, Any], resource: Resource, status: LoraResumeStatus, exc: TrainerError
+    ) -> float:
+        """No decision without S3 (checkpoints, progress): say why, keep the budgets, retry later.
+
+        A missing credentials Secret lands here too: with GitOps it often arrives a moment
+        after the resource, so this waits instead of failing.
+        """
+        metrics.RECONCILE_ERRORS.labels("storage").inc()
+        message = f"cannot read storage: {exc}"
+        log.warning("%s/%s: %s", resource.namespace, resource.name, message)
+        if status.message != message:
+            conds = c.set_condition(list(status.conditions), c.STORAGE_READY, False, c.STORAGE_UNAVAILABLE, message,
+                                    iso(self.clock()), resource.generation)
+            if self._write_status(body, status.model_copy(update={"message": message, "conditions": conds})):
+                kopf.event(body, type="Warning", reason=c.STORAGE_UNAVAILABLE, message=message)
+        return STORAGE_RETRY_SECONDS
 
     def _invalid(self, body: dict[str, Any], resource: Resource, status: LoraResumeStatus, problems: str) -> None:
         """A spec the schema let through but the model refuses: Failed, with every field named."""

@@ -93,6 +93,8 @@ ENDINGS = [
     ("oom", ended(137, container_reason="OOMKilled"), False, Phase.RESUMING, 0, 1, False, "OOMKilled"),
     ("crash", ended(1, termination={"outcome": "failed", "reason": "RuntimeError: boom"}), False,
      Phase.RESUMING, 0, 1, False, "TrainerFailed"),
+    ("missing-secret", pod(phase="Pending", waiting_reason="CreateContainerConfigError",
+                           waiting_message='secret "s3-creds" not found'), False, Phase.FAILED, 0, 0, False, c.CONFIG_ERROR),
     ("config-error", ended(78, termination={"outcome": "config_error", "reason": "dataset.template: needs column(s) output"}),
      False, Phase.FAILED, 0, 0, False, c.CONFIG_ERROR),
 ]

@@ -55,13 +55,14 @@ def k8s(tmp_path_factory):
 class Operator:
     def __init__(self, kubeconfig: Path, log: Path) -> None:
         self.kubeconfig, self.log_path, self.proc = kubeconfig, log, None
-        self.metrics_port = free_port()
+        self.metrics_port, self.liveness_port = free_port(), free_port()
 
     def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loraresume_operator.cli", "-A", "--interval", "1",
-             "--metrics-port", str(self.metrics_port), "--liveness", ""],
+             "--metrics-port", str(self.metrics_port),
+             "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz"],
             stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT, env=env,
         )
 
@@ -280,3 +281,47 @@ def test_operator_restart_mid_attempt_creates_no_duplicate(operator, job):
     job.end_pod(1, 75, {"outcome": "preempted", "reason": "SIGTERM"})
     job.pod(2)
     assert job.status()["preemptions"] == 1
+
+
+def test_liveness_and_metrics_endpoints(operator, job):
+    import urllib.request
+
+    job.apply()
+    job.run_pod(1)
+    job.end_pod(1, 75, {"outcome": "preempted", "reason": "SIGTERM"})
+    job.pod(2)
+
+    def get(port, path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+
+    status, _ = wait_for("liveness", lambda: get(operator.liveness_port, "/healthz"))
+    assert status == 200
+    _, text = get(operator.metrics_port, "/metrics")
+    assert 'loraresume_preemptions_total{namespace="default"}' in text
+    assert "loraresume_relaunch_seconds_count" in text and 'loraresume_resources{phase="Resuming"}' in text
+
+
+def test_checkpoints_deleted_with_the_resource_only_when_asked(operator, job, tmp_path):
+    job.apply(storage={"uri": f"s3://{job.bucket}/{job.name}/", "endpoint": job.endpoint,
+                       "credentialsSecret": f"{job.name}-s3", "deleteOnResourceDeletion": True})
+    job.pod(1)
+    job.checkpoint(tmp_path, 10)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_text("w")
+    job.store.upload_adapter(adapter, {})
+    job.k8s.delete("loraresumes", NS, job.name)
+    wait_for("resource gone", lambda: job.resource() is None)
+    assert job.store.complete_checkpoints() == []
+    assert job.store.read_adapter_manifest() is not None  # the adapter is the product: kept
+
+
+def test_missing_credentials_secret_fails_with_the_reason(operator, job):
+    job.apply(storage={"uri": f"s3://{job.bucket}/{job.name}/", "endpoint": job.endpoint,
+                       "credentialsSecret": "no-such-secret"})
+    wait_for("a message naming the Secret", lambda: "no-such-secret" in job.status().get("message", ""))
+    assert job.condition("StorageReady")["status"] == "False" and not job.pods()
+    job.k8s.create("secrets", {"metadata": {"name": "no-such-secret"}, "stringData": {
+        "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}}, NS)
+    job.pod(1)
