@@ -208,6 +208,12 @@ def test_apply_preempt_fail_succeed_story(operator, job, tmp_path):
     reasons = {e["reason"] for e in wait_for("events", lambda: len(job.events()) >= 5 and job.events())}
     assert {"AttemptStarted", "SigtermCheckpointSaved", "Relaunching", "TrainerFailed", "AdapterSaved"} <= reasons
     assert len(job.pods()) == 3
+    kubectl = ["kubectl", "--kubeconfig", str(job.k8s.kubeconfig), "-n", NS]
+    waited = subprocess.run([*kubectl, "wait", "--for=condition=Succeeded", f"lr/{job.name}", "--timeout=20s"],
+                            capture_output=True, text=True, timeout=30)
+    assert waited.returncode == 0, waited.stderr
+    table = subprocess.run([*kubectl, "get", "lr", job.name], capture_output=True, text=True, timeout=30).stdout
+    assert "Succeeded" in table and "17/30" in table and "PREEMPTIONS" in table.upper()
 
     # Nothing secret anywhere.
     everything = json.dumps(job.resource()) + json.dumps(job.events()) + operator.log + json.dumps(job.pods())
