@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ import pytest
 from loraresume_sandbox.k8s_api import KubernetesEmulator
 from loraresume_trainer.checkpoint_store import CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
+from tests.support import waiting
+from tests.support.waiting import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "default"
@@ -29,19 +30,7 @@ CANARY = "CANARYoperatorSECRET0123456789"
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return waiting.wait_for(check, timeout, what, every=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ from typing import Any
 
 import kubernetes
 import pytest
+
+from tests.support.waiting import wait_for
 import yaml
 from kubernetes.client.rest import ApiException
 
@@ -199,14 +201,6 @@ def error_of(excinfo: pytest.ExceptionInfo[ApiException]) -> dict[str, Any]:
     return json.loads(excinfo.value.body)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- 1. discovery ----------------------------------------------------------------------------
