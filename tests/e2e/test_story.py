@@ -1,0 +1,152 @@
+"""End to end, with real processes: kubectl apply -> trainer pod (real training) -> preempted twice
+(pod deleted; simulated node preemption) -> resumed -> Succeeded, and the adapter is bitwise equal
+to an uninterrupted run of the same spec.
+
+API: the sandbox's Kubernetes emulator over HTTP; kubelet: the sandbox's simulated kubelet
+running `loraresume-train` as local processes; operator: `loraresume-operator` process;
+S3: moto server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from loraresume_sandbox.k8s_api import KubernetesEmulator
+from loraresume_sandbox.kubelet import SimulatedKubelet
+from tests.support.tiny_model import alpaca_rows, build_tiny_llama, write_jsonl
+from tests.support.waiting import free_port, wait_for
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+NS = "default"
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_server):
+    root = tmp_path_factory.mktemp("e2e")
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    bucket = f"e2e-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    base = build_tiny_llama(root / "tiny")
+    for path in base.iterdir():
+        s3.upload_file(str(path), bucket, f"models/tiny/{path.name}")
+    s3.upload_file(str(write_jsonl(root / "train.jsonl", alpaca_rows(40))), bucket, "data/train.jsonl")
+    with KubernetesEmulator() as k8s:
+        k8s.load_crds([ROOT / "crds"])
+        kubeconfig = k8s.write_kubeconfig(root / "kubeconfig")
+        extra = {**OFFLINE, "HF_HOME": str(root / "hf"), "TRITON_CACHE_DIR": str(root / "triton"),
+                 "AWS_DEFAULT_REGION": "us-east-1"}
+        kubelet = SimulatedKubelet(k8s, workdir=root / "node", extra_env=extra)
+        kubelet.start()
+        operator_log = open(root / "operator.log", "w")
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "loraresume_operator.cli", "-A", "--interval", "1",
+             "--metrics-port", str(free_port()), "--liveness", ""],
+            env={**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"},
+            stdout=operator_log, stderr=subprocess.STDOUT,
+        )
+        k8s.create("secrets", {"metadata": {"name": "s3-creds"}, "stringData": {
+            "AWS_ACCESS_KEY_ID": "sandbox", "AWS_SECRET_ACCESS_KEY": "sandbox-secret"}}, NS)
+        try:
+            yield {"k8s": k8s, "kubelet": kubelet, "kubeconfig": kubeconfig, "s3": s3, "bucket": bucket,
+                   "endpoint": s3_server.endpoint, "root": root}
+        finally:
+            operator.terminate()
+            operator.wait(timeout=20)
+            kubelet.stop()
+
+
+def resource(cluster, name: str) -> dict:
+    bucket = cluster["bucket"]
+    return {
+        "apiVersion": "loraresume.dev/v1alpha1", "kind": "LoraResume", "metadata": {"name": name},
+        "spec": {
+            "baseModel": f"s3://{bucket}/models/tiny/",
+            "maxSeqLength": 128, "loadIn4bit": False,
+            "lora": {"r": 8, "alpha": 16},
+            "dataset": {"source": f"s3://{bucket}/data/train.jsonl", "template": "alpaca"},
+            "training": {"perDeviceTrainBatchSize": 2, "gradientAccumulationSteps": 1, "warmupSteps": 2,
+                         "maxSteps": 40, "learningRate": 1e-3, "optim": "adamw_torch", "saveSteps": 5,
+                         "seed": 1234},
+            "storage": {"uri": f"s3://{bucket}/{name}/", "endpoint": cluster["endpoint"],
+                        "credentialsSecret": "s3-creds"},
+            "resources": {"gpus": 0},
+            "terminationGracePeriodSeconds": 30,
+            "restartPolicy": {"backoffSeconds": 1},
+        },
+    }
+
+
+def kubectl(cluster, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["kubectl", "--kubeconfig", str(cluster["kubeconfig"]), "-n", NS, *args],
+                          capture_output=True, text=True, timeout=kw.pop("timeout", 60), **kw)
+
+
+def apply(cluster, name: str) -> None:
+    path = cluster["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(resource(cluster, name)))
+    result = kubectl(cluster, "apply", "-f", str(path))
+    assert result.returncode == 0, result.stderr
+
+
+def status(cluster, name):
+    return (cluster["k8s"].get("loraresumes", NS, name) or {}).get("status") or {}
+
+
+def adapter_bytes(cluster, name) -> bytes:
+    key = f"{name}/adapter/adapter_model.safetensors"
+    return cluster["s3"].get_object(Bucket=cluster["bucket"], Key=key)["Body"].read()
+
+
+def wait_succeeded(cluster, name, timeout=600):
+    result = kubectl(cluster, "wait", "--for=condition=Succeeded", f"lr/{name}", f"--timeout={timeout}s",
+                     timeout=timeout + 30)
+    assert result.returncode == 0, (result.stderr, status(cluster, name))
+
+
+def progress_step(cluster, name) -> int:
+    try:
+        body = cluster["s3"].get_object(Bucket=cluster["bucket"], Key=f"{name}/progress.json")["Body"].read()
+    except cluster["s3"].exceptions.NoSuchKey:
+        return 0
+    return int(json.loads(body).get("durable_step") or 0)
+
+
+def test_apply_train_preempt_twice_resume_succeed_bitwise(cluster):
+    apply(cluster, "baseline")
+    wait_succeeded(cluster, "baseline")
+
+    apply(cluster, "story")
+    # Preemption 1: `kubectl delete pod` while training, once a checkpoint is durable.
+    wait_for(lambda: progress_step(cluster, "story") >= 5, 300, "a durable checkpoint in attempt 1")
+    deleted = kubectl(cluster, "delete", "pod", "story-attempt-1", "--wait=false")
+    assert deleted.returncode == 0, deleted.stderr
+    # Preemption 2: a simulated node preemption of attempt 2, after it made progress of its own.
+    wait_for(lambda: cluster["k8s"].get("pods", NS, "story-attempt-2"), 60, "attempt 2")
+    first_durable = progress_step(cluster, "story")
+    wait_for(lambda: progress_step(cluster, "story") > first_durable, 300, "progress in attempt 2")
+    cluster["kubelet"].preempt_node(NS, "story-attempt-2")
+    wait_succeeded(cluster, "story")
+
+    st = status(cluster, "story")
+    assert st["preemptions"] == 2 and st["failures"] == 0 and st["attempt"] == 3
+    assert adapter_bytes(cluster, "story") == adapter_bytes(cluster, "baseline")
+    table = kubectl(cluster, "get", "lr").stdout
+    assert "story" in table and "Succeeded" in table
+    described = kubectl(cluster, "describe", "lr", "story").stdout
+    assert "Relaunching" in described
