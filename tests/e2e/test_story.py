@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -51,29 +52,45 @@ def cluster(tmp_path_factory, s3_server):
         kubeconfig = k8s.write_kubeconfig(root / "kubeconfig")
         extra = {**OFFLINE, "HF_HOME": str(root / "hf"), "TRITON_CACHE_DIR": str(root / "triton"),
                  "AWS_DEFAULT_REGION": "us-east-1"}
-        kubelet = SimulatedKubelet(k8s, workdir=root / "node", extra_env=extra)
+        entrypoints = {
+            "*": [sys.executable, "-m", "loraresume_trainer.cli"],
+            "sandbox/crash": [sys.executable, "-c", "import sys; print('boom'); sys.exit(1)"],
+        }
+        kubelet = SimulatedKubelet(k8s, workdir=root / "node", extra_env=extra, entrypoints=entrypoints)
         kubelet.start()
-        operator_log = open(root / "operator.log", "w")
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "loraresume_operator.cli", "-A", "--interval", "1",
-             "--metrics-port", str(free_port()), "--liveness", ""],
-            env={**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"},
-            stdout=operator_log, stderr=subprocess.STDOUT,
-        )
+        operator = OperatorProcess(kubeconfig, root / "operator.log")
+        operator.start()
         k8s.create("secrets", {"metadata": {"name": "s3-creds"}, "stringData": {
             "AWS_ACCESS_KEY_ID": "sandbox", "AWS_SECRET_ACCESS_KEY": "sandbox-secret"}}, NS)
         try:
             yield {"k8s": k8s, "kubelet": kubelet, "kubeconfig": kubeconfig, "s3": s3, "bucket": bucket,
-                   "endpoint": s3_server.endpoint, "root": root}
+                   "endpoint": s3_server.endpoint, "root": root, "operator": operator}
         finally:
-            operator.terminate()
-            operator.wait(timeout=20)
+            operator.stop()
             kubelet.stop()
 
 
-def resource(cluster, name: str) -> dict:
+class OperatorProcess:
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        self.kubeconfig, self.log, self.proc = kubeconfig, log, None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loraresume_operator.cli", "-A", "--interval", "1",
+             "--metrics-port", str(free_port()), "--liveness", ""],
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"},
+            stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=20)
+
+
+def resource(cluster, name: str, **spec_over) -> dict:
     bucket = cluster["bucket"]
-    return {
+    body = {
         "apiVersion": "loraresume.dev/v1alpha1", "kind": "LoraResume", "metadata": {"name": name},
         "spec": {
             "baseModel": f"s3://{bucket}/models/tiny/",
@@ -90,6 +107,8 @@ def resource(cluster, name: str) -> dict:
             "restartPolicy": {"backoffSeconds": 1},
         },
     }
+    body["spec"].update(spec_over)
+    return body
 
 
 def kubectl(cluster, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -97,11 +116,23 @@ def kubectl(cluster, *args: str, **kw) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=kw.pop("timeout", 60), **kw)
 
 
-def apply(cluster, name: str) -> None:
+def apply(cluster, name: str, *, expect_ok: bool = True, **spec_over) -> subprocess.CompletedProcess:
     path = cluster["root"] / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(resource(cluster, name)))
+    path.write_text(yaml.safe_dump(resource(cluster, name, **spec_over)))
     result = kubectl(cluster, "apply", "-f", str(path))
-    assert result.returncode == 0, result.stderr
+    if expect_ok:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def pods_of(cluster, name):
+    return sorted(p["metadata"]["name"] for p in cluster["k8s"].list("pods", NS)
+                  if p["metadata"].get("labels", {}).get("loraresume.dev/resource") == name)
+
+
+def wait_phase(cluster, name, phase, timeout=300):
+    return wait_for(lambda: status(cluster, name).get("phase") == phase and status(cluster, name), timeout,
+                    f"{name} {phase}")
 
 
 def status(cluster, name):
@@ -150,3 +181,61 @@ def test_apply_train_preempt_twice_resume_succeed_bitwise(cluster):
     assert "story" in table and "Succeeded" in table
     described = kubectl(cluster, "describe", "lr", "story").stdout
     assert "Relaunching" in described
+
+
+def test_schema_violation_is_refused_at_apply_naming_the_field(cluster):
+    result = apply(cluster, "bad-steps", expect_ok=False,
+                   training={"maxSteps": -1, "saveSteps": 5})
+    assert result.returncode != 0
+    assert "spec.training.maxSteps" in result.stderr
+    assert cluster["k8s"].get("loraresumes", NS, "bad-steps") is None
+
+
+def test_permanent_config_error_fails_with_the_trainers_message_and_no_retry(cluster):
+    rows = "".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(8))
+    cluster["s3"].put_object(Bucket=cluster["bucket"], Key="data/qa.jsonl", Body=rows.encode())
+    apply(cluster, "bad-data", dataset={"source": f"s3://{cluster['bucket']}/data/qa.jsonl", "template": "alpaca"})
+    st = wait_phase(cluster, "bad-data", "Failed")
+    assert "needs column(s) instruction, output" in st["message"] and "question, answer" in st["message"]
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "ConfigError"
+    assert st["attempt"] == 1 and pods_of(cluster, "bad-data") == ["bad-data-attempt-1"]
+
+
+def test_exhausted_failure_budget_ends_failed(cluster):
+    apply(cluster, "crashy", image="sandbox/crash", restartPolicy={"backoffLimit": 1, "backoffSeconds": 1})
+    st = wait_phase(cluster, "crashy", "Failed", timeout=120)
+    assert st["failures"] == 2 and st["preemptions"] == 0
+    assert next(c for c in st["conditions"] if c["type"] == "Failed")["reason"] == "BackoffLimitExceeded"
+
+
+def test_chained_resource_starts_from_the_first_adapter(cluster):
+    apply(cluster, "stage-2", adapter={"fromResource": "stage-1"}, training={"maxSteps": 6, "saveSteps": 3})
+    wait_for(lambda: "waiting for LoraResume stage-1" in status(cluster, "stage-2").get("message", ""), 30,
+             "stage 2 waiting")
+    apply(cluster, "stage-1", training={"maxSteps": 6, "saveSteps": 3})
+    wait_succeeded(cluster, "stage-2", timeout=300)
+    pod = cluster["k8s"].get("pods", NS, "stage-2-attempt-1")
+    job = json.loads(next(e["value"] for e in pod["spec"]["containers"][0]["env"] if e["name"] == "LORARESUME_JOB"))
+    assert job["adapter"] == f"s3://{cluster['bucket']}/stage-1/adapter/"
+    assert status(cluster, "stage-1")["phase"] == "Succeeded"
+
+
+def test_deleting_a_resource_removes_its_pods_and_keeps_checkpoints(cluster):
+    apply(cluster, "doomed")
+    wait_for(lambda: progress_step(cluster, "doomed") >= 5, 300, "a durable checkpoint")
+    deleted = kubectl(cluster, "delete", "lr", "doomed", "--timeout=120s", timeout=150)
+    assert deleted.returncode == 0, deleted.stderr
+    wait_for(lambda: not pods_of(cluster, "doomed"), 60, "pods gone")
+    listing = cluster["s3"].list_objects_v2(Bucket=cluster["bucket"], Prefix="doomed/checkpoints/")
+    assert any(o["Key"].endswith("_COMPLETE.json") for o in listing.get("Contents", []))
+
+
+def test_operator_killed_and_restarted_mid_run_completes_without_duplicate_pods(cluster):
+    apply(cluster, "restart")
+    wait_for(lambda: progress_step(cluster, "restart") >= 5, 300, "training under way")
+    cluster["operator"].stop(signal.SIGKILL)
+    cluster["operator"].start()
+    wait_succeeded(cluster, "restart")
+    assert pods_of(cluster, "restart") == ["restart-attempt-1"]
+    assert status(cluster, "restart")["attempt"] == 1
