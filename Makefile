@@ -28,9 +28,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
-demo:
-	@echo "make demo arrives with the sandbox (issue 4): no Kubernetes sandbox exists yet." >&2
-	@exit 2
+demo: $(STAMP)
+	$(BIN)/python -m loraresume_sandbox.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,363 @@
+"""`loraresume-sandbox up | down | env | preempt`: the whole stack on one machine, for demos and trials.
+
+`up` runs one foreground supervisor process that owns everything and records it in DIR/state.json:
+the Kubernetes API emulator (CRDs from crds/ loaded, kubeconfig at DIR/kubeconfig), the simulated
+kubelet, a moto S3 server (bucket `sandbox`, Secret `s3-creds` in `default`), the operator process,
+the seeded tiny model and dataset, and a loopback control endpoint (`preempt`). It runs until
+SIGTERM/SIGINT and then stops them all. A development tool: none of it runs on a real cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+DEFAULT_DIR = ".sandbox"
+DEFAULT_API_PORT = 8001
+DEFAULT_S3_PORT = 9000
+BUCKET = "sandbox"
+SECRET = "s3-creds"
+NAMESPACE = "default"
+# Dummy credentials of the sandbox's S3 (moto accepts any); fine to print.
+AWS = {
+    "AWS_ACCESS_KEY_ID": "sandbox",
+    "AWS_SECRET_ACCESS_KEY": "sandbox-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+_AWS_CLEARED = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3")
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def _crds_dir() -> Path:
+    for base in (Path.cwd(), *Path(__file__).resolve().parents):
+        if (base / "crds").is_dir() and any((base / "crds").glob("*.yaml")):
+            return base / "crds"
+    raise SystemExit("loraresume-sandbox: cannot find the crds/ directory (run from the repository)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not count
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def read_state(directory: Path) -> dict:
+    try:
+        return json.loads((directory / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _write_state(directory: Path, state: dict) -> None:
+    tmp = directory / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(directory / "state.json")
+
+
+# -- the supervisor ---------------------------------------------------------------------------
+class _Control(BaseHTTPRequestHandler):
+    kubelet = None
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+            if self.path != "/preempt":
+                raise LookupError(f"unknown path {self.path}")
+            self.kubelet.preempt_node(body.get("namespace") or NAMESPACE, body["pod"], wait=True)
+            code, reply = 200, {"ok": True}
+        except LookupError as exc:
+            code, reply = 404, {"ok": False, "error": str(exc)}
+        except Exception as exc:  # reported to the caller
+            code, reply = 500, {"ok": False, "error": repr(exc)}
+        data = json.dumps(reply).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url}: no answer after {timeout:.0f}s")
+
+
+def supervise(directory: Path, api_port: int, s3_port: int) -> int:
+    import boto3
+
+    from .k8s_api import KubernetesEmulator
+    from .kubelet import SimulatedKubelet
+    from .seed_data import seed_s3
+
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in _AWS_CLEARED:
+        os.environ.pop(name, None)
+    os.environ.update(AWS)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    state: dict = {"status": "starting", "pid": os.getpid(), "dir": str(directory)}
+    _write_state(directory, state)
+    moto = operator = k8s = kubelet = control = None
+    logs: list = []
+    try:
+        for port, what in ((api_port, "API emulator"), (s3_port, "S3 server")):
+            if not _port_free(port):
+                raise RuntimeError(f"port {port} for the {what} is in use (another sandbox up? try `down`)")
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        moto_log = open(directory / "moto.log", "wb")
+        logs.append(moto_log)
+        moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                                stdout=moto_log, stderr=subprocess.STDOUT, start_new_session=True)
+        state.update(s3_endpoint=endpoint, moto_pid=moto.pid)
+        _write_state(directory, state)
+        _wait_http(f"{endpoint}/moto-api/", 60, moto)
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=AWS["AWS_DEFAULT_REGION"])
+        try:
+            s3.create_bucket(Bucket=BUCKET)
+        except s3.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        print(f"S3 (moto) at {endpoint}, bucket s3://{BUCKET}/", flush=True)
+
+        k8s = KubernetesEmulator(port=api_port).start()
+        k8s.load_crds([_crds_dir()])
+        kubeconfig = k8s.write_kubeconfig(directory / "kubeconfig")
+        k8s.create("secrets", {"metadata": {"name": SECRET}, "stringData": {
+            "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"]}},
+            NAMESPACE)
+        state.update(api_url=k8s.url, kubeconfig=str(kubeconfig))
+        print(f"Kubernetes API emulator at {k8s.url}, kubeconfig {kubeconfig}", flush=True)
+
+        extra = {**OFFLINE, "HF_HOME": str(directory / "hf"), "TRITON_CACHE_DIR": str(directory / "triton"),
+                 "AWS_DEFAULT_REGION": AWS["AWS_DEFAULT_REGION"], "AWS_EC2_METADATA_DISABLED": "true"}
+        kubelet = SimulatedKubelet(k8s, workdir=directory / "node", extra_env=extra).start()
+        state.update(node_dir=str(directory / "node"))
+
+        operator_log = open(directory / "operator.log", "wb")
+        logs.append(operator_log)
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "loraresume_operator.cli", "-A", "--interval", "1",
+             "--metrics-port", str(_free_port()), "--liveness", ""],
+            env={**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"},
+            stdout=operator_log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        state.update(operator_pid=operator.pid, operator_log=str(directory / "operator.log"))
+        _write_state(directory, state)
+
+        uris = seed_s3(s3, BUCKET, directory / "seed")
+        print(f"seeded base model: {uris['model']}\nseeded dataset:    {uris['dataset']}", flush=True)
+
+        _Control.kubelet = kubelet
+        control = ThreadingHTTPServer(("127.0.0.1", 0), _Control)
+        threading.Thread(target=control.serve_forever, name="sandbox-control", daemon=True).start()
+        state.update(status="ready", control_port=control.server_address[1], seed=uris)
+        _write_state(directory, state)
+        print(f"sandbox ready (state: {directory / 'state.json'}); eval \"$(loraresume-sandbox env)\"", flush=True)
+        while not stop.wait(1):
+            if operator.poll() is not None:
+                print(f"operator exited with {operator.returncode}; see {directory / 'operator.log'}", flush=True)
+                break
+        return 0
+    except Exception as exc:
+        state.update(status="failed", error=str(exc))
+        _write_state(directory, state)
+        print(f"loraresume-sandbox: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if control is not None:
+            control.shutdown()
+        for proc in (operator, moto):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc is operator and kubelet is not None:
+                kubelet.stop()
+                kubelet = None
+        if kubelet is not None:
+            kubelet.stop()
+        if k8s is not None:
+            k8s.stop()
+        for f in logs:
+            f.close()
+        if state.get("status") != "failed":
+            state["status"] = "stopped"
+        _write_state(directory, state)
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    old = read_state(directory)
+    if old.get("status") in ("starting", "ready") and _alive(old.get("pid")):
+        print(f"loraresume-sandbox: already up (pid {old['pid']}); run `loraresume-sandbox down` first",
+              file=sys.stderr)
+        return 1
+    if not args.background:
+        return supervise(directory, args.api_port, args.s3_port)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "state.json").unlink(missing_ok=True)
+    log = open(directory / "supervisor.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraresume_sandbox.cli", "up", "--dir", str(directory),
+         "--api-port", str(args.api_port), "--s3-port", str(args.s3_port)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    log.close()
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        state = read_state(directory)
+        if state.get("status") == "ready":
+            print((directory / "supervisor.log").read_text(errors="replace"), end="")
+            return 0
+        if state.get("status") == "failed" or proc.poll() is not None:
+            break
+        time.sleep(0.3)
+    print((directory / "supervisor.log").read_text(errors="replace"), end="", file=sys.stderr)
+    print(f"loraresume-sandbox: the sandbox did not come up (see {directory / 'supervisor.log'})", file=sys.stderr)
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(60)
+    return 1
+
+
+def _ready_state(directory: Path) -> dict:
+    state = read_state(directory)
+    if state.get("status") != "ready" or not _alive(state.get("pid")):
+        raise SystemExit(f"loraresume-sandbox: no sandbox is up in {directory} (run `loraresume-sandbox up`)")
+    return state
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    state = _ready_state(Path(args.dir))
+    print(f"export KUBECONFIG={state['kubeconfig']}")
+    print(f"export AWS_ENDPOINT_URL={state['s3_endpoint']}")
+    print(f"export AWS_ACCESS_KEY_ID={AWS['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={AWS['AWS_SECRET_ACCESS_KEY']}"
+          f" AWS_DEFAULT_REGION={AWS['AWS_DEFAULT_REGION']}")
+    return 0
+
+
+def cmd_preempt(args: argparse.Namespace) -> int:
+    state = _ready_state(Path(args.dir))
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{state['control_port']}/preempt", method="POST",
+        data=json.dumps({"namespace": args.namespace, "pod": args.pod}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(f"loraresume-sandbox: preempt failed: {json.loads(exc.read()).get('error')}", file=sys.stderr)
+        return 1
+    print(f"node under pod {args.namespace}/{args.pod} preempted")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    state = read_state(directory)
+    pid = state.get("pid")
+    if not _alive(pid):
+        print("loraresume-sandbox: not running")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    for key in ("operator_pid", "moto_pid"):  # our own children, if the supervisor could not end them
+        if _alive(state.get(key)):
+            os.kill(state[key], signal.SIGKILL)
+    print("sandbox stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loraresume-sandbox", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the sandbox (foreground supervisor, or --background)")
+    up.add_argument("--background", action="store_true", help="daemonize; return once ready")
+    up.add_argument("--api-port", type=int, default=int(os.environ.get("SANDBOX_API_PORT", DEFAULT_API_PORT)))
+    up.add_argument("--s3-port", type=int, default=int(os.environ.get("SANDBOX_S3_PORT", DEFAULT_S3_PORT)))
+    up.add_argument("--timeout", type=float, default=180, help="seconds --background waits for ready")
+    up.set_defaults(func=cmd_up)
+    env = sub.add_parser("env", help="print shell exports for kubectl and S3 clients")
+    env.set_defaults(func=cmd_env)
+    pre = sub.add_parser("preempt", help="simulate a node preemption under a pod")
+    pre.add_argument("pod")
+    pre.add_argument("--namespace", "-n", default=NAMESPACE)
+    pre.add_argument("--timeout", type=float, default=180)
+    pre.set_defaults(func=cmd_preempt)
+    down = sub.add_parser("down", help="stop the sandbox")
+    down.add_argument("--timeout", type=float, default=90)
+    down.set_defaults(func=cmd_down)
+    for p in (up, env, pre, down):
+        p.add_argument("--dir", default=DEFAULT_DIR, help="state directory (default: .sandbox/)")
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
