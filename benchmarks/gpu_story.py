@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "trainer_image")]
+sys.path[:0] = [str(ROOT), str(ROOT / "trainer_image"), str(ROOT / "sandbox")]
 
 from tests.support.tiny_model import alpaca_rows, write_jsonl  # noqa: E402
 from tests.support.trainer_runs import Kill, job_config, run_story  # noqa: E402
