@@ -9,7 +9,6 @@ deletions hanging, and one loop scales better than a timer per resource.)
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import os
 import threading
@@ -54,8 +53,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     stop = threading.Event()
     _state["stop"] = stop
-    context = contextvars.copy_context()  # kopf.event() needs the operator's context vars
-    threading.Thread(target=context.run, args=(_periodic, stop), name="reconcile-loop", daemon=True).start()
+    threading.Thread(target=_periodic, args=(stop,), name="reconcile-loop", daemon=True).start()
 
 
 @kopf.on.cleanup()

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-import kopf
 from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi
 from pydantic import ValidationError
 
@@ -187,7 +186,7 @@ class Reconciler:
                 log.info("%s/%s: created pod %s (%.2f s)", resource.namespace, resource.name, action.name,
                          (self.clock() - started).total_seconds())
             elif isinstance(action, EmitEvent):
-                kopf.event(body, type=action.type, reason=action.reason, message=action.message)
+                self.post_event(body, type_=action.type, reason=action.reason, message=action.message)
 
     def _observe_metrics(
         self, resource: Resource, before: LoraResumeStatus, plan: Plan, view: StorageView, now: datetime
@@ -222,7 +221,7 @@ class Reconciler:
             conds = c.set_condition(list(status.conditions), c.STORAGE_READY, False, c.STORAGE_UNAVAILABLE, message,
                                     iso(self.clock()), resource.generation)
             if self._write_status(body, status.model_copy(update={"message": message, "conditions": conds})):
-                kopf.event(body, type="Warning", reason=c.STORAGE_UNAVAILABLE, message=message)
+                self.post_event(body, type_="Warning", reason=c.STORAGE_UNAVAILABLE, message=message)
         return STORAGE_RETRY_SECONDS
 
     def _invalid(self, body: dict[str, Any], resource: Resource, status: LoraResumeStatus, problems: str) -> None:
@@ -237,11 +236,37 @@ class Reconciler:
                     "observed_generation": resource.generation}
         )
         if self._write_status(body, failed):
-            kopf.event(body, type="Warning", reason=c.INVALID_SPEC, message=message)
+            self.post_event(body, type_="Warning", reason=c.INVALID_SPEC, message=message)
         return None
 
     def delete_pods(self, namespace: str, name: str) -> None:
         self.core.delete_collection_namespaced_pod(namespace, label_selector=f"{LABEL_RESOURCE}={name}")
+
+    def post_event(self, body: dict[str, Any], *, type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the resource, through the API client: works from any thread (kopf's
+        own poster needs its context variables), and a failure to post never stops a reconcile."""
+        meta = body["metadata"]
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta["uid"]},
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "loraresume-operator"},
+            "reportingComponent": "loraresume-operator",
+            "reportingInstance": "loraresume-operator",
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event)
+        except ApiException as exc:
+            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.status)
 
     def record_phase(self, namespace: str, name: str, phase: str | None) -> None:
         """Resources by phase, from what this process reconciled (no cluster-wide list needed)."""
