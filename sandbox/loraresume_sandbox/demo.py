@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from .cli import AWS, read_state
+from .waiting import wait_for
 
 ROOT = Path.cwd()
 EXAMPLE = ROOT / "examples" / "sandbox" / "resume.yaml"
@@ -72,13 +73,7 @@ class Demo:
         return (result.stdout.strip() or None) if result.returncode == 0 else None
 
     def wait(self, predicate, timeout: float, what: str, every: float = 0.2):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(every)
-        raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        return wait_for(predicate, timeout, what, every)
 
     def _collect_logs(self) -> None:
         """`kubectl logs` of every attempt's pod, kept: a preempted pod is deleted afterwards."""

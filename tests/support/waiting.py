@@ -1,25 +1,5 @@
-"""Polling helpers for tests that watch other processes (no fixed sleeps)."""
+"""Polling helpers for tests: the sandbox's own (one copy of the code)."""
 
-from __future__ import annotations
+from loraresume_sandbox.waiting import free_port, wait_for
 
-import socket
-import time
-from collections.abc import Callable
-from typing import Any
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition", every: float = 0.1) -> Any:
-    """The first truthy value of `predicate()`, or AssertionError naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "wait_for"]
