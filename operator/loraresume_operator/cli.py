@@ -11,6 +11,8 @@ import sys
 import kopf
 from prometheus_client import start_http_server
 
+from .defaults import OperatorDefaults, OperatorSettingsError
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraresume-operator", description="Reconcile LoraResume resources.")
@@ -30,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        OperatorDefaults.from_env()  # refuse to start on a malformed setting, naming it
+    except OperatorSettingsError as exc:
+        print(f"loraresume-operator: {exc}", file=sys.stderr)
+        return 2
     if args.interval:
         os.environ["LORARESUME_RECONCILE_INTERVAL"] = str(args.interval)
     from . import handlers  # noqa: F401  (registers the handlers; reads the interval)

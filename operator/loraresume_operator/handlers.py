@@ -22,9 +22,10 @@ from loraresume_trainer.checkpoint_store import CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
 
 from . import metrics
-from .pods import LABEL_RESOURCE, OperatorDefaults
+from .defaults import OperatorDefaults
+from .pods import LABEL_RESOURCE
 from .reconcile import Reconciler
-from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec
+from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def on_pod_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=5)
-def on_delete(namespace: str, name: str, spec: dict[str, Any], **_: Any) -> None:
+def on_delete(namespace: str, name: str, spec: dict[str, Any], status: dict[str, Any], **_: Any) -> None:
     """Pods go with the resource; checkpoints in S3 stay unless the spec asks otherwise."""
     with _known_lock:
         _known.discard((namespace, name))
@@ -111,9 +112,10 @@ def on_delete(namespace: str, name: str, spec: dict[str, Any], **_: Any) -> None
     rec.record_phase(namespace, name, None)
     try:
         parsed = LoraResumeSpec.model_validate(spec)
+        parsed = rec.effective(namespace, name, parsed, LoraResumeStatus.model_validate(status or {}))
     except ValueError:
         return
-    if parsed.storage.delete_on_resource_deletion:
+    if parsed.storage.delete_on_resource_deletion and parsed.storage.uri:
         store = CheckpointStore(rec.storage_client(namespace, parsed), S3Uri.parse(parsed.storage.uri))
         for listing in store.list_checkpoints():
             store.delete_checkpoint(listing.step)

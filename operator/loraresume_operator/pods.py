@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
 from typing import Any
 
 from loraresume_trainer.config import ENV_ATTEMPT, ENV_JOB
 
 from .decide import CreatePod, Resource
+from .defaults import OperatorDefaults
 from .observed import TRAINER_CONTAINER
 from .spec import API_VERSION, GROUP, KIND, LoraResumeSpec
 
@@ -22,26 +21,9 @@ CREDENTIAL_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False
 TRAINER_UID = 10001
 
 
-@dataclass(frozen=True)
-class OperatorDefaults:
-    """Cluster-wide settings from the operator's environment (the Helm chart sets them)."""
-
-    trainer_image: str = "ghcr.io/loraresume/trainer:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
-    storage_endpoint: str | None = None
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> OperatorDefaults:
-        env = dict(os.environ if env is None else env)
-        return cls(
-            trainer_image=env.get("LORARESUME_TRAINER_IMAGE", cls.trainer_image),
-            image_pull_policy=env.get("LORARESUME_IMAGE_PULL_POLICY", cls.image_pull_policy),
-            storage_endpoint=env.get("LORARESUME_S3_ENDPOINT") or None,
-        )
-
-
 def job_config(spec: LoraResumeSpec, create: CreatePod, defaults: OperatorDefaults) -> dict[str, Any]:
-    """The trainer's job config (loraresume_trainer.config.JobConfig, camelCase)."""
+    """The trainer's job config (loraresume_trainer.config.JobConfig, camelCase), from an effective
+    spec (`defaults.effective_spec`: storage resolved)."""
     storage = spec.storage
     return {
         "name": create.name,
@@ -150,7 +132,7 @@ def build_trainer_pod(
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # the operator relaunches, resuming from S3
-        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds or defaults.grace_period_seconds,
         "automountServiceAccountToken": False,  # the trainer needs no Kubernetes API rights
         "securityContext": {
             "runAsNonRoot": True,

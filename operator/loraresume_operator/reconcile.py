@@ -19,13 +19,14 @@ from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi
 from pydantic import ValidationError
 
 from loraresume_trainer.config import format_validation_error
-from loraresume_trainer.errors import StorageAuthError, TrainerError
+from loraresume_trainer.errors import ConfigError, StorageAuthError, TrainerError
 
 from . import conditions as c
 from . import metrics
 from .decide import CreatePod, EmitEvent, Observation, Plan, Resource, SourceState, decide, iso, parse_iso
 from .observed import ObservedPod
-from .pods import LABEL_RESOURCE, OperatorDefaults, build_trainer_pod
+from .defaults import OperatorDefaults, effective_spec
+from .pods import LABEL_RESOURCE, build_trainer_pod
 from .s3_view import StorageView, read_storage, s3_client
 from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus, Phase
 
@@ -85,10 +86,15 @@ class Reconciler:
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
     def storage_client(self, namespace: str, spec: LoraResumeSpec) -> Any:
-        return self.s3_factory(
-            spec.storage.endpoint or self.defaults.storage_endpoint, spec.storage.region,
-            self._credentials(namespace, spec),
-        )
+        """For an effective spec (defaults applied): its endpoint, region and credentials."""
+        return self.s3_factory(spec.storage.endpoint, spec.storage.region, self._credentials(namespace, spec))
+
+    def storage_uri(self, namespace: str, name: str, spec: LoraResumeSpec, status: LoraResumeStatus) -> str | None:
+        """The run's S3 prefix: as recorded in status, else the spec's, else the operator's default."""
+        return status.storage_uri or spec.storage.uri or self.defaults.storage_uri_for(namespace, name)
+
+    def effective(self, namespace: str, name: str, spec: LoraResumeSpec, status: LoraResumeStatus) -> LoraResumeSpec:
+        return effective_spec(spec, self.defaults, self.storage_uri(namespace, name, spec, status))
 
     def _storage(self, namespace: str, spec: LoraResumeSpec) -> StorageView:
         return read_storage(spec, self.storage_client(namespace, spec))
@@ -148,10 +154,18 @@ class Reconciler:
             return self._invalid(body, resource, status, format_validation_error(exc))
         if status.phase.is_terminal and status.observed_generation == resource.generation:
             return None
+        written = status
+        storage_uri = self.storage_uri(resource.namespace, resource.name, spec, status)
+        if storage_uri is None:
+            return self._storage_unavailable(body, resource, status, ConfigError(
+                "not set, and the operator has no default storage prefix: set it, or install the operator "
+                "with the Helm value storage.uriPrefix", field="spec.storage.uri"))
+        spec = effective_spec(spec, self.defaults, storage_uri)
+        status = status.model_copy(update={"storage_uri": storage_uri})
         try:
             view = self._storage(resource.namespace, spec)
         except TrainerError as exc:
-            return self._storage_unavailable(body, resource, status, exc)
+            return self._storage_unavailable(body, resource, written, exc)
         now = self.clock()
         observation = Observation(
             resource=resource, spec=spec, status=status,
@@ -165,11 +179,11 @@ class Reconciler:
             conds = c.set_condition(list(plan.status.conditions), c.STORAGE_READY, True, c.STORAGE_OK,
                                     "storage is readable", iso(now), resource.generation)
             plan = Plan(plan.status.model_copy(update={"conditions": conds}), plan.actions)
-        if plan.status != status and not self._write_status(body, plan.status):
+        if plan.status != written and not self._write_status(body, plan.status):
             return CONFLICT_RETRY_SECONDS
         self.record_phase(resource.namespace, resource.name, plan.status.phase.value)
-        self._execute(body, resource, spec, status, plan)
-        self._observe_metrics(resource, status, plan, view, now)
+        self._execute(body, resource, spec, written, plan)
+        self._observe_metrics(resource, written, plan, view, now)
         return plan.requeue.after_seconds if plan.requeue else None
 
     def _execute(

@@ -39,6 +39,8 @@ def immutable(message: str) -> dict[str, Any]:
     return {"x-kubernetes-validations": [{"rule": "self == oldSelf", "message": message}]}
 
 
+# Set or unset, storage.uri stays as it was created (an unset one resolves to the operator's prefix).
+STORAGE_URI_IMMUTABLE = "has(self.uri) == has(oldSelf.uri) && (!has(self.uri) || self.uri == oldSelf.uri)"
 _NEW_RESOURCE = "is immutable: it defines the run; create a new LoraResume (with a new storage.uri) instead"
 
 
@@ -91,14 +93,20 @@ class TrainingSpec(_Spec):
 class StorageSpec(_Spec):
     """Where checkpoints, progress and the adapter live."""
 
-    uri: str = Field(..., pattern=S3_URI_PATTERN, description="s3://bucket/prefix/ for this run.")
-    endpoint: str | None = Field(None, description="S3 endpoint URL for S3-compatible stores; empty for AWS.")
-    region: str | None = Field(None, description="S3 region; empty for the environment's default.")
+    uri: str | None = Field(
+        None, pattern=S3_URI_PATTERN,
+        description="s3://bucket/prefix/ for this run; empty for the operator's default prefix + "
+        "<namespace>/<name>/ (Helm value storage.uriPrefix). The resolved location is in status.storageUri.",
+    )
+    endpoint: str | None = Field(
+        None, description="S3 endpoint URL for S3-compatible stores; empty for the operator's default (AWS if none)."
+    )
+    region: str | None = Field(None, description="S3 region; empty for the operator's default or the environment's.")
     credentials_secret: str | None = Field(
         None,
         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (optionally AWS_SESSION_TOKEN); "
-        "empty to use the pod's service-account identity (e.g. IRSA).",
+        "empty for the operator's default Secret, or, if it has none, the pod's service-account identity (e.g. IRSA).",
     )
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="Complete checkpoints kept in S3, newest first.")
     delete_on_resource_deletion: bool = Field(
@@ -135,13 +143,19 @@ class SpotSpec(_Spec):
     """Spot (preemptible) placement, and the on-demand fallback after repeated preemptions."""
 
     enabled: bool = Field(False, description="Place attempts on spot nodes until the fallback triggers.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels for spot nodes.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra node labels for spot nodes; with `tolerations` also empty, the operator's defaults "
+        "(Helm values spot.nodeSelector and spot.tolerations) apply.",
+    )
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for spot node taints.")
     fallback_to_on_demand_after: int | None = Field(
         None, ge=1, description="After this many preemptions, attempts drop the spot selector and tolerations."
     )
     on_demand_node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Extra node labels once the job has fallen back to on-demand nodes."
+        default_factory=dict,
+        description="Extra node labels once the job has fallen back to on-demand nodes; empty for the operator's "
+        "default (Helm value spot.onDemandNodeSelector).",
     )
 
 
@@ -200,10 +214,11 @@ class LoraResumeSpec(_Spec):
         json_schema_extra=immutable(f"training {_NEW_RESOURCE}"),
     )
     storage: StorageSpec = Field(
-        ..., description="S3 location of checkpoints, progress and the output adapter.",
+        default_factory=StorageSpec,
+        description="S3 location of checkpoints, progress and the output adapter.",
         json_schema_extra={
             "x-kubernetes-validations": [
-                {"rule": "self.uri == oldSelf.uri", "message": f"storage.uri {_NEW_RESOURCE}"}
+                {"rule": STORAGE_URI_IMMUTABLE, "message": f"storage.uri {_NEW_RESOURCE}"}
             ]
         },
     )
@@ -221,14 +236,17 @@ class LoraResumeSpec(_Spec):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources.")
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Pod placement.")
     restart_policy: RestartPolicySpec = Field(default_factory=RestartPolicySpec, description="Retry budgets.")
-    termination_grace_period_seconds: int = Field(
-        120, ge=5, le=3600,
+    termination_grace_period_seconds: int | None = Field(
+        None, ge=5, le=3600,
         description="Time between SIGTERM and SIGKILL: the trainer saves and uploads a checkpoint in it "
-        "(GKE spot: 15 s default, up to 120 s with a node setting; AWS spot: 2-minute notice).",
+        "(GKE spot: 15 s default, up to 120 s with a node setting; AWS spot: 2-minute notice). Empty for the "
+        "operator's default (Helm value trainer.terminationGracePeriodSeconds, 120 s unless changed).",
     )
 
     @property
     def storage_root(self) -> S3Uri:
+        if not self.storage.uri:
+            raise ValueError("storage.uri is not resolved (no operator default prefix applied)")
         return S3Uri.parse(self.storage.uri).as_dir()
 
 
@@ -278,6 +296,10 @@ class LoraResumeStatus(_Spec):
     max_steps: int = Field(0, ge=0, description="Steps of the whole run.")
     progress: str = Field("", description="step/maxSteps, for kubectl get.")
     loss: str = Field("", description="Last logged training loss.")
+    storage_uri: str | None = Field(
+        None, description="Where this run's checkpoints, progress and adapter live (spec.storage.uri, or the "
+        "operator's default prefix + <namespace>/<name>/, fixed when first resolved)."
+    )
     latest_checkpoint: CheckpointRef | None = Field(None, description="Newest complete checkpoint in S3.")
     output_adapter: str | None = Field(None, description="S3 URI of the final adapter, once saved.")
     lost_steps: int = Field(0, ge=0, description="Steps trained but not durable when attempts ended, summed.")

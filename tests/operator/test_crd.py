@@ -183,8 +183,9 @@ def test_every_property_has_a_description_for_kubectl_explain(root: dict[str, An
 def test_spec_is_required_and_required_lists_use_the_camelcase_names(root: dict[str, Any]) -> None:
     assert root["required"] == ["spec"]
     spec = root["properties"]["spec"]
-    assert spec["required"] == ["baseModel", "dataset", "storage"]
-    assert spec["properties"]["storage"]["required"] == ["uri"]
+    assert spec["required"] == ["baseModel", "dataset"]
+    # storage.uri may be left to the operator's default prefix (status.storageUri records it)
+    assert "required" not in spec["properties"]["storage"]
     condition = root["properties"]["status"]["properties"]["conditions"]["items"]
     assert set(condition["required"]) >= {"type", "status", "reason", "lastTransitionTime"}
     assert "message" in condition["properties"] and condition["properties"]["message"]["default"] == ""
@@ -317,7 +318,7 @@ INVALID = [
     ("spec.dtype", "int8", ["spec", "dtype"], "is not one of"),
     ("spec.loadIn4bit", "yes", ["spec", "loadIn4bit"], "is not of type 'boolean'"),
     ("spec.storage.uri", "gs://bucket/run/", ["spec", "storage", "uri"], "does not match"),
-    ("spec.storage", _DELETE, ["spec"], "'storage' is a required property"),
+    ("spec.dataset", _DELETE, ["spec"], "'dataset' is a required property"),
     ("spec.baseModel", "", ["spec", "baseModel"], "should be non-empty"),
     ("spec.resources.memory", "lots", ["spec", "resources", "memory"], "does not match"),
     ("spec.scheduling.nodeSelector", {"pool": 1}, ["spec", "scheduling", "nodeSelector", "pool"], "of type 'string'"),
@@ -360,10 +361,25 @@ def test_fields_that_define_the_run_are_immutable(spec_schema: dict[str, Any], f
     assert rule["message"].startswith(f"{field} is immutable") and "create a new LoraResume" in rule["message"]
 
 
-def test_storage_uri_is_immutable(spec_schema: dict[str, Any]) -> None:
+STORAGE_TRANSITIONS = [
+    ({"uri": "s3://b/run/"}, {"uri": "s3://b/run/", "keepCheckpoints": 5}, True),
+    ({"uri": "s3://b/run/"}, {"uri": "s3://b/other/"}, False),
+    ({}, {"keepCheckpoints": 5}, True),  # left to the operator's default prefix, and stays so
+    ({}, {"uri": "s3://b/run/"}, False),
+    ({"uri": "s3://b/run/"}, {}, False),
+]
+
+
+@pytest.mark.parametrize("old,new,allowed", STORAGE_TRANSITIONS)
+def test_storage_uri_is_immutable_set_or_unset(spec_schema: dict[str, Any], old: dict, new: dict, allowed: bool) -> None:
+    celpy = pytest.importorskip("celpy", reason="cel-python evaluates the CEL rules when installed")
     [rule] = rules_of(spec_schema["properties"]["storage"])
-    assert rule["rule"] == "self.uri == oldSelf.uri"
     assert "storage.uri" in rule["message"] and "create a new LoraResume" in rule["message"]
+    env = celpy.Environment()
+    result = env.program(env.compile(rule["rule"])).evaluate(
+        {"self": celpy.json_to_cel(new), "oldSelf": celpy.json_to_cel(old)}
+    )
+    assert bool(result) == allowed
 
 
 def test_adapter_cannot_be_added_or_removed(spec_schema: dict[str, Any]) -> None:

@@ -8,7 +8,8 @@ import kubernetes_validate
 import pytest
 
 from loraresume_operator.decide import CreatePod, Resource
-from loraresume_operator.pods import OperatorDefaults, build_trainer_pod, job_config
+from loraresume_operator.defaults import OperatorDefaults
+from loraresume_operator.pods import build_trainer_pod, job_config
 from loraresume_operator.spec import LoraResumeSpec
 from loraresume_trainer.config import parse_job
 
