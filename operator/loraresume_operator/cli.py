@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.namespace and not args.all_namespaces:
         args.namespace = [os.environ.get("POD_NAMESPACE", "default")]
+    handlers.configure(cluster_wide=args.all_namespaces)
     if args.metrics_port:
         start_http_server(args.metrics_port)
     asyncio.run(

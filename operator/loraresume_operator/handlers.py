@@ -39,6 +39,12 @@ def reconciler() -> Reconciler:
     return _state["reconciler"]
 
 
+def configure(*, cluster_wide: bool) -> None:
+    """Before kopf starts: namespaced mode serves fixed namespaces, so kopf's runtime scanning of
+    namespaces and CRDs (cluster-scoped list/watch, which a namespaced Role cannot grant) is off."""
+    _state["cluster_wide"] = cluster_wide
+
+
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     try:
@@ -51,6 +57,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.INFO
+    settings.scanning.disabled = not _state.get("cluster_wide", True)
     settings.watching.server_timeout = 300
     stop = threading.Event()
     _state["stop"] = stop

@@ -42,12 +42,12 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
          "checkpoints from S3 (never copied, logged or written anywhere)"),
 )
 
-# Extra rules for cluster-wide mode only (ClusterRole): kopf's discovery of namespaces and CRDs.
+# Extra rules for cluster-wide mode only (ClusterRole): kopf's runtime scanning of CRDs. (It
+# would watch namespaces only for namespace patterns, which the operator does not use; in
+# namespaced mode scanning is off, see handlers.configure.)
 CLUSTER_RULES: tuple[Rule, ...] = (
     Rule("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch"),
          "kopf notices the LoraResume CRD being installed or removed while it runs"),
-    Rule("", "namespaces", ("list", "watch"),
-         "kopf follows namespaces appearing and disappearing in cluster-wide mode"),
 )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -31,7 +32,7 @@ import yaml
 from aiohttp import web
 
 from .k8s_errors import ApiError
-from .k8s_http import ApiHttpHandler, LogSource
+from .k8s_http import ApiHttpHandler, ApiRequest, LogSource
 from .k8s_resources import Registry, ResourceType
 from .k8s_selectors import matcher
 from .k8s_store import Listener, Object, Store
@@ -256,6 +257,15 @@ class KubernetesEmulator:
             if exc.code == 404:
                 return None
             raise
+
+    def api_requests(self) -> Counter[ApiRequest]:
+        """A snapshot of the resource requests served over HTTP so far, by (verb, group, resource,
+        namespace, user agent): what an RBAC audit compares with the granted rules."""
+        while True:
+            try:
+                return Counter(self.http.requests)
+            except RuntimeError:  # the serving thread added a key while copying; copy again
+                continue
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """listener(event_type, group_resource, object) on every change; returns an unsubscribe function.

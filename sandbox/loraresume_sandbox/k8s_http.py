@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -58,6 +60,28 @@ def _flag(value: str | None) -> bool:
     return value is not None and value.lower() in ("true", "1")
 
 
+@dataclass(frozen=True)
+class ApiRequest:
+    """One resource request as RBAC sees it (the audit log's key): verb, group, resource[/sub]."""
+
+    verb: str
+    group: str
+    resource: str
+    namespace: str | None
+    user_agent: str
+
+
+def rbac_verb(method: str, name: str | None, query: Any) -> str:
+    """The authorizer's verb for a request: list/watch/get, create, update, patch, delete(collection)."""
+    if method in ("GET", "HEAD"):
+        if name is None:
+            return "watch" if _flag(query.get("watch")) else "list"
+        return "watch" if _flag(query.get("watch")) else "get"
+    if method == "DELETE":
+        return "delete" if name else "deletecollection"
+    return {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, method.lower())
+
+
 class ApiHttpHandler:
     """An aiohttp request handler serving one Registry + Store as the Kubernetes API."""
 
@@ -66,6 +90,7 @@ class ApiHttpHandler:
         self.store = store
         self.log_source: LogSource | None = None
         self.closing = False  # set on shutdown: open watch and log streams end
+        self.requests: Counter[ApiRequest] = Counter()  # every resource request served, for RBAC audits
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -116,6 +141,9 @@ class ApiHttpHandler:
                 raise no_resource(request.path)
             return _json(listing)
         rt, namespace, name, sub = self._target(group, version, rest, request.path)
+        resource = f"{rt.plural}/{sub}" if sub else rt.plural
+        self.requests[ApiRequest(rbac_verb(request.method, name, request.query), group, resource, namespace,
+                                 request.headers.get("User-Agent", ""))] += 1
         return await self._dispatch(request, rt, namespace, name, sub)
 
     def _openapi(self, parts: list[str]) -> web.Response:

@@ -42,14 +42,16 @@ def k8s(tmp_path_factory):
 
 
 class Operator:
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
+    def __init__(self, kubeconfig: Path, log: Path, scope: tuple[str, ...] = ("-A",),
+                 env: dict[str, str] | None = None) -> None:
         self.kubeconfig, self.log_path, self.proc = kubeconfig, log, None
+        self.scope, self.env = scope, env or {}
         self.metrics_port, self.liveness_port = free_port(), free_port()
 
     def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraresume_operator.cli", "-A", "--interval", "1",
+            [sys.executable, "-m", "loraresume_operator.cli", *self.scope, "--interval", "1",
              "--metrics-port", str(self.metrics_port),
              "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz"],
             stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT, env=env,
