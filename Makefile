@@ -38,5 +38,7 @@ docs: $(STAMP)
 	$(BIN)/python -m loraresume_trainer.config_docs > docs/job-config.md
 
 # The CRD is generated from the operator's spec model; tests/operator/test_crd.py fails when it is stale.
-crds: $(STAMP)
-	$(BIN)/python -m loraresume_operator.crd > crds/loraresume.dev_loraresumes.yaml
+CRD_FILE := crds/loraresume.dev_loraresumes.yaml
+crds: $(STAMP)  # the CRD, and the Helm chart's byte-identical copy; written only when generation succeeds
+	$(BIN)/python -m loraresume_operator.crd > $(CRD_FILE).tmp && mv $(CRD_FILE).tmp $(CRD_FILE)
+	cp $(CRD_FILE) helm/loraresume-operator/files/loraresume.dev_loraresumes.yaml

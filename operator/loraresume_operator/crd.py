@@ -88,6 +88,7 @@ _PASSED = {
     "description", "type", "enum", "pattern", "minLength", "maxLength", "minimum", "maximum",
     "minItems", "maxItems", "minProperties", "maxProperties", "required",
     "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string",
+    "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
 }  # fmt: skip
 _DROPPED = {"title", "default", "$defs"}  # defaults come from the models (see _annotate)
 _KEY_ORDER = (
@@ -95,7 +96,7 @@ _KEY_ORDER = (
     "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "minItems", "maxItems",
     "minProperties", "maxProperties", "default", "items", "properties", "additionalProperties",
     "required", "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string",
-    "x-kubernetes-validations",
+    "x-kubernetes-list-type", "x-kubernetes-list-map-keys", "x-kubernetes-validations",
 )  # fmt: skip
 
 

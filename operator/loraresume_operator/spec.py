@@ -307,5 +307,8 @@ class LoraResumeStatus(_Spec):
     last_attempt_ended: str | None = Field(None, description="When the last pod ended (RFC 3339).")
     next_attempt_after: str | None = Field(None, description="Backoff: no new pod before this time (RFC 3339).")
     on_demand: bool = Field(False, description="True once the job has fallen back from spot to on-demand nodes.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready, Succeeded, Failed, ...")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, Succeeded, Failed, ...",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     observed_generation: int = Field(0, ge=0, description="The spec generation the status reflects.")
