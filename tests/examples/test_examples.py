@@ -2,8 +2,8 @@
 
 - LoraResumes (plain files, the demo's, and what `kubectl kustomize` builds) pass the CRD's
   openAPIV3Schema (the committed crds/ file, as the API server would check it; its freshness
-  is tests/operator/test_crd.py's) and the
-  operator's model, and mean the same after the API server's defaulting.
+  is tests/operator/test_crd.py's) and the operator's model, and mean the same after the API
+  server's defaulting.
 - Core objects pass the Kubernetes 1.33 API schema; Argo CD Applications have what Argo CD needs.
 - The seed parameters, the curriculum chain and the continuation's adapter are what they say.
 - The Argo CD health script runs in a real Lua runtime (5.1, as Argo CD's gopher-lua, and 5.4).
@@ -179,7 +179,8 @@ def test_resume_example_carries_the_seed_parameters() -> None:
     assert spot.enabled and spot.fallback_to_on_demand_after == 3
     assert spot.node_selector == {"cloud.google.com/gke-spot": "true"}
     tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in spot.tolerations]
-    assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"} in tolerations
+    gke = {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+    assert gke in tolerations
     assert {"key": "spot", "operator": "Exists", "effect": "NoSchedule"} in tolerations  # a generic taint
     assert spec.termination_grace_period_seconds == 120
     # The grace period's comment covers each cloud's notice.
@@ -321,9 +322,11 @@ HEALTH_CASES = [
     # (case, metadata.generation, status or None, expected status, words the message holds)
     ("no status", 1, None, "Progressing", "Waiting for the operator"),
     ("empty status", 1, {}, "Progressing", "Waiting for the operator"),
-    ("pending first pod", 1, status(phase="Pending", observed_generation=1), "Progressing", "Pending: step 0/0, attempt 0"),
+    ("pending first pod", 1, status(phase="Pending", observed_generation=1),
+     "Progressing", "Pending: step 0/0, attempt 0"),
     ("pending on its adapter source", 1,
-     status(phase="Pending", message="waiting for LoraResume stage-1 (adapter source) to succeed", observed_generation=1),
+     status(phase="Pending", message="waiting for LoraResume stage-1 (adapter source) to succeed",
+            observed_generation=1),
      "Progressing", "waiting for LoraResume stage-1 (adapter source) to succeed"),
     ("running", 1,
      status(phase="Running", step=60, max_steps=100, progress="60/100", attempt=3, preemptions=2,
@@ -418,7 +421,8 @@ def test_production_overlay_has_the_patched_values() -> None:
     assert (base_spec.training.max_steps, spec.training.max_steps) == (20, 100)
     assert spec.training.model_copy(update={"max_steps": 20}) == base_spec.training
     assert spec.storage.uri == "s3://checkpoints/prod/support-bot/" != base_spec.storage.uri
-    assert spec.storage.keep_checkpoints == 5 and spec.storage.credentials_secret == base_spec.storage.credentials_secret
+    assert spec.storage.keep_checkpoints == 5
+    assert spec.storage.credentials_secret == base_spec.storage.credentials_secret
     # The JSON 6902 patch: spot placement with the fallback, and the grace period.
     assert not base_spec.scheduling.spot.enabled
     spot = spec.scheduling.spot
