@@ -128,6 +128,15 @@ def rule_triples(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
             for resource in rule["resources"] for verb in rule["verbs"]}
 
 
+def assert_rules_match(rules: list[dict[str, Any]], cluster_wide: bool) -> None:
+    rendered, expected = rule_triples(rules), rule_triples(policy_rules(cluster_wide))
+    assert rendered == expected, (
+        "the chart's RBAC (helm/loraresume-operator/templates/_helpers.tpl, namespacedRules/clusterRules) "
+        f"differs from operator/loraresume_operator/rbac.py: missing {sorted(expected - rendered)}, "
+        f"extra {sorted(rendered - expected)}"
+    )
+
+
 def merged(*parts: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for part in parts:
@@ -291,12 +300,11 @@ def test_operator_cli_accepts_the_rendered_args(chart: helm.Chart, values: dict[
 )
 def test_namespaced_mode_role_per_namespace(chart: helm.Chart, values: dict[str, Any], namespaces: list[str]) -> None:
     objects = render(chart, values)
-    expected = rule_triples(policy_rules(cluster_wide=False))
     roles, bindings = of_kind(objects, "Role"), of_kind(objects, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(namespaces)
     assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted(namespaces)
     for role in roles:
-        assert rule_triples(role["rules"]) == expected
+        assert_rules_match(role["rules"], cluster_wide=False)
     for binding in bindings:
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": FULLNAME}
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
@@ -309,7 +317,7 @@ def test_namespaced_mode_role_per_namespace(chart: helm.Chart, values: dict[str,
 def test_cluster_wide_mode_cluster_role(chart: helm.Chart) -> None:
     objects = render(chart, NON_DEFAULT)
     role = only(objects, "ClusterRole")
-    assert rule_triples(role["rules"]) == rule_triples(policy_rules(cluster_wide=True))
+    assert_rules_match(role["rules"], cluster_wide=True)
     binding = only(objects, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": FULLNAME}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "loraresume", "namespace": NAMESPACE}]
@@ -439,8 +447,8 @@ def test_default_values_are_the_documented_defaults(chart: helm.Chart) -> None:
 
 def test_crd_copy_in_chart_is_identical_to_crds_dir() -> None:
     assert CRD_COPY.read_bytes() == CRD_SOURCE.read_bytes(), (
-        f"{CRD_COPY.relative_to(ROOT)} differs from {CRD_SOURCE.relative_to(ROOT)}: run `make crds` and then "
-        f"`cp {CRD_SOURCE.relative_to(ROOT)} {CRD_COPY.relative_to(ROOT)}`"
+        f"{CRD_COPY.relative_to(ROOT)} differs from {CRD_SOURCE.relative_to(ROOT)}: run `make crds` (it writes both), "
+        f"or `cp {CRD_SOURCE.relative_to(ROOT)} {CRD_COPY.relative_to(ROOT)}`"
     )
 
 

@@ -106,13 +106,13 @@ policy_rules(); change both together.
   verbs: ["get"]
 {{- end }}
 
+{{- /*
+Cluster-wide mode only: kopf's runtime scanning of CRDs. (It would watch namespaces only for
+namespace patterns, which the operator does not use; in namespaced mode scanning is off.)
+*/}}
 {{- define "loraresume-operator.clusterRules" -}}
 # kopf notices the LoraResume CRD being installed or removed while it runs.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["list", "watch"]
-# kopf follows namespaces appearing and disappearing in cluster-wide mode.
-- apiGroups: [""]
-  resources: ["namespaces"]
   verbs: ["list", "watch"]
 {{- end }}
