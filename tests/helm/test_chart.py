@@ -60,7 +60,8 @@ NON_DEFAULT: dict[str, Any] = {
     "metrics": {"port": 9090, "serviceType": "ClusterIP", "serviceAnnotations": {"prometheus.io/scrape": "true"},
                 "serviceMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "10s",
                                    "labels": {"release": "kube-prometheus-stack"}}},
-    "liveness": {"port": 9091, "initialDelaySeconds": 5, "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 6},
+    "liveness": {"port": 9091, "initialDelaySeconds": 5, "periodSeconds": 10, "timeoutSeconds": 2,
+                 "failureThreshold": 6},
     "resources": {"requests": {"cpu": "200m", "memory": "300Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
     "podAnnotations": {"example.com/owner": "ml-platform"},
     "podLabels": {"team": "ml"},
@@ -172,7 +173,8 @@ def test_every_object_passes_the_official_schema(chart: helm.Chart, values: dict
     ("values", "kinds"),
     [
         ({}, ["CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"]),
-        (NON_DEFAULT, ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount", "ServiceMonitor"]),
+        (NON_DEFAULT, ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount",
+                       "ServiceMonitor"]),
         (MULTI_NAMESPACE, ["CustomResourceDefinition", "Deployment", "Role", "Role", "Role",
                            "RoleBinding", "RoleBinding", "RoleBinding", "Service", "ServiceAccount"]),
         ({"serviceAccount": {"create": False, "name": "existing"}, "crds": {"keep": False}},
@@ -236,7 +238,9 @@ def test_non_default_env_matches_values(chart: helm.Chart) -> None:
 def test_json_settings_round_trip(chart: helm.Chart, values: dict[str, Any], name: str, expected: Any) -> None:
     env = operator_env(render(chart, values))
     assert json.loads(env[name]) == expected
-    others = {"LORARESUME_SPOT_TOLERATIONS", "LORARESUME_SPOT_NODE_SELECTOR", "LORARESUME_ON_DEMAND_NODE_SELECTOR"} - {name}
+    spot_settings = {"LORARESUME_SPOT_TOLERATIONS", "LORARESUME_SPOT_NODE_SELECTOR",
+                     "LORARESUME_ON_DEMAND_NODE_SELECTOR"}
+    others = spot_settings - {name}
     assert not others & env.keys(), "empty spot settings must be left out"
 
 
@@ -343,23 +347,28 @@ def test_every_rbac_rule_has_a_comment_saying_why(chart: helm.Chart, values: dic
     [
         ({"imagee": {"tag": "x"}}, "additional properties 'imagee' not allowed"),
         ({"storage": {"uriPrefx": "s3://bucket/p/"}}, "at '/storage': additional properties 'uriPrefx' not allowed"),
-        ({"metrics": {"serviceMonitor": {"enable": True}}}, "at '/metrics/serviceMonitor': additional properties 'enable'"),
+        ({"metrics": {"serviceMonitor": {"enable": True}}},
+         "at '/metrics/serviceMonitor': additional properties 'enable'"),
         ({"watch": {"clusterWide": "yes"}}, "at '/watch/clusterWide': got string, want boolean"),
-        ({"trainer": {"terminationGracePeriodSeconds": "120"}}, "at '/trainer/terminationGracePeriodSeconds': got string"),
+        ({"trainer": {"terminationGracePeriodSeconds": "120"}},
+         "at '/trainer/terminationGracePeriodSeconds': got string"),
         ({"logLevel": "TRACE"}, "at '/logLevel': value must be one of"),
         ({"trainer": {"pullPolicy": "Sometimes"}}, "at '/trainer/pullPolicy': value must be one of"),
-        ({"storage": {"uriPrefix": "https://bucket/prefix/"}}, "at '/storage/uriPrefix': 'https://bucket/prefix/' does not match"),
+        ({"storage": {"uriPrefix": "https://bucket/prefix/"}},
+         "at '/storage/uriPrefix': 'https://bucket/prefix/' does not match"),
         ({"storage": {"uriPrefix": "s3://Bucket/"}}, "at '/storage/uriPrefix'"),
         ({"trainer": {"terminationGracePeriodSeconds": 4}}, "at '/trainer/terminationGracePeriodSeconds': minimum"),
         ({"trainer": {"terminationGracePeriodSeconds": 3601}}, "at '/trainer/terminationGracePeriodSeconds': maximum"),
         ({"metrics": {"port": 80}}, "at '/metrics/port': minimum"),
         ({"liveness": {"port": 70000}}, "at '/liveness/port': maximum"),
         ({"spot": {"tolerations": [{"key": "k", "operator": "In"}]}}, "at '/spot/tolerations/0/operator'"),
-        ({"spot": {"tolerations": [{"key": "k", "efect": "NoSchedule"}]}}, "at '/spot/tolerations/0': additional properties 'efect'"),
+        ({"spot": {"tolerations": [{"key": "k", "efect": "NoSchedule"}]}},
+         "at '/spot/tolerations/0': additional properties 'efect'"),
         ({"spot": {"nodeSelector": {"pool": True}}}, "at '/spot/nodeSelector/pool': got boolean, want string"),
         ({"watch": {"namespaces": ["Team_A"]}}, "at '/watch/namespaces/0'"),
         ({"storage": {"credentialsSecret": "S3 Creds"}}, "at '/storage/credentialsSecret'"),
-        ({"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": 1}}}, "at '/serviceAccount/annotations/eks.amazonaws.com~1role-arn'"),
+        ({"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": 1}}},
+         "at '/serviceAccount/annotations/eks.amazonaws.com~1role-arn'"),
     ],
     ids=["misspelt_top_level", "misspelt_nested", "misspelt_deep", "wrong_type_bool", "wrong_type_int",
          "bad_log_level", "bad_pull_policy", "prefix_not_s3", "prefix_bad_bucket", "grace_too_short", "grace_too_long",
@@ -378,7 +387,8 @@ def test_schema_refuses_bad_values(chart: helm.Chart, values: dict[str, Any], me
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"watch": {"clusterWide": True, "namespaces": ["a"]}}, "watch.namespaces must be empty when watch.clusterWide is true"),
+        ({"watch": {"clusterWide": True, "namespaces": ["a"]}},
+         "watch.namespaces must be empty when watch.clusterWide is true"),
         ({"liveness": {"port": 8080}}, "metrics.port and liveness.port must differ"),
         ({"serviceAccount": {"create": False}}, "serviceAccount.name is required when serviceAccount.create is false"),
     ],
@@ -465,7 +475,8 @@ def test_rendered_crd_is_the_file_plus_keep_annotation(chart: helm.Chart, keep: 
 def test_crd_omitted_when_not_installed(chart: helm.Chart) -> None:
     objects = render(chart, {"crds": {"install": False}})
     assert not of_kind(objects, "CustomResourceDefinition")
-    assert "kubectl get crd loraresumes.loraresume.dev" in render_text(chart, {"crds": {"install": False}})["templates/NOTES.txt"]
+    notes = render_text(chart, {"crds": {"install": False}})["templates/NOTES.txt"]
+    assert "kubectl get crd loraresumes.loraresume.dev" in notes
 
 
 def test_chart_has_no_crds_dir(chart: helm.Chart) -> None:
@@ -568,7 +579,8 @@ def test_service_monitor_scrapes_the_metrics_service(chart: helm.Chart) -> None:
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
-    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}]
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}]
     assert service["metadata"]["annotations"] == {"prometheus.io/scrape": "true"}
 
 
@@ -587,7 +599,8 @@ def test_standard_labels_on_every_object_but_the_crd(chart: helm.Chart) -> None:
 
 def test_chart_metadata(chart: helm.Chart) -> None:
     meta = chart.metadata
-    assert (meta["apiVersion"], meta["name"], meta["version"], meta["appVersion"]) == ("v2", "loraresume-operator", "0.1.0", "0.1.0")
+    assert (meta["apiVersion"], meta["name"], meta["version"], meta["appVersion"]) == (
+        "v2", "loraresume-operator", "0.1.0", "0.1.0")
     assert meta["kubeVersion"] == ">=1.29.0-0"
 
 
@@ -601,3 +614,12 @@ def test_notes_say_what_to_do_next(chart: helm.Chart) -> None:
         assert needle in notes, needle
     notes = render_text(chart, NON_DEFAULT)["templates/NOTES.txt"]
     assert "every namespace" in notes and "create secret generic s3-creds" in notes and "ServiceMonitor" in notes
+
+
+def test_packaged_chart_keeps_the_crd(tmp_path: Path) -> None:
+    """`helm package` honours .helmignore: the archive must still carry files/ (the CRD)."""
+    archive = helm.package(CHART_DIR, destination=tmp_path)
+    assert Path(archive).name == "loraresume-operator-0.1.0.tgz"
+    with helm.Chart.load(archive) as packaged:
+        crd = only(render(packaged), "CustomResourceDefinition")
+    assert crd["metadata"]["name"] == "loraresumes.loraresume.dev"
