@@ -1,0 +1,182 @@
+"""The operator's real Reconciler, in process, over stand-ins for the Kubernetes API and S3.
+
+Fast enough to run per hypothesis example: the stand-ins record what the operator writes
+(status, pods, events) and answer reads like an empty cluster and an empty bucket.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from botocore.exceptions import ClientError
+from kubernetes.client import ApiException
+
+from loraresume_operator.reconcile import Reconciler
+
+try:  # the defaults moved out of pods.py; either home works
+    from loraresume_operator.defaults import OperatorDefaults
+except ImportError:  # pragma: no cover
+    from loraresume_operator.pods import OperatorDefaults  # type: ignore[no-redef]
+
+NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
+NS = "fuzz"
+SOURCE_ADAPTER = "s3://fuzz-source/adapter/"
+
+
+def _not_found() -> ApiException:
+    return ApiException(status=404, reason="Not Found")
+
+
+class _ApiClient:
+    @staticmethod
+    def sanitize_for_serialization(obj: Any) -> Any:
+        return obj
+
+
+class _Status422:
+    """The HTTP response of a 422, as kubernetes.client.ApiException reads it."""
+
+    def __init__(self, pod: dict[str, Any], problems: list[tuple[str, str]]) -> None:
+        import json
+
+        name = pod["metadata"]["name"]
+        texts = [f"{where}: {detail}" for where, detail in problems]
+        self.status, self.reason = 422, "Unprocessable Entity"
+        self.data = json.dumps({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
+            "message": f'Pod "{name}" is invalid: [' + ", ".join(texts) + "]",
+            "details": {"name": name, "kind": "Pod",
+                        "causes": [{"reason": "FieldValueInvalid", "field": w, "message": d} for w, d in problems]},
+        })
+
+    def getheaders(self) -> dict[str, str]:
+        return {"Content-Type": "application/json"}
+
+
+@dataclass
+class _Secret:
+    data: dict[str, str]
+
+
+ANY_SECRET = {"AWS_ACCESS_KEY_ID": "fuzz-key-id", "AWS_SECRET_ACCESS_KEY": "fuzz-secret-key"}
+
+
+@dataclass
+class FakeCore:
+    secrets: dict[str, dict[str, str]] | None = None  # None: every Secret exists (ANY_SECRET)
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    created: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    api_client: _ApiClient = field(default_factory=_ApiClient)
+    validate_pod: Any = None  # pod -> [(field, detail)]: what a real API server would refuse (422)
+
+    def read_namespaced_pod(self, name: str, namespace: str) -> Any:
+        if name not in self.pods:
+            raise _not_found()
+        return self.pods[name]
+
+    def read_namespaced_secret(self, name: str, namespace: str) -> Any:
+        data = ANY_SECRET if self.secrets is None else self.secrets.get(name)
+        if data is None:
+            raise _not_found()
+        return _Secret({k: base64.b64encode(v.encode()).decode() for k, v in data.items()})
+
+    def create_namespaced_pod(self, namespace: str, pod: dict[str, Any]) -> Any:
+        problems = self.validate_pod(pod) if self.validate_pod else []
+        if problems:
+            self.refused.append(copy.deepcopy(pod))
+            raise ApiException(status=422, reason="Unprocessable Entity", http_resp=_Status422(pod, problems))
+        self.created.append(copy.deepcopy(pod))
+        name = pod["metadata"]["name"]
+        if name in self.pods:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.pods[name] = {"metadata": pod["metadata"], "status": {"phase": "Pending"}}
+        return pod
+
+    def create_namespaced_event(self, namespace: str, event: dict[str, Any]) -> Any:
+        self.events.append(event)
+        return event
+
+    def delete_collection_namespaced_pod(self, namespace: str, label_selector: str) -> None:
+        self.pods.clear()
+
+
+@dataclass
+class FakeCustom:
+    body: dict[str, Any]
+    status_writes: list[dict[str, Any]] = field(default_factory=list)
+
+    def get_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str, name: str) -> Any:
+        if name != self.body["metadata"]["name"]:  # any other LoraResume: a finished adapter source
+            return {"metadata": {"name": name, "namespace": namespace},
+                    "status": {"phase": "Succeeded", "outputAdapter": SOURCE_ADAPTER}}
+        return copy.deepcopy(self.body)
+
+    def replace_namespaced_custom_object_status(
+        self, group: str, version: str, namespace: str, plural: str, name: str, new: dict[str, Any]
+    ) -> Any:
+        if new["metadata"]["resourceVersion"] != self.body["metadata"]["resourceVersion"]:
+            raise ApiException(status=409, reason="Conflict")
+        self.status_writes.append(copy.deepcopy(new["status"]))
+        self.body["status"] = copy.deepcopy(new["status"])
+        self.body["metadata"]["resourceVersion"] = str(int(self.body["metadata"]["resourceVersion"]) + 1)
+        return self.body
+
+
+class _Pages:
+    def paginate(self, **_: Any) -> list[dict[str, Any]]:
+        return [{"CommonPrefixes": [], "Contents": []}]
+
+
+class EmptyBucket:
+    """An S3 client whose bucket is empty: no checkpoints, no progress, no adapter."""
+
+    def get_paginator(self, name: str) -> _Pages:
+        return _Pages()
+
+    def _missing(self, operation: str) -> ClientError:
+        return ClientError({"Error": {"Code": "NoSuchKey"}, "ResponseMetadata": {"HTTPStatusCode": 404}}, operation)
+
+    def get_object(self, **_: Any) -> Any:
+        raise self._missing("GetObject")
+
+    def head_object(self, **_: Any) -> Any:
+        raise ClientError({"Error": {"Code": "404"}, "ResponseMetadata": {"HTTPStatusCode": 404}}, "HeadObject")
+
+
+@dataclass
+class Cluster:
+    """One LoraResume in a fake cluster, reconciled by the real Reconciler."""
+
+    stored: dict[str, Any]  # the resource as the API server stored it (after pruning/defaulting)
+    defaults: OperatorDefaults = field(default_factory=lambda: OperatorDefaults(storage_uri_prefix="s3://fuzz-default/runs/"))
+    secrets: dict[str, dict[str, str]] | None = None
+    s3_calls: list[tuple[Any, ...]] = field(default_factory=list)
+    validate_pod: Any = None
+
+    def __post_init__(self) -> None:
+        body = copy.deepcopy(self.stored)
+        body.setdefault("metadata", {}).update(
+            namespace=NS, uid=str(uuid.uuid4()), generation=1, resourceVersion="1"
+        )
+        self.core = FakeCore(secrets=self.secrets, validate_pod=self.validate_pod)
+        self.custom = FakeCustom(body)
+
+        def s3_factory(*args: Any) -> EmptyBucket:
+            self.s3_calls.append(args)
+            return EmptyBucket()
+
+        self.reconciler = Reconciler(self.core, self.custom, self.defaults, clock=lambda: NOW, s3_factory=s3_factory)
+
+    def reconcile(self) -> float | None:
+        return self.reconciler.reconcile(NS, self.custom.body["metadata"]["name"])
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.custom.body.get("status") or {}

@@ -1,0 +1,226 @@
+"""Three judges of a LoraResume, fuzzed: the CRD schema as the API server applies it (the sandbox
+emulator's pure admission: prune, default, openAPIV3 validation, CEL rules), the pydantic model,
+and the operator itself (its real Reconciler in process, over stand-ins for the API and S3).
+
+Properties:
+- every resource the model accepts, the schema accepts, and defaulting means the same to both;
+- every such resource is run by the operator: a hardened pod whose job config the trainer accepts,
+  and a second reconcile changes nothing (no write loop);
+- a valid resource with one edit is either refused by the schema with a message naming the field
+  path, or stored; a stored one is accepted by the model (then it is run as above), or the
+  operator ends it Failed with a message naming the field, once (no write loop).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from loraresume_operator.crd import build_crd
+from loraresume_operator.spec import GROUP, KIND, LoraResumeSpec
+from loraresume_sandbox.k8s_errors import ApiError
+from loraresume_sandbox.k8s_schema import StructuralSchema
+from loraresume_trainer.config import ENV_JOB, parse_job
+from loraresume_trainer.s3uri import S3Uri
+from tests.fuzz.harness import SOURCE_ADAPTER, Cluster
+from tests.fuzz.strategies import Mutation, dotted, model_loc, mutations, resource, valid_specs
+from tests.security.pod_policy import hardening_problems
+
+FUZZ = settings(
+    max_examples=200, deadline=None, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+)
+ROOT_SCHEMA = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+SCHEMA = StructuralSchema(ROOT_SCHEMA, kind=KIND, group=GROUP)
+IMMUTABLE = ("baseModel", "maxSeqLength", "adapter", "lora", "dataset", "training")
+
+
+def admit(doc: dict[str, Any], old: dict[str, Any] | None = None, mode: str = "Strict") -> tuple[dict, list[str]]:
+    """What the API server stores for `doc` (raises ApiError when it refuses)."""
+    stored = copy.deepcopy(doc)
+    warnings = SCHEMA.admit(stored, copy.deepcopy(old) if old else None, name=doc["metadata"]["name"],
+                            field_validation=mode)
+    return stored, warnings
+
+
+def job_of(pod: dict[str, Any]) -> dict[str, Any]:
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    return json.loads(env[ENV_JOB]["value"])
+
+
+def check_operator_runs(stored: dict[str, Any]) -> None:
+    """A model-valid resource: one hardened pod the trainer accepts, then quiet (no write loop)."""
+    cluster = Cluster(stored)
+    after = cluster.reconcile()
+    assert after is None or 0 < after < float("inf")
+    status = cluster.status
+    assert status.get("phase") == "Pending" and status.get("attempt") == 1, status
+    assert len(cluster.custom.status_writes) == 1
+    [pod] = cluster.core.created
+    assert hardening_problems(pod) == []
+    job = parse_job(job_of(pod))  # the trainer accepts what the operator hands it (raises ConfigError if not)
+    spec = LoraResumeSpec.model_validate(stored["spec"])
+    if spec.adapter is not None:
+        assert job.adapter == (spec.adapter.uri and str(S3Uri.parse(spec.adapter.uri).as_dir()) or SOURCE_ADAPTER)
+    cluster.reconcile()  # the pod exists now (phase Pending): the status says so
+    writes, events = len(cluster.custom.status_writes), len(cluster.core.events)
+    for _ in range(2):  # nothing changes any more: nothing to write, no new event, no new pod
+        after = cluster.reconcile()
+        assert after is None or 0 < after < float("inf")
+    assert (len(cluster.custom.status_writes), len(cluster.core.events)) == (writes, events), cluster.status
+    assert len({p["metadata"]["name"] for p in cluster.core.created}) == 1
+
+
+def related(a: str, b: str) -> bool:
+    """One dotted path is the other or lies under it (spec.a vs spec.a.b / spec.a[0])."""
+    return a == b or a.startswith((b + ".", b + "[")) or b.startswith((a + ".", a + "["))
+
+
+def check_refusal(error: ApiError, mutation: Mutation) -> None:
+    where = dotted(mutation.path)
+    if error.code == 400:  # strict decoding: unknown fields, named with their path
+        assert f'unknown field "{where}"' in error.message, error.message
+        return
+    assert error.code == 422 and error.reason == "Invalid", error.message
+    causes = error.details["causes"]
+    assert causes, error.message
+    for cause in causes:
+        assert cause["field"] and cause["field"] in error.message, error.message
+    assert any(related(cause["field"], where) for cause in causes), (where, error.message)
+
+
+def check_failed_with_field(stored: dict[str, Any], problem: ValidationError, mutation: Mutation) -> None:
+    cluster = Cluster(stored)
+    assert cluster.reconcile() is None
+    status = cluster.status
+    assert status.get("phase") == "Failed", status
+    message = status["message"]
+    assert message.startswith("invalid spec: ")
+    named = [".".join(str(p) for p in err["loc"]) for err in problem.errors()]
+    assert all(loc in message for loc in named), (named, message)
+    loc = model_loc(mutation.path)
+    assert any(related(n, loc) for n in named if n) or not loc, (loc, message)
+    [failed] = [c for c in status["conditions"] if c["type"] == "Failed"]
+    assert failed["status"] == "True" and failed["reason"] == "InvalidSpec" and failed["message"] == message
+    assert not cluster.core.created, "no pod for an invalid spec"
+    assert [e["reason"] for e in cluster.core.events] == ["InvalidSpec"]
+    cluster.reconcile()  # already Failed with the same message: nothing more
+    assert len(cluster.custom.status_writes) == 1 and len(cluster.core.events) == 1
+
+
+# ------------------------------------------------------------------------------------ properties
+
+
+@FUZZ
+@given(valid_specs())
+def test_model_valid_resource_is_schema_valid_and_defaults_agree(spec: dict[str, Any]) -> None:
+    stored, warnings = admit(resource(spec))
+    assert warnings == []
+    assert LoraResumeSpec.model_validate(stored["spec"]) == LoraResumeSpec.model_validate(spec)
+
+
+@FUZZ
+@given(valid_specs())
+def test_model_valid_resource_is_run_by_the_operator(spec: dict[str, Any]) -> None:
+    stored, _ = admit(resource(spec))
+    check_operator_runs(stored)
+
+
+@FUZZ
+@given(st.data())
+def test_edited_resource_is_refused_with_the_field_or_failed_with_the_field(data: st.DataObject) -> None:
+    spec = data.draw(valid_specs(), label="valid spec")
+    mutation = data.draw(mutations(ROOT_SCHEMA, spec), label="mutation")
+    try:
+        stored, _ = admit(mutation.doc)
+    except ApiError as error:
+        check_refusal(error, mutation)
+        if mutation.kind == "unknown-field":  # kubectl --validate=warn / the python client: pruned
+            stored, warnings = admit(mutation.doc, mode="Warn")
+            assert warnings == [f'unknown field "{dotted(mutation.path)}"']
+            assert LoraResumeSpec.model_validate(stored["spec"]) == LoraResumeSpec.model_validate(spec)
+        return
+    try:
+        LoraResumeSpec.model_validate(stored["spec"])
+    except ValidationError as problem:
+        check_failed_with_field(stored, problem, mutation)
+        return
+    check_operator_runs(stored)
+
+
+@FUZZ
+@given(valid_specs(), valid_specs(), st.sets(st.sampled_from([*IMMUTABLE, "storage", "resources", "scheduling",
+                                                              "restartPolicy", "image"])))
+def test_updates_change_only_what_may_change(old_spec: dict, other: dict, fields: set[str]) -> None:
+    old, _ = admit(resource(old_spec))
+    new_spec = copy.deepcopy(old_spec)
+    for field in fields:
+        if field in other:
+            new_spec[field] = copy.deepcopy(other[field])
+        else:
+            new_spec.pop(field, None)
+    new = resource(new_spec)
+    try:
+        stored, _ = admit(new, old=old)
+    except ApiError as error:
+        refused = {cause["field"] for cause in error.details["causes"]}
+    else:
+        refused = set()
+        assert LoraResumeSpec.model_validate(stored["spec"])
+    defaulted, _ = admit(new)
+    expected = {f"spec.{f}" for f in IMMUTABLE if f in old["spec"] and f in defaulted["spec"]
+                and old["spec"][f] != defaulted["spec"][f]}
+    old_uri, new_uri = old["spec"]["storage"].get("uri"), defaulted["spec"]["storage"].get("uri")
+    if old_uri != new_uri:
+        expected.add("spec.storage")
+    if ("adapter" in old["spec"]) != ("adapter" in defaulted["spec"]):
+        expected.add("spec")
+    assert refused == expected
+
+
+def test_the_mutation_strategy_reaches_every_judge() -> None:
+    """Guard against a strategy that only ever exercises one branch (a vacuous property)."""
+    outcomes: set[str] = set()
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+    @given(st.data())
+    def probe(data: st.DataObject) -> None:
+        spec = data.draw(valid_specs())
+        mutation = data.draw(mutations(ROOT_SCHEMA, spec))
+        try:
+            stored, _ = admit(mutation.doc)
+        except ApiError as error:
+            outcomes.add(f"schema-{error.code}")
+            return
+        try:
+            LoraResumeSpec.model_validate(stored["spec"])
+            outcomes.add("both-accept")
+        except ValidationError:
+            outcomes.add("model-refuses")
+
+    probe()
+    assert {"schema-400", "schema-422", "model-refuses", "both-accept"} <= outcomes, outcomes
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        ({"dataset": {"source": "/d.jsonl", "template": "{0}"}}, "dataset.template"),
+        ({"dataset": {"source": "/d.jsonl", "template": "shakespeare"}}, "dataset.template"),
+        ({"resources": {"memory": "48Gi\n"}}, "resources.memory"),  # the sandbox's `$` takes a final newline
+    ],
+    ids=["positional-template", "unknown-template", "trailing-newline"],
+)
+def test_examples_only_the_model_can_refuse(edit: dict, field: str) -> None:
+    spec = {"baseModel": "m", "dataset": {"source": "/d.jsonl"}, "storage": {"uri": "s3://bucket/run/"}, **edit}
+    stored, _ = admit(resource(spec))
+    with pytest.raises(ValidationError) as problem:
+        LoraResumeSpec.model_validate(stored["spec"])
+    check_failed_with_field(stored, problem.value, Mutation("example", ("spec", *field.split(".")), stored))
