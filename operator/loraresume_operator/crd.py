@@ -27,6 +27,7 @@ from pydantic_core import to_jsonable_python
 
 from loraresume_trainer.config import DatasetSettings
 
+from .k8s_names import MAX_LABEL_VALUE as MAX_NAME
 from .spec import (
     CATEGORIES,
     GROUP,
@@ -246,7 +247,10 @@ def _root_schema() -> dict[str, Any]:
                 "type": "string",
             },
             "kind": {"description": "REST resource this object represents (LoraResume).", "type": "string"},
-            "metadata": {"type": "object"},
+            # The name is a label value on the trainer pods (selectors, ownership): 63 characters at most.
+            "metadata": {"type": "object", "properties": {"name": {
+                "description": "Name of the LoraResume; its trainer pods carry it as a label value.",
+                "type": "string", "maxLength": MAX_NAME}}},
             "spec": spec,
             "status": status,
         },

@@ -104,13 +104,31 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_iso(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+def parse_iso(text: str | None) -> datetime | None:
+    """RFC 3339 in any spelling another writer may use (fractional seconds, +00:00); None if unreadable."""
+    try:
+        moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def backoff_seconds(spec: LoraResumeSpec, failures: int) -> float:
     policy = spec.restart_policy
-    return float(min(policy.max_backoff_seconds, policy.backoff_seconds * 2 ** max(0, failures - 1)))
+    doublings = min(max(0, failures - 1), 40)  # 2**40 s is beyond any cap; keeps the arithmetic small
+    return float(min(policy.max_backoff_seconds, policy.backoff_seconds * 2**doublings))
+
+
+MAX_STEP = 2**62  # status fields are int64 in the CRD
+
+
+def _count(value: Any, default: int) -> int:
+    """A non-negative step count from progress.json (written by the trainer, read as untrusted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return default
+    if value in (float("inf"), float("-inf")):
+        return default
+    return min(MAX_STEP, max(0, int(value)))
 
 
 def wants_on_demand(spec: LoraResumeSpec, preemptions: int) -> bool:
@@ -152,12 +170,13 @@ def _report_progress(b: _Builder) -> None:
     obs = b.obs
     if obs.checkpoint is not None:
         b.set(latest_checkpoint=obs.checkpoint)
-    progress = obs.progress or {}
-    max_steps = int(progress.get("max_steps") or obs.spec.training.max_steps)
-    step = int(progress.get("step") or b.values["step"])
+    progress = obs.progress if isinstance(obs.progress, dict) else {}
+    max_steps = _count(progress.get("max_steps"), 0) or obs.spec.training.max_steps
+    step = _count(progress.get("step"), 0) or b.values["step"]
     b.set(step=step, max_steps=max_steps, progress=f"{step}/{max_steps}")
-    if progress.get("loss") is not None:
-        b.set(loss=f"{float(progress['loss']):.4g}")
+    loss = progress.get("loss")
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        b.set(loss=f"{float(loss):.4g}")
 
 
 def _fail(b: _Builder, reason: str, message: str) -> None:
@@ -214,11 +233,11 @@ def _adapter_uri(b: _Builder) -> tuple[bool, str | None]:
 
 
 def _lost_steps(obs: Observation) -> int:
-    progress = obs.progress or {}
-    if int(progress.get("attempt") or 0) != obs.status.attempt:
+    progress = obs.progress if isinstance(obs.progress, dict) else {}
+    if _count(progress.get("attempt"), 0) != obs.status.attempt:
         return 0  # the ended attempt never reported a step
     durable = obs.checkpoint.step if obs.checkpoint else 0
-    return max(0, int(progress.get("step") or 0) - durable)
+    return max(0, _count(progress.get("step"), 0) - durable)
 
 
 def _ended(b: _Builder, end: PodEnd) -> None:
@@ -281,9 +300,11 @@ def decide(obs: Observation) -> Plan:
 
     if status.pod_name is None:
         # No attempt in flight: the first one, or the next after a backoff.
-        if status.next_attempt_after:
-            wait = (parse_iso(status.next_attempt_after) - obs.now).total_seconds()
-            if wait > 0:
+        due = parse_iso(status.next_attempt_after) if status.next_attempt_after else None
+        if due is not None:
+            wait = (due - obs.now).total_seconds()
+            # Beyond the (possibly lowered) cap, or unreadable: the backoff is over.
+            if 0 < wait <= obs.spec.restart_policy.max_backoff_seconds:
                 b.requeue(wait)
                 return b.plan()
         ready, adapter = _adapter_uri(b)

@@ -8,6 +8,7 @@ only then are pods created (AlreadyExists is success: names are per attempt).
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 from collections import defaultdict
@@ -26,6 +27,7 @@ from . import metrics
 from .decide import CreatePod, EmitEvent, Observation, Plan, Resource, SourceState, decide, iso, parse_iso
 from .observed import ObservedPod
 from .defaults import OperatorDefaults, effective_spec
+from .k8s_names import MAX_LABEL_VALUE
 from .pods import LABEL_RESOURCE, build_trainer_pod
 from .s3_view import StorageView, read_storage, s3_client
 from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus, Phase
@@ -38,6 +40,15 @@ STORAGE_RETRY_SECONDS = 30.0
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _api_message(exc: ApiException) -> str:
+    """The Status message of an API error (it names the fields), else the reason."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (TypeError, ValueError):
+        return str(exc.reason)
+    return str(body.get("message") or exc.reason)[:2000] if isinstance(body, dict) else str(exc.reason)
 
 
 class Reconciler:
@@ -152,6 +163,9 @@ class Reconciler:
             spec = LoraResumeSpec.model_validate(body.get("spec") or {})
         except ValidationError as exc:
             return self._invalid(body, resource, status, format_validation_error(exc))
+        if len(resource.name) > MAX_LABEL_VALUE:  # the CRD says so too; an older CRD may have let it in
+            return self._invalid(body, resource, status, f"metadata.name: at most {MAX_LABEL_VALUE} characters (the "
+                                 f"trainer pods carry it as a label value), got {len(resource.name)}")
         if status.phase.is_terminal and status.observed_generation == resource.generation:
             return None
         written = status
@@ -192,11 +206,17 @@ class Reconciler:
         for action in plan.actions:
             if isinstance(action, CreatePod):
                 started = self.clock()
-                self._create_pod(resource, spec, action)
+                try:
+                    self._create_pod(resource, spec, action)
+                except ApiException as exc:
+                    if exc.status not in (400, 403, 422):
+                        raise
+                    self._pod_refused(resource, action, exc)
+                    return
                 if before.last_attempt_ended != plan.status.last_attempt_ended or before.next_attempt_after:
-                    ended = plan.status.last_attempt_ended or before.last_attempt_ended
+                    ended = parse_iso(plan.status.last_attempt_ended or before.last_attempt_ended)
                     if ended:
-                        metrics.RELAUNCH_SECONDS.observe(max(0.0, (self.clock() - parse_iso(ended)).total_seconds()))
+                        metrics.RELAUNCH_SECONDS.observe(max(0.0, (self.clock() - ended).total_seconds()))
                 log.info("%s/%s: created pod %s (%.2f s)", resource.namespace, resource.name, action.name,
                          (self.clock() - started).total_seconds())
             elif isinstance(action, EmitEvent):
@@ -237,6 +257,23 @@ class Reconciler:
             if self._write_status(body, status.model_copy(update={"message": message, "conditions": conds})):
                 self.post_event(body, type_="Warning", reason=c.STORAGE_UNAVAILABLE, message=message)
         return STORAGE_RETRY_SECONDS
+
+    def _pod_refused(self, resource: Resource, action: CreatePod, exc: ApiException) -> None:
+        """The API server refused the attempt's pod. Invalid (400/422): the spec feeds it something
+        a pod cannot carry; Failed, with the server's field-level message. Forbidden (403, e.g. a
+        ResourceQuota): said in the status; the pod is created again on later reconciles."""
+        message = f"the API server refused pod {action.name} ({exc.status} {exc.reason}): {_api_message(exc)}"
+        body = self._get(resource.namespace, resource.name)
+        if body is None:
+            return
+        status = LoraResumeStatus.model_validate(body.get("status") or {})
+        if exc.status == 403:
+            metrics.RECONCILE_ERRORS.labels("api").inc()
+            log.warning("%s/%s: %s", resource.namespace, resource.name, message)
+            if status.message != message and self._write_status(body, status.model_copy(update={"message": message})):
+                self.post_event(body, type_="Warning", reason="PodForbidden", message=message)
+            return
+        self._invalid(body, resource, status, message)
 
     def _invalid(self, body: dict[str, Any], resource: Resource, status: LoraResumeStatus, problems: str) -> None:
         """A spec the schema let through but the model refuses: Failed, with every field named."""

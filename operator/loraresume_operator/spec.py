@@ -10,10 +10,12 @@ from __future__ import annotations
 import enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loraresume_trainer.config import DatasetSettings, LoraSettings, camel
 from loraresume_trainer.s3uri import S3Uri
+
+from . import k8s_names
 
 GROUP = "loraresume.dev"
 VERSION = "v1alpha1"
@@ -25,7 +27,7 @@ CATEGORIES = ["all", "ml"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
 # Quantity as the API server accepts it (e.g. 48Gi, 500m, 2).
-QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+QUANTITY_PATTERN = k8s_names.QUANTITY_PATTERN
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
@@ -41,6 +43,29 @@ def immutable(message: str) -> dict[str, Any]:
 
 # Set or unset, storage.uri stays as it was created (an unset one resolves to the operator's prefix).
 STORAGE_URI_IMMUTABLE = "has(self.uri) == has(oldSelf.uri) && (!has(self.uri) || self.uri == oldSelf.uri)"
+def _s3_uri(value: str | None) -> str | None:
+    """The trainer's own S3 URI rules (bucket naming, no empty or '..' segments), stricter than the
+    CRD's pattern: refused here, the resource fails naming the field instead of every reconcile
+    tripping over it."""
+    if value is not None:
+        S3Uri.parse(value)
+    return value
+
+
+def _labels(value: dict[str, str]) -> dict[str, str]:
+    problem = k8s_names.labels_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _dns_subdomain(value: str | None) -> str | None:
+    problem = value is not None and k8s_names.dns_subdomain_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
 _NEW_RESOURCE = "is immutable: it defines the run; create a new LoraResume (with a new storage.uri) instead"
 
 
@@ -55,6 +80,8 @@ class AdapterSource(_Spec):
         description="Name of another LoraResume in this namespace; this one waits until it has Succeeded and "
         "starts from its output adapter (curriculum stages, continuations).",
     )
+
+    _uri = field_validator("uri")(lambda v: _s3_uri(v))
 
     @model_validator(mode="after")
     def _one(self) -> AdapterSource:
@@ -109,6 +136,8 @@ class StorageSpec(_Spec):
         "empty for the operator's default Secret, or, if it has none, the pod's service-account identity (e.g. IRSA).",
     )
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="Complete checkpoints kept in S3, newest first.")
+
+    _uri = field_validator("uri")(lambda v: _s3_uri(v))
     delete_on_resource_deletion: bool = Field(
         False, description="Delete the checkpoints in S3 when the resource is deleted (the adapter is kept)."
     )
@@ -135,8 +164,22 @@ class Toleration(_Spec):
         None, description="Taint effect to match; empty matches all effects."
     )
     toleration_seconds: int | None = Field(
-        None, description="With effect NoExecute: how long the pod stays bound after the taint appears."
+        None, ge=0, le=2**31, description="With effect NoExecute: how long the pod stays bound after the taint appears."
     )
+
+    @model_validator(mode="after")
+    def _as_the_api_server_checks(self) -> Toleration:
+        if self.key and (problem := k8s_names.label_key_problem(self.key)):
+            raise ValueError(problem)
+        if self.operator == "Exists" and self.value:
+            raise ValueError("`value` must be empty when `operator` is Exists")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("`operator` must be Exists when `key` is empty")
+        if self.operator != "Exists" and self.value and (problem := k8s_names.label_value_problem(self.value)):
+            raise ValueError(problem)
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("`tolerationSeconds` needs `effect: NoExecute`")
+        return self
 
 
 class SpotSpec(_Spec):
@@ -152,6 +195,8 @@ class SpotSpec(_Spec):
     fallback_to_on_demand_after: int | None = Field(
         None, ge=1, description="After this many preemptions, attempts drop the spot selector and tolerations."
     )
+    _selectors = field_validator("node_selector", "on_demand_node_selector")(lambda v: _labels(v))
+
     on_demand_node_selector: dict[str, str] = Field(
         default_factory=dict,
         description="Extra node labels once the job has fallen back to on-demand nodes; empty for the operator's "
@@ -169,17 +214,22 @@ class SchedulingSpec(_Spec):
         description="A core/v1 Affinity, passed to the pod as is.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
-    priority_class_name: str | None = Field(None, description="PriorityClass of the trainer pod.")
+    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the trainer pod.")
+
+    _node_selector = field_validator("node_selector")(lambda v: _labels(v))
+    _priority_class = field_validator("priority_class_name")(lambda v: _dns_subdomain(v))
     spot: SpotSpec = Field(default_factory=SpotSpec, description="Spot placement and on-demand fallback.")
 
 
 class RestartPolicySpec(_Spec):
     """Bounded retries: preemptions and failures are counted apart (DESIGN: preemption is not failure)."""
 
-    max_preemptions: int = Field(50, ge=0, description="Preemptions tolerated before the job fails.")
-    backoff_limit: int = Field(3, ge=0, description="Failed attempts (crash, OOM, non-zero exit) retried.")
-    backoff_seconds: int = Field(10, ge=1, description="Delay before the first retry after a failure; doubles.")
-    max_backoff_seconds: int = Field(600, ge=1, description="Cap of the doubling retry delay.")
+    max_preemptions: int = Field(50, ge=0, le=100_000, description="Preemptions tolerated before the job fails.")
+    backoff_limit: int = Field(3, ge=0, le=10_000, description="Failed attempts (crash, OOM, non-zero exit) retried.")
+    backoff_seconds: int = Field(
+        10, ge=1, le=86_400, description="Delay before the first retry after a failure; doubles (at most a day)."
+    )
+    max_backoff_seconds: int = Field(600, ge=1, le=604_800, description="Cap of the doubling retry delay (at most a week).")
 
 
 class LoraResumeSpec(_Spec):
@@ -231,7 +281,7 @@ class LoraResumeSpec(_Spec):
     image: str | None = Field(None, description="Trainer image; empty for the operator's default.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(None, description="Image pull policy.")
     service_account_name: str | None = Field(
-        None, description="Service account of the trainer pod (for workload identity such as IRSA)."
+        None, max_length=253, description="Service account of the trainer pod (for workload identity such as IRSA)."
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources.")
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Pod placement.")
@@ -242,6 +292,8 @@ class LoraResumeSpec(_Spec):
         "(GKE spot: 15 s default, up to 120 s with a node setting; AWS spot: 2-minute notice). Empty for the "
         "operator's default (Helm value trainer.terminationGracePeriodSeconds, 120 s unless changed).",
     )
+
+    _service_account = field_validator("service_account_name")(lambda v: _dns_subdomain(v))
 
     @property
     def storage_root(self) -> S3Uri:
