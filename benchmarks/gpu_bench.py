@@ -66,9 +66,14 @@ SHAPE_NAMES = {"tiny": "tiny Llama (CPU smoke)", "1b": "Llama-3.2-1B shape", "8b
 
 @dataclass
 class Plan:
-    """What one model size runs. Steps: 1..save_steps warm up; then `cycles` cycles of save_steps
-    steps after each checkpoint, uploads on after odd-numbered checkpoints, off after even ones;
-    SIGTERM once step (cycles+1)*save_steps+1 is logged."""
+    """What one model size runs.
+
+    Checkpoint k is saved at step k*save_steps; the save_steps steps after it form cycle k.
+    Checkpoint 1 is uploaded (the early resume point) and cycle 1 is warm-up. Cycles 2..cycles+1
+    are compared, checkpoints alternating not uploaded / uploaded in ABBA order (off, on, on, off,
+    ...) so a drift over the run cancels. Checkpoint cycles+2 is not uploaded, and SIGTERM is sent
+    once step (cycles+2)*save_steps+1 is logged, so the preemption checkpoint uploads alone.
+    """
 
     size: str
     seq: int = 2048
@@ -87,7 +92,7 @@ class Plan:
 
     @property
     def sigterm_step(self) -> int:
-        return (self.cycles + 1) * self.save_steps + 1
+        return (self.cycles + 2) * self.save_steps + 1
 
     @property
     def tokens_per_step(self) -> int:
@@ -102,9 +107,14 @@ class Plan:
         if step % self.save_steps:
             return True
         k = step // self.save_steps
-        if k > self.cycles + 1:  # past the SIGTERM: the preemption checkpoint may land on the grid
+        if k == 1 or k > self.cycles + 2:  # warm-up / past the SIGTERM (its checkpoint may land on the grid)
             return True
-        return k % 2 == 1 and k <= self.cycles  # k == cycles + 1: off, so SIGTERM's upload runs alone
+        if k == self.cycles + 2:  # the SIGTERM cycle: its checkpoint's upload runs alone
+            return False
+        return (k - 2) % 4 in (1, 2)  # compared cycles: off, on, on, off, ...
+
+    def compared(self, k: int) -> bool:
+        return 2 <= k <= self.cycles + 1
 
 
 def plans(mode: str) -> list[Plan]:
@@ -115,10 +125,10 @@ def plans(mode: str) -> list[Plan]:
         return [Plan("1b", save_steps=3, cycles=2, max_steps=16, bl_warmup=2, bl_steps=4,
                      est=dict(build=60, unsloth=70, baseline=50, resume_early=70, resume_late=70))]
     return [
-        Plan("8b", save_steps=4, cycles=4, max_steps=30, bl_warmup=2, bl_steps=5,
-             est=dict(build=110, unsloth=160, baseline=110, resume_early=90, resume_late=90)),
-        Plan("1b", save_steps=4, cycles=2, max_steps=20, bl_warmup=2, bl_steps=5,
-             phases=("build", "unsloth", "baseline"), est=dict(build=45, unsloth=90, baseline=70)),
+        Plan("8b", save_steps=4, cycles=4, max_steps=32, bl_warmup=2, bl_steps=5,
+             est=dict(build=110, unsloth=170, baseline=100, resume_early=85, resume_late=85)),
+        Plan("1b", save_steps=4, cycles=4, max_steps=32, bl_warmup=2, bl_steps=5,
+             est=dict(build=40, unsloth=75, baseline=35, resume_early=55, resume_late=55)),
     ]
 
 
@@ -300,6 +310,17 @@ def install_hf_hooks() -> None:
         return out
 
     tt.skip_first_batches = skip_first_batches
+    # Unsloth's SFTTrainer re-binds `self.train` at the end of its __init__, so train() is wrapped when
+    # the pipeline removes the PrinterCallback, the one call between construction and train().
+    orig_remove = tt.Trainer.remove_callback
+
+    @functools.wraps(orig_remove)
+    def remove_callback(self: Any, callback: Any) -> Any:
+        out = orig_remove(self, callback)
+        instrument_train(self)
+        return out
+
+    tt.Trainer.remove_callback = remove_callback
     orig_init = tt.Trainer.__init__
 
     @functools.wraps(orig_init)
@@ -319,6 +340,12 @@ def instrument_trainer(trainer: Any) -> None:
             timed(trainer, name, name.lstrip("_"))
     timed(trainer, "_save_checkpoint", "save_checkpoint",
           extra=lambda *a, **k: {"step": trainer.state.global_step, "mem": cuda_mem()})
+
+
+def instrument_train(trainer: Any) -> None:
+    if getattr(trainer, "_gpu_bench_train", False):
+        return
+    trainer._gpu_bench_train = True
     orig_train = trainer.train
 
     @functools.wraps(orig_train)
@@ -831,8 +858,9 @@ def analyze_unsloth(ctx: Ctx, plan: Plan, child: Child, rc: int | None, fl: dict
     saves = {e.get("step"): e for e in child.bench("save_checkpoint")}
     uploads = {e.get("step"): e for e in child.bench("upload_checkpoint")}
     durable = {e["step"]: e["_t"] for e in child.of("checkpoint_durable")}
+    submits = {e.get("step"): e for e in child.bench("upload_submitted")}
     cycles = []
-    for k in range(1, C + 1):
+    for k in range(2, C + 2):
         cyc_steps = list(range(k * S + 1, (k + 1) * S + 1))
         if not all(s in intervals for s in cyc_steps):
             continue
@@ -842,7 +870,8 @@ def analyze_unsloth(ctx: Ctx, plan: Plan, child: Child, rc: int | None, fl: dict
             "after_checkpoint": ckpt, "uploads": plan.uploaded(ckpt),
             "seconds": rnd(sum(intervals[s] for s in cyc_steps)),
             "seconds_without_save_interval": rnd(sum(intervals[s] for s in cyc_steps[1:])),
-            "save_seconds": dur(saves.get(ckpt)),
+            "save_seconds": dur(saves.get(ckpt)), "submit_seconds": dur(submits.get(ckpt)),
+            "step_seconds": [rnd(intervals[s]) for s in cyc_steps],
             "upload_seconds": dur(up), "upload_bytes": (up or {}).get("bytes"),
             "upload_done_within_cycle": (up is not None and up["t1"] <= t.get((k + 1) * S, 0)) if up else None,
         })
@@ -861,12 +890,12 @@ def analyze_unsloth(ctx: Ctx, plan: Plan, child: Child, rc: int | None, fl: dict
             "slowdown_pct": rnd(100 * (a / b - 1), 2),
             "slowdown_pct_excluding_save_interval": rnd(100 * (a2 / b2 - 1), 2),
             "method": "one process; after each checkpoint, the next save_steps steps are timed; checkpoints "
-                      "alternate uploaded (BackgroundUploader) / not submitted at all; both save locally",
+                      "alternate (ABBA) uploaded by the BackgroundUploader / not submitted at all; all save locally",
         }
     else:
         res["upload_slowdown"] = {"cycles": cycles, "incomplete": True}
     # training speed: intervals of steps after the warm-up that contain no save, in cycles without uploads
-    in_cycles = [s for s in intervals if S + 1 < s <= (C + 1) * S and (s - 1) % S != 0]
+    in_cycles = [s for s in intervals if plan.compared((s - 1) // S) and (s - 1) % S != 0]
     clean = [s for s in in_cycles if not plan.uploaded(((s - 1) // S) * S)]
     all_clean = in_cycles
     res["throughput"] = throughput(plan, intervals, clean, fl, ctx.results["meta"].get("matmul_tflops"))
