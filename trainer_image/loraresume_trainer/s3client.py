@@ -6,11 +6,20 @@ endpoints and server errors are transient (``StorageError``). Messages are built
 from the error code, the operation and the ``s3://`` URI only, never from the
 request, so secrets, session tokens and endpoint userinfo cannot leak into logs or
 the pod's termination message.
+
+Retries are bounded and logged: botocore's standard mode retries throttling, 5xx and
+connection failures up to the client's total attempts, and every failed attempt is
+logged at WARNING (operation, attempt number, error code or exception class; never the
+URL or credentials). GetObject bodies up to `BUFFERED_BODY_LIMIT` are read inside that
+retry loop, so a body cut short (connection reset, truncated transfer) is retried like a
+503 instead of surfacing later from the caller's read; larger bodies stream as before.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import random
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +64,9 @@ MISCONFIG_ERROR_CODES = frozenset(
 )
 _SAFE_CODE_RE = re.compile(r"^[A-Za-z0-9.]{1,64}$")
 _CODE_IN_TEXT_RE = re.compile(r"An error occurred \(([A-Za-z0-9]+)\)")
+# GetObject bodies up to this size are read (into memory) before botocore's retry decision.
+BUFFERED_BODY_LIMIT = 64 * 1024 * 1024
+_MAX_BACKOFF_SECONDS = 20.0  # botocore's standard-mode cap
 
 
 def make_s3_client(
@@ -63,12 +75,14 @@ def make_s3_client(
     *,
     max_attempts: int = 5,
 ) -> Any:
-    """A boto3 S3 client with bounded retries and timeouts.
+    """A boto3 S3 client with bounded, logged retries and timeouts.
 
-    Credentials come from boto3's standard chain (env vars, shared files, instance
-    roles); this module never reads them. With a custom endpoint (MinIO, Ceph, moto)
-    path-style addressing is used and checksums are only sent when required, which
-    S3-compatible servers that predate the flexible-checksum headers accept.
+    ``max_attempts`` is botocore's: retries after the first request, so each call makes
+    at most ``max_attempts + 1`` requests (`total_attempts`). Credentials come from
+    boto3's standard chain (env vars, shared files, instance roles); this module never
+    reads them. With a custom endpoint (MinIO, Ceph, moto) path-style addressing is used
+    and checksums are only sent when required, which S3-compatible servers that predate
+    the flexible-checksum headers accept.
     """
     import boto3
     from botocore.config import Config
@@ -90,8 +104,104 @@ def make_s3_client(
         region_name=region or None,
         config=Config(**options),
     )
+    total = total_attempts(client)
+    client.meta.events.register("needs-retry.s3", _RetryLog(total), unique_id="loraresume-retry-log")
+    # More specific than botocore's own `needs-retry.s3` handler, so it runs first.
+    client.meta.events.register(
+        "needs-retry.s3.GetObject", _GetObjectBodyGuard(total), unique_id="loraresume-get-object-body"
+    )
     log.debug("S3 client for endpoint %s", redact_url(endpoint_url) or "(AWS default)")
     return client
+
+
+def total_attempts(client: Any) -> int:
+    """Requests one call of `client` makes at most (the first one plus the retries)."""
+    return int(client.meta.config.retries.get("total_max_attempts") or 1)
+
+
+def _backoff(attempts: int) -> float:
+    """botocore's standard-mode delay: full jitter over 2**(attempt-1) seconds, capped at 20."""
+    return random.random() * min(_MAX_BACKOFF_SECONDS, 2.0 ** (attempts - 1))
+
+
+def _attempt_failure(response: Any, caught_exception: BaseException | None) -> str | None:
+    """A short description of a failed attempt that botocore may retry; None for success or a plain 4xx."""
+    if caught_exception is not None:
+        return type(caught_exception).__name__  # its message may quote the URL
+    if response is None:
+        return None
+    http_response, parsed = response
+    status = getattr(http_response, "status_code", None)
+    code = str(((parsed or {}).get("Error") or {}).get("Code", "") or "")
+    if code and not _SAFE_CODE_RE.match(code):
+        code = "unrecognized error code"
+    if code in TRANSIENT_ERROR_CODES or (isinstance(status, int) and (status >= 500 or status == 429)):
+        return f"{code or 'no error code'}, HTTP {status}"
+    return None
+
+
+class _RetryLog:
+    """`needs-retry` handler: logs every failed attempt; leaves the decision to botocore."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def __call__(self, response: Any = None, caught_exception: BaseException | None = None, attempts: int = 1,
+                 operation: Any = None, **_: Any) -> None:
+        failure = _attempt_failure(response, caught_exception)
+        if failure is not None:
+            name = getattr(operation, "name", "request")
+            if attempts < self.total:
+                log.warning("S3 %s attempt %d of %d failed (%s); retrying", name, attempts, self.total, failure)
+            else:
+                log.warning("S3 %s attempt %d of %d failed (%s); giving up", name, attempts, self.total, failure)
+        return None
+
+
+class _GetObjectBodyGuard:
+    """`needs-retry.s3.GetObject` handler: read a small body now, and retry when it comes up short.
+
+    botocore hands a GetObject body to the caller unread, after its retry loop, so a reset
+    or a truncated transfer would fail the caller's read with no retry. Reading bodies up
+    to `BUFFERED_BODY_LIMIT` here puts them inside the loop: a short body counts as a
+    failed attempt (same bound, same backoff); after the last attempt its error is raised.
+    """
+
+    def __init__(self, total: int, limit: int = BUFFERED_BODY_LIMIT) -> None:
+        self.total, self.limit = total, limit
+
+    def __call__(self, response: Any = None, attempts: int = 1, **_: Any) -> float | None:
+        if response is None:
+            return None
+        http_response, parsed = response
+        body, length = (parsed or {}).get("Body"), (parsed or {}).get("ContentLength")
+        if getattr(http_response, "status_code", None) not in (200, 206) or body is None:
+            return None
+        if not isinstance(length, int) or length > self.limit:
+            return None  # unknown or large: streamed to the caller as is
+        from botocore.exceptions import (
+            ConnectionClosedError,
+            FlexibleChecksumError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
+        from botocore.response import StreamingBody
+
+        try:
+            data = body.read()
+        except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError,
+                FlexibleChecksumError) as exc:
+            failure = f"{type(exc).__name__} while reading the body"
+            if attempts >= self.total:
+                log.warning("S3 GetObject attempt %d of %d failed (%s); giving up", attempts, self.total, failure)
+                raise
+            log.warning("S3 GetObject attempt %d of %d failed (%s); retrying", attempts, self.total, failure)
+            return _backoff(attempts)
+        finally:
+            body.close()
+        parsed["Body"] = StreamingBody(io.BytesIO(data), len(data))
+        return None
 
 
 def _client_error_parts(exc: BaseException) -> tuple[str, int | None]:
