@@ -37,6 +37,7 @@ from .manifest import (
     parse_checkpoint_name,
     relpath_problem,
     safe_join,
+    tree_problem,
 )
 from .s3client import is_not_found, s3_errors
 from .s3uri import S3Uri
@@ -51,12 +52,37 @@ PROGRESS_NAME = "progress.json"
 CHECKPOINT_EXCLUDES = frozenset({"training_args.bin"})
 MiB = 1 << 20
 GiB = 1 << 30
+# Download caps: a manifest or listing is storage content, so nothing is fetched blindly. Both can
+# be raised per store or through the environment (big base models fetched with fetch_tree).
 MAX_FILE_BYTES = 64 * GiB
+MAX_DOWNLOAD_BYTES = 512 * GiB
+ENV_MAX_FILE_BYTES = "LORARESUME_MAX_FILE_BYTES"
+ENV_MAX_DOWNLOAD_BYTES = "LORARESUME_MAX_DOWNLOAD_BYTES"
 MAX_MANIFEST_BYTES = 16 * MiB
 MAX_JSON_BYTES = 4 * MiB
 _DELETE_BATCH = 1000
 _CHUNK = MiB
 _JSON_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*\.json$")
+
+
+class DownloadTooLarge(DamagedCheckpoint):
+    """A manifest or listing asks for more bytes than the store's caps allow; nothing was fetched."""
+
+
+def _cap(explicit: int | None, env_name: str, default: int) -> int:
+    if explicit is not None:
+        value = explicit
+    else:
+        text = os.environ.get(env_name, "").strip()
+        if not text:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"{env_name} must be a whole number of bytes, got {text!r}") from None
+    if value < 1:
+        raise ConfigError(f"{env_name} must be at least 1 byte, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -99,9 +125,21 @@ def _replace_dir(src: Path, dest: Path) -> None:
 class CheckpointStore:
     """Checkpoint, adapter and progress I/O for one job's S3 prefix."""
 
-    def __init__(self, client: Any, root: S3Uri):
+    def __init__(
+        self,
+        client: Any,
+        root: S3Uri,
+        *,
+        max_file_bytes: int | None = None,
+        max_download_bytes: int | None = None,
+    ):
+        """``max_file_bytes`` / ``max_download_bytes``: caps on one object and on one download
+        (a checkpoint, an adapter, a fetched tree); default from $LORARESUME_MAX_FILE_BYTES /
+        $LORARESUME_MAX_DOWNLOAD_BYTES, else 64 GiB / 512 GiB."""
         self.client = client
         self.root = root.as_dir()
+        self.max_file_bytes = _cap(max_file_bytes, ENV_MAX_FILE_BYTES, MAX_FILE_BYTES)
+        self.max_download_bytes = _cap(max_download_bytes, ENV_MAX_DOWNLOAD_BYTES, MAX_DOWNLOAD_BYTES)
         self._transfer = _transfer_config()
         self._uploaded_stats: dict[tuple[str, str], tuple[int, int]] = {}
 
@@ -297,27 +335,50 @@ class CheckpointStore:
 
     # -------------------------------------------------------------- downloads
 
+    def _check_plan(self, label: str, entries: list[tuple[str, int]], *, max_file_bytes: int | None = None) -> None:
+        """Refuse a download before any request: unsafe or clashing paths (DamagedCheckpoint),
+        sizes over the caps (DownloadTooLarge)."""
+        per_file = min(self.max_file_bytes, max_file_bytes or self.max_file_bytes)
+        for rel, _ in entries:
+            problem = relpath_problem(rel)
+            if problem:
+                raise DamagedCheckpoint(f"{label} is damaged: file path {rel!r} {problem}")
+        problem = tree_problem([rel for rel, _ in entries])
+        if problem:
+            raise DamagedCheckpoint(f"{label} is damaged: {problem}")
+        for rel, size in entries:
+            if size > per_file:
+                raise DownloadTooLarge(
+                    f"{label} is too large: {rel} has {size} bytes, over the limit of {per_file} bytes per file "
+                    f"(${ENV_MAX_FILE_BYTES}); nothing was downloaded"
+                )
+        total = sum(size for _, size in entries)
+        if total > self.max_download_bytes:
+            raise DownloadTooLarge(
+                f"{label} is too large: {len(entries)} files with {total} bytes in all, over the limit of "
+                f"{self.max_download_bytes} bytes (${ENV_MAX_DOWNLOAD_BYTES}); nothing was downloaded"
+            )
+
     def download_tree(
         self,
         prefix_uri: S3Uri,
         manifest: Manifest,
         dest: Path,
         *,
-        max_file_bytes: int = MAX_FILE_BYTES,
+        max_file_bytes: int | None = None,
     ) -> Path:
-        """Download and verify every manifest file; ``dest`` appears only when all are good."""
+        """Download and verify every manifest file; ``dest`` appears only when all are good.
+
+        Before any request, every path is checked (safe, no clashes) and every size against
+        the caps (``DownloadTooLarge``); before any body is fetched, every object's size (HEAD)
+        against the manifest; while streaming, nothing past the manifest's size is written.
+        """
         prefix = prefix_uri.as_dir()
         label = f"checkpoint {prefix}" if manifest.kind == "checkpoint" else f"{manifest.kind} {prefix}"
+        self._check_plan(label, [(f.path, f.size) for f in manifest.files], max_file_bytes=max_file_bytes)
 
         # Check presence and sizes of everything before spending time on large bodies.
         for entry in manifest.files:
-            problem = relpath_problem(entry.path)
-            if problem:  # Manifest.from_bytes refuses these; a hand-built Manifest may not
-                raise DamagedCheckpoint(f"{label} is damaged: file path {entry.path!r} {problem}")
-            if entry.size > max_file_bytes:
-                raise DamagedCheckpoint(
-                    f"{label} is damaged: {entry.path} claims {entry.size} bytes, over the limit of {max_file_bytes}"
-                )
             size = self._head_size(prefix.child(entry.path))
             if size is None:
                 raise DamagedCheckpoint(f"{label} is damaged: {entry.path} is missing")
@@ -369,7 +430,10 @@ class CheckpointStore:
         data = self._get_small(manifest_uri, MAX_MANIFEST_BYTES)
         if data is not None:
             manifest = Manifest.from_bytes(data, source=str(manifest_uri))
-            return self.download_tree(prefix, manifest, dest)
+            try:
+                return self.download_tree(prefix, manifest, dest)
+            except DownloadTooLarge as exc:
+                raise ConfigError(f"{exc}; raise the limit if that is expected") from None
 
         objects: list[tuple[str, int]] = []
         for key, size in self._list_objects(prefix):
@@ -386,6 +450,12 @@ class CheckpointStore:
                 raise ConfigError(f"cannot fetch {prefix}: more than {MAX_FILES} objects")
         if not objects:
             raise ConfigError(f"nothing found at {prefix}: check the URI and that the upload finished")
+        try:
+            self._check_plan(str(prefix), objects)
+        except DownloadTooLarge as exc:
+            raise ConfigError(f"{exc}; raise the limit if that is expected") from None
+        except DamagedCheckpoint as exc:  # two keys clash (`x` and `x/y`)
+            raise ConfigError(f"cannot fetch {exc}; rename or remove the objects") from None
 
         label = f"download of {prefix}"
 
@@ -586,7 +656,7 @@ class CheckpointStore:
             return None
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             log.warning("ignoring %s: not valid JSON", uri)
             return None
         if not isinstance(doc, dict):

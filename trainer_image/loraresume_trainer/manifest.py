@@ -23,6 +23,8 @@ from .errors import DamagedCheckpoint, TrainerError
 MANIFEST_NAME = "_COMPLETE.json"
 FORMAT_VERSION = 1
 MAX_FILES = 10_000
+MAX_SEGMENT_CHARS = 255  # NAME_MAX of the usual Linux filesystems
+MAX_PATH_CHARS = 1024
 KINDS = frozenset({"checkpoint", "adapter"})
 CHECKPOINT_NAME_RE = re.compile(r"^checkpoint-([0-9]{1,12})$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -55,6 +57,8 @@ def relpath_problem(path: str) -> str | None:
         return "contains a backslash"
     if path.startswith("/"):
         return "is absolute"
+    if len(path) > MAX_PATH_CHARS:
+        return f"is longer than {MAX_PATH_CHARS} characters"
     for segment in path.split("/"):
         if segment == "":
             return "has an empty segment"
@@ -62,7 +66,38 @@ def relpath_problem(path: str) -> str | None:
             return f"has a {segment!r} segment"
         if not _SEGMENT_RE.match(segment):
             return "has characters outside [A-Za-z0-9._-]"
+        if len(segment) > MAX_SEGMENT_CHARS:
+            return f"has a segment longer than {MAX_SEGMENT_CHARS} characters"
     return None
+
+
+def tree_problem(paths: list[str]) -> str | None:
+    """Why a set of safe relative paths cannot all be files of one directory tree, or None.
+
+    A path listed twice, or a path that is also a directory of another (``x`` and ``x/y``),
+    would make a download fail half-way with an OS error instead of a verification error.
+    """
+    seen: set[str] = set()
+    for path in paths:
+        if path in seen:
+            return f"file path {path!r} is listed twice"
+        seen.add(path)
+    for path in paths:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in seen:
+                return f"{parent!r} is listed as a file and as the directory of {path!r}"
+    return None
+
+
+def _aware_timestamp(text: str) -> bool:
+    """An ISO 8601 date-time with a UTC offset (what build_manifest writes)."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return moment.tzinfo is not None
 
 
 @dataclass(frozen=True)
@@ -111,6 +146,8 @@ class Manifest:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise damaged(f"not valid JSON ({exc})") from None
+        except RecursionError:
+            raise damaged("JSON nested too deeply") from None
         if not isinstance(doc, dict):
             raise damaged("top level is not a JSON object")
 
@@ -131,6 +168,8 @@ class Manifest:
         created_at = doc.get("created_at", "")
         if not isinstance(created_at, str):
             raise damaged("created_at is not a string")
+        if not _aware_timestamp(created_at):
+            created_at = ""  # informational only (readers compute an age from it): unknown, not damaged
         fingerprint = doc.get("fingerprint", {})
         if not isinstance(fingerprint, dict):
             raise damaged("fingerprint is not an object")
@@ -161,6 +200,9 @@ class Manifest:
             if not isinstance(digest, str) or not _SHA256_RE.match(digest):
                 raise damaged(f"sha256 of {path!r} is not 64 lowercase hex digits")
             files.append(FileEntry(path, size, digest))
+        problem = tree_problem([f.path for f in files])
+        if problem:
+            raise damaged(problem)
 
         return cls(
             kind=kind,
