@@ -48,6 +48,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -94,11 +95,14 @@ class Disruption:
     kind: str
     after_steps: int = 1  # step kinds: steps past the attempt's start step
     file_index: int = 2  # upload/download kills: hold the k-th file request of a checkpoint (k >= 2)
+    nth_checkpoint: int = 1  # upload kill: in the attempt's n-th checkpoint upload (n=2: one is complete)
     window: str = "training"  # operator_restart: "training" or "relaunch"
     downtime: float = 0.0  # operator_restart: seconds without an operator
 
     def describe(self) -> str:
-        if self.kind in ("upload_kill", "download_kill"):
+        if self.kind == "upload_kill":
+            return f"{self.kind}(checkpoint {self.nth_checkpoint}, file {self.file_index})"
+        if self.kind == "download_kill":
             return f"{self.kind}(file {self.file_index})"
         if self.kind == "operator_restart":
             where = "relaunch" if self.window == "relaunch" else f"+{self.after_steps} steps"
@@ -137,6 +141,7 @@ def plan_run(index: int, seed: int, variants: Iterable[Variant] = VARIANTS) -> R
             file_index=rng.randint(2, 8),
             window=window,
             downtime=round(rng.uniform(0.0, 3.0), 1),
+            nth_checkpoint=rng.randint(1, 2),
         ))
     return RunPlan(index, seed, variant, tuple(disruptions))
 
@@ -253,6 +258,21 @@ class Summary:
                 out[d.kind][1] += d.delivered
                 out[d.kind][2] += d.hit
         return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+    def to_json(self, *, seed: int | None = None, fault_rate: float = 0.0) -> dict[str, Any]:
+        return {
+            "seed": seed, "s3_fault_rate": fault_rate, "runs": len(self.results), "seconds": round(self.seconds, 1),
+            "mismatches": self.mismatches, "failures": self.failures, "strict": self.strict,
+            "by_kind": {k: dict(zip(("planned", "delivered", "hit"), v)) for k, v in self.by_kind().items()},
+            "proxy": self.proxy_counts,
+            "results": [{
+                "index": r.plan.index, "seed": r.plan.seed, "variant": r.plan.variant.name, "outcome": r.outcome,
+                "seconds": round(r.seconds, 1), "plan": r.plan.describe(), "detail": r.detail,
+                "accounting": r.accounting,
+                "status": {k: r.status.get(k) for k in ("phase", "attempt", "preemptions", "failures", "lostSteps")},
+                "deliveries": [d.__dict__ for d in r.deliveries],
+            } for r in self.results],
+        }
 
     def report(self, *, seed: int | None = None, fault_rate: float = 0.0) -> str:
         lines = [f"chaos: {len(self.results)} runs" + (f", seed {seed}" if seed is not None else "")
@@ -730,6 +750,7 @@ class ChaosRunner:
                 return Delivery(d.kind, note="the run ended before the window")
             floor = int(next(e for e in run.events(attempt) if e["event"] == "start").get("step") or 0)
         seen: Counter[int] = Counter()
+        order: list[int] = []  # checkpoint steps in the order their first file request came
         fired = threading.Event()
         root = f"{BUCKET}/{run.prefix}"
 
@@ -739,8 +760,11 @@ class ChaosRunner:
             where = checkpoint_file(info)
             if where is None or where[0] != root or where[2] == MANIFEST or (upload and where[1] <= floor):
                 return None
+            if where[1] not in seen:
+                order.append(where[1])
             seen[where[1]] += 1
-            if seen[where[1]] < d.file_index:
+            nth = d.nth_checkpoint if upload else 1
+            if seen[where[1]] < d.file_index or len(order) < nth or where[1] != order[nth - 1]:
                 return None
             fired.set()
             future: concurrent.futures.Future[str] = concurrent.futures.Future()
@@ -822,11 +846,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7, help="session seed: schedules and fault draws derive from it")
     parser.add_argument("--s3-fault-rate", type=float, default=0.0,
                         help="S3 fault probability per request (5xx, SlowDown, reset, truncated body), e.g. 0.05")
-    parser.add_argument("--workdir", default=".chaos", help="logs, pod directories, failure reports")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "loraresume-chaos"),
+                        help="logs, pod directories and failure reports go to WORKDIR/<timestamp>/")
     parser.add_argument("--interval", type=float, default=1.0, help="operator reconcile interval, seconds")
     parser.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT, help="seconds a run may take to end")
     parser.add_argument("--strict", action="store_true",
                         help="compare every adapter file byte for byte (see NORMALIZED_FILES for the known exceptions)")
+    parser.add_argument("--json", help="also write the summary and every run's result to this JSON file")
     parser.add_argument("--plan-only", action="store_true", help="print the schedule and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -842,6 +868,8 @@ def main(argv: list[str] | None = None) -> int:
                           run_timeout=args.run_timeout, strict=args.strict)
     print()
     print(summary.report(seed=args.seed, fault_rate=args.s3_fault_rate), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary.to_json(seed=args.seed, fault_rate=args.s3_fault_rate), indent=1))
     return 1 if summary.mismatches or summary.failures or len(summary.results) < len(plans) else 0
 
 
