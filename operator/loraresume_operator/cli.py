@@ -11,6 +11,8 @@ import sys
 import kopf
 from prometheus_client import start_http_server
 
+from loraresume_trainer.redact import install_log_redaction
+
 from .defaults import OperatorDefaults, OperatorSettingsError
 
 
@@ -29,9 +31,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Clients that log request/response bodies at DEBUG (Secret data, signed headers): never below INFO.
+QUIET_LIBRARIES = ("kubernetes", "urllib3", "botocore", "boto3", "s3transfer", "aiohttp")
+
+
+def configure_logging(level: str) -> None:
+    """`level` applies to the operator and kopf; chatty clients stay at INFO or above, and every
+    record is scrubbed of the credential values the operator has read (loraresume_trainer.redact)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().getEffectiveLevel()))
+    install_log_redaction()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         OperatorDefaults.from_env()  # refuse to start on a malformed setting, naming it
     except OperatorSettingsError as exc:

@@ -21,6 +21,8 @@ from pydantic import ValidationError
 
 from loraresume_trainer.config import format_validation_error
 from loraresume_trainer.errors import ConfigError, StorageAuthError, TrainerError
+from loraresume_trainer.redact import SECRET_ENV_VARS as SECRET_KEYS
+from loraresume_trainer.redact import remember_secret
 
 from . import conditions as c
 from . import metrics
@@ -94,7 +96,10 @@ class Reconciler:
             if exc.status == 404:
                 raise StorageAuthError(f"storage.credentialsSecret: Secret {namespace}/{name} not found") from None
             raise
-        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        values = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        for key in SECRET_KEYS:
+            remember_secret(values.get(key, ""))
+        return values
 
     def storage_client(self, namespace: str, spec: LoraResumeSpec) -> Any:
         """For an effective spec (defaults applied): its endpoint, region and credentials."""

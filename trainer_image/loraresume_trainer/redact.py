@@ -6,6 +6,7 @@ process is scrubbed of their values, whatever library produced it.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import re
@@ -15,20 +16,44 @@ SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_T
 _USERINFO = re.compile(r"(?<=://)[^/\s?#]*@")
 
 
+_KNOWN: set[str] = set()  # secret values read at run time (the operator reads Secrets through the API)
+
+
+def remember_secret(value: str) -> None:
+    """Scrub this value (and its base64 form, as API responses carry it) from everything logged."""
+    if value and len(value) >= 4:
+        _KNOWN.add(value)
+        _KNOWN.add(base64.b64encode(value.encode()).decode())
+
+
 def redact(text: str) -> str:
     for var in SECRET_ENV_VARS:
         value = os.environ.get(var)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
+    for value in tuple(_KNOWN):
+        text = text.replace(value, "***")
     return _USERINFO.sub("***@", text)
 
 
 class _RedactingFilter(logging.Filter):
+    """Scrubs the message and any traceback: libraries log exceptions (with exc_info) whose text
+    can carry an endpoint URL with credentials."""
+
+    _formatter = logging.Formatter()
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         clean = redact(message)
         if clean != message:
             record.msg, record.args = clean, None
+        if record.exc_info:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+            record.exc_info = None  # handlers then print exc_text, which is scrubbed below
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
 
 
