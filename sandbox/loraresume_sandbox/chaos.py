@@ -395,17 +395,16 @@ class ChaosStack:
 
     # -- the operator ------------------------------------------------------------------------
     def start_operator(self) -> None:
-        log_file = open(self.dir / "operator.log", "ab")
-        self._logs.append(log_file)
         self.operator_starts += 1
-        log_file.write(f"\n==== chaos: operator start #{self.operator_starts} at {time.time():.3f}\n".encode())
-        log_file.flush()
-        self.operator = subprocess.Popen(
-            [sys.executable, "-m", "loraresume_operator.cli", "-A", "--interval", str(self.interval),
-             "--metrics-port", str(_free_port()), "--liveness", ""],
-            env={**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"},
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.dir / "operator.log", "ab") as log_file:  # the child keeps its own descriptor
+            log_file.write(f"\n==== chaos: operator start #{self.operator_starts} at {time.time():.3f}\n".encode())
+            log_file.flush()
+            self.operator = subprocess.Popen(
+                [sys.executable, "-m", "loraresume_operator.cli", "-A", "--interval", str(self.interval),
+                 "--metrics-port", str(_free_port()), "--liveness", ""],
+                env={**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"},
+                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            )
 
     def kill_operator(self, sig: int = signal.SIGKILL) -> bool:
         """Signal the operator and wait for it; False when it was not running."""

@@ -226,6 +226,44 @@ def test_checkpoint_file_names_the_job_step_and_file():
         assert checkpoint_file(RequestInfo("GET", "/b/" + key, "", "b", key)) is None
 
 
+# -- the trainer's S3 client through the proxy --------------------------------------------------------
+def test_trainer_client_retries_cut_bodies_within_its_attempt_budget_and_logs_them(
+    proxy, bucket, monkeypatch, caplog
+):
+    monkeypatch.setattr("loraresume_trainer.s3client._backoff", lambda attempts: 0.01)
+    client = make_s3_client(proxy.endpoint)
+    proxy.match = lambda info: info.method == "GET"
+    proxy.set_rates({"truncate": 0.2, "reset": 0.1})
+    with caplog.at_level("WARNING", logger="loraresume_trainer.s3client"):
+        for _ in range(8):
+            assert client.get_object(Bucket=bucket, Key="a/object")["Body"].read() == BODY
+    assert proxy.counts["truncate"] > 0 and proxy.counts["reset"] > 0
+    assert "while reading the body); retrying" in caplog.text
+
+    caplog.clear()
+    proxy.reset_counts()
+    proxy.set_rates({"truncate": 1.0})
+    with caplog.at_level("WARNING", logger="loraresume_trainer.s3client"), \
+            pytest.raises(ResponseStreamingError):
+        client.get_object(Bucket=bucket, Key="a/object")
+    assert proxy.counts["requests"] == proxy.counts["truncate"] == 6  # bounded: 1 + 5 retries
+    assert "attempt 6 of 6 failed (ResponseStreamingError while reading the body); giving up" in caplog.text
+    assert proxy.endpoint.split("//")[1] not in caplog.text  # no URL in the log lines
+
+
+def test_trainer_client_logs_each_failed_attempt_of_throttling(proxy, bucket, monkeypatch, caplog):
+    monkeypatch.setattr("botocore.retries.standard.ExponentialBackoff.delay_amount", lambda self, context: 0.01)
+    client = make_s3_client(proxy.endpoint)
+    proxy.set_rates({"slowdown": 1.0})
+    with caplog.at_level("WARNING", logger="loraresume_trainer.s3client"), pytest.raises(ClientError) as err:
+        client.list_objects_v2(Bucket=bucket)
+    assert err.value.response["Error"]["Code"] == "SlowDown"
+    assert proxy.counts["slowdown"] == 6
+    for n in range(1, 6):
+        assert f"S3 ListObjectsV2 attempt {n} of 6 failed (SlowDown, HTTP 503); retrying" in caplog.text
+    assert "S3 ListObjectsV2 attempt 6 of 6 failed (SlowDown, HTTP 503); giving up" in caplog.text
+
+
 # -- the trainer through the proxy ---------------------------------------------------------------------
 def trainer_job(seeded: dict[str, str], endpoint: str, prefix: str, work: Path, **training) -> dict:
     return job_config(work, endpoint=endpoint, storage_uri=f"s3://{seeded['bucket']}/{prefix}/",
