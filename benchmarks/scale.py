@@ -1,0 +1,1107 @@
+"""Scale benchmark: many LoraResume resources through the operator, in the local sandbox.
+
+    python benchmarks/scale.py --resources 500 --json benchmarks/results/scale-DATE.json \
+        --markdown benchmarks/results/scale-DATE.md
+
+Runs the sandbox's parts itself: the Kubernetes API emulator (in this process, every HTTP
+request it serves counted), a simulated kubelet that runs each pod as the stand-in trainer
+(`loraresume_sandbox.stand_in_trainer`: the trainer's CLI, checkpoint store, progress and
+exit codes around a timed loop, no torch), a moto S3 server, and the operator as a real
+process (`python -m loraresume_operator.cli -A`). Only the operator talks HTTP to the
+emulator (the kubelet and this script use it in-process), so every request counted is the
+operator's.
+
+The node has a capacity (`--capacity`, default 25 trainer processes at once): this script's
+kubelet leaves pods beyond it unscheduled (Pending) until a slot frees, as a cluster with
+that many GPU slots would. Everything else is the sandbox's own code.
+
+Phases (all times from this process's monotonic clock):
+
+1. wave 1, clean: N resources created at once; time until all are Succeeded; the
+   operator's API requests in that window per Succeeded resource, by verb and resource;
+   the operator's RSS (peak, and at steady state while idle for `--idle-seconds` after);
+   the idle request rate. Then all N are deleted (time until all are gone).
+2. wave 2, disrupted: N new resources. Once `--disrupt` M pods run, M running trainer pods
+   are ended, half by pod deletion (as `kubectl delete pod`), half by a simulated node
+   preemption (DisruptionTarget, SIGTERM): relaunch latency = from that call until the
+   next attempt's pod exists in the API (p50/p99), and the operator's share of it (from
+   the old pod's end -- its terminated status or its removal -- to the new pod).
+3. restart: when `--restart-at` of wave 2 has Succeeded (the rest Running, Pending,
+   Resuming), the operator is SIGKILLed, left down `--down-seconds`, and started again.
+   "Reconciled" for a resource means: the new process's reconciler has read the resource
+   (GET loraresumes/NAME answered) and, when its status named a pod, that pod (GET
+   pods/POD answered) -- the reads before its decision. Reported: time from the new
+   process's start to its first API request, to every resource reconciled (p50 and all),
+   and to every resource whose pod ended while the operator was down showing it in its
+   status (Succeeded, or the next attempt).
+4. wave 2 runs to all Succeeded (its wall time includes the disruptions and the restart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NS = "default"
+BUCKET = "bench"
+SECRET = "s3-creds"
+AWS = {
+    "AWS_ACCESS_KEY_ID": "sandbox",
+    "AWS_SECRET_ACCESS_KEY": "sandbox-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+_AWS_CLEARED = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+LR = "loraresumes"
+PROBE_UA = "loraresume-scale-probe"
+
+
+def now() -> float:
+    return time.monotonic()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100), linear between closest ranks; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def r(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# -- counting the operator's API requests ---------------------------------------------------------
+def classify(method: str, path: str, query: Any) -> tuple[str, str, str | None, str | None, str | None]:
+    """(verb, resource, namespace, name, subresource) of a Kubernetes API path, as RBAC sees it."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:1] == ["api"] and len(parts) >= 3:
+        rest = parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 4:
+        rest = parts[3:]
+    else:
+        return "discovery", "/".join(parts[:3]), None, None, None
+    namespace = None
+    if rest[0] == "namespaces" and len(rest) >= 3:
+        namespace, rest = rest[1], rest[2:]
+    res = rest[0]
+    name = rest[1] if len(rest) >= 2 else None
+    sub = rest[2] if len(rest) >= 3 else None
+    watch = str(query.get("watch", "")).lower() in ("true", "1")
+    if method in ("GET", "HEAD"):
+        verb = "watch" if watch else ("get" if name else "list")
+    elif method == "DELETE":
+        verb = "delete" if name else "deletecollection"
+    else:
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, method.lower())
+    return verb, res, namespace, name, sub
+
+
+def client_of(user_agent: str) -> str:
+    ua = user_agent.lower()
+    if "kopf" in ua:
+        return "kopf"
+    if "openapi" in ua or "kubernetes" in ua:
+        return "client"
+    return user_agent[:40] or "unknown"
+
+
+class RequestLog:
+    """Wraps the emulator's HTTP handler: counts every request it serves, and tells watchers."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: Counter[tuple[str, str, str]] = Counter()  # (client, verb, resource[/sub])
+        self.total = 0
+        self.first_at: float | None = None
+        self.hooks: list[Any] = []  # hook(t_answered, client, verb, res, name, sub, status)
+        self.user_agents: Counter[str] = Counter()
+
+    def wrap(self, handle: Any) -> Any:
+        async def counting(request: Any) -> Any:
+            verb, res, _ns, name, sub = classify(request.method, request.path, request.query)
+            ua = request.headers.get("User-Agent", "")
+            if ua == PROBE_UA:
+                return await handle(request)
+            who = client_of(ua)
+            key = (who, verb, res + (f"/{sub}" if sub else ""))
+            with self.lock:
+                self.counts[key] += 1
+                self.total += 1
+                self.user_agents[ua[:60]] += 1
+                if self.first_at is None:
+                    self.first_at = now()
+            response = await handle(request)
+            if self.hooks and verb != "watch":
+                t = now()
+                for hook in list(self.hooks):
+                    hook(t, who, verb, res, name, sub, getattr(response, "status", 0))
+            return response
+
+        return counting
+
+    def snapshot(self) -> tuple[int, Counter[tuple[str, str, str]]]:
+        with self.lock:
+            return self.total, Counter(self.counts)
+
+
+def diff_counts(after: Counter, before: Counter) -> Counter:
+    out = Counter(after)
+    out.subtract(before)
+    return Counter({k: v for k, v in out.items() if v})
+
+
+# -- what the API holds, from the emulator's change feed -------------------------------------------
+class Tracker:
+    """Timestamps of pod and LoraResume changes (runs under the store lock: record only).
+
+    Pods are tracked by uid: the operator may re-create a pod under the same name."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pods: dict[str, dict[str, Any]] = {}  # uid -> name, resource, added, running, ended, deleted
+        self.uid_of: dict[str, str] = {}  # pod name -> uid of its newest incarnation
+        self.adds: dict[str, list[tuple[float, str, str]]] = defaultdict(list)  # resource -> (t, pod, uid)
+        self.lr_status: dict[str, dict[str, Any]] = {}
+        self.lr_created: dict[str, float] = {}
+        self.lr_deleted: dict[str, float] = {}
+        self.lr_running: dict[tuple[str, int], float] = {}  # (resource, attempt) -> status first Running
+        self.succeeded: dict[str, float] = {}
+        self.status_changed: dict[str, float] = {}  # last status change of each resource
+        self.sink: Any = None  # optional: (t, text) of every change, for --request-log
+
+    def __call__(self, event: str, group_resource: str, obj: dict[str, Any]) -> None:
+        t = now()
+        meta = obj.get("metadata", {})
+        name = meta.get("name", "")
+        if self.sink is not None:
+            status = obj.get("status") or {}
+            states = [list((cs.get("state") or {}).keys()) for cs in status.get("containerStatuses") or []]
+            self.sink(t, f"{event} {group_resource.split('.')[0]} {name} phase={status.get('phase')} "
+                         f"attempt={status.get('attempt')} {states}")
+        with self.lock:
+            if group_resource == "pods":
+                uid = meta.get("uid", "")
+                pod = self.pods.get(uid)
+                if pod is None:
+                    owner = (meta.get("labels") or {}).get("loraresume.dev/resource", "")
+                    pod = self.pods[uid] = {"name": name, "resource": owner, "added": t}
+                    self.uid_of[name] = uid
+                    self.adds[owner].append((t, name, uid))
+                if event == "DELETED":
+                    pod.setdefault("deleted", t)
+                for cs in (obj.get("status") or {}).get("containerStatuses") or []:
+                    state = cs.get("state") or {}
+                    if "running" in state:
+                        pod.setdefault("running", t)
+                    if "terminated" in state:
+                        pod.setdefault("ended", t)
+            elif group_resource.startswith(LR + "."):
+                if event == "ADDED":
+                    self.lr_created.setdefault(name, t)
+                elif event == "DELETED":
+                    self.lr_deleted.setdefault(name, t)
+                status = obj.get("status") or {}
+                if status != self.lr_status.get(name):
+                    self.status_changed[name] = t
+                self.lr_status[name] = status
+                if status.get("phase") == "Running":
+                    self.lr_running.setdefault((name, int(status.get("attempt") or 0)), t)
+                if status.get("phase") == "Succeeded":
+                    self.succeeded.setdefault(name, t)
+
+    def pod(self, name: str) -> dict[str, Any]:
+        """The newest incarnation of the pod with this name ({} if none)."""
+        with self.lock:
+            uid = self.uid_of.get(name)
+            return dict(self.pods[uid]) if uid else {}
+
+    def count_succeeded(self, names: list[str]) -> int:
+        with self.lock:
+            return sum(1 for n in names if n in self.succeeded)
+
+    def end_lag(self, names: list[str]) -> list[float]:
+        """Per resource: from its last pod's terminated status to the resource's status saying Succeeded."""
+        out = []
+        with self.lock:
+            for res in names:
+                pod = (self.lr_status.get(res) or {}).get("podName")
+                uid = self.uid_of.get(pod or "")
+                ended = self.pods[uid].get("ended") if uid else None
+                if ended is not None and res in self.succeeded:
+                    out.append(self.succeeded[res] - ended)
+        return out
+
+    def observe_lag(self, names: list[str]) -> list[float]:
+        """Per attempt: from its pod's first Running status to the resource's status saying Running."""
+        out = []
+        with self.lock:
+            for (res, attempt), t_lr in self.lr_running.items():
+                if res not in names:
+                    continue
+                uid = self.uid_of.get(f"{res}-attempt-{attempt}")
+                started = self.pods[uid].get("running") if uid else None
+                if started is not None:
+                    out.append(t_lr - started)
+        return out
+
+
+# -- the operator process and its memory ---------------------------------------------------------------
+class Operator:
+    def __init__(self, kubeconfig: Path, logdir: Path, interval: float | None) -> None:
+        self.kubeconfig, self.logdir, self.interval = kubeconfig, logdir, interval
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.started_at = 0.0
+        self.metrics_port = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        self.metrics_port = free_port()
+        cmd = [sys.executable, "-m", "loraresume_operator.cli", "-A", "--metrics-port", str(self.metrics_port),
+               "--liveness", ""]
+        if self.interval:
+            cmd += ["--interval", str(self.interval)]
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        log = open(self.logdir / f"operator-{self.starts}.log", "wb")
+        self.started_at = now()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def cpu_seconds(self) -> float | None:
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:  # type: ignore[union-attr]
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, AttributeError, IndexError):
+            return None
+
+    def memory(self) -> dict[str, float]:
+        """VmRSS and VmHWM (peak RSS) of the operator process, MiB."""
+        out: dict[str, float] = {}
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:  # type: ignore[union-attr]
+                for line in f:
+                    if line.startswith(("VmRSS:", "VmHWM:")):
+                        key, value = line.split(":", 1)
+                        out[key] = int(value.split()[0]) / 1024
+        except (OSError, AttributeError):
+            pass
+        return out
+
+    def metric(self, name: str) -> list[tuple[str, float]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+                text = response.read().decode()
+        except (OSError, urllib.error.URLError):
+            return []
+        out = []
+        for line in text.splitlines():
+            if line.startswith(name):
+                key, value = line.rsplit(" ", 1)
+                out.append((key, float(value)))
+        return out
+
+
+class MemorySampler(threading.Thread):
+    """RSS of the current operator process every `every` seconds, labelled with the phase."""
+
+    def __init__(self, operator: Operator, every: float = 0.5) -> None:
+        super().__init__(daemon=True, name="rss-sampler")
+        self.operator, self.every = operator, every
+        self.phase = "startup"
+        self.samples: list[tuple[float, int, str, float]] = []  # (t, operator start #, phase, MiB)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            mem = self.operator.memory()
+            if "VmRSS" in mem:
+                self.samples.append((now(), self.operator.starts, self.phase, mem["VmRSS"]))
+
+    def of(self, phase: str) -> list[float]:
+        return [s[3] for s in self.samples if s[2] == phase]
+
+
+class Prober(threading.Thread):
+    """Latency of the sandbox itself, once a second: an API GET over HTTP and an S3 GET from moto."""
+
+    def __init__(self, api_url: str, s3: Any, sampler: MemorySampler, every: float = 1.0) -> None:
+        super().__init__(daemon=True, name="sandbox-prober")
+        self.api_url, self.s3, self.sampler, self.every = api_url, s3, sampler, every
+        self.samples: list[tuple[str, str, float]] = []  # (phase, "api"|"s3", seconds)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        request = urllib.request.Request(f"{self.api_url}/api/v1/namespaces/{NS}/secrets/{SECRET}",
+                                         headers={"User-Agent": PROBE_UA})
+        while not self.stopped.wait(self.every):
+            phase = self.sampler.phase
+            try:
+                t = now()
+                urllib.request.urlopen(request, timeout=30).read()
+                self.samples.append((phase, "api", now() - t))
+                t = now()
+                self.s3.get_object(Bucket=BUCKET, Key="probe.json")["Body"].read()
+                self.samples.append((phase, "s3", now() - t))
+            except Exception:  # noqa: BLE001 - a probe failure is not the benchmark's
+                pass
+
+    def summary(self, phase: str) -> dict[str, Any]:
+        out = {}
+        for kind in ("api", "s3"):
+            values = [v for p, k, v in self.samples if p == phase and k == kind]
+            out[kind] = {"n": len(values), "p50_ms": r(1000 * pct(values, 50), 1) if values else None,
+                         "p99_ms": r(1000 * pct(values, 99), 1) if values else None}
+        return out
+
+
+def host_load() -> dict[str, Any]:
+    try:
+        with open("/proc/loadavg") as f:
+            load = f.read().split()[:3]
+    except OSError:
+        load = []
+    return {"loadavg_1_5_15": [float(x) for x in load]}
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem_gib = round(int(f.readline().split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": mem_gib, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+# -- the benchmark ----------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lr-scale-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.requests = RequestLog()
+        self.tracker = Tracker()
+        self.result: dict[str, Any] = {}
+        self.k8s: Any = None
+        self.kubelet: Any = None
+        self.moto: subprocess.Popen[bytes] | None = None
+        self.operator: Operator | None = None
+        self.sampler: MemorySampler | None = None
+        self.prober: Prober | None = None
+
+    def log(self, text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def wait(self, what: str, check: Any, timeout: float, every: float = 0.2) -> Any:
+        deadline = now() + timeout
+        while now() < deadline:
+            value = check()
+            if value:
+                return value
+            if self.operator and self.operator.proc and self.operator.proc.poll() is not None:
+                raise RuntimeError(f"the operator exited ({self.operator.proc.returncode}) while waiting for {what}")
+            time.sleep(every)
+        raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+    # -- setup -----------------------------------------------------------------------------
+    def setup(self) -> None:
+        import boto3
+
+        from loraresume_sandbox.k8s_api import KubernetesEmulator
+        from loraresume_sandbox.kubelet import SimulatedKubelet
+        from loraresume_sandbox.stand_in_trainer import ENV_STEP_SECONDS
+
+        for name in _AWS_CLEARED:
+            os.environ.pop(name, None)
+        os.environ.update(AWS)
+        s3_port = free_port()
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        moto_log = open(self.workdir / "moto.log", "wb")
+        self.moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                                     stdout=moto_log, stderr=subprocess.STDOUT, start_new_session=True)
+        moto_log.close()
+        self.wait("moto", lambda: _http_ok(f"{endpoint}/moto-api/"), 60)
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=AWS["AWS_DEFAULT_REGION"])
+        s3.create_bucket(Bucket=BUCKET)
+        s3.put_object(Bucket=BUCKET, Key="probe.json", Body=b"{}")
+        self.endpoint = endpoint
+
+        self.k8s = KubernetesEmulator(history_size=self.args.history)
+        self.k8s.http.handle = self.requests.wrap(self.k8s.http.handle)  # the app routes to this attribute
+        self.k8s.start()
+        self.k8s.load_crds([ROOT / "crds"])
+        self.kubeconfig = self.k8s.write_kubeconfig(self.workdir / "kubeconfig")
+        self.k8s.create("secrets", {"metadata": {"name": SECRET}, "stringData": {
+            "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"]}}, NS)
+        self.k8s.subscribe(self.tracker)
+
+        capacity = self.args.capacity
+
+        class CappedKubelet(SimulatedKubelet):
+            """A node with `capacity` trainer slots: pods beyond it stay unscheduled (Pending)."""
+
+            def busy(self) -> int:
+                with self._lock:
+                    return sum(1 for run in self._runs.values() if not run.finished.is_set())
+
+            def _admit(self, pod: dict[str, Any]) -> None:
+                if self.busy() >= capacity:
+                    return  # retried on the kubelet's next pass
+                super()._admit(pod)
+
+            def running_pods(self) -> list[str]:
+                with self._lock:
+                    return [run.name for run in self._runs.values()
+                            if run.running and not run.stopping and not run.finished.is_set()]
+
+        self.kubelet = CappedKubelet(
+            self.k8s, workdir=self.workdir / "node",
+            extra_env={**{k: AWS[k] for k in ("AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")},
+                       ENV_STEP_SECONDS: str(self.args.step_seconds), "PYTHONUNBUFFERED": "1"},
+            entrypoints={"*": [sys.executable, "-m", "loraresume_sandbox.stand_in_trainer"]},
+        ).start()
+
+        if self.args.request_log:
+            sink = open(self.args.request_log, "w", buffering=1)
+            t_zero = now()
+
+            def log_request(t: float, who: str, verb: str, res: str, name: str | None, sub: str | None,
+                            status: int) -> None:
+                sink.write(f"{t - t_zero:.3f} {who} {verb} {res}{'/' + sub if sub else ''} {name or '-'} {status}\n")
+
+            self.requests.hooks.append(log_request)
+            self.tracker.sink = lambda t, text: sink.write(f"{t - t_zero:.3f} STORE {text}\n")
+        self.operator = Operator(self.kubeconfig, self.workdir, self.args.interval)
+        self.sampler = MemorySampler(self.operator)
+        self.prober = Prober(self.k8s.url, s3, self.sampler)
+        self.start_operator()
+        self.sampler.start()
+        self.prober.start()
+
+    def start_operator(self) -> float:
+        """Start the operator; returns seconds until it watches LoraResumes and pods."""
+        assert self.operator is not None
+        before = self.requests.snapshot()[1]
+        self.operator.start()
+
+        def watching() -> bool:
+            d = diff_counts(self.requests.snapshot()[1], before)
+            return any(k[1] == "watch" and k[2] == LR for k in d) and any(
+                k[1] == "watch" and k[2] == "pods" for k in d)
+
+        self.wait("the operator to watch", watching, 120, every=0.05)
+        return now() - self.operator.started_at
+
+    def teardown(self) -> None:
+        if self.sampler:
+            self.sampler.stopped.set()
+        if self.prober:
+            self.prober.stopped.set()
+        if self.operator:
+            self.operator.stop()
+        if self.kubelet:
+            self.kubelet.stop()
+        if self.k8s:
+            self.k8s.stop()
+        if self.moto and self.moto.poll() is None:
+            self.moto.terminate()
+            try:
+                self.moto.wait(20)
+            except subprocess.TimeoutExpired:
+                self.moto.kill()
+
+    # -- resources ---------------------------------------------------------------------------
+    def body(self, name: str, wave: str) -> dict[str, Any]:
+        a = self.args
+        return {
+            "apiVersion": "loraresume.dev/v1alpha1", "kind": "LoraResume",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {
+                "baseModel": f"s3://{BUCKET}/models/stand-in/",
+                "maxSeqLength": 128,
+                "loadIn4bit": False,
+                "dataset": {"source": f"s3://{BUCKET}/data/train.jsonl"},
+                "training": {"maxSteps": a.steps, "saveSteps": a.save_steps, "loggingSteps": a.logging_steps},
+                "storage": {"uri": f"s3://{BUCKET}/{wave}/{name}/", "endpoint": self.endpoint,
+                            "credentialsSecret": SECRET, "keepCheckpoints": 2},
+                "resources": {"gpus": 0},
+                "restartPolicy": {"backoffSeconds": 1, "maxBackoffSeconds": 4},
+                "terminationGracePeriodSeconds": 30,
+            },
+        }
+
+    def create_wave(self, wave: str) -> list[str]:
+        names = [f"{wave}-{i:04d}" for i in range(self.args.resources)]
+        for name in names:
+            self.k8s.create(LR, self.body(name, wave), NS)
+        return names
+
+    def progress_line(self, names: list[str]) -> str:
+        with self.tracker.lock:
+            phases = Counter((self.tracker.lr_status.get(n) or {}).get("phase", "-") for n in names)
+        mem = self.operator.memory() if self.operator else {}
+        return (f"{dict(sorted(phases.items()))} running={len(self.kubelet.running_pods())} "
+                f"operator RSS {mem.get('VmRSS', 0):.0f} MiB, API requests {self.requests.total}")
+
+    def wait_all_succeeded(self, names: list[str], label: str) -> float:
+        deadline = now() + self.args.timeout
+        last_log = 0.0
+        while now() < deadline:
+            done = self.tracker.count_succeeded(names)
+            if done == len(names):
+                return now()
+            failed = [n for n in names if (self.tracker.lr_status.get(n) or {}).get("phase") == "Failed"]
+            if failed:
+                raise RuntimeError(f"{label}: {len(failed)} resources Failed, e.g. {failed[0]}: "
+                                   f"{self.tracker.lr_status[failed[0]].get('message')}")
+            if self.operator and self.operator.proc and self.operator.proc.poll() is not None:
+                raise RuntimeError(f"the operator exited ({self.operator.proc.returncode}) during {label}")
+            if now() - last_log > 15:
+                self.log(f"{label}: {done}/{len(names)} Succeeded; {self.progress_line(names)}")
+                last_log = now()
+            time.sleep(0.2)
+        raise TimeoutError(f"{label}: not all Succeeded after {self.args.timeout:.0f} s: {self.progress_line(names)}")
+
+    # -- phases ------------------------------------------------------------------------------
+    def wave1(self) -> None:
+        a = self.args
+        assert self.sampler is not None and self.operator is not None
+        self.sampler.phase = "wave1"
+        mem_start = self.operator.memory()
+        total0, counts0 = self.requests.snapshot()
+        cpu0 = self.operator.cpu_seconds() or 0.0
+        self.log(f"wave 1: creating {a.resources} resources")
+        t0 = now()
+        names = self.create_wave("w1")
+        t_created = now()
+        t_done = self.wait_all_succeeded(names, "wave 1")
+        total1, counts1 = self.requests.snapshot()
+        cpu1 = self.operator.cpu_seconds() or 0.0
+        window = diff_counts(counts1, counts0)
+        first_pod = [self.tracker.adds[n][0][0] - self.tracker.lr_created[n] for n in names
+                     if self.tracker.adds.get(n) and n in self.tracker.lr_created]
+        lag = self.tracker.observe_lag(names)
+        end_lag = self.tracker.end_lag(names)
+        to_done = [self.tracker.succeeded[n] - self.tracker.lr_created[n] for n in names if n in self.tracker.lr_created]
+        attempts = sum(int((self.tracker.lr_status.get(n) or {}).get("attempt") or 0) for n in names)
+        mem_done = self.operator.memory()
+        self.log(f"wave 1: all {len(names)} Succeeded in {t_done - t0:.1f} s; {total1 - total0} API requests")
+
+        # Steady state: everything Succeeded, nothing to do but the periodic loop.
+        self.sampler.phase = "idle"
+        t_idle = now()
+        idle_total0, idle_counts0 = self.requests.snapshot()
+        time.sleep(a.idle_seconds)
+        idle_total1, idle_counts1 = self.requests.snapshot()
+        idle_span = now() - t_idle
+        idle_rss = self.sampler.of("idle")
+        self.result["wave1"] = {
+            "resources": len(names),
+            "create_seconds": r(t_created - t0),
+            "wall_seconds_to_all_succeeded": r(t_done - t0),
+            "attempts": attempts,
+            "create_to_first_pod_seconds": {"p50": r(pct(first_pod, 50)), "p99": r(pct(first_pod, 99)),
+                                            "max": r(max(first_pod, default=None))},
+            "create_to_succeeded_seconds": {"p50": r(pct(to_done, 50)), "p99": r(pct(to_done, 99))},
+            "pod_ended_to_status_succeeded_seconds": {"n": len(end_lag), "p50": r(pct(end_lag, 50)),
+                                                      "p99": r(pct(end_lag, 99)), "max": r(max(end_lag, default=None))},
+            "pod_running_to_status_running_seconds": {"n": len(lag), "p50": r(pct(lag, 50)), "p99": r(pct(lag, 99)),
+                                                      "max": r(max(lag, default=None))},
+            "api_requests": total1 - total0,
+            "api_requests_per_succeeded_resource": r((total1 - total0) / len(names)),
+            "api_requests_by_kind": {f"{who} {verb} {res}": n for (who, verb, res), n in
+                                     sorted(window.items(), key=lambda kv: -kv[1])},
+            "operator_cpu_seconds": r(cpu1 - cpu0),
+            "sandbox_latency": self.prober.summary("wave1") if self.prober else None,
+            "operator_rss_mib": {
+                "at_start": r(mem_start.get("VmRSS"), 1),
+                "peak_during_wave": r(max(self.sampler.of("wave1"), default=0), 1),
+                "peak_hwm_after_wave": r(mem_done.get("VmHWM"), 1),
+                "steady_idle_median": r(statistics.median(idle_rss), 1) if idle_rss else None,
+            },
+            "idle": {
+                "seconds": r(idle_span, 1),
+                "api_requests_per_second": r((idle_total1 - idle_total0) / idle_span),
+                "by_kind": {f"{who} {verb} {res}": n for (who, verb, res), n in
+                            sorted(diff_counts(idle_counts1, idle_counts0).items(), key=lambda kv: -kv[1])},
+            },
+        }
+
+        # Deleting them all (finalizers: the operator's delete handler runs for each).
+        self.sampler.phase = "delete"
+        self.log("wave 1: deleting all")
+        t_del = now()
+        for name in names:
+            self.k8s.delete(LR, NS, name)
+        self.wait("wave 1 deleted", lambda: all(n in self.tracker.lr_deleted for n in names), a.timeout, every=0.2)
+        self.result["wave1"]["delete_all_seconds"] = r(now() - t_del)
+        self.log(f"wave 1: deleted in {now() - t_del:.1f} s")
+
+    def wave2(self) -> None:
+        a = self.args
+        assert self.sampler is not None and self.operator is not None
+        self.sampler.phase = "wave2"
+        total0, _ = self.requests.snapshot()
+        self.log(f"wave 2: creating {a.resources} resources")
+        t0 = now()
+        names = self.create_wave("w2")
+        disrupt = min(a.disrupt, a.resources - int(a.disrupt_at * a.resources))
+
+        # -- pod loss -----------------------------------------------------------------------
+        relaunch: dict[str, Any] = {}
+        if disrupt:
+            # Trigger on the pods, not on the statuses: the operator may lag far behind the pods.
+            target = int(a.disrupt_at * len(names))
+            wave = set(names)
+
+            def first_pods_ended() -> int:
+                with self.tracker.lock:
+                    return sum(1 for p in self.tracker.pods.values()
+                               if p["resource"] in wave and p["name"].endswith("-attempt-1") and "ended" in p)
+
+            self.wait(f"{target} first pods ended before the pod loss", lambda: first_pods_ended() >= target,
+                      a.timeout)
+            # Each victim is picked once it has trained a couple of steps, until `disrupt` are picked
+            # or no first-attempt pod is left to pick.
+            t_calls: dict[str, tuple[str, float, str | None]] = {}
+            deadline = now() + a.timeout
+            while len(t_calls) < disrupt:
+                if now() > deadline:
+                    raise TimeoutError(f"only {len(t_calls)} of {disrupt} pods could be disrupted")
+                with self.tracker.lock:
+                    since = {p["name"]: p["running"] for u, p in self.tracker.pods.items()
+                             if "running" in p and self.tracker.uid_of.get(p["name"]) == u}
+                ready = sorted(p for p in self.kubelet.running_pods()
+                               if p.startswith("w2-") and p.endswith("-attempt-1") and p not in t_calls
+                               and p in since and now() - since[p] >= 2 * a.step_seconds)
+                for pod in self.rng.sample(ready, min(len(ready), disrupt - len(t_calls))):
+                    how = "delete" if len(t_calls) % 2 == 0 else "preempt"
+                    uid = self.tracker.uid_of.get(pod)
+                    t_call = now()
+                    try:
+                        if how == "delete":
+                            self.k8s.delete("pods", NS, pod)  # graceful, like `kubectl delete pod`
+                        else:
+                            self.kubelet.preempt_node(NS, pod, wait=False)
+                    except LookupError:
+                        continue  # it ended meanwhile
+                    t_calls[pod] = (how, t_call, uid)
+                with self.tracker.lock:
+                    firsts = [p for p in self.tracker.pods.values()
+                              if p["resource"] in wave and p["name"].endswith("-attempt-1")]
+                if len({p["resource"] for p in firsts}) == len(names) and not ready and not [
+                        p for p in self.kubelet.running_pods() if p.startswith("w2-")]:
+                    self.log(f"pod loss: only {len(t_calls)} pods could be picked (the others ran to the end)")
+                    break
+                time.sleep(0.1)
+
+            def replacement(pod: str) -> tuple[float, str] | None:
+                """The first pod of the same resource created after the victim (the next attempt, or the
+                same name again when the operator never saw the victim run)."""
+                _how, t_call, uid = t_calls[pod]
+                with self.tracker.lock:
+                    later = [(t, n) for t, n, u in self.tracker.adds[pod.rsplit("-attempt-", 1)[0]]
+                             if u != uid and t >= t_call]
+                return later[0] if later else None
+
+            self.wait("the replacement pods", lambda: all(replacement(p) for p in t_calls), a.timeout)
+            if not t_calls:
+                raise RuntimeError("pod loss: no running pod could be picked")
+            by: dict[str, list[float]] = defaultdict(list)
+            share: dict[str, list[float]] = defaultdict(list)
+            same_name = 0
+            for pod, (how, t_call, uid) in t_calls.items():
+                t_new, new_name = replacement(pod)  # type: ignore[misc]
+                same_name += new_name == pod
+                with self.tracker.lock:
+                    old = dict(self.tracker.pods.get(uid or "", {}))
+                ends = [t for t in (old.get("ended"), old.get("deleted")) if t]
+                by[how].append(t_new - t_call)
+                if ends:
+                    share[how].append(t_new - min(ends))
+            every = by["delete"] + by["preempt"]
+            every_share = share["delete"] + share["preempt"]
+            relaunch = {
+                "pods": len(t_calls),
+                "relaunched_as_the_same_pod_name": same_name,
+                "seconds": {"p50": r(pct(every, 50)), "p99": r(pct(every, 99)), "max": r(max(every))},
+                "operator_share_seconds": {"p50": r(pct(every_share, 50)), "p99": r(pct(every_share, 99))},
+                "by_kind": {how: {"n": len(v), "p50": r(pct(v, 50)), "p99": r(pct(v, 99)),
+                                  "operator_share_p50": r(pct(share[how], 50)),
+                                  "operator_share_p99": r(pct(share[how], 99))} for how, v in by.items()},
+            }
+            self.log(f"relaunch after pod loss ({disrupt} pods): p50 {relaunch['seconds']['p50']} s, "
+                     f"p99 {relaunch['seconds']['p99']} s")
+
+        # -- operator restart -------------------------------------------------------------
+        restart: dict[str, Any] = {}
+        if a.restart_at is not None:
+            target = int(a.restart_at * len(names))
+            self.wait(f"{target} Succeeded before the restart", lambda: self.tracker.count_succeeded(names) >= target,
+                      a.timeout, every=0.2)
+            mem_before = self.operator.memory()
+            with self.tracker.lock:
+                at_kill = {n: dict(self.tracker.lr_status.get(n) or {}) for n in names}
+            phases = Counter(s.get("phase", "(none)") for s in at_kill.values())
+            self.log(f"restart: SIGKILL the operator; phases {dict(phases)}")
+            t_kill = now()
+            self.operator.kill()
+            self.sampler.phase = "restart"
+            time.sleep(a.down_seconds)
+            ended_down = {}  # non-terminal resources whose pod ended (or went away) while the operator was down
+            for n, st in at_kill.items():
+                if st.get("phase") not in ("Succeeded", "Failed") and st.get("podName"):
+                    pod = self.tracker.pod(st["podName"])
+                    if pod.get("ended") or pod.get("deleted"):
+                        ended_down[n] = st
+            reads: dict[str, dict[str, float]] = {"lr": {}, "pod": {}}
+            watched = set(names)
+            pod_owner = {s["podName"]: n for n, s in at_kill.items() if s.get("podName")}
+
+            def hook(t: float, who: str, verb: str, res: str, name: str | None, sub: str | None, status: int) -> None:
+                if who != "client" or verb != "get" or sub or name is None:
+                    return
+                if res == LR and name in watched:
+                    reads["lr"].setdefault(name, t)
+                elif res == "pods" and name in pod_owner:
+                    reads["pod"].setdefault(pod_owner[name], t)
+
+            self.requests.hooks.append(hook)
+            req0 = self.requests.snapshot()[0]
+            first_before = self.requests.snapshot()
+            self.operator.start()
+            t_start = self.operator.started_at
+            self.wait("the first request of the new operator",
+                      lambda: self.requests.snapshot()[0] > first_before[0], 120, every=0.02)
+            t_first = now()
+
+            def reconciled(n: str) -> float | None:
+                t_lr = reads["lr"].get(n)
+                if t_lr is None:
+                    return None
+                status = at_kill[n]
+                if status.get("phase") in ("Succeeded", "Failed") or not status.get("podName"):
+                    return t_lr
+                t_pod = reads["pod"].get(n)
+                return None if t_pod is None else max(t_lr, t_pod)
+
+            self.wait("every resource reconciled after the restart",
+                      lambda: all(reconciled(n) is not None for n in names), a.timeout, every=0.2)
+            done = {n: reconciled(n) - t_start for n in names}  # type: ignore[operator]
+
+            def caught_up(n: str) -> float | None:
+                s0 = at_kill[n]
+                with self.tracker.lock:
+                    s = self.tracker.lr_status.get(n) or {}
+                    changed = self.tracker.status_changed.get(n)
+                if s.get("phase") == "Succeeded" or int(s.get("attempt") or 0) > int(s0.get("attempt") or 0):
+                    return changed
+                return None
+
+            if ended_down:
+                self.wait("resources whose pods ended during the downtime to catch up",
+                          lambda: all(caught_up(n) is not None for n in ended_down), a.timeout)
+            catch = [caught_up(n) - t_start for n in ended_down]  # type: ignore[operator]
+            self.requests.hooks.remove(hook)
+            restart = {
+                "phases_at_kill": dict(phases),
+                "operator_rss_before_kill_mib": r(mem_before.get("VmRSS"), 1),
+                "down_seconds": a.down_seconds,
+                "start_to_first_request_seconds": r(t_first - t_start),
+                "start_to_all_reconciled_seconds": r(max(done.values())),
+                "reconciled_seconds": {"p50": r(pct(list(done.values()), 50)), "p99": r(pct(list(done.values()), 99))},
+                "requests_until_all_reconciled": self.requests.snapshot()[0] - req0,
+                "pods_ended_while_down": len(ended_down),
+                "start_to_those_caught_up_seconds": {"p50": r(pct(catch, 50)), "max": r(max(catch, default=None))},
+                "kill_to_all_reconciled_seconds": r(t_start - t_kill + max(done.values())),
+            }
+            self.log(f"restart: first request after {restart['start_to_first_request_seconds']} s, "
+                     f"all {len(names)} reconciled after {restart['start_to_all_reconciled_seconds']} s")
+            self.sampler.phase = "wave2"
+
+        t_done = self.wait_all_succeeded(names, "wave 2")
+        mem = self.operator.memory()
+        total1, _ = self.requests.snapshot()
+        attempts = sum(int((self.tracker.lr_status.get(n) or {}).get("attempt") or 0) for n in names)
+        preemptions = sum(int((self.tracker.lr_status.get(n) or {}).get("preemptions") or 0) for n in names)
+        self.result["wave2"] = {
+            "resources": len(names),
+            "wall_seconds_to_all_succeeded": r(t_done - t0),
+            "attempts": attempts,
+            "preemptions_counted": preemptions,
+            "api_requests": total1 - total0,
+            "api_requests_per_succeeded_resource": r((total1 - total0) / len(names)),
+            "operator_rss_mib_after_restart": {"peak_hwm": r(mem.get("VmHWM"), 1), "now": r(mem.get("VmRSS"), 1)},
+            "relaunch_after_pod_loss": relaunch,
+            "sandbox_latency": self.prober.summary("wave2") if self.prober else None,
+            "operator_restart": restart,
+        }
+        relaunch_metric = self.operator.metric("loraresume_relaunch_seconds_count")
+        if relaunch_metric:
+            self.result["wave2"]["operator_relaunch_metric_count_after_restart"] = relaunch_metric[0][1]
+        self.log(f"wave 2: all Succeeded in {t_done - t0:.1f} s")
+
+    # -- all --------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        started = datetime.datetime.now(datetime.timezone.utc)
+        self.result = {
+            "benchmark": "scale",
+            "date": started.strftime("%Y-%m-%d"),
+            "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+            "settings": {k: v for k, v in vars(a).items() if k not in ("json", "markdown")},
+            "machine": machine(),
+            "load_before": host_load(),
+            "stand_in": {"steps": a.steps, "save_steps": a.save_steps, "logging_steps": a.logging_steps,
+                         "step_seconds": a.step_seconds},
+        }
+        t0 = now()
+        try:
+            self.setup()
+            assert self.operator is not None
+            self.result["operator_start_seconds"] = r(now() - self.operator.started_at)
+            if not a.skip_wave1:
+                self.wave1()
+            self.wave2()
+        finally:
+            self.result["load_after"] = host_load()
+            self.result["benchmark_wall_seconds"] = r(now() - t0, 1)
+            if self.sampler:
+                self.result["operator_rss_mib_peak_sampled"] = r(max((s[3] for s in self.sampler.samples), default=0), 1)
+                self.result["operator_rss_samples"] = len(self.sampler.samples)
+            self.result["api_user_agents"] = dict(self.requests.user_agents)
+            self.teardown()
+            kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+            me = resource.getrusage(resource.RUSAGE_SELF)
+            self.result["cpu_seconds"] = {
+                "this_process_emulator_kubelet": r(me.ru_utime + me.ru_stime, 1),
+                "children_operator_moto_stand_ins": r(kids.ru_utime + kids.ru_stime, 1),
+            }
+            self.result["workdir"] = str(self.workdir)
+        return self.result
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2).read()
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+# -- report ----------------------------------------------------------------------------------------------
+def table(result: dict[str, Any]) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    w1, w2 = result.get("wave1") or {}, result.get("wave2") or {}
+    n = (w1 or w2).get("resources")
+    s = result["settings"]
+    rows.append(("resources per wave", f"{n} (node capacity {s['capacity']} trainer processes; stand-in "
+                                         f"{s['steps']} steps x {s['step_seconds']} s, checkpoint every {s['save_steps']})"))
+    rows.append(("operator start to watching", f"{result.get('operator_start_seconds')} s"))
+    if w1:
+        mem = w1["operator_rss_mib"]
+        rows += [
+            ("wave 1: wall time, create -> all Succeeded", f"{w1['wall_seconds_to_all_succeeded']} s "
+                                                           f"({w1['attempts']} attempts)"),
+            ("wave 1: create -> first pod p50 / p99", f"{w1['create_to_first_pod_seconds']['p50']} / "
+                                                      f"{w1['create_to_first_pod_seconds']['p99']} s"),
+            ("wave 1: pod exited 0 -> resource Succeeded p50 / p99",
+             f"{w1['pod_ended_to_status_succeeded_seconds']['p50']} / "
+             f"{w1['pod_ended_to_status_succeeded_seconds']['p99']} s"),
+            ("wave 1: pod Running -> resource Running p50 / p99 (n seen)",
+             f"{w1['pod_running_to_status_running_seconds']['p50']} / "
+             f"{w1['pod_running_to_status_running_seconds']['p99']} s "
+             f"({w1['pod_running_to_status_running_seconds']['n']} of {w1['attempts']} attempts)"),
+            ("wave 1: sandbox latency, API GET / S3 GET p50 (p99)",
+             _latency(w1.get("sandbox_latency"))),
+            ("wave 1: API requests per Succeeded resource", f"{w1['api_requests_per_succeeded_resource']} "
+                                                            f"({w1['api_requests']} in all)"),
+            ("wave 1: operator CPU", f"{w1['operator_cpu_seconds']} s "
+                                     f"({r(w1['operator_cpu_seconds'] / n, 3)} s per resource)"),
+            ("operator RSS: start / peak (wave 1) / steady (idle)",
+             f"{mem['at_start']} / {mem['peak_hwm_after_wave']} / {mem['steady_idle_median']} MiB"),
+            (f"idle API requests/s ({n} Succeeded)", f"{w1['idle']['api_requests_per_second']}"),
+            (f"delete {n} resources", f"{w1['delete_all_seconds']} s"),
+        ]
+    if w2:
+        rl, rs = w2.get("relaunch_after_pod_loss") or {}, w2.get("operator_restart") or {}
+        if rl:
+            kinds = ", ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in sorted(rl["by_kind"].items()))
+            rows += [
+                (f"relaunch after pod loss ({rl['pods']} pods) p50 / p99",
+                 f"{rl['seconds']['p50']} / {rl['seconds']['p99']} s ({kinds})"),
+                ("  operator's share (old pod ended -> new pod) p50 / p99",
+                 f"{rl['operator_share_seconds']['p50']} / {rl['operator_share_seconds']['p99']} s"),
+                ("  relaunched under the same pod name (loss not seen)", f"{rl['relaunched_as_the_same_pod_name']}"),
+            ]
+        if rs:
+            rows += [
+                ("restart: phases at SIGKILL", ", ".join(f"{k} {v}" for k, v in sorted(rs["phases_at_kill"].items()))),
+                ("restart: start -> first API request", f"{rs['start_to_first_request_seconds']} s"),
+                ("restart: start -> all reconciled (p50 / all)",
+                 f"{rs['reconciled_seconds']['p50']} / {rs['start_to_all_reconciled_seconds']} s"),
+                (f"restart: {rs['pods_ended_while_down']} pods ended while down -> status caught up (p50 / all)",
+                 f"{rs['start_to_those_caught_up_seconds']['p50']} / {rs['start_to_those_caught_up_seconds']['max']} s"),
+            ]
+        rows += [
+            ("wave 2 (disruptions + restart): wall time to all Succeeded",
+             f"{w2['wall_seconds_to_all_succeeded']} s ({w2['attempts']} attempts)"),
+            ("wave 2: API requests per Succeeded resource", f"{w2['api_requests_per_succeeded_resource']}"),
+            ("wave 2: sandbox latency, API GET / S3 GET p50 (p99)", _latency(w2.get("sandbox_latency"))),
+            ("operator RSS peak after restart", f"{w2['operator_rss_mib_after_restart']['peak_hwm']} MiB"),
+        ]
+    load = result.get("load_before", {}).get("loadavg_1_5_15"), result.get("load_after", {}).get("loadavg_1_5_15")
+    rows.append(("host load average before / after", f"{load[0]} / {load[1]}"))
+    return rows
+
+
+def _latency(lat: dict[str, Any] | None) -> str:
+    if not lat:
+        return "-"
+    return " / ".join(f"{lat[k]['p50_ms']} ({lat[k]['p99_ms']}) ms" for k in ("api", "s3"))
+
+
+def render_text(result: dict[str, Any]) -> str:
+    rows = table(result)
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    w1 = result.get("wave1")
+    if w1:
+        lines += ["", "wave 1 API requests by client, verb, resource (per Succeeded resource):"]
+        n = w1["resources"]
+        for kind, count in w1["api_requests_by_kind"].items():
+            lines.append(f"  {kind.ljust(40)} {count:7d}  {count / n:7.2f}")
+    return "\n".join(lines)
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    out = [
+        f"## Scale: {result['settings']['resources']} LoraResume resources in the sandbox ({result['date']})",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']}. "
+        "Shared with other work: load average before / after "
+        f"{result['load_before']['loadavg_1_5_15']} / {result['load_after']['loadavg_1_5_15']}, so times are noisy "
+        "and include CPU contention (the emulator, kubelet, moto, the stand-in trainers and the operator all share "
+        "the same cores).",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+    ]
+    out += [f"| {k} | {v} |" for k, v in table(result)]
+    w1 = result.get("wave1")
+    if w1:
+        n = w1["resources"]
+        out += ["", "Wave 1 API requests (client, verb, resource), per Succeeded resource:", "",
+                "| request | count | per resource |", "| --- | ---: | ---: |"]
+        out += [f"| {k} | {c} | {c / n:.2f} |" for k, c in w1["api_requests_by_kind"].items()]
+    return "\n".join(out) + "\n"
+
+
+def _fraction(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--resources", type=int, default=500, help="resources per wave (default 500)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the choice of pods to disrupt")
+    parser.add_argument("--capacity", type=int, default=25, help="trainer processes the node runs at once")
+    parser.add_argument("--steps", type=int, default=12, help="stand-in training steps (maxSteps)")
+    parser.add_argument("--save-steps", type=int, default=5, help="steps between checkpoints")
+    parser.add_argument("--step-seconds", type=float, default=0.3, help="wall time of one stand-in step")
+    parser.add_argument("--logging-steps", type=int, default=3, help="steps between progress.json writes")
+    parser.add_argument("--disrupt", type=int, default=50, help="running pods ended for the relaunch latency")
+    parser.add_argument("--disrupt-at", type=float, default=0.2,
+                        help="fraction of wave 2 Succeeded before pods are ended")
+    parser.add_argument("--restart-at", type=_fraction, default=0.5,
+                        help="fraction of wave 2 Succeeded when the operator is SIGKILLed ('none' to skip)")
+    parser.add_argument("--down-seconds", type=float, default=5.0, help="how long the operator stays down")
+    parser.add_argument("--idle-seconds", type=float, default=30.0, help="steady-state window after wave 1")
+    parser.add_argument("--interval", type=float, default=None,
+                        help="operator --interval (periodic reconcile); default: the operator's own (10 s)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds any one wait may take")
+    parser.add_argument("--history", type=int, default=10_000, help="emulator watch history size")
+    parser.add_argument("--skip-wave1", action="store_true", help="only the disrupted wave")
+    parser.add_argument("--workdir", help="where pods' directories and logs go (default: a temporary dir)")
+    parser.add_argument("--request-log", help="write every answered API request (not watches) here")
+    parser.add_argument("--json", help="write the result as JSON here")
+    parser.add_argument("--markdown", help="write a markdown section here")
+    args = parser.parse_args(argv)
+
+    bench = Bench(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the teardown (our children have own sessions)
+    try:
+        result = bench.run()
+    except BaseException:
+        print(f"benchmark failed; logs in {bench.workdir}", file=sys.stderr)
+        if args.json:
+            Path(args.json).with_suffix(".partial.json").write_text(json.dumps(bench.result, indent=2))
+        raise
+    print()
+    print(render_text(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(render_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
