@@ -38,18 +38,21 @@ class _ApiClient:
         return obj
 
 
-class _Status422:
-    """The HTTP response of a 422, as kubernetes.client.ApiException reads it."""
+class _Refusal:
+    """The HTTP response of a refused pod creation, as kubernetes.client.ApiException reads it."""
 
-    def __init__(self, pod: dict[str, Any], problems: list[tuple[str, str]]) -> None:
+    def __init__(self, pod: dict[str, Any], problems: list[tuple[str, str]], code: int) -> None:
         import json
 
         name = pod["metadata"]["name"]
         texts = [f"{where}: {detail}" for where, detail in problems]
-        self.status, self.reason = 422, "Unprocessable Entity"
+        self.status = code
+        self.reason = {422: "Unprocessable Entity", 403: "Forbidden"}.get(code, "Error")
+        message = (f'Pod "{name}" is invalid: [' + ", ".join(texts) + "]" if code == 422 else
+                   f'pods "{name}" is forbidden: ' + "; ".join(texts))
         self.data = json.dumps({
-            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
-            "message": f'Pod "{name}" is invalid: [' + ", ".join(texts) + "]",
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+            "reason": {422: "Invalid", 403: "Forbidden"}.get(code, "Unknown"), "message": message,
             "details": {"name": name, "kind": "Pod",
                         "causes": [{"reason": "FieldValueInvalid", "field": w, "message": d} for w, d in problems]},
         })
@@ -74,7 +77,8 @@ class FakeCore:
     created: list[dict[str, Any]] = field(default_factory=list)
     refused: list[dict[str, Any]] = field(default_factory=list)
     api_client: _ApiClient = field(default_factory=_ApiClient)
-    validate_pod: Any = None  # pod -> [(field, detail)]: what a real API server would refuse (422)
+    validate_pod: Any = None  # pod -> [(field, detail)]: what a real API server would refuse
+    refusal_code: int = 422  # 422 Invalid; 403 as a ResourceQuota or admission webhook refuses
 
     def read_namespaced_pod(self, name: str, namespace: str) -> Any:
         if name not in self.pods:
@@ -91,7 +95,7 @@ class FakeCore:
         problems = self.validate_pod(pod) if self.validate_pod else []
         if problems:
             self.refused.append(copy.deepcopy(pod))
-            raise ApiException(status=422, reason="Unprocessable Entity", http_resp=_Status422(pod, problems))
+            raise ApiException(http_resp=_Refusal(pod, problems, self.refusal_code))
         self.created.append(copy.deepcopy(pod))
         name = pod["metadata"]["name"]
         if name in self.pods:
@@ -159,13 +163,14 @@ class Cluster:
     secrets: dict[str, dict[str, str]] | None = None
     s3_calls: list[tuple[Any, ...]] = field(default_factory=list)
     validate_pod: Any = None
+    refusal_code: int = 422
 
     def __post_init__(self) -> None:
         body = copy.deepcopy(self.stored)
         body.setdefault("metadata", {}).update(
             namespace=NS, uid=str(uuid.uuid4()), generation=1, resourceVersion="1"
         )
-        self.core = FakeCore(secrets=self.secrets, validate_pod=self.validate_pod)
+        self.core = FakeCore(secrets=self.secrets, validate_pod=self.validate_pod, refusal_code=self.refusal_code)
         self.custom = FakeCustom(body)
 
         def s3_factory(*args: Any) -> EmptyBucket:

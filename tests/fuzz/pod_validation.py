@@ -7,7 +7,8 @@ Rules encoded (with the API server's field paths):
 - spec.nodeSelector: label keys and values as above;
 - spec.tolerations[i]: empty key needs operator Exists; Exists needs an empty value;
   tolerationSeconds needs effect NoExecute; keys are qualified names, values label values;
-- spec.containers[i].resources: quantities parse and are not negative.
+- spec.containers[i].resources: quantities parse and are not negative;
+- spec.containers[i].image: no leading or trailing whitespace.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ def api_server_pod_problems(pod: dict[str, Any]) -> list[tuple[str, str]]:
         if "tolerationSeconds" in tol and tol.get("effect") != "NoExecute":
             problems.append((f"{where}.effect", "effect must be 'NoExecute' when `tolerationSeconds` is set"))
     for i, container in enumerate(spec.get("containers") or []):
+        image = container.get("image") or ""
+        if image != image.strip():
+            problems.append((f"spec.containers[{i}].image",
+                             f"Invalid value: {image!r}: must not have leading or trailing whitespace"))
         for kind in ("requests", "limits"):
             for name, amount in ((container.get("resources") or {}).get(kind) or {}).items():
                 if not quantity(str(amount)):

@@ -37,7 +37,7 @@ FLOAT_LIMIT = 1e15
 
 def s3_uris(*, parseable: bool = True) -> st.SearchStrategy[str]:
     """URIs matching the CRD's/model's pattern; `parseable` also requires S3Uri.parse to take them
-    (the pattern is weaker: it lets `my..bucket` and `bucket//key` through, see test_known_bugs)."""
+    (the pattern is weaker: it lets `my..bucket` and `bucket//key` through; the model does not)."""
     typical = st.builds(
         lambda bucket, parts, slash: f"s3://{bucket}/" + "/".join(parts) + ("/" if slash and parts else ""),
         st.from_regex(r"\A[a-z0-9][a-z0-9-]{1,20}[a-z0-9]\Z"),
@@ -60,6 +60,11 @@ def _parses(uri: str) -> bool:
 
 
 _NAME = st.from_regex(r"\A[a-z0-9]([-a-z0-9.]{0,20}[a-z0-9])?\Z")
+_DNS_SUBDOMAIN = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,10}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,10}[a-z0-9])?){0,2}\Z")
+_LABEL_NAME = st.from_regex(r"\A[A-Za-z0-9]([-A-Za-z0-9_.]{0,20}[A-Za-z0-9])?\Z")
+_LABEL_KEY = st.one_of(_LABEL_NAME, st.builds(lambda p, n: f"{p}/{n}", _DNS_SUBDOMAIN, _LABEL_NAME))
+_LABEL_VALUE = st.one_of(st.just(""), _LABEL_NAME)
+_SELECTOR = st.dictionaries(_LABEL_KEY, _LABEL_VALUE, max_size=3)
 _IDENT = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,10}\Z")
 _SHORT_TEXT = st.text(max_size=24)
 
@@ -107,6 +112,17 @@ def _adapter(parseable: bool) -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
+def _tolerations() -> st.SearchStrategy[list[dict[str, Any]]]:
+    """core/v1 tolerations as the API server takes them (the model checks the same rules)."""
+    effect = st.sampled_from(["NoSchedule", "PreferNoSchedule", "NoExecute"])
+    exists = st.fixed_dictionaries({"operator": st.just("Exists")}, optional={"key": _LABEL_KEY, "effect": effect})
+    equal = st.fixed_dictionaries({"key": _LABEL_KEY}, optional={
+        "operator": st.just("Equal"), "value": _LABEL_VALUE, "effect": effect})
+    evict_after = st.builds(lambda t, s: {**t, "effect": "NoExecute", "tolerationSeconds": s},
+                            st.one_of(exists, equal), st.integers(0, 3600))
+    return st.lists(st.one_of(exists, equal, evict_after), max_size=3)
+
+
 # (model, field name) -> strategy, for what a field walk cannot derive.
 def _overrides(parseable: bool) -> dict[tuple[type, str] | type, st.SearchStrategy[Any]]:
     return {
@@ -116,6 +132,13 @@ def _overrides(parseable: bool) -> dict[tuple[type, str] | type, st.SearchStrate
         (TrainingSpec, "optim"): st.sampled_from(["adamw_8bit", "adamw_torch", "sgd", "x"]),
         (TrainingSpec, "lr_scheduler_type"): st.sampled_from(["linear", "cosine", "constant"]),
         ("SchedulingSpec", "affinity"): _AFFINITY,
+        ("SchedulingSpec", "node_selector"): _SELECTOR,
+        ("SchedulingSpec", "tolerations"): _tolerations(),
+        ("SchedulingSpec", "priority_class_name"): _DNS_SUBDOMAIN,
+        ("SpotSpec", "node_selector"): _SELECTOR,
+        ("SpotSpec", "on_demand_node_selector"): _SELECTOR,
+        ("SpotSpec", "tolerations"): _tolerations(),
+        ("LoraResumeSpec", "service_account_name"): _DNS_SUBDOMAIN,
         ("StorageSpec", "uri"): s3_uris(parseable=parseable),
         ("StorageSpec", "endpoint"): st.sampled_from(["", "http://127.0.0.1:9000", "https://s3.example.com"]),
     }
@@ -218,8 +241,8 @@ def model_accepts(spec: dict[str, Any]) -> bool:
 
 
 def valid_specs(*, parseable: bool = True) -> st.SearchStrategy[dict[str, Any]]:
-    """Spec documents the model accepts. `parseable=False` lets S3 URIs the model takes but
-    S3Uri.parse refuses through (a known operator bug; see tests/fuzz/test_known_bugs.py)."""
+    """Spec documents the model accepts. `parseable=False` also draws S3 URIs that match the CRD's
+    pattern but not S3Uri.parse (the model refuses those: they are filtered out again here)."""
     return model_docs(LoraResumeSpec, _overrides(parseable)).filter(model_accepts)
 
 
@@ -313,11 +336,14 @@ _BAD_PATTERN_VALUES = ["", "NOT VALID", "gs://bucket/x", "s3://B/x", "48 Gi", "-
                        "https://example.com/a", "s3:/x", "x" * 300]
 
 
+MUTATION_KINDS = ("wrong-type", "null", "unknown-field", "missing-required", "range", "pattern", "enum", "one-of",
+                  "template", "bucket", "label", "toleration", "dns-name")
+
+
 def mutations(
-    schema: dict[str, Any], spec: dict[str, Any], *, known_bugs: bool = False
+    schema: dict[str, Any], spec: dict[str, Any], kinds: tuple[str, ...] = MUTATION_KINDS
 ) -> st.SearchStrategy[Mutation]:
-    """One edit of a valid spec, at a path the CRD schema describes. `known_bugs` adds S3 URIs the
-    pattern and the model accept but S3Uri.parse refuses (tests/fuzz/test_known_bugs.py)."""
+    """One edit of a valid spec, at a path the CRD schema describes."""
     doc = resource(copy.deepcopy(spec))
     spec_node = schema["properties"]["spec"]
     targets = [(("spec", *p), n, v) for p, n, v in schema_paths(doc["spec"], spec_node)]
@@ -330,9 +356,7 @@ def mutations(
         for part in path[:-1]:
             parent = parent[part]
         last = path[-1]
-        choices = ["wrong-type", "null", "unknown-field", "missing-required", "range", "pattern", "enum", "one-of",
-                   "template"] + (["bucket"] if known_bugs else [])
-        kind = draw(st.sampled_from(choices))
+        kind = draw(st.sampled_from(kinds))
         if kind == "wrong-type" and len(path) > 1:
             parent[last] = draw(_wrong_type(node))
             return Mutation(kind, path, out)
@@ -370,7 +394,7 @@ def mutations(
             out["spec"][which] = section
             return Mutation(f"one-of-{value}", ("spec", which), out)
         if kind == "template":
-            bad = draw(st.sampled_from(["shakespeare", "{0}", "{a.b}", "{", "no fields", "{x!r}"]))
+            bad = draw(st.sampled_from(["shakespeare", "{0}", "{a.b}", "{", "no fields", "{x[0]}"]))
             out["spec"].setdefault("dataset", {"source": "/d.jsonl"})["template"] = bad
             return Mutation(kind, ("spec", "dataset", "template"), out)
         if kind == "bucket":
@@ -378,6 +402,30 @@ def mutations(
                                         "s3://192.168.1.1/run/", "s3://a.-b/run/"]))
             out["spec"].setdefault("storage", {})["uri"] = bad
             return Mutation(kind, ("spec", "storage", "uri"), out)
+        if kind == "label":
+            where = draw(st.sampled_from([("scheduling", "nodeSelector"), ("scheduling", "spot", "nodeSelector"),
+                                          ("scheduling", "spot", "onDemandNodeSelector")]))
+            bad = draw(st.sampled_from([{"gpu type": "h100"}, {"gpu": "h100 sxm"}, {"a/b/c": "x"}, {"x": "v" * 64},
+                                        {"-lead": "x"}, {"/name": "x"}, {"Bad_Prefix/x": "y"}]))
+            section = out["spec"]
+            for part in where[:-1]:
+                section = section.setdefault(part, {})
+            section[where[-1]] = bad
+            return Mutation(kind, ("spec", *where), out)
+        if kind == "toleration":
+            bad = draw(st.sampled_from([{"key": "k", "operator": "Exists", "value": "v"}, {"operator": "Equal"},
+                                        {"key": "k", "tolerationSeconds": 5}, {"key": "bad key"},
+                                        {"key": "k", "value": "bad value"}, {"value": "v"}]))
+            out["spec"].setdefault("scheduling", {})["tolerations"] = [bad]
+            return Mutation(kind, ("spec", "scheduling", "tolerations", 0), out)
+        if kind == "dns-name":
+            field = draw(st.sampled_from([("serviceAccountName",), ("scheduling", "priorityClassName")]))
+            value = draw(st.sampled_from(["Trainer_SA", "High Priority", "-x", "a..b", "x" * 254]))
+            section = out["spec"]
+            for part in field[:-1]:
+                section = section.setdefault(part, {})
+            section[field[-1]] = value
+            return Mutation(kind, ("spec", *field), out)
         # Fallback when the drawn edit does not apply here: an unknown top-level spec field.
         out["spec"]["unknownField"] = 1
         return Mutation("unknown-field", ("spec", "unknownField"), out)

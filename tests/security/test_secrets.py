@@ -126,11 +126,8 @@ def debug_cluster(tmp_path: Path, s3_server, monkeypatch: pytest.MonkeyPatch):
             op.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="operator bug: with LORARESUME_LOG_LEVEL=DEBUG (Helm logLevel) the kubernetes "
-                   "client logs every response body, so the credentials Secret's data (base64) lands in the "
-                   "operator log (kubernetes.client.rest 'response body: {...Secret...}'); cli.py sets the root "
-                   "level for all libraries and installs no redaction")
 def test_operator_debug_log_never_shows_the_secret(debug_cluster, s3_server) -> None:
+    """Found here: at DEBUG the kubernetes client logged response bodies, the Secret's data with them."""
     emulator, op = debug_cluster
     name = f"dbg-{uuid.uuid4().hex[:6]}"
     secret(emulator, f"{name}-s3", {"AWS_ACCESS_KEY_ID": "debug-id", "AWS_SECRET_ACCESS_KEY": CANARY})
@@ -238,20 +235,15 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-TRACEBACK_NOT_REDACTED = pytest.mark.xfail(strict=True, reason=(
-    "trainer bug (redact.py): _RedactingFilter scrubs record.getMessage() only; botocore logs at DEBUG "
-    "'Exception received when sending HTTP request' with exc_info, and the formatted traceback "
-    "(EndpointConnectionError: ... \"http://id:SECRET@host/...\") reaches stderr unredacted"))
-
-
 @pytest.mark.parametrize("endpoint_kind, level", [
     ("unreachable", "INFO"),
     ("auth-server", "DEBUG"),
-    pytest.param("unreachable", "DEBUG", marks=TRACEBACK_NOT_REDACTED),
+    ("unreachable", "DEBUG"),  # found here: botocore's DEBUG tracebacks (exc_info) were not scrubbed
 ])
 def test_trainer_process_with_secret_in_the_endpoint_url(tmp_path: Path, s3_auth_server, endpoint_kind: str,
                                                          level: str) -> None:
-    """Endpoint URLs can carry user:password@, and botocore logs URLs and retried exceptions at DEBUG."""
+    """Endpoint URLs can carry user:password@, and botocore logs URLs and retried exceptions (with
+    tracebacks) at DEBUG."""
     host = f"127.0.0.1:{_closed_port()}" if endpoint_kind == "unreachable" else \
         s3_auth_server.endpoint.removeprefix("http://")
     endpoint = f"http://{s3_auth_server.access_key_id}:{CANARY}@{host}"
