@@ -839,6 +839,15 @@ def dur(e: dict[str, Any] | None) -> float | None:
     return None if e is None else round(e["t1"] - e["t0"], 3)
 
 
+def losses(events: list[dict[str, Any]], upto: int = 8) -> dict[int, list[float | None]]:
+    """Step -> [loss, grad_norm] of the first `upto` logged steps (to compare the two stacks' numerics)."""
+    out: dict[int, list[float | None]] = {}
+    for e in events:
+        if e.get("event") == "log" and "loss" in e and int(e.get("step", 0)) <= upto:
+            out.setdefault(int(e["step"]), [e.get("loss"), e.get("grad_norm")])
+    return out
+
+
 def log_times(child: Child) -> dict[int, float]:
     out: dict[int, float] = {}
     for e in child.of("log"):
@@ -927,6 +936,7 @@ def analyze_unsloth(ctx: Ctx, plan: Plan, child: Child, rc: int | None, fl: dict
     res: dict[str, Any] = {"exit_code": rc, "signals": [(n, rel(child, s)) for n, s in child.signals],
                            "steps_logged": len(steps), "last_step": steps[-1] if steps else None,
                            "step_seconds": {s: rnd(v) for s, v in sorted(intervals.items())},
+                           "losses": losses(child.events),
                            "gpu": gpu_during(ctx, t.get(S + 1), t.get((C + 2) * S))}
     tok = [e.get("num_tokens") for e in child.of("log") if e.get("num_tokens") is not None]
     if len(tok) >= 2:
@@ -1060,6 +1070,7 @@ def analyze_baseline(ctx: Ctx, plan: Plan, child: Child, rc: int | None, fl: dic
     ready = child.first("trainer_ready") or {}
     res = {
         "step_seconds": {s: rnd(v) for s, v in sorted(intervals.items())},
+        "losses": losses(child.events),
         "gpu": gpu_during(ctx, t.get(plan.bl_warmup), t[max(t)] if t else None),
         "exit_code": rc, "steps_logged": len(t), "trainer": ready.get("trainer"), "trainable_params": ready.get("trainable"),
         "load_s": dur(child.first("model_loaded")), "trainer_setup_s": dur(child.first("trainer_ready")),
@@ -1329,6 +1340,15 @@ def rows_for(size: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
                  f"{fmt(pct(ut.get('hfu_recompute_measured')))} / {fmt(pct(bt.get('hfu_recompute_measured')))}", ""))
     rows.append(("'6N' convention, trainer / baseline",
                  f"{fmt(pct(ut.get('mfu_6n_measured')))} / {fmt(pct(bt.get('mfu_6n_measured')))}", ""))
+    ug, bg = get(u, "gpu", "utilization.gpu", "mean"), get(b, "gpu", "utilization.gpu", "mean")
+    uc, bc = get(u, "gpu", "clocks.sm", "mean"), get(b, "gpu", "clocks.sm", "mean")
+    rows.append(("GPU utilization % / SM MHz (nvidia-smi means), trainer / baseline",
+                 f"{fmt(ug, '.0f')} / {fmt(bg, '.0f')} · {fmt(uc, '.0f')} / {fmt(bc, '.0f')}", ""))
+    ul, bl_ = u.get("losses") or {}, b.get("losses") or {}
+    if ul and bl_:
+        both = [k for k in ("1", "2", "3") if k in ul and k in bl_]
+        rows.append(("loss at steps " + ", ".join(both) + ", trainer / baseline",
+                     "; ".join(f"{fmt(ul[k][0], '.4f')} / {fmt(bl_[k][0], '.4f')}" for k in both), ""))
     rows.append(("peak allocated GiB in training, trainer / baseline",
                  f"{fmt(um.get('train_peak_alloc_gib'))} / {fmt(bm.get('train_peak_alloc_gib'))}", ""))
     rows.append(("memory ratio (allocated, training)", fmt(mem_ratio, ".2f"),
@@ -1343,6 +1363,10 @@ def rows_for(size: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
     slow, lo, hi = slowdown(u)
     shown = fmt(slow, "+.2f", " %") + (f" (95 % CI {lo:+.1f} … {hi:+.1f})" if lo is not None else "")
     rows.append(("training slowdown, uploads on vs off", shown, slowdown_verdict(slow, lo, hi)))
+    pos = position_medians(u)
+    if pos:
+        rows.append(("  median step s by position in cycle (1 = with save), on − off",
+                     " · ".join(f"{i + 1}: {d * 1000:+.0f} ms" for i, d in enumerate(pos["diff"])), ""))
     sig = u.get("sigterm") or {}
     rows.append(("SIGTERM → checkpoint durable, s", fmt(sig.get("signal_to_durable_s")),
                  verdict(None if sig.get("signal_to_durable_s") is None
@@ -1371,6 +1395,23 @@ def rows_for(size: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def position_medians(u: dict[str, Any]) -> dict[str, list[float]]:
+    """Median step time at each position of a cycle, uploads on and off, and their difference.
+
+    Position 1 contains the checkpoint save (and the hand-off to the uploader); the upload then
+    overlaps the next steps. Medians resist a single slow cycle."""
+    cycles = get(u, "upload_slowdown", "cycles") or []
+    on = [c["step_seconds"] for c in cycles if c.get("uploads") and c.get("step_seconds")]
+    off = [c["step_seconds"] for c in cycles if not c.get("uploads") and c.get("step_seconds")]
+    if not on or not off:
+        return {}
+    n = min(len(x) for x in on + off)
+    med_on = [statistics.median(c[i] for c in on) for i in range(n)]
+    med_off = [statistics.median(c[i] for c in off) for i in range(n)]
+    return {"on": med_on, "off": med_off, "diff": [a - b for a, b in zip(med_on, med_off)],
+            "pct": 100 * (sum(med_on) / sum(med_off) - 1)}
+
+
 def slowdown(u: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
     """(estimate, CI low, CI high) in %: the mean of the ABBA blocks ± 2 standard errors when there are
     several blocks, else the plain on/off ratio without an interval."""
@@ -1386,7 +1427,7 @@ def slowdown_verdict(est: float | None, lo: float | None, hi: float | None) -> s
     if est is None:
         return "≤ 2 %: not measured"
     if lo is None:
-        return f"≤ 2 %: {'met' if est <= t else 'MISSED'} (no interval)"
+        return f"≤ 2 %: not resolved (one ABBA block, no interval; point estimate {est:+.1f} %)"
     if hi <= t:
         return "≤ 2 %: met"
     if lo > t:
@@ -1425,7 +1466,109 @@ def render_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(results: dict[str, Any], json_rel: str) -> str:
+def analysis_text(results: dict[str, Any], others: list[dict[str, Any]]) -> list[str]:
+    """Why each missed or unresolved target was missed and what would close it, with this run's numbers."""
+    r = get(results, "sizes", "8b") or {}
+    u, b = r.get("unsloth") or {}, r.get("baseline") or {}
+    out = ["### Why, and what would close the gaps", ""]
+    ut, bt = get(u, "throughput", "tokens_per_s"), get(b, "throughput", "tokens_per_s")
+    fl = r.get("flops_per_token") or {}
+    peak = get(results, "meta", "matmul_tflops")
+    if ut and bt and fl and peak:
+        need = 2 * bt
+        mfu_need = need * fl["useful"] / (peak * 1e12)
+        hfu_need = need * fl["hardware"] / (peak * 1e12)
+        out.append(
+            f"- **Speed ({ut / bt:.2f}x, {100 * (1 - ut / bt / 2):.0f} % short of 2.0x).** The trainer path already "
+            f"runs at {100 * get(u, 'throughput', 'mfu_lora_measured'):.0f} % LoRA-MFU "
+            f"({100 * get(u, 'throughput', 'hfu_recompute_measured'):.0f} % counting the recompute) of the measured "
+            f"{peak:.0f} TFLOP/s; the baseline at {100 * get(b, 'throughput', 'mfu_lora_measured'):.0f} %. Twice the "
+            f"baseline, {need:,.0f} tokens/s, would need {100 * mfu_need:.0f} % LoRA-MFU, {100 * hfu_need:.0f} % of the "
+            "matmul rate in hardware FLOPs, with every 4-bit weight dequantized before its matmul. The baseline is not "
+            "the stack Unsloth's \"2x\" was measured against: it gets PyTorch SDPA (flash) attention and TRL 1.15's "
+            "fused, tiled lm_head loss (no 128k-vocabulary logits in memory). nvidia-smi shows the GPU busy "
+            f"{fmt(get(u, 'gpu', 'utilization.gpu', 'mean'), '.0f')} % of the time in the trainer's steps against "
+            f"{fmt(get(b, 'gpu', 'utilization.gpu', 'mean'), '.0f')} % in the baseline's: the trainer leaves the GPU idle "
+            "in parts of each step (Unsloth's `use_gradient_checkpointing=\"unsloth\"` offloads activations to host "
+            "memory and back; it was ~10 % slower than `True` at 1B, notes/gpu-unsloth.md). What could close it, "
+            "unmeasured here: on a 141 GB card memory is no constraint (the trainer peaks at "
+            f"{fmt(get(u, 'memory', 'train_peak_alloc_gib'), '.1f')} GiB), so `use_gradient_checkpointing=True` or none "
+            "(no recompute: a third fewer FLOPs) and larger per-device batches; the trainer hard-codes \"unsloth\" "
+            "(model_loading.py) and would have to expose it.")
+    ua, ba = get(u, "memory", "after_load_alloc_gib"), get(b, "memory", "after_load_alloc_gib")
+    up, bp = get(u, "memory", "train_peak_alloc_gib"), get(b, "memory", "train_peak_alloc_gib")
+    if ua and ba and up and bp:
+        out.append(
+            f"- **Memory (ratio {up / bp:.2f}, target 0.5).** After loading, the trainer holds {ua:.2f} GiB (nf4 "
+            f"weights, bf16 embedding and lm_head) and the baseline {ba:.2f} GiB (the same nf4 weights; "
+            "`prepare_model_for_kbit_training` makes the embedding, norms and lm_head fp32). Training adds "
+            f"{up - ua:.2f} GiB to the trainer and {bp - ba:.2f} GiB to the baseline, {(bp - ba) / (up - ua):.1f}x less. "
+            f"The 4-bit weights both share put a floor under the ratio: {ua:.2f} / {bp:.2f} = {ua / bp:.2f} even if "
+            "the trainer needed nothing for training. At 2 × 2,048 tokens per micro-batch the weights dominate; "
+            "≤ 0.5 needs work where activations dominate (longer sequences, larger batches), not measured here.")
+    slow, lo, hi = slowdown(u)
+    pos = position_medians(u)
+    if slow is not None and pos:
+        extra = sum(pos["diff"])
+        off_step = statistics.median(pos["off"][1:]) if len(pos["off"]) > 1 else pos["off"][0]
+        cyc = get(u, "upload_slowdown", "cycle_steps") or 4
+        ci = f" (95 % CI {lo:+.1f} … {hi:+.1f} %)" if lo is not None else ""
+        out.append(
+            f"- **Upload slowdown ({slow:+.1f} %{ci}, not resolved against 2 %).** Cycle times vary by a few "
+            "per cent from one cycle to the next (GPU clock and temperature drift, JSON `gpu`), more than the "
+            "effect. Position by position the medians show where it is: the interval that contains the save (the "
+            "upload starts right after it), and the step after it, are "
+            f"{1000 * pos['diff'][0]:+.0f} ms and {1000 * pos['diff'][1]:+.0f} ms slower with the upload running "
+            f"(it takes {fmt(first_upload_s(u), '.1f')} s); the later steps "
+            f"{', '.join(f'{1000 * d:+.0f} ms' for d in pos['diff'][2:])}. That is ~{extra:.2f} s per uploaded "
+            f"checkpoint ({pos['pct']:+.1f} % of a {cyc}-step cycle; at the seed's save_steps=10 it would be about "
+            f"{100 * extra / (10 * off_step):.1f} %, an extrapolation). The upload runs as threads of the training "
+            "process (sha256 of every file, boto3 with 8 concurrent parts) and competes for the CPU and the GIL with "
+            "a training loop that leaves the GPU idle in parts of each step. What would close it: uploading from a "
+            "separate process, fewer concurrent parts, and saving less often; more A/B blocks to resolve ±1 %.")
+    e, l_ = r.get("resume_early") or {}, r.get("resume_late") or {}
+    if e and l_:
+        pe = e.get("phases_s") or {}
+        warm = next((get(o, "sizes", "8b") for o in others
+                     if get(o, "sizes", "8b", "resume_early", "total_s") and not get(o, "sizes", "8b", "resume_early", "cold_caches")), None)
+        w = ""
+        if warm and e.get("cold_caches"):
+            w = (f" With warm compile caches (an earlier run on the same machine) the same resumes took "
+                 f"{get(warm, 'resume_early', 'total_s'):.1f} / {get(warm, 'resume_late', 'total_s'):.1f} s (imports "
+                 f"{get(warm, 'resume_early', 'phases_s', 'imports_unsloth_trl'):.1f} s, first step "
+                 f"{get(warm, 'resume_early', 'phases_s', 'first_step'):.1f} s): baking the Triton, inductor and "
+                 "`unsloth_compiled_cache` caches into the image would save most of the difference.")
+        tv = e.get("trainer_events_view_s") or {}
+        out.append(
+            f"- **Resume start-up** ({e.get('total_s'):.1f} s from step {e.get('resume_step')}, {l_.get('total_s'):.1f} s "
+            f"from step {l_.get('resume_step')}): data positioning is {1000 * pe.get('data_positioning', 0):.0f} ms at "
+            f"both ({e.get('skipped_batches')} vs {l_.get('skipped_batches')} skipped batches: accelerate's "
+            "`skip_first_batches` skips indices in the batch sampler and loads no data), so start-up does not grow "
+            "with the step; the difference in totals is import-time noise. Importing Unsloth and TRL is "
+            f"{pe.get('imports_unsloth_trl', 0):.0f} s of it, model load {pe.get('model_load', 0):.0f} s (the 1B shape, "
+            f"a fifth of the bytes: {fmt(get(results, 'sizes', '1b', 'resume_early', 'phases_s', 'model_load'), '.0f')} s; "
+            f"mostly Unsloth's patching, not I/O), the first step {pe.get('first_step', 0):.0f} s (kernel "
+            f"compilation), checkpoint download and verification {pe.get('checkpoint_download_verify', 0):.1f} s." + w)
+        out.append(
+            f"- **What the trainer's own events show** (without this benchmark's wrappers): `start` at "
+            f"{fmt(tv.get('start_event'), '.1f')} s lumps S3 listing, imports, dataset and checkpoint download "
+            f"(`prepare_seconds` {fmt(tv.get('start_prepare_seconds'), '.1f')}); `model_ready` at "
+            f"{fmt(tv.get('model_ready_event'), '.1f')} s; the first `log` at {fmt(tv.get('first_log_event'), '.1f')} s. "
+            "Missing for the split: an event when imports are done, one when the checkpoint is downloaded and "
+            "verified (only an INFO log line), and one between `model_ready` and the first step (trainer state "
+            "restored and data positioned: tokenization, kernel compilation, state restore and the fast-forward are "
+            "invisible inside that gap).")
+    if u and b and u.get("num_tokens_per_step_logged") is None and b.get("num_tokens_per_step_logged"):
+        out.append(
+            "- **Observation (trainer)**: on the GPU, Unsloth's SFTTrainer logs no `num_tokens` (TRL's baseline "
+            f"logs {b['num_tokens_per_step_logged']:,.0f} per step; the CPU path logs it), so the trainer's carried-over "
+            "token count (callbacks.py `on_log`) never applies and progress.json's `num_tokens` stays null on GPUs. "
+            "The trainer's tokens per step here come from the rows (all truncated to max_length); the first steps' "
+            "losses agree with the baseline's to 3–4 digits.")
+    return out + [""]
+
+
+def render_markdown(results: dict[str, Any], json_rel: str, others: list[dict[str, Any]] | None = None) -> str:
     m = results.get("meta", {})
     v = m.get("versions", {})
     vers = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth",
@@ -1458,6 +1601,7 @@ def render_markdown(results: dict[str, Any], json_rel: str) -> str:
         "",
     ]
     lines += targets_text(results)
+    lines += [""] + analysis_text(results, others or [])
     lines += [
         "",
         "### How it was measured",
@@ -1474,7 +1618,9 @@ def render_markdown(results: dict[str, Any], json_rel: str) -> str:
         "`torch.cuda.max_memory_allocated/reserved`, reset after model load (\"training\") and over the whole process.",
         "- **Speed**: step times are the gaps between consecutive per-step log events (logging every step syncs the "
         "GPU). The trainer's speed is the median over steps after warm-up that contain no checkpoint save and follow "
-        "a checkpoint that was not uploaded; the baseline's is the median after its warm-up steps.",
+        "a checkpoint that was not uploaded (JSON `throughput_all_nonsave_steps` includes the upload cycles); the "
+        "baseline's is the median after its warm-up steps. The bf16 matmul rate is the best of square 4096, 8192 "
+        "and 16384 `torch.matmul`s timed with CUDA events in the same run.",
         "- **MFU**: N = parameters in matmuls (decoder linears + lm_head). Per token: LoRA training FLOPs = 4N "
         "(forward 2N + input gradients 2N; frozen weights get no weight gradients) + 3A (attention scores and values, "
         "causal: A = 2 · layers · seq · width forward, twice that backward) + 6·N_lora. HFU adds the recompute of "
@@ -1547,10 +1693,13 @@ def targets_text(results: dict[str, Any]) -> list[str]:
         f"**{'met' if sig <= 15 else 'missed'}** ({sig:.1f} s)." if sig is not None else "not measured."))
     e, l = get(r, "resume_early", "phases_s", "data_positioning"), get(r, "resume_late", "phases_s", "data_positioning")
     if e is not None and l is not None:
-        out.append(f"- Resume start-up independent of the resume step: data positioning {e * 1000:.0f} ms at step "
-                   f"{get(r, 'resume_early', 'resume_step')} vs {l * 1000:.0f} ms at step "
-                   f"{get(r, 'resume_late', 'resume_step')}; total {get(r, 'resume_early', 'total_s')} s vs "
-                   f"{get(r, 'resume_late', 'total_s')} s.")
+        te, tl = get(r, "resume_early", "total_s"), get(r, "resume_late", "total_s")
+        ok = l - e <= max(0.05, 0.01 * te)
+        out.append(f"- Resume start-up independent of the resume step: **{'met' if ok else 'missed'}**: data "
+                   f"positioning {e * 1000:.0f} ms at step {get(r, 'resume_early', 'resume_step')} vs {l * 1000:.0f} ms "
+                   f"at step {get(r, 'resume_late', 'resume_step')}; total {te:.1f} s vs {tl:.1f} s, of which "
+                   f"imports {fmt(get(r, 'resume_early', 'phases_s', 'imports_unsloth_trl'), '.1f')} s vs "
+                   f"{fmt(get(r, 'resume_late', 'phases_s', 'imports_unsloth_trl'), '.1f')} s.")
     else:
         out.append("- Resume start-up independent of the resume step: not measured.")
     return out
@@ -1615,10 +1764,35 @@ def runs_table(paths: list[Path], names: list[str]) -> list[str]:
     return lines + [""]
 
 
+def attach_logs(json_path: Path, tarball: Path) -> None:
+    """Add the first steps' losses to a results JSON written before `losses` existed, from its logs archive."""
+    results = json.loads(json_path.read_text())
+    with tarfile.open(tarball) as tar:
+        for size, r in results.get("sizes", {}).items():
+            for role in ("unsloth", "baseline"):
+                if not r.get(role) or r[role].get("losses"):
+                    continue
+                try:
+                    member = tar.extractfile(f"{size}-{role}.stdout")
+                except KeyError:
+                    continue
+                events = []
+                for line in member.read().decode(errors="replace").splitlines():  # type: ignore[union-attr]
+                    try:
+                        event = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(event, dict):
+                        events.append(event)
+                r[role]["losses"] = losses(events)
+    json_path.write_text(json.dumps(results, indent=2, default=str))
+
+
 def write_report(json_paths: list[Path], md_path: Path) -> str:
     results, names = load_results(json_paths)
     json_rel = "`, `".join(names)
-    section = render_markdown(results, json_rel)
+    others = [json.loads(p.read_text()) for p in json_paths[1:]]
+    section = render_markdown(results, json_rel, others)
     if len(json_paths) > 1:
         section = section.replace("### Re-run", "\n".join(runs_table(json_paths, names)) + "\n### Re-run", 1)
     existing = md_path.read_text() if md_path.exists() else "# Benchmark results\n\n"
@@ -1648,6 +1822,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", type=Path, nargs="+",
                    help="render RESULTS.md's GPU section from this JSON (sizes it lacks: from the next ones)")
     p.add_argument("--results-md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    p.add_argument("--attach-logs", nargs=2, type=Path, metavar=("JSON", "LOGS_TAR_GZ"),
+                   help="add first-step losses to a results JSON from its gpu_bench-logs.tar.gz")
     p.add_argument("--sizes", help="comma list of sizes to run (default: the mode's plan)")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the script")
     p.add_argument("--out", help="result folder (default $OUT)")
@@ -1678,6 +1854,9 @@ def main(argv: list[str] | None = None) -> int:
         return child_baseline(ns)
     if ns.child == "build":
         return child_build(ns)
+    if ns.attach_logs:
+        attach_logs(*ns.attach_logs)
+        return 0
     if ns.report:
         print(write_report(ns.report, ns.results_md))
         return 0
