@@ -176,11 +176,7 @@ def test_the_pod_validation_stand_in_refuses_those_pods() -> None:
         assert api_server_pod_problems(pod), name
 
 
-# --- open: dataset.source is not checked as an S3 URI ---------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="trainer bug (config.py DatasetSettings.source has no S3 URI check): "
-                   "the spec and the job config take s3://my..bucket/x.jsonl; the trainer's fetch_dataset_file "
-                   "then raises a bare ValueError from S3Uri.parse, which ends the attempt as a retryable "
-                   "failure (exit 1, retried to backoffLimit) instead of a config error naming dataset.source")
+# --- dataset.source was not checked as an S3 URI (fixed in config.py: a config error naming the field) ---
 @pytest.mark.parametrize("source", ["s3://my..bucket/x.jsonl", "s3://bucket//x.jsonl", "s3://bucket/a/../x.jsonl"])
 def test_dataset_source_that_s3uri_refuses_is_refused_naming_the_field(source: str) -> None:
     from loraresume_trainer.config import parse_job

@@ -85,6 +85,13 @@ class DatasetSettings(_Model):
             raise ValueError("set exactly one of `source` (a file or s3:// URI) or `name` (a datasets name)")
         return self
 
+    @field_validator("source")
+    @classmethod
+    def _s3_source(cls, value: str | None) -> str | None:
+        if value and value.startswith("s3://"):
+            S3Uri.parse(value)  # a file, not a prefix: checked, kept as written
+        return value
+
     @field_validator("template")
     @classmethod
     def _known_template(cls, value: str) -> str:
