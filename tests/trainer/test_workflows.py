@@ -166,6 +166,31 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(damage, interrupted, s
     assert {s: want[s] for s in attempt.losses()} == attempt.losses()
 
 
+def test_no_verifiable_checkpoint_is_a_retryable_failure_not_a_fresh_start(interrupted, s3):
+    """All complete checkpoints damaged: the attempt fails (exit 1, retried by the operator up to
+    its backoff limit) and leaves them as they are, instead of training from step 0 over them."""
+    _, _, client = s3
+    copy, _, _ = interrupted
+    cfg, work = copy()
+    bucket, prefix = split(cfg["storage"]["uri"] + "checkpoints/")
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+    steps = sorted({obj["Key"][len(prefix):].split("/")[0] for obj in listed if obj["Key"].endswith(MANIFEST_NAME)})
+    assert len(steps) >= 2, steps
+    for step_dir in steps:
+        _overwrite_same_size(client, bucket, f"{prefix}{step_dir}/adapter_model.safetensors")
+    before = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+
+    attempt = run_attempt(cfg, work)
+
+    assert attempt.exit_code == 1, attempt.stderr[-2000:]
+    assert attempt.termination["outcome"] == "failed"
+    assert f"none of the {len(steps)} complete checkpoints" in attempt.termination["reason"]
+    assert len(attempt.of("checkpoint_damaged")) == len(steps)
+    assert not attempt.of("log")  # not one step trained
+    after = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+    assert after == before
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [

@@ -22,9 +22,9 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from .checkpoint_store import CheckpointStore
+from .checkpoint_store import CHECKPOINTS_DIR, CheckpointStore
 from .config import JobConfig
-from .errors import ConfigError, DamagedCheckpoint
+from .errors import ConfigError, DamagedCheckpoint, TrainerError
 from .fingerprint import make_fingerprint, texts_sha256
 from .manifest import parse_checkpoint_name
 from .outcome import Outcome, TerminationMessage
@@ -227,7 +227,13 @@ class Pipeline:
         plan = plan_resume(complete, fingerprint, explicit=self.explicit_candidate(), warm_start=job.resume.warm_start)
         fetched = self.fetch_candidate(plan) if plan.candidates else None
         if plan.candidates and fetched is None:
-            log.warning("no checkpoint could be verified; starting fresh from the adapter")
+            # Never start over silently on top of work that exists: a retry may read them intact
+            # (a transient fault); if not, the job fails with this message and the checkpoints stay.
+            raise TrainerError(
+                f"none of the {len(plan.candidates)} complete checkpoints under {self.store.root.child(CHECKPOINTS_DIR)} "
+                "verified (see the checkpoint_damaged events); not starting over on top of them. Inspect or "
+                "delete them to start from scratch"
+            )
         mode = plan.mode if fetched else ResumeMode.FRESH
         resume_dir = fetched[1] if fetched and mode is ResumeMode.EXACT else None
         # A warm start takes the checkpoint's adapter weights as its adapter.
