@@ -142,6 +142,7 @@ class RequestLog:
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (client, verb, resource[/sub])
         self.total = 0
         self.first_at: float | None = None
+        self.last_answered = 0.0  # when the last request other than a watch was answered
         self.hooks: list[Any] = []  # hook(t_answered, client, verb, res, name, sub, status)
         self.user_agents: Counter[str] = Counter()
 
@@ -160,6 +161,8 @@ class RequestLog:
                 if self.first_at is None:
                     self.first_at = now()
             response = await handle(request)
+            if verb != "watch":
+                self.last_answered = now()
             if self.hooks and verb != "watch":
                 t = now()
                 for hook in list(self.hooks):
@@ -440,6 +443,7 @@ class Bench:
         self.operator: Operator | None = None
         self.sampler: MemorySampler | None = None
         self.prober: Prober | None = None
+        self.wave2_names: list[str] = []
 
     def log(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -563,7 +567,7 @@ class Bench:
                 self.moto.kill()
 
     # -- resources ---------------------------------------------------------------------------
-    def body(self, name: str, wave: str) -> dict[str, Any]:
+    def body(self, name: str, wave: str, steps: int | None = None) -> dict[str, Any]:
         a = self.args
         return {
             "apiVersion": "loraresume.dev/v1alpha1", "kind": "LoraResume",
@@ -573,7 +577,7 @@ class Bench:
                 "maxSeqLength": 128,
                 "loadIn4bit": False,
                 "dataset": {"source": f"s3://{BUCKET}/data/train.jsonl"},
-                "training": {"maxSteps": a.steps, "saveSteps": a.save_steps, "loggingSteps": a.logging_steps},
+                "training": {"maxSteps": steps or a.steps, "saveSteps": a.save_steps, "loggingSteps": a.logging_steps},
                 "storage": {"uri": f"s3://{BUCKET}/{wave}/{name}/", "endpoint": self.endpoint,
                             "credentialsSecret": SECRET, "keepCheckpoints": 2},
                 "resources": {"gpus": 0},
@@ -639,7 +643,9 @@ class Bench:
         mem_done = self.operator.memory()
         self.log(f"wave 1: all {len(names)} Succeeded in {t_done - t0:.1f} s; {total1 - total0} API requests")
 
-        # Steady state: everything Succeeded, nothing to do but the periodic loop.
+        # Steady state: everything Succeeded, the event backlog worked off, only the periodic loop left.
+        settle = self.settle("wave 1")
+        self.log(f"wave 1: operator settled {settle:.1f} s after the last Succeeded")
         self.sampler.phase = "idle"
         t_idle = now()
         idle_total0, idle_counts0 = self.requests.snapshot()
@@ -671,6 +677,7 @@ class Bench:
                 "peak_hwm_after_wave": r(mem_done.get("VmHWM"), 1),
                 "steady_idle_median": r(statistics.median(idle_rss), 1) if idle_rss else None,
             },
+            "settle_seconds_after_all_succeeded": r(settle, 1),
             "idle": {
                 "seconds": r(idle_span, 1),
                 "api_requests_per_second": r((idle_total1 - idle_total0) / idle_span),
@@ -689,6 +696,204 @@ class Bench:
         self.result["wave1"]["delete_all_seconds"] = r(now() - t_del)
         self.log(f"wave 1: deleted in {now() - t_del:.1f} s")
 
+    # -- disruptions, shared by the loaded and the steady phase ----------------------------------------
+    def end_pod(self, pod: str, how: str) -> bool:
+        try:
+            if how == "delete":
+                self.k8s.delete("pods", NS, pod)  # graceful, like `kubectl delete pod`
+            else:
+                self.kubelet.preempt_node(NS, pod, wait=False)  # DisruptionTarget, SIGTERM, grace, removal
+        except LookupError:
+            return False  # it ended meanwhile
+        return True
+
+    def relaunch_stats(self, t_calls: dict[str, tuple[str, float, str | None]]) -> dict[str, Any]:
+        """Waits for every victim's replacement pod; latencies from the call and from the old pod's end."""
+
+        def replacement(pod: str) -> tuple[float, str] | None:
+            """The first pod of the same resource created after the victim: the next attempt, or the
+            same name again when the operator had not seen the victim run (decide.py re-creates it)."""
+            _how, t_call, uid = t_calls[pod]
+            with self.tracker.lock:
+                later = [(t, n) for t, n, u in self.tracker.adds[pod.rsplit("-attempt-", 1)[0]]
+                         if u != uid and t >= t_call]
+            return later[0] if later else None
+
+        self.wait("the replacement pods", lambda: all(replacement(p) for p in t_calls), self.args.timeout)
+        by: dict[str, list[float]] = defaultdict(list)
+        share: dict[str, list[float]] = defaultdict(list)
+        same_name = 0
+        for pod, (how, t_call, uid) in t_calls.items():
+            t_new, new_name = replacement(pod)  # type: ignore[misc]
+            same_name += new_name == pod
+            with self.tracker.lock:
+                old = dict(self.tracker.pods.get(uid or "", {}))
+            ends = [t for t in (old.get("ended"), old.get("deleted")) if t]
+            by[how].append(t_new - t_call)
+            if ends:
+                share[how].append(t_new - min(ends))
+        every = by["delete"] + by["preempt"]
+        every_share = share["delete"] + share["preempt"]
+        return {
+            "pods": len(t_calls),
+            "relaunched_as_the_same_pod_name": same_name,
+            "seconds": {"p50": r(pct(every, 50)), "p99": r(pct(every, 99)), "max": r(max(every))},
+            "operator_share_seconds": {"p50": r(pct(every_share, 50)), "p99": r(pct(every_share, 99))},
+            "by_kind": {how: {"n": len(v), "p50": r(pct(v, 50)), "p99": r(pct(v, 99)),
+                              "operator_share_p50": r(pct(share[how], 50)),
+                              "operator_share_p99": r(pct(share[how], 99))} for how, v in by.items()},
+        }
+
+    def disrupt_while_loaded(self, names: list[str], disrupt: int) -> dict[str, Any]:
+        """Pods of `names` are ended as they run, once `--disrupt-at` of the first pods have ended."""
+        a = self.args
+        # Trigger on the pods, not on the statuses: the operator may lag far behind the pods.
+        target = int(a.disrupt_at * len(names))
+        wave = set(names)
+        prefix = names[0].split("-")[0] + "-"
+
+        def first_pods_ended() -> int:
+            with self.tracker.lock:
+                return sum(1 for p in self.tracker.pods.values()
+                           if p["resource"] in wave and p["name"].endswith("-attempt-1") and "ended" in p)
+
+        self.wait(f"{target} first pods ended before the pod loss", lambda: first_pods_ended() >= target, a.timeout)
+        # Each victim is picked once it has trained a couple of steps, until `disrupt` are picked
+        # or no first-attempt pod is left to pick.
+        t_calls: dict[str, tuple[str, float, str | None]] = {}
+        deadline = now() + a.timeout
+        while len(t_calls) < disrupt:
+            if now() > deadline:
+                raise TimeoutError(f"only {len(t_calls)} of {disrupt} pods could be disrupted")
+            with self.tracker.lock:
+                since = {p["name"]: p["running"] for u, p in self.tracker.pods.items()
+                         if "running" in p and self.tracker.uid_of.get(p["name"]) == u}
+            ready = sorted(p for p in self.kubelet.running_pods()
+                           if p.startswith(prefix) and p.endswith("-attempt-1") and p not in t_calls
+                           and p in since and now() - since[p] >= 2 * a.step_seconds)
+            for pod in self.rng.sample(ready, min(len(ready), disrupt - len(t_calls))):
+                how = "delete" if len(t_calls) % 2 == 0 else "preempt"
+                uid, t_call = self.tracker.uid_of.get(pod), now()
+                if self.end_pod(pod, how):
+                    t_calls[pod] = (how, t_call, uid)
+            with self.tracker.lock:
+                firsts = {p["resource"] for p in self.tracker.pods.values()
+                          if p["resource"] in wave and p["name"].endswith("-attempt-1")}
+            if len(firsts) == len(names) and not ready and not [
+                    p for p in self.kubelet.running_pods() if p.startswith(prefix)]:
+                self.log(f"pod loss: only {len(t_calls)} pods could be picked (the others ran to the end)")
+                break
+            time.sleep(0.1)
+        if not t_calls:
+            raise RuntimeError("pod loss: no running pod could be picked")
+        return self.relaunch_stats(t_calls)
+
+    # -- operator restart, shared too ------------------------------------------------------------------
+    def measure_restart(self, names: list[str]) -> dict[str, Any]:
+        """SIGKILL, `--down-seconds` down, start; see the module docstring for "reconciled"."""
+        a = self.args
+        assert self.operator is not None and self.sampler is not None
+        phase = self.sampler.phase
+        mem_before = self.operator.memory()
+        with self.tracker.lock:
+            at_kill = {n: dict(self.tracker.lr_status.get(n) or {}) for n in names}
+        phases = Counter(s.get("phase", "(none)") for s in at_kill.values())
+        self.log(f"restart: SIGKILL the operator; phases {dict(phases)}")
+        t_kill = now()
+        self.operator.kill()
+        self.sampler.phase = "restart"
+        time.sleep(a.down_seconds)
+        ended_down = {}  # non-terminal resources whose pod ended (or went away) while the operator was down
+        for n, st in at_kill.items():
+            if st.get("phase") not in ("Succeeded", "Failed") and st.get("podName"):
+                pod = self.tracker.pod(st["podName"])
+                if pod.get("ended") or pod.get("deleted"):
+                    ended_down[n] = st
+        reads: dict[str, dict[str, float]] = {"lr": {}, "pod": {}}
+        watched = set(names)
+        pod_owner = {s["podName"]: n for n, s in at_kill.items() if s.get("podName")}
+
+        def hook(t: float, who: str, verb: str, res: str, name: str | None, sub: str | None, status: int) -> None:
+            if who != "client" or verb != "get" or sub or name is None:
+                return
+            if res == LR and name in watched:
+                reads["lr"].setdefault(name, t)
+            elif res == "pods" and name in pod_owner:
+                reads["pod"].setdefault(pod_owner[name], t)
+
+        self.requests.hooks.append(hook)
+        req0 = self.requests.snapshot()[0]
+        self.operator.start()
+        t_start = self.operator.started_at
+        self.wait("the first request of the new operator", lambda: self.requests.snapshot()[0] > req0, 120, every=0.02)
+        t_first = now()
+
+        def reconciled(n: str) -> float | None:
+            t_lr = reads["lr"].get(n)
+            if t_lr is None:
+                return None
+            status = at_kill[n]
+            if status.get("phase") in ("Succeeded", "Failed") or not status.get("podName"):
+                return t_lr
+            t_pod = reads["pod"].get(n)
+            return None if t_pod is None else max(t_lr, t_pod)
+
+        self.wait("every resource reconciled after the restart",
+                  lambda: all(reconciled(n) is not None for n in names), a.timeout, every=0.2)
+        done = {n: reconciled(n) - t_start for n in names}  # type: ignore[operator]
+        requests_until = self.requests.snapshot()[0] - req0
+
+        def caught_up(n: str) -> float | None:
+            s0 = at_kill[n]
+            with self.tracker.lock:
+                s = self.tracker.lr_status.get(n) or {}
+                changed = self.tracker.status_changed.get(n)
+            if s.get("phase") == "Succeeded" or int(s.get("attempt") or 0) > int(s0.get("attempt") or 0):
+                return changed
+            return None
+
+        if ended_down:
+            self.wait("resources whose pods ended during the downtime to catch up",
+                      lambda: all(caught_up(n) is not None for n in ended_down), a.timeout)
+        catch = [caught_up(n) - t_start for n in ended_down]  # type: ignore[operator]
+        self.requests.hooks.remove(hook)
+        self.sampler.phase = phase
+        out = {
+            "resources": len(names),
+            "phases_at_kill": dict(phases),
+            "operator_rss_before_kill_mib": r(mem_before.get("VmRSS"), 1),
+            "down_seconds": a.down_seconds,
+            "start_to_first_request_seconds": r(t_first - t_start),
+            "start_to_all_reconciled_seconds": r(max(done.values())),
+            "reconciled_seconds": {"p50": r(pct(list(done.values()), 50)), "p99": r(pct(list(done.values()), 99))},
+            "requests_until_all_reconciled": requests_until,
+            "pods_ended_while_down": len(ended_down),
+            "start_to_those_caught_up_seconds": {"p50": r(pct(catch, 50)), "max": r(max(catch, default=None))},
+            "kill_to_all_reconciled_seconds": r(t_start - t_kill + max(done.values())),
+        }
+        self.log(f"restart: first request after {out['start_to_first_request_seconds']} s, "
+                 f"all {len(names)} reconciled after {out['start_to_all_reconciled_seconds']} s")
+        return out
+
+    def settle(self, label: str) -> float:
+        """Seconds until the operator's last API request before a quiet spell of `--quiet-seconds`: its
+        backlog of events is worked off and only the periodic loop is left (it sleeps `interval` between
+        rounds, so the spell comes once the backlog is gone)."""
+        t0 = now()
+        quiet = self.args.quiet_seconds
+        last: list[float] = []
+
+        def quiet_now() -> bool:
+            seen = self.requests.last_answered
+            if now() - seen >= quiet:
+                last.append(seen)
+                return True
+            return False
+
+        self.wait(f"the operator to settle after {label}", quiet_now, self.args.timeout, every=0.2)
+        return max(0.0, last[-1] - t0)
+
+    # -- phase 2: loaded, disrupted, restarted ----------------------------------------------------------
     def wave2(self) -> None:
         a = self.args
         assert self.sampler is not None and self.operator is not None
@@ -698,178 +903,17 @@ class Bench:
         t0 = now()
         names = self.create_wave("w2")
         disrupt = min(a.disrupt, a.resources - int(a.disrupt_at * a.resources))
-
-        # -- pod loss -----------------------------------------------------------------------
         relaunch: dict[str, Any] = {}
         if disrupt:
-            # Trigger on the pods, not on the statuses: the operator may lag far behind the pods.
-            target = int(a.disrupt_at * len(names))
-            wave = set(names)
-
-            def first_pods_ended() -> int:
-                with self.tracker.lock:
-                    return sum(1 for p in self.tracker.pods.values()
-                               if p["resource"] in wave and p["name"].endswith("-attempt-1") and "ended" in p)
-
-            self.wait(f"{target} first pods ended before the pod loss", lambda: first_pods_ended() >= target,
-                      a.timeout)
-            # Each victim is picked once it has trained a couple of steps, until `disrupt` are picked
-            # or no first-attempt pod is left to pick.
-            t_calls: dict[str, tuple[str, float, str | None]] = {}
-            deadline = now() + a.timeout
-            while len(t_calls) < disrupt:
-                if now() > deadline:
-                    raise TimeoutError(f"only {len(t_calls)} of {disrupt} pods could be disrupted")
-                with self.tracker.lock:
-                    since = {p["name"]: p["running"] for u, p in self.tracker.pods.items()
-                             if "running" in p and self.tracker.uid_of.get(p["name"]) == u}
-                ready = sorted(p for p in self.kubelet.running_pods()
-                               if p.startswith("w2-") and p.endswith("-attempt-1") and p not in t_calls
-                               and p in since and now() - since[p] >= 2 * a.step_seconds)
-                for pod in self.rng.sample(ready, min(len(ready), disrupt - len(t_calls))):
-                    how = "delete" if len(t_calls) % 2 == 0 else "preempt"
-                    uid = self.tracker.uid_of.get(pod)
-                    t_call = now()
-                    try:
-                        if how == "delete":
-                            self.k8s.delete("pods", NS, pod)  # graceful, like `kubectl delete pod`
-                        else:
-                            self.kubelet.preempt_node(NS, pod, wait=False)
-                    except LookupError:
-                        continue  # it ended meanwhile
-                    t_calls[pod] = (how, t_call, uid)
-                with self.tracker.lock:
-                    firsts = [p for p in self.tracker.pods.values()
-                              if p["resource"] in wave and p["name"].endswith("-attempt-1")]
-                if len({p["resource"] for p in firsts}) == len(names) and not ready and not [
-                        p for p in self.kubelet.running_pods() if p.startswith("w2-")]:
-                    self.log(f"pod loss: only {len(t_calls)} pods could be picked (the others ran to the end)")
-                    break
-                time.sleep(0.1)
-
-            def replacement(pod: str) -> tuple[float, str] | None:
-                """The first pod of the same resource created after the victim (the next attempt, or the
-                same name again when the operator never saw the victim run)."""
-                _how, t_call, uid = t_calls[pod]
-                with self.tracker.lock:
-                    later = [(t, n) for t, n, u in self.tracker.adds[pod.rsplit("-attempt-", 1)[0]]
-                             if u != uid and t >= t_call]
-                return later[0] if later else None
-
-            self.wait("the replacement pods", lambda: all(replacement(p) for p in t_calls), a.timeout)
-            if not t_calls:
-                raise RuntimeError("pod loss: no running pod could be picked")
-            by: dict[str, list[float]] = defaultdict(list)
-            share: dict[str, list[float]] = defaultdict(list)
-            same_name = 0
-            for pod, (how, t_call, uid) in t_calls.items():
-                t_new, new_name = replacement(pod)  # type: ignore[misc]
-                same_name += new_name == pod
-                with self.tracker.lock:
-                    old = dict(self.tracker.pods.get(uid or "", {}))
-                ends = [t for t in (old.get("ended"), old.get("deleted")) if t]
-                by[how].append(t_new - t_call)
-                if ends:
-                    share[how].append(t_new - min(ends))
-            every = by["delete"] + by["preempt"]
-            every_share = share["delete"] + share["preempt"]
-            relaunch = {
-                "pods": len(t_calls),
-                "relaunched_as_the_same_pod_name": same_name,
-                "seconds": {"p50": r(pct(every, 50)), "p99": r(pct(every, 99)), "max": r(max(every))},
-                "operator_share_seconds": {"p50": r(pct(every_share, 50)), "p99": r(pct(every_share, 99))},
-                "by_kind": {how: {"n": len(v), "p50": r(pct(v, 50)), "p99": r(pct(v, 99)),
-                                  "operator_share_p50": r(pct(share[how], 50)),
-                                  "operator_share_p99": r(pct(share[how], 99))} for how, v in by.items()},
-            }
-            self.log(f"relaunch after pod loss ({disrupt} pods): p50 {relaunch['seconds']['p50']} s, "
+            relaunch = self.disrupt_while_loaded(names, disrupt)
+            self.log(f"relaunch after pod loss ({relaunch['pods']} pods): p50 {relaunch['seconds']['p50']} s, "
                      f"p99 {relaunch['seconds']['p99']} s")
-
-        # -- operator restart -------------------------------------------------------------
         restart: dict[str, Any] = {}
         if a.restart_at is not None:
             target = int(a.restart_at * len(names))
             self.wait(f"{target} Succeeded before the restart", lambda: self.tracker.count_succeeded(names) >= target,
                       a.timeout, every=0.2)
-            mem_before = self.operator.memory()
-            with self.tracker.lock:
-                at_kill = {n: dict(self.tracker.lr_status.get(n) or {}) for n in names}
-            phases = Counter(s.get("phase", "(none)") for s in at_kill.values())
-            self.log(f"restart: SIGKILL the operator; phases {dict(phases)}")
-            t_kill = now()
-            self.operator.kill()
-            self.sampler.phase = "restart"
-            time.sleep(a.down_seconds)
-            ended_down = {}  # non-terminal resources whose pod ended (or went away) while the operator was down
-            for n, st in at_kill.items():
-                if st.get("phase") not in ("Succeeded", "Failed") and st.get("podName"):
-                    pod = self.tracker.pod(st["podName"])
-                    if pod.get("ended") or pod.get("deleted"):
-                        ended_down[n] = st
-            reads: dict[str, dict[str, float]] = {"lr": {}, "pod": {}}
-            watched = set(names)
-            pod_owner = {s["podName"]: n for n, s in at_kill.items() if s.get("podName")}
-
-            def hook(t: float, who: str, verb: str, res: str, name: str | None, sub: str | None, status: int) -> None:
-                if who != "client" or verb != "get" or sub or name is None:
-                    return
-                if res == LR and name in watched:
-                    reads["lr"].setdefault(name, t)
-                elif res == "pods" and name in pod_owner:
-                    reads["pod"].setdefault(pod_owner[name], t)
-
-            self.requests.hooks.append(hook)
-            req0 = self.requests.snapshot()[0]
-            first_before = self.requests.snapshot()
-            self.operator.start()
-            t_start = self.operator.started_at
-            self.wait("the first request of the new operator",
-                      lambda: self.requests.snapshot()[0] > first_before[0], 120, every=0.02)
-            t_first = now()
-
-            def reconciled(n: str) -> float | None:
-                t_lr = reads["lr"].get(n)
-                if t_lr is None:
-                    return None
-                status = at_kill[n]
-                if status.get("phase") in ("Succeeded", "Failed") or not status.get("podName"):
-                    return t_lr
-                t_pod = reads["pod"].get(n)
-                return None if t_pod is None else max(t_lr, t_pod)
-
-            self.wait("every resource reconciled after the restart",
-                      lambda: all(reconciled(n) is not None for n in names), a.timeout, every=0.2)
-            done = {n: reconciled(n) - t_start for n in names}  # type: ignore[operator]
-
-            def caught_up(n: str) -> float | None:
-                s0 = at_kill[n]
-                with self.tracker.lock:
-                    s = self.tracker.lr_status.get(n) or {}
-                    changed = self.tracker.status_changed.get(n)
-                if s.get("phase") == "Succeeded" or int(s.get("attempt") or 0) > int(s0.get("attempt") or 0):
-                    return changed
-                return None
-
-            if ended_down:
-                self.wait("resources whose pods ended during the downtime to catch up",
-                          lambda: all(caught_up(n) is not None for n in ended_down), a.timeout)
-            catch = [caught_up(n) - t_start for n in ended_down]  # type: ignore[operator]
-            self.requests.hooks.remove(hook)
-            restart = {
-                "phases_at_kill": dict(phases),
-                "operator_rss_before_kill_mib": r(mem_before.get("VmRSS"), 1),
-                "down_seconds": a.down_seconds,
-                "start_to_first_request_seconds": r(t_first - t_start),
-                "start_to_all_reconciled_seconds": r(max(done.values())),
-                "reconciled_seconds": {"p50": r(pct(list(done.values()), 50)), "p99": r(pct(list(done.values()), 99))},
-                "requests_until_all_reconciled": self.requests.snapshot()[0] - req0,
-                "pods_ended_while_down": len(ended_down),
-                "start_to_those_caught_up_seconds": {"p50": r(pct(catch, 50)), "max": r(max(catch, default=None))},
-                "kill_to_all_reconciled_seconds": r(t_start - t_kill + max(done.values())),
-            }
-            self.log(f"restart: first request after {restart['start_to_first_request_seconds']} s, "
-                     f"all {len(names)} reconciled after {restart['start_to_all_reconciled_seconds']} s")
-            self.sampler.phase = "wave2"
+            restart = self.measure_restart(names)
 
         t_done = self.wait_all_succeeded(names, "wave 2")
         mem = self.operator.memory()
@@ -888,10 +932,63 @@ class Bench:
             "sandbox_latency": self.prober.summary("wave2") if self.prober else None,
             "operator_restart": restart,
         }
-        relaunch_metric = self.operator.metric("loraresume_relaunch_seconds_count")
-        if relaunch_metric:
-            self.result["wave2"]["operator_relaunch_metric_count_after_restart"] = relaunch_metric[0][1]
         self.log(f"wave 2: all Succeeded in {t_done - t0:.1f} s")
+        self.wave2_names = names
+
+    # -- phase 3: steady state --------------------------------------------------------------------------
+    def steady(self) -> None:
+        """N Succeeded resources in the cluster, the operator settled; M long runs are lost and relaunched,
+        then the operator is restarted with them running."""
+        from loraresume_sandbox.stand_in_trainer import ENV_STEP_SECONDS
+
+        a = self.args
+        assert self.sampler is not None and self.operator is not None
+        settle = self.settle("wave 2")
+        self.sampler.phase = "steady"
+        m = a.steady_disrupt
+        self.log(f"steady: operator settled {settle:.1f} s after wave 2; {m} long runs")
+        self.kubelet.extra_env[ENV_STEP_SECONDS] = str(a.steady_step_seconds)  # read when a pod starts
+        names = [f"w3-{i:04d}" for i in range(m)]
+        t0 = now()
+        for name in names:
+            self.k8s.create(LR, self.body(name, "w3", steps=a.steady_steps), NS)
+
+        def running_seen(attempt: int) -> bool:
+            with self.tracker.lock:
+                return all((n, attempt) in self.tracker.lr_running for n in names)
+
+        self.wait(f"{m} resources Running", lambda: running_seen(1), a.timeout)
+        with self.tracker.lock:
+            first_pod = [self.tracker.adds[n][0][0] - self.tracker.lr_created[n] for n in names]
+            seen = [self.tracker.lr_running[(n, 1)] - self.tracker.lr_created[n] for n in names]
+        lag = self.tracker.observe_lag(names)
+        t_calls: dict[str, tuple[str, float, str | None]] = {}
+        for i, name in enumerate(names):
+            pod = f"{name}-attempt-1"
+            how = "delete" if i % 2 == 0 else "preempt"
+            uid, t_call = self.tracker.uid_of.get(pod), now()
+            if self.end_pod(pod, how):
+                t_calls[pod] = (how, t_call, uid)
+        relaunch = self.relaunch_stats(t_calls)
+        self.log(f"steady relaunch ({relaunch['pods']} pods): p50 {relaunch['seconds']['p50']} s, "
+                 f"p99 {relaunch['seconds']['p99']} s")
+        self.wait(f"{m} resources Running again", lambda: running_seen(2), a.timeout)
+        with self.tracker.lock:
+            preemptions = sum(int((self.tracker.lr_status.get(n) or {}).get("preemptions") or 0) for n in names)
+        restart = self.measure_restart(self.wave2_names + names) if a.restart_at is not None else {}
+        self.result["steady"] = {
+            "succeeded_resources_in_cluster": len(self.wave2_names),
+            "settle_seconds_after_wave2": r(settle, 1),
+            "long_runs": m,
+            "create_to_first_pod_seconds": {"p50": r(pct(first_pod, 50)), "p99": r(pct(first_pod, 99))},
+            "create_to_status_running_seconds": {"p50": r(pct(seen, 50)), "p99": r(pct(seen, 99))},
+            "pod_running_to_status_running_seconds": {"p50": r(pct(lag, 50)), "p99": r(pct(lag, 99))},
+            "relaunch_after_pod_loss": relaunch,
+            "preemptions_counted": preemptions,
+            "operator_restart": restart,
+            "sandbox_latency": self.prober.summary("steady") if self.prober else None,
+            "seconds": r(now() - t0, 1),
+        }
 
     # -- all --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -915,6 +1012,8 @@ class Bench:
             if not a.skip_wave1:
                 self.wave1()
             self.wave2()
+            if not a.skip_steady:
+                self.steady()
         finally:
             self.result["load_after"] = host_load()
             self.result["benchmark_wall_seconds"] = r(now() - t0, 1)
@@ -974,7 +1073,8 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
                                      f"({r(w1['operator_cpu_seconds'] / n, 3)} s per resource)"),
             ("operator RSS: start / peak (wave 1) / steady (idle)",
              f"{mem['at_start']} / {mem['peak_hwm_after_wave']} / {mem['steady_idle_median']} MiB"),
-            (f"idle API requests/s ({n} Succeeded)", f"{w1['idle']['api_requests_per_second']}"),
+            ("wave 1: operator busy after the last Succeeded (backlog)", f"{w1['settle_seconds_after_all_succeeded']} s"),
+            (f"idle API requests/s ({n} Succeeded, settled)", f"{w1['idle']['api_requests_per_second']}"),
             (f"delete {n} resources", f"{w1['delete_all_seconds']} s"),
         ]
     if w2:
@@ -982,15 +1082,16 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
         if rl:
             kinds = ", ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in sorted(rl["by_kind"].items()))
             rows += [
-                (f"relaunch after pod loss ({rl['pods']} pods) p50 / p99",
+                (f"wave 2 (loaded): relaunch after pod loss ({rl['pods']} pods) p50 / p99",
                  f"{rl['seconds']['p50']} / {rl['seconds']['p99']} s ({kinds})"),
                 ("  operator's share (old pod ended -> new pod) p50 / p99",
                  f"{rl['operator_share_seconds']['p50']} / {rl['operator_share_seconds']['p99']} s"),
-                ("  relaunched under the same pod name (loss not seen)", f"{rl['relaunched_as_the_same_pod_name']}"),
+                ("  relaunched under the same pod name (loss not seen); preemptions counted",
+                 f"{rl['relaunched_as_the_same_pod_name']}; {w2.get('preemptions_counted')}"),
             ]
         if rs:
             rows += [
-                ("restart: phases at SIGKILL", ", ".join(f"{k} {v}" for k, v in sorted(rs["phases_at_kill"].items()))),
+                ("wave 2 restart (loaded): phases at SIGKILL", ", ".join(f"{k} {v}" for k, v in sorted(rs["phases_at_kill"].items()))),
                 ("restart: start -> first API request", f"{rs['start_to_first_request_seconds']} s"),
                 ("restart: start -> all reconciled (p50 / all)",
                  f"{rs['reconciled_seconds']['p50']} / {rs['start_to_all_reconciled_seconds']} s"),
@@ -1004,6 +1105,31 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
             ("wave 2: sandbox latency, API GET / S3 GET p50 (p99)", _latency(w2.get("sandbox_latency"))),
             ("operator RSS peak after restart", f"{w2['operator_rss_mib_after_restart']['peak_hwm']} MiB"),
         ]
+    st = result.get("steady") or {}
+    if st:
+        rl, rs = st["relaunch_after_pod_loss"], st.get("operator_restart") or {}
+        rows += [
+            (f"steady ({st['succeeded_resources_in_cluster']} Succeeded + {st['long_runs']} long runs): "
+             "create -> first pod p50 / p99",
+             f"{st['create_to_first_pod_seconds']['p50']} / {st['create_to_first_pod_seconds']['p99']} s"),
+            ("steady: pod Running -> resource Running p50 / p99",
+             f"{st['pod_running_to_status_running_seconds']['p50']} / "
+             f"{st['pod_running_to_status_running_seconds']['p99']} s"),
+            (f"steady: relaunch after pod loss ({rl['pods']} pods) p50 / p99",
+             f"{rl['seconds']['p50']} / {rl['seconds']['p99']} s ("
+             + ", ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in sorted(rl["by_kind"].items())) + ")"),
+            ("  operator's share p50 / p99; same pod name; preemptions counted",
+             f"{rl['operator_share_seconds']['p50']} / {rl['operator_share_seconds']['p99']} s; "
+             f"{rl['relaunched_as_the_same_pod_name']}; {st['preemptions_counted']}"),
+        ]
+        if rs:
+            rows += [
+                (f"steady restart ({rs['resources']} resources: "
+                 + ", ".join(f"{k} {v}" for k, v in sorted(rs["phases_at_kill"].items())) + "): start -> first request",
+                 f"{rs['start_to_first_request_seconds']} s"),
+                ("steady restart: start -> all reconciled (p50 / all)",
+                 f"{rs['reconciled_seconds']['p50']} / {rs['start_to_all_reconciled_seconds']} s"),
+            ]
     load = result.get("load_before", {}).get("loadavg_1_5_15"), result.get("load_after", {}).get("loadavg_1_5_15")
     rows.append(("host load average before / after", f"{load[0]} / {load[1]}"))
     return rows
@@ -1076,6 +1202,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="steady-state window after wave 1")
     parser.add_argument("--interval", type=float, default=None,
                         help="operator --interval (periodic reconcile); default: the operator's own (10 s)")
+    parser.add_argument("--steady-disrupt", type=int, default=20,
+                        help="long runs lost and relaunched in the steady phase")
+    parser.add_argument("--steady-steps", type=int, default=120, help="steps of the steady phase's long runs")
+    parser.add_argument("--steady-step-seconds", type=float, default=1.0, help="their step time")
+    parser.add_argument("--skip-steady", action="store_true", help="no steady phase")
+    parser.add_argument("--quiet-seconds", type=float, default=None,
+                        help="no request for this long = the operator settled (default: 0.6 x interval)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds any one wait may take")
     parser.add_argument("--history", type=int, default=10_000, help="emulator watch history size")
     parser.add_argument("--skip-wave1", action="store_true", help="only the disrupted wave")
@@ -1084,6 +1217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--markdown", help="write a markdown section here")
     args = parser.parse_args(argv)
+    if args.quiet_seconds is None:
+        args.quiet_seconds = 0.6 * (args.interval or 10.0)
 
     bench = Bench(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the teardown (our children have own sessions)
