@@ -141,6 +141,14 @@ class Job:
             (d / name).write_text(f"{name} {step}")
         self.store.upload_checkpoint(d, step, {"fake": True})
 
+    def succeed(self, tmp_path, attempt):
+        """Play a trainer that saved its adapter and exited 0."""
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_model.safetensors").write_text("weights")
+        self.store.upload_adapter(adapter, {"fake": True})
+        self.end_pod(attempt, 0, {"outcome": "succeeded", "reason": "adapter saved"})
+
     def progress(self, step, attempt, loss=1.5):
         self.store.put_json("progress.json", {"step": step, "max_steps": 30, "loss": loss, "attempt": attempt})
 
@@ -188,11 +196,7 @@ def test_apply_preempt_fail_succeed_story(operator, job, tmp_path):
 
     # Success: exit 0 with a complete adapter.
     job.run_pod(3)
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_model.safetensors").write_text("weights")
-    job.store.upload_adapter(adapter, {"fake": True})
-    job.end_pod(3, 0, {"outcome": "succeeded", "reason": "adapter saved"})
+    job.succeed(tmp_path, 3)
     wait_for("Succeeded", lambda: job.status().get("phase") == "Succeeded")
     assert job.condition("Succeeded")["status"] == "True"
     assert job.status()["outputAdapter"] == f"s3://{job.bucket}/{job.name}/adapter/"

@@ -44,11 +44,7 @@ def lifecycle(job: Job, tmp_path, *, delete_checkpoints: bool) -> None:
     job.run_pod(2)
     job.end_pod(2, 1, {"outcome": "failed", "reason": "RuntimeError: CUDA error"})
     job.run_pod(3)
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_model.safetensors").write_text("weights")
-    job.store.upload_adapter(adapter, {"fake": True})
-    job.end_pod(3, 0, {"outcome": "succeeded", "reason": "adapter saved"})
+    job.succeed(tmp_path, 3)
     wait_for("Succeeded", lambda: job.status().get("phase") == "Succeeded")
     wait_for("events", lambda: {"Relaunching", "TrainerFailed", "AdapterSaved"} <= {e["reason"] for e in job.events()})
     job.k8s.delete("loraresumes", NS, job.name)
