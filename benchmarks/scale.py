@@ -694,6 +694,9 @@ class Bench:
             self.k8s.delete(LR, NS, name)
         self.wait("wave 1 deleted", lambda: all(n in self.tracker.lr_deleted for n in names), a.timeout, every=0.2)
         self.result["wave1"]["delete_all_seconds"] = r(now() - t_del)
+        # Per-resource metric series the operator still exports for the deleted resources.
+        self.result["wave1"]["checkpoint_age_series_after_delete"] = len(
+            self.operator.metric("loraresume_checkpoint_age_seconds{"))
         self.log(f"wave 1: deleted in {now() - t_del:.1f} s")
 
     # -- disruptions, shared by the loaded and the steady phase ----------------------------------------
@@ -1075,7 +1078,9 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
              f"{mem['at_start']} / {mem['peak_hwm_after_wave']} / {mem['steady_idle_median']} MiB"),
             ("wave 1: operator busy after the last Succeeded (backlog)", f"{w1['settle_seconds_after_all_succeeded']} s"),
             (f"idle API requests/s ({n} Succeeded, settled)", f"{w1['idle']['api_requests_per_second']}"),
-            (f"delete {n} resources", f"{w1['delete_all_seconds']} s"),
+            (f"delete {n} resources", f"{w1['delete_all_seconds']} s"
+                                      + (f" ({w1['checkpoint_age_series_after_delete']} checkpoint-age metric series "
+                                         "left behind)" if "checkpoint_age_series_after_delete" in w1 else "")),
         ]
     if w2:
         rl, rs = w2.get("relaunch_after_pod_loss") or {}, w2.get("operator_restart") or {}
@@ -1166,6 +1171,17 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{result['load_before']['loadavg_1_5_15']} / {result['load_after']['loadavg_1_5_15']}, so times are noisy "
         "and include CPU contention (the emulator, kubelet, moto, the stand-in trainers and the operator all share "
         "the same cores).",
+        "",
+        "Setup: the Kubernetes API emulator and the simulated kubelet in the benchmark process (every HTTP "
+        "request the emulator serves is counted; only the operator uses HTTP), moto S3, the operator as a process "
+        "(`loraresume-operator -A`, default 10 s periodic interval), pods run as the stand-in trainer "
+        "(`loraresume_sandbox.stand_in_trainer`: the trainer's CLI, checkpoint store, progress.json and exit codes "
+        "around a timed loop, no torch). The node runs at most `--capacity` trainer processes; the benchmark's "
+        "kubelet subclass leaves further pods unscheduled (Pending) until a slot frees. Wave 1: N resources at once "
+        "to Succeeded, then deleted. Wave 2: N more, with pod losses (half `delete pod`, half simulated node "
+        "preemption) and an operator SIGKILL + restart while loaded. Steady: with N Succeeded resources present and "
+        "the operator settled, long runs are lost and relaunched, then the operator is restarted. \"Reconciled\" "
+        "after a restart: the new process has read the resource and, if its status names a pod, that pod.",
         "",
         "| metric | value |",
         "| --- | --- |",
