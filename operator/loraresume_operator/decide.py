@@ -314,7 +314,9 @@ def decide(obs: Observation) -> Plan:
 
     pod = obs.pod
     if pod is None:
-        if status.phase == Phase.RUNNING:  # it ran, and now it is gone
+        progress = obs.progress if isinstance(obs.progress, dict) else {}
+        reported = _count(progress.get("attempt"), 0) == status.attempt  # its trainer wrote progress
+        if status.phase == Phase.RUNNING or reported:  # it ran (seen, or by its progress), and now it is gone
             _ended(b, classify_end(None, adapter_complete=obs.adapter_complete))
         else:  # named but never seen: (re)create it under the same name
             ready, adapter = _adapter_uri(b)

@@ -80,6 +80,10 @@ def _periodic(stop: threading.Event) -> None:
             except Exception:  # noqa: BLE001 - one resource's trouble must not stop the loop
                 metrics.RECONCILE_ERRORS.labels("loop").inc()
                 log.exception("periodic reconcile of %s/%s failed; next round retries", namespace, name)
+                continue
+            if reconciler().is_terminal(namespace, name):  # done: only a spec change brings it back
+                with _known_lock:
+                    _known.discard((namespace, name))
 
 
 def _reconcile(namespace: str, name: str) -> float | None:
@@ -116,7 +120,7 @@ def on_delete(namespace: str, name: str, spec: dict[str, Any], status: dict[str,
         _known.discard((namespace, name))
     rec = reconciler()
     rec.delete_pods(namespace, name)
-    rec.record_phase(namespace, name, None)
+    rec.forget(namespace, name)
     try:
         parsed = LoraResumeSpec.model_validate(spec)
         parsed = rec.effective(namespace, name, parsed, LoraResumeStatus.model_validate(status or {}))

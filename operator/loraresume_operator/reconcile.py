@@ -172,6 +172,7 @@ class Reconciler:
             return self._invalid(body, resource, status, f"metadata.name: at most {MAX_LABEL_VALUE} characters (the "
                                  f"trainer pods carry it as a label value), got {len(resource.name)}")
         if status.phase.is_terminal and status.observed_generation == resource.generation:
+            self.record_phase(resource.namespace, resource.name, status.phase.value)
             return None
         written = status
         storage_uri = self.storage_uri(resource.namespace, resource.name, spec, status)
@@ -323,6 +324,18 @@ class Reconciler:
             self.core.create_namespaced_event(meta["namespace"], event)
         except ApiException as exc:
             log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.status)
+
+    def is_terminal(self, namespace: str, name: str) -> bool:
+        return self._phases.get((namespace, name)) in (Phase.SUCCEEDED.value, Phase.FAILED.value)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The resource is gone: drop what this process kept for it (phase count, metrics, lock)."""
+        self.record_phase(namespace, name, None)
+        try:
+            metrics.CHECKPOINT_AGE.remove(namespace, name)
+        except KeyError:
+            pass
+        self._locks.pop((namespace, name), None)
 
     def record_phase(self, namespace: str, name: str, phase: str | None) -> None:
         """Resources by phase, from what this process reconciled (no cluster-wide list needed)."""

@@ -362,9 +362,9 @@ def test_exactly_one_source_rules_name_the_fields(spec_schema: dict[str, Any], f
 
 
 ONE_OF_CASES = [
-    ("dataset", {"source": "s3://d/x.jsonl"}),
+    ("dataset", {"source": "s3://data/x.jsonl"}),
     ("dataset", {"name": "yahma/alpaca-cleaned"}),
-    ("dataset", {"source": "s3://d/x.jsonl", "name": "yahma/alpaca-cleaned"}),
+    ("dataset", {"source": "s3://data/x.jsonl", "name": "yahma/alpaca-cleaned"}),
     ("dataset", {}),
     ("dataset", {"source": "", "name": "yahma/alpaca-cleaned"}),
     ("adapter", {"uri": "s3://artifacts/a/"}),
@@ -377,7 +377,7 @@ ONE_OF_CASES = [
 @pytest.mark.parametrize("field,value", ONE_OF_CASES)
 def test_cel_exactly_one_rules_agree_with_the_model(spec_schema: dict[str, Any], field: str, value: dict) -> None:
     celpy = pytest.importorskip("celpy", reason="cel-python evaluates the CEL rules when installed")
-    spec = {"baseModel": "m", "dataset": {"source": "s3://d/x.jsonl"}, "storage": {"uri": "s3://bucket/p/"}}
+    spec = {"baseModel": "m", "dataset": {"source": "s3://data/x.jsonl"}, "storage": {"uri": "s3://bucket/p/"}}
     spec[field] = value
     try:
         LoraResumeSpec.model_validate(spec)

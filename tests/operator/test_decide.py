@@ -195,9 +195,17 @@ def test_relaunch_without_a_complete_checkpoint_starts_fresh():
 def test_operator_restart_before_the_pod_was_seen_recreates_the_same_pod():
     """Status names attempt 2's pod, the pod does not exist yet: create it, count nothing."""
     st = status(phase=Phase.RESUMING, attempt=2, pod_name="bot-attempt-2", preemptions=1)
-    plan = decide(obs(st, None))
+    plan = decide(obs(st, None, progress={"step": 27, "max_steps": 100, "attempt": 1}))
     assert creates(plan) == [CreatePod("bot-attempt-2", 2, CKPT.uri, False, None)]
     assert plan.status.preemptions == 1 and plan.status.attempt == 2
+
+
+def test_pod_gone_before_it_was_seen_but_whose_trainer_ran_is_a_preemption():
+    """A busy operator may never see a short-lived pod Running; its progress.json shows it ran."""
+    st = status(phase=Phase.RESUMING, attempt=2, pod_name="bot-attempt-2", preemptions=1)
+    plan = decide(obs(st, None, progress={"step": 27, "max_steps": 100, "attempt": 2}))
+    assert creates(plan) == [CreatePod("bot-attempt-3", 3, CKPT.uri, False, None)]
+    assert (plan.status.preemptions, plan.status.attempt, plan.status.lost_steps) == (2, 3, 7)
 
 
 def test_operator_restart_while_the_pod_runs_changes_nothing():
