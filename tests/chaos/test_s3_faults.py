@@ -29,7 +29,7 @@ from botocore.exceptions import ClientError, ConnectionClosedError, ResponseStre
 from loraresume_sandbox.chaos import adapter_differences, read_adapter
 from loraresume_sandbox.s3_faults import FAULT_KINDS, S3FaultProxy, checkpoint_file, uniform_rates
 from loraresume_trainer.outcome import Outcome
-from loraresume_trainer.s3client import make_s3_client, total_attempts
+from loraresume_trainer.s3client import install_retry_hooks, make_s3_client, total_attempts
 from loraresume_trainer.uploader import BackgroundUploader
 from tests.support.trainer_runs import Kill, job_config, run_attempt, run_story
 
@@ -249,6 +249,19 @@ def test_trainer_client_retries_cut_bodies_within_its_attempt_budget_and_logs_th
     assert proxy.counts["requests"] == proxy.counts["truncate"] == 6  # bounded: 1 + 5 retries
     assert "attempt 6 of 6 failed (ResponseStreamingError while reading the body); giving up" in caplog.text
     assert proxy.endpoint.split("//")[1] not in caplog.text  # no URL in the log lines
+
+
+def test_retry_hooks_fit_any_s3_client_once(proxy, bucket, monkeypatch, caplog):
+    """The operator's client can take the same hooks (it does not yet: see the chaos report)."""
+    monkeypatch.setattr("loraresume_trainer.s3client._backoff", lambda attempts: 0.01)
+    client = install_retry_hooks(install_retry_hooks(boto3.client(
+        "s3", endpoint_url=proxy.endpoint, region_name="us-east-1",
+        config=Config(retries={"mode": "standard", "max_attempts": 2}, response_checksum_validation="when_required"))))
+    proxy.set_rates({"truncate": 1.0})
+    with caplog.at_level("WARNING", logger="loraresume_trainer.s3client"), pytest.raises(ResponseStreamingError):
+        client.get_object(Bucket=bucket, Key="a/object")
+    assert proxy.counts["truncate"] == 3
+    assert caplog.text.count("S3 GetObject attempt") == 3  # registered once despite two installs
 
 
 def test_trainer_client_logs_each_failed_attempt_of_throttling(proxy, bucket, monkeypatch, caplog):

@@ -104,13 +104,22 @@ def make_s3_client(
         region_name=region or None,
         config=Config(**options),
     )
+    install_retry_hooks(client)
+    log.debug("S3 client for endpoint %s", redact_url(endpoint_url) or "(AWS default)")
+    return client
+
+
+def install_retry_hooks(client: Any) -> Any:
+    """Log every failed attempt of `client` and retry short GetObject bodies within its attempt budget.
+
+    For any boto3 S3 client (the operator's too); idempotent. Returns the client.
+    """
     total = total_attempts(client)
     client.meta.events.register("needs-retry.s3", _RetryLog(total), unique_id="loraresume-retry-log")
     # More specific than botocore's own `needs-retry.s3` handler, so it runs first.
     client.meta.events.register(
         "needs-retry.s3.GetObject", _GetObjectBodyGuard(total), unique_id="loraresume-get-object-body"
     )
-    log.debug("S3 client for endpoint %s", redact_url(endpoint_url) or "(AWS default)")
     return client
 
 
