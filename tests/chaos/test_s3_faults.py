@@ -278,9 +278,10 @@ def test_trainer_client_logs_each_failed_attempt_of_throttling(proxy, bucket, mo
 
 
 # -- the trainer through the proxy ---------------------------------------------------------------------
-def trainer_job(seeded: dict[str, str], endpoint: str, prefix: str, work: Path, **training) -> dict:
+def trainer_job(seeded: dict[str, str], endpoint: str, prefix: str, work: Path) -> dict:
+    """The tiny model, 24 steps, a checkpoint every 5 (tests/support/trainer_runs.job_config)."""
     return job_config(work, endpoint=endpoint, storage_uri=f"s3://{seeded['bucket']}/{prefix}/",
-                      base_model=seeded["model"], dataset_file=seeded["dataset"], training=training or None)
+                      base_model=seeded["model"], dataset_file=seeded["dataset"])
 
 
 @pytest.fixture(scope="module")
@@ -307,14 +308,20 @@ def complete_steps(s3_server, seeded: dict[str, str], prefix: str) -> list[int]:
 
 @pytest.mark.slow
 def test_b_a_story_through_s3_faults_ends_bitwise_equal(proxy, s3_server, seeded_bucket, reference_adapter, tmp_path):
+    # Uploads lag behind the tiny model's steps while retries back off, so the kills do not wait for a
+    # durable checkpoint: SIGKILL at step 8 (attempt 2 resumes from whatever was durable, maybe nothing),
+    # then SIGTERM at step 14 (the trainer makes its own checkpoint durable before it exits 75).
     proxy.set_rates(uniform_rates(0.15))
     story = run_story(trainer_job(seeded_bucket, proxy.endpoint, "story", tmp_path), tmp_path,
-                      [Kill(signal.SIGKILL, 8), Kill(signal.SIGTERM, 15)])
+                      [Kill(signal.SIGKILL, 8, after_durable=False), Kill(signal.SIGTERM, 14, after_durable=False)])
     counts = proxy.counts
     proxy.set_rates({})
     assert all(counts[kind] > 0 for kind in FAULT_KINDS), counts
-    assert story.final.exit_code == 0
-    assert [a.killed_with for a in story.attempts[:2]] == ["SIGKILL", "SIGTERM"]
+    assert [a.killed_with for a in story.attempts] == ["SIGKILL", "SIGTERM", None]
+    assert [a.exit_code for a in story.attempts] == [-signal.SIGKILL, Outcome.PREEMPTED.code, 0]
+    preempted = story.attempts[1].of("preempted")[0]
+    resumed = story.final.of("start")[0]
+    assert resumed["mode"] == "exact" and resumed["step"] == preempted["durable_step"] >= 14
     stderr = "".join(a.stderr for a in story.attempts)
     assert "failed (" in stderr and "; retrying" in stderr  # botocore's retries, as the trainer logs them
     assert adapter_differences(adapter_of(s3_server, seeded_bucket, "story"), reference_adapter) == []
@@ -325,8 +332,9 @@ def test_c_truncated_and_reset_checkpoint_downloads_are_retried_and_verified(
     proxy, s3_server, seeded_bucket, reference_adapter, tmp_path
 ):
     config = trainer_job(seeded_bucket, proxy.endpoint, "truncated", tmp_path)
-    first = run_attempt(config, tmp_path, kill=Kill(signal.SIGKILL, 12), attempt=1)
-    assert first.killed_with == "SIGKILL"
+    # SIGTERM at step 12: the trainer makes what it queued and its own checkpoint durable, then exits 75
+    first = run_attempt(config, tmp_path, kill=Kill(signal.SIGTERM, 12, after_durable=False), attempt=1)
+    assert first.killed_with == "SIGTERM" and first.exit_code == Outcome.PREEMPTED.code
     newest = complete_steps(s3_server, seeded_bucket, "truncated")[-1]
     root = f"{seeded_bucket['bucket']}/truncated/"
     proxy.match = lambda info: info.method == "GET" and (where := checkpoint_file(info)) is not None \
@@ -349,8 +357,9 @@ def test_c_a_corrupted_checkpoint_download_is_refused_and_the_resume_falls_back(
     proxy, s3_server, seeded_bucket, reference_adapter, tmp_path
 ):
     config = trainer_job(seeded_bucket, proxy.endpoint, "corrupted", tmp_path)
-    first = run_attempt(config, tmp_path, kill=Kill(signal.SIGKILL, 17), attempt=1)
-    assert first.killed_with == "SIGKILL"
+    # SIGTERM at step 12: checkpoints 5, 10 and its own 12 durable before it exits 75
+    first = run_attempt(config, tmp_path, kill=Kill(signal.SIGTERM, 12, after_durable=False), attempt=1)
+    assert first.killed_with == "SIGTERM" and first.exit_code == Outcome.PREEMPTED.code
     steps = complete_steps(s3_server, seeded_bucket, "corrupted")
     assert len(steps) >= 2, steps
     newest, previous = steps[-1], steps[-2]

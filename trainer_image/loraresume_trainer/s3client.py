@@ -67,6 +67,7 @@ _CODE_IN_TEXT_RE = re.compile(r"An error occurred \(([A-Za-z0-9]+)\)")
 # GetObject bodies up to this size are read (into memory) before botocore's retry decision.
 BUFFERED_BODY_LIMIT = 64 * 1024 * 1024
 _MAX_BACKOFF_SECONDS = 20.0  # botocore's standard-mode cap
+_BACKOFF_BASE_SECONDS = 0.05  # botocore's standard-mode scale for errors other than throttling
 
 
 def make_s3_client(
@@ -129,8 +130,9 @@ def total_attempts(client: Any) -> int:
 
 
 def _backoff(attempts: int) -> float:
-    """botocore's standard-mode delay: full jitter over 2**(attempt-1) seconds, capped at 20."""
-    return random.random() * min(_MAX_BACKOFF_SECONDS, 2.0 ** (attempts - 1))
+    """botocore's standard-mode delay for a non-throttling failure: full jitter over 0.05 * 2**(attempt-1)
+    seconds, capped at 20."""
+    return random.random() * min(_MAX_BACKOFF_SECONDS, _BACKOFF_BASE_SECONDS * 2.0 ** (attempts - 1))
 
 
 def _attempt_failure(response: Any, caught_exception: BaseException | None) -> str | None:
