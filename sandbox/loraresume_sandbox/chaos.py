@@ -13,7 +13,8 @@ Disruption kinds (`KINDS`):
 - ``sigkill``: SIGKILL to the trainer's process group (a crash, an OOM kill) while it trains.
 - ``sigterm``: the trainer pod deleted with its grace period (``kubectl delete pod``): SIGTERM.
 - ``upload_kill``: SIGKILL while a checkpoint upload is provably in flight: the proxy holds the
-  k-th file PUT of a checkpoint; the kill lands while S3 has some of its files and no manifest.
+  k-th file PUT of the attempt's first or second checkpoint (after the second, one is complete);
+  the kill lands while S3 has some of the checkpoint's files and no manifest.
 - ``download_kill``: SIGKILL while a resumed attempt downloads its checkpoint: the proxy holds
   the k-th file GET; the kill lands before the trainer's ``start`` event, with the partial
   download directory on disk.
@@ -27,8 +28,14 @@ For each disruption the report counts whether it was delivered (the signal/delet
 reached a live target) and whether it hit its intended window (checked independently at the
 moment of delivery: e.g. for ``upload_kill``, S3 itself shows the checkpoint's files without
 its ``_COMPLETE.json``). A disruption whose window never comes (the run finished first) is
-neither. The schedule is a function of the seed; process timing is not, so delivered counts
+neither (e.g. a download kill after a kill that left no complete checkpoint: nothing is
+downloaded). The schedule is a function of the seed; process timing is not, so delivered counts
 can differ between two runs of one seed.
+
+Adapters are compared file by file, byte for byte, except `NORMALIZED_FILES` (compared by
+meaning unless ``--strict``): PEFT writes adapter_config.json's target_modules from a set, in an
+order that follows the process's string-hash seed, and README.md names the pod-local path of
+the base model.
 
     python -m loraresume_sandbox.chaos --runs 50 --seed 7 [--s3-fault-rate 0.05]
 
