@@ -44,14 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from loraresume_trainer import pipeline as _trainer_pipeline
-from loraresume_trainer.checkpoint_store import CheckpointStore
 from loraresume_trainer.errors import ConfigError, DamagedCheckpoint
 from loraresume_trainer.fingerprint import make_fingerprint
 from loraresume_trainer.outcome import Outcome, TerminationMessage
-from loraresume_trainer.pipeline import REQUIRED_CHECKPOINT_FILES, Pipeline
+from loraresume_trainer.pipeline import Pipeline
 from loraresume_trainer.progress import emit_event
 from loraresume_trainer.resume_plan import Candidate, ResumeMode, ResumePlan, plan_resume
-from loraresume_trainer.s3uri import S3Uri
 
 log = logging.getLogger("loraresume_trainer.stand_in")
 
@@ -110,17 +108,8 @@ class StandInPipeline(Pipeline):
     def fetch_stand_in(self, plan: ResumePlan) -> tuple[Candidate, int] | None:
         """The first candidate that downloads and verifies (sizes, sha256, required files); its step."""
         for cand in plan.candidates:
-            uri = S3Uri.parse(cand.uri)
-            root = uri.key.rstrip("/").rsplit("/", 2)[0]
-            store = CheckpointStore(self.client, S3Uri(uri.bucket, root + "/" if root else ""))
             try:
-                manifest = store.read_manifest(cand.step)
-                if manifest is None:
-                    raise DamagedCheckpoint(f"{cand.uri} lost its manifest")
-                missing = [n for n in REQUIRED_CHECKPOINT_FILES if n not in {f.path for f in manifest.files}]
-                if missing:
-                    raise DamagedCheckpoint(f"{cand.uri} lacks {', '.join(missing)}: it cannot resume exactly")
-                path = store.download_checkpoint(cand.step, manifest, self.dirs.resume)
+                path = self.download_verified(cand)
                 state = json.loads((path / "trainer_state.json").read_text())
                 return cand, int(state["global_step"])
             except (DamagedCheckpoint, ValueError, KeyError) as exc:

@@ -167,21 +167,25 @@ class Pipeline:
             raise ConfigError(f"{ref} is not a complete checkpoint (no manifest)", field="resume.from_checkpoint")
         return Candidate(step, str(uri.as_dir()), manifest.fingerprint)
 
+    def download_verified(self, cand: Candidate) -> Path:
+        """Download one candidate checked against its manifest; raises DamagedCheckpoint."""
+        uri = S3Uri.parse(cand.uri)
+        root = uri.key.rstrip("/").rsplit("/", 2)[0]
+        store = CheckpointStore(self.client, S3Uri(uri.bucket, root + "/" if root else ""))
+        manifest = store.read_manifest(cand.step)
+        if manifest is None:
+            raise DamagedCheckpoint(f"{cand.uri} lost its manifest")
+        listed = {f.path for f in manifest.files}
+        missing = [name for name in REQUIRED_CHECKPOINT_FILES if name not in listed]
+        if missing:
+            raise DamagedCheckpoint(f"{cand.uri} lacks {', '.join(missing)}: it cannot resume exactly")
+        return store.download_checkpoint(cand.step, manifest, self.dirs.resume)
+
     def fetch_candidate(self, plan: ResumePlan) -> tuple[Candidate, Path] | None:
         """Download the first candidate that verifies; damaged ones are skipped with a warning."""
         for cand in plan.candidates:
-            uri = S3Uri.parse(cand.uri)
-            root = uri.key.rstrip("/").rsplit("/", 2)[0]
-            store = CheckpointStore(self.client, S3Uri(uri.bucket, root + "/" if root else ""))
             try:
-                manifest = store.read_manifest(cand.step)
-                if manifest is None:
-                    raise DamagedCheckpoint(f"{cand.uri} lost its manifest")
-                listed = {f.path for f in manifest.files}
-                missing = [name for name in REQUIRED_CHECKPOINT_FILES if name not in listed]
-                if missing:
-                    raise DamagedCheckpoint(f"{cand.uri} lacks {', '.join(missing)}: it cannot resume exactly")
-                path = store.download_checkpoint(cand.step, manifest, self.dirs.resume)
+                path = self.download_verified(cand)
                 check_pickles_safe(path)
                 return cand, path
             except DamagedCheckpoint as exc:
