@@ -1,10 +1,13 @@
-"""`loraresume-sandbox up | down | env | preempt`: the whole stack on one machine, for demos and trials.
+"""`loraresume-sandbox up | env | preempt | restart operator | down`: the whole stack on one machine.
 
 `up` runs one foreground supervisor process that owns everything and records it in DIR/state.json:
-the Kubernetes API emulator (CRDs from crds/ loaded, kubeconfig at DIR/kubeconfig), the simulated
-kubelet, a moto S3 server (bucket `sandbox`, Secret `s3-creds` in `default`), the operator process,
-the seeded tiny model and dataset, and a loopback control endpoint (`preempt`). It runs until
-SIGTERM/SIGINT and then stops them all. A development tool: none of it runs on a real cluster.
+a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+built from Go modules; admin kubeconfig at DIR/cluster/kube/admin.kubeconfig), the Helm chart's
+CRD, ServiceAccount and RBAC applied, the operator running as that ServiceAccount, the node
+agent (nodes spot-0, spot-1, on-demand-0 running pods as local processes), a moto S3 server
+(bucket `sandbox`, Secret `s3-creds` in `default`), the seeded tiny model and dataset, and a
+loopback control endpoint (`preempt`, `restart operator`). It runs until SIGTERM/SIGINT and then
+stops them all. A development tool: none of it ships in an image.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 DEFAULT_DIR = ".sandbox"
-DEFAULT_API_PORT = 8001
 DEFAULT_S3_PORT = 9000
 BUCKET = "sandbox"
 SECRET = "s3-creds"
@@ -98,7 +100,7 @@ def _write_state(directory: Path, state: dict) -> None:
 
 # -- the supervisor ---------------------------------------------------------------------------
 class _Control(BaseHTTPRequestHandler):
-    kubelet = None
+    cluster = None
 
     def log_message(self, *args) -> None:  # quiet
         pass
@@ -107,10 +109,19 @@ class _Control(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
-            if self.path != "/preempt":
+            cluster = self.cluster
+            if self.path == "/preempt":  # a spot reclaim of the node under the pod
+                node = cluster.agent.node_of(body.get("namespace") or NAMESPACE, body["pod"])
+                cluster.agent.reclaim_spot(node, wait=True)
+                code, reply = 200, {"ok": True, "node": node}
+            elif self.path == "/restart/operator":
+                cluster.operator.stop()
+                cluster.operator = cluster.new_operator()
+                cluster.operator.start()
+                cluster.operator.wait_ready()
+                code, reply = 200, {"ok": True, "pid": cluster.operator.proc.pid}
+            else:
                 raise LookupError(f"unknown path {self.path}")
-            self.kubelet.preempt_node(body.get("namespace") or NAMESPACE, body["pod"], wait=True)
-            code, reply = 200, {"ok": True}
         except LookupError as exc:
             code, reply = 404, {"ok": False, "error": str(exc)}
         except Exception as exc:  # reported to the caller
@@ -138,11 +149,10 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     raise RuntimeError(f"{url}: no answer after {timeout:.0f}s")
 
 
-def supervise(directory: Path, api_port: int, s3_port: int) -> int:
+def supervise(directory: Path, s3_port: int) -> int:
     import boto3
 
-    from .k8s_api import KubernetesEmulator
-    from .kubelet import SimulatedKubelet
+    from .cluster import SandboxCluster
     from .seed_data import seed_s3
 
     directory = directory.resolve()
@@ -155,12 +165,11 @@ def supervise(directory: Path, api_port: int, s3_port: int) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     state: dict = {"status": "starting", "pid": os.getpid(), "dir": str(directory)}
     _write_state(directory, state)
-    moto = operator = k8s = kubelet = control = None
+    moto = cluster = control = None
     logs: list = []
     try:
-        for port, what in ((api_port, "API emulator"), (s3_port, "S3 server")):
-            if not _port_free(port):
-                raise RuntimeError(f"port {port} for the {what} is in use (another sandbox up? try `down`)")
+        if not _port_free(s3_port):
+            raise RuntimeError(f"port {s3_port} for the S3 server is in use (another sandbox up? try `down`)")
         endpoint = f"http://127.0.0.1:{s3_port}"
         moto_log = open(directory / "moto.log", "wb")
         logs.append(moto_log)
@@ -176,43 +185,43 @@ def supervise(directory: Path, api_port: int, s3_port: int) -> int:
             pass
         print(f"S3 (moto) at {endpoint}, bucket s3://{BUCKET}/", flush=True)
 
-        k8s = KubernetesEmulator(port=api_port).start()
-        k8s.load_crds([_crds_dir()])
-        kubeconfig = k8s.write_kubeconfig(directory / "kubeconfig")
-        k8s.create("secrets", {"metadata": {"name": SECRET}, "stringData": {
-            "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"]}},
-            NAMESPACE)
-        state.update(api_url=k8s.url, kubeconfig=str(kubeconfig))
-        print(f"Kubernetes API emulator at {k8s.url}, kubeconfig {kubeconfig}", flush=True)
-
         extra = {**OFFLINE, "HF_HOME": str(directory / "hf"), "TRITON_CACHE_DIR": str(directory / "triton"),
                  "AWS_DEFAULT_REGION": AWS["AWS_DEFAULT_REGION"], "AWS_EC2_METADATA_DISABLED": "true"}
-        kubelet = SimulatedKubelet(k8s, workdir=directory / "node", extra_env=extra).start()
-        state.update(node_dir=str(directory / "node"))
-
-        operator_log = open(directory / "operator.log", "wb")
-        logs.append(operator_log)
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "loraresume_operator.cli", "-A", "--interval", "1",
-             "--metrics-port", str(_free_port()), "--liveness", ""],
-            env={**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"},
-            stdout=operator_log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        state.update(operator_pid=operator.pid, operator_log=str(directory / "operator.log"))
+        cluster = SandboxCluster(directory / "cluster", namespaces=(NAMESPACE,), extra_env=extra, with_operator=False)
+        cluster.start()
+        cluster.kube.create("secrets", {"metadata": {"name": SECRET}, "stringData": {
+            "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"]}},
+            NAMESPACE)
+        kubeconfig = cluster.kubeconfig
+        state.update(api_url=cluster.control_plane.url, kubeconfig=str(kubeconfig),
+                     node_dir=str(directory / "cluster" / "nodes"))
+        print(f"Kubernetes API at {cluster.control_plane.url}, kubeconfig {kubeconfig}", flush=True)
+        cluster.operator = cluster.new_operator()
+        cluster.operator.start()
+        cluster.operator.wait_ready()
+        state.update(operator_pid=cluster.operator.proc.pid, operator_log=str(cluster.operator.log_path))
         _write_state(directory, state)
+        print(f"operator running as ServiceAccount {cluster.operator_user} (log {cluster.operator.log_path})",
+              flush=True)
 
         uris = seed_s3(s3, BUCKET, directory / "seed")
         print(f"seeded base model: {uris['model']}\nseeded dataset:    {uris['dataset']}", flush=True)
 
-        _Control.kubelet = kubelet
+        _Control.cluster = cluster
         control = ThreadingHTTPServer(("127.0.0.1", 0), _Control)
         threading.Thread(target=control.serve_forever, name="sandbox-control", daemon=True).start()
         state.update(status="ready", control_port=control.server_address[1], seed=uris)
         _write_state(directory, state)
         print(f"sandbox ready (state: {directory / 'state.json'}); eval \"$(loraresume-sandbox env)\"", flush=True)
+        reported = None
         while not stop.wait(1):
-            if operator.poll() is not None:
-                print(f"operator exited with {operator.returncode}; see {directory / 'operator.log'}", flush=True)
+            op = cluster.operator
+            if op.proc is not None and op.proc.poll() is not None and reported is not op.proc:
+                reported = op.proc
+                print(f"operator exited with {op.proc.returncode}; see {op.log_path} "
+                      "(`loraresume-sandbox restart operator` starts it again)", flush=True)
+            if not cluster.control_plane.alive():
+                print("the control plane stopped; shutting the sandbox down", flush=True)
                 break
         return 0
     except Exception as exc:
@@ -223,21 +232,15 @@ def supervise(directory: Path, api_port: int, s3_port: int) -> int:
     finally:
         if control is not None:
             control.shutdown()
-        for proc in (operator, moto):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if proc is operator and kubelet is not None:
-                kubelet.stop()
-                kubelet = None
-        if kubelet is not None:
-            kubelet.stop()
-        if k8s is not None:
-            k8s.stop()
+        if cluster is not None:
+            cluster.stop()
+        if moto is not None and moto.poll() is None:
+            moto.terminate()
+            try:
+                moto.wait(20)
+            except subprocess.TimeoutExpired:
+                moto.kill()
+                moto.wait()
         for f in logs:
             f.close()
         if state.get("status") != "failed":
@@ -253,14 +256,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"loraresume-sandbox: already up (pid {old['pid']}); run `loraresume-sandbox down` first",
               file=sys.stderr)
         return 1
+    from .control_plane import kube_binaries
+
+    os.environ["LORARESUME_KUBE_BIN"] = str(kube_binaries())  # built once (progress shown), before the timeout runs
     if not args.background:
-        return supervise(directory, args.api_port, args.s3_port)
+        return supervise(directory, args.s3_port)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "state.json").unlink(missing_ok=True)
     log = open(directory / "supervisor.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "loraresume_sandbox.cli", "up", "--dir", str(directory),
-         "--api-port", str(args.api_port), "--s3-port", str(args.s3_port)],
+         "--s3-port", str(args.s3_port)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     log.close()
@@ -297,20 +303,30 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_preempt(args: argparse.Namespace) -> int:
-    state = _ready_state(Path(args.dir))
+def _control(state: dict, path: str, body: dict, timeout: float) -> dict:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{state['control_port']}/preempt", method="POST",
-        data=json.dumps({"namespace": args.namespace, "pod": args.pod}).encode(),
+        f"http://127.0.0.1:{state['control_port']}{path}", method="POST", data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout) as response:
-            json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        print(f"loraresume-sandbox: preempt failed: {json.loads(exc.read()).get('error')}", file=sys.stderr)
-        return 1
-    print(f"node under pod {args.namespace}/{args.pod} preempted")
+        raise SystemExit(f"loraresume-sandbox: {path.strip('/')} failed: {json.loads(exc.read()).get('error')}")
+
+
+def cmd_preempt(args: argparse.Namespace) -> int:
+    state = _ready_state(Path(args.dir))
+    reply = _control(state, "/preempt", {"namespace": args.namespace, "pod": args.pod}, args.timeout)
+    print(f"spot node {reply['node']} under pod {args.namespace}/{args.pod} reclaimed "
+          "(tainted, pods shut down gracefully, Node deleted; a replacement node registered)")
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    state = _ready_state(Path(args.dir))
+    reply = _control(state, "/restart/operator", {}, args.timeout)
+    print(f"operator restarted (pid {reply['pid']})")
     return 0
 
 
@@ -327,7 +343,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         time.sleep(0.2)
     if _alive(pid):
         os.kill(pid, signal.SIGKILL)
-    for key in ("operator_pid", "moto_pid"):  # our own children, if the supervisor could not end them
+    for key in ("moto_pid",):  # our own child, if the supervisor could not end it
         if _alive(state.get(key)):
             os.kill(state[key], signal.SIGKILL)
     print("sandbox stopped")
@@ -339,21 +355,24 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the sandbox (foreground supervisor, or --background)")
     up.add_argument("--background", action="store_true", help="daemonize; return once ready")
-    up.add_argument("--api-port", type=int, default=int(os.environ.get("SANDBOX_API_PORT", DEFAULT_API_PORT)))
     up.add_argument("--s3-port", type=int, default=int(os.environ.get("SANDBOX_S3_PORT", DEFAULT_S3_PORT)))
     up.add_argument("--timeout", type=float, default=180, help="seconds --background waits for ready")
     up.set_defaults(func=cmd_up)
     env = sub.add_parser("env", help="print shell exports for kubectl and S3 clients")
     env.set_defaults(func=cmd_env)
-    pre = sub.add_parser("preempt", help="simulate a node preemption under a pod")
+    pre = sub.add_parser("preempt", help="spot reclaim of the node under a pod (graceful node shutdown)")
     pre.add_argument("pod")
     pre.add_argument("--namespace", "-n", default=NAMESPACE)
     pre.add_argument("--timeout", type=float, default=180)
     pre.set_defaults(func=cmd_preempt)
+    restart = sub.add_parser("restart", help="restart one component (operator) without the rest")
+    restart.add_argument("component", choices=["operator"])
+    restart.add_argument("--timeout", type=float, default=120)
+    restart.set_defaults(func=cmd_restart)
     down = sub.add_parser("down", help="stop the sandbox")
     down.add_argument("--timeout", type=float, default=90)
     down.set_defaults(func=cmd_down)
-    for p in (up, env, pre, down):
+    for p in (up, env, pre, restart, down):
         p.add_argument("--dir", default=DEFAULT_DIR, help="state directory (default: .sandbox/)")
     args = parser.parse_args(argv)
     return args.func(args)
