@@ -11,11 +11,11 @@ TORCH := torch==2.13.0
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml sandbox/pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q $(TORCH) -e '.[trainer,operator,sandbox,test]'
+	$(BIN)/pip install -q $(TORCH) -e '.[trainer,operator,test]' -e ./sandbox
 	# unsloth pulls PyPI's torchvision, a CUDA build that breaks `import unsloth` beside the
 	# CPU torch; the text-only pipeline does not need it (notes/training-stack.md).
 	$(BIN)/pip uninstall -y -q torchvision

@@ -101,6 +101,7 @@ def _write_state(directory: Path, state: dict) -> None:
 # -- the supervisor ---------------------------------------------------------------------------
 class _Control(BaseHTTPRequestHandler):
     cluster = None
+    on_restart = staticmethod(lambda pid: None)
 
     def log_message(self, *args) -> None:  # quiet
         pass
@@ -120,6 +121,7 @@ class _Control(BaseHTTPRequestHandler):
                 cluster.operator.start()
                 cluster.operator.wait_ready()
                 code, reply = 200, {"ok": True, "pid": cluster.operator.proc.pid}
+                _Control.on_restart(cluster.operator.proc.pid)
             else:
                 raise LookupError(f"unknown path {self.path}")
         except LookupError as exc:
@@ -194,6 +196,7 @@ def supervise(directory: Path, s3_port: int) -> int:
             NAMESPACE)
         kubeconfig = cluster.kubeconfig
         state.update(api_url=cluster.control_plane.url, kubeconfig=str(kubeconfig),
+                     control_plane_pids=cluster.control_plane.pids(),
                      node_dir=str(directory / "cluster" / "nodes"))
         print(f"Kubernetes API at {cluster.control_plane.url}, kubeconfig {kubeconfig}", flush=True)
         cluster.operator = cluster.new_operator()
@@ -208,6 +211,12 @@ def supervise(directory: Path, s3_port: int) -> int:
         print(f"seeded base model: {uris['model']}\nseeded dataset:    {uris['dataset']}", flush=True)
 
         _Control.cluster = cluster
+
+        def restarted(pid: int) -> None:
+            state["operator_pid"] = pid
+            _write_state(directory, state)
+
+        _Control.on_restart = staticmethod(restarted)
         control = ThreadingHTTPServer(("127.0.0.1", 0), _Control)
         threading.Thread(target=control.serve_forever, name="sandbox-control", daemon=True).start()
         state.update(status="ready", control_port=control.server_address[1], seed=uris)

@@ -255,6 +255,9 @@ class ControlPlane:
     def _wait_ready(self) -> None:
         self._wait_for("kube-apiserver /readyz", lambda: self.admin.text("/readyz") == "ok", 120)
 
+    def pids(self) -> dict[str, int]:
+        return {p.name: p.proc.pid for p in self._procs}
+
     def alive(self) -> bool:
         return bool(self._procs) and all(p.proc.poll() is None for p in self._procs)
 
@@ -306,8 +309,9 @@ class ControlPlane:
 
     # -- audit ----------------------------------------------------------------------------
     def audit_events(self, user: str | None = None) -> list[dict[str, Any]]:
-        """ResponseComplete audit events, optionally of one user, in order."""
-        events = []
+        """One audit event per request, optionally of one user, in order: its ResponseComplete, or
+        ResponseStarted for a long-running request still open (a watch)."""
+        events: dict[str, dict[str, Any]] = {}
         try:
             lines = self.audit_log.read_text().splitlines()
         except FileNotFoundError:
@@ -317,12 +321,12 @@ class ControlPlane:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line being written
-            if event.get("stage") != "ResponseComplete":
+            if event.get("stage") not in ("ResponseStarted", "ResponseComplete"):
                 continue
             if user is not None and event.get("user", {}).get("username") != user:
                 continue
-            events.append(event)
-        return events
+            events[event["auditID"]] = event  # dict order: first seen; the later stage wins
+        return list(events.values())
 
     # -- namespaces -----------------------------------------------------------------------
     def create_namespace(self, name: str, labels: dict[str, str] | None = None, timeout: float = 30) -> None:

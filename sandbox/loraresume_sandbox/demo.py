@@ -1,7 +1,8 @@
 """`make demo`: the whole story in the local sandbox, with kubectl.
 
-Starts the sandbox, applies examples/sandbox/resume.yaml, preempts the trainer twice at seeded
-random points (`kubectl delete pod`, then a simulated node preemption), waits for Succeeded,
+Starts the sandbox (a real control plane, the chart's RBAC, the operator, the node agent), applies
+examples/sandbox/resume.yaml, preempts the trainer twice at seeded random points (`kubectl delete
+pod`, then a spot reclaim of the node under attempt 2), waits for Succeeded,
 prints `kubectl get` / `kubectl describe`, says where the adapter is, writes demo-loss.png
 (loss vs step across attempts, preemptions marked) and shuts the sandbox down.
 Environment: DEMO_SEED (default 7), DEMO_DIR (default .sandbox), DEMO_PLOT (default demo-loss.png).
@@ -110,8 +111,10 @@ class Demo:
             self.kubectl("delete", "pod", pod, "--wait=false")
             print(f"   kubectl delete pod {pod}", flush=True)
         else:
+            node = self.kubectl("get", "pod", pod, "-o", "jsonpath={.spec.nodeName}").stdout.strip()
             self.sandbox("preempt", pod)
-            print(f"   loraresume-sandbox preempt {pod} (node preemption: DisruptionTarget, SIGTERM)", flush=True)
+            print(f"   loraresume-sandbox preempt {pod}: spot node {node} reclaimed (tainted, graceful shutdown: "
+                  "DisruptionTarget, SIGTERM; Node deleted)", flush=True)
         self.kills.append({"attempt": attempt, "how": how, "durable_at_kill": self.durable_step()})
 
     # -- the story ---------------------------------------------------------------------------
@@ -125,13 +128,16 @@ class Demo:
         self.s3 = boto3.client("s3", endpoint_url=self.state["s3_endpoint"], region_name=AWS["AWS_DEFAULT_REGION"],
                                aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
                                aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"])
+        say("kubectl version")
+        version = json.loads(self.kubectl("version", "-o", "json").stdout)
+        print(f"   server {version['serverVersion']['gitVersion']} (kube-apiserver built from Go modules)")
         say(f"kubectl apply -f {EXAMPLE.relative_to(ROOT)}")
         print(self.kubectl("apply", "-f", str(EXAMPLE)).stdout.strip())
         threading.Thread(target=self._collect_logs, daemon=True).start()
 
         say("preemption 1: kubectl delete pod, at a random point after a durable checkpoint")
         self.kill_at_random(1, "delete")
-        say("preemption 2: simulated node preemption of attempt 2, after progress of its own")
+        say("preemption 2: spot reclaim of the node under attempt 2, after progress of its own")
         self.wait(lambda: self.pod_phase(2), 120, f"pod {self.pod(2)}")
         self.kill_at_random(2, "preempt")
 
@@ -194,7 +200,7 @@ class Demo:
                 resumed = min(s for s, _ in series[attempts[i + 1]]) - 1
                 lost.append(max(0, ended - resumed))
                 how = next((k["how"] for k in self.kills if k["attempt"] == attempt), "ended")
-                how = {"delete": "kubectl delete pod", "preempt": "node preemption"}.get(how, how)
+                how = {"delete": "kubectl delete pod", "preempt": "spot reclaim"}.get(how, how)
                 ax.axvline(ended, color="red", linestyle="--", linewidth=1)
                 ax.axvline(resumed, color="green", linestyle=":", linewidth=1)
                 ax.annotate(f"{how}\n(attempt {attempt} ends, step {ended})", (ended, 1), xycoords=("data", "axes fraction"),

@@ -144,8 +144,7 @@ class KubeClient:
             # As client-go does: the server asks to come back (a CRD's storage starting, API priority
             # and fairness queues full), after Retry-After seconds.
             time.sleep(min(float(response.headers.get("Retry-After") or 1), 5))
-        self.last_warnings = [w for w in response.headers.get_all("Warning") or []] if hasattr(
-            response.headers, "get_all") else []
+        self.last_warnings = list(response.headers.getlist("Warning"))
         return self._decode(response)
 
     @staticmethod

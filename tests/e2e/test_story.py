@@ -1,34 +1,30 @@
 """End to end, with real processes: kubectl apply -> trainer pod (real training) -> preempted twice
-(pod deleted; simulated node preemption) -> resumed -> Succeeded, and the adapter is bitwise equal
-to an uninterrupted run of the same spec.
+(`kubectl delete pod`; a spot reclaim of its node) -> resumed -> Succeeded, and the adapter is
+bitwise equal to an uninterrupted run of the same spec.
 
-API: the sandbox's Kubernetes emulator over HTTP; kubelet: the sandbox's simulated kubelet
-running `loraresume-train` as local processes; operator: `loraresume-operator` process;
-S3: moto server.
+Control plane: real etcd, kube-apiserver, controller-manager and scheduler (built from Go
+modules); the chart's CRD and RBAC installed, the operator running as its ServiceAccount;
+nodes: the sandbox's node agent running `loraresume-train` as local processes; S3: moto.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import boto3
 import pytest
 import yaml
 
-from loraresume_sandbox.k8s_api import KubernetesEmulator
-from loraresume_sandbox.kubelet import SimulatedKubelet
+from loraresume_sandbox.cluster import SandboxCluster
 from tests.support.tiny_model import alpaca_rows, build_tiny_llama, write_jsonl
-from tests.support.waiting import free_port, wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 NS = "default"
 OFFLINE = {
     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -47,45 +43,18 @@ def cluster(tmp_path_factory, s3_server):
     for path in base.iterdir():
         s3.upload_file(str(path), bucket, f"models/tiny/{path.name}")
     s3.upload_file(str(write_jsonl(root / "train.jsonl", alpaca_rows(40))), bucket, "data/train.jsonl")
-    with KubernetesEmulator() as k8s:
-        k8s.load_crds([ROOT / "crds"])
-        kubeconfig = k8s.write_kubeconfig(root / "kubeconfig")
-        extra = {**OFFLINE, "HF_HOME": str(root / "hf"), "TRITON_CACHE_DIR": str(root / "triton"),
-                 "AWS_DEFAULT_REGION": "us-east-1"}
-        entrypoints = {
-            "*": [sys.executable, "-m", "loraresume_trainer.cli"],
-            "sandbox/crash": [sys.executable, "-c", "import sys; print('boom'); sys.exit(1)"],
-        }
-        kubelet = SimulatedKubelet(k8s, workdir=root / "node", extra_env=extra, entrypoints=entrypoints)
-        kubelet.start()
-        operator = OperatorProcess(kubeconfig, root / "operator.log")
-        operator.start()
-        k8s.create("secrets", {"metadata": {"name": "s3-creds"}, "stringData": {
+    extra = {**OFFLINE, "HF_HOME": str(root / "hf"), "TRITON_CACHE_DIR": str(root / "triton"),
+             "AWS_DEFAULT_REGION": "us-east-1"}
+    entrypoints = {
+        "*": [sys.executable, "-m", "loraresume_trainer.cli"],
+        "sandbox/crash": [sys.executable, "-c", "import sys; print('boom'); sys.exit(1)"],
+    }
+    with SandboxCluster(root / "cluster", namespaces=(NS,), extra_env=extra, entrypoints=entrypoints,
+                        quiet=True) as stack:
+        stack.kube.create("secrets", {"metadata": {"name": "s3-creds"}, "stringData": {
             "AWS_ACCESS_KEY_ID": "sandbox", "AWS_SECRET_ACCESS_KEY": "sandbox-secret"}}, NS)
-        try:
-            yield {"k8s": k8s, "kubelet": kubelet, "kubeconfig": kubeconfig, "s3": s3, "bucket": bucket,
-                   "endpoint": s3_server.endpoint, "root": root, "operator": operator}
-        finally:
-            operator.stop()
-            kubelet.stop()
-
-
-class OperatorProcess:
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
-        self.kubeconfig, self.log, self.proc = kubeconfig, log, None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraresume_operator.cli", "-A", "--interval", "1",
-             "--metrics-port", str(free_port()), "--liveness", ""],
-            env={**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"},
-            stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
-        )
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=20)
+        yield {"k8s": stack.kube, "agent": stack.agent, "kubeconfig": stack.kubeconfig, "s3": s3, "bucket": bucket,
+               "endpoint": s3_server.endpoint, "root": root, "operator": stack.operator}
 
 
 def resource(cluster, name: str, **spec_over) -> dict:
@@ -162,19 +131,23 @@ def test_apply_train_preempt_twice_resume_succeed_bitwise(cluster):
     apply(cluster, "baseline")
     wait_succeeded(cluster, "baseline")
 
-    apply(cluster, "story")
+    apply(cluster, "story", scheduling={"spot": {"enabled": True}})
     # Preemption 1: `kubectl delete pod` while training, once a checkpoint is durable.
     wait_for(lambda: progress_step(cluster, "story") >= 5, 300, "a durable checkpoint in attempt 1")
     deleted = kubectl(cluster, "delete", "pod", "story-attempt-1", "--wait=false")
     assert deleted.returncode == 0, deleted.stderr
-    # Preemption 2: a simulated node preemption of attempt 2, after it made progress of its own.
+    # Preemption 2: a spot reclaim of attempt 2's node, after it made progress of its own.
     wait_for(lambda: cluster["k8s"].get("pods", NS, "story-attempt-2"), 60, "attempt 2")
     first_durable = progress_step(cluster, "story")
     wait_for(lambda: progress_step(cluster, "story") > first_durable, 300, "progress in attempt 2")
-    cluster["kubelet"].preempt_node(NS, "story-attempt-2")
+    node = cluster["agent"].node_of(NS, "story-attempt-2")
+    assert node.startswith("spot-"), node
+    cluster["agent"].reclaim_spot(node)
     wait_succeeded(cluster, "story")
 
     st = status(cluster, "story")
+    # The scheduler put the relaunch on the spot pool again (a replacement node).
+    assert cluster["k8s"].get("pods", NS, "story-attempt-3")["spec"]["nodeName"].startswith("spot-")
     assert st["preemptions"] == 2 and st["failures"] == 0 and st["attempt"] == 3
     assert adapter_bytes(cluster, "story") == adapter_bytes(cluster, "baseline")
     table = kubectl(cluster, "get", "lr").stdout

@@ -28,7 +28,7 @@ from loraresume_operator.decide import Observation, Resource, decide
 from loraresume_operator.observed import ObservedPod
 from loraresume_operator.spec import LoraResumeSpec, LoraResumeStatus, Phase
 from tests.fuzz.harness import Cluster
-from tests.fuzz.pod_validation import api_server_pod_problems
+from tests.fuzz.api_judge import ApiJudge, judge  # noqa: F401 (fixture)
 from tests.fuzz.strategies import INT64_MAX, resource
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
@@ -128,8 +128,9 @@ POD_REFUSED = {
 
 
 @pytest.mark.parametrize("name, edit, field", list(POD_REFUSED.values()), ids=list(POD_REFUSED))
-def test_spec_whose_pod_the_api_server_refuses_fails_with_the_field(name: str, edit: dict, field: str) -> None:
-    cluster = Cluster(resource({**BASE, **edit}, name=name), validate_pod=api_server_pod_problems)
+def test_spec_whose_pod_the_api_server_refuses_fails_with_the_field(judge: ApiJudge, name: str, edit: dict,
+                                                                   field: str) -> None:
+    cluster = Cluster(resource({**BASE, **edit}, name=name), validate_pod=judge.pod_problems)
     assert_failed_naming(cluster, field)
     assert cluster.core.created == []
 
@@ -149,15 +150,15 @@ def test_pod_forbidden_by_quota_is_retried_with_the_reason() -> None:
     assert (len(cluster.custom.status_writes), len(cluster.core.events)) == (writes, events)  # but quietly
 
 
-def test_the_pod_validation_stand_in_refuses_those_pods() -> None:
-    """The stand-in is not vacuous: a plain pod passes, and each rule fires on a pod weakened its way."""
+def test_the_api_server_refuses_those_pods(judge: ApiJudge) -> None:
+    """The judge is not vacuous: a plain pod passes, and each weakening is refused by kube-apiserver."""
     from loraresume_operator.decide import CreatePod
     from loraresume_operator.pods import build_trainer_pod
     from tests.fuzz.harness import OperatorDefaults
 
     good = build_trainer_pod(RES, spec(), CreatePod("bot-attempt-1", 1, None, False, None),
                              OperatorDefaults(trainer_image="registry.example/trainer:1"))
-    assert api_server_pod_problems(good) == []
+    assert judge.pod_problems(good) == []
     weakenings = {
         "long-label": lambda p: p["metadata"]["labels"].update(x="y" * 64),
         "service-account": lambda p: p["spec"].update(serviceAccountName="Trainer_SA"),
@@ -173,7 +174,7 @@ def test_the_pod_validation_stand_in_refuses_those_pods() -> None:
     for name, weaken in weakenings.items():
         pod = copy.deepcopy(good)
         weaken(pod)
-        assert api_server_pod_problems(pod), name
+        assert judge.pod_problems(pod), name
 
 
 # --- dataset.source was not checked as an S3 URI (fixed in config.py: a config error naming the field) ---

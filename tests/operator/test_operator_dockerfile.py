@@ -320,11 +320,11 @@ def test_wheel_declares_the_console_script_and_the_operator_extra(wheel: Path) -
     assert declared == expected
 
 
-def test_wheel_holds_the_operator_and_the_trainer_package_but_no_crds(wheel: Path) -> None:
+def test_wheel_holds_the_operator_and_the_trainer_package_but_no_crds_or_sandbox(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
     packages = {n.split("/")[0] for n in names if n.endswith(".py")}
-    assert {"loraresume_operator", "loraresume_trainer"} <= packages
+    assert packages == {"loraresume_operator", "loraresume_trainer"}, "the sandbox is a development tool"
     assert not [n for n in names if n.startswith("crds/") or n.endswith((".pyc", ".egg-info"))]
     repo_modules = {str(p.relative_to(REPO / "operator")) for p in (REPO / "operator/loraresume_operator").glob("*.py")}
     assert repo_modules <= set(names), sorted(repo_modules - set(names))

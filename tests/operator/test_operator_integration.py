@@ -1,167 +1,19 @@
-"""The operator as a real process: kopf over HTTP against the sandbox's Kubernetes API emulator,
-S3 on a moto server. The test plays the kubelet by writing pod statuses into the emulator and
-plays the trainer by writing progress, checkpoints and the adapter into S3.
+"""The operator as a real process on a real control plane (kube-apiserver, scheduler, controllers),
+installed from the chart and running as its ServiceAccount; S3 on a moto server. There are no
+nodes: the test plays the kubelet by writing pod statuses and plays the trainer by writing
+progress, checkpoints and the adapter into S3 (tests/support/operator_stack.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-import boto3
-import pytest
-
-from loraresume_sandbox.k8s_api import KubernetesEmulator
 from loraresume_trainer.checkpoint_store import CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
-from tests.support import waiting
-from tests.support.waiting import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-NS = "default"
-CANARY = "CANARYoperatorSECRET0123456789"
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    return waiting.wait_for(check, timeout, what, every=0.2)
-
-
-@pytest.fixture(scope="module")
-def k8s(tmp_path_factory):
-    with KubernetesEmulator() as emulator:
-        emulator.load_crds([ROOT / "crds"])
-        emulator.kubeconfig = emulator.write_kubeconfig(tmp_path_factory.mktemp("kube") / "config")
-        yield emulator
-
-
-class Operator:
-    def __init__(self, kubeconfig: Path, log: Path, scope: tuple[str, ...] = ("-A",),
-                 env: dict[str, str] | None = None) -> None:
-        self.kubeconfig, self.log_path, self.proc = kubeconfig, log, None
-        self.scope, self.env = scope, env or {}
-        self.metrics_port, self.liveness_port = free_port(), free_port()
-
-    def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraresume_operator.cli", *self.scope, "--interval", "1",
-             "--metrics-port", str(self.metrics_port),
-             "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz"],
-            stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT, env=env,
-        )
-
-    def stop(self, sig: int = 15) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=20)
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-
-@pytest.fixture(scope="module")
-def operator(k8s, s3_server, tmp_path_factory):
-    op = Operator(k8s.kubeconfig, tmp_path_factory.mktemp("op") / "operator.log")
-    op.start()
-    yield op
-    op.stop()
-
-
-@pytest.fixture
-def job(k8s, s3_bucket):
-    """A LoraResume named for this test, its S3 store, and helpers to play kubelet and trainer."""
-    endpoint, bucket = s3_bucket
-    name = f"bot-{uuid.uuid4().hex[:6]}"
-    k8s.create("secrets", {"metadata": {"name": f"{name}-s3"}, "stringData": {
-        "AWS_ACCESS_KEY_ID": "operator-test", "AWS_SECRET_ACCESS_KEY": CANARY}}, NS)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    return Job(k8s, name, endpoint, bucket, CheckpointStore(client, S3Uri(bucket, f"{name}/")))
-
-
-class Job:
-    def __init__(self, k8s, name, endpoint, bucket, store):
-        self.k8s, self.name, self.endpoint, self.bucket, self.store = k8s, name, endpoint, bucket, store
-
-    def apply(self, **spec_over):
-        spec = {
-            "baseModel": "unsloth/llama-3-8b-bnb-4bit",
-            "dataset": {"source": f"s3://{self.bucket}/data.jsonl"},
-            "storage": {"uri": f"s3://{self.bucket}/{self.name}/", "endpoint": self.endpoint,
-                        "credentialsSecret": f"{self.name}-s3"},
-            "training": {"maxSteps": 30, "saveSteps": 10},
-            "restartPolicy": {"backoffSeconds": 1, "maxBackoffSeconds": 2, "backoffLimit": 1},
-            **spec_over,
-        }
-        body = {"apiVersion": "loraresume.dev/v1alpha1", "kind": "LoraResume", "metadata": {"name": self.name},
-                "spec": spec}
-        return self.k8s.create("loraresumes", body, NS)
-
-    def resource(self):
-        return self.k8s.get("loraresumes", NS, self.name)
-
-    def status(self):
-        return (self.resource() or {}).get("status") or {}
-
-    def pod(self, attempt):
-        return wait_for(f"pod attempt {attempt}", lambda: self.k8s.get("pods", NS, f"{self.name}-attempt-{attempt}"))
-
-    def pods(self):
-        return [p for p in self.k8s.list("pods", NS) if p["metadata"]["name"].startswith(self.name + "-")]
-
-    def run_pod(self, attempt):
-        self.pod(attempt)
-        self.k8s.update_status("pods", NS, f"{self.name}-attempt-{attempt}", {
-            "phase": "Running",
-            "containerStatuses": [{"name": "trainer", "ready": True, "restartCount": 0, "image": "x", "imageID": "",
-                                   "state": {"running": {"startedAt": "2026-11-28T12:00:00Z"}}}],
-        })
-
-    def end_pod(self, attempt, exit_code, message, phase=None, **extra):
-        self.k8s.update_status("pods", NS, f"{self.name}-attempt-{attempt}", {
-            "phase": phase or ("Succeeded" if exit_code == 0 else "Failed"),
-            "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
-                                   "state": {"terminated": {"exitCode": exit_code, "reason": "Error" if exit_code else "Completed",
-                                                            "message": json.dumps(message)}}}],
-            **extra,
-        })
-
-    def checkpoint(self, tmp_path, step):
-        d = tmp_path / f"ckpt-{step}"
-        d.mkdir()
-        for name in ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
-                     "rng_state.pth", "trainer_state.json"):
-            (d / name).write_text(f"{name} {step}")
-        self.store.upload_checkpoint(d, step, {"fake": True})
-
-    def succeed(self, tmp_path, attempt):
-        """Play a trainer that saved its adapter and exited 0."""
-        adapter = tmp_path / "adapter"
-        adapter.mkdir()
-        (adapter / "adapter_model.safetensors").write_text("weights")
-        self.store.upload_adapter(adapter, {"fake": True})
-        self.end_pod(attempt, 0, {"outcome": "succeeded", "reason": "adapter saved"})
-
-    def progress(self, step, attempt, loss=1.5):
-        self.store.put_json("progress.json", {"step": step, "max_steps": 30, "loss": loss, "attempt": attempt})
-
-    def condition(self, type_):
-        return next((c for c in self.status().get("conditions", []) if c["type"] == type_), None)
-
-    def events(self):
-        return [e for e in self.k8s.list("events", NS) if e.get("involvedObject", {}).get("name") == self.name]
-
-
-def job_env(pod) -> dict:
-    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
-    return json.loads(env["LORARESUME_JOB"]["value"])
+from tests.support.operator_stack import CANARY, NS, Job, job_env, wait_for
+from tests.support.operator_stack import job, k8s, operator, stack  # noqa: F401 (fixtures)
 
 
 def test_apply_preempt_fail_succeed_story(operator, job, tmp_path):
@@ -204,7 +56,7 @@ def test_apply_preempt_fail_succeed_story(operator, job, tmp_path):
     # kopf posts events asynchronously: wait for all of them, not for a count.
     wait_for(f"events {sorted(wanted)}", lambda: wanted <= {e["reason"] for e in job.events()})
     assert len(job.pods()) == 3
-    kubectl = ["kubectl", "--kubeconfig", str(job.k8s.kubeconfig), "-n", NS]
+    kubectl = ["kubectl", "--kubeconfig", str(job.kubeconfig), "-n", NS]
     waited = subprocess.run([*kubectl, "wait", "--for=condition=Succeeded", f"lr/{job.name}", "--timeout=20s"],
                             capture_output=True, text=True, timeout=30)
     assert waited.returncode == 0, waited.stderr
@@ -253,8 +105,8 @@ def test_deleted_pod_is_a_preemption_and_resource_deletion_removes_pods(operator
     assert job.store.complete_checkpoints()  # S3 keeps the checkpoints
 
 
-def test_chained_resource_waits_for_its_source(operator, job, k8s):
-    first = Job(k8s, job.name + "-s1", job.endpoint, job.bucket, job.store)
+def test_chained_resource_waits_for_its_source(operator, job, k8s, tmp_path):
+    first = Job(k8s, job.kubeconfig, job.name + "-s1", job.endpoint, job.bucket, job.store)
     k8s.create("secrets", {"metadata": {"name": f"{first.name}-s3"}, "stringData": {"AWS_ACCESS_KEY_ID": "x",
                "AWS_SECRET_ACCESS_KEY": "y"}}, NS)
     job.apply(adapter={"fromResource": first.name})
@@ -263,7 +115,7 @@ def test_chained_resource_waits_for_its_source(operator, job, k8s):
     first.apply()
     first.run_pod(1)
     first.store = CheckpointStore(first.store.client, S3Uri(job.bucket, f"{first.name}/"))
-    adapter = Path(k8s.kubeconfig).parent / f"{first.name}-adapter"
+    adapter = tmp_path / f"{first.name}-adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_text("w")
     first.store.upload_adapter(adapter, {})
@@ -276,8 +128,8 @@ def test_operator_restart_mid_attempt_creates_no_duplicate(operator, job):
     job.apply()
     job.run_pod(1)
     wait_for("Running", lambda: job.status().get("phase") == "Running")
-    operator.stop()
-    operator.start()
+    operator.restart()
+    operator.wait_ready()
     time.sleep(4)
     assert [p["metadata"]["name"] for p in job.pods()] == [f"{job.name}-attempt-1"]
     job.end_pod(1, 75, {"outcome": "preempted", "reason": "SIGTERM"})

@@ -1,36 +1,54 @@
 """The RBAC rules are exactly what the operator uses: an audit of a real operator process.
 
-The operator runs (kopf over HTTP) against the sandbox API emulator, in namespaced and in
-cluster-wide mode, through a whole lifecycle: create, pod start, progress from S3 through
-the credentials Secret, preemption, failure, success, deletion with checkpoint cleanup.
-The emulator counts every resource request by RBAC verb; the test compares the set with
-`loraresume_operator.rbac` (which the Helm chart renders). A call the rules do not grant
-fails here; so does a granted verb the operator never needs.
+The operator runs on the real control plane as the chart's ServiceAccount, in namespaced and
+in cluster-wide mode, through a whole lifecycle: create, pod start, progress from S3 through
+the credentials Secret, preemption, failure, success, deletion with checkpoint cleanup. The
+API server's audit log records every request it made; the test compares the set of (verb,
+group, resource) with `loraresume_operator.rbac` (which the Helm chart renders), and asserts
+that RBAC refused none of them. A call the rules do not grant fails here (403 in the log);
+so does a granted verb the operator never needs.
 
 The namespaced run also leaves storage to the operator's defaults (no storage.uri, a
-default credentials Secret), so the defaults' path is exercised end to end.
+default credentials Secret, set as Helm values), so the defaults' path is exercised end to end.
 """
 
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import boto3
 import pytest
 
 from loraresume_operator import rbac
-from loraresume_sandbox.k8s_api import KubernetesEmulator
+from loraresume_sandbox.cluster import SandboxCluster, sandbox_values
 from loraresume_trainer.checkpoint_store import CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
-from tests.operator.test_operator_integration import NS, ROOT, Job, Operator, job_env, wait_for
+from tests.support.operator_stack import NS, Job, job_env, wait_for
 
 pytestmark = pytest.mark.slow
 
-DISCOVERY_ONLY = {"get", "list", "watch"}
+
+def audited(cluster: SandboxCluster) -> list[dict[str, Any]]:
+    """The operator's resource requests: (verb, group, resource[/subresource], namespace, code)."""
+    out = []
+    for event in cluster.control_plane.audit_events(user=cluster.operator_user):
+        ref = event.get("objectRef")
+        if not ref:
+            continue  # discovery (/api, /apis, /version): system:discovery, every user has it
+        resource = ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        out.append({"verb": event["verb"], "group": ref.get("apiGroup", ""), "resource": resource,
+                    "namespace": ref.get("namespace"), "code": event.get("responseStatus", {}).get("code")})
+    return out
 
 
-def observed(k8s: KubernetesEmulator) -> set[tuple[str, str, str]]:
-    return {(r.verb, r.group, r.resource) for r in k8s.api_requests()}
+def observed(requests: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(r["verb"], r["group"], r["resource"]) for r in requests}
+
+
+def assert_never_refused(requests: list[dict[str, Any]]) -> None:
+    refused = sorted({(r["verb"], r["group"], r["resource"], r["namespace"]) for r in requests if r["code"] == 403})
+    assert refused == [], f"the chart's RBAC refused the operator: {refused}"
 
 
 def lifecycle(job: Job, tmp_path, *, delete_checkpoints: bool) -> None:
@@ -54,31 +72,17 @@ def lifecycle(job: Job, tmp_path, *, delete_checkpoints: bool) -> None:
         wait_for("checkpoints deleted", lambda: not job.store.complete_checkpoints())
 
 
-@pytest.fixture
-def emulator(tmp_path):
-    with KubernetesEmulator() as k8s:
-        k8s.load_crds([ROOT / "crds"])
-        k8s.kubeconfig = k8s.write_kubeconfig(tmp_path / "kubeconfig")
-        yield k8s
-
-
-def test_namespaced_mode_uses_exactly_the_namespaced_rules(emulator, s3_bucket, tmp_path):
+def test_namespaced_mode_uses_exactly_the_namespaced_rules(s3_bucket, tmp_path):
     endpoint, bucket = s3_bucket
     name = f"audit-{uuid.uuid4().hex[:6]}"
-    emulator.create("secrets", {"metadata": {"name": "team-s3"}, "stringData": {
-        "AWS_ACCESS_KEY_ID": "audit", "AWS_SECRET_ACCESS_KEY": "audit-secret"}}, NS)
-    defaults = {
-        "LORARESUME_STORAGE_URI_PREFIX": f"s3://{bucket}/runs/",
-        "LORARESUME_S3_ENDPOINT": endpoint,
-        "LORARESUME_CREDENTIALS_SECRET": "team-s3",
-        "LORARESUME_GRACE_PERIOD_SECONDS": "25",
-    }
-    op = Operator(emulator.kubeconfig, tmp_path / "operator.log", scope=("-n", NS), env=defaults)
-    op.start()
-    try:
+    values = sandbox_values(namespaces=[NS], grace_period=25, extra={
+        "storage": {"uriPrefix": f"s3://{bucket}/runs/", "endpoint": endpoint, "credentialsSecret": "team-s3"}})
+    with SandboxCluster(tmp_path / "stack", namespaces=(NS,), pools=[], values=values, quiet=True) as cluster:
+        cluster.kube.create("secrets", {"metadata": {"name": "team-s3"}, "stringData": {
+            "AWS_ACCESS_KEY_ID": "audit", "AWS_SECRET_ACCESS_KEY": "audit-secret"}}, NS)
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         store = CheckpointStore(client, S3Uri(bucket, f"runs/{NS}/{name}/"))
-        job = Job(emulator, name, endpoint, bucket, store)
+        job = Job(cluster.kube, cluster.kubeconfig, name, endpoint, bucket, store)
         job.apply(storage={"deleteOnResourceDeletion": True})  # no uri, endpoint or Secret: the defaults
         pod = job.pod(1)
         config = job_env(pod)
@@ -90,36 +94,35 @@ def test_namespaced_mode_uses_exactly_the_namespaced_rules(emulator, s3_bucket, 
         assert secret_refs == {"team-s3"}
         wait_for("status.storageUri", lambda: job.status().get("storageUri") == config["storage"]["uri"])
         lifecycle(job, tmp_path, delete_checkpoints=True)
-    finally:
-        op.stop()
-    requests = emulator.api_requests()
-    outside = sorted({(r.verb, r.resource, r.namespace, r.user_agent) for r in requests if r.namespace != NS})
+        requests = audited(cluster)
+    assert requests, "the audit log holds the operator's requests"
+    assert_never_refused(requests)
+    outside = sorted({(r["verb"], r["resource"], r["namespace"]) for r in requests if r["namespace"] != NS})
     assert outside == [], f"namespaced mode must stay inside its namespace: {outside}"
-    used = observed(emulator)
+    used = observed(requests)
     granted = rbac.grants(cluster_wide=False)
     assert used - granted == set(), f"used but not granted (the chart's Role would refuse): {sorted(used - granted)}"
     assert granted - used == set(), f"granted but never used (not least privilege): {sorted(granted - used)}"
 
 
-def test_cluster_wide_mode_stays_within_the_cluster_rules(emulator, s3_bucket, tmp_path):
+def test_cluster_wide_mode_stays_within_the_cluster_rules(s3_bucket, tmp_path):
     endpoint, bucket = s3_bucket
     name = f"audit-{uuid.uuid4().hex[:6]}"
-    emulator.create("secrets", {"metadata": {"name": f"{name}-s3"}, "stringData": {
-        "AWS_ACCESS_KEY_ID": "audit", "AWS_SECRET_ACCESS_KEY": "audit-secret"}}, NS)
-    op = Operator(emulator.kubeconfig, tmp_path / "operator.log", scope=("-A",))
-    op.start()
-    try:
+    with SandboxCluster(tmp_path / "stack", namespaces=(NS,), cluster_wide=True, pools=[], quiet=True) as cluster:
+        cluster.kube.create("secrets", {"metadata": {"name": f"{name}-s3"}, "stringData": {
+            "AWS_ACCESS_KEY_ID": "audit", "AWS_SECRET_ACCESS_KEY": "audit-secret"}}, NS)
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        job = Job(emulator, name, endpoint, bucket, CheckpointStore(client, S3Uri(bucket, f"{name}/")))
+        job = Job(cluster.kube, cluster.kubeconfig, name, endpoint, bucket,
+                  CheckpointStore(client, S3Uri(bucket, f"{name}/")))
         job.apply()
         job.pod(1)
         lifecycle(job, tmp_path, delete_checkpoints=False)
-    finally:
-        op.stop()
-    used = observed(emulator)
+        requests = audited(cluster)
+    assert_never_refused(requests)
+    used = observed(requests)
     granted = rbac.grants(cluster_wide=True)
     assert used - granted == set(), f"used but not granted (the chart's ClusterRole would refuse): {sorted(used - granted)}"
     assert granted - used == set(), f"granted but never used (not least privilege): {sorted(granted - used)}"
-    # kopf's runtime scanning of namespaces and CRDs is the only cluster-scoped traffic.
-    cluster_scoped = {(r.verb, r.group, r.resource) for r in emulator.api_requests() if r.namespace is None}
+    # kopf's runtime scanning of CRDs is the only cluster-scoped traffic besides the watched resources.
+    cluster_scoped = {(r["verb"], r["group"], r["resource"]) for r in requests if r["namespace"] is None}
     assert cluster_scoped - rbac.grants(cluster_wide=False) == rbac.grants(cluster_wide=True) - rbac.grants(cluster_wide=False)

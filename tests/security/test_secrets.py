@@ -28,11 +28,12 @@ from loraresume_operator.decide import CreatePod, Resource
 from loraresume_operator.pods import build_trainer_pod
 from loraresume_operator.s3_view import read_storage, s3_client
 from loraresume_operator.spec import LoraResumeSpec
-from loraresume_sandbox.k8s_api import KubernetesEmulator
-from loraresume_sandbox.kubelet import SimulatedKubelet
+from loraresume_sandbox.cluster import SandboxCluster, sandbox_values
+from loraresume_sandbox.kube_client import KubeClient
 from loraresume_trainer.errors import StorageAuthError, StorageError
 from tests.fuzz.harness import OperatorDefaults
-from tests.operator.test_operator_integration import NS, ROOT, Operator, k8s, operator, wait_for  # noqa: F401
+from tests.support.operator_stack import NS, wait_for
+from tests.support.operator_stack import k8s, operator, stack  # noqa: F401 (fixtures)
 from tests.support.trainer_runs import job_config, run_attempt
 
 CANARY = "CANARYs3SECRETkey0123456789abcdefXYZ"
@@ -60,7 +61,7 @@ def test_the_search_finds_secrets_in_base64() -> None:
     assert leaks(f"x{CANARY}y", CANARY) and not leaks("nothing here", CANARY)
 
 
-def surfaces(k8s: KubernetesEmulator, name: str, log: str) -> dict[str, str]:
+def surfaces(k8s: KubeClient, name: str, log: str) -> dict[str, str]:
     events = [e for e in k8s.list("events", NS) if e.get("involvedObject", {}).get("name") == name]
     pods = [p for p in k8s.list("pods", NS) if p["metadata"]["name"].startswith(name + "-")]
     return {"resource": json.dumps(k8s.get("loraresumes", NS, name)), "events": json.dumps(events),
@@ -72,7 +73,7 @@ def assert_clean(where: dict[str, str], *secrets: str) -> None:
     assert {k: v for k, v in found.items() if v} == {}
 
 
-def secret(k8s: KubernetesEmulator, name: str, data: dict[str, str]) -> None:
+def secret(k8s: KubeClient, name: str, data: dict[str, str]) -> None:
     k8s.delete("secrets", NS, name)
     k8s.create("secrets", {"metadata": {"name": name}, "stringData": data}, NS)
 
@@ -112,30 +113,23 @@ def test_refused_and_then_accepted_credentials_never_surface(k8s, operator, s3_a
 
 
 @pytest.fixture
-def debug_cluster(tmp_path: Path, s3_server, monkeypatch: pytest.MonkeyPatch):
-    """Its own emulator and operator, with LORARESUME_LOG_LEVEL=DEBUG (Helm value logLevel: DEBUG)."""
-    monkeypatch.setenv("LORARESUME_LOG_LEVEL", "DEBUG")
-    with KubernetesEmulator() as emulator:
-        emulator.load_crds([ROOT / "crds"])
-        emulator.kubeconfig = emulator.write_kubeconfig(tmp_path / "kubeconfig")
-        op = Operator(emulator.kubeconfig, tmp_path / "operator-debug.log")
-        op.start()
-        try:
-            yield emulator, op
-        finally:
-            op.stop()
+def debug_cluster(tmp_path: Path):
+    """Its own control plane and operator, installed with the Helm value logLevel: DEBUG."""
+    with SandboxCluster(tmp_path / "stack", namespaces=(NS,), pools=[], values=sandbox_values(log_level="DEBUG"),
+                        quiet=True) as cluster:
+        yield cluster.kube, cluster.operator
 
 
 def test_operator_debug_log_never_shows_the_secret(debug_cluster, s3_server) -> None:
     """Found here: at DEBUG the kubernetes client logged response bodies, the Secret's data with them."""
-    emulator, op = debug_cluster
+    kube, op = debug_cluster
     name = f"dbg-{uuid.uuid4().hex[:6]}"
-    secret(emulator, f"{name}-s3", {"AWS_ACCESS_KEY_ID": "debug-id", "AWS_SECRET_ACCESS_KEY": CANARY})
-    emulator.create("loraresumes", lora_resume(name, "debug-bucket", s3_server.endpoint, f"{name}-s3"), NS)
-    wait_for("a status", lambda: ((emulator.get("loraresumes", NS, name) or {}).get("status") or {}).get("message"),
+    secret(kube, f"{name}-s3", {"AWS_ACCESS_KEY_ID": "debug-id", "AWS_SECRET_ACCESS_KEY": CANARY})
+    kube.create("loraresumes", lora_resume(name, "debug-bucket", s3_server.endpoint, f"{name}-s3"), NS)
+    wait_for("a status", lambda: ((kube.get("loraresumes", NS, name) or {}).get("status") or {}).get("message"),
              timeout=60)
     assert "DEBUG" in op.log  # the level took effect
-    assert_clean(surfaces(emulator, name, op.log), CANARY)
+    assert_clean(surfaces(kube, name, op.log), CANARY)
 
 
 # -------------------------------------------------------------------------- in process: exceptions
@@ -201,25 +195,24 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFL
 
 
 def test_trainer_pod_with_refused_credentials_never_shows_them(tmp_path: Path, s3_auth_server) -> None:
-    """A pod as the operator builds it, run by the simulated kubelet (env from the Secret), trainer at
+    """A pod as the operator builds it, run by the node agent (env from the Secret), trainer at
     DEBUG with a session token: pod log, pod status and termination message stay clean."""
-    with KubernetesEmulator() as emulator:
-        emulator.load_crds([ROOT / "crds"])
-        secret(emulator, "canary-s3", {"AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id,
-                                       "AWS_SECRET_ACCESS_KEY": CANARY, "AWS_SESSION_TOKEN": CANARY_TOKEN})
+    entrypoints = {"*": [sys.executable, "-m", "loraresume_trainer.cli"]}
+    with SandboxCluster(tmp_path / "stack", namespaces=(NS,), with_operator=False, entrypoints=entrypoints,
+                        extra_env={**OFFLINE, "LORARESUME_LOG_LEVEL": "DEBUG"}, quiet=True) as cluster:
+        kube, agent = cluster.kube, cluster.agent
+        secret(kube, "canary-s3", {"AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id,
+                                   "AWS_SECRET_ACCESS_KEY": CANARY, "AWS_SESSION_TOKEN": CANARY_TOKEN})
         spec = LoraResumeSpec.model_validate(lora_resume("kp", s3_auth_server.bucket, s3_auth_server.endpoint,
                                                          "canary-s3")["spec"])
         pod = build_trainer_pod(Resource("kp", NS, "uid-kp", 1), spec, CreatePod("kp-attempt-1", 1, None, False, None),
                                 OperatorDefaults(trainer_image="trainer:test", grace_period_seconds=30))
-        kubelet = SimulatedKubelet(emulator, workdir=tmp_path / "node",
-                                   extra_env={**OFFLINE, "LORARESUME_LOG_LEVEL": "DEBUG"},
-                                   entrypoints={"*": [sys.executable, "-m", "loraresume_trainer.cli"]})
-        with kubelet:
-            emulator.create("pods", pod, NS)
-            done = wait_for("the trainer to exit", lambda: (emulator.get("pods", NS, "kp-attempt-1") or {}).get(
-                "status", {}).get("phase") in ("Succeeded", "Failed") and emulator.get("pods", NS, "kp-attempt-1"),
-                timeout=120)
-            log = kubelet.read_log(NS, "kp-attempt-1", "trainer")
+        pod["metadata"].pop("ownerReferences")  # no such owner: the garbage collector would delete the pod
+        kube.create("pods", pod, NS)
+        done = wait_for("the trainer to exit", lambda: (kube.get("pods", NS, "kp-attempt-1") or {}).get(
+            "status", {}).get("phase") in ("Succeeded", "Failed") and kube.get("pods", NS, "kp-attempt-1"),
+            timeout=120)
+        log = agent.read_log(NS, "kp-attempt-1", "trainer")
         terminated = done["status"]["containerStatuses"][0]["state"]["terminated"]
         message = json.loads(terminated["message"])
     assert terminated["exitCode"] == 78 and message["outcome"] == "config_error", (terminated, log[-2000:])
