@@ -3,38 +3,58 @@
     python benchmarks/scale.py --resources 500 --json benchmarks/results/scale-DATE.json \
         --markdown benchmarks/results/scale-DATE.md
 
-Runs the sandbox's parts itself: the Kubernetes API emulator (in this process, every HTTP
-request it serves counted), a simulated kubelet that runs each pod as the stand-in trainer
-(`loraresume_sandbox.stand_in_trainer`: the trainer's CLI, checkpoint store, progress and
-exit codes around a timed loop, no torch), a moto S3 server, and the operator as a real
-process (`python -m loraresume_operator.cli -A`). Only the operator talks HTTP to the
-emulator (the kubelet and this script use it in-process), so every request counted is the
-operator's.
+Runs the sandbox cluster (`loraresume_sandbox.cluster.SandboxCluster`): a real control plane
+(etcd, kube-apiserver, kube-controller-manager, kube-scheduler as local processes) with the Helm
+chart's CRD, ServiceAccount and RBAC applied; the node agent playing the kubelets of a spot node
+pool, running each pod as the stand-in trainer (`loraresume_sandbox.stand_in_trainer`: the
+trainer's CLI, checkpoint store, progress and exit codes around a timed loop, no torch); a moto S3
+server; and the operator as a real process, started as the chart's Deployment runs it,
+cluster-wide (`watch.clusterWide`: `loraresume-operator -A`), with a token of the chart's
+ServiceAccount.
 
-The node has a capacity (`--capacity`, default 25 trainer processes at once): this script's
-kubelet leaves pods beyond it unscheduled (Pending) until a slot frees, as a cluster with
-that many GPU slots would. Everything else is the sandbox's own code.
+Counting: the operator's API requests are read from the API server's audit log, filtered to the
+operator's ServiceAccount (one request per audit ID; a watch counts once, when its response
+starts). This script's own requests (as the sandbox admin), the node agent's and the control
+plane components' are not the operator's and not counted. Request times are the audit log's
+(wall clock, microseconds); times of changes to pods and LoraResumes are when this script's own
+watches of them see the change (list, then watch; re-list after 410 Gone), on its monotonic clock.
 
-Phases (all times from this process's monotonic clock):
+Capacity: `--capacity` GPUs on `--capacity / --gpus-per-node` spot nodes (labels and taint of the
+sandbox's spot pool), and every resource asks for one GPU (`resources.gpus: 1`,
+`scheduling.spot.enabled`): the real scheduler runs at most `--capacity` trainers at once and
+leaves the rest Pending (Unschedulable) until a pod ends (it does not count Succeeded or Failed
+pods' requests).
+
+Phases (durations from this process's monotonic clock, or from audit timestamps against the wall
+clock taken when the operator was started):
 
 1. wave 1, clean: N resources created at once; time until all are Succeeded; the
    operator's API requests in that window per Succeeded resource, by verb and resource;
    the operator's RSS (peak, and at steady state while idle for `--idle-seconds` after);
    the idle request rate. Then all N are deleted (time until all are gone).
 2. wave 2, disrupted: N new resources. Once `--disrupt` M pods run, M running trainer pods
-   are ended, half by pod deletion (as `kubectl delete pod`), half by a simulated node
-   preemption (DisruptionTarget, SIGTERM): relaunch latency = from that call until the
-   next attempt's pod exists in the API (p50/p99), and the operator's share of it (from
-   the old pod's end -- its terminated status or its removal -- to the new pod).
+   are ended, half by pod deletion (as `kubectl delete pod`), half by a spot reclaim of the
+   pod's node (`NodeAgent.reclaim_spot`: impending-termination taint, DisruptionTarget,
+   SIGTERM, the grace period, the Node deleted and a replacement registered; until it
+   registers the pool has `--gpus-per-node` fewer slots). With one GPU per node (the
+   default) a reclaim ends exactly its victim; with more, every pod on that node that had
+   not ended is a victim too, counted under "preempt". Relaunch latency = from that call
+   until the next attempt's pod exists in the API (p50/p99), and the operator's share of it
+   (from the old pod's end -- its terminated status or its removal -- to the new pod). A
+   victim that exited 0 before the disruption reached it has no relaunch and is left out
+   (counted as `ran_to_the_end_first`).
 3. restart: when `--restart-at` of wave 2 has Succeeded (the rest Running, Pending,
    Resuming), the operator is SIGKILLed, left down `--down-seconds`, and started again.
    "Reconciled" for a resource means: the new process's reconciler has read the resource
-   (GET loraresumes/NAME answered) and, when its status named a pod, that pod (GET
-   pods/POD answered) -- the reads before its decision. Reported: time from the new
-   process's start to its first API request, to every resource reconciled (p50 and all),
-   and to every resource whose pod ended while the operator was down showing it in its
-   status (Succeeded, or the next attempt).
+   (GET loraresumes/NAME answered, per the audit log) and, when its status named a pod,
+   that pod (GET pods/POD answered) -- the reads before its decision. Reported: time from
+   the new process's start to its first API request, to every resource reconciled (p50 and
+   all), and to every resource whose pod ended while the operator was down showing it in
+   its status (Succeeded, or the next attempt).
 4. wave 2 runs to all Succeeded (its wall time includes the disruptions and the restart).
+5. steady (unless `--skip-steady`): with wave 2's resources Succeeded and the operator
+   settled, `--steady-disrupt` long runs are lost and relaunched (half deleted, half
+   reclaimed), then the operator is restarted with them running.
 """
 
 from __future__ import annotations
@@ -57,10 +77,16 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+import yaml
+
+from loraresume_sandbox.cluster import OperatorProcess, SandboxCluster, chart_dir, sandbox_values
+from loraresume_sandbox.kube_client import ApiError, KubeClient
+from loraresume_sandbox.node_agent import SPOT_LABELS, SPOT_TAINT, NodePool
+
 NS = "default"
 BUCKET = "bench"
 SECRET = "s3-creds"
@@ -72,7 +98,6 @@ AWS = {
 }
 _AWS_CLEARED = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 LR = "loraresumes"
-PROBE_UA = "loraresume-scale-probe"
 
 
 def now() -> float:
@@ -99,30 +124,41 @@ def r(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
 
-# -- counting the operator's API requests ---------------------------------------------------------
-def classify(method: str, path: str, query: Any) -> tuple[str, str, str | None, str | None, str | None]:
-    """(verb, resource, namespace, name, subresource) of a Kubernetes API path, as RBAC sees it."""
-    parts = [p for p in path.split("/") if p]
-    if parts[:1] == ["api"] and len(parts) >= 3:
-        rest = parts[2:]
-    elif parts[:1] == ["apis"] and len(parts) >= 4:
-        rest = parts[3:]
-    else:
-        return "discovery", "/".join(parts[:3]), None, None, None
-    namespace = None
-    if rest[0] == "namespaces" and len(rest) >= 3:
-        namespace, rest = rest[1], rest[2:]
-    res = rest[0]
-    name = rest[1] if len(rest) >= 2 else None
-    sub = rest[2] if len(rest) >= 3 else None
-    watch = str(query.get("watch", "")).lower() in ("true", "1")
-    if method in ("GET", "HEAD"):
-        verb = "watch" if watch else ("get" if name else "list")
-    elif method == "DELETE":
-        verb = "delete" if name else "deletecollection"
-    else:
-        verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, method.lower())
-    return verb, res, namespace, name, sub
+def chart_interval() -> float:
+    """The chart's default reconcile interval (values.yaml), the operator's when --interval is not given."""
+    values = yaml.safe_load((chart_dir() / "values.yaml").read_text())
+    return float(values["reconcileIntervalSeconds"])
+
+
+# -- counting the operator's API requests, from the audit log -----------------------------------------
+@dataclass(frozen=True)
+class Request:
+    """One API request of the operator, as its audit event tells it (times: wall clock, seconds)."""
+
+    received: float  # requestReceivedTimestamp
+    answered: float  # stageTimestamp: response complete (for a watch still open: response started)
+    who: str  # "kopf" or "client" (the official Kubernetes client), from the User-Agent
+    verb: str  # the RBAC verb, or "discovery"
+    res: str  # resource, or the discovery path
+    name: str | None
+    sub: str | None
+    status: int
+
+
+def audit_time(text: str) -> float:
+    return datetime.datetime.fromisoformat(text).timestamp()
+
+
+def request_of(event: dict[str, Any]) -> Request:
+    ref = event.get("objectRef") or {}
+    if ref.get("resource"):
+        verb, res, name, sub = str(event.get("verb")), ref["resource"], ref.get("name"), ref.get("subresource")
+    else:  # /api, /apis, /apis/GROUP/VERSION, /version: no object
+        path = str(event.get("requestURI", "")).split("?", 1)[0]
+        verb, res, name, sub = "discovery", "/".join([p for p in path.split("/") if p][:3]), None, None
+    return Request(audit_time(event["requestReceivedTimestamp"]), audit_time(event["stageTimestamp"]),
+                   client_of(str(event.get("userAgent", ""))), verb, res, name, sub,
+                   int((event.get("responseStatus") or {}).get("code") or 0))
 
 
 def client_of(user_agent: str) -> str:
@@ -134,44 +170,68 @@ def client_of(user_agent: str) -> str:
     return user_agent[:40] or "unknown"
 
 
-class RequestLog:
-    """Wraps the emulator's HTTP handler: counts every request it serves, and tells watchers."""
+class RequestLog(threading.Thread):
+    """The operator's requests, read from the API server's audit log as it grows (a tail, not a re-read:
+    the log holds every request of the run). Each request is counted at its first event and handed to
+    the hooks."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path, user: str, every: float = 0.1) -> None:
+        super().__init__(daemon=True, name="audit-tail")
+        self.path, self.user, self.every = path, user, every
         self.lock = threading.Lock()
+        self.read_lock = threading.Lock()
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (client, verb, resource[/sub])
         self.total = 0
-        self.first_at: float | None = None
-        self.last_answered = 0.0  # when the last request other than a watch was answered
-        self.hooks: list[Any] = []  # hook(t_answered, client, verb, res, name, sub, status)
+        self.last_answered = 0.0  # when the last request other than a watch was answered (wall clock)
+        self.hooks: list[Any] = []  # hook(request: Request)
         self.user_agents: Counter[str] = Counter()
+        self.stopped = threading.Event()
+        self._offset = 0
+        self._partial = b""
+        self._seen: set[str] = set()
 
-    def wrap(self, handle: Any) -> Any:
-        async def counting(request: Any) -> Any:
-            verb, res, _ns, name, sub = classify(request.method, request.path, request.query)
-            ua = request.headers.get("User-Agent", "")
-            if ua == PROBE_UA:
-                return await handle(request)
-            who = client_of(ua)
-            key = (who, verb, res + (f"/{sub}" if sub else ""))
-            with self.lock:
-                self.counts[key] += 1
-                self.total += 1
-                self.user_agents[ua[:60]] += 1
-                if self.first_at is None:
-                    self.first_at = now()
-            response = await handle(request)
-            if verb != "watch":
-                self.last_answered = now()
-            if self.hooks and verb != "watch":
-                t = now()
-                for hook in list(self.hooks):
-                    hook(t, who, verb, res, name, sub, getattr(response, "status", 0))
-            return response
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            self.poll()
 
-        return counting
+    def poll(self) -> None:
+        """Take in what the API server has appended since the last call."""
+        with self.read_lock:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self._offset)
+                    data = f.read()
+            except FileNotFoundError:
+                return
+            self._offset += len(data)
+            lines = (self._partial + data).split(b"\n")
+            self._partial = lines.pop()  # a line being written
+            for line in lines:
+                self._take(line)
+
+    def _take(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            return
+        audit_id = event.get("auditID")
+        if (event.get("user") or {}).get("username") != self.user or audit_id in self._seen:
+            return  # not the operator's, or a later stage of a request already counted
+        if event.get("stage") not in ("ResponseStarted", "ResponseComplete"):
+            return
+        self._seen.add(audit_id)
+        req = request_of(event)
+        with self.lock:
+            self.counts[(req.who, req.verb, req.res + (f"/{req.sub}" if req.sub else ""))] += 1
+            self.total += 1
+            self.user_agents[str(event.get("userAgent", ""))[:60]] += 1
+            if req.verb != "watch":
+                self.last_answered = max(self.last_answered, req.answered)
+        for hook in list(self.hooks):
+            hook(req)
 
     def snapshot(self) -> tuple[int, Counter[tuple[str, str, str]]]:
+        self.poll()
         with self.lock:
             return self.total, Counter(self.counts)
 
@@ -182,15 +242,15 @@ def diff_counts(after: Counter, before: Counter) -> Counter:
     return Counter({k: v for k, v in out.items() if v})
 
 
-# -- what the API holds, from the emulator's change feed -------------------------------------------
+# -- what the API holds, from this script's watches -----------------------------------------------------
 class Tracker:
-    """Timestamps of pod and LoraResume changes (runs under the store lock: record only).
+    """Timestamps of pod and LoraResume changes, as this script's watches see them (record only).
 
     Pods are tracked by uid: the operator may re-create a pod under the same name."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.pods: dict[str, dict[str, Any]] = {}  # uid -> name, resource, added, running, ended, deleted
+        self.pods: dict[str, dict[str, Any]] = {}  # uid -> name, resource, node, added, running, ended, ...
         self.uid_of: dict[str, str] = {}  # pod name -> uid of its newest incarnation
         self.adds: dict[str, list[tuple[float, str, str]]] = defaultdict(list)  # resource -> (t, pod, uid)
         self.lr_status: dict[str, dict[str, Any]] = {}
@@ -201,38 +261,22 @@ class Tracker:
         self.status_changed: dict[str, float] = {}  # last status change of each resource
         self.sink: Any = None  # optional: (t, text) of every change, for --request-log
 
-    def __call__(self, event: str, group_resource: str, obj: dict[str, Any]) -> None:
+    def __call__(self, event: str, kind: str, obj: dict[str, Any]) -> None:
         t = now()
         meta = obj.get("metadata", {})
         name = meta.get("name", "")
+        status = obj.get("status") or {}
         if self.sink is not None:
-            status = obj.get("status") or {}
             states = [list((cs.get("state") or {}).keys()) for cs in status.get("containerStatuses") or []]
-            self.sink(t, f"{event} {group_resource.split('.')[0]} {name} phase={status.get('phase')} "
-                         f"attempt={status.get('attempt')} {states}")
+            self.sink(t, f"{event} {kind} {name} phase={status.get('phase')} attempt={status.get('attempt')} {states}")
         with self.lock:
-            if group_resource == "pods":
-                uid = meta.get("uid", "")
-                pod = self.pods.get(uid)
-                if pod is None:
-                    owner = (meta.get("labels") or {}).get("loraresume.dev/resource", "")
-                    pod = self.pods[uid] = {"name": name, "resource": owner, "added": t}
-                    self.uid_of[name] = uid
-                    self.adds[owner].append((t, name, uid))
-                if event == "DELETED":
-                    pod.setdefault("deleted", t)
-                for cs in (obj.get("status") or {}).get("containerStatuses") or []:
-                    state = cs.get("state") or {}
-                    if "running" in state:
-                        pod.setdefault("running", t)
-                    if "terminated" in state:
-                        pod.setdefault("ended", t)
-            elif group_resource.startswith(LR + "."):
+            if kind == "pods":
+                self._pod(t, event, meta, obj)
+            elif kind == LR:
                 if event == "ADDED":
                     self.lr_created.setdefault(name, t)
                 elif event == "DELETED":
                     self.lr_deleted.setdefault(name, t)
-                status = obj.get("status") or {}
                 if status != self.lr_status.get(name):
                     self.status_changed[name] = t
                 self.lr_status[name] = status
@@ -241,11 +285,51 @@ class Tracker:
                 if status.get("phase") == "Succeeded":
                     self.succeeded.setdefault(name, t)
 
+    def _pod(self, t: float, event: str, meta: dict[str, Any], obj: dict[str, Any]) -> None:
+        uid, name = meta.get("uid", ""), meta.get("name", "")
+        pod = self.pods.get(uid)
+        if pod is None:
+            owner = (meta.get("labels") or {}).get("loraresume.dev/resource", "")
+            pod = self.pods[uid] = {"name": name, "resource": owner, "added": t}
+            self.uid_of[name] = uid
+            self.adds[owner].append((t, name, uid))
+        pod["node"] = (obj.get("spec") or {}).get("nodeName") or pod.get("node")
+        if event == "DELETED":
+            pod.setdefault("deleted", t)
+        status = obj.get("status") or {}
+        if meta.get("deletionTimestamp") or any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+                                                 for c in status.get("conditions") or []):
+            pod.setdefault("ending", t)  # deleted gracefully, or its node shutting down
+        if status.get("phase") == "Succeeded":
+            pod["succeeded"] = True
+        for cs in status.get("containerStatuses") or []:
+            state = cs.get("state") or {}
+            if state.get("running"):
+                pod.setdefault("running", t)
+            if state.get("terminated"):
+                pod.setdefault("ended", t)
+
     def pod(self, name: str) -> dict[str, Any]:
         """The newest incarnation of the pod with this name ({} if none)."""
         with self.lock:
             uid = self.uid_of.get(name)
             return dict(self.pods[uid]) if uid else {}
+
+    def pod_by_uid(self, uid: str | None) -> dict[str, Any]:
+        with self.lock:
+            return dict(self.pods.get(uid or "", {}))
+
+    def running_pods(self) -> dict[str, float]:
+        """Pods (the newest of each name) whose trainer runs and that nothing is ending yet: name -> since."""
+        with self.lock:
+            return {name: p["running"] for name, uid in self.uid_of.items()
+                    if "running" in (p := self.pods[uid]) and not any(k in p for k in ("ended", "deleted", "ending"))}
+
+    def live_pods_on(self, node: str) -> list[str]:
+        """Pods (the newest of each name) bound to `node` that have not ended: what a reclaim of it ends."""
+        with self.lock:
+            return [name for name, uid in self.uid_of.items()
+                    if (p := self.pods[uid]).get("node") == node and "ended" not in p and "deleted" not in p]
 
     def count_succeeded(self, names: list[str]) -> int:
         with self.lock:
@@ -277,41 +361,99 @@ class Tracker:
         return out
 
 
+class Feed(threading.Thread):
+    """List, then watch, one resource in NS, handing every change to the tracker. Resumes from the last
+    resourceVersion when a stream ends; re-lists after 410 Gone, reporting what went away meanwhile as
+    DELETED."""
+
+    def __init__(self, kube: KubeClient, resource: str, tracker: Tracker) -> None:
+        super().__init__(daemon=True, name=f"feed-{resource}")
+        self.kube, self.resource, self.tracker = kube, resource, tracker
+        self.live: dict[str, dict[str, Any]] = {}  # uid -> latest object
+        self.synced = threading.Event()  # the first list is in
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        version: str | None = None
+        while not self.stopped.is_set():
+            try:
+                if version is None:
+                    version = self.relist()
+                for event in self.kube.watch(self.resource, NS, resource_version=version, timeout_seconds=60):
+                    kind, obj = str(event.get("type")), event.get("object") or {}
+                    if kind == "ERROR":
+                        if obj.get("code") == 410:
+                            version = None
+                        break
+                    version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                    if kind != "BOOKMARK":
+                        self.deliver(kind, obj)
+            except ApiError as exc:
+                if exc.code == 410:
+                    version = None
+                else:
+                    self.stopped.wait(0.5)
+            except Exception as exc:  # noqa: BLE001 - a broken stream (API server busy or stopping): resume
+                if not self.stopped.is_set():
+                    print(f"watch of {self.resource} restarted: {exc!r}", file=sys.stderr, flush=True)
+                self.stopped.wait(0.5)
+
+    def relist(self) -> str:
+        listing = self.kube.list_raw(self.resource, NS)
+        present = set()
+        for obj in listing.get("items") or []:
+            uid = obj["metadata"]["uid"]
+            present.add(uid)
+            self.deliver("MODIFIED" if uid in self.live else "ADDED", obj)
+        for uid, obj in list(self.live.items()):
+            if uid not in present:
+                self.deliver("DELETED", obj)
+        self.synced.set()
+        return str(listing["metadata"]["resourceVersion"])
+
+    def deliver(self, kind: str, obj: dict[str, Any]) -> None:
+        uid = (obj.get("metadata") or {}).get("uid", "")
+        if kind == "DELETED":
+            self.live.pop(uid, None)
+        else:
+            self.live[uid] = obj
+        self.tracker(kind, self.resource, obj)
+
+
 # -- the operator process and its memory ---------------------------------------------------------------
 class Operator:
-    def __init__(self, kubeconfig: Path, logdir: Path, interval: float | None) -> None:
-        self.kubeconfig, self.logdir, self.interval = kubeconfig, logdir, interval
-        self.proc: subprocess.Popen[bytes] | None = None
+    """The operator, started each time as the chart's Deployment runs it (`SandboxCluster.new_operator`:
+    a fresh ServiceAccount token), with its memory and CPU from /proc and its /metrics."""
+
+    def __init__(self, cluster: SandboxCluster, logdir: Path) -> None:
+        self.cluster, self.logdir = cluster, logdir
+        self.process: OperatorProcess | None = None
         self.starts = 0
-        self.started_at = 0.0
-        self.metrics_port = 0
+        self.started_at = 0.0  # monotonic
+        self.started_wall = 0.0  # wall clock, to compare with audit timestamps
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.process.proc if self.process else None
+
+    @property
+    def metrics_port(self) -> int:
+        return self.process.metrics_port if self.process else 0
 
     def start(self) -> None:
         self.starts += 1
-        self.metrics_port = free_port()
-        cmd = [sys.executable, "-m", "loraresume_operator.cli", "-A", "--metrics-port", str(self.metrics_port),
-               "--liveness", ""]
-        if self.interval:
-            cmd += ["--interval", str(self.interval)]
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
-        log = open(self.logdir / f"operator-{self.starts}.log", "wb")
-        self.started_at = now()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        self.process = self.cluster.new_operator(log_path=self.logdir / f"operator-{self.starts}.log",
+                                                 env={"PYTHONUNBUFFERED": "1"})
+        self.started_at, self.started_wall = now(), time.time()
+        self.process.start()
 
     def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+        assert self.process is not None
+        self.process.stop(signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.process is not None:
+            self.process.stop(timeout=30)
 
     def cpu_seconds(self) -> float | None:
         try:
@@ -369,22 +511,21 @@ class MemorySampler(threading.Thread):
 
 
 class Prober(threading.Thread):
-    """Latency of the sandbox itself, once a second: an API GET over HTTP and an S3 GET from moto."""
+    """Latency of the sandbox itself, once a second: an API GET (as the admin: not counted) and an S3 GET
+    from moto."""
 
-    def __init__(self, api_url: str, s3: Any, sampler: MemorySampler, every: float = 1.0) -> None:
+    def __init__(self, kube: KubeClient, s3: Any, sampler: MemorySampler, every: float = 1.0) -> None:
         super().__init__(daemon=True, name="sandbox-prober")
-        self.api_url, self.s3, self.sampler, self.every = api_url, s3, sampler, every
+        self.kube, self.s3, self.sampler, self.every = kube, s3, sampler, every
         self.samples: list[tuple[str, str, float]] = []  # (phase, "api"|"s3", seconds)
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        request = urllib.request.Request(f"{self.api_url}/api/v1/namespaces/{NS}/secrets/{SECRET}",
-                                         headers={"User-Agent": PROBE_UA})
         while not self.stopped.wait(self.every):
             phase = self.sampler.phase
             try:
                 t = now()
-                urllib.request.urlopen(request, timeout=30).read()
+                self.kube.get("secrets", NS, SECRET)
                 self.samples.append((phase, "api", now() - t))
                 t = now()
                 self.s3.get_object(Bucket=BUCKET, Key="probe.json")["Body"].read()
@@ -428,17 +569,21 @@ def machine() -> dict[str, Any]:
 
 
 # -- the benchmark ----------------------------------------------------------------------------------------
+Victims = dict[str, tuple[str, float, str | None]]  # pod -> (how, time of the call, its uid then)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.rng = random.Random(args.seed)
         self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lr-scale-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.requests = RequestLog()
         self.tracker = Tracker()
         self.result: dict[str, Any] = {}
-        self.k8s: Any = None
-        self.kubelet: Any = None
+        self.cluster: SandboxCluster | None = None
+        self.kube: KubeClient | None = None
+        self.requests: RequestLog | None = None
+        self.feeds: list[Feed] = []
         self.moto: subprocess.Popen[bytes] | None = None
         self.operator: Operator | None = None
         self.sampler: MemorySampler | None = None
@@ -460,16 +605,21 @@ class Bench:
         raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
     # -- setup -----------------------------------------------------------------------------
+    def pool(self) -> NodePool:
+        """`--capacity` GPUs on spot nodes of `--gpus-per-node`: the scheduler's limit on trainers at once."""
+        a = self.args
+        return NodePool("bench", a.capacity // a.gpus_per_node, dict(SPOT_LABELS), (dict(SPOT_TAINT),),
+                        gpus=a.gpus_per_node)
+
     def setup(self) -> None:
         import boto3
 
-        from loraresume_sandbox.k8s_api import KubernetesEmulator
-        from loraresume_sandbox.kubelet import SimulatedKubelet
         from loraresume_sandbox.stand_in_trainer import ENV_STEP_SECONDS
 
+        a = self.args
         for name in _AWS_CLEARED:
             os.environ.pop(name, None)
-        os.environ.update(AWS)
+        os.environ.update(AWS)  # the operator's environment too (it reads S3 with the resource's Secret)
         s3_port = free_port()
         endpoint = f"http://127.0.0.1:{s3_port}"
         moto_log = open(self.workdir / "moto.log", "wb")
@@ -482,83 +632,77 @@ class Bench:
         s3.put_object(Bucket=BUCKET, Key="probe.json", Body=b"{}")
         self.endpoint = endpoint
 
-        self.k8s = KubernetesEmulator(history_size=self.args.history)
-        self.k8s.http.handle = self.requests.wrap(self.k8s.http.handle)  # the app routes to this attribute
-        self.k8s.start()
-        self.k8s.load_crds([ROOT / "crds"])
-        self.kubeconfig = self.k8s.write_kubeconfig(self.workdir / "kubeconfig")
-        self.k8s.create("secrets", {"metadata": {"name": SECRET}, "stringData": {
-            "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"]}}, NS)
-        self.k8s.subscribe(self.tracker)
-
-        capacity = self.args.capacity
-
-        class CappedKubelet(SimulatedKubelet):
-            """A node with `capacity` trainer slots: pods beyond it stay unscheduled (Pending)."""
-
-            def busy(self) -> int:
-                with self._lock:
-                    return sum(1 for run in self._runs.values() if not run.finished.is_set())
-
-            def _admit(self, pod: dict[str, Any]) -> None:
-                if self.busy() >= capacity:
-                    return  # retried on the kubelet's next pass
-                super()._admit(pod)
-
-            def running_pods(self) -> list[str]:
-                with self._lock:
-                    return [run.name for run in self._runs.values()
-                            if run.running and not run.stopping and not run.finished.is_set()]
-
-        self.kubelet = CappedKubelet(
-            self.k8s, workdir=self.workdir / "node",
+        t0 = now()
+        self.cluster = SandboxCluster(
+            self.workdir / "cluster", namespaces=(NS,), pools=[self.pool()],
+            values=sandbox_values(cluster_wide=True, interval=a.interval),
             extra_env={**{k: AWS[k] for k in ("AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")},
-                       ENV_STEP_SECONDS: str(self.args.step_seconds), "PYTHONUNBUFFERED": "1"},
+                       ENV_STEP_SECONDS: str(a.step_seconds), "PYTHONUNBUFFERED": "1"},
             entrypoints={"*": [sys.executable, "-m", "loraresume_sandbox.stand_in_trainer"]},
-        ).start()
+            with_operator=False, quiet=True)
+        self.cluster.start()
+        self.kube = self.cluster.kube
+        self.result["sandbox_start_seconds"] = r(now() - t0)
+        self.log(f"sandbox cluster up in {now() - t0:.1f} s: API {self.kube.server}, "
+                 f"{a.capacity // a.gpus_per_node} spot nodes x {a.gpus_per_node} GPU, logs in {self.workdir}")
+        self.kube.create("secrets", {"metadata": {"name": SECRET}, "stringData": {
+            "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"]}}, NS)
+        self.requests = RequestLog(self.cluster.control_plane.audit_log, self.cluster.operator_user)
+        self.requests.start()
+        self.feeds = [Feed(self.kube, kind, self.tracker) for kind in ("pods", LR)]
+        for feed in self.feeds:
+            feed.start()
+        self.wait("this script's watches", lambda: all(f.synced.is_set() for f in self.feeds), 60)
 
-        if self.args.request_log:
-            sink = open(self.args.request_log, "w", buffering=1)
-            t_zero = now()
-
-            def log_request(t: float, who: str, verb: str, res: str, name: str | None, sub: str | None,
-                            status: int) -> None:
-                sink.write(f"{t - t_zero:.3f} {who} {verb} {res}{'/' + sub if sub else ''} {name or '-'} {status}\n")
-
-            self.requests.hooks.append(log_request)
-            self.tracker.sink = lambda t, text: sink.write(f"{t - t_zero:.3f} STORE {text}\n")
-        self.operator = Operator(self.kubeconfig, self.workdir, self.args.interval)
+        if a.request_log:
+            self.log_requests(Path(a.request_log))
+        self.operator = Operator(self.cluster, self.workdir)
         self.sampler = MemorySampler(self.operator)
-        self.prober = Prober(self.k8s.url, s3, self.sampler)
-        self.start_operator()
+        self.prober = Prober(self.kube, s3, self.sampler)
+        self.result["operator_start_seconds"] = r(self.start_operator())
         self.sampler.start()
         self.prober.start()
 
+    def log_requests(self, path: Path) -> None:
+        """--request-log: every answered request of the operator (not watches) and every change seen."""
+        assert self.requests is not None
+        sink = open(path, "w", buffering=1)
+        t_zero, t_zero_wall = now(), time.time()
+
+        def log_request(req: Request) -> None:
+            if req.verb != "watch":
+                sink.write(f"{req.answered - t_zero_wall:.3f} {req.who} {req.verb} {req.res}"
+                           f"{'/' + req.sub if req.sub else ''} {req.name or '-'} {req.status}\n")
+
+        self.requests.hooks.append(log_request)
+        self.tracker.sink = lambda t, text: sink.write(f"{t - t_zero:.3f} STORE {text}\n")
+
     def start_operator(self) -> float:
-        """Start the operator; returns seconds until it watches LoraResumes and pods."""
-        assert self.operator is not None
-        before = self.requests.snapshot()[1]
-        self.operator.start()
+        """Start the operator; seconds until it has opened its watches of LoraResumes and pods (audit log)."""
+        assert self.operator is not None and self.requests is not None
+        t_wall = time.time()
+        opened: dict[str, float] = {}
 
-        def watching() -> bool:
-            d = diff_counts(self.requests.snapshot()[1], before)
-            return any(k[1] == "watch" and k[2] == LR for k in d) and any(
-                k[1] == "watch" and k[2] == "pods" for k in d)
+        def watch_opened(req: Request) -> None:
+            if req.verb == "watch" and req.res in (LR, "pods") and req.received >= t_wall:
+                opened.setdefault(req.res, req.received)
 
-        self.wait("the operator to watch", watching, 120, every=0.05)
-        return now() - self.operator.started_at
+        self.requests.hooks.append(watch_opened)
+        try:
+            self.operator.start()
+            self.wait("the operator to watch", lambda: len(opened) == 2, 120, every=0.05)
+        finally:
+            self.requests.hooks.remove(watch_opened)
+        return max(opened.values()) - self.operator.started_wall
 
     def teardown(self) -> None:
-        if self.sampler:
-            self.sampler.stopped.set()
-        if self.prober:
-            self.prober.stopped.set()
+        for thread in (self.sampler, self.prober, self.requests, *self.feeds):
+            if thread is not None:
+                thread.stopped.set()
         if self.operator:
             self.operator.stop()
-        if self.kubelet:
-            self.kubelet.stop()
-        if self.k8s:
-            self.k8s.stop()
+        if self.cluster:
+            self.cluster.stop()
         if self.moto and self.moto.poll() is None:
             self.moto.terminate()
             try:
@@ -580,24 +724,27 @@ class Bench:
                 "training": {"maxSteps": steps or a.steps, "saveSteps": a.save_steps, "loggingSteps": a.logging_steps},
                 "storage": {"uri": f"s3://{BUCKET}/{wave}/{name}/", "endpoint": self.endpoint,
                             "credentialsSecret": SECRET, "keepCheckpoints": 2},
-                "resources": {"gpus": 0},
+                "resources": {"gpus": 1},  # one of the pool's GPUs: what the scheduler counts
+                "scheduling": {"spot": {"enabled": True}},  # the chart's spot selector and toleration
                 "restartPolicy": {"backoffSeconds": 1, "maxBackoffSeconds": 4},
                 "terminationGracePeriodSeconds": 30,
             },
         }
 
     def create_wave(self, wave: str) -> list[str]:
+        assert self.kube is not None
         names = [f"{wave}-{i:04d}" for i in range(self.args.resources)]
         for name in names:
-            self.k8s.create(LR, self.body(name, wave), NS)
+            self.kube.create(LR, self.body(name, wave), NS)
         return names
 
     def progress_line(self, names: list[str]) -> str:
         with self.tracker.lock:
             phases = Counter((self.tracker.lr_status.get(n) or {}).get("phase", "-") for n in names)
         mem = self.operator.memory() if self.operator else {}
-        return (f"{dict(sorted(phases.items()))} running={len(self.kubelet.running_pods())} "
-                f"operator RSS {mem.get('VmRSS', 0):.0f} MiB, API requests {self.requests.total}")
+        total = self.requests.total if self.requests else 0
+        return (f"{dict(sorted(phases.items()))} running={len(self.tracker.running_pods())} "
+                f"operator RSS {mem.get('VmRSS', 0):.0f} MiB, API requests {total}")
 
     def wait_all_succeeded(self, names: list[str], label: str) -> float:
         deadline = now() + self.args.timeout
@@ -621,7 +768,7 @@ class Bench:
     # -- phases ------------------------------------------------------------------------------
     def wave1(self) -> None:
         a = self.args
-        assert self.sampler is not None and self.operator is not None
+        assert self.sampler is not None and self.operator is not None and self.requests is not None and self.kube is not None
         self.sampler.phase = "wave1"
         mem_start = self.operator.memory()
         total0, counts0 = self.requests.snapshot()
@@ -691,7 +838,7 @@ class Bench:
         self.log("wave 1: deleting all")
         t_del = now()
         for name in names:
-            self.k8s.delete(LR, NS, name)
+            self.kube.delete(LR, NS, name)
         self.wait("wave 1 deleted", lambda: all(n in self.tracker.lr_deleted for n in names), a.timeout, every=0.2)
         self.result["wave1"]["delete_all_seconds"] = r(now() - t_del)
         # Per-resource metric series the operator still exports for the deleted resources.
@@ -699,38 +846,66 @@ class Bench:
             self.operator.metric("loraresume_checkpoint_age_seconds{"))
         self.log(f"wave 1: deleted in {now() - t_del:.1f} s")
 
-    # -- disruptions, shared by the loaded and the steady phase ----------------------------------------
-    def end_pod(self, pod: str, how: str) -> bool:
-        try:
-            if how == "delete":
-                self.k8s.delete("pods", NS, pod)  # graceful, like `kubectl delete pod`
-            else:
-                self.kubelet.preempt_node(NS, pod, wait=False)  # DisruptionTarget, SIGTERM, grace, removal
-        except LookupError:
-            return False  # it ended meanwhile
-        return True
 
-    def relaunch_stats(self, t_calls: dict[str, tuple[str, float, str | None]]) -> dict[str, Any]:
+    # -- disruptions, shared by the loaded and the steady phase ----------------------------------------
+    @staticmethod
+    def next_how(victims: Victims) -> str:
+        """Deletion and reclaim take turns, so that each ends about half of the pods."""
+        deleted = sum(1 for how, _t, _u in victims.values() if how == "delete")
+        return "delete" if deleted <= len(victims) - deleted else "preempt"
+
+    def disrupt(self, pod: str, how: str, victims: Victims) -> int:
+        """End `pod`: delete it (graceful, as `kubectl delete pod`), or reclaim its spot node, which ends
+        every pod on that node. Each pod ended is recorded with the call's time and the uid it had then;
+        returns how many (0: it had ended or lost its node meanwhile)."""
+        assert self.kube is not None and self.cluster is not None and self.cluster.agent is not None
+        if how == "delete":
+            uid, t_call = self.tracker.uid_of.get(pod), now()
+            if self.kube.delete("pods", NS, pod) is None:
+                return 0
+            victims[pod] = (how, t_call, uid)
+            return 1
+        agent = self.cluster.agent
+        try:
+            node = agent.node_of(NS, pod)
+            on_node = sorted({pod, *self.tracker.live_pods_on(node)} - set(victims))
+            uids, t_call = {p: self.tracker.uid_of.get(p) for p in on_node}, now()
+            agent.reclaim_spot(node, wait=False)  # taint, DisruptionTarget, SIGTERM, grace, Node replaced
+        except LookupError:
+            return 0
+        for p in on_node:
+            victims[p] = (how, t_call, uids[p])
+        return len(on_node)
+
+    def relaunch_stats(self, victims: Victims) -> dict[str, Any]:
         """Waits for every victim's replacement pod; latencies from the call and from the old pod's end."""
 
         def replacement(pod: str) -> tuple[float, str] | None:
             """The first pod of the same resource created after the victim: the next attempt, or the
             same name again when the operator had not seen the victim run (decide.py re-creates it)."""
-            _how, t_call, uid = t_calls[pod]
+            _how, t_call, uid = victims[pod]
             with self.tracker.lock:
                 later = [(t, n) for t, n, u in self.tracker.adds[pod.rsplit("-attempt-", 1)[0]]
                          if u != uid and t >= t_call]
             return later[0] if later else None
 
-        self.wait("the replacement pods", lambda: all(replacement(p) for p in t_calls), self.args.timeout)
+        def ran_to_the_end(pod: str) -> bool:
+            """It exited 0 before the disruption reached it: its resource Succeeded, nothing to relaunch."""
+            return bool(self.tracker.pod_by_uid(victims[pod][2]).get("succeeded"))
+
+        self.wait("the replacement pods", lambda: all(replacement(p) or ran_to_the_end(p) for p in victims),
+                  self.args.timeout)
         by: dict[str, list[float]] = defaultdict(list)
         share: dict[str, list[float]] = defaultdict(list)
-        same_name = 0
-        for pod, (how, t_call, uid) in t_calls.items():
-            t_new, new_name = replacement(pod)  # type: ignore[misc]
+        same_name = finished_first = 0
+        for pod, (how, t_call, uid) in victims.items():
+            found = replacement(pod)
+            if found is None:
+                finished_first += 1
+                continue
+            t_new, new_name = found
             same_name += new_name == pod
-            with self.tracker.lock:
-                old = dict(self.tracker.pods.get(uid or "", {}))
+            old = self.tracker.pod_by_uid(uid)
             ends = [t for t in (old.get("ended"), old.get("deleted")) if t]
             by[how].append(t_new - t_call)
             if ends:
@@ -738,13 +913,15 @@ class Bench:
         every = by["delete"] + by["preempt"]
         every_share = share["delete"] + share["preempt"]
         return {
-            "pods": len(t_calls),
+            "pods": len(every),
+            "victims": len(victims),
+            "ran_to_the_end_first": finished_first,
             "relaunched_as_the_same_pod_name": same_name,
-            "seconds": {"p50": r(pct(every, 50)), "p99": r(pct(every, 99)), "max": r(max(every))},
+            "seconds": {"p50": r(pct(every, 50)), "p99": r(pct(every, 99)), "max": r(max(every, default=None))},
             "operator_share_seconds": {"p50": r(pct(every_share, 50)), "p99": r(pct(every_share, 99))},
             "by_kind": {how: {"n": len(v), "p50": r(pct(v, 50)), "p99": r(pct(v, 99)),
                               "operator_share_p50": r(pct(share[how], 50)),
-                              "operator_share_p99": r(pct(share[how], 99))} for how, v in by.items()},
+                              "operator_share_p99": r(pct(share[how], 99))} for how, v in by.items() if v},
         }
 
     def disrupt_while_loaded(self, names: list[str], disrupt: int) -> dict[str, Any]:
@@ -761,41 +938,36 @@ class Bench:
                            if p["resource"] in wave and p["name"].endswith("-attempt-1") and "ended" in p)
 
         self.wait(f"{target} first pods ended before the pod loss", lambda: first_pods_ended() >= target, a.timeout)
-        # Each victim is picked once it has trained a couple of steps, until `disrupt` are picked
+        # Each victim is picked once it has trained a couple of steps, until `disrupt` are ended
         # or no first-attempt pod is left to pick.
-        t_calls: dict[str, tuple[str, float, str | None]] = {}
+        victims: Victims = {}
         deadline = now() + a.timeout
-        while len(t_calls) < disrupt:
+        while len(victims) < disrupt:
             if now() > deadline:
-                raise TimeoutError(f"only {len(t_calls)} of {disrupt} pods could be disrupted")
-            with self.tracker.lock:
-                since = {p["name"]: p["running"] for u, p in self.tracker.pods.items()
-                         if "running" in p and self.tracker.uid_of.get(p["name"]) == u}
-            ready = sorted(p for p in self.kubelet.running_pods()
-                           if p.startswith(prefix) and p.endswith("-attempt-1") and p not in t_calls
-                           and p in since and now() - since[p] >= 2 * a.step_seconds)
-            for pod in self.rng.sample(ready, min(len(ready), disrupt - len(t_calls))):
-                how = "delete" if len(t_calls) % 2 == 0 else "preempt"
-                uid, t_call = self.tracker.uid_of.get(pod), now()
-                if self.end_pod(pod, how):
-                    t_calls[pod] = (how, t_call, uid)
+                raise TimeoutError(f"only {len(victims)} of {disrupt} pods could be disrupted")
+            running = self.tracker.running_pods()
+            ready = sorted(p for p, since in running.items()
+                           if p.startswith(prefix) and p.endswith("-attempt-1") and p not in victims
+                           and now() - since >= 2 * a.step_seconds)
+            for pod in self.rng.sample(ready, min(len(ready), disrupt - len(victims))):
+                if pod not in victims and len(victims) < disrupt:  # a reclaim just now may have ended it
+                    self.disrupt(pod, self.next_how(victims), victims)
             with self.tracker.lock:
                 firsts = {p["resource"] for p in self.tracker.pods.values()
                           if p["resource"] in wave and p["name"].endswith("-attempt-1")}
-            if len(firsts) == len(names) and not ready and not [
-                    p for p in self.kubelet.running_pods() if p.startswith(prefix)]:
-                self.log(f"pod loss: only {len(t_calls)} pods could be picked (the others ran to the end)")
+            if len(firsts) == len(names) and not ready and not [p for p in running if p.startswith(prefix)]:
+                self.log(f"pod loss: only {len(victims)} pods could be picked (the others ran to the end)")
                 break
             time.sleep(0.1)
-        if not t_calls:
+        if not victims:
             raise RuntimeError("pod loss: no running pod could be picked")
-        return self.relaunch_stats(t_calls)
+        return self.relaunch_stats(victims)
 
     # -- operator restart, shared too ------------------------------------------------------------------
     def measure_restart(self, names: list[str]) -> dict[str, Any]:
         """SIGKILL, `--down-seconds` down, start; see the module docstring for "reconciled"."""
         a = self.args
-        assert self.operator is not None and self.sampler is not None
+        assert self.operator is not None and self.sampler is not None and self.requests is not None
         phase = self.sampler.phase
         mem_before = self.operator.memory()
         with self.tracker.lock:
@@ -812,24 +984,27 @@ class Bench:
                 pod = self.tracker.pod(st["podName"])
                 if pod.get("ended") or pod.get("deleted"):
                     ended_down[n] = st
-        reads: dict[str, dict[str, float]] = {"lr": {}, "pod": {}}
+        reads: dict[str, dict[str, float]] = {"lr": {}, "pod": {}}  # resource -> answered (wall clock)
+        received: list[float] = []  # every request of the new process
         watched = set(names)
         pod_owner = {s["podName"]: n for n, s in at_kill.items() if s.get("podName")}
+        t_wall = time.time()  # the killed process's last requests were received before this
 
-        def hook(t: float, who: str, verb: str, res: str, name: str | None, sub: str | None, status: int) -> None:
-            if who != "client" or verb != "get" or sub or name is None:
+        def hook(req: Request) -> None:
+            if req.received < t_wall:
                 return
-            if res == LR and name in watched:
-                reads["lr"].setdefault(name, t)
-            elif res == "pods" and name in pod_owner:
-                reads["pod"].setdefault(pod_owner[name], t)
+            received.append(req.received)
+            if req.who != "client" or req.verb != "get" or req.sub or req.name is None:
+                return
+            if req.res == LR and req.name in watched:
+                reads["lr"].setdefault(req.name, req.answered)
+            elif req.res == "pods" and req.name in pod_owner:
+                reads["pod"].setdefault(pod_owner[req.name], req.answered)
 
         self.requests.hooks.append(hook)
-        req0 = self.requests.snapshot()[0]
         self.operator.start()
-        t_start = self.operator.started_at
-        self.wait("the first request of the new operator", lambda: self.requests.snapshot()[0] > req0, 120, every=0.02)
-        t_first = now()
+        t_start = self.operator.started_wall
+        self.wait("the first request of the new operator", lambda: received, 120, every=0.02)
 
         def reconciled(n: str) -> float | None:
             t_lr = reads["lr"].get(n)
@@ -844,7 +1019,8 @@ class Bench:
         self.wait("every resource reconciled after the restart",
                   lambda: all(reconciled(n) is not None for n in names), a.timeout, every=0.2)
         done = {n: reconciled(n) - t_start for n in names}  # type: ignore[operator]
-        requests_until = self.requests.snapshot()[0] - req0
+        t_all = t_start + max(done.values())
+        requests_until = sum(1 for t in list(received) if t <= t_all)
 
         def caught_up(n: str) -> float | None:
             s0 = at_kill[n]
@@ -858,7 +1034,7 @@ class Bench:
         if ended_down:
             self.wait("resources whose pods ended during the downtime to catch up",
                       lambda: all(caught_up(n) is not None for n in ended_down), a.timeout)
-        catch = [caught_up(n) - t_start for n in ended_down]  # type: ignore[operator]
+        catch = [caught_up(n) - self.operator.started_at for n in ended_down]  # type: ignore[operator]
         self.requests.hooks.remove(hook)
         self.sampler.phase = phase
         out = {
@@ -866,13 +1042,13 @@ class Bench:
             "phases_at_kill": dict(phases),
             "operator_rss_before_kill_mib": r(mem_before.get("VmRSS"), 1),
             "down_seconds": a.down_seconds,
-            "start_to_first_request_seconds": r(t_first - t_start),
+            "start_to_first_request_seconds": r(min(received) - t_start),
             "start_to_all_reconciled_seconds": r(max(done.values())),
             "reconciled_seconds": {"p50": r(pct(list(done.values()), 50)), "p99": r(pct(list(done.values()), 99))},
             "requests_until_all_reconciled": requests_until,
             "pods_ended_while_down": len(ended_down),
             "start_to_those_caught_up_seconds": {"p50": r(pct(catch, 50)), "max": r(max(catch, default=None))},
-            "kill_to_all_reconciled_seconds": r(t_start - t_kill + max(done.values())),
+            "kill_to_all_reconciled_seconds": r(self.operator.started_at - t_kill + max(done.values())),
         }
         self.log(f"restart: first request after {out['start_to_first_request_seconds']} s, "
                  f"all {len(names)} reconciled after {out['start_to_all_reconciled_seconds']} s")
@@ -881,14 +1057,17 @@ class Bench:
     def settle(self, label: str) -> float:
         """Seconds until the operator's last API request before a quiet spell of `--quiet-seconds`: its
         backlog of events is worked off and only the periodic loop is left (it sleeps `interval` between
-        rounds, so the spell comes once the backlog is gone)."""
-        t0 = now()
+        rounds, so the spell comes once the backlog is gone). Request times from the audit log."""
+        assert self.requests is not None
+        requests = self.requests
+        t0 = time.time()
         quiet = self.args.quiet_seconds
         last: list[float] = []
 
         def quiet_now() -> bool:
-            seen = self.requests.last_answered
-            if now() - seen >= quiet:
+            requests.poll()
+            seen = requests.last_answered
+            if time.time() - seen >= quiet:
                 last.append(seen)
                 return True
             return False
@@ -899,7 +1078,7 @@ class Bench:
     # -- phase 2: loaded, disrupted, restarted ----------------------------------------------------------
     def wave2(self) -> None:
         a = self.args
-        assert self.sampler is not None and self.operator is not None
+        assert self.sampler is not None and self.operator is not None and self.requests is not None
         self.sampler.phase = "wave2"
         total0, _ = self.requests.snapshot()
         self.log(f"wave 2: creating {a.resources} resources")
@@ -939,22 +1118,24 @@ class Bench:
         self.wave2_names = names
 
     # -- phase 3: steady state --------------------------------------------------------------------------
+    # -- phase 3: steady state --------------------------------------------------------------------------
     def steady(self) -> None:
         """N Succeeded resources in the cluster, the operator settled; M long runs are lost and relaunched,
         then the operator is restarted with them running."""
         from loraresume_sandbox.stand_in_trainer import ENV_STEP_SECONDS
 
         a = self.args
-        assert self.sampler is not None and self.operator is not None
+        assert self.sampler is not None and self.operator is not None and self.kube is not None
+        assert self.cluster is not None and self.cluster.agent is not None
         settle = self.settle("wave 2")
         self.sampler.phase = "steady"
         m = a.steady_disrupt
         self.log(f"steady: operator settled {settle:.1f} s after wave 2; {m} long runs")
-        self.kubelet.extra_env[ENV_STEP_SECONDS] = str(a.steady_step_seconds)  # read when a pod starts
+        self.cluster.agent.extra_env[ENV_STEP_SECONDS] = str(a.steady_step_seconds)  # read when a pod starts
         names = [f"w3-{i:04d}" for i in range(m)]
         t0 = now()
         for name in names:
-            self.k8s.create(LR, self.body(name, "w3", steps=a.steady_steps), NS)
+            self.kube.create(LR, self.body(name, "w3", steps=a.steady_steps), NS)
 
         def running_seen(attempt: int) -> bool:
             with self.tracker.lock:
@@ -965,14 +1146,12 @@ class Bench:
             first_pod = [self.tracker.adds[n][0][0] - self.tracker.lr_created[n] for n in names]
             seen = [self.tracker.lr_running[(n, 1)] - self.tracker.lr_created[n] for n in names]
         lag = self.tracker.observe_lag(names)
-        t_calls: dict[str, tuple[str, float, str | None]] = {}
-        for i, name in enumerate(names):
+        victims: Victims = {}
+        for name in names:
             pod = f"{name}-attempt-1"
-            how = "delete" if i % 2 == 0 else "preempt"
-            uid, t_call = self.tracker.uid_of.get(pod), now()
-            if self.end_pod(pod, how):
-                t_calls[pod] = (how, t_call, uid)
-        relaunch = self.relaunch_stats(t_calls)
+            if pod not in victims:  # a reclaim of a node with more GPUs may have ended it already
+                self.disrupt(pod, self.next_how(victims), victims)
+        relaunch = self.relaunch_stats(victims)
         self.log(f"steady relaunch ({relaunch['pods']} pods): p50 {relaunch['seconds']['p50']} s, "
                  f"p99 {relaunch['seconds']['p99']} s")
         self.wait(f"{m} resources Running again", lambda: running_seen(2), a.timeout)
@@ -1010,8 +1189,6 @@ class Bench:
         t0 = now()
         try:
             self.setup()
-            assert self.operator is not None
-            self.result["operator_start_seconds"] = r(now() - self.operator.started_at)
             if not a.skip_wave1:
                 self.wave1()
             self.wave2()
@@ -1023,13 +1200,13 @@ class Bench:
             if self.sampler:
                 self.result["operator_rss_mib_peak_sampled"] = r(max((s[3] for s in self.sampler.samples), default=0), 1)
                 self.result["operator_rss_samples"] = len(self.sampler.samples)
-            self.result["api_user_agents"] = dict(self.requests.user_agents)
+            self.result["api_user_agents"] = dict(self.requests.user_agents) if self.requests else {}
             self.teardown()
             kids = resource.getrusage(resource.RUSAGE_CHILDREN)
             me = resource.getrusage(resource.RUSAGE_SELF)
             self.result["cpu_seconds"] = {
-                "this_process_emulator_kubelet": r(me.ru_utime + me.ru_stime, 1),
-                "children_operator_moto_stand_ins": r(kids.ru_utime + kids.ru_stime, 1),
+                "this_process_node_agent_watches": r(me.ru_utime + me.ru_stime, 1),
+                "children_control_plane_operator_moto_stand_ins": r(kids.ru_utime + kids.ru_stime, 1),
             }
             self.result["workdir"] = str(self.workdir)
         return self.result
@@ -1051,8 +1228,9 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
     w1, w2 = result.get("wave1") or {}, result.get("wave2") or {}
     n = (w1 or w2).get("resources")
     s = result["settings"]
-    rows.append(("resources per wave", f"{n} (node capacity {s['capacity']} trainer processes; stand-in "
-                                         f"{s['steps']} steps x {s['step_seconds']} s, checkpoint every {s['save_steps']})"))
+    rows.append(("resources per wave", f"{n} (capacity {s['capacity']} GPUs on {s['capacity'] // s['gpus_per_node']} "
+                                         f"spot nodes, one GPU per trainer; stand-in {s['steps']} steps x "
+                                         f"{s['step_seconds']} s, checkpoint every {s['save_steps']})"))
     rows.append(("operator start to watching", f"{result.get('operator_start_seconds')} s"))
     if w1:
         mem = w1["operator_rss_mib"]
@@ -1091,8 +1269,9 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
                  f"{rl['seconds']['p50']} / {rl['seconds']['p99']} s ({kinds})"),
                 ("  operator's share (old pod ended -> new pod) p50 / p99",
                  f"{rl['operator_share_seconds']['p50']} / {rl['operator_share_seconds']['p99']} s"),
-                ("  relaunched under the same pod name (loss not seen); preemptions counted",
-                 f"{rl['relaunched_as_the_same_pod_name']}; {w2.get('preemptions_counted')}"),
+                ("  relaunched under the same pod name (loss not seen); ran to the end first; preemptions counted",
+                 f"{rl['relaunched_as_the_same_pod_name']}; {rl.get('ran_to_the_end_first')}; "
+                 f"{w2.get('preemptions_counted')}"),
             ]
         if rs:
             rows += [
@@ -1169,17 +1348,20 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']}. "
         "Shared with other work: load average before / after "
         f"{result['load_before']['loadavg_1_5_15']} / {result['load_after']['loadavg_1_5_15']}, so times are noisy "
-        "and include CPU contention (the emulator, kubelet, moto, the stand-in trainers and the operator all share "
-        "the same cores).",
+        "and include CPU contention (the control plane, the node agent, moto, the stand-in trainers and the operator "
+        "all share the same cores).",
         "",
-        "Setup: the Kubernetes API emulator and the simulated kubelet in the benchmark process (every HTTP "
-        "request the emulator serves is counted; only the operator uses HTTP), moto S3, the operator as a process "
-        "(`loraresume-operator -A`, default 10 s periodic interval), pods run as the stand-in trainer "
-        "(`loraresume_sandbox.stand_in_trainer`: the trainer's CLI, checkpoint store, progress.json and exit codes "
-        "around a timed loop, no torch). The node runs at most `--capacity` trainer processes; the benchmark's "
-        "kubelet subclass leaves further pods unscheduled (Pending) until a slot frees. Wave 1: N resources at once "
-        "to Succeeded, then deleted. Wave 2: N more, with pod losses (half `delete pod`, half simulated node "
-        "preemption) and an operator SIGKILL + restart while loaded. Steady: with N Succeeded resources present and "
+        "Setup: the sandbox cluster: etcd, kube-apiserver, kube-controller-manager and kube-scheduler (v1.37) as "
+        "local processes, the Helm chart's CRD, ServiceAccount and RBAC applied, the operator as a process started "
+        "as the chart's Deployment runs it (`loraresume-operator -A`, `watch.clusterWide`, the chart's reconcile "
+        "interval unless `--interval`) with a token of its ServiceAccount; its API requests counted from the API "
+        "server's audit log (its user only; a watch once). A node agent plays the kubelets of a spot pool of "
+        "`--capacity` GPUs and runs each pod as the stand-in trainer (`loraresume_sandbox.stand_in_trainer`: the "
+        "trainer's CLI, checkpoint store, progress.json and exit codes around a timed loop, no torch); each "
+        "resource asks for one GPU, so the real scheduler keeps further pods Pending (Unschedulable) until one "
+        "ends. moto S3. Wave 1: N resources at once to Succeeded, then deleted. Wave 2: N more, with pod losses "
+        "(half `delete pod`, half a spot reclaim of the pod's node: taint, DisruptionTarget, SIGTERM, the Node "
+        "replaced) and an operator SIGKILL + restart while loaded. Steady: with N Succeeded resources present and "
         "the operator settled, long runs are lost and relaunched, then the operator is restarted. \"Reconciled\" "
         "after a restart: the new process has read the resource and, if its status names a pod, that pod.",
         "",
@@ -1204,7 +1386,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resources", type=int, default=500, help="resources per wave (default 500)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the choice of pods to disrupt")
-    parser.add_argument("--capacity", type=int, default=25, help="trainer processes the node runs at once")
+    parser.add_argument("--capacity", type=int, default=25, help="GPUs of the spot pool: trainers at once")
+    parser.add_argument("--gpus-per-node", type=int, default=1,
+                        help="GPUs per spot node (a reclaim ends every pod of its node; divides --capacity)")
     parser.add_argument("--steps", type=int, default=12, help="stand-in training steps (maxSteps)")
     parser.add_argument("--save-steps", type=int, default=5, help="steps between checkpoints")
     parser.add_argument("--step-seconds", type=float, default=0.3, help="wall time of one stand-in step")
@@ -1217,7 +1401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--down-seconds", type=float, default=5.0, help="how long the operator stays down")
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="steady-state window after wave 1")
     parser.add_argument("--interval", type=float, default=None,
-                        help="operator --interval (periodic reconcile); default: the operator's own (10 s)")
+                        help="the operator's periodic reconcile interval (chart value reconcileIntervalSeconds); "
+                             "default: the chart's")
     parser.add_argument("--steady-disrupt", type=int, default=20,
                         help="long runs lost and relaunched in the steady phase")
     parser.add_argument("--steady-steps", type=int, default=120, help="steps of the steady phase's long runs")
@@ -1226,18 +1411,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet-seconds", type=float, default=None,
                         help="no request for this long = the operator settled (default: 0.6 x interval)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds any one wait may take")
-    parser.add_argument("--history", type=int, default=10_000, help="emulator watch history size")
     parser.add_argument("--skip-wave1", action="store_true", help="only the disrupted wave")
     parser.add_argument("--workdir", help="where pods' directories and logs go (default: a temporary dir)")
-    parser.add_argument("--request-log", help="write every answered API request (not watches) here")
+    parser.add_argument("--request-log", help="write every answered API request of the operator (not watches) and "
+                                              "every change this script's watches see here")
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--markdown", help="write a markdown section here")
     args = parser.parse_args(argv)
+    if args.gpus_per_node < 1 or args.capacity % args.gpus_per_node:
+        parser.error("--gpus-per-node must divide --capacity")
+    if args.interval is None:
+        args.interval = chart_interval()
     if args.quiet_seconds is None:
-        args.quiet_seconds = 0.6 * (args.interval or 10.0)
+        args.quiet_seconds = 0.6 * args.interval
 
     bench = Bench(args)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the teardown (our children have own sessions)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the teardown (the stand-ins have own sessions)
     try:
         result = bench.run()
     except BaseException:

@@ -1,8 +1,9 @@
 """The Kubernetes API rights the operator needs: the single list the Helm chart's RBAC renders.
 
 Kept next to the code that makes the calls; `tests/operator/test_rbac_audit.py` runs the
-operator against the sandbox API emulator, records every (verb, group, resource) it uses and
-compares them with these rules, and the chart tests compare the rendered Role/ClusterRole.
+operator on a real kube-apiserver as the chart's ServiceAccount, reads every (verb, group,
+resource) it used from the API server's audit log and compares them with these rules (and
+that RBAC refused none), and the chart tests compare the rendered Role/ClusterRole.
 Each rule says why it is needed; nothing here is "just in case".
 """
 

@@ -1,28 +1,9 @@
-"""The local sandbox: a stand-in for a Kubernetes cluster on one machine (tests and the demo only).
+"""The local sandbox: a real Kubernetes control plane on one machine, for tests, benchmarks and the
+demo (a development tool; nothing here ships in an image or runs on a cluster).
 
-Nothing here runs on a real cluster. `KubernetesEmulator` is the API server on loopback
-(`k8s_api`), `SimulatedKubelet` runs pods as processes (`kubelet`), `seed_data` builds a
-tiny model. Submodules are imported on use, so `seed_data` needs neither aiohttp nor jsonschema.
+`control_plane.ControlPlane` runs etcd, kube-apiserver, kube-controller-manager and kube-scheduler
+built from Go modules (`tools/kube/`); `node_agent.NodeAgent` registers nodes and runs the pods
+bound to them as local processes; `cluster.SandboxCluster` installs the Helm chart and runs the
+operator as its ServiceAccount; `kube_client.KubeClient` is the REST client the tools use;
+`seed_data` builds a tiny model; `cli` is `loraresume-sandbox`.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ["ApiError", "KubernetesEmulator", "LogSource"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "KubernetesEmulator":
-        from .k8s_api import KubernetesEmulator
-
-        return KubernetesEmulator
-    if name == "LogSource":
-        from .k8s_http import LogSource
-
-        return LogSource
-    if name == "ApiError":
-        from .k8s_errors import ApiError
-
-        return ApiError
-    raise AttributeError(name)

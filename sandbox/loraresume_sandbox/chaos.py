@@ -1,9 +1,10 @@
 """Seeded chaos runs against the whole sandbox: disrupt real processes, demand a bitwise-equal adapter.
 
 Every run applies one LoraResume (the tiny seeded model, a few dozen steps) to a stack of real
-processes: the Kubernetes API emulator, the simulated kubelet running trainer pods as local
-processes, a moto S3 server behind the fault-injecting proxy (`s3_faults`), and the operator
-as its own process (`python -m loraresume_operator.cli`). A seeded schedule of 1-4
+processes: the sandbox's real control plane (kube-apiserver, scheduler, controllers) with the
+chart installed, the node agent running trainer pods as local processes, a moto S3 server
+behind the fault-injecting proxy (`s3_faults`), and the operator as its own process running as
+the chart's ServiceAccount. A seeded schedule of 1-4
 disruptions hits the run; it must still end Succeeded with an adapter whose files are
 byte-for-byte those of an uninterrupted run of the same spec (the reference, computed once
 per spec variant through the same stack).
@@ -18,8 +19,8 @@ Disruption kinds (`KINDS`):
 - ``download_kill``: SIGKILL while a resumed attempt downloads its checkpoint: the proxy holds
   the k-th file GET; the kill lands before the trainer's ``start`` event, with the partial
   download directory on disk.
-- ``preempt``: simulated node preemption (`SimulatedKubelet.preempt_node`: DisruptionTarget,
-  SIGTERM, the grace period, SIGKILL).
+- ``preempt``: a spot reclaim of the node under the pod (`NodeAgent.reclaim_spot`: taint,
+  DisruptionTarget, SIGTERM, the grace period, SIGKILL, the Node deleted and replaced).
 - ``operator_restart``: SIGKILL to the operator, a seeded downtime, a new operator process;
   either while a trainer runs (window ``training``) or right after a trainer was disrupted,
   before the next attempt's pod exists (window ``relaunch``).
@@ -65,7 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import AWS, BUCKET, NAMESPACE, OFFLINE, SECRET, _crds_dir, _free_port, _wait_http
+from .cli import AWS, BUCKET, NAMESPACE, OFFLINE, SECRET, _free_port, _wait_http
+from .node_agent import CONTAINER_ID_SCHEME
 from .s3_faults import RequestInfo, S3FaultProxy, checkpoint_file, uniform_rates
 from .waiting import wait_for
 
@@ -306,9 +308,9 @@ class Summary:
 class ChaosStack:
     """The sandbox's processes for chaos runs, with handles to disrupt them.
 
-    moto S3 (subprocess) behind `S3FaultProxy` (clients use the proxy's endpoint), the API
-    emulator and the simulated kubelet in this process, the operator as a subprocess (killed
-    and restarted by `restart_operator`), the seeded tiny model and dataset in S3.
+    moto S3 (subprocess) behind `S3FaultProxy` (clients use the proxy's endpoint), the sandbox
+    cluster (control plane, chart, node agent in this process), the operator as a subprocess
+    (killed and restarted by `restart_operator`), the seeded tiny model and dataset in S3.
     """
 
     def __init__(self, workdir: Path, *, fault_rate: float = 0.0, seed: int = 0, interval: float = 1.0) -> None:
@@ -318,9 +320,10 @@ class ChaosStack:
         self.interval = interval
         self.moto: subprocess.Popen[bytes] | None = None
         self.proxy: S3FaultProxy | None = None
+        self.cluster: Any = None
         self.k8s: Any = None
-        self.kubelet: Any = None
-        self.operator: subprocess.Popen[bytes] | None = None
+        self.agent: Any = None
+        self.operator: Any = None
         self.operator_starts = 0
         self.unexpected_operator_exits = 0
         self._logs: list[Any] = []
@@ -328,19 +331,19 @@ class ChaosStack:
     def start(self) -> ChaosStack:
         import boto3
 
-        from .k8s_api import KubernetesEmulator
-        from .kubelet import SimulatedKubelet
         from .seed_data import seed_s3
 
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._start(boto3, KubernetesEmulator, SimulatedKubelet, seed_s3)
+            self._start(boto3, seed_s3)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start(self, boto3: Any, KubernetesEmulator: Any, SimulatedKubelet: Any, seed_s3: Any) -> None:  # noqa: N803
+    def _start(self, boto3: Any, seed_s3: Any) -> None:
+        from .cluster import SandboxCluster, sandbox_values
+
         moto_port = _free_port()
         moto_log = open(self.dir / "moto.log", "ab")
         self._logs.append(moto_log)
@@ -359,23 +362,21 @@ class ChaosStack:
         self.proxy = S3FaultProxy(self.moto_endpoint, rates=uniform_rates(self.fault_rate), seed=self.seed).start()
         self.seed_uris = seed_s3(self.s3, BUCKET, self.dir / "seed", rows=40)
 
-        self.k8s = KubernetesEmulator().start()
-        self.k8s.load_crds([_crds_dir()])
-        self.kubeconfig = self.k8s.write_kubeconfig(self.dir / "kubeconfig")
+        extra = {**OFFLINE, "HF_HOME": str(self.dir / "hf"), "TRITON_CACHE_DIR": str(self.dir / "triton"),
+                 "AWS_DEFAULT_REGION": AWS["AWS_DEFAULT_REGION"], "AWS_EC2_METADATA_DISABLED": "true"}
+        self.cluster = SandboxCluster(self.dir / "cluster", namespaces=(NAMESPACE,), extra_env=extra,
+                                      values=sandbox_values(namespaces=[NAMESPACE], interval=self.interval),
+                                      with_operator=False, quiet=True).start()
+        self.k8s, self.agent, self.kubeconfig = self.cluster.kube, self.cluster.agent, self.cluster.kubeconfig
         self.k8s.create("secrets", {"metadata": {"name": SECRET}, "stringData": {
             "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"]}},
             NAMESPACE)
-        extra = {**OFFLINE, "HF_HOME": str(self.dir / "hf"), "TRITON_CACHE_DIR": str(self.dir / "triton"),
-                 "AWS_DEFAULT_REGION": AWS["AWS_DEFAULT_REGION"], "AWS_EC2_METADATA_DISABLED": "true"}
-        self.kubelet = SimulatedKubelet(self.k8s, workdir=self.dir / "node", extra_env=extra, poll_interval=0.2).start()
         self.start_operator()
 
     def stop(self) -> None:
         self.kill_operator(signal.SIGTERM)
-        if self.kubelet is not None:
-            self.kubelet.stop()
-        if self.k8s is not None:
-            self.k8s.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
         if self.proxy is not None:
             self.proxy.stop()
         if self.moto is not None and self.moto.poll() is None:
@@ -403,34 +404,23 @@ class ChaosStack:
     # -- the operator ------------------------------------------------------------------------
     def start_operator(self) -> None:
         self.operator_starts += 1
-        with open(self.dir / "operator.log", "ab") as log_file:  # the child keeps its own descriptor
+        with open(self.dir / "operator.log", "ab") as log_file:
             log_file.write(f"\n==== chaos: operator start #{self.operator_starts} at {time.time():.3f}\n".encode())
-            log_file.flush()
-            self.operator = subprocess.Popen(
-                [sys.executable, "-m", "loraresume_operator.cli", "-A", "--interval", str(self.interval),
-                 "--metrics-port", str(_free_port()), "--liveness", ""],
-                env={**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"},
-                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+        self.operator = self.cluster.new_operator(log_path=self.dir / "operator.log")
+        self.operator.start()
 
     def kill_operator(self, sig: int = signal.SIGKILL) -> bool:
         """Signal the operator and wait for it; False when it was not running."""
-        proc = self.operator
-        if proc is None or proc.poll() is not None:
+        if self.operator is None or not self.operator.running:
             return False
-        proc.send_signal(sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        self.operator.stop(sig, timeout=30)
         return True
 
     def ensure_operator(self) -> bool:
         """Restart the operator if it died on its own; True when it had (that is a finding)."""
-        if self.operator is not None and self.operator.poll() is not None:
+        if self.operator is not None and self.operator.proc is not None and not self.operator.running:
             self.unexpected_operator_exits += 1
-            log.error("the operator exited on its own with %s; restarting it", self.operator.returncode)
+            log.error("the operator exited on its own with %s; restarting it", self.operator.proc.returncode)
             self.start_operator()
             return True
         return False
@@ -481,6 +471,7 @@ class _Run:
                 "storage": {"uri": f"s3://{BUCKET}/{self.prefix}", "endpoint": self.stack.endpoint,
                             "credentialsSecret": SECRET, "keepCheckpoints": 3},
                 "resources": {"gpus": 0},
+                "scheduling": {"spot": {"enabled": True}},  # on the sandbox's spot pool: `preempt` reclaims nodes
                 "terminationGracePeriodSeconds": 30,
                 "restartPolicy": {"backoffSeconds": 1, "maxBackoffSeconds": 2, "backoffLimit": 20,
                                   "maxPreemptions": 50},
@@ -498,7 +489,7 @@ class _Run:
         return self.stack.k8s.get("pods", NAMESPACE, self.pod_name(attempt))
 
     def events(self, attempt: int) -> list[dict[str, Any]]:
-        return trainer_events(self.stack.kubelet.read_log(NAMESPACE, self.pod_name(attempt), ""))
+        return trainer_events(self.stack.agent.read_log(NAMESPACE, self.pod_name(attempt), ""))
 
     def pod_state(self, attempt: int) -> tuple[str | None, int | None]:
         """(phase, pid of the running trainer) of an attempt's pod."""
@@ -507,8 +498,8 @@ class _Run:
             return None, None
         status = pod.get("status") or {}
         for cs in status.get("containerStatuses") or []:
-            if "running" in (cs.get("state") or {}) and str(cs.get("containerID", "")).startswith("sandbox://"):
-                return status.get("phase"), int(cs["containerID"][len("sandbox://"):])
+            if "running" in (cs.get("state") or {}) and str(cs.get("containerID", "")).startswith(CONTAINER_ID_SCHEME):
+                return status.get("phase"), int(cs["containerID"][len(CONTAINER_ID_SCHEME):])
         return status.get("phase"), None
 
     def running_pid(self, attempt: int) -> int | None:
@@ -677,7 +668,7 @@ class ChaosRunner:
         lines += [repr(d) for d in result.deliveries]
         for attempt in range(1, max(run.current_attempt(), 1) + 1):
             lines += ["", f"--- pod {run.pod_name(attempt)} log (tail) ---"]
-            lines += self.stack.kubelet.read_log(NAMESPACE, run.pod_name(attempt), "").splitlines()[-40:]
+            lines += self.stack.agent.read_log(NAMESPACE, run.pod_name(attempt), "").splitlines()[-40:]
         lines += ["", "--- operator log (tail) ---", self.stack.operator_log_tail(60)]
         path.write_text("\n".join(lines))
         result.detail += f" (details: {path})"
@@ -719,7 +710,8 @@ class ChaosRunner:
             delivered = self.stack.k8s.delete("pods", NAMESPACE, run.pod_name(attempt)) is not None
         else:
             try:
-                self.stack.kubelet.preempt_node(NAMESPACE, run.pod_name(attempt), wait=False)
+                node = self.stack.agent.node_of(NAMESPACE, run.pod_name(attempt))
+                self.stack.agent.reclaim_spot(node, wait=False)
                 delivered = True
             except LookupError:
                 delivered = False
@@ -800,7 +792,7 @@ class ChaosRunner:
                 hit = bool(keys) and not any(k.endswith("/" + MANIFEST) for k in keys)
                 note = f"checkpoint-{step}: {len(keys)} object(s) in S3, no manifest" if hit else f"checkpoint-{step}: {keys}"
             else:
-                work = (self.stack.kubelet.pod_dir(NAMESPACE, run.pod_name(attempt)) or Path("/nonexistent")) / "work"
+                work = (self.stack.agent.pod_dir(NAMESPACE, run.pod_name(attempt)) or Path("/nonexistent")) / "work"
                 partial = list((work / "resume").glob(f".checkpoint-{step}.partial-*"))
                 started = any(e["event"] == "start" for e in run.events(attempt))
                 hit = bool(partial) and not started
@@ -832,7 +824,7 @@ def run_session(
     started = time.monotonic()
     results: list[RunResult] = []
     with ChaosStack(workdir, fault_rate=fault_rate, seed=seed, interval=interval) as stack:
-        say(f"chaos stack up in {time.monotonic() - started:.0f}s: API {stack.k8s.url}, S3 {stack.moto_endpoint} "
+        say(f"chaos stack up in {time.monotonic() - started:.0f}s: API {stack.k8s.server}, S3 {stack.moto_endpoint} "
             f"behind the fault proxy {stack.endpoint} (rate {fault_rate:g}), logs in {stack.dir}")
         runner = ChaosRunner(stack, run_timeout=run_timeout, strict=strict, say=say)
         for plan in plans:

@@ -46,13 +46,6 @@ OFFLINE = {
 }
 
 
-def _crds_dir() -> Path:
-    for base in (Path.cwd(), *Path(__file__).resolve().parents):
-        if (base / "crds").is_dir() and any((base / "crds").glob("*.yaml")):
-            return base / "crds"
-    raise SystemExit("loraresume-sandbox: cannot find the crds/ directory (run from the repository)")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -283,13 +283,14 @@ class SandboxCluster:
                   file=sys.stderr, flush=True)
         return self
 
-    def new_operator(self, log_name: str = "operator.log", env: dict[str, str] | None = None) -> OperatorProcess:
+    def new_operator(self, log_path: Path | None = None, env: dict[str, str] | None = None) -> OperatorProcess:
         """An operator process (not started) with a fresh token of the chart's ServiceAccount."""
         assert self.installation is not None
         inst = self.installation
         kubeconfig = self.control_plane.service_account_kubeconfig(
             inst.namespace, inst.service_account, self.directory / "operator.kubeconfig")
-        return OperatorProcess(inst, kubeconfig, self.directory / log_name, env={**self.operator_env, **(env or {})})
+        return OperatorProcess(inst, kubeconfig, log_path or self.directory / "operator.log",
+                               env={**self.operator_env, **(env or {})})
 
     def stop(self) -> None:
         if self.operator is not None:

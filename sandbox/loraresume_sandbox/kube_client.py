@@ -16,9 +16,11 @@ from __future__ import annotations
 import base64
 import json
 import ssl
+import logging
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ import yaml
 
 Object = dict[str, Any]
 RETRIES_429 = 10
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -287,3 +290,45 @@ class KubeClient:
 
     def close(self) -> None:
         self._pool.clear()
+
+
+def follow(kube: KubeClient, resource: str, handle: Callable[[str, Object], None], stop: threading.Event, *,
+           namespace: str | None = None, field_selector: str | None = None,
+           relisted: Callable[[set[str]], None] | None = None, window_seconds: int = 30) -> None:
+    """List `resource`, then watch it from that resourceVersion, until `stop` is set (an informer
+    without the cache): `handle(type, object)` for every listed object (as ADDED) and every
+    change; after a 410 Gone (the version was compacted away) or a broken stream, list again.
+    `relisted(uids)` is told which objects a fresh list holds, so a caller can drop the rest."""
+    version: str | None = None
+    while not stop.is_set():
+        try:
+            if version is None:
+                listing = kube.list_raw(resource, namespace, field_selector=field_selector)
+                version = listing["metadata"]["resourceVersion"]
+                items = listing.get("items") or []
+                for obj in items:
+                    handle("ADDED", obj)
+                if relisted is not None:
+                    relisted({obj["metadata"]["uid"] for obj in items})
+            for event in kube.watch(resource, namespace, resource_version=version, field_selector=field_selector,
+                                    timeout_seconds=window_seconds):
+                kind, obj = str(event.get("type")), event.get("object") or {}
+                if kind == "ERROR":
+                    version = None if obj.get("code") == 410 else version
+                    break
+                version = obj.get("metadata", {}).get("resourceVersion") or version
+                if kind != "BOOKMARK":
+                    handle(kind, obj)
+                if stop.is_set():
+                    return
+        except ApiError as exc:
+            if exc.code == 410:
+                version = None
+            else:
+                log.warning("watch of %s: %s", resource, exc)
+                stop.wait(1)
+        except Exception as exc:  # noqa: BLE001 - a broken stream: resume from the last version seen
+            if stop.is_set():
+                return
+            log.info("watch of %s restarted: %s", resource, exc)
+            stop.wait(0.5)

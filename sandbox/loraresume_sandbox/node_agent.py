@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from .kube_client import ApiError, KubeClient
+from .kube_client import ApiError, KubeClient, follow
 from .pki import CertPair
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ KUBELET_VERSION = "v1.37.2"
 SHUTDOWN_MESSAGE = "Pod was terminated in response to imminent node shutdown."
 SPOT_TERMINATION_TAINT = {"key": "cloud.google.com/impending-node-termination", "effect": "NoSchedule"}
 IMAGE_BACKOFF_SECONDS = 2.0
+CONTAINER_ID_SCHEME = "local-process://"  # containerID: <scheme><pid>
 _VAR_REF = re.compile(r"\$\$|\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -426,40 +427,8 @@ class NodeAgent:
 
     # -- pods -----------------------------------------------------------------------------
     def _watch_pods(self) -> None:
-        """List, then watch from that resourceVersion; relist on 410 Gone or a broken stream."""
-        version: str | None = None
-        while not self._closed.is_set():
-            try:
-                if version is None:
-                    listing = self.kube.list_raw("pods")
-                    version = listing["metadata"]["resourceVersion"]
-                    seen = set()
-                    for pod in listing.get("items") or []:
-                        seen.add(pod["metadata"]["uid"])
-                        self._on_pod("ADDED", pod)
-                    self._forget_missing(seen)
-                for event in self.kube.watch("pods", resource_version=version, timeout_seconds=30):
-                    if self._closed.is_set():
-                        return
-                    kind, obj = event.get("type"), event.get("object") or {}
-                    if kind == "ERROR":
-                        if obj.get("code") == 410:
-                            version = None  # too old: relist
-                        break
-                    version = obj.get("metadata", {}).get("resourceVersion") or version
-                    if kind != "BOOKMARK":
-                        self._on_pod(str(kind), obj)
-            except ApiError as exc:
-                if exc.code == 410:
-                    version = None
-                else:
-                    log.warning("node agent: pod watch: %s", exc)
-                    self._closed.wait(1)
-            except Exception as exc:  # noqa: BLE001 - a broken stream: resume from the last version
-                if self._closed.is_set():
-                    return
-                log.info("node agent: pod watch restarted: %s", exc)
-                self._closed.wait(0.5)
+        """Every pod, listed then watched (re-listed after 410 Gone): the kubelets' pod source."""
+        follow(self.kube, "pods", self._on_pod, self._closed, relisted=self._forget_missing)
 
     def _forget_missing(self, present: set[str]) -> None:
         with self._lock:
@@ -686,7 +655,7 @@ class NodeAgent:
         with run.lock:
             terminated: Object = {"exitCode": code, "reason": reason, "startedAt": run.started_at or now_rfc3339(),
                                   "finishedAt": now_rfc3339(),
-                                  "containerID": f"local-process://{run.proc.pid if run.proc else 0}"}
+                                  "containerID": f"{CONTAINER_ID_SCHEME}{run.proc.pid if run.proc else 0}"}
             if message:
                 terminated["message"] = message
             run.terminated = terminated
@@ -804,7 +773,7 @@ class NodeAgent:
                              "image": container.get("image", ""), "imageID": "", "started": bool(cstate.get("running")),
                              "state": cstate}
             if run.proc is not None:
-                entry["containerID"] = f"local-process://{run.proc.pid}"
+                entry["containerID"] = f"{CONTAINER_ID_SCHEME}{run.proc.pid}"
             statuses.append(entry)
         status: Object = {"phase": phase, "conditions": conditions, "hostIP": LOCALHOST,
                           "hostIPs": [{"ip": LOCALHOST}], "startTime": run.start_time, "containerStatuses": statuses}

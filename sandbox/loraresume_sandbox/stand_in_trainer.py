@@ -10,11 +10,11 @@ manifest, the JSON event lines on stdout, and the exit codes and termination mes
 `StopRequest`: before training it exits 75 at once; during training the current step
 finishes, a checkpoint is saved there (off the save grid), made durable, and it exits 75.
 
-It starts in ~0.4 s of CPU and ~50 MB (boto3 and pydantic, no torch), so a simulated
-kubelet can run hundreds of them. Use it through the kubelet's `entrypoints`:
+It starts in ~0.4 s of CPU and ~50 MB (boto3 and pydantic, no torch), so the sandbox's node
+agent can run hundreds of them. Use it through the node agent's `entrypoints`:
 
-    SimulatedKubelet(k8s, workdir=..., entrypoints={"*": [sys.executable, "-m",
-                     "loraresume_sandbox.stand_in_trainer"]}, extra_env={ENV_STEP_SECONDS: "0.3"})
+    NodeAgent(kube, workdir=..., entrypoints={"*": [sys.executable, "-m",
+              "loraresume_sandbox.stand_in_trainer"]}, extra_env={ENV_STEP_SECONDS: "0.3"})
 
 Steps, checkpoints and logging follow the job's `training.max_steps`, `save_steps`,
 `logging_steps`; the environment tunes the rest:

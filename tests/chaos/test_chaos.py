@@ -1,4 +1,4 @@
-"""Chaos in the suite: a few seeded runs of the real stack (API emulator, simulated kubelet, moto S3
+"""Chaos in the suite: a few seeded runs of the real stack (control plane, node agent, moto S3
 behind the fault proxy, the operator process, trainer processes) with upload kills, download kills
 and operator restarts among the disruptions; every run must end Succeeded, bitwise equal to an
 uninterrupted run. `benchmarks/chaos.py` runs the same engine with many more runs.

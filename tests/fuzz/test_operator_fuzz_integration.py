@@ -28,7 +28,7 @@ from kubernetes import config as k8s_config
 from pydantic import ValidationError
 
 from loraresume_operator.spec import LoraResumeSpec
-from loraresume_sandbox.kube_client import KubeClient
+from loraresume_sandbox.kube_client import KubeClient, follow
 from tests.fuzz.api_judge import ApiJudge
 from tests.fuzz.strategies import model_loc, valid_specs
 from tests.support.operator_stack import NS, wait_for
@@ -74,12 +74,11 @@ class Recorder:
         self._threads = [threading.Thread(target=self._watch, args=(r,), daemon=True) for r in ("loraresumes", "events")]
 
     def _watch(self, resource: str) -> None:
-        version = self.kube.list_raw(resource, NS)["metadata"]["resourceVersion"]
-        while not self._stop.is_set():
-            for event in self.kube.watch(resource, NS, resource_version=version, timeout_seconds=5):
-                version = event["object"]["metadata"]["resourceVersion"]
-                if event["type"] in ("ADDED", "MODIFIED"):
-                    self.record(event["object"])
+        follow(self.kube, resource, self.on_event, self._stop, namespace=NS, window_seconds=5)
+
+    def on_event(self, kind: str, obj: dict[str, Any]) -> None:
+        if kind in ("ADDED", "MODIFIED"):
+            self.record(obj)
 
     def record(self, obj: dict[str, Any]) -> None:
         kind, name = obj.get("kind"), obj.get("metadata", {}).get("name", "")

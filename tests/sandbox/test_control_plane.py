@@ -119,3 +119,32 @@ def test_the_api_server_validates_loraresumes_with_the_crd_schema_and_cel(cp: Co
     with pytest.raises(ApiError) as refused:
         cp.admin.create("loraresumes", body, NS)
     assert refused.value.code == 422 and "spec.training.maxSteps" in refused.value.message
+
+
+def test_a_value_of_the_wrong_type_is_a_type_error_at_its_own_path(cp: ControlPlane, installed: Installation) -> None:
+    body = {"apiVersion": "loraresume.dev/v1alpha1", "kind": "LoraResume", "metadata": {"name": "typed"},
+            "spec": {"baseModel": {"a": 1}, "dataset": {"source": "s3://d/x.jsonl"}, "storage": {"uri": "s3://c/p/"}}}
+    with pytest.raises(ApiError) as refused:
+        cp.admin.request("POST", f"/apis/loraresume.dev/v1alpha1/namespaces/{NS}/loraresumes", body,
+                         params={"dryRun": "All", "fieldValidation": "Strict"})
+    assert refused.value.code == 422
+    assert [c["field"] for c in refused.value.details["causes"]] == ["spec.baseModel"], refused.value.message
+
+
+def test_a_pod_whose_owner_does_not_exist_is_garbage_collected(cp: ControlPlane) -> None:
+    from loraresume_sandbox.waiting import wait_for
+
+    pod = trainer_pod()
+    pod["metadata"]["name"] = "orphan"
+    pod["metadata"]["ownerReferences"][0]["uid"] = "00000000-0000-0000-0000-000000000000"
+    cp.admin.create("pods", pod, NS)
+    wait_for(lambda: cp.admin.get("pods", NS, "orphan") is None, 60, "the garbage collector deleting the orphan")
+
+
+def test_a_pod_naming_a_missing_service_account_is_refused_by_admission(cp: ControlPlane) -> None:
+    pod = trainer_pod()
+    pod["metadata"].pop("ownerReferences")
+    pod["spec"]["serviceAccountName"] = "no-such-account"
+    with pytest.raises(ApiError) as refused:
+        cp.admin.request("POST", f"/api/v1/namespaces/{NS}/pods", pod, params={"dryRun": "All"})
+    assert refused.value.code == 403 and 'serviceaccount "no-such-account" not found' in refused.value.message

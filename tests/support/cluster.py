@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from loraresume_sandbox.control_plane import ControlPlane
-from loraresume_sandbox.kube_client import KubeClient
+from loraresume_sandbox.kube_client import KubeClient, follow
 
 Object = dict[str, Any]
 
@@ -32,21 +32,11 @@ class PodRecorder:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        listing = self.kube.list_raw("pods", self.namespace, field_selector=f"metadata.name={self.name}")
-        version = listing["metadata"]["resourceVersion"]
-        for pod in listing.get("items") or []:
-            self.events.append(("ADDED", pod))
-        self._ready.set()
-        while not self._stop.is_set():
-            for event in self.kube.watch("pods", self.namespace, resource_version=version, timeout_seconds=5,
-                                         field_selector=f"metadata.name={self.name}"):
-                if event["type"] == "BOOKMARK":
-                    version = event["object"]["metadata"]["resourceVersion"]
-                    continue
-                version = event["object"]["metadata"]["resourceVersion"]
-                self.events.append((event["type"], event["object"]))
-                if self._stop.is_set():
-                    return
+        def record(kind: str, obj: Object) -> None:
+            self.events.append((kind, obj))
+
+        follow(self.kube, "pods", record, self._stop, namespace=self.namespace,
+               field_selector=f"metadata.name={self.name}", relisted=lambda _: self._ready.set(), window_seconds=5)
 
     def __enter__(self) -> PodRecorder:
         self._thread.start()
