@@ -84,7 +84,7 @@ from typing import Any
 import yaml
 
 from loraresume_sandbox.cluster import OperatorProcess, SandboxCluster, chart_dir, sandbox_values
-from loraresume_sandbox.kube_client import ApiError, KubeClient
+from loraresume_sandbox.kube_client import KubeClient, follow
 from loraresume_sandbox.node_agent import SPOT_LABELS, SPOT_TAINT, NodePool
 
 NS = "default"
@@ -150,6 +150,7 @@ def audit_time(text: str) -> float:
 
 
 def request_of(event: dict[str, Any]) -> Request:
+    """A request as RBAC sees it (verb, resource, subresource), from its audit event."""
     ref = event.get("objectRef") or {}
     if ref.get("resource"):
         verb, res, name, sub = str(event.get("verb")), ref["resource"], ref.get("name"), ref.get("subresource")
@@ -362,9 +363,9 @@ class Tracker:
 
 
 class Feed(threading.Thread):
-    """List, then watch, one resource in NS, handing every change to the tracker. Resumes from the last
-    resourceVersion when a stream ends; re-lists after 410 Gone, reporting what went away meanwhile as
-    DELETED."""
+    """This script's watch of one resource in NS (`follow`: list, then watch from that resourceVersion,
+    re-list after 410 Gone), handing every change to the tracker; what a re-list no longer holds is
+    handed over as DELETED."""
 
     def __init__(self, kube: KubeClient, resource: str, tracker: Tracker) -> None:
         super().__init__(daemon=True, name=f"feed-{resource}")
@@ -374,42 +375,13 @@ class Feed(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        version: str | None = None
-        while not self.stopped.is_set():
-            try:
-                if version is None:
-                    version = self.relist()
-                for event in self.kube.watch(self.resource, NS, resource_version=version, timeout_seconds=60):
-                    kind, obj = str(event.get("type")), event.get("object") or {}
-                    if kind == "ERROR":
-                        if obj.get("code") == 410:
-                            version = None
-                        break
-                    version = (obj.get("metadata") or {}).get("resourceVersion") or version
-                    if kind != "BOOKMARK":
-                        self.deliver(kind, obj)
-            except ApiError as exc:
-                if exc.code == 410:
-                    version = None
-                else:
-                    self.stopped.wait(0.5)
-            except Exception as exc:  # noqa: BLE001 - a broken stream (API server busy or stopping): resume
-                if not self.stopped.is_set():
-                    print(f"watch of {self.resource} restarted: {exc!r}", file=sys.stderr, flush=True)
-                self.stopped.wait(0.5)
+        follow(self.kube, self.resource, self.deliver, self.stopped, namespace=NS, relisted=self.relisted)
 
-    def relist(self) -> str:
-        listing = self.kube.list_raw(self.resource, NS)
-        present = set()
-        for obj in listing.get("items") or []:
-            uid = obj["metadata"]["uid"]
-            present.add(uid)
-            self.deliver("MODIFIED" if uid in self.live else "ADDED", obj)
+    def relisted(self, present: set[str]) -> None:
         for uid, obj in list(self.live.items()):
             if uid not in present:
                 self.deliver("DELETED", obj)
         self.synced.set()
-        return str(listing["metadata"]["resourceVersion"])
 
     def deliver(self, kind: str, obj: dict[str, Any]) -> None:
         uid = (obj.get("metadata") or {}).get("uid", "")
