@@ -69,7 +69,7 @@ from typing import Any
 from .cli import AWS, BUCKET, NAMESPACE, OFFLINE, SECRET, _free_port, _wait_http
 from .node_agent import CONTAINER_ID_SCHEME
 from .s3_faults import RequestInfo, S3FaultProxy, checkpoint_file, uniform_rates
-from .waiting import wait_for
+from .waiting import stop_process, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -379,13 +379,7 @@ class ChaosStack:
             self.cluster.stop()
         if self.proxy is not None:
             self.proxy.stop()
-        if self.moto is not None and self.moto.poll() is None:
-            self.moto.terminate()
-            try:
-                self.moto.wait(20)
-            except subprocess.TimeoutExpired:
-                self.moto.kill()
-                self.moto.wait()
+        stop_process(self.moto, 20)
         for f in self._logs:
             f.close()
 

@@ -26,6 +26,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from .waiting import stop_process
+
 DEFAULT_DIR = ".sandbox"
 DEFAULT_S3_PORT = 9000
 BUCKET = "sandbox"
@@ -179,6 +181,11 @@ def supervise(directory: Path, s3_port: int) -> int:
         except s3.exceptions.BucketAlreadyOwnedByYou:
             pass
         print(f"S3 (moto) at {endpoint}, bucket s3://{BUCKET}/", flush=True)
+        # The tiny model is built (torch, transformers imports) while the control plane starts.
+        seeded: dict = {}
+        seeding = threading.Thread(target=lambda: seeded.update(uris=seed_s3(s3, BUCKET, directory / "seed")),
+                                   name="seed-s3", daemon=True)
+        seeding.start()
 
         extra = {**OFFLINE, "HF_HOME": str(directory / "hf"), "TRITON_CACHE_DIR": str(directory / "triton"),
                  "AWS_DEFAULT_REGION": AWS["AWS_DEFAULT_REGION"], "AWS_EC2_METADATA_DISABLED": "true"}
@@ -200,7 +207,10 @@ def supervise(directory: Path, s3_port: int) -> int:
         print(f"operator running as ServiceAccount {cluster.operator_user} (log {cluster.operator.log_path})",
               flush=True)
 
-        uris = seed_s3(s3, BUCKET, directory / "seed")
+        seeding.join()
+        if "uris" not in seeded:
+            raise RuntimeError("seeding the tiny model and dataset into S3 failed (see the traceback above)")
+        uris = seeded["uris"]
         print(f"seeded base model: {uris['model']}\nseeded dataset:    {uris['dataset']}", flush=True)
 
         _Control.cluster = cluster
@@ -236,13 +246,7 @@ def supervise(directory: Path, s3_port: int) -> int:
             control.shutdown()
         if cluster is not None:
             cluster.stop()
-        if moto is not None and moto.poll() is None:
-            moto.terminate()
-            try:
-                moto.wait(20)
-            except subprocess.TimeoutExpired:
-                moto.kill()
-                moto.wait()
+        stop_process(moto, 20)
         for f in logs:
             f.close()
         if state.get("status") != "failed":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import yaml
 from .control_plane import RESTRICTED, ControlPlane, repo_root
 from .kube_client import ApiError, KubeClient
 from .node_agent import SPOT_LABELS, SPOT_TAINT, NodeAgent, NodePool, default_pools
-from .waiting import free_port, wait_for
+from .waiting import free_port, stop_process, wait_for
 
 Object = dict[str, Any]
 RELEASE = "loraresume"
@@ -189,13 +190,7 @@ class OperatorProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout, sig)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -261,6 +256,7 @@ class SandboxCluster:
     def start(self) -> SandboxCluster:
         t0 = time.monotonic()
         self.directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.directory / "nodes", ignore_errors=True)  # pods of an earlier cluster here
         try:
             self.control_plane.start()
             for ns in self.namespaces:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +37,7 @@ import yaml
 
 from .kube_client import ApiError, KubeClient
 from .pki import CertificateAuthority, CertPair, service_account_keys
-from .waiting import free_port
+from .waiting import free_port, stop_process
 
 LOOPBACK = "127.0.0.1"
 SERVICE_CIDR = "10.0.0.0/24"
@@ -154,6 +155,10 @@ class ControlPlane:
         t0 = time.monotonic()
         bins = self.bin_dir or kube_binaries()
         self.directory.mkdir(parents=True, exist_ok=True)
+        # A fresh cluster every start: etcd data and the audit log of an earlier one in this
+        # directory would outlive the CA and service-account keys they were made with.
+        shutil.rmtree(self.directory / "etcd", ignore_errors=True)
+        self.audit_log.unlink(missing_ok=True)
         self.ca = CertificateAuthority(self.pki_dir)
         serving = self.ca.issue("apiserver", "kube-apiserver", server=True)
         self._admin_cert = self.ca.issue("admin", ADMIN_USER, groups=("system:masters",))
@@ -264,13 +269,7 @@ class ControlPlane:
     def stop(self) -> None:
         """SIGTERM in reverse start order, SIGKILL after 15 s; logs closed."""
         for p in reversed(self._procs):
-            if p.proc.poll() is None:
-                p.proc.terminate()
-                try:
-                    p.proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.proc.kill()
-                    p.proc.wait()
+            stop_process(p.proc, 15)
             p.log.close()
         self._procs.clear()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from .cli import AWS, read_state
+from .kube_client import KubeClient
 from .waiting import wait_for
 
 ROOT = Path.cwd()
@@ -37,7 +38,8 @@ class Demo:
     def __init__(self, directory: Path, seed: int) -> None:
         self.dir = directory
         self.rng = random.Random(seed)
-        self.logs: dict[int, str] = {}  # attempt -> latest `kubectl logs` text
+        self.logs: dict[int, str] = {}  # attempt -> its `kubectl logs -f` text so far
+        self._followers: dict[int, threading.Thread] = {}
         self.kills: list[dict] = []
         self._stop = threading.Event()
         self.name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
@@ -70,25 +72,37 @@ class Demo:
         return int(json.loads(body).get("durable_step") or 0)
 
     def pod_phase(self, attempt: int) -> str | None:
-        result = self.kubectl("get", "pod", self.pod(attempt), "-o", "jsonpath={.status.phase}", check=False)
-        return (result.stdout.strip() or None) if result.returncode == 0 else None
+        """Polled often, so through the API client rather than a kubectl process each time."""
+        pod = self.kube.get("pods", NS, self.pod(attempt))
+        return ((pod or {}).get("status") or {}).get("phase")
 
     def wait(self, predicate, timeout: float, what: str, every: float = 0.2):
         return wait_for(predicate, timeout, what, every)
 
     def _collect_logs(self) -> None:
-        """`kubectl logs` of every attempt's pod, kept: a preempted pod is deleted afterwards."""
+        """`kubectl logs -f` of every attempt's pod as it appears, kept: a preempted pod goes away."""
         while not self._stop.is_set():
-            self.fetch_logs()
-            self._stop.wait(1.0)
+            attempt = max(self._followers, default=0) + 1
+            if self.pod_phase(attempt) in ("Running", "Succeeded", "Failed"):
+                follower = threading.Thread(target=self._follow_log, args=(attempt,), daemon=True)
+                self._followers[attempt] = follower
+                follower.start()
+                continue
+            self._stop.wait(0.5)
 
-    def fetch_logs(self) -> None:
-        attempt = 1
-        while attempt <= max(self.logs, default=0) + 1:
-            result = self.kubectl("logs", self.pod(attempt), check=False)
-            if result.returncode == 0 and len(result.stdout) >= len(self.logs.get(attempt, "")):
-                self.logs[attempt] = result.stdout
-            attempt += 1
+    def _follow_log(self, attempt: int) -> None:
+        proc = subprocess.Popen(["kubectl", "-n", NS, "logs", "-f", self.pod(attempt)], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, env={**os.environ,
+                                                                           "KUBECONFIG": self.state["kubeconfig"]})
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.logs[attempt] = self.logs.get(attempt, "") + line
+        proc.wait()
+
+    def fetch_logs(self, timeout: float = 30) -> None:
+        """Until every attempt's log stream has ended (its process exited)."""
+        for follower in list(self._followers.values()):
+            follower.join(timeout)
 
     def kill_at_random(self, attempt: int, how: str) -> None:
         """Wait for `attempt` to make a durable checkpoint of its own, a seeded random number of
@@ -106,7 +120,6 @@ class Demo:
         if self.pod_phase(attempt) != "Running":
             print(f"   {pod} already finished: no kill", flush=True)
             return
-        self.fetch_logs()
         if how == "delete":
             self.kubectl("delete", "pod", pod, "--wait=false")
             print(f"   kubectl delete pod {pod}", flush=True)
@@ -125,6 +138,7 @@ class Demo:
         say("loraresume-sandbox up --background")
         print(self.sandbox("up", "--background").stdout.strip().splitlines()[-1])
         self.state = read_state(self.dir)
+        self.kube = KubeClient.from_kubeconfig(self.state["kubeconfig"])
         self.s3 = boto3.client("s3", endpoint_url=self.state["s3_endpoint"], region_name=AWS["AWS_DEFAULT_REGION"],
                                aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
                                aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"])
@@ -225,7 +239,8 @@ def main() -> int:
         return demo.run()
     except Exception as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
-        print(f"logs: {directory}/supervisor.log, {directory}/operator.log, {directory}/node/", file=sys.stderr)
+        print(f"logs: {directory}/supervisor.log, {directory}/cluster/operator.log, {directory}/cluster/nodes/ "
+              f"(pods), {directory}/cluster/kube/*.log (control plane)", file=sys.stderr)
         return 1
     finally:
         demo._stop.set()

@@ -107,6 +107,8 @@ class KubeClient:
         self._timeout = timeout
         self._pool = urllib3.PoolManager(ssl_context=context, maxsize=16, retries=False)
         self.last_warnings: list[str] = []  # Warning headers of the latest request (not thread-safe)
+        self._streams: set[urllib3.BaseHTTPResponse] = set()  # open watches, ended by close()
+        self._streams_lock = threading.Lock()
 
     @classmethod
     def from_kubeconfig(cls, path: str | Path) -> KubeClient:
@@ -274,6 +276,8 @@ class KubeClient:
         url = self.server + self.type_of(resource).path(namespace) + f"?{urlencode(params)}"
         response = self._pool.request("GET", url, headers=self._headers, preload_content=False,
                                       timeout=urllib3.Timeout(connect=self._timeout, read=timeout_seconds + 30))
+        with self._streams_lock:
+            self._streams.add(response)
         try:
             if response.status >= 400:
                 response.read()
@@ -286,9 +290,17 @@ class KubeClient:
                     if line.strip():
                         yield json.loads(line)
         finally:
+            with self._streams_lock:
+                self._streams.discard(response)
             response.release_conn()
 
     def close(self) -> None:
+        """End open watch streams (their readers see the stream close) and drop the connections,
+        so that an API server being stopped has no long-running request left to wait for."""
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.shutdown()
         self._pool.clear()
 
 

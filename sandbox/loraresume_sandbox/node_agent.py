@@ -16,7 +16,8 @@ operator meets the API as it is:
   status, then the kubelet's zero-grace delete with a uid precondition.
 - Images: an image the agent has no entrypoint for cannot be "pulled": the container waits
   with `ErrImagePull`, then `ImagePullBackOff`, as a kubelet reports it.
-- `kubectl logs`: an HTTPS kubelet endpoint (`/containerLogs/...`) that the API server proxies to.
+- `kubectl logs [-f]`: an HTTPS kubelet endpoint (`/containerLogs/...`, `follow` and `tailLines`)
+  that the API server proxies to.
 
 What clouds do, each through the API so that the real controllers react:
 
@@ -284,6 +285,7 @@ class NodeAgent:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        self.kube.close()  # ends the pod watch at once
         for thread in self._threads:
             thread.join(5)
         self._threads.clear()
@@ -790,6 +792,10 @@ class NodeAgent:
             run = self._by_name.get((namespace, name))
         return run.dir if run else None
 
+    def run_of(self, namespace: str, pod: str) -> _Run | None:
+        with self._lock:
+            return self._by_name.get((namespace, pod))
+
     def read_log(self, namespace: str, pod: str, container: str = "") -> str:
         """What the pod's process wrote so far (the latest pod of that name)."""
         with self._lock:
@@ -815,8 +821,12 @@ class NodeAgent:
                 if len(parts) != 4 or parts[0] != "containerLogs":
                     self.send_error(404)
                     return
+                query = parse_qs(url.query)
+                if query.get("follow") == ["true"]:
+                    self._follow(parts[1], parts[2], parts[3])
+                    return
                 text = agent.read_log(parts[1], parts[2], parts[3])
-                tail = parse_qs(url.query).get("tailLines")
+                tail = query.get("tailLines")
                 if tail and tail[0].isdigit():
                     text = "".join(text.splitlines(keepends=True)[-int(tail[0]):])
                 data = text.encode()
@@ -825,6 +835,29 @@ class NodeAgent:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _follow(self, namespace: str, pod: str, container: str) -> None:
+                """`kubectl logs -f`: the log so far, then what is appended, until the process ends."""
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.end_headers()  # no length: the stream ends when the connection closes
+                run = agent.run_of(namespace, pod)
+                if run is None or (container and container != run.container["name"]):
+                    return
+                try:
+                    with open(run.log_path, "rb") as log_file:
+                        while True:
+                            ended = run.exited.is_set() or agent._closed.is_set()
+                            data = log_file.read()
+                            if data:
+                                self.wfile.write(data)
+                                self.wfile.flush()
+                            elif ended:
+                                return
+                            else:
+                                time.sleep(0.2)
+                except (FileNotFoundError, BrokenPipeError, ConnectionResetError):
+                    return
 
         self._http = ThreadingHTTPServer((LOCALHOST, 0), Handler)
         self._http.daemon_threads = True
