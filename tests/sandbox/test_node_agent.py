@@ -352,11 +352,11 @@ def test_lost_node_is_marked_unreachable_and_its_pods_evicted(kube: KubeClient, 
         ready = next((c for c in node.get("status", {}).get("conditions", []) if c["type"] == "Ready"), {})
         return ready.get("status") == "Unknown"
 
-    wait_for(node_unknown, 40, "the node controller marking tiny-0 Unknown")
+    wait_for(node_unknown, 60, "the node controller marking tiny-0 Unknown")
     taints = {t["key"] for t in kube.get("nodes", None, "tiny-0")["spec"].get("taints", [])}
     assert "node.kubernetes.io/unreachable" in taints
     # The taint-eviction controller deletes the pod (toleration 5 s in the sandbox) with a DisruptionTarget.
-    evicted = wait_for(lambda: (p := pod(kube, name)) and p["metadata"].get("deletionTimestamp") and p, 40,
+    evicted = wait_for(lambda: (p := pod(kube, name)) and p["metadata"].get("deletionTimestamp") and p, 60,
                        "the pod evicted")
     condition = next(c for c in evicted["status"]["conditions"] if c["type"] == "DisruptionTarget")
     assert condition["reason"] == "DeletionByTaintManager", condition

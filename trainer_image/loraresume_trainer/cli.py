@@ -8,12 +8,16 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import load_job
 from .errors import ConfigError, StorageError, TrainerError
 from .outcome import Outcome, TerminationMessage, write_termination_message
 from .redact import install_log_redaction, redact
 from .stop_signal import StopRequest
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 log = logging.getLogger("loraresume_trainer")
 
@@ -50,27 +54,29 @@ def main(argv: list[str] | None = None) -> int:
     install_log_redaction()
     termination_log = args.termination_log or DEFAULT_TERMINATION_LOG
     stop = StopRequest()
+    pipeline: Pipeline | None = None
+
+    def preempted_while_loading() -> None:
+        code = _finish(
+            TerminationMessage(
+                outcome="preempted",
+                reason="SIGTERM before training started; nothing new to save",
+                exit_code=Outcome.PREEMPTED.code,
+                durable_step=pipeline.durable_step if pipeline is not None else None,
+            ),
+            termination_log,
+        )
+        os._exit(code)
+
+    # First thing: a pod deleted while this process starts (reading the job, building the S3
+    # client: about a second) must end as a preemption with its message, not die of SIGTERM.
+    stop.install(preempted_while_loading)
     try:
         job = load_job(args.config)
         termination_log = args.termination_log or job.termination_log
         from .pipeline import Pipeline  # imports boto3; the heavy stack loads inside run()
 
         pipeline = Pipeline(job, stop)
-
-        def preempted_while_loading() -> None:
-            durable = pipeline.durable_step
-            code = _finish(
-                TerminationMessage(
-                    outcome="preempted",
-                    reason="SIGTERM before training started; nothing new to save",
-                    exit_code=Outcome.PREEMPTED.code,
-                    durable_step=durable,
-                ),
-                termination_log,
-            )
-            os._exit(code)
-
-        stop.install(preempted_while_loading)
         message = pipeline.run()
     except ConfigError as exc:
         message = TerminationMessage(
