@@ -121,6 +121,8 @@ class ControlPlane:
     bin_dir: Path | None = None
     node_monitor_grace_seconds: int = 8
     toleration_seconds: int = 5
+    compaction_interval: str = "5m"  # etcd compaction by the API server (its default); older versions: 410 Gone
+    apiserver_flags: tuple[str, ...] = ()  # extra kube-apiserver flags (e.g. --watch-cache=false)
     quiet: bool = False
     startup_seconds: float = 0.0
     port: int = 0
@@ -192,6 +194,8 @@ class ControlPlane:
                 f"--audit-policy-file={self.directory / 'audit-policy.yaml'}",
                 f"--audit-log-path={self.audit_log}", "--audit-log-format=json", "--audit-log-maxsize=0",
                 f"--cert-dir={self.pki_dir}", "--profiling=false",
+                f"--etcd-compaction-interval={self.compaction_interval}",
+                *self.apiserver_flags,
             ])
             write_kubeconfig(self.admin_kubeconfig, self.url, self.ca_file, cert=self._admin_cert, user=ADMIN_USER)
             self.admin = KubeClient(self.url, self.ca_file, cert_file=self._admin_cert.cert,
