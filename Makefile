@@ -14,7 +14,7 @@ TORCH := torch==2.13.0
 KUBE_BUILD := tools/kube/build.sh
 KUBE_ENV = LORARESUME_KUBE_BIN="$$($(KUBE_BUILD))"
 
-.PHONY: venv kube test test-fast demo docs crds clean
+.PHONY: venv kube lint test test-fast demo docs crds clean
 
 venv: $(STAMP)
 
@@ -30,7 +30,12 @@ $(STAMP): pyproject.toml sandbox/pyproject.toml Makefile
 kube:
 	$(KUBE_BUILD) >/dev/null
 
-test: $(STAMP) kube
+# ruff: lint rules and formatting as configured in pyproject.toml (the pre-commit hook runs this too).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint kube
 	$(KUBE_ENV) $(BIN)/python -m pytest -q -ra
 
 # Unit and integration tests only (no trainer subprocesses).

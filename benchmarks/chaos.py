@@ -6,7 +6,8 @@ adapter equal to an uninterrupted run's (see sandbox/loraresume_sandbox/chaos.py
     .venv/bin/python benchmarks/chaos.py --runs 5 --seed 7 --plan-only            # print the schedule
 
 Prints one line per run and the counts: runs, disruptions by kind (planned, delivered, hit their window),
-mismatches, failures, wall time. Exits 1 on any mismatch or failure. Logs: $TMPDIR/loraresume-chaos/<timestamp>/ (--workdir).
+mismatches, failures, wall time. Exits 1 on any mismatch or failure.
+Logs: $TMPDIR/loraresume-chaos/<timestamp>/ (--workdir).
 """
 
 from __future__ import annotations

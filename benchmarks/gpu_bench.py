@@ -42,9 +42,10 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve()
@@ -59,7 +60,9 @@ H200_DENSE_BF16_TFLOPS = 989.0  # vendor datasheet, dense (no sparsity)
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=None, tie=False, rope=10000.0),
     "1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256, tie=True, rope=500000.0),
-    "8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256, tie=False, rope=500000.0),
+    "8b": dict(
+        hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256, tie=False, rope=500000.0
+    ),
 }
 SHAPE_NAMES = {"tiny": "tiny Llama (CPU smoke)", "1b": "Llama-3.2-1B shape", "8b": "Llama-3-8B shape"}
 
@@ -121,16 +124,52 @@ class Plan:
 
 def plans(mode: str) -> list[Plan]:
     if mode == "cpu-smoke":
-        return [Plan("tiny", seq=128, save_steps=2, cycles=4, max_steps=16, bl_warmup=1, bl_steps=2, q4=False,
-                     tokenizer_vocab=600, est=dict(build=30, unsloth=90, baseline=60, resume_early=60, resume_late=60))]
+        return [
+            Plan(
+                "tiny",
+                seq=128,
+                save_steps=2,
+                cycles=4,
+                max_steps=16,
+                bl_warmup=1,
+                bl_steps=2,
+                q4=False,
+                tokenizer_vocab=600,
+                est=dict(build=30, unsloth=90, baseline=60, resume_early=60, resume_late=60),
+            )
+        ]
     if mode == "smoke":
-        return [Plan("1b", save_steps=3, cycles=2, max_steps=16, bl_warmup=2, bl_steps=4,
-                     est=dict(build=60, unsloth=70, baseline=50, resume_early=70, resume_late=70))]
+        return [
+            Plan(
+                "1b",
+                save_steps=3,
+                cycles=2,
+                max_steps=16,
+                bl_warmup=2,
+                bl_steps=4,
+                est=dict(build=60, unsloth=70, baseline=50, resume_early=70, resume_late=70),
+            )
+        ]
     return [
-        Plan("8b", save_steps=4, cycles=12, max_steps=64, bl_warmup=2, bl_steps=10,
-             est=dict(build=90, unsloth=175, baseline=70, resume_early=75, resume_late=75)),
-        Plan("1b", save_steps=4, cycles=12, max_steps=64, bl_warmup=2, bl_steps=10,
-             phases=("build", "unsloth", "baseline"), est=dict(build=35, unsloth=85, baseline=40)),
+        Plan(
+            "8b",
+            save_steps=4,
+            cycles=12,
+            max_steps=64,
+            bl_warmup=2,
+            bl_steps=10,
+            est=dict(build=90, unsloth=175, baseline=70, resume_early=75, resume_late=75),
+        ),
+        Plan(
+            "1b",
+            save_steps=4,
+            cycles=12,
+            max_steps=64,
+            bl_warmup=2,
+            bl_steps=10,
+            phases=("build", "unsloth", "baseline"),
+            est=dict(build=35, unsloth=85, baseline=40),
+        ),
     ]
 
 
@@ -142,8 +181,13 @@ def shape_counts(size: str, vocab: int, r: int = 16) -> dict[str, float]:
     h, inter, layers, heads, kv = s["hidden"], s["intermediate"], s["layers"], s["heads"], s["kv_heads"]
     hd = h // heads
     linears = {  # (in, out) of each adapted projection
-        "q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
-        "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h),
+        "q_proj": (h, heads * hd),
+        "k_proj": (h, kv * hd),
+        "v_proj": (h, kv * hd),
+        "o_proj": (heads * hd, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
     }
     n_layers_lin = layers * sum(i * o for i, o in linears.values())
     n_lm_head = h * vocab
@@ -151,9 +195,15 @@ def shape_counts(size: str, vocab: int, r: int = 16) -> dict[str, float]:
     n_lora = layers * sum(r * (i + o) for i, o in linears.values())
     n_norm = layers * 2 * h + h
     total = n_layers_lin + n_embed + (0 if s["tie"] else n_lm_head) + n_norm
-    return dict(n_matmul=float(n_layers_lin + n_lm_head), n_layers_linear=float(n_layers_lin),
-                n_lm_head=float(n_lm_head), n_lora=float(n_lora), n_params=float(total),
-                layers=layers, attn_width=heads * hd)
+    return dict(
+        n_matmul=float(n_layers_lin + n_lm_head),
+        n_layers_linear=float(n_layers_lin),
+        n_lm_head=float(n_lm_head),
+        n_lora=float(n_lora),
+        n_params=float(total),
+        layers=layers,
+        attn_width=heads * hd,
+    )
 
 
 def flops_per_token(size: str, vocab: int, seq: int) -> dict[str, float]:
@@ -218,8 +268,14 @@ def wait_gate(gate: str | None) -> None:
     bench_event("gate_open", t0=t0, t1=time.monotonic())
 
 
-def timed(owner: Any, name: str, label: str | None = None, *, before: Callable[..., None] | None = None,
-          extra: Callable[..., dict[str, Any]] | None = None) -> None:
+def timed(
+    owner: Any,
+    name: str,
+    label: str | None = None,
+    *,
+    before: Callable[..., None] | None = None,
+    extra: Callable[..., dict[str, Any]] | None = None,
+) -> None:
     """Replace owner.name by a wrapper that emits {"name": label, "t0", "t1", "n"} per call."""
     orig = getattr(owner, name)
     calls = [0]
@@ -240,7 +296,7 @@ def timed(owner: Any, name: str, label: str | None = None, *, before: Callable[.
             if extra is not None:
                 try:
                     fields = extra(*a, **k)
-                except Exception as exc:  # noqa: BLE001 - instrumentation must not break the trainer
+                except Exception as exc:
                     fields = {"extra_error": repr(exc)}
             bench_event(label or name, t0=t0, t1=time.monotonic(), n=calls[0], ok=ok, **fields)
 
@@ -273,8 +329,11 @@ def child_trainer(ns: argparse.Namespace) -> int:
     timed(pl.Pipeline, "fingerprint")
     timed(pl.Pipeline, "fetch_candidate")
     timed(cs.CheckpointStore, "download_tree")
-    timed(cs.CheckpointStore, "upload_checkpoint",
-          extra=lambda self, local_dir, step, fp: {"step": step, "bytes": _dir_bytes(Path(local_dir))})
+    timed(
+        cs.CheckpointStore,
+        "upload_checkpoint",
+        extra=lambda self, local_dir, step, fp: {"step": step, "bytes": _dir_bytes(Path(local_dir))},
+    )
     timed(ml, "load_model", extra=lambda *a, **k: {"mem": cuda_mem()})
     timed(pl.Pipeline, "train", before=lambda *a, **k: install_hf_hooks())
 
@@ -340,8 +399,12 @@ def instrument_trainer(trainer: Any) -> None:
     for name in ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state", "get_batch_samples"):
         if hasattr(trainer, name):
             timed(trainer, name, name.lstrip("_"))
-    timed(trainer, "_save_checkpoint", "save_checkpoint",
-          extra=lambda *a, **k: {"step": trainer.state.global_step, "mem": cuda_mem()})
+    timed(
+        trainer,
+        "_save_checkpoint",
+        "save_checkpoint",
+        extra=lambda *a, **k: {"step": trainer.state.global_step, "mem": cuda_mem()},
+    )
 
 
 def instrument_train(trainer: Any) -> None:
@@ -386,10 +449,15 @@ def child_baseline(ns: argparse.Namespace) -> int:
     if ns.q4:
         from transformers import BitsAndBytesConfig
 
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(ns.base, quantization_config=bnb, dtype=torch.bfloat16,
-                                                     device_map={"": 0})
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            ns.base, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0}
+        )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     else:
         model = AutoModelForCausalLM.from_pretrained(ns.base, dtype=torch.bfloat16 if on_gpu else torch.float32)
@@ -397,8 +465,9 @@ def child_baseline(ns: argparse.Namespace) -> int:
             model.to("cuda")
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES, bias="none",
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES, bias="none", task_type="CAUSAL_LM"
+    )
     transformers.set_seed(3407)
     bench_event("model_loaded", t0=t0, t1=time.monotonic(), mem=cuda_mem())
     rows = load_rows(DatasetSettings(source=ns.data, template="alpaca"), Path(ns.data), Path(ns.work) / "ds-cache")
@@ -407,30 +476,61 @@ def child_baseline(ns: argparse.Namespace) -> int:
     class Events(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
             if logs and "loss" in logs:
-                print(json.dumps({"event": "log", "step": state.global_step, **{k: v for k, v in logs.items()
-                                                                               if isinstance(v, (int, float))}}),
-                      flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "event": "log",
+                            "step": state.global_step,
+                            **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
+                        }
+                    ),
+                    flush=True,
+                )
 
     common = dict(
-        output_dir=str(Path(ns.work) / "baseline-out"), per_device_train_batch_size=ns.batch,
-        gradient_accumulation_steps=ns.grad_accum, warmup_steps=5, max_steps=ns.steps, learning_rate=2e-4,
-        optim="adamw_8bit" if on_gpu else "adamw_torch", weight_decay=0.01, lr_scheduler_type="linear",
-        logging_steps=1, save_strategy="no", seed=3407, report_to="none", disable_tqdm=True,
-        bf16=on_gpu, gradient_checkpointing=True,
+        output_dir=str(Path(ns.work) / "baseline-out"),
+        per_device_train_batch_size=ns.batch,
+        gradient_accumulation_steps=ns.grad_accum,
+        warmup_steps=5,
+        max_steps=ns.steps,
+        learning_rate=2e-4,
+        optim="adamw_8bit" if on_gpu else "adamw_torch",
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        save_strategy="no",
+        seed=3407,
+        report_to="none",
+        disable_tqdm=True,
+        bf16=on_gpu,
+        gradient_checkpointing=True,
     )
     t1 = time.monotonic()
     if use_sft:
         args = SFTConfig(max_length=ns.seq, dataset_text_field="text", **common)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=texts, processing_class=tokenizer,
-                             peft_config=lora, callbacks=[Events()])
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=texts,
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[Events()],
+        )
     else:
         from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
         model = get_peft_model(model, lora)
-        tokenized = texts.map(lambda r: tokenizer(r["text"] + tokenizer.eos_token, truncation=True,
-                                                  max_length=ns.seq), remove_columns=["text"])
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=tokenized,
-                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[Events()])
+        tokenized = texts.map(
+            lambda r: tokenizer(r["text"] + tokenizer.eos_token, truncation=True, max_length=ns.seq),
+            remove_columns=["text"],
+        )
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**common),
+            train_dataset=tokenized,
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            callbacks=[Events()],
+        )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     bench_event("trainer_ready", t0=t1, t1=time.monotonic(), trainable=trainable, trainer=type(trainer).__name__)
     load_mem = cuda_mem()
@@ -463,8 +563,11 @@ def child_build(ns: argparse.Namespace) -> int:
     n_words = int(ns.seq * 1.3) + 64
 
     def row(i: int) -> dict[str, str]:
-        return {"instruction": f"Continue the text number {i}.", "input": "",
-                "output": " ".join(rng.choice(words) for _ in range(n_words))}
+        return {
+            "instruction": f"Continue the text number {i}.",
+            "input": "",
+            "output": " ".join(rng.choice(words) for _ in range(n_words)),
+        }
 
     rows = [row(i) for i in range(ns.rows)]
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -472,29 +575,50 @@ def child_build(ns: argparse.Namespace) -> int:
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
         [r["output"] for r in rows[:64]] + [" ".join(words)],
-        trainers.BpeTrainer(vocab_size=ns.tokenizer_vocab, special_tokens=["<s>", "</s>", "<pad>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+        trainers.BpeTrainer(
+            vocab_size=ns.tokenizer_vocab,
+            special_tokens=["<s>", "</s>", "<pad>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
     )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        model_max_length=ns.seq)
-    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}")
-    lengths = [len(tokenizer(f"### Instruction:\n{r['instruction']}\n\n### Response:\n{r['output']}")["input_ids"])
-               for r in rows[:16]]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=ns.seq
+    )
+    tokenizer.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    lengths = [
+        len(tokenizer(f"### Instruction:\n{r['instruction']}\n\n### Response:\n{r['output']}")["input_ids"])
+        for r in rows[:16]
+    ]
     if min(lengths) <= ns.seq:
         raise SystemExit(f"rows too short: {min(lengths)} tokens <= seq {ns.seq}")
     data = Path(ns.data)
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    bench_event("data", t0=t0, t1=time.monotonic(), rows=len(rows), min_tokens=min(lengths),
-                tokenizer_vocab=len(tokenizer), bytes=data.stat().st_size)
+    bench_event(
+        "data",
+        t0=t0,
+        t1=time.monotonic(),
+        rows=len(rows),
+        min_tokens=min(lengths),
+        tokenizer_vocab=len(tokenizer),
+        bytes=data.stat().st_size,
+    )
 
     s = SHAPES[ns.size]
     vocab = s["vocab"] or len(tokenizer)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-        max_position_embeddings=max(8192, ns.seq), rope_theta=s["rope"], rms_norm_eps=1e-5,
-        tie_word_embeddings=s["tie"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=vocab,
+        hidden_size=s["hidden"],
+        intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        max_position_embeddings=max(8192, ns.seq),
+        rope_theta=s["rope"],
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=s["tie"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -520,11 +644,16 @@ def child_build(ns: argparse.Namespace) -> int:
         # hub models are): every later process loads ~30% of the bytes and skips quantization.
         from transformers import BitsAndBytesConfig
 
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
         t0 = time.monotonic()
-        q = AutoModelForCausalLM.from_pretrained(full, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 device_map={"": 0})
+        q = AutoModelForCausalLM.from_pretrained(
+            full, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0}
+        )
         t1 = time.monotonic()
         final = out / "bnb4"
         q.save_pretrained(final)
@@ -568,9 +697,15 @@ def matmul_rate() -> dict[str, Any]:
 class Child:
     """A subprocess whose stdout JSON lines are collected with arrival times (monotonic clock)."""
 
-    def __init__(self, name: str, argv: list[str], ctx: "Ctx",
-                 on_event: Callable[["Child", dict[str, Any]], None] | None = None,
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        ctx: Ctx,
+        on_event: Callable[[Child, dict[str, Any]], None] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.events: list[dict[str, Any]] = []
         self.signals: list[tuple[str, float]] = []
@@ -582,8 +717,12 @@ class Child:
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [*argv, "--spawn", repr(self.t_spawn)], stdout=subprocess.PIPE, stderr=open(self.stderr_path, "w"),
-            text=True, cwd=cwd or ctx.work, env=full_env,
+            [*argv, "--spawn", repr(self.t_spawn)],
+            stdout=subprocess.PIPE,
+            stderr=open(self.stderr_path, "w"),
+            text=True,
+            cwd=cwd or ctx.work,
+            env=full_env,
         )
         self.t_end: float | None = None
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -606,7 +745,7 @@ class Child:
                 if self.on_event is not None:
                     try:
                         self.on_event(self, event)
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         print(f"on_event error in {self.name}: {exc!r}", flush=True)
 
     def signal(self, sig: signal.Signals) -> None:
@@ -657,8 +796,12 @@ class GpuMonitor:
     def _run(self) -> None:
         while not self.stop.wait(2.0):
             try:
-                out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(self.FIELDS)}",
-                                      "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10).stdout
+                out = subprocess.run(
+                    ["nvidia-smi", f"--query-gpu={','.join(self.FIELDS)}", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                ).stdout
                 self.samples.append((time.monotonic(), [float(x) for x in out.strip().split(",")]))
             except (OSError, ValueError, subprocess.TimeoutExpired):
                 continue
@@ -669,11 +812,14 @@ class GpuMonitor:
         rows = [v for t, v in self.samples if t0 <= t <= t1]
         if not rows:
             return {}
-        cols = list(zip(*rows))
-        return {f: {"min": min(c), "mean": rnd(mean(list(c)), 1), "max": max(c)} for f, c in zip(self.FIELDS, cols)}
+        cols = list(zip(*rows, strict=True))
+        return {
+            f: {"min": min(c), "mean": rnd(mean(list(c)), 1), "max": max(c)}
+            for f, c in zip(self.FIELDS, cols, strict=False)
+        }
 
 
-def gpu_during(ctx: "Ctx", t0: float | None, t1: float | None) -> dict[str, Any]:
+def gpu_during(ctx: Ctx, t0: float | None, t1: float | None) -> dict[str, Any]:
     return ctx.gpu.summary(t0, t1) if ctx.gpu is not None else {}
 
 
@@ -730,16 +876,23 @@ def py(*args: str) -> list[str]:
 
 def trainer_env(ctx: Ctx, attempt: int) -> dict[str, str]:
     return {
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-        "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1",
-        "TOKENIZERS_PARALLELISM": "false", "LORARESUME_ATTEMPT": str(attempt),
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "trainer_image"), str(ROOT / "sandbox"), str(ROOT),
-                                       os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "UNSLOTH_DISABLE_STATISTICS": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "LORARESUME_ATTEMPT": str(attempt),
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT / "trainer_image"), str(ROOT / "sandbox"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+        ),
     }
 
 
-def job(ctx: Ctx, plan: Plan, base: Path, data: Path, name: str, *, prefix: str,
-        from_checkpoint: str | None = None) -> Path:
+def job(
+    ctx: Ctx, plan: Plan, base: Path, data: Path, name: str, *, prefix: str, from_checkpoint: str | None = None
+) -> Path:
     import yaml
 
     cfg: dict[str, Any] = {
@@ -751,9 +904,15 @@ def job(ctx: Ctx, plan: Plan, base: Path, data: Path, name: str, *, prefix: str,
         "dataset": {"source": str(data), "template": "alpaca"},
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0},
         "training": {
-            "per_device_train_batch_size": plan.batch, "gradient_accumulation_steps": plan.grad_accum,
-            "warmup_steps": 5, "max_steps": plan.max_steps, "learning_rate": 2e-4, "optim": "adamw_8bit",
-            "logging_steps": 1, "save_steps": plan.save_steps, "seed": 3407,
+            "per_device_train_batch_size": plan.batch,
+            "gradient_accumulation_steps": plan.grad_accum,
+            "warmup_steps": 5,
+            "max_steps": plan.max_steps,
+            "learning_rate": 2e-4,
+            "optim": "adamw_8bit",
+            "logging_steps": 1,
+            "save_steps": plan.save_steps,
+            "seed": 3407,
         },
         "storage": {"uri": f"s3://{BUCKET}/{prefix}/", "endpoint": ctx.endpoint, "keepCheckpoints": 100},
         "workDir": str(ctx.work / plan.size / name / "work"),
@@ -767,19 +926,39 @@ def job(ctx: Ctx, plan: Plan, base: Path, data: Path, name: str, *, prefix: str,
     return path
 
 
-def trainer_child(ctx: Ctx, plan: Plan, name: str, cfg: Path, *, attempt: int = 1, gate: str | None = None,
-                  skip_upload: str = "", on_event: Callable[[Child, dict[str, Any]], None] | None = None,
-                  cold: bool = False) -> Child:
-    argv = py("--child", "trainer", "--config", str(cfg),
-              "--termination-log", str(cfg.parent / "termination-log"), "--skip-upload", skip_upload)
+def trainer_child(
+    ctx: Ctx,
+    plan: Plan,
+    name: str,
+    cfg: Path,
+    *,
+    attempt: int = 1,
+    gate: str | None = None,
+    skip_upload: str = "",
+    on_event: Callable[[Child, dict[str, Any]], None] | None = None,
+    cold: bool = False,
+) -> Child:
+    argv = py(
+        "--child",
+        "trainer",
+        "--config",
+        str(cfg),
+        "--termination-log",
+        str(cfg.parent / "termination-log"),
+        "--skip-upload",
+        skip_upload,
+    )
     if gate:
         argv += ["--gate", gate]
     env = trainer_env(ctx, attempt)
     cwd = None
     if cold:  # a new pod: no compiled kernels from the earlier runs on this machine
         cache = cfg.parent / "caches"
-        env.update(TRITON_CACHE_DIR=str(cache / "triton"), TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
-                   UNSLOTH_COMPILE_LOCATION="unsloth_compiled_cache")
+        env.update(
+            TRITON_CACHE_DIR=str(cache / "triton"),
+            TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
+            UNSLOTH_COMPILE_LOCATION="unsloth_compiled_cache",
+        )
         cwd = cache
         cache.mkdir(parents=True, exist_ok=True)
     return Child(f"{plan.size}-{name}", argv, ctx, on_event=on_event, env=env, cwd=cwd)
@@ -790,8 +969,11 @@ def start_moto(ctx: Ctx) -> subprocess.Popen:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=open(ctx.work / "moto.log", "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=open(ctx.work / "moto.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     ctx.endpoint = f"http://127.0.0.1:{port}"
     import boto3
 
@@ -800,7 +982,7 @@ def start_moto(ctx: Ctx) -> subprocess.Popen:
         try:
             ctx.s3.create_bucket(Bucket=BUCKET)
             break
-        except Exception:  # noqa: BLE001 - server still starting
+        except Exception:
             time.sleep(0.2)
     return proc
 
@@ -809,22 +991,46 @@ def meta(ctx: Ctx) -> dict[str, Any]:
     from importlib import metadata
 
     versions = {}
-    for name in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo",
-                 "datasets", "triton", "moto", "boto3"):
+    for name in (
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "bitsandbytes",
+        "unsloth",
+        "unsloth_zoo",
+        "datasets",
+        "triton",
+        "moto",
+        "boto3",
+    ):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
     gpu = None
     try:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip() or None
+        gpu = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.TimeoutExpired):
         pass
     return {
-        "date": time.strftime("%Y-%m-%d"), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "mode": ctx.ns.mode, "gpu": gpu, "python": platform.python_version(), "cpus": os.cpu_count(),
-        "versions": versions, "budget_s": ctx.ns.budget_s,
+        "date": time.strftime("%Y-%m-%d"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "mode": ctx.ns.mode,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "versions": versions,
+        "budget_s": ctx.ns.budget_s,
     }
 
 
@@ -878,25 +1084,34 @@ def peak_mem(child: Child) -> dict[str, Any]:
     train_alloc = max((m.get("max_alloc_gib", 0) for m in train_mems), default=None)
     train_res = max((m.get("max_reserved_gib", 0) for m in train_mems), default=None)
     return {
-        "load_peak_alloc_gib": rnd(load.get("max_alloc_gib")), "load_peak_reserved_gib": rnd(load.get("max_reserved_gib")),
+        "load_peak_alloc_gib": rnd(load.get("max_alloc_gib")),
+        "load_peak_reserved_gib": rnd(load.get("max_reserved_gib")),
         "after_load_alloc_gib": rnd(load.get("alloc_gib")),
-        "train_peak_alloc_gib": rnd(train_alloc), "train_peak_reserved_gib": rnd(train_res),
+        "train_peak_alloc_gib": rnd(train_alloc),
+        "train_peak_reserved_gib": rnd(train_res),
         "process_peak_alloc_gib": rnd(max(load.get("max_alloc_gib", 0), train_alloc or 0)),
         "process_peak_reserved_gib": rnd(max(load.get("max_reserved_gib", 0), train_res or 0)),
         "complete": end is not None,
     }
 
 
-def throughput(plan: Plan, intervals: dict[int, float], steps: list[int], fl: dict[str, float],
-               peak_tflops: float | None) -> dict[str, Any]:
+def throughput(
+    plan: Plan, intervals: dict[int, float], steps: list[int], fl: dict[str, float], peak_tflops: float | None
+) -> dict[str, Any]:
     xs = [intervals[s] for s in steps if s in intervals]
     if not xs:
         return {}
     med, avg = median(xs), mean(xs)
     tps = plan.tokens_per_step / med
-    out = {"steps_timed": len(xs), "s_per_step_median": rnd(med), "s_per_step_mean": rnd(avg),
-           "s_per_step_min": rnd(min(xs)), "s_per_step_max": rnd(max(xs)),
-           "tokens_per_step": plan.tokens_per_step, "tokens_per_s": round(tps, 1)}
+    out = {
+        "steps_timed": len(xs),
+        "s_per_step_median": rnd(med),
+        "s_per_step_mean": rnd(avg),
+        "s_per_step_min": rnd(min(xs)),
+        "s_per_step_max": rnd(max(xs)),
+        "tokens_per_step": plan.tokens_per_step,
+        "tokens_per_s": round(tps, 1),
+    }
     for key, peak in (("measured", peak_tflops), ("datasheet", H200_DENSE_BF16_TFLOPS)):
         if peak:
             out[f"mfu_lora_{key}"] = rnd(fl["useful"] * tps / (peak * 1e12), 4)
@@ -922,42 +1137,63 @@ def analyze_unsloth(ctx: Ctx, plan: Plan, child: Child, rc: int | None, fl: dict
             continue
         ckpt = k * S
         up = uploads.get(ckpt)
-        cycles.append({
-            "after_checkpoint": ckpt, "uploads": plan.uploaded(ckpt),
-            "seconds": rnd(sum(intervals[s] for s in cyc_steps)),
-            "seconds_without_save_interval": rnd(sum(intervals[s] for s in cyc_steps[1:])),
-            "save_seconds": dur(saves.get(ckpt)), "submit_seconds": dur(submits.get(ckpt)),
-            "step_seconds": [rnd(intervals[s]) for s in cyc_steps],
-            "upload_seconds": dur(up), "upload_bytes": (up or {}).get("bytes"),
-            "upload_done_within_cycle": (up is not None and up["t1"] <= t.get((k + 1) * S, 0)) if up else None,
-        })
+        cycles.append(
+            {
+                "after_checkpoint": ckpt,
+                "uploads": plan.uploaded(ckpt),
+                "seconds": rnd(sum(intervals[s] for s in cyc_steps)),
+                "seconds_without_save_interval": rnd(sum(intervals[s] for s in cyc_steps[1:])),
+                "save_seconds": dur(saves.get(ckpt)),
+                "submit_seconds": dur(submits.get(ckpt)),
+                "step_seconds": [rnd(intervals[s]) for s in cyc_steps],
+                "upload_seconds": dur(up),
+                "upload_bytes": (up or {}).get("bytes"),
+                "upload_done_within_cycle": (up is not None and up["t1"] <= t.get((k + 1) * S, 0)) if up else None,
+            }
+        )
     on = [c for c in cycles if c["uploads"]]
     off = [c for c in cycles if not c["uploads"]]
-    res: dict[str, Any] = {"exit_code": rc, "signals": [(n, rel(child, s)) for n, s in child.signals],
-                           "steps_logged": len(steps), "last_step": steps[-1] if steps else None,
-                           "step_seconds": {s: rnd(v) for s, v in sorted(intervals.items())},
-                           "losses": losses(child.events),
-                           "gpu": gpu_during(ctx, t.get(S + 1), t.get((C + 2) * S))}
+    res: dict[str, Any] = {
+        "exit_code": rc,
+        "signals": [(n, rel(child, s)) for n, s in child.signals],
+        "steps_logged": len(steps),
+        "last_step": steps[-1] if steps else None,
+        "step_seconds": {s: rnd(v) for s, v in sorted(intervals.items())},
+        "losses": losses(child.events),
+        "gpu": gpu_during(ctx, t.get(S + 1), t.get((C + 2) * S)),
+    }
     tok = [e.get("num_tokens") for e in child.of("log") if e.get("num_tokens") is not None]
     if len(tok) >= 2:
         res["num_tokens_per_step_logged"] = rnd((tok[-1] - tok[0]) / (len(tok) - 1), 1)
     if on and off and len(on) == len(off):
         a, b = mean([c["seconds"] for c in on]), mean([c["seconds"] for c in off])
-        a2, b2 = mean([c["seconds_without_save_interval"] for c in on]), mean([c["seconds_without_save_interval"] for c in off])
+        a2, b2 = (
+            mean([c["seconds_without_save_interval"] for c in on]),
+            mean([c["seconds_without_save_interval"] for c in off]),
+        )
         # each ABBA block (off, on, on, off) is one estimate with a linear drift cancelled
-        blocks = [100 * ((cycles[i + 1]["seconds"] + cycles[i + 2]["seconds"])
-                         / (cycles[i]["seconds"] + cycles[i + 3]["seconds"]) - 1)
-                  for i in range(0, len(cycles) - 3, 4)]
+        blocks = [
+            100
+            * (
+                (cycles[i + 1]["seconds"] + cycles[i + 2]["seconds"])
+                / (cycles[i]["seconds"] + cycles[i + 3]["seconds"])
+                - 1
+            )
+            for i in range(0, len(cycles) - 3, 4)
+        ]
         se = statistics.stdev(blocks) / math.sqrt(len(blocks)) if len(blocks) >= 2 else None
         res["upload_slowdown"] = {
-            "cycles": cycles, "cycle_steps": S, "mean_cycle_on_s": rnd(a), "mean_cycle_off_s": rnd(b),
+            "cycles": cycles,
+            "cycle_steps": S,
+            "mean_cycle_on_s": rnd(a),
+            "mean_cycle_off_s": rnd(b),
             "slowdown_pct": rnd(100 * (a / b - 1), 2),
             "slowdown_pct_excluding_save_interval": rnd(100 * (a2 / b2 - 1), 2),
             "abba_blocks_pct": [rnd(x, 2) for x in blocks],
             "abba_mean_pct": rnd(mean(blocks), 2) if blocks else None,
             "abba_standard_error_pct": rnd(se, 2),
             "method": "one process; after each checkpoint, the next save_steps steps are timed; checkpoints "
-                      "alternate (ABBA) uploaded by the BackgroundUploader / not submitted at all; all save locally",
+            "alternate (ABBA) uploaded by the BackgroundUploader / not submitted at all; all save locally",
         }
     else:
         res["upload_slowdown"] = {"cycles": cycles, "incomplete": True}
@@ -966,13 +1202,23 @@ def analyze_unsloth(ctx: Ctx, plan: Plan, child: Child, rc: int | None, fl: dict
     clean = [s for s in in_cycles if not plan.uploaded(((s - 1) // S) * S)]
     all_clean = in_cycles
     res["throughput"] = throughput(plan, intervals, clean, fl, ctx.results["meta"].get("matmul_tflops"))
-    res["throughput_all_nonsave_steps"] = throughput(plan, intervals, all_clean, fl, ctx.results["meta"].get("matmul_tflops"))
+    res["throughput_all_nonsave_steps"] = throughput(
+        plan, intervals, all_clean, fl, ctx.results["meta"].get("matmul_tflops")
+    )
     res["memory"] = peak_mem(child)
     regular = [dur(e) for s, e in saves.items() if s is not None and s % S == 0]
-    res["save_seconds"] = {"mean": rnd(mean([x for x in regular if x is not None])), "each": {s: dur(e) for s, e in saves.items()}}
-    res["uploads"] = {s: {"seconds": dur(e), "bytes": e.get("bytes"),
-                          "durable_after_save_s": rnd(durable[s] - saves[s]["t1"]) if s in durable and s in saves else None}
-                      for s, e in uploads.items()}
+    res["save_seconds"] = {
+        "mean": rnd(mean([x for x in regular if x is not None])),
+        "each": {s: dur(e) for s, e in saves.items()},
+    }
+    res["uploads"] = {
+        s: {
+            "seconds": dur(e),
+            "bytes": e.get("bytes"),
+            "durable_after_save_s": rnd(durable[s] - saves[s]["t1"]) if s in durable and s in saves else None,
+        }
+        for s, e in uploads.items()
+    }
     first_up = next(iter(uploads.values()), None)
     if first_up:
         res["checkpoint_mb"] = rnd(first_up.get("bytes", 0) / MiB, 1)
@@ -1009,7 +1255,6 @@ def startup_split(child: Child) -> dict[str, Any]:
     first_log = t[min(t)]
     cs_ = child.first("child_start")
     pi = child.first("pipeline_imported")
-    run = b("run")
     listing = b("complete_checkpoints")
     fetch_dir = b("fetch_dir")
     gate = b("gate_open")
@@ -1037,8 +1282,7 @@ def startup_split(child: Child) -> dict[str, Any]:
         phases["data_positioning"] = (dur(skip) or 0.0) + (dur(first_batch) or 0.0)
         if first_batch is not None:
             # train() -> first batch fetch, less the timed parts: dataloader, optimizer, Unsloth's gc/banner
-            phases["loop_setup"] = (first_batch["t0"] - train_start["t"] - phases["state_restore"]
-                                    - (dur(skip) or 0.0))
+            phases["loop_setup"] = first_batch["t0"] - train_start["t"] - phases["state_restore"] - (dur(skip) or 0.0)
             phases["first_step"] = first_log - first_batch["t1"]  # batch in hand -> the step's log event
         covered = sum(v for v in phases.values() if v is not None)
         phases["other"] = first_log - t0 - gate_wait - covered  # gaps no wrapper covers
@@ -1072,8 +1316,12 @@ def analyze_baseline(ctx: Ctx, plan: Plan, child: Child, rc: int | None, fl: dic
         "step_seconds": {s: rnd(v) for s, v in sorted(intervals.items())},
         "losses": losses(child.events),
         "gpu": gpu_during(ctx, t.get(plan.bl_warmup), t[max(t)] if t else None),
-        "exit_code": rc, "steps_logged": len(t), "trainer": ready.get("trainer"), "trainable_params": ready.get("trainable"),
-        "load_s": dur(child.first("model_loaded")), "trainer_setup_s": dur(child.first("trainer_ready")),
+        "exit_code": rc,
+        "steps_logged": len(t),
+        "trainer": ready.get("trainer"),
+        "trainable_params": ready.get("trainable"),
+        "load_s": dur(child.first("model_loaded")),
+        "trainer_setup_s": dur(child.first("trainer_ready")),
         "throughput": throughput(plan, intervals, timed_steps, fl, ctx.results["meta"].get("matmul_tflops")),
         "memory": peak_mem(child),
     }
@@ -1100,16 +1348,37 @@ def run_size(ctx: Ctx, plan: Plan) -> None:
     if ctx.left() < plan.est.get("build", 60):
         ctx.skip(size, "all", f"{ctx.left():.0f} s left, build alone needs ~{plan.est.get('build')} s")
         return
-    first_matmul = "matmul_tflops" not in ctx.results["meta"] and not ctx.ns.mode == "cpu-smoke"
-    build = Child(f"{size}-build", py("--child", "build", "--size", size, "--out", str(base_root), "--data", str(data),
-                                      "--seq", str(plan.seq), "--rows", str(plan.rows), "--tokenizer-vocab",
-                                      str(plan.tokenizer_vocab), *(["--q4"] if plan.q4 else []),
-                                      *(["--matmul"] if first_matmul else [])), ctx,
-                  env={"PYTHONPATH": os.pathsep.join([str(ROOT / "trainer_image"), os.environ.get("PYTHONPATH", "")])})
+    first_matmul = "matmul_tflops" not in ctx.results["meta"] and ctx.ns.mode != "cpu-smoke"
+    build = Child(
+        f"{size}-build",
+        py(
+            "--child",
+            "build",
+            "--size",
+            size,
+            "--out",
+            str(base_root),
+            "--data",
+            str(data),
+            "--seq",
+            str(plan.seq),
+            "--rows",
+            str(plan.rows),
+            "--tokenizer-vocab",
+            str(plan.tokenizer_vocab),
+            *(["--q4"] if plan.q4 else []),
+            *(["--matmul"] if first_matmul else []),
+        ),
+        ctx,
+        env={"PYTHONPATH": os.pathsep.join([str(ROOT / "trainer_image"), os.environ.get("PYTHONPATH", "")])},
+    )
     vocab = SHAPES[size]["vocab"]
     u1 = bl = None
-    skip_steps = ",".join(str(k * plan.save_steps) for k in range(1, plan.max_steps // plan.save_steps + 1)
-                          if not plan.uploaded(k * plan.save_steps))
+    skip_steps = ",".join(
+        str(k * plan.save_steps)
+        for k in range(1, plan.max_steps // plan.save_steps + 1)
+        if not plan.uploaded(k * plan.save_steps)
+    )
     u1_deadline = [math.inf]
 
     def u1_policy(child: Child, event: dict[str, Any]) -> None:
@@ -1125,12 +1394,32 @@ def run_size(ctx: Ctx, plan: Plan) -> None:
         cfg = job(ctx, plan, base, data, "unsloth", prefix=f"{size}-unsloth")
         u1 = trainer_child(ctx, plan, "unsloth", cfg, gate=gate_build, skip_upload=skip_steps, on_event=u1_policy)
     if "baseline" in want:
-        bl = Child(f"{size}-baseline", py("--child", "baseline", "--base", str(base), "--data", str(data), "--seq",
-                                         str(plan.seq), "--steps", str(plan.bl_warmup + plan.bl_steps + 1),
-                                         "--batch", str(plan.batch), "--grad-accum", str(plan.grad_accum),
-                                         "--work", str(sdir / "baseline"), "--gate", gate_u1,
-                                         *(["--q4"] if plan.q4 else [])), ctx,
-                   env=trainer_env(ctx, 1))
+        bl = Child(
+            f"{size}-baseline",
+            py(
+                "--child",
+                "baseline",
+                "--base",
+                str(base),
+                "--data",
+                str(data),
+                "--seq",
+                str(plan.seq),
+                "--steps",
+                str(plan.bl_warmup + plan.bl_steps + 1),
+                "--batch",
+                str(plan.batch),
+                "--grad-accum",
+                str(plan.grad_accum),
+                "--work",
+                str(sdir / "baseline"),
+                "--gate",
+                gate_u1,
+                *(["--q4"] if plan.q4 else []),
+            ),
+            ctx,
+            env=trainer_env(ctx, 1),
+        )
 
     def abort(child: Child | None, gate: str) -> None:
         if child is not None and child.proc.poll() is None:
@@ -1144,10 +1433,15 @@ def run_size(ctx: Ctx, plan: Plan) -> None:
         ctx.results["meta"]["matmul_tflops"] = mm["tflops"]
         ctx.results["meta"]["matmul"] = {k: v for k, v in mm.items() if k not in ("event", "name", "_t")}
     res["build"] = {
-        "exit_code": rc, "seconds": rnd(build.t_end - build.t_spawn if build.t_end else None, 1),
+        "exit_code": rc,
+        "seconds": rnd(build.t_end - build.t_spawn if build.t_end else None, 1),
         **{k: dur(build.first(k)) for k in ("data", "init", "save_full")},
-        "quantize_load_s": rnd(build.first("quantize")["t1"] - build.first("quantize")["t0"]) if build.first("quantize") else None,
-        "quantized_save_s": rnd(build.first("quantize")["t2"] - build.first("quantize")["t1"]) if build.first("quantize") else None,
+        "quantize_load_s": rnd(build.first("quantize")["t1"] - build.first("quantize")["t0"])
+        if build.first("quantize")
+        else None,
+        "quantized_save_s": rnd(build.first("quantize")["t2"] - build.first("quantize")["t1"])
+        if build.first("quantize")
+        else None,
         "full_bytes": (build.first("save_full") or {}).get("bytes"),
         "quantized_bytes": (build.first("quantize") or {}).get("bytes"),
         "params": (build.first("init") or {}).get("params"),
@@ -1183,8 +1477,13 @@ def run_size(ctx: Ctx, plan: Plan) -> None:
                 ctx.error(size, "unsloth", u1, f"trainer exit code {rc}")
             sig = res["unsloth"].get("sigterm") or {}
             if sig and sig.get("durable_step") != sig.get("stopped_at_step"):
-                ctx.error(size, "unsloth", u1, f"SIGTERM: stopped at step {sig.get('stopped_at_step')} but "
-                                               f"checkpoint-{sig.get('durable_step')} is the newest durable one")
+                ctx.error(
+                    size,
+                    "unsloth",
+                    u1,
+                    f"SIGTERM: stopped at step {sig.get('stopped_at_step')} but "
+                    f"checkpoint-{sig.get('durable_step')} is the newest durable one",
+                )
     else:
         Path(gate_build).touch()
 
@@ -1216,8 +1515,15 @@ def run_size(ctx: Ctx, plan: Plan) -> None:
             ctx.skip(size, phase, f"{ctx.left():.0f} s left, needs ~{plan.est.get(phase)} s")
             continue
         if phase == "resume_early":  # another job prefix, started from the early checkpoint explicitly
-            cfg = job(ctx, plan, base, data, phase, prefix=f"{size}-early",
-                      from_checkpoint=f"s3://{BUCKET}/{size}-unsloth/checkpoints/checkpoint-{step}/")
+            cfg = job(
+                ctx,
+                plan,
+                base,
+                data,
+                phase,
+                prefix=f"{size}-early",
+                from_checkpoint=f"s3://{BUCKET}/{size}-unsloth/checkpoints/checkpoint-{step}/",
+            )
             attempt = 1
         else:  # the preempted job relaunched: newest complete checkpoint, a fresh work dir (new pod)
             cfg = job(ctx, plan, base, data, phase, prefix=f"{size}-unsloth")
@@ -1227,8 +1533,9 @@ def run_size(ctx: Ctx, plan: Plan) -> None:
             if event["event"] == "log" and "loss" in event and not child.signals:
                 child.signal(signal.SIGKILL)
 
-        child = trainer_child(ctx, plan, phase, cfg, attempt=attempt, on_event=kill_after_first_step,
-                              cold=plan.cold_caches)
+        child = trainer_child(
+            ctx, plan, phase, cfg, attempt=attempt, on_event=kill_after_first_step, cold=plan.cold_caches
+        )
         rc = child.wait(ctx.left() - 5)
         split = startup_split(child)
         split["exit_code"] = rc
@@ -1237,8 +1544,12 @@ def run_size(ctx: Ctx, plan: Plan) -> None:
         res[phase] = split
         ctx.log(f"{size}: {phase} rc={rc} total={split.get('total_s')} phases={split.get('phases_s')}")
         if split.get("resume_step") != step or split.get("mode") != "exact":
-            ctx.error(size, phase, child, f"expected an exact resume from step {step}, got {split.get('mode')} "
-                                          f"at {split.get('resume_step')}")
+            ctx.error(
+                size,
+                phase,
+                child,
+                f"expected an exact resume from step {step}, got {split.get('mode')} at {split.get('resume_step')}",
+            )
         ctx.save()
 
 
@@ -1317,10 +1628,16 @@ def rows_for(size: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
     um, bm = u.get("memory") or {}, b.get("memory") or {}
     rows: list[tuple[str, str, str]] = []
     speed = ut.get("tokens_per_s") / bt["tokens_per_s"] if ut.get("tokens_per_s") and bt.get("tokens_per_s") else None
-    mem_ratio = (um["train_peak_alloc_gib"] / bm["train_peak_alloc_gib"]
-                 if um.get("train_peak_alloc_gib") and bm.get("train_peak_alloc_gib") else None)
-    res_ratio = (um["process_peak_reserved_gib"] / bm["process_peak_reserved_gib"]
-                 if um.get("process_peak_reserved_gib") and bm.get("process_peak_reserved_gib") else None)
+    mem_ratio = (
+        um["train_peak_alloc_gib"] / bm["train_peak_alloc_gib"]
+        if um.get("train_peak_alloc_gib") and bm.get("train_peak_alloc_gib")
+        else None
+    )
+    res_ratio = (
+        um["process_peak_reserved_gib"] / bm["process_peak_reserved_gib"]
+        if um.get("process_peak_reserved_gib") and bm.get("process_peak_reserved_gib")
+        else None
+    )
     is8 = size == "8b"
 
     def verdict(ok: bool | None, target: str) -> str:
@@ -1330,68 +1647,162 @@ def rows_for(size: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
 
     rows.append(("trainer (Unsloth) tokens/s", fmt(ut.get("tokens_per_s"), ",.0f"), ""))
     rows.append(("baseline (HF+peft+bnb) tokens/s", fmt(bt.get("tokens_per_s"), ",.0f"), ""))
-    rows.append(("speed-up", fmt(speed, ".2f", "x"),
-                 verdict(None if speed is None else speed >= TARGETS["speedup"], "≥ 2.0x") if is8 else ""))
-    rows.append(("s/step trainer / baseline (median)",
-                 f"{fmt(ut.get('s_per_step_median'), '.2f')} / {fmt(bt.get('s_per_step_median'), '.2f')}", ""))
-    rows.append(("MFU, LoRA FLOPs (4N+attn), trainer / baseline",
-                 f"{fmt(pct(ut.get('mfu_lora_measured')))} / {fmt(pct(bt.get('mfu_lora_measured')))}", ""))
-    rows.append(("HFU incl. recompute (6N+attn), trainer / baseline",
-                 f"{fmt(pct(ut.get('hfu_recompute_measured')))} / {fmt(pct(bt.get('hfu_recompute_measured')))}", ""))
-    rows.append(("'6N' convention, trainer / baseline",
-                 f"{fmt(pct(ut.get('mfu_6n_measured')))} / {fmt(pct(bt.get('mfu_6n_measured')))}", ""))
+    rows.append(
+        (
+            "speed-up",
+            fmt(speed, ".2f", "x"),
+            verdict(None if speed is None else speed >= TARGETS["speedup"], "≥ 2.0x") if is8 else "",
+        )
+    )
+    rows.append(
+        (
+            "s/step trainer / baseline (median)",
+            f"{fmt(ut.get('s_per_step_median'), '.2f')} / {fmt(bt.get('s_per_step_median'), '.2f')}",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "MFU, LoRA FLOPs (4N+attn), trainer / baseline",
+            f"{fmt(pct(ut.get('mfu_lora_measured')))} / {fmt(pct(bt.get('mfu_lora_measured')))}",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "HFU incl. recompute (6N+attn), trainer / baseline",
+            f"{fmt(pct(ut.get('hfu_recompute_measured')))} / {fmt(pct(bt.get('hfu_recompute_measured')))}",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "'6N' convention, trainer / baseline",
+            f"{fmt(pct(ut.get('mfu_6n_measured')))} / {fmt(pct(bt.get('mfu_6n_measured')))}",
+            "",
+        )
+    )
     ug, bg = get(u, "gpu", "utilization.gpu", "mean"), get(b, "gpu", "utilization.gpu", "mean")
     uc, bc = get(u, "gpu", "clocks.sm", "mean"), get(b, "gpu", "clocks.sm", "mean")
-    rows.append(("GPU utilization % / SM MHz (nvidia-smi means), trainer / baseline",
-                 f"{fmt(ug, '.0f')} / {fmt(bg, '.0f')} · {fmt(uc, '.0f')} / {fmt(bc, '.0f')}", ""))
+    rows.append(
+        (
+            "GPU utilization % / SM MHz (nvidia-smi means), trainer / baseline",
+            f"{fmt(ug, '.0f')} / {fmt(bg, '.0f')} · {fmt(uc, '.0f')} / {fmt(bc, '.0f')}",
+            "",
+        )
+    )
     ul, bl_ = u.get("losses") or {}, b.get("losses") or {}
     if ul and bl_:
         both = [k for k in ("1", "2", "3") if k in ul and k in bl_]
-        rows.append(("loss at steps " + ", ".join(both) + ", trainer / baseline",
-                     "; ".join(f"{fmt(ul[k][0], '.4f')} / {fmt(bl_[k][0], '.4f')}" for k in both), ""))
-    rows.append(("peak allocated GiB in training, trainer / baseline",
-                 f"{fmt(um.get('train_peak_alloc_gib'))} / {fmt(bm.get('train_peak_alloc_gib'))}", ""))
-    rows.append(("memory ratio (allocated, training)", fmt(mem_ratio, ".2f"),
-                 verdict(None if mem_ratio is None else mem_ratio <= TARGETS["memory_ratio"], "≤ 0.5") if is8 else ""))
-    rows.append(("peak reserved GiB whole process, trainer / baseline",
-                 f"{fmt(um.get('process_peak_reserved_gib'))} / {fmt(bm.get('process_peak_reserved_gib'))} "
-                 f"(ratio {fmt(res_ratio, '.2f')})", ""))
+        rows.append(
+            (
+                "loss at steps " + ", ".join(both) + ", trainer / baseline",
+                "; ".join(f"{fmt(ul[k][0], '.4f')} / {fmt(bl_[k][0], '.4f')}" for k in both),
+                "",
+            )
+        )
+    rows.append(
+        (
+            "peak allocated GiB in training, trainer / baseline",
+            f"{fmt(um.get('train_peak_alloc_gib'))} / {fmt(bm.get('train_peak_alloc_gib'))}",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "memory ratio (allocated, training)",
+            fmt(mem_ratio, ".2f"),
+            verdict(None if mem_ratio is None else mem_ratio <= TARGETS["memory_ratio"], "≤ 0.5") if is8 else "",
+        )
+    )
+    rows.append(
+        (
+            "peak reserved GiB whole process, trainer / baseline",
+            f"{fmt(um.get('process_peak_reserved_gib'))} / {fmt(bm.get('process_peak_reserved_gib'))} "
+            f"(ratio {fmt(res_ratio, '.2f')})",
+            "",
+        )
+    )
     save = get(u, "save_seconds", "mean")
     rows.append(("checkpoint save (HF _save_checkpoint), s", fmt(save), ""))
-    rows.append(("checkpoint size MB / upload s (MB/s)",
-                 f"{fmt(u.get('checkpoint_mb'), '.0f')} / {fmt(first_upload_s(u))} ({fmt(u.get('upload_mb_per_s'), '.0f')})", ""))
+    rows.append(
+        (
+            "checkpoint size MB / upload s (MB/s)",
+            f"{fmt(u.get('checkpoint_mb'), '.0f')} / {fmt(first_upload_s(u))} ({fmt(u.get('upload_mb_per_s'), '.0f')})",
+            "",
+        )
+    )
     slow, lo, hi = slowdown(u)
     shown = fmt(slow, "+.2f", " %") + (f" (95 % CI {lo:+.1f} … {hi:+.1f})" if lo is not None else "")
     rows.append(("training slowdown, uploads on vs off", shown, slowdown_verdict(slow, lo, hi)))
     pos = position_medians(u)
     if pos:
-        rows.append(("  median step s by position in cycle (1 = with save), on − off",
-                     " · ".join(f"{i + 1}: {d * 1000:+.0f} ms" for i, d in enumerate(pos["diff"])), ""))
+        rows.append(
+            (
+                "  median step s by position in cycle (1 = with save), on − off",
+                " · ".join(f"{i + 1}: {d * 1000:+.0f} ms" for i, d in enumerate(pos["diff"])),
+                "",
+            )
+        )
     sig = u.get("sigterm") or {}
-    rows.append(("SIGTERM → checkpoint durable, s", fmt(sig.get("signal_to_durable_s")),
-                 verdict(None if sig.get("signal_to_durable_s") is None
-                         else sig["signal_to_durable_s"] <= TARGETS["sigterm_s"], "≤ 15 s") if is8 else ""))
-    rows.append(("  of which: finish step / save / upload, s",
-                 f"{fmt(sig.get('finish_step_s'))} / {fmt(sig.get('save_s'))} / {fmt(sig.get('upload_s'))}", ""))
+    rows.append(
+        (
+            "SIGTERM → checkpoint durable, s",
+            fmt(sig.get("signal_to_durable_s")),
+            verdict(
+                None if sig.get("signal_to_durable_s") is None else sig["signal_to_durable_s"] <= TARGETS["sigterm_s"],
+                "≤ 15 s",
+            )
+            if is8
+            else "",
+        )
+    )
+    rows.append(
+        (
+            "  of which: finish step / save / upload, s",
+            f"{fmt(sig.get('finish_step_s'))} / {fmt(sig.get('save_s'))} / {fmt(sig.get('upload_s'))}",
+            "",
+        )
+    )
     early, late = r.get("resume_early") or {}, r.get("resume_late") or {}
     if early or late:
         caches = "cold" if early.get("cold_caches") else "warm"
-        rows.append(("resume start-up → first step, s (early / late checkpoint)",
-                     f"{fmt(early.get('total_s'), '.1f')} (step {early.get('resume_step')}) / "
-                     f"{fmt(late.get('total_s'), '.1f')} (step {late.get('resume_step')}), {caches} compile caches", ""))
+        rows.append(
+            (
+                "resume start-up → first step, s (early / late checkpoint)",
+                f"{fmt(early.get('total_s'), '.1f')} (step {early.get('resume_step')}) / "
+                f"{fmt(late.get('total_s'), '.1f')} (step {late.get('resume_step')}), {caches} compile caches",
+                "",
+            )
+        )
         pe, pl_ = early.get("phases_s") or {}, late.get("phases_s") or {}
-        for key in ("imports_unsloth_trl", "model_load", "checkpoint_download_verify", "state_restore",
-                    "data_positioning", "trainer_setup_tokenize", "dataset_and_fingerprint",
-                    "loop_setup", "first_step", "other"):
-            rows.append((f"  {key.replace('_', ' ')}, s", f"{fmt(pe.get(key), '.3f')} / {fmt(pl_.get(key), '.3f')}", ""))
+        for key in (
+            "imports_unsloth_trl",
+            "model_load",
+            "checkpoint_download_verify",
+            "state_restore",
+            "data_positioning",
+            "trainer_setup_tokenize",
+            "dataset_and_fingerprint",
+            "loop_setup",
+            "first_step",
+            "other",
+        ):
+            rows.append(
+                (f"  {key.replace('_', ' ')}, s", f"{fmt(pe.get(key), '.3f')} / {fmt(pl_.get(key), '.3f')}", "")
+            )
         dp_e, dp_l = pe.get("data_positioning"), pl_.get("data_positioning")
         ok = None
         if dp_e is not None and dp_l is not None and early.get("total_s") and late.get("total_s"):
             # independent: the late resume's positioning is within noise (50 ms or 1% of start-up) of the early one
             ok = dp_l - dp_e <= max(0.05, 0.01 * early["total_s"])
-        rows.append(("data positioning grows with the resume step?",
-                     f"skipped batches {early.get('skipped_batches')} vs {late.get('skipped_batches')}",
-                     verdict(ok, "independent of step")))
+        rows.append(
+            (
+                "data positioning grows with the resume step?",
+                f"skipped batches {early.get('skipped_batches')} vs {late.get('skipped_batches')}",
+                verdict(ok, "independent of step"),
+            )
+        )
     return rows
 
 
@@ -1408,8 +1819,12 @@ def position_medians(u: dict[str, Any]) -> dict[str, list[float]]:
     n = min(len(x) for x in on + off)
     med_on = [statistics.median(c[i] for c in on) for i in range(n)]
     med_off = [statistics.median(c[i] for c in off) for i in range(n)]
-    return {"on": med_on, "off": med_off, "diff": [a - b for a, b in zip(med_on, med_off)],
-            "pct": 100 * (sum(med_on) / sum(med_off) - 1)}
+    return {
+        "on": med_on,
+        "off": med_off,
+        "diff": [a - b for a, b in zip(med_on, med_off, strict=False)],
+        "pct": 100 * (sum(med_on) / sum(med_off) - 1),
+    }
 
 
 def slowdown(u: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
@@ -1483,18 +1898,22 @@ def analysis_text(results: dict[str, Any], others: list[dict[str, Any]]) -> list
             f"runs at {100 * get(u, 'throughput', 'mfu_lora_measured'):.0f} % LoRA-MFU "
             f"({100 * get(u, 'throughput', 'hfu_recompute_measured'):.0f} % counting the recompute) of the measured "
             f"{peak:.0f} TFLOP/s; the baseline at {100 * get(b, 'throughput', 'mfu_lora_measured'):.0f} %. Twice the "
-            f"baseline, {need:,.0f} tokens/s, would need {100 * mfu_need:.0f} % LoRA-MFU, {100 * hfu_need:.0f} % of the "
+            f"baseline, {need:,.0f} tokens/s, would need {100 * mfu_need:.0f} % LoRA-MFU, "
+            f"{100 * hfu_need:.0f} % of the "
             "matmul rate in hardware FLOPs, with every 4-bit weight dequantized before its matmul. The baseline is not "
             "the stack Unsloth's \"2x\" was measured against: it gets PyTorch SDPA (flash) attention and TRL 1.15's "
             "fused, tiled lm_head loss (no 128k-vocabulary logits in memory). nvidia-smi shows the GPU busy "
             f"{fmt(get(u, 'gpu', 'utilization.gpu', 'mean'), '.0f')} % of the time in the trainer's steps against "
-            f"{fmt(get(b, 'gpu', 'utilization.gpu', 'mean'), '.0f')} % in the baseline's: the trainer leaves the GPU idle "
-            "in parts of each step (Unsloth's `use_gradient_checkpointing=\"unsloth\"` offloads activations to host "
+            f"{fmt(get(b, 'gpu', 'utilization.gpu', 'mean'), '.0f')} % in the baseline's: the trainer "
+            f"leaves the GPU idle "
+            'in parts of each step (Unsloth\'s `use_gradient_checkpointing="unsloth"` offloads activations to host '
             "memory and back; it was ~10 % slower than `True` at 1B, notes/gpu-unsloth.md). What could close it, "
             "unmeasured here: on a 141 GB card memory is no constraint (the trainer peaks at "
-            f"{fmt(get(u, 'memory', 'train_peak_alloc_gib'), '.1f')} GiB), so `use_gradient_checkpointing=True` or none "
-            "(no recompute: a third fewer FLOPs) and larger per-device batches; the trainer hard-codes \"unsloth\" "
-            "(model_loading.py) and would have to expose it.")
+            f"{fmt(get(u, 'memory', 'train_peak_alloc_gib'), '.1f')} GiB), so "
+            f"`use_gradient_checkpointing=True` or none "
+            '(no recompute: a third fewer FLOPs) and larger per-device batches; the trainer hard-codes "unsloth" '
+            "(model_loading.py) and would have to expose it."
+        )
     ua, ba = get(u, "memory", "after_load_alloc_gib"), get(b, "memory", "after_load_alloc_gib")
     up, bp = get(u, "memory", "train_peak_alloc_gib"), get(b, "memory", "train_peak_alloc_gib")
     if ua and ba and up and bp:
@@ -1502,10 +1921,12 @@ def analysis_text(results: dict[str, Any], others: list[dict[str, Any]]) -> list
             f"- **Memory (ratio {up / bp:.2f}, target 0.5).** After loading, the trainer holds {ua:.2f} GiB (nf4 "
             f"weights, bf16 embedding and lm_head) and the baseline {ba:.2f} GiB (the same nf4 weights; "
             "`prepare_model_for_kbit_training` makes the embedding, norms and lm_head fp32). Training adds "
-            f"{up - ua:.2f} GiB to the trainer and {bp - ba:.2f} GiB to the baseline, {(bp - ba) / (up - ua):.1f}x less. "
+            f"{up - ua:.2f} GiB to the trainer and {bp - ba:.2f} GiB to the baseline, "
+            f"{(bp - ba) / (up - ua):.1f}x less. "
             f"The 4-bit weights both share put a floor under the ratio: {ua:.2f} / {bp:.2f} = {ua / bp:.2f} even if "
             "the trainer needed nothing for training. At 2 × 2,048 tokens per micro-batch the weights dominate; "
-            "≤ 0.5 needs work where activations dominate (longer sequences, larger batches), not measured here.")
+            "≤ 0.5 needs work where activations dominate (longer sequences, larger batches), not measured here."
+        )
     slow, lo, hi = slowdown(u)
     pos = position_medians(u)
     if slow is not None and pos:
@@ -1525,54 +1946,85 @@ def analysis_text(results: dict[str, Any], others: list[dict[str, Any]]) -> list
             f"{100 * extra / (10 * off_step):.1f} %, an extrapolation). The upload runs as threads of the training "
             "process (sha256 of every file, boto3 with 8 concurrent parts) and competes for the CPU and the GIL with "
             "a training loop that leaves the GPU idle in parts of each step. What would close it: uploading from a "
-            "separate process, fewer concurrent parts, and saving less often; more A/B blocks to resolve ±1 %.")
+            "separate process, fewer concurrent parts, and saving less often; more A/B blocks to resolve ±1 %."
+        )
     e, l_ = r.get("resume_early") or {}, r.get("resume_late") or {}
     if e and l_:
         pe = e.get("phases_s") or {}
-        warm = next((get(o, "sizes", "8b") for o in others
-                     if get(o, "sizes", "8b", "resume_early", "total_s") and not get(o, "sizes", "8b", "resume_early", "cold_caches")), None)
+        warm = next(
+            (
+                get(o, "sizes", "8b")
+                for o in others
+                if get(o, "sizes", "8b", "resume_early", "total_s")
+                and not get(o, "sizes", "8b", "resume_early", "cold_caches")
+            ),
+            None,
+        )
         w = ""
         if warm and e.get("cold_caches"):
-            w = (f" With warm compile caches (an earlier run on the same machine) the same resumes took "
-                 f"{get(warm, 'resume_early', 'total_s'):.1f} / {get(warm, 'resume_late', 'total_s'):.1f} s (imports "
-                 f"{get(warm, 'resume_early', 'phases_s', 'imports_unsloth_trl'):.1f} s, first step "
-                 f"{get(warm, 'resume_early', 'phases_s', 'first_step'):.1f} s): baking the Triton, inductor and "
-                 "`unsloth_compiled_cache` caches into the image would save most of the difference.")
+            w = (
+                f" With warm compile caches (an earlier run on the same machine) the same resumes took "
+                f"{get(warm, 'resume_early', 'total_s'):.1f} / {get(warm, 'resume_late', 'total_s'):.1f} s (imports "
+                f"{get(warm, 'resume_early', 'phases_s', 'imports_unsloth_trl'):.1f} s, first step "
+                f"{get(warm, 'resume_early', 'phases_s', 'first_step'):.1f} s): baking the Triton, inductor and "
+                "`unsloth_compiled_cache` caches into the image would save most of the difference."
+            )
         tv = e.get("trainer_events_view_s") or {}
         out.append(
-            f"- **Resume start-up** ({e.get('total_s'):.1f} s from step {e.get('resume_step')}, {l_.get('total_s'):.1f} s "
+            f"- **Resume start-up** ({e.get('total_s'):.1f} s from step {e.get('resume_step')}, "
+            f"{l_.get('total_s'):.1f} s "
             f"from step {l_.get('resume_step')}): data positioning is {1000 * pe.get('data_positioning', 0):.0f} ms at "
             f"both ({e.get('skipped_batches')} vs {l_.get('skipped_batches')} skipped batches: accelerate's "
             "`skip_first_batches` skips indices in the batch sampler and loads no data), so start-up does not grow "
             "with the step; the difference in totals is import-time noise. Importing Unsloth and TRL is "
-            f"{pe.get('imports_unsloth_trl', 0):.0f} s of it, model load {pe.get('model_load', 0):.0f} s (the 1B shape, "
-            f"a fifth of the bytes: {fmt(get(results, 'sizes', '1b', 'resume_early', 'phases_s', 'model_load'), '.0f')} s; "
+            f"{pe.get('imports_unsloth_trl', 0):.0f} s of it, model load "
+            f"{pe.get('model_load', 0):.0f} s (the 1B shape, "
+            f"a fifth of the bytes: "
+            f"{fmt(get(results, 'sizes', '1b', 'resume_early', 'phases_s', 'model_load'), '.0f')} s; "
             f"mostly Unsloth's patching, not I/O), the first step {pe.get('first_step', 0):.0f} s (kernel "
-            f"compilation), checkpoint download and verification {pe.get('checkpoint_download_verify', 0):.1f} s." + w)
+            f"compilation), checkpoint download and verification {pe.get('checkpoint_download_verify', 0):.1f} s." + w
+        )
         out.append(
             f"- **What the trainer's own events show** (without this benchmark's wrappers): `start` at "
             f"{fmt(tv.get('start_event'), '.1f')} s lumps S3 listing, imports, dataset and checkpoint download "
             f"(`prepare_seconds` {fmt(tv.get('start_prepare_seconds'), '.1f')}); `model_ready` at "
-            f"{fmt(tv.get('model_ready_event'), '.1f')} s; the first `log` at {fmt(tv.get('first_log_event'), '.1f')} s. "
+            f"{fmt(tv.get('model_ready_event'), '.1f')} s; the first `log` at "
+            f"{fmt(tv.get('first_log_event'), '.1f')} s. "
             "Missing for the split: an event when imports are done, one when the checkpoint is downloaded and "
             "verified (only an INFO log line), and one between `model_ready` and the first step (trainer state "
             "restored and data positioned: tokenization, kernel compilation, state restore and the fast-forward are "
-            "invisible inside that gap).")
+            "invisible inside that gap)."
+        )
     if u and b and u.get("num_tokens_per_step_logged") is None and b.get("num_tokens_per_step_logged"):
         out.append(
             "- **Observation (trainer)**: on the GPU, Unsloth's SFTTrainer logs no `num_tokens` (TRL's baseline "
-            f"logs {b['num_tokens_per_step_logged']:,.0f} per step; the CPU path logs it), so the trainer's carried-over "
+            f"logs {b['num_tokens_per_step_logged']:,.0f} per step; the CPU path logs it), so the "
+            f"trainer's carried-over "
             "token count (callbacks.py `on_log`) never applies and progress.json's `num_tokens` stays null on GPUs. "
             "The trainer's tokens per step here come from the rows (all truncated to max_length); the first steps' "
-            "losses agree with the baseline's to 3–4 digits.")
+            "losses agree with the baseline's to 3–4 digits."
+        )
     return out + [""]
 
 
 def render_markdown(results: dict[str, Any], json_rel: str, others: list[dict[str, Any]] | None = None) -> str:
     m = results.get("meta", {})
     v = m.get("versions", {})
-    vers = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth",
-                                              "unsloth_zoo", "accelerate", "datasets") if v.get(k))
+    vers = ", ".join(
+        f"{k} {v[k]}"
+        for k in (
+            "torch",
+            "transformers",
+            "trl",
+            "peft",
+            "bitsandbytes",
+            "unsloth",
+            "unsloth_zoo",
+            "accelerate",
+            "datasets",
+        )
+        if v.get(k)
+    )
     plan8 = get(results, "sizes", "8b", "plan") or {}
     lines = [
         "## GPU (issue 6)",
@@ -1594,8 +2046,11 @@ def render_markdown(results: dict[str, Any], json_rel: str, others: list[dict[st
         "",
         render_table(results),
         "",
-        *[f"{SHAPE_NAMES[k]} numbers come from {v['source']}." for k, v in results.get("sizes", {}).items()
-          if v.get("source")],
+        *[
+            f"{SHAPE_NAMES[k]} numbers come from {v['source']}."
+            for k, v in results.get("sizes", {}).items()
+            if v.get("source")
+        ],
         "",
         "### Targets",
         "",
@@ -1607,7 +2062,7 @@ def render_markdown(results: dict[str, Any], json_rel: str, others: list[dict[st
         "### How it was measured",
         "",
         "- **Trainer path**: the package's own `loraresume-train` (Unsloth `FastLanguageModel`, 4-bit, LoRA r=16 "
-        "alpha 16 on all 7 projections, `use_gradient_checkpointing=\"unsloth\"`, the seed's SFTConfig: batch 2, "
+        'alpha 16 on all 7 projections, `use_gradient_checkpointing="unsloth"`, the seed\'s SFTConfig: batch 2, '
         "grad accumulation 4, adamw_8bit, lr 2e-4, max_seq_length 2048), against a moto S3 server on the same machine. "
         "A wrapper (`gpu_bench.py --child trainer`) runs its `cli.main` in-process and wraps functions to emit "
         "timestamps; no trainer code changes.",
@@ -1615,7 +2070,7 @@ def render_markdown(results: dict[str, Any], json_rel: str, others: list[dict[st
         "`prepare_model_for_kbit_training` (which casts the embedding, norms and lm_head to fp32, as the usual "
         "recipe does) with gradient checkpointing, the same LoRA, rows, batch and optimizer, TRL `SFTTrainer` "
         "(with TRL 1.15's fused, tiled lm_head loss). Separate processes; peak memory is "
-        "`torch.cuda.max_memory_allocated/reserved`, reset after model load (\"training\") and over the whole process.",
+        '`torch.cuda.max_memory_allocated/reserved`, reset after model load ("training") and over the whole process.',
         "- **Speed**: step times are the gaps between consecutive per-step log events (logging every step syncs the "
         "GPU). The trainer's speed is the median over steps after warm-up that contain no checkpoint save and follow "
         "a checkpoint that was not uploaded (JSON `throughput_all_nonsave_steps` includes the upload cycles); the "
@@ -1652,7 +2107,8 @@ def render_markdown(results: dict[str, Any], json_rel: str, others: list[dict[st
         "",
         "```sh",
         "# on the H200 machine (run tool, carry .gpu; see benchmarks/README.md for .gpu/)",
-        "source benchmarks/gpu_env.sh && python3 benchmarks/gpu_bench.py            # ~9 min, writes $OUT/gpu_bench.json",
+        "source benchmarks/gpu_env.sh && python3 benchmarks/gpu_bench.py            # ~9 min, writes "
+        "$OUT/gpu_bench.json",
         "# here",
         "cp <files_at>/gpu_bench.json benchmarks/results/gpu_bench-<date>.json",
         "python benchmarks/gpu_bench.py --report benchmarks/results/gpu_bench-<date>.json   # rewrites this section",
@@ -1669,15 +2125,19 @@ def targets_text(results: dict[str, Any]) -> list[str]:
     ut, bt = get(u, "throughput", "tokens_per_s"), get(b, "throughput", "tokens_per_s")
     if ut and bt:
         sp = ut / bt
-        out.append(f"- Unsloth ≥ 2.0x the baseline's tokens/s on the 8B shape: **{'met' if sp >= 2 else 'missed'}** "
-                   f"({sp:.2f}x{'' if sp >= 2 else f', {100 * (2 - sp) / 2:.0f} % short'}).")
+        out.append(
+            f"- Unsloth ≥ 2.0x the baseline's tokens/s on the 8B shape: **{'met' if sp >= 2 else 'missed'}** "
+            f"({sp:.2f}x{'' if sp >= 2 else f', {100 * (2 - sp) / 2:.0f} % short'})."
+        )
     else:
         out.append("- Unsloth ≥ 2.0x the baseline's tokens/s on the 8B shape: not measured.")
     um, bm = get(u, "memory", "train_peak_alloc_gib"), get(b, "memory", "train_peak_alloc_gib")
     if um and bm:
         ratio = um / bm
-        out.append(f"- Peak memory ≤ half the baseline's: **{'met' if ratio <= 0.5 else 'missed'}** "
-                   f"({um:.1f} vs {bm:.1f} GiB allocated in training, ratio {ratio:.2f}).")
+        out.append(
+            f"- Peak memory ≤ half the baseline's: **{'met' if ratio <= 0.5 else 'missed'}** "
+            f"({um:.1f} vs {bm:.1f} GiB allocated in training, ratio {ratio:.2f})."
+        )
     else:
         out.append("- Peak memory ≤ half the baseline's: not measured.")
     slow, lo, hi = slowdown(u)
@@ -1686,20 +2146,28 @@ def targets_text(results: dict[str, Any]) -> list[str]:
     else:
         verdict = slowdown_verdict(slow, lo, hi).split(": ", 1)[1]
         ci = f", 95 % CI {lo:+.1f} … {hi:+.1f} %" if lo is not None else ""
-        out.append(f"- Background upload slows training by ≤ 2 % (8B): **{verdict}** ({slow:+.2f} %{ci}; "
-                   f"1B: {fmt(slowdown(get(results, 'sizes', '1b', 'unsloth') or {})[0], '+.2f', ' %')}).")
+        out.append(
+            f"- Background upload slows training by ≤ 2 % (8B): **{verdict}** ({slow:+.2f} %{ci}; "
+            f"1B: {fmt(slowdown(get(results, 'sizes', '1b', 'unsloth') or {})[0], '+.2f', ' %')})."
+        )
     sig = get(u, "sigterm", "signal_to_durable_s")
-    out.append(f"- SIGTERM → durable checkpoint ≤ 15 s for 8B r=16: " + (
-        f"**{'met' if sig <= 15 else 'missed'}** ({sig:.1f} s)." if sig is not None else "not measured."))
-    e, l = get(r, "resume_early", "phases_s", "data_positioning"), get(r, "resume_late", "phases_s", "data_positioning")
-    if e is not None and l is not None:
+    out.append(
+        "- SIGTERM → durable checkpoint ≤ 15 s for 8B r=16: "
+        + (f"**{'met' if sig <= 15 else 'missed'}** ({sig:.1f} s)." if sig is not None else "not measured.")
+    )
+    early = get(r, "resume_early", "phases_s", "data_positioning")
+    late = get(r, "resume_late", "phases_s", "data_positioning")
+    if early is not None and late is not None:
         te, tl = get(r, "resume_early", "total_s"), get(r, "resume_late", "total_s")
-        ok = l - e <= max(0.05, 0.01 * te)
-        out.append(f"- Resume start-up independent of the resume step: **{'met' if ok else 'missed'}**: data "
-                   f"positioning {e * 1000:.0f} ms at step {get(r, 'resume_early', 'resume_step')} vs {l * 1000:.0f} ms "
-                   f"at step {get(r, 'resume_late', 'resume_step')}; total {te:.1f} s vs {tl:.1f} s, of which "
-                   f"imports {fmt(get(r, 'resume_early', 'phases_s', 'imports_unsloth_trl'), '.1f')} s vs "
-                   f"{fmt(get(r, 'resume_late', 'phases_s', 'imports_unsloth_trl'), '.1f')} s.")
+        ok = late - early <= max(0.05, 0.01 * te)
+        out.append(
+            f"- Resume start-up independent of the resume step: **{'met' if ok else 'missed'}**: data "
+            f"positioning {early * 1000:.0f} ms at step {get(r, 'resume_early', 'resume_step')} vs "
+            f"{late * 1000:.0f} ms "
+            f"at step {get(r, 'resume_late', 'resume_step')}; total {te:.1f} s vs {tl:.1f} s, of which "
+            f"imports {fmt(get(r, 'resume_early', 'phases_s', 'imports_unsloth_trl'), '.1f')} s vs "
+            f"{fmt(get(r, 'resume_late', 'phases_s', 'imports_unsloth_trl'), '.1f')} s."
+        )
     else:
         out.append("- Resume start-up independent of the resume step: not measured.")
     return out
@@ -1726,12 +2194,14 @@ def load_results(paths: list[Path]) -> tuple[dict[str, Any], list[str]]:
         except ValueError:
             names.append(str(path))
     results = json.loads(paths[0].read_text())
-    for path, name in zip(paths[1:], names[1:]):
+    for path, name in zip(paths[1:], names[1:], strict=True):
         other = json.loads(path.read_text())
         for size, r in other.get("sizes", {}).items():
             if size not in results.get("sizes", {}) or not (results["sizes"][size].get("unsloth")):
-                results["sizes"][size] = {**r, "source": f"{name} (mode {other['meta'].get('mode')}, "
-                                                         f"{other['meta'].get('date')})"}
+                results["sizes"][size] = {
+                    **r,
+                    "source": f"{name} (mode {other['meta'].get('mode')}, {other['meta'].get('date')})",
+                }
                 results["skipped"] = [x for x in results.get("skipped", []) if x["size"] != size]
                 results["errors"] = [x for x in results.get("errors", []) if x["size"] != size]
                 results["skipped"] += [x for x in other.get("skipped", []) if x["size"] == size]
@@ -1741,18 +2211,24 @@ def load_results(paths: list[Path]) -> tuple[dict[str, Any], list[str]]:
 
 def runs_table(paths: list[Path], names: list[str]) -> list[str]:
     """Headline numbers of every run given, to show how far they repeat."""
-    lines = ["### All runs", "",
-             "| run | size | trainer tok/s | baseline tok/s | speed-up | memory ratio | upload slowdown | "
-             "SIGTERM → durable s | resume start-up s (early / late) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for path, name in zip(paths, names):
+    lines = [
+        "### All runs",
+        "",
+        "| run | size | trainer tok/s | baseline tok/s | speed-up | memory ratio | upload slowdown | "
+        "SIGTERM → durable s | resume start-up s (early / late) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path, name in zip(paths, names, strict=True):
         d = json.loads(path.read_text())
         for size in ("8b", "1b"):
             r = get(d, "sizes", size)
             if not r or not r.get("unsloth"):
                 continue
             ut, bt = get(r, "unsloth", "throughput", "tokens_per_s"), get(r, "baseline", "throughput", "tokens_per_s")
-            um, bm = get(r, "unsloth", "memory", "train_peak_alloc_gib"), get(r, "baseline", "memory", "train_peak_alloc_gib")
+            um, bm = (
+                get(r, "unsloth", "memory", "train_peak_alloc_gib"),
+                get(r, "baseline", "memory", "train_peak_alloc_gib"),
+            )
             slow = slowdown(r["unsloth"])[0]
             cold = get(r, "resume_early", "cold_caches")
             lines.append(
@@ -1760,7 +2236,8 @@ def runs_table(paths: list[Path], names: list[str]) -> list[str]:
                 f"{fmt(ut / bt if ut and bt else None, '.2f', 'x')} | {fmt(um / bm if um and bm else None, '.2f')} | "
                 f"{fmt(slow, '+.1f', ' %')} | {fmt(get(r, 'unsloth', 'sigterm', 'signal_to_durable_s'), '.1f')} | "
                 f"{fmt(get(r, 'resume_early', 'total_s'), '.1f')} / {fmt(get(r, 'resume_late', 'total_s'), '.1f')}"
-                f"{'' if not get(r, 'resume_early') else ' (cold caches)' if cold else ' (warm caches)'} |")
+                f"{'' if not get(r, 'resume_early') else ' (cold caches)' if cold else ' (warm caches)'} |"
+            )
     return lines + [""]
 
 
@@ -1819,11 +2296,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="short GPU run: the 1B shape only, fewer steps")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU (no 4-bit, no Unsloth kernels)")
-    p.add_argument("--report", type=Path, nargs="+",
-                   help="render RESULTS.md's GPU section from this JSON (sizes it lacks: from the next ones)")
+    p.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        help="render RESULTS.md's GPU section from this JSON (sizes it lacks: from the next ones)",
+    )
     p.add_argument("--results-md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
-    p.add_argument("--attach-logs", nargs=2, type=Path, metavar=("JSON", "LOGS_TAR_GZ"),
-                   help="add first-step losses to a results JSON from its gpu_bench-logs.tar.gz")
+    p.add_argument(
+        "--attach-logs",
+        nargs=2,
+        type=Path,
+        metavar=("JSON", "LOGS_TAR_GZ"),
+        help="add first-step losses to a results JSON from its gpu_bench-logs.tar.gz",
+    )
     p.add_argument("--sizes", help="comma list of sizes to run (default: the mode's plan)")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the script")
     p.add_argument("--out", help="result folder (default $OUT)")

@@ -42,8 +42,16 @@ def build_1b(out: Path) -> Path:
     build_tiny_llama(out)  # tokenizer (+ a tiny model we overwrite)
     config = LlamaConfig.from_pretrained(out)
     config.update(
-        dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-             num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=True, torch_dtype="bfloat16")
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            torch_dtype="bfloat16",
+        )
     )
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -61,7 +69,8 @@ def main() -> int:
     port = free_port()
     moto = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=open(work / "moto.log", "w"), stderr=subprocess.STDOUT,
+        stdout=open(work / "moto.log", "w"),
+        stderr=subprocess.STDOUT,
     )
     endpoint = f"http://127.0.0.1:{port}"
     import boto3
@@ -71,7 +80,7 @@ def main() -> int:
         try:
             client.create_bucket(Bucket="gpu-story")
             break
-        except Exception:  # noqa: BLE001 - server still starting
+        except Exception:
             time.sleep(0.2)
 
     t0 = time.monotonic()
@@ -81,11 +90,21 @@ def main() -> int:
 
     def job(name: str):
         cfg = job_config(
-            work / name, endpoint=endpoint, storage_uri=f"s3://gpu-story/{name}/",
-            base_model=str(base), dataset_file=str(data),
-            training={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "warmup_steps": 5,
-                      "max_steps": 30, "learning_rate": 1e-4, "optim": "adamw_8bit", "save_steps": 10,
-                      "seed": 3407},
+            work / name,
+            endpoint=endpoint,
+            storage_uri=f"s3://gpu-story/{name}/",
+            base_model=str(base),
+            dataset_file=str(data),
+            training={
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 4,
+                "warmup_steps": 5,
+                "max_steps": 30,
+                "learning_rate": 1e-4,
+                "optim": "adamw_8bit",
+                "save_steps": 10,
+                "seed": 3407,
+            },
             lora={"r": 16, "alpha": 16, "dropout": 0.0},
         )
         cfg.update(loadIn4bit=True, maxSeqLength=512, dtype="auto")
@@ -115,9 +134,14 @@ def report(summary, client, cfg_a, baseline, cfg_b, story, out: Path) -> None:
     term = story.attempts[0]
     summary.update(
         attempts=[
-            {"exit_code": a.exit_code, "killed_with": a.killed_with, "seconds": round(a.seconds, 1),
-             "start": (a.of("start") or [{}])[0], "first_step_seconds": a.first_seconds("log"),
-             "termination": a.termination}
+            {
+                "exit_code": a.exit_code,
+                "killed_with": a.killed_with,
+                "seconds": round(a.seconds, 1),
+                "start": (a.of("start") or [{}])[0],
+                "first_step_seconds": a.first_seconds("log"),
+                "termination": a.termination,
+            }
             for a in story.attempts
         ],
         baseline_seconds=round(baseline.seconds, 1),
@@ -132,7 +156,9 @@ def report(summary, client, cfg_a, baseline, cfg_b, story, out: Path) -> None:
         stderr_tail_first_attempt=term.stderr[-3000:],
     )
     (out / "gpu_story.json").write_text(json.dumps(summary, indent=2, default=str))
-    brief = {k: v for k, v in summary.items() if k not in ("baseline_losses", "resumed_losses", "stderr_tail_first_attempt")}
+    brief = {
+        k: v for k, v in summary.items() if k not in ("baseline_losses", "resumed_losses", "stderr_tail_first_attempt")
+    }
     print(json.dumps(brief, indent=2, default=str))
 
 

@@ -157,9 +157,16 @@ def request_of(event: dict[str, Any]) -> Request:
     else:  # /api, /apis, /apis/GROUP/VERSION, /version: no object
         path = str(event.get("requestURI", "")).split("?", 1)[0]
         verb, res, name, sub = "discovery", "/".join([p for p in path.split("/") if p][:3]), None, None
-    return Request(audit_time(event["requestReceivedTimestamp"]), audit_time(event["stageTimestamp"]),
-                   client_of(str(event.get("userAgent", ""))), verb, res, name, sub,
-                   int((event.get("responseStatus") or {}).get("code") or 0))
+    return Request(
+        audit_time(event["requestReceivedTimestamp"]),
+        audit_time(event["stageTimestamp"]),
+        client_of(str(event.get("userAgent", ""))),
+        verb,
+        res,
+        name,
+        sub,
+        int((event.get("responseStatus") or {}).get("code") or 0),
+    )
 
 
 def client_of(user_agent: str) -> str:
@@ -298,8 +305,9 @@ class Tracker:
         if event == "DELETED":
             pod.setdefault("deleted", t)
         status = obj.get("status") or {}
-        if meta.get("deletionTimestamp") or any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
-                                                 for c in status.get("conditions") or []):
+        if meta.get("deletionTimestamp") or any(
+            c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in status.get("conditions") or []
+        ):
             pod.setdefault("ending", t)  # deleted gracefully, or its node shutting down
         if status.get("phase") == "Succeeded":
             pod["succeeded"] = True
@@ -323,14 +331,20 @@ class Tracker:
     def running_pods(self) -> dict[str, float]:
         """Pods (the newest of each name) whose trainer runs and that nothing is ending yet: name -> since."""
         with self.lock:
-            return {name: p["running"] for name, uid in self.uid_of.items()
-                    if "running" in (p := self.pods[uid]) and not any(k in p for k in ("ended", "deleted", "ending"))}
+            return {
+                name: p["running"]
+                for name, uid in self.uid_of.items()
+                if "running" in (p := self.pods[uid]) and not any(k in p for k in ("ended", "deleted", "ending"))
+            }
 
     def live_pods_on(self, node: str) -> list[str]:
         """Pods (the newest of each name) bound to `node` that have not ended: what a reclaim of it ends."""
         with self.lock:
-            return [name for name, uid in self.uid_of.items()
-                    if (p := self.pods[uid]).get("node") == node and "ended" not in p and "deleted" not in p]
+            return [
+                name
+                for name, uid in self.uid_of.items()
+                if (p := self.pods[uid]).get("node") == node and "ended" not in p and "deleted" not in p
+            ]
 
     def count_succeeded(self, names: list[str]) -> int:
         with self.lock:
@@ -414,8 +428,9 @@ class Operator:
 
     def start(self) -> None:
         self.starts += 1
-        self.process = self.cluster.new_operator(log_path=self.logdir / f"operator-{self.starts}.log",
-                                                 env={"PYTHONUNBUFFERED": "1"})
+        self.process = self.cluster.new_operator(
+            log_path=self.logdir / f"operator-{self.starts}.log", env={"PYTHONUNBUFFERED": "1"}
+        )
         self.started_at, self.started_wall = now(), time.time()
         self.process.start()
 
@@ -502,15 +517,18 @@ class Prober(threading.Thread):
                 t = now()
                 self.s3.get_object(Bucket=BUCKET, Key="probe.json")["Body"].read()
                 self.samples.append((phase, "s3", now() - t))
-            except Exception:  # noqa: BLE001 - a probe failure is not the benchmark's
+            except Exception:
                 pass
 
     def summary(self, phase: str) -> dict[str, Any]:
         out = {}
         for kind in ("api", "s3"):
             values = [v for p, k, v in self.samples if p == phase and k == kind]
-            out[kind] = {"n": len(values), "p50_ms": r(1000 * pct(values, 50), 1) if values else None,
-                         "p99_ms": r(1000 * pct(values, 99), 1) if values else None}
+            out[kind] = {
+                "n": len(values),
+                "p50_ms": r(1000 * pct(values, 50), 1) if values else None,
+                "p99_ms": r(1000 * pct(values, 99), 1) if values else None,
+            }
         return out
 
 
@@ -536,8 +554,13 @@ def machine() -> dict[str, Any]:
             mem_gib = round(int(f.readline().split()[1]) / 1024 / 1024, 1)
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": mem_gib, "python": platform.python_version(),
-            "platform": platform.platform()}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": mem_gib,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 # -- the benchmark ----------------------------------------------------------------------------------------
@@ -580,8 +603,9 @@ class Bench:
     def pool(self) -> NodePool:
         """`--capacity` GPUs on spot nodes of `--gpus-per-node`: the scheduler's limit on trainers at once."""
         a = self.args
-        return NodePool("bench", a.capacity // a.gpus_per_node, dict(SPOT_LABELS), (dict(SPOT_TAINT),),
-                        gpus=a.gpus_per_node)
+        return NodePool(
+            "bench", a.capacity // a.gpus_per_node, dict(SPOT_LABELS), (dict(SPOT_TAINT),), gpus=a.gpus_per_node
+        )
 
     def setup(self) -> None:
         import boto3
@@ -595,8 +619,12 @@ class Bench:
         s3_port = free_port()
         endpoint = f"http://127.0.0.1:{s3_port}"
         moto_log = open(self.workdir / "moto.log", "wb")
-        self.moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
-                                     stdout=moto_log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.moto = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+            stdout=moto_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         moto_log.close()
         self.wait("moto", lambda: _http_ok(f"{endpoint}/moto-api/"), 60)
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name=AWS["AWS_DEFAULT_REGION"])
@@ -606,19 +634,37 @@ class Bench:
 
         t0 = now()
         self.cluster = SandboxCluster(
-            self.workdir / "cluster", namespaces=(NS,), pools=[self.pool()],
+            self.workdir / "cluster",
+            namespaces=(NS,),
+            pools=[self.pool()],
             values=sandbox_values(cluster_wide=True, interval=a.interval),
-            extra_env={**{k: AWS[k] for k in ("AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")},
-                       ENV_STEP_SECONDS: str(a.step_seconds), "PYTHONUNBUFFERED": "1"},
+            extra_env={
+                **{k: AWS[k] for k in ("AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")},
+                ENV_STEP_SECONDS: str(a.step_seconds),
+                "PYTHONUNBUFFERED": "1",
+            },
             entrypoints={"*": [sys.executable, "-m", "loraresume_sandbox.stand_in_trainer"]},
-            with_operator=False, quiet=True)
+            with_operator=False,
+            quiet=True,
+        )
         self.cluster.start()
         self.kube = self.cluster.kube
         self.result["sandbox_start_seconds"] = r(now() - t0)
-        self.log(f"sandbox cluster up in {now() - t0:.1f} s: API {self.kube.server}, "
-                 f"{a.capacity // a.gpus_per_node} spot nodes x {a.gpus_per_node} GPU, logs in {self.workdir}")
-        self.kube.create("secrets", {"metadata": {"name": SECRET}, "stringData": {
-            "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"]}}, NS)
+        self.log(
+            f"sandbox cluster up in {now() - t0:.1f} s: API {self.kube.server}, "
+            f"{a.capacity // a.gpus_per_node} spot nodes x {a.gpus_per_node} GPU, logs in {self.workdir}"
+        )
+        self.kube.create(
+            "secrets",
+            {
+                "metadata": {"name": SECRET},
+                "stringData": {
+                    "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"],
+                    "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"],
+                },
+            },
+            NS,
+        )
         self.requests = RequestLog(self.cluster.control_plane.audit_log, self.cluster.operator_user)
         self.requests.start()
         self.feeds = [Feed(self.kube, kind, self.tracker) for kind in ("pods", LR)]
@@ -643,8 +689,10 @@ class Bench:
 
         def log_request(req: Request) -> None:
             if req.verb != "watch":
-                sink.write(f"{req.answered - t_zero_wall:.3f} {req.who} {req.verb} {req.res}"
-                           f"{'/' + req.sub if req.sub else ''} {req.name or '-'} {req.status}\n")
+                sink.write(
+                    f"{req.answered - t_zero_wall:.3f} {req.who} {req.verb} {req.res}"
+                    f"{'/' + req.sub if req.sub else ''} {req.name or '-'} {req.status}\n"
+                )
 
         self.requests.hooks.append(log_request)
         self.tracker.sink = lambda t, text: sink.write(f"{t - t_zero:.3f} STORE {text}\n")
@@ -686,7 +734,8 @@ class Bench:
     def body(self, name: str, wave: str, steps: int | None = None) -> dict[str, Any]:
         a = self.args
         return {
-            "apiVersion": "loraresume.dev/v1alpha1", "kind": "LoraResume",
+            "apiVersion": "loraresume.dev/v1alpha1",
+            "kind": "LoraResume",
             "metadata": {"name": name, "namespace": NS},
             "spec": {
                 "baseModel": f"s3://{BUCKET}/models/stand-in/",
@@ -694,8 +743,12 @@ class Bench:
                 "loadIn4bit": False,
                 "dataset": {"source": f"s3://{BUCKET}/data/train.jsonl"},
                 "training": {"maxSteps": steps or a.steps, "saveSteps": a.save_steps, "loggingSteps": a.logging_steps},
-                "storage": {"uri": f"s3://{BUCKET}/{wave}/{name}/", "endpoint": self.endpoint,
-                            "credentialsSecret": SECRET, "keepCheckpoints": 2},
+                "storage": {
+                    "uri": f"s3://{BUCKET}/{wave}/{name}/",
+                    "endpoint": self.endpoint,
+                    "credentialsSecret": SECRET,
+                    "keepCheckpoints": 2,
+                },
                 "resources": {"gpus": 1},  # one of the pool's GPUs: what the scheduler counts
                 "scheduling": {"spot": {"enabled": True}},  # the chart's spot selector and toleration
                 "restartPolicy": {"backoffSeconds": 1, "maxBackoffSeconds": 4},
@@ -715,8 +768,10 @@ class Bench:
             phases = Counter((self.tracker.lr_status.get(n) or {}).get("phase", "-") for n in names)
         mem = self.operator.memory() if self.operator else {}
         total = self.requests.total if self.requests else 0
-        return (f"{dict(sorted(phases.items()))} running={len(self.tracker.running_pods())} "
-                f"operator RSS {mem.get('VmRSS', 0):.0f} MiB, API requests {total}")
+        return (
+            f"{dict(sorted(phases.items()))} running={len(self.tracker.running_pods())} "
+            f"operator RSS {mem.get('VmRSS', 0):.0f} MiB, API requests {total}"
+        )
 
     def wait_all_succeeded(self, names: list[str], label: str) -> float:
         deadline = now() + self.args.timeout
@@ -727,8 +782,10 @@ class Bench:
                 return now()
             failed = [n for n in names if (self.tracker.lr_status.get(n) or {}).get("phase") == "Failed"]
             if failed:
-                raise RuntimeError(f"{label}: {len(failed)} resources Failed, e.g. {failed[0]}: "
-                                   f"{self.tracker.lr_status[failed[0]].get('message')}")
+                raise RuntimeError(
+                    f"{label}: {len(failed)} resources Failed, e.g. {failed[0]}: "
+                    f"{self.tracker.lr_status[failed[0]].get('message')}"
+                )
             if self.operator and self.operator.proc and self.operator.proc.poll() is not None:
                 raise RuntimeError(f"the operator exited ({self.operator.proc.returncode}) during {label}")
             if now() - last_log > 15:
@@ -740,7 +797,12 @@ class Bench:
     # -- phases ------------------------------------------------------------------------------
     def wave1(self) -> None:
         a = self.args
-        assert self.sampler is not None and self.operator is not None and self.requests is not None and self.kube is not None
+        assert (
+            self.sampler is not None
+            and self.operator is not None
+            and self.requests is not None
+            and self.kube is not None
+        )
         self.sampler.phase = "wave1"
         mem_start = self.operator.memory()
         total0, counts0 = self.requests.snapshot()
@@ -753,11 +815,16 @@ class Bench:
         total1, counts1 = self.requests.snapshot()
         cpu1 = self.operator.cpu_seconds() or 0.0
         window = diff_counts(counts1, counts0)
-        first_pod = [self.tracker.adds[n][0][0] - self.tracker.lr_created[n] for n in names
-                     if self.tracker.adds.get(n) and n in self.tracker.lr_created]
+        first_pod = [
+            self.tracker.adds[n][0][0] - self.tracker.lr_created[n]
+            for n in names
+            if self.tracker.adds.get(n) and n in self.tracker.lr_created
+        ]
         lag = self.tracker.observe_lag(names)
         end_lag = self.tracker.end_lag(names)
-        to_done = [self.tracker.succeeded[n] - self.tracker.lr_created[n] for n in names if n in self.tracker.lr_created]
+        to_done = [
+            self.tracker.succeeded[n] - self.tracker.lr_created[n] for n in names if n in self.tracker.lr_created
+        ]
         attempts = sum(int((self.tracker.lr_status.get(n) or {}).get("attempt") or 0) for n in names)
         mem_done = self.operator.memory()
         self.log(f"wave 1: all {len(names)} Succeeded in {t_done - t0:.1f} s; {total1 - total0} API requests")
@@ -777,17 +844,29 @@ class Bench:
             "create_seconds": r(t_created - t0),
             "wall_seconds_to_all_succeeded": r(t_done - t0),
             "attempts": attempts,
-            "create_to_first_pod_seconds": {"p50": r(pct(first_pod, 50)), "p99": r(pct(first_pod, 99)),
-                                            "max": r(max(first_pod, default=None))},
+            "create_to_first_pod_seconds": {
+                "p50": r(pct(first_pod, 50)),
+                "p99": r(pct(first_pod, 99)),
+                "max": r(max(first_pod, default=None)),
+            },
             "create_to_succeeded_seconds": {"p50": r(pct(to_done, 50)), "p99": r(pct(to_done, 99))},
-            "pod_ended_to_status_succeeded_seconds": {"n": len(end_lag), "p50": r(pct(end_lag, 50)),
-                                                      "p99": r(pct(end_lag, 99)), "max": r(max(end_lag, default=None))},
-            "pod_running_to_status_running_seconds": {"n": len(lag), "p50": r(pct(lag, 50)), "p99": r(pct(lag, 99)),
-                                                      "max": r(max(lag, default=None))},
+            "pod_ended_to_status_succeeded_seconds": {
+                "n": len(end_lag),
+                "p50": r(pct(end_lag, 50)),
+                "p99": r(pct(end_lag, 99)),
+                "max": r(max(end_lag, default=None)),
+            },
+            "pod_running_to_status_running_seconds": {
+                "n": len(lag),
+                "p50": r(pct(lag, 50)),
+                "p99": r(pct(lag, 99)),
+                "max": r(max(lag, default=None)),
+            },
             "api_requests": total1 - total0,
             "api_requests_per_succeeded_resource": r((total1 - total0) / len(names)),
-            "api_requests_by_kind": {f"{who} {verb} {res}": n for (who, verb, res), n in
-                                     sorted(window.items(), key=lambda kv: -kv[1])},
+            "api_requests_by_kind": {
+                f"{who} {verb} {res}": n for (who, verb, res), n in sorted(window.items(), key=lambda kv: -kv[1])
+            },
             "operator_cpu_seconds": r(cpu1 - cpu0),
             "sandbox_latency": self.prober.summary("wave1") if self.prober else None,
             "operator_rss_mib": {
@@ -800,8 +879,12 @@ class Bench:
             "idle": {
                 "seconds": r(idle_span, 1),
                 "api_requests_per_second": r((idle_total1 - idle_total0) / idle_span),
-                "by_kind": {f"{who} {verb} {res}": n for (who, verb, res), n in
-                            sorted(diff_counts(idle_counts1, idle_counts0).items(), key=lambda kv: -kv[1])},
+                "by_kind": {
+                    f"{who} {verb} {res}": n
+                    for (who, verb, res), n in sorted(
+                        diff_counts(idle_counts1, idle_counts0).items(), key=lambda kv: -kv[1]
+                    )
+                },
             },
         }
 
@@ -815,9 +898,9 @@ class Bench:
         self.result["wave1"]["delete_all_seconds"] = r(now() - t_del)
         # Per-resource metric series the operator still exports for the deleted resources.
         self.result["wave1"]["checkpoint_age_series_after_delete"] = len(
-            self.operator.metric("loraresume_checkpoint_age_seconds{"))
+            self.operator.metric("loraresume_checkpoint_age_seconds{")
+        )
         self.log(f"wave 1: deleted in {now() - t_del:.1f} s")
-
 
     # -- disruptions, shared by the loaded and the steady phase ----------------------------------------
     @staticmethod
@@ -857,16 +940,18 @@ class Bench:
             same name again when the operator had not seen the victim run (decide.py re-creates it)."""
             _how, t_call, uid = victims[pod]
             with self.tracker.lock:
-                later = [(t, n) for t, n, u in self.tracker.adds[pod.rsplit("-attempt-", 1)[0]]
-                         if u != uid and t >= t_call]
+                later = [
+                    (t, n) for t, n, u in self.tracker.adds[pod.rsplit("-attempt-", 1)[0]] if u != uid and t >= t_call
+                ]
             return later[0] if later else None
 
         def ran_to_the_end(pod: str) -> bool:
             """It exited 0 before the disruption reached it: its resource Succeeded, nothing to relaunch."""
             return bool(self.tracker.pod_by_uid(victims[pod][2]).get("succeeded"))
 
-        self.wait("the replacement pods", lambda: all(replacement(p) or ran_to_the_end(p) for p in victims),
-                  self.args.timeout)
+        self.wait(
+            "the replacement pods", lambda: all(replacement(p) or ran_to_the_end(p) for p in victims), self.args.timeout
+        )
         by: dict[str, list[float]] = defaultdict(list)
         share: dict[str, list[float]] = defaultdict(list)
         same_name = finished_first = 0
@@ -891,9 +976,17 @@ class Bench:
             "relaunched_as_the_same_pod_name": same_name,
             "seconds": {"p50": r(pct(every, 50)), "p99": r(pct(every, 99)), "max": r(max(every, default=None))},
             "operator_share_seconds": {"p50": r(pct(every_share, 50)), "p99": r(pct(every_share, 99))},
-            "by_kind": {how: {"n": len(v), "p50": r(pct(v, 50)), "p99": r(pct(v, 99)),
-                              "operator_share_p50": r(pct(share[how], 50)),
-                              "operator_share_p99": r(pct(share[how], 99))} for how, v in by.items() if v},
+            "by_kind": {
+                how: {
+                    "n": len(v),
+                    "p50": r(pct(v, 50)),
+                    "p99": r(pct(v, 99)),
+                    "operator_share_p50": r(pct(share[how], 50)),
+                    "operator_share_p99": r(pct(share[how], 99)),
+                }
+                for how, v in by.items()
+                if v
+            },
         }
 
     def disrupt_while_loaded(self, names: list[str], disrupt: int) -> dict[str, Any]:
@@ -906,8 +999,11 @@ class Bench:
 
         def first_pods_ended() -> int:
             with self.tracker.lock:
-                return sum(1 for p in self.tracker.pods.values()
-                           if p["resource"] in wave and p["name"].endswith("-attempt-1") and "ended" in p)
+                return sum(
+                    1
+                    for p in self.tracker.pods.values()
+                    if p["resource"] in wave and p["name"].endswith("-attempt-1") and "ended" in p
+                )
 
         self.wait(f"{target} first pods ended before the pod loss", lambda: first_pods_ended() >= target, a.timeout)
         # Each victim is picked once it has trained a couple of steps, until `disrupt` are ended
@@ -918,15 +1014,23 @@ class Bench:
             if now() > deadline:
                 raise TimeoutError(f"only {len(victims)} of {disrupt} pods could be disrupted")
             running = self.tracker.running_pods()
-            ready = sorted(p for p, since in running.items()
-                           if p.startswith(prefix) and p.endswith("-attempt-1") and p not in victims
-                           and now() - since >= 2 * a.step_seconds)
+            ready = sorted(
+                p
+                for p, since in running.items()
+                if p.startswith(prefix)
+                and p.endswith("-attempt-1")
+                and p not in victims
+                and now() - since >= 2 * a.step_seconds
+            )
             for pod in self.rng.sample(ready, min(len(ready), disrupt - len(victims))):
                 if pod not in victims and len(victims) < disrupt:  # a reclaim just now may have ended it
                     self.disrupt(pod, self.next_how(victims), victims)
             with self.tracker.lock:
-                firsts = {p["resource"] for p in self.tracker.pods.values()
-                          if p["resource"] in wave and p["name"].endswith("-attempt-1")}
+                firsts = {
+                    p["resource"]
+                    for p in self.tracker.pods.values()
+                    if p["resource"] in wave and p["name"].endswith("-attempt-1")
+                }
             if len(firsts) == len(names) and not ready and not [p for p in running if p.startswith(prefix)]:
                 self.log(f"pod loss: only {len(victims)} pods could be picked (the others ran to the end)")
                 break
@@ -988,8 +1092,12 @@ class Bench:
             t_pod = reads["pod"].get(n)
             return None if t_pod is None else max(t_lr, t_pod)
 
-        self.wait("every resource reconciled after the restart",
-                  lambda: all(reconciled(n) is not None for n in names), a.timeout, every=0.2)
+        self.wait(
+            "every resource reconciled after the restart",
+            lambda: all(reconciled(n) is not None for n in names),
+            a.timeout,
+            every=0.2,
+        )
         done = {n: reconciled(n) - t_start for n in names}  # type: ignore[operator]
         t_all = t_start + max(done.values())
         requests_until = sum(1 for t in list(received) if t <= t_all)
@@ -1004,8 +1112,11 @@ class Bench:
             return None
 
         if ended_down:
-            self.wait("resources whose pods ended during the downtime to catch up",
-                      lambda: all(caught_up(n) is not None for n in ended_down), a.timeout)
+            self.wait(
+                "resources whose pods ended during the downtime to catch up",
+                lambda: all(caught_up(n) is not None for n in ended_down),
+                a.timeout,
+            )
         catch = [caught_up(n) - self.operator.started_at for n in ended_down]  # type: ignore[operator]
         self.requests.hooks.remove(hook)
         self.sampler.phase = phase
@@ -1022,8 +1133,10 @@ class Bench:
             "start_to_those_caught_up_seconds": {"p50": r(pct(catch, 50)), "max": r(max(catch, default=None))},
             "kill_to_all_reconciled_seconds": r(self.operator.started_at - t_kill + max(done.values())),
         }
-        self.log(f"restart: first request after {out['start_to_first_request_seconds']} s, "
-                 f"all {len(names)} reconciled after {out['start_to_all_reconciled_seconds']} s")
+        self.log(
+            f"restart: first request after {out['start_to_first_request_seconds']} s, "
+            f"all {len(names)} reconciled after {out['start_to_all_reconciled_seconds']} s"
+        )
         return out
 
     def settle(self, label: str) -> float:
@@ -1060,13 +1173,19 @@ class Bench:
         relaunch: dict[str, Any] = {}
         if disrupt:
             relaunch = self.disrupt_while_loaded(names, disrupt)
-            self.log(f"relaunch after pod loss ({relaunch['pods']} pods): p50 {relaunch['seconds']['p50']} s, "
-                     f"p99 {relaunch['seconds']['p99']} s")
+            self.log(
+                f"relaunch after pod loss ({relaunch['pods']} pods): p50 {relaunch['seconds']['p50']} s, "
+                f"p99 {relaunch['seconds']['p99']} s"
+            )
         restart: dict[str, Any] = {}
         if a.restart_at is not None:
             target = int(a.restart_at * len(names))
-            self.wait(f"{target} Succeeded before the restart", lambda: self.tracker.count_succeeded(names) >= target,
-                      a.timeout, every=0.2)
+            self.wait(
+                f"{target} Succeeded before the restart",
+                lambda: self.tracker.count_succeeded(names) >= target,
+                a.timeout,
+                every=0.2,
+            )
             restart = self.measure_restart(names)
 
         t_done = self.wait_all_succeeded(names, "wave 2")
@@ -1124,8 +1243,10 @@ class Bench:
             if pod not in victims:  # a reclaim of a node with more GPUs may have ended it already
                 self.disrupt(pod, self.next_how(victims), victims)
         relaunch = self.relaunch_stats(victims)
-        self.log(f"steady relaunch ({relaunch['pods']} pods): p50 {relaunch['seconds']['p50']} s, "
-                 f"p99 {relaunch['seconds']['p99']} s")
+        self.log(
+            f"steady relaunch ({relaunch['pods']} pods): p50 {relaunch['seconds']['p50']} s, "
+            f"p99 {relaunch['seconds']['p99']} s"
+        )
         self.wait(f"{m} resources Running again", lambda: running_seen(2), a.timeout)
         with self.tracker.lock:
             preemptions = sum(int((self.tracker.lr_status.get(n) or {}).get("preemptions") or 0) for n in names)
@@ -1147,7 +1268,7 @@ class Bench:
     # -- all --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         a = self.args
-        started = datetime.datetime.now(datetime.timezone.utc)
+        started = datetime.datetime.now(datetime.UTC)
         self.result = {
             "benchmark": "scale",
             "date": started.strftime("%Y-%m-%d"),
@@ -1155,8 +1276,12 @@ class Bench:
             "settings": {k: v for k, v in vars(a).items() if k not in ("json", "markdown")},
             "machine": machine(),
             "load_before": host_load(),
-            "stand_in": {"steps": a.steps, "save_steps": a.save_steps, "logging_steps": a.logging_steps,
-                         "step_seconds": a.step_seconds},
+            "stand_in": {
+                "steps": a.steps,
+                "save_steps": a.save_steps,
+                "logging_steps": a.logging_steps,
+                "step_seconds": a.step_seconds,
+            },
         }
         t0 = now()
         try:
@@ -1170,7 +1295,9 @@ class Bench:
             self.result["load_after"] = host_load()
             self.result["benchmark_wall_seconds"] = r(now() - t0, 1)
             if self.sampler:
-                self.result["operator_rss_mib_peak_sampled"] = r(max((s[3] for s in self.sampler.samples), default=0), 1)
+                self.result["operator_rss_mib_peak_sampled"] = r(
+                    max((s[3] for s in self.sampler.samples), default=0), 1
+                )
                 self.result["operator_rss_samples"] = len(self.sampler.samples)
             self.result["api_user_agents"] = dict(self.requests.user_agents) if self.requests else {}
             self.teardown()
@@ -1200,63 +1327,106 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
     w1, w2 = result.get("wave1") or {}, result.get("wave2") or {}
     n = (w1 or w2).get("resources")
     s = result["settings"]
-    rows.append(("resources per wave", f"{n} (capacity {s['capacity']} GPUs on {s['capacity'] // s['gpus_per_node']} "
-                                         f"spot nodes, one GPU per trainer; stand-in {s['steps']} steps x "
-                                         f"{s['step_seconds']} s, checkpoint every {s['save_steps']})"))
+    rows.append(
+        (
+            "resources per wave",
+            f"{n} (capacity {s['capacity']} GPUs on {s['capacity'] // s['gpus_per_node']} "
+            f"spot nodes, one GPU per trainer; stand-in {s['steps']} steps x "
+            f"{s['step_seconds']} s, checkpoint every {s['save_steps']})",
+        )
+    )
     rows.append(("operator start to watching", f"{result.get('operator_start_seconds')} s"))
     if w1:
         mem = w1["operator_rss_mib"]
         rows += [
-            ("wave 1: wall time, create -> all Succeeded", f"{w1['wall_seconds_to_all_succeeded']} s "
-                                                           f"({w1['attempts']} attempts)"),
-            ("wave 1: create -> first pod p50 / p99", f"{w1['create_to_first_pod_seconds']['p50']} / "
-                                                      f"{w1['create_to_first_pod_seconds']['p99']} s"),
-            ("wave 1: pod exited 0 -> resource Succeeded p50 / p99",
-             f"{w1['pod_ended_to_status_succeeded_seconds']['p50']} / "
-             f"{w1['pod_ended_to_status_succeeded_seconds']['p99']} s"),
-            ("wave 1: pod Running -> resource Running p50 / p99 (n seen)",
-             f"{w1['pod_running_to_status_running_seconds']['p50']} / "
-             f"{w1['pod_running_to_status_running_seconds']['p99']} s "
-             f"({w1['pod_running_to_status_running_seconds']['n']} of {w1['attempts']} attempts)"),
-            ("wave 1: sandbox latency, API GET / S3 GET p50 (p99)",
-             _latency(w1.get("sandbox_latency"))),
-            ("wave 1: API requests per Succeeded resource", f"{w1['api_requests_per_succeeded_resource']} "
-                                                            f"({w1['api_requests']} in all)"),
-            ("wave 1: operator CPU", f"{w1['operator_cpu_seconds']} s "
-                                     f"({r(w1['operator_cpu_seconds'] / n, 3)} s per resource)"),
-            ("operator RSS: start / peak (wave 1) / steady (idle)",
-             f"{mem['at_start']} / {mem['peak_hwm_after_wave']} / {mem['steady_idle_median']} MiB"),
-            ("wave 1: operator busy after the last Succeeded (backlog)", f"{w1['settle_seconds_after_all_succeeded']} s"),
+            (
+                "wave 1: wall time, create -> all Succeeded",
+                f"{w1['wall_seconds_to_all_succeeded']} s ({w1['attempts']} attempts)",
+            ),
+            (
+                "wave 1: create -> first pod p50 / p99",
+                f"{w1['create_to_first_pod_seconds']['p50']} / {w1['create_to_first_pod_seconds']['p99']} s",
+            ),
+            (
+                "wave 1: pod exited 0 -> resource Succeeded p50 / p99",
+                f"{w1['pod_ended_to_status_succeeded_seconds']['p50']} / "
+                f"{w1['pod_ended_to_status_succeeded_seconds']['p99']} s",
+            ),
+            (
+                "wave 1: pod Running -> resource Running p50 / p99 (n seen)",
+                f"{w1['pod_running_to_status_running_seconds']['p50']} / "
+                f"{w1['pod_running_to_status_running_seconds']['p99']} s "
+                f"({w1['pod_running_to_status_running_seconds']['n']} of {w1['attempts']} attempts)",
+            ),
+            ("wave 1: sandbox latency, API GET / S3 GET p50 (p99)", _latency(w1.get("sandbox_latency"))),
+            (
+                "wave 1: API requests per Succeeded resource",
+                f"{w1['api_requests_per_succeeded_resource']} ({w1['api_requests']} in all)",
+            ),
+            (
+                "wave 1: operator CPU",
+                f"{w1['operator_cpu_seconds']} s ({r(w1['operator_cpu_seconds'] / n, 3)} s per resource)",
+            ),
+            (
+                "operator RSS: start / peak (wave 1) / steady (idle)",
+                f"{mem['at_start']} / {mem['peak_hwm_after_wave']} / {mem['steady_idle_median']} MiB",
+            ),
+            (
+                "wave 1: operator busy after the last Succeeded (backlog)",
+                f"{w1['settle_seconds_after_all_succeeded']} s",
+            ),
             (f"idle API requests/s ({n} Succeeded, settled)", f"{w1['idle']['api_requests_per_second']}"),
-            (f"delete {n} resources", f"{w1['delete_all_seconds']} s"
-                                      + (f" ({w1['checkpoint_age_series_after_delete']} checkpoint-age metric series "
-                                         "left behind)" if "checkpoint_age_series_after_delete" in w1 else "")),
+            (
+                f"delete {n} resources",
+                f"{w1['delete_all_seconds']} s"
+                + (
+                    f" ({w1['checkpoint_age_series_after_delete']} checkpoint-age metric series left behind)"
+                    if "checkpoint_age_series_after_delete" in w1
+                    else ""
+                ),
+            ),
         ]
     if w2:
         rl, rs = w2.get("relaunch_after_pod_loss") or {}, w2.get("operator_restart") or {}
         if rl:
             kinds = ", ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in sorted(rl["by_kind"].items()))
             rows += [
-                (f"wave 2 (loaded): relaunch after pod loss ({rl['pods']} pods) p50 / p99",
-                 f"{rl['seconds']['p50']} / {rl['seconds']['p99']} s ({kinds})"),
-                ("  operator's share (old pod ended -> new pod) p50 / p99",
-                 f"{rl['operator_share_seconds']['p50']} / {rl['operator_share_seconds']['p99']} s"),
-                ("  relaunched under the same pod name (loss not seen); ran to the end first; preemptions counted",
-                 f"{rl['relaunched_as_the_same_pod_name']}; {rl.get('ran_to_the_end_first')}; "
-                 f"{w2.get('preemptions_counted')}"),
+                (
+                    f"wave 2 (loaded): relaunch after pod loss ({rl['pods']} pods) p50 / p99",
+                    f"{rl['seconds']['p50']} / {rl['seconds']['p99']} s ({kinds})",
+                ),
+                (
+                    "  operator's share (old pod ended -> new pod) p50 / p99",
+                    f"{rl['operator_share_seconds']['p50']} / {rl['operator_share_seconds']['p99']} s",
+                ),
+                (
+                    "  relaunched under the same pod name (loss not seen); ran to the end first; preemptions counted",
+                    f"{rl['relaunched_as_the_same_pod_name']}; {rl.get('ran_to_the_end_first')}; "
+                    f"{w2.get('preemptions_counted')}",
+                ),
             ]
         if rs:
             rows += [
-                ("wave 2 restart (loaded): phases at SIGKILL", ", ".join(f"{k} {v}" for k, v in sorted(rs["phases_at_kill"].items()))),
+                (
+                    "wave 2 restart (loaded): phases at SIGKILL",
+                    ", ".join(f"{k} {v}" for k, v in sorted(rs["phases_at_kill"].items())),
+                ),
                 ("restart: start -> first API request", f"{rs['start_to_first_request_seconds']} s"),
-                ("restart: start -> all reconciled (p50 / all)",
-                 f"{rs['reconciled_seconds']['p50']} / {rs['start_to_all_reconciled_seconds']} s"),
-                (f"restart: {rs['pods_ended_while_down']} pods ended while down -> status caught up (p50 / all)",
-                 f"{rs['start_to_those_caught_up_seconds']['p50']} / {rs['start_to_those_caught_up_seconds']['max']} s"),
+                (
+                    "restart: start -> all reconciled (p50 / all)",
+                    f"{rs['reconciled_seconds']['p50']} / {rs['start_to_all_reconciled_seconds']} s",
+                ),
+                (
+                    f"restart: {rs['pods_ended_while_down']} pods ended while down -> status caught up (p50 / all)",
+                    f"{rs['start_to_those_caught_up_seconds']['p50']} / "
+                    f"{rs['start_to_those_caught_up_seconds']['max']} s",
+                ),
             ]
         rows += [
-            ("wave 2 (disruptions + restart): wall time to all Succeeded",
-             f"{w2['wall_seconds_to_all_succeeded']} s ({w2['attempts']} attempts)"),
+            (
+                "wave 2 (disruptions + restart): wall time to all Succeeded",
+                f"{w2['wall_seconds_to_all_succeeded']} s ({w2['attempts']} attempts)",
+            ),
             ("wave 2: API requests per Succeeded resource", f"{w2['api_requests_per_succeeded_resource']}"),
             ("wave 2: sandbox latency, API GET / S3 GET p50 (p99)", _latency(w2.get("sandbox_latency"))),
             ("operator RSS peak after restart", f"{w2['operator_rss_mib_after_restart']['peak_hwm']} MiB"),
@@ -1265,26 +1435,40 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
     if st:
         rl, rs = st["relaunch_after_pod_loss"], st.get("operator_restart") or {}
         rows += [
-            (f"steady ({st['succeeded_resources_in_cluster']} Succeeded + {st['long_runs']} long runs): "
-             "create -> first pod p50 / p99",
-             f"{st['create_to_first_pod_seconds']['p50']} / {st['create_to_first_pod_seconds']['p99']} s"),
-            ("steady: pod Running -> resource Running p50 / p99",
-             f"{st['pod_running_to_status_running_seconds']['p50']} / "
-             f"{st['pod_running_to_status_running_seconds']['p99']} s"),
-            (f"steady: relaunch after pod loss ({rl['pods']} pods) p50 / p99",
-             f"{rl['seconds']['p50']} / {rl['seconds']['p99']} s ("
-             + ", ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in sorted(rl["by_kind"].items())) + ")"),
-            ("  operator's share p50 / p99; same pod name; preemptions counted",
-             f"{rl['operator_share_seconds']['p50']} / {rl['operator_share_seconds']['p99']} s; "
-             f"{rl['relaunched_as_the_same_pod_name']}; {st['preemptions_counted']}"),
+            (
+                f"steady ({st['succeeded_resources_in_cluster']} Succeeded + {st['long_runs']} long runs): "
+                "create -> first pod p50 / p99",
+                f"{st['create_to_first_pod_seconds']['p50']} / {st['create_to_first_pod_seconds']['p99']} s",
+            ),
+            (
+                "steady: pod Running -> resource Running p50 / p99",
+                f"{st['pod_running_to_status_running_seconds']['p50']} / "
+                f"{st['pod_running_to_status_running_seconds']['p99']} s",
+            ),
+            (
+                f"steady: relaunch after pod loss ({rl['pods']} pods) p50 / p99",
+                f"{rl['seconds']['p50']} / {rl['seconds']['p99']} s ("
+                + ", ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in sorted(rl["by_kind"].items()))
+                + ")",
+            ),
+            (
+                "  operator's share p50 / p99; same pod name; preemptions counted",
+                f"{rl['operator_share_seconds']['p50']} / {rl['operator_share_seconds']['p99']} s; "
+                f"{rl['relaunched_as_the_same_pod_name']}; {st['preemptions_counted']}",
+            ),
         ]
         if rs:
             rows += [
-                (f"steady restart ({rs['resources']} resources: "
-                 + ", ".join(f"{k} {v}" for k, v in sorted(rs["phases_at_kill"].items())) + "): start -> first request",
-                 f"{rs['start_to_first_request_seconds']} s"),
-                ("steady restart: start -> all reconciled (p50 / all)",
-                 f"{rs['reconciled_seconds']['p50']} / {rs['start_to_all_reconciled_seconds']} s"),
+                (
+                    f"steady restart ({rs['resources']} resources: "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(rs["phases_at_kill"].items()))
+                    + "): start -> first request",
+                    f"{rs['start_to_first_request_seconds']} s",
+                ),
+                (
+                    "steady restart: start -> all reconciled (p50 / all)",
+                    f"{rs['reconciled_seconds']['p50']} / {rs['start_to_all_reconciled_seconds']} s",
+                ),
             ]
     load = result.get("load_before", {}).get("loadavg_1_5_15"), result.get("load_after", {}).get("loadavg_1_5_15")
     rows.append(("host load average before / after", f"{load[0]} / {load[1]}"))
@@ -1334,7 +1518,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "ends. moto S3. Wave 1: N resources at once to Succeeded, then deleted. Wave 2: N more, with pod losses "
         "(half `delete pod`, half a spot reclaim of the pod's node: taint, DisruptionTarget, SIGTERM, the Node "
         "replaced) and an operator SIGKILL + restart while loaded. Steady: with N Succeeded resources present and "
-        "the operator settled, long runs are lost and relaunched, then the operator is restarted. \"Reconciled\" "
+        'the operator settled, long runs are lost and relaunched, then the operator is restarted. "Reconciled" '
         "after a restart: the new process has read the resource and, if its status names a pod, that pod.",
         "",
         "| metric | value |",
@@ -1344,8 +1528,13 @@ def render_markdown(result: dict[str, Any]) -> str:
     w1 = result.get("wave1")
     if w1:
         n = w1["resources"]
-        out += ["", "Wave 1 API requests (client, verb, resource), per Succeeded resource:", "",
-                "| request | count | per resource |", "| --- | ---: | ---: |"]
+        out += [
+            "",
+            "Wave 1 API requests (client, verb, resource), per Succeeded resource:",
+            "",
+            "| request | count | per resource |",
+            "| --- | ---: | ---: |",
+        ]
         out += [f"| {k} | {c} | {c / n:.2f} |" for k, c in w1["api_requests_by_kind"].items()]
     return "\n".join(out) + "\n"
 
@@ -1359,34 +1548,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resources", type=int, default=500, help="resources per wave (default 500)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the choice of pods to disrupt")
     parser.add_argument("--capacity", type=int, default=25, help="GPUs of the spot pool: trainers at once")
-    parser.add_argument("--gpus-per-node", type=int, default=1,
-                        help="GPUs per spot node (a reclaim ends every pod of its node; divides --capacity)")
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=1,
+        help="GPUs per spot node (a reclaim ends every pod of its node; divides --capacity)",
+    )
     parser.add_argument("--steps", type=int, default=12, help="stand-in training steps (maxSteps)")
     parser.add_argument("--save-steps", type=int, default=5, help="steps between checkpoints")
     parser.add_argument("--step-seconds", type=float, default=0.3, help="wall time of one stand-in step")
     parser.add_argument("--logging-steps", type=int, default=3, help="steps between progress.json writes")
     parser.add_argument("--disrupt", type=int, default=50, help="running pods ended for the relaunch latency")
-    parser.add_argument("--disrupt-at", type=float, default=0.2,
-                        help="fraction of wave 2 Succeeded before pods are ended")
-    parser.add_argument("--restart-at", type=_fraction, default=0.5,
-                        help="fraction of wave 2 Succeeded when the operator is SIGKILLed ('none' to skip)")
+    parser.add_argument(
+        "--disrupt-at", type=float, default=0.2, help="fraction of wave 2 Succeeded before pods are ended"
+    )
+    parser.add_argument(
+        "--restart-at",
+        type=_fraction,
+        default=0.5,
+        help="fraction of wave 2 Succeeded when the operator is SIGKILLed ('none' to skip)",
+    )
     parser.add_argument("--down-seconds", type=float, default=5.0, help="how long the operator stays down")
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="steady-state window after wave 1")
-    parser.add_argument("--interval", type=float, default=None,
-                        help="the operator's periodic reconcile interval (chart value reconcileIntervalSeconds); "
-                             "default: the chart's")
-    parser.add_argument("--steady-disrupt", type=int, default=20,
-                        help="long runs lost and relaunched in the steady phase")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        help="the operator's periodic reconcile interval (chart value reconcileIntervalSeconds); default: the chart's",
+    )
+    parser.add_argument(
+        "--steady-disrupt", type=int, default=20, help="long runs lost and relaunched in the steady phase"
+    )
     parser.add_argument("--steady-steps", type=int, default=120, help="steps of the steady phase's long runs")
     parser.add_argument("--steady-step-seconds", type=float, default=1.0, help="their step time")
     parser.add_argument("--skip-steady", action="store_true", help="no steady phase")
-    parser.add_argument("--quiet-seconds", type=float, default=None,
-                        help="no request for this long = the operator settled (default: 0.6 x interval)")
+    parser.add_argument(
+        "--quiet-seconds",
+        type=float,
+        default=None,
+        help="no request for this long = the operator settled (default: 0.6 x interval)",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds any one wait may take")
     parser.add_argument("--skip-wave1", action="store_true", help="only the disrupted wave")
     parser.add_argument("--workdir", help="where pods' directories and logs go (default: a temporary dir)")
-    parser.add_argument("--request-log", help="write every answered API request of the operator (not watches) and "
-                                              "every change this script's watches see here")
+    parser.add_argument(
+        "--request-log",
+        help="write every answered API request of the operator (not watches) and "
+        "every change this script's watches see here",
+    )
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--markdown", help="write a markdown section here")
     args = parser.parse_args(argv)

@@ -18,6 +18,10 @@ from pathlib import Path
 
 import pytest
 
+# Shared fixtures of tests/support (module-scoped stacks on the real control plane, the API-server
+# judge): registered once here, used by name in any test module.
+pytest_plugins = ["tests.support.operator_stack", "tests.support.api_judge"]
+
 _SERVER_SCRIPT = """
 import sys
 from moto.server import ThreadedMotoServer
@@ -118,9 +122,7 @@ def s3_server(aws_test_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
 def _client(endpoint: str, **credentials: str):
     import boto3
 
-    return boto3.session.Session().client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", **credentials
-    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1", **credentials)
 
 
 @pytest.fixture
@@ -150,8 +152,7 @@ def s3_auth_server(aws_test_env: dict[str, str], tmp_path_factory: pytest.TempPa
             UserName="trainer",
             PolicyName="s3-all",
             PolicyDocument=(
-                '{"Version": "2012-10-17", "Statement": '
-                '[{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}'
+                '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}'
             ),
         )
         key = iam.create_access_key(UserName="trainer")["AccessKey"]

@@ -21,10 +21,17 @@ def _parser() -> argparse.ArgumentParser:
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (cluster-wide)")
-    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("LORARESUME_METRICS_PORT", "8080")),
-                        help="Prometheus metrics port (0 to disable)")
-    parser.add_argument("--liveness", default=os.environ.get("LORARESUME_LIVENESS", "http://0.0.0.0:8081/healthz"),
-                        help="kopf liveness endpoint URL ('' to disable)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("LORARESUME_METRICS_PORT", "8080")),
+        help="Prometheus metrics port (0 to disable)",
+    )
+    parser.add_argument(
+        "--liveness",
+        default=os.environ.get("LORARESUME_LIVENESS", "http://0.0.0.0:8081/healthz"),
+        help="kopf liveness endpoint URL ('' to disable)",
+    )
     parser.add_argument("--interval", type=float, help="seconds between periodic reconciles (default 10)")
     parser.add_argument("--peering", help="kopf peering name for several replicas (default: standalone)")
     parser.add_argument("--log-level", default=os.environ.get("LORARESUME_LOG_LEVEL", "INFO"))
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.interval:
         os.environ["LORARESUME_RECONCILE_INTERVAL"] = str(args.interval)
-    from . import handlers  # noqa: F401  (registers the handlers; reads the interval)
+    from . import handlers
 
     if not args.namespace and not args.all_namespaces:
         args.namespace = [os.environ.get("POD_NAMESPACE", "default")]

@@ -35,7 +35,11 @@ def set_condition(
     old = next((c for c in conditions if c.type == type_), None)
     since = old.last_transition_time if old is not None and old.status == value else now
     new = Condition(
-        type=type_, status=value, reason=reason, message=message[:1000], last_transition_time=since,
+        type=type_,
+        status=value,
+        reason=reason,
+        message=message[:1000],
+        last_transition_time=since,
         observed_generation=generation,
     )
     return [c for c in conditions if c.type != type_] + [new]

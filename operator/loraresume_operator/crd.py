@@ -178,9 +178,12 @@ def _unwrap(annotation: Any) -> Any:
 def _default_value(default: Any) -> Any:
     """A model default as the API server should store it: camelCase keys; nested models as `{}`
     when they are their class's defaults, so the nested schema defaults fill them in."""
-    if isinstance(default, BaseModel) and not any(f.is_required() for f in type(default).model_fields.values()):
-        if default == type(default)():
-            return {}
+    if (
+        isinstance(default, BaseModel)
+        and not any(f.is_required() for f in type(default).model_fields.values())
+        and default == type(default)()
+    ):
+        return {}
     return to_jsonable_python(default, by_alias=True, exclude_none=True)
 
 
@@ -248,9 +251,16 @@ def _root_schema() -> dict[str, Any]:
             },
             "kind": {"description": "REST resource this object represents (LoraResume).", "type": "string"},
             # The name is a label value on the trainer pods (selectors, ownership): 63 characters at most.
-            "metadata": {"type": "object", "properties": {"name": {
-                "description": "Name of the LoraResume; its trainer pods carry it as a label value.",
-                "type": "string", "maxLength": MAX_NAME}}},
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {
+                        "description": "Name of the LoraResume; its trainer pods carry it as a label value.",
+                        "type": "string",
+                        "maxLength": MAX_NAME,
+                    }
+                },
+            },
             "spec": spec,
             "status": status,
         },

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import conditions as c
@@ -101,7 +101,7 @@ def pod_name(resource_name: str, attempt: int) -> str:
 
 
 def iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_iso(text: str | None) -> datetime | None:
@@ -110,7 +110,7 @@ def parse_iso(text: str | None) -> datetime | None:
         moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
     except ValueError:
         return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def backoff_seconds(spec: LoraResumeSpec, failures: int) -> float:
@@ -205,8 +205,12 @@ def _launch(b: _Builder, adapter_uri: str | None, why: str) -> None:
     b.actions.append(CreatePod(name, attempt, resume, on_demand, adapter_uri))
     b.condition(c.RUNNING, False, c.POD_STARTING, f"starting pod {name}")
     if on_demand and not obs.status.on_demand:
-        b.event("Warning", "FallbackToOnDemand", f"{b.values['preemptions']} preemptions: next attempts use on-demand nodes")
-    b.event("Normal", "AttemptStarted" if attempt == 1 else c.RELAUNCHING, f"attempt {attempt} ({why}): pod {name}, {where}")
+        b.event(
+            "Warning", "FallbackToOnDemand", f"{b.values['preemptions']} preemptions: next attempts use on-demand nodes"
+        )
+    b.event(
+        "Normal", "AttemptStarted" if attempt == 1 else c.RELAUNCHING, f"attempt {attempt} ({why}): pod {name}, {where}"
+    )
     b.requeue(POD_APPEAR_SECONDS)
 
 
@@ -263,8 +267,11 @@ def _ended(b: _Builder, end: PodEnd) -> None:
         b.set(preemptions=preemptions)
         b.event("Warning", end.reason, f"attempt {obs.status.attempt} preempted: {end.message}{lost_text}")
         if preemptions > spec.restart_policy.max_preemptions:
-            _fail(b, c.PREEMPTION_BUDGET_EXHAUSTED,
-                  f"{preemptions} preemptions exceed restartPolicy.maxPreemptions={spec.restart_policy.max_preemptions}")
+            _fail(
+                b,
+                c.PREEMPTION_BUDGET_EXHAUSTED,
+                f"{preemptions} preemptions exceed restartPolicy.maxPreemptions={spec.restart_policy.max_preemptions}",
+            )
             return
         ready, adapter = _adapter_uri(b)
         if ready:
@@ -274,9 +281,12 @@ def _ended(b: _Builder, end: PodEnd) -> None:
     b.set(failures=failures)
     if failures > spec.restart_policy.backoff_limit:
         b.event("Warning", end.reason, f"attempt {obs.status.attempt} failed: {end.message}{lost_text}")
-        _fail(b, c.BACKOFF_LIMIT_EXCEEDED,
-              f"{failures} failed attempts exceed restartPolicy.backoffLimit={spec.restart_policy.backoff_limit}; "
-              f"last: {end.message}")
+        _fail(
+            b,
+            c.BACKOFF_LIMIT_EXCEEDED,
+            f"{failures} failed attempts exceed restartPolicy.backoffLimit={spec.restart_policy.backoff_limit}; "
+            f"last: {end.message}",
+        )
         return
     delay = backoff_seconds(spec, failures)
     b.set(
@@ -286,7 +296,9 @@ def _ended(b: _Builder, end: PodEnd) -> None:
         message=f"attempt {obs.status.attempt} failed ({end.reason}); retrying in {delay:.0f} s",
     )
     b.condition(c.RUNNING, False, c.BACKING_OFF, b.values["message"])
-    b.event("Warning", end.reason, f"attempt {obs.status.attempt} failed: {end.message}{lost_text}; retry in {delay:.0f} s")
+    b.event(
+        "Warning", end.reason, f"attempt {obs.status.attempt} failed: {end.message}{lost_text}; retry in {delay:.0f} s"
+    )
     b.requeue(delay)
 
 
@@ -322,8 +334,13 @@ def decide(obs: Observation) -> Plan:
             ready, adapter = _adapter_uri(b)
             if ready:
                 b.actions.append(
-                    CreatePod(status.pod_name, status.attempt, obs.checkpoint.uri if obs.checkpoint else None,
-                              status.on_demand, adapter)
+                    CreatePod(
+                        status.pod_name,
+                        status.attempt,
+                        obs.checkpoint.uri if obs.checkpoint else None,
+                        status.on_demand,
+                        adapter,
+                    )
                 )
                 b.requeue(POD_APPEAR_SECONDS)
         return b.plan()

@@ -8,7 +8,6 @@ start with the variable named (and the Helm value it comes from), never a half-w
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -70,7 +69,9 @@ class OperatorDefaults:
         if get("LORARESUME_TRAINER_IMAGE"):
             kwargs["trainer_image"] = get("LORARESUME_TRAINER_IMAGE")
         if get("LORARESUME_IMAGE_PULL_POLICY"):
-            kwargs["image_pull_policy"] = _choice(get, "LORARESUME_IMAGE_PULL_POLICY", ("Always", "IfNotPresent", "Never"))
+            kwargs["image_pull_policy"] = _choice(
+                get, "LORARESUME_IMAGE_PULL_POLICY", ("Always", "IfNotPresent", "Never")
+            )
         if get("LORARESUME_GRACE_PERIOD_SECONDS"):
             kwargs["grace_period_seconds"] = _grace(get("LORARESUME_GRACE_PERIOD_SECONDS"))
         if get("LORARESUME_STORAGE_URI_PREFIX"):
@@ -78,14 +79,20 @@ class OperatorDefaults:
         kwargs["storage_endpoint"] = get("LORARESUME_S3_ENDPOINT") or None
         kwargs["storage_region"] = get("LORARESUME_S3_REGION") or None
         kwargs["credentials_secret"] = get("LORARESUME_CREDENTIALS_SECRET") or None
-        for name, key in (("LORARESUME_SPOT_NODE_SELECTOR", "spot_node_selector"),
-                          ("LORARESUME_ON_DEMAND_NODE_SELECTOR", "on_demand_node_selector")):
+        for name, key in (
+            ("LORARESUME_SPOT_NODE_SELECTOR", "spot_node_selector"),
+            ("LORARESUME_ON_DEMAND_NODE_SELECTOR", "on_demand_node_selector"),
+        ):
             if get(name):
                 kwargs[key] = _json(name, get(name), _SELECTOR, "a JSON object of node labels")
         if get("LORARESUME_SPOT_TOLERATIONS"):
             kwargs["spot_tolerations"] = tuple(
-                _json("LORARESUME_SPOT_TOLERATIONS", get("LORARESUME_SPOT_TOLERATIONS"), _TOLERATIONS,
-                      "a JSON list of core/v1 tolerations")
+                _json(
+                    "LORARESUME_SPOT_TOLERATIONS",
+                    get("LORARESUME_SPOT_TOLERATIONS"),
+                    _TOLERATIONS,
+                    "a JSON list of core/v1 tolerations",
+                )
             )
         return cls(**kwargs)
 
@@ -141,22 +148,29 @@ def effective_spec(spec: LoraResumeSpec, defaults: OperatorDefaults, storage_uri
     `storage_uri` is the run's resolved prefix (from status once recorded, so a later change of
     the operator's default prefix never moves a running job); None when it cannot be resolved.
     """
-    storage = spec.storage.model_copy(update={
-        "uri": spec.storage.uri or storage_uri,
-        "endpoint": spec.storage.endpoint or defaults.storage_endpoint,
-        "region": spec.storage.region or defaults.storage_region,
-        "credentials_secret": spec.storage.credentials_secret or defaults.credentials_secret,
-    })
+    storage = spec.storage.model_copy(
+        update={
+            "uri": spec.storage.uri or storage_uri,
+            "endpoint": spec.storage.endpoint or defaults.storage_endpoint,
+            "region": spec.storage.region or defaults.storage_region,
+            "credentials_secret": spec.storage.credentials_secret or defaults.credentials_secret,
+        }
+    )
     spot = spec.scheduling.spot
     if spot.enabled:
         update: dict[str, Any] = {}
         if not spot.node_selector and not spot.tolerations:
-            update = {"node_selector": dict(defaults.spot_node_selector), "tolerations": list(defaults.spot_tolerations)}
+            update = {
+                "node_selector": dict(defaults.spot_node_selector),
+                "tolerations": list(defaults.spot_tolerations),
+            }
         if not spot.on_demand_node_selector:
             update["on_demand_node_selector"] = dict(defaults.on_demand_node_selector)
         spot = spot.model_copy(update=update)
-    return spec.model_copy(update={
-        "storage": storage,
-        "scheduling": spec.scheduling.model_copy(update={"spot": spot}),
-        "termination_grace_period_seconds": spec.termination_grace_period_seconds or defaults.grace_period_seconds,
-    })
+    return spec.model_copy(
+        update={
+            "storage": storage,
+            "scheduling": spec.scheduling.model_copy(update={"spot": spot}),
+            "termination_grace_period_seconds": spec.termination_grace_period_seconds or defaults.grace_period_seconds,
+        }
+    )

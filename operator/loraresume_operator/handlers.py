@@ -77,7 +77,7 @@ def _periodic(stop: threading.Event) -> None:
         for namespace, name in keys:
             try:
                 reconciler().reconcile(namespace, name)
-            except Exception:  # noqa: BLE001 - one resource's trouble must not stop the loop
+            except Exception:
                 metrics.RECONCILE_ERRORS.labels("loop").inc()
                 log.exception("periodic reconcile of %s/%s failed; next round retries", namespace, name)
                 continue

@@ -21,8 +21,10 @@ DNS_SUBDOMAIN_PATTERN = _DNS_SUBDOMAIN.pattern
 
 def dns_subdomain_problem(value: str) -> str | None:
     if len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
-        return (f"{value!r} is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', "
-                "starting and ending with a letter or digit, at most 253 characters)")
+        return (
+            f"{value!r} is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit, at most 253 characters)"
+        )
     return None
 
 
@@ -31,15 +33,19 @@ def label_key_problem(key: str) -> str | None:
     if slash and (not prefix or dns_subdomain_problem(prefix)):
         return f"label key {key!r}: the prefix before '/' must be a DNS-1123 subdomain"
     if not 0 < len(name) <= 63 or not _NAME_PART.match(name):
-        return (f"label key {key!r}: the name must be 1-63 characters of letters, digits, '-', '_' or '.', "
-                "starting and ending with a letter or digit")
+        return (
+            f"label key {key!r}: the name must be 1-63 characters of letters, digits, '-', '_' or '.', "
+            "starting and ending with a letter or digit"
+        )
     return None
 
 
 def label_value_problem(value: str) -> str | None:
     if len(value) > MAX_LABEL_VALUE or not _LABEL_VALUE.match(value):
-        return (f"label value {value!r}: at most 63 characters of letters, digits, '-', '_' or '.', "
-                "starting and ending with a letter or digit (or empty)")
+        return (
+            f"label value {value!r}: at most 63 characters of letters, digits, '-', '_' or '.', "
+            "starting and ending with a letter or digit (or empty)"
+        )
     return None
 
 

@@ -7,14 +7,17 @@ from prometheus_client import Counter, Gauge, Histogram
 RESOURCES_BY_PHASE = Gauge("loraresume_resources", "LoraResume resources by phase", ["phase"])
 PREEMPTIONS = Counter("loraresume_preemptions_total", "Attempts ended by preemption", ["namespace"])
 FAILURES = Counter("loraresume_failures_total", "Attempts ended by failure", ["namespace"])
-LOST_STEPS = Counter("loraresume_lost_steps_total", "Steps trained but not durable when an attempt ended", ["namespace"])
+LOST_STEPS = Counter(
+    "loraresume_lost_steps_total", "Steps trained but not durable when an attempt ended", ["namespace"]
+)
 RELAUNCH_SECONDS = Histogram(
     "loraresume_relaunch_seconds",
     "From noticing an attempt ended to creating the next pod",
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
 CHECKPOINT_AGE = Gauge(
-    "loraresume_checkpoint_age_seconds", "Seconds since the newest complete checkpoint was seen to change",
+    "loraresume_checkpoint_age_seconds",
+    "Seconds since the newest complete checkpoint was seen to change",
     ["namespace", "name"],
 )
 RECONCILE_ERRORS = Counter("loraresume_reconcile_errors_total", "Reconciles that failed and will be retried", ["kind"])

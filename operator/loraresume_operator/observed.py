@@ -18,8 +18,17 @@ TRAINER_CONTAINER = "trainer"
 # Pod conditions/reasons the kubelet, scheduler and eviction API set when a pod is disrupted.
 DISRUPTION_CONDITION = "DisruptionTarget"
 PREEMPTION_REASONS = frozenset(
-    {"Evicted", "Preempted", "PreemptionByScheduler", "DeletionByTaintManager", "TerminationByKubelet", "NodeLost",
-     "Shutdown", "NodeShutdown", "Terminated"}
+    {
+        "Evicted",
+        "Preempted",
+        "PreemptionByScheduler",
+        "DeletionByTaintManager",
+        "TerminationByKubelet",
+        "NodeLost",
+        "Shutdown",
+        "NodeShutdown",
+        "Terminated",
+    }
 )
 
 

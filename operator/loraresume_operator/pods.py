@@ -155,8 +155,14 @@ def build_trainer_pod(
             "namespace": resource.namespace,
             "labels": labels,
             "ownerReferences": [
-                {"apiVersion": API_VERSION, "kind": KIND, "name": resource.name, "uid": resource.uid,
-                 "controller": True, "blockOwnerDeletion": True}
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": KIND,
+                    "name": resource.name,
+                    "uid": resource.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
             ],
         },
         "spec": pod_spec,

@@ -27,28 +27,51 @@ class Rule:
 
 # Rules granted in every watched namespace (Role) or cluster-wide (ClusterRole).
 NAMESPACED_RULES: tuple[Rule, ...] = (
-    Rule(GROUP, PLURAL, ("get", "list", "watch", "patch"),
-         "kopf watches LoraResumes and patches their finalizer and handler-progress annotations; "
-         "each reconcile reads the resource afresh"),
-    Rule(GROUP, f"{PLURAL}/status", ("update",),
-         "the status is replaced with a resourceVersion precondition (optimistic concurrency), "
-         "so two reconciles cannot both count an attempt's end"),
-    Rule("", "pods", ("get", "list", "watch", "create", "deletecollection"),
-         "trainer pods: one created per attempt, watched for their end, read by name, "
-         "removed with their LoraResume"),
-    Rule("", "events", ("create",),
-         "Relaunching, Preempted, Succeeded... events on the LoraResume (kopf posts its own too)"),
-    Rule("", "secrets", ("get",),
-         "the S3 credentials Secret named in spec.storage.credentialsSecret, to read progress and "
-         "checkpoints from S3 (never copied, logged or written anywhere)"),
+    Rule(
+        GROUP,
+        PLURAL,
+        ("get", "list", "watch", "patch"),
+        "kopf watches LoraResumes and patches their finalizer and handler-progress annotations; "
+        "each reconcile reads the resource afresh",
+    ),
+    Rule(
+        GROUP,
+        f"{PLURAL}/status",
+        ("update",),
+        "the status is replaced with a resourceVersion precondition (optimistic concurrency), "
+        "so two reconciles cannot both count an attempt's end",
+    ),
+    Rule(
+        "",
+        "pods",
+        ("get", "list", "watch", "create", "deletecollection"),
+        "trainer pods: one created per attempt, watched for their end, read by name, removed with their LoraResume",
+    ),
+    Rule(
+        "",
+        "events",
+        ("create",),
+        "Relaunching, Preempted, Succeeded... events on the LoraResume (kopf posts its own too)",
+    ),
+    Rule(
+        "",
+        "secrets",
+        ("get",),
+        "the S3 credentials Secret named in spec.storage.credentialsSecret, to read progress and "
+        "checkpoints from S3 (never copied, logged or written anywhere)",
+    ),
 )
 
 # Extra rules for cluster-wide mode only (ClusterRole): kopf's runtime scanning of CRDs. (It
 # would watch namespaces only for namespace patterns, which the operator does not use; in
 # namespaced mode scanning is off, see handlers.configure.)
 CLUSTER_RULES: tuple[Rule, ...] = (
-    Rule("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch"),
-         "kopf notices the LoraResume CRD being installed or removed while it runs"),
+    Rule(
+        "apiextensions.k8s.io",
+        "customresourcedefinitions",
+        ("list", "watch"),
+        "kopf notices the LoraResume CRD being installed or removed while it runs",
+    ),
 )
 
 

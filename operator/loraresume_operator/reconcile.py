@@ -13,7 +13,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi
@@ -27,9 +27,9 @@ from loraresume_trainer.redact import remember_secret
 from . import conditions as c
 from . import metrics
 from .decide import CreatePod, EmitEvent, Observation, Plan, Resource, SourceState, decide, iso, parse_iso
-from .observed import ObservedPod
 from .defaults import OperatorDefaults, effective_spec
 from .k8s_names import MAX_LABEL_VALUE
+from .observed import ObservedPod
 from .pods import LABEL_RESOURCE, build_trainer_pod
 from .s3_view import StorageView, read_storage, s3_client
 from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus, Phase
@@ -41,7 +41,7 @@ STORAGE_RETRY_SECONDS = 30.0
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _api_message(exc: ApiException) -> str:
@@ -128,8 +128,13 @@ class Reconciler:
     def _write_status(self, body: dict[str, Any], status: LoraResumeStatus) -> bool:
         meta = body["metadata"]
         new = {
-            "apiVersion": body["apiVersion"], "kind": body["kind"],
-            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "resourceVersion": meta["resourceVersion"]},
+            "apiVersion": body["apiVersion"],
+            "kind": body["kind"],
+            "metadata": {
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "resourceVersion": meta["resourceVersion"],
+            },
             "status": status.model_dump(by_alias=True, mode="json", exclude_none=True),
         }
         try:
@@ -169,17 +174,29 @@ class Reconciler:
         except ValidationError as exc:
             return self._invalid(body, resource, status, format_validation_error(exc))
         if len(resource.name) > MAX_LABEL_VALUE:  # the CRD says so too; an older CRD may have let it in
-            return self._invalid(body, resource, status, f"metadata.name: at most {MAX_LABEL_VALUE} characters (the "
-                                 f"trainer pods carry it as a label value), got {len(resource.name)}")
+            return self._invalid(
+                body,
+                resource,
+                status,
+                f"metadata.name: at most {MAX_LABEL_VALUE} characters (the "
+                f"trainer pods carry it as a label value), got {len(resource.name)}",
+            )
         if status.phase.is_terminal and status.observed_generation == resource.generation:
             self.record_phase(resource.namespace, resource.name, status.phase.value)
             return None
         written = status
         storage_uri = self.storage_uri(resource.namespace, resource.name, spec, status)
         if storage_uri is None:
-            return self._storage_unavailable(body, resource, status, ConfigError(
-                "not set, and the operator has no default storage prefix: set it, or install the operator "
-                "with the Helm value storage.uriPrefix", field="spec.storage.uri"))
+            return self._storage_unavailable(
+                body,
+                resource,
+                status,
+                ConfigError(
+                    "not set, and the operator has no default storage prefix: set it, or install the operator "
+                    "with the Helm value storage.uriPrefix",
+                    field="spec.storage.uri",
+                ),
+            )
         spec = effective_spec(spec, self.defaults, storage_uri)
         status = status.model_copy(update={"storage_uri": storage_uri})
         try:
@@ -188,16 +205,28 @@ class Reconciler:
             return self._storage_unavailable(body, resource, written, exc)
         now = self.clock()
         observation = Observation(
-            resource=resource, spec=spec, status=status,
+            resource=resource,
+            spec=spec,
+            status=status,
             pod=self._pod(resource.namespace, status.pod_name),
-            checkpoint=view.checkpoint, progress=view.progress, adapter_complete=view.adapter_complete,
-            now=now, source=self._source(resource.namespace, spec),
+            checkpoint=view.checkpoint,
+            progress=view.progress,
+            adapter_complete=view.adapter_complete,
+            now=now,
+            source=self._source(resource.namespace, spec),
         )
         plan = decide(observation)
         stale = next((x for x in plan.status.conditions if x.type == c.STORAGE_READY and x.status != "True"), None)
         if stale is not None:
-            conds = c.set_condition(list(plan.status.conditions), c.STORAGE_READY, True, c.STORAGE_OK,
-                                    "storage is readable", iso(now), resource.generation)
+            conds = c.set_condition(
+                list(plan.status.conditions),
+                c.STORAGE_READY,
+                True,
+                c.STORAGE_OK,
+                "storage is readable",
+                iso(now),
+                resource.generation,
+            )
             plan = Plan(plan.status.model_copy(update={"conditions": conds}), plan.actions)
         if plan.status != written and not self._write_status(body, plan.status):
             return CONFLICT_RETRY_SECONDS
@@ -223,8 +252,13 @@ class Reconciler:
                     ended = parse_iso(plan.status.last_attempt_ended or before.last_attempt_ended)
                     if ended:
                         metrics.RELAUNCH_SECONDS.observe(max(0.0, (self.clock() - ended).total_seconds()))
-                log.info("%s/%s: created pod %s (%.2f s)", resource.namespace, resource.name, action.name,
-                         (self.clock() - started).total_seconds())
+                log.info(
+                    "%s/%s: created pod %s (%.2f s)",
+                    resource.namespace,
+                    resource.name,
+                    action.name,
+                    (self.clock() - started).total_seconds(),
+                )
             elif isinstance(action, EmitEvent):
                 self.post_event(body, type_=action.type, reason=action.reason, message=action.message)
 
@@ -258,8 +292,15 @@ class Reconciler:
         message = f"cannot read storage: {exc}"
         log.warning("%s/%s: %s", resource.namespace, resource.name, message)
         if status.message != message:
-            conds = c.set_condition(list(status.conditions), c.STORAGE_READY, False, c.STORAGE_UNAVAILABLE, message,
-                                    iso(self.clock()), resource.generation)
+            conds = c.set_condition(
+                list(status.conditions),
+                c.STORAGE_READY,
+                False,
+                c.STORAGE_UNAVAILABLE,
+                message,
+                iso(self.clock()),
+                resource.generation,
+            )
             if self._write_status(body, status.model_copy(update={"message": message, "conditions": conds})):
                 self.post_event(body, type_="Warning", reason=c.STORAGE_UNAVAILABLE, message=message)
         return STORAGE_RETRY_SECONDS
@@ -287,10 +328,16 @@ class Reconciler:
         if status.phase is Phase.FAILED and status.message == message:
             return None
         now = iso(self.clock())
-        conds = c.set_condition(list(status.conditions), c.FAILED, True, c.INVALID_SPEC, message, now, resource.generation)
+        conds = c.set_condition(
+            list(status.conditions), c.FAILED, True, c.INVALID_SPEC, message, now, resource.generation
+        )
         failed = status.model_copy(
-            update={"phase": Phase.FAILED, "message": message, "conditions": conds,
-                    "observed_generation": resource.generation}
+            update={
+                "phase": Phase.FAILED,
+                "message": message,
+                "conditions": conds,
+                "observed_generation": resource.generation,
+            }
         )
         if self._write_status(body, failed):
             self.post_event(body, type_="Warning", reason=c.INVALID_SPEC, message=message)
@@ -303,13 +350,18 @@ class Reconciler:
         """A core/v1 Event on the resource, through the API client: works from any thread (kopf's
         own poster needs its context variables), and a failure to post never stops a reconcile."""
         meta = body["metadata"]
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         event = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": meta["name"],
-                               "namespace": meta["namespace"], "uid": meta["uid"]},
+            "involvedObject": {
+                "apiVersion": body["apiVersion"],
+                "kind": body["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
             "type": type_,
             "reason": reason,
             "message": message[:1024],

@@ -81,4 +81,4 @@ def read_storage(spec: LoraResumeSpec, client: Any) -> StorageView:
     return StorageView(checkpoint, progress, adapter is not None, created)
 
 
-__all__ = ["StorageView", "read_storage", "s3_client", "TrainerError"]
+__all__ = ["StorageView", "TrainerError", "read_storage", "s3_client"]

@@ -43,6 +43,8 @@ def immutable(message: str) -> dict[str, Any]:
 
 # Set or unset, storage.uri stays as it was created (an unset one resolves to the operator's prefix).
 STORAGE_URI_IMMUTABLE = "has(self.uri) == has(oldSelf.uri) && (!has(self.uri) || self.uri == oldSelf.uri)"
+
+
 def _s3_uri(value: str | None) -> str | None:
     """The trainer's own S3 URI rules (bucket naming, no empty or '..' segments), stricter than the
     CRD's pattern: refused here, the resource fails naming the field instead of every reconcile
@@ -121,7 +123,8 @@ class StorageSpec(_Spec):
     """Where checkpoints, progress and the adapter live."""
 
     uri: str | None = Field(
-        None, pattern=S3_URI_PATTERN,
+        None,
+        pattern=S3_URI_PATTERN,
         description="s3://bucket/prefix/ for this run; empty for the operator's default prefix + "
         "<namespace>/<name>/ (Helm value storage.uriPrefix). The resolved location is in status.storageUri.",
     )
@@ -229,7 +232,9 @@ class RestartPolicySpec(_Spec):
     backoff_seconds: int = Field(
         10, ge=1, le=86_400, description="Delay before the first retry after a failure; doubles (at most a day)."
     )
-    max_backoff_seconds: int = Field(600, ge=1, le=604_800, description="Cap of the doubling retry delay (at most a week).")
+    max_backoff_seconds: int = Field(
+        600, ge=1, le=604_800, description="Cap of the doubling retry delay (at most a week)."
+    )
 
 
 class LoraResumeSpec(_Spec):
@@ -242,34 +247,39 @@ class LoraResumeSpec(_Spec):
         json_schema_extra=immutable(f"baseModel {_NEW_RESOURCE}"),
     )
     max_seq_length: int = Field(
-        2048, ge=8, le=1_048_576, description="Longest sequence in tokens.",
+        2048,
+        ge=8,
+        le=1_048_576,
+        description="Longest sequence in tokens.",
         json_schema_extra=immutable(f"maxSeqLength {_NEW_RESOURCE}"),
     )
     load_in_4bit: bool = Field(True, description="Load the base model 4-bit quantized (QLoRA).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype.")
     adapter: AdapterSource | None = Field(
-        None, description="The saved adapter to start from; omit to train a new LoRA (see `lora`).",
+        None,
+        description="The saved adapter to start from; omit to train a new LoRA (see `lora`).",
         json_schema_extra=immutable(f"adapter {_NEW_RESOURCE}"),
     )
     lora: LoraSettings = Field(
-        default_factory=LoraSettings, description="Shape of a new LoRA (ignored when `adapter` is set).",
+        default_factory=LoraSettings,
+        description="Shape of a new LoRA (ignored when `adapter` is set).",
         json_schema_extra=immutable(f"lora {_NEW_RESOURCE}"),
     )
     dataset: DatasetSettings = Field(
-        ..., description="Training rows and the template that turns each into text.",
+        ...,
+        description="Training rows and the template that turns each into text.",
         json_schema_extra=immutable(f"dataset {_NEW_RESOURCE}"),
     )
     training: TrainingSpec = Field(
-        default_factory=TrainingSpec, description="The training schedule (TRL SFTConfig).",
+        default_factory=TrainingSpec,
+        description="The training schedule (TRL SFTConfig).",
         json_schema_extra=immutable(f"training {_NEW_RESOURCE}"),
     )
     storage: StorageSpec = Field(
         default_factory=StorageSpec,
         description="S3 location of checkpoints, progress and the output adapter.",
         json_schema_extra={
-            "x-kubernetes-validations": [
-                {"rule": STORAGE_URI_IMMUTABLE, "message": f"storage.uri {_NEW_RESOURCE}"}
-            ]
+            "x-kubernetes-validations": [{"rule": STORAGE_URI_IMMUTABLE, "message": f"storage.uri {_NEW_RESOURCE}"}]
         },
     )
     warm_start: bool = Field(
@@ -287,7 +297,9 @@ class LoraResumeSpec(_Spec):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Pod placement.")
     restart_policy: RestartPolicySpec = Field(default_factory=RestartPolicySpec, description="Retry budgets.")
     termination_grace_period_seconds: int | None = Field(
-        None, ge=5, le=3600,
+        None,
+        ge=5,
+        le=3600,
         description="Time between SIGTERM and SIGKILL: the trainer saves and uploads a checkpoint in it "
         "(GKE spot: 15 s default, up to 120 s with a node setting; AWS spot: 2-minute notice). Empty for the "
         "operator's default (Helm value trainer.terminationGracePeriodSeconds, 120 s unless changed).",
@@ -349,8 +361,9 @@ class LoraResumeStatus(_Spec):
     progress: str = Field("", description="step/maxSteps, for kubectl get.")
     loss: str = Field("", description="Last logged training loss.")
     storage_uri: str | None = Field(
-        None, description="Where this run's checkpoints, progress and adapter live (spec.storage.uri, or the "
-        "operator's default prefix + <namespace>/<name>/, fixed when first resolved)."
+        None,
+        description="Where this run's checkpoints, progress and adapter live (spec.storage.uri, or the "
+        "operator's default prefix + <namespace>/<name>/, fixed when first resolved).",
     )
     latest_checkpoint: CheckpointRef | None = Field(None, description="Newest complete checkpoint in S3.")
     output_adapter: str | None = Field(None, description="S3 URI of the final adapter, once saved.")
@@ -360,7 +373,8 @@ class LoraResumeStatus(_Spec):
     next_attempt_after: str | None = Field(None, description="Backoff: no new pod before this time (RFC 3339).")
     on_demand: bool = Field(False, description="True once the job has fallen back from spot to on-demand nodes.")
     conditions: list[Condition] = Field(
-        default_factory=list, description="Ready, Succeeded, Failed, ...",
+        default_factory=list,
+        description="Ready, Succeeded, Failed, ...",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     observed_generation: int = Field(0, ge=0, description="The spec generation the status reflects.")

@@ -144,14 +144,16 @@ def plan_run(index: int, seed: int, variants: Iterable[Variant] = VARIANTS) -> R
         kinds = [k for k in KINDS if k != "download_kill" or after_trainer_end]
         kind = rng.choice(kinds)
         window = "relaunch" if kind == "operator_restart" and after_trainer_end and rng.random() < 0.5 else "training"
-        disruptions.append(Disruption(
-            kind=kind,
-            after_steps=rng.randint(1 if kind != "operator_restart" else 0, 2 * variant.save_steps),
-            file_index=rng.randint(2, 8),
-            window=window,
-            downtime=round(rng.uniform(0.0, 3.0), 1),
-            nth_checkpoint=rng.randint(1, 2),
-        ))
+        disruptions.append(
+            Disruption(
+                kind=kind,
+                after_steps=rng.randint(1 if kind != "operator_restart" else 0, 2 * variant.save_steps),
+                file_index=rng.randint(2, 8),
+                window=window,
+                downtime=round(rng.uniform(0.0, 3.0), 1),
+                nth_checkpoint=rng.randint(1, 2),
+            )
+        )
     return RunPlan(index, seed, variant, tuple(disruptions))
 
 
@@ -167,7 +169,7 @@ def plan_runs(seed: int, runs: int, variants: Iterable[Variant] = VARIANTS) -> l
 # compared by meaning unless strict; every other file byte for byte.
 NORMALIZED_FILES = {
     "adapter_config.json": "as JSON, target_modules order ignored (PEFT keeps a set: its order follows the "
-                           "process's string-hash seed)",
+    "process's string-hash seed)",
     "README.md": "without its base_model lines (PEFT's model card names the pod-local cache path of the base model)",
 }
 _BASE_MODEL_LINE = re.compile(rb"^.*base_model.*$", re.MULTILINE)
@@ -191,7 +193,9 @@ def read_adapter(s3: Any, bucket: str, prefix: str) -> dict[str, bytes]:
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     key = f"{prefix}adapter/{MANIFEST}"
     manifest = Manifest.from_bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read(), source=key)
-    return {f.path: s3.get_object(Bucket=bucket, Key=f"{prefix}adapter/{f.path}")["Body"].read() for f in manifest.files}
+    return {
+        f.path: s3.get_object(Bucket=bucket, Key=f"{prefix}adapter/{f.path}")["Body"].read() for f in manifest.files
+    }
 
 
 def adapter_differences(got: dict[str, bytes], reference: dict[str, bytes], *, strict: bool = False) -> list[str]:
@@ -201,8 +205,9 @@ def adapter_differences(got: dict[str, bytes], reference: dict[str, bytes], *, s
         mine, theirs = got.get(path), reference.get(path)
         if mine is None or theirs is None:
             differing.append(f"{path} ({'missing' if mine is None else 'unexpected'})")
-        elif mine != theirs and (strict or path not in NORMALIZED_FILES
-                                 or _normalized(path, mine) != _normalized(path, theirs)):
+        elif mine != theirs and (
+            strict or path not in NORMALIZED_FILES or _normalized(path, mine) != _normalized(path, theirs)
+        ):
             differing.append(path)
     return differing
 
@@ -237,7 +242,8 @@ class RunResult:
             f"run {self.plan.index} seed {self.plan.seed} {self.plan.variant.name} [{self.plan.describe()}]: "
             f"{self.outcome.upper()} in {self.seconds:.0f}s (attempts {st.get('attempt')}, preemptions "
             f"{st.get('preemptions')}, failures {st.get('failures')}; delivered "
-            f"{sum(d.delivered for d in self.deliveries)}/{len(self.deliveries)}, hit {sum(d.hit for d in self.deliveries)})"
+            f"{sum(d.delivered for d in self.deliveries)}/{len(self.deliveries)}, hit "
+            f"{sum(d.hit for d in self.deliveries)})"
             + (f" {self.detail}" if self.detail else "")
             + (f" [accounting: {self.accounting}]" if self.accounting else "")
         )
@@ -270,22 +276,42 @@ class Summary:
 
     def to_json(self, *, seed: int | None = None, fault_rate: float = 0.0) -> dict[str, Any]:
         return {
-            "seed": seed, "s3_fault_rate": fault_rate, "runs": len(self.results), "seconds": round(self.seconds, 1),
-            "mismatches": self.mismatches, "failures": self.failures, "strict": self.strict,
-            "by_kind": {k: dict(zip(("planned", "delivered", "hit"), v)) for k, v in self.by_kind().items()},
+            "seed": seed,
+            "s3_fault_rate": fault_rate,
+            "runs": len(self.results),
+            "seconds": round(self.seconds, 1),
+            "mismatches": self.mismatches,
+            "failures": self.failures,
+            "strict": self.strict,
+            "by_kind": {
+                k: dict(zip(("planned", "delivered", "hit"), v, strict=True)) for k, v in self.by_kind().items()
+            },
             "proxy": self.proxy_counts,
-            "results": [{
-                "index": r.plan.index, "seed": r.plan.seed, "variant": r.plan.variant.name, "outcome": r.outcome,
-                "seconds": round(r.seconds, 1), "plan": r.plan.describe(), "detail": r.detail,
-                "accounting": r.accounting,
-                "status": {k: r.status.get(k) for k in ("phase", "attempt", "preemptions", "failures", "lostSteps")},
-                "deliveries": [d.__dict__ for d in r.deliveries],
-            } for r in self.results],
+            "results": [
+                {
+                    "index": r.plan.index,
+                    "seed": r.plan.seed,
+                    "variant": r.plan.variant.name,
+                    "outcome": r.outcome,
+                    "seconds": round(r.seconds, 1),
+                    "plan": r.plan.describe(),
+                    "detail": r.detail,
+                    "accounting": r.accounting,
+                    "status": {
+                        k: r.status.get(k) for k in ("phase", "attempt", "preemptions", "failures", "lostSteps")
+                    },
+                    "deliveries": [d.__dict__ for d in r.deliveries],
+                }
+                for r in self.results
+            ],
         }
 
     def report(self, *, seed: int | None = None, fault_rate: float = 0.0) -> str:
-        lines = [f"chaos: {len(self.results)} runs" + (f", seed {seed}" if seed is not None else "")
-                 + f", S3 fault rate {fault_rate:g}"]
+        lines = [
+            f"chaos: {len(self.results)} runs"
+            + (f", seed {seed}" if seed is not None else "")
+            + f", S3 fault rate {fault_rate:g}"
+        ]
         lines.append(f"  {'kind':<17}{'planned':>8}{'delivered':>10}{'hit window':>11}")
         totals = [0, 0, 0]
         for kind, (planned, delivered, hit) in self.by_kind().items():
@@ -294,8 +320,10 @@ class Summary:
         lines.append(f"  {'total':<17}{totals[0]:>8}{totals[1]:>10}{totals[2]:>11}")
         anomalies = sum(bool(r.accounting) for r in self.results)
         lines.append(f"  succeeded bitwise equal: {sum(r.ok for r in self.results)}")
-        lines.append(f"  mismatches: {self.mismatches}"
-                     + ("" if self.strict else f" (byte for byte except {', '.join(NORMALIZED_FILES)}: by meaning)"))
+        lines.append(
+            f"  mismatches: {self.mismatches}"
+            + ("" if self.strict else f" (byte for byte except {', '.join(NORMALIZED_FILES)}: by meaning)")
+        )
         lines.append(f"  failures: {self.failures}")
         lines.append(f"  accounting anomalies (status counters vs delivered disruptions): {anomalies}")
         if self.proxy_counts:
@@ -349,28 +377,51 @@ class ChaosStack:
         self._logs.append(moto_log)
         self.moto = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
-            stdout=moto_log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=moto_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.moto_endpoint = f"http://127.0.0.1:{moto_port}"
         _wait_http(f"{self.moto_endpoint}/moto-api/", 120, self.moto)
         # Our own view of S3 goes around the proxy: checks must not meet injected faults.
         self.s3 = boto3.client(
-            "s3", endpoint_url=self.moto_endpoint, region_name=AWS["AWS_DEFAULT_REGION"],
-            aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"],
+            "s3",
+            endpoint_url=self.moto_endpoint,
+            region_name=AWS["AWS_DEFAULT_REGION"],
+            aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"],
         )
         self.s3.create_bucket(Bucket=BUCKET)
         self.proxy = S3FaultProxy(self.moto_endpoint, rates=uniform_rates(self.fault_rate), seed=self.seed).start()
         self.seed_uris = seed_s3(self.s3, BUCKET, self.dir / "seed", rows=40)
 
-        extra = {**OFFLINE, "HF_HOME": str(self.dir / "hf"), "TRITON_CACHE_DIR": str(self.dir / "triton"),
-                 "AWS_DEFAULT_REGION": AWS["AWS_DEFAULT_REGION"], "AWS_EC2_METADATA_DISABLED": "true"}
-        self.cluster = SandboxCluster(self.dir / "cluster", namespaces=(NAMESPACE,), extra_env=extra,
-                                      values=sandbox_values(namespaces=[NAMESPACE], interval=self.interval),
-                                      with_operator=False, quiet=True).start()
+        extra = {
+            **OFFLINE,
+            "HF_HOME": str(self.dir / "hf"),
+            "TRITON_CACHE_DIR": str(self.dir / "triton"),
+            "AWS_DEFAULT_REGION": AWS["AWS_DEFAULT_REGION"],
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        self.cluster = SandboxCluster(
+            self.dir / "cluster",
+            namespaces=(NAMESPACE,),
+            extra_env=extra,
+            values=sandbox_values(namespaces=[NAMESPACE], interval=self.interval),
+            with_operator=False,
+            quiet=True,
+        ).start()
         self.k8s, self.agent, self.kubeconfig = self.cluster.kube, self.cluster.agent, self.cluster.kubeconfig
-        self.k8s.create("secrets", {"metadata": {"name": SECRET}, "stringData": {
-            "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"]}},
-            NAMESPACE)
+        self.k8s.create(
+            "secrets",
+            {
+                "metadata": {"name": SECRET},
+                "stringData": {
+                    "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"],
+                    "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"],
+                },
+            },
+            NAMESPACE,
+        )
         self.start_operator()
 
     def stop(self) -> None:
@@ -452,23 +503,41 @@ class _Run:
 
     def body(self) -> dict[str, Any]:
         return {
-            "apiVersion": "loraresume.dev/v1alpha1", "kind": "LoraResume",
+            "apiVersion": "loraresume.dev/v1alpha1",
+            "kind": "LoraResume",
             "metadata": {"name": self.name, "namespace": NAMESPACE},
             "spec": {
                 "baseModel": self.stack.seed_uris["model"],
-                "maxSeqLength": 128, "loadIn4bit": False,
+                "maxSeqLength": 128,
+                "loadIn4bit": False,
                 "lora": {"r": 8, "alpha": 16},
                 "dataset": {"source": self.stack.seed_uris["dataset"], "template": "alpaca"},
-                "training": {"perDeviceTrainBatchSize": 2, "gradientAccumulationSteps": 1, "warmupSteps": 2,
-                             "maxSteps": self.variant.max_steps, "learningRate": 1e-3, "optim": "adamw_torch",
-                             "loggingSteps": 1, "saveSteps": self.variant.save_steps, "seed": 1234},
-                "storage": {"uri": f"s3://{BUCKET}/{self.prefix}", "endpoint": self.stack.endpoint,
-                            "credentialsSecret": SECRET, "keepCheckpoints": 3},
+                "training": {
+                    "perDeviceTrainBatchSize": 2,
+                    "gradientAccumulationSteps": 1,
+                    "warmupSteps": 2,
+                    "maxSteps": self.variant.max_steps,
+                    "learningRate": 1e-3,
+                    "optim": "adamw_torch",
+                    "loggingSteps": 1,
+                    "saveSteps": self.variant.save_steps,
+                    "seed": 1234,
+                },
+                "storage": {
+                    "uri": f"s3://{BUCKET}/{self.prefix}",
+                    "endpoint": self.stack.endpoint,
+                    "credentialsSecret": SECRET,
+                    "keepCheckpoints": 3,
+                },
                 "resources": {"gpus": 0},
                 "scheduling": {"spot": {"enabled": True}},  # on the sandbox's spot pool: `preempt` reclaims nodes
                 "terminationGracePeriodSeconds": 30,
-                "restartPolicy": {"backoffSeconds": 1, "maxBackoffSeconds": 2, "backoffLimit": 20,
-                                  "maxPreemptions": 50},
+                "restartPolicy": {
+                    "backoffSeconds": 1,
+                    "maxBackoffSeconds": 2,
+                    "backoffLimit": 20,
+                    "maxPreemptions": 50,
+                },
             },
         }
 
@@ -493,7 +562,7 @@ class _Run:
         status = pod.get("status") or {}
         for cs in status.get("containerStatuses") or []:
             if "running" in (cs.get("state") or {}) and str(cs.get("containerID", "")).startswith(CONTAINER_ID_SCHEME):
-                return status.get("phase"), int(cs["containerID"][len(CONTAINER_ID_SCHEME):])
+                return status.get("phase"), int(cs["containerID"][len(CONTAINER_ID_SCHEME) :])
         return status.get("phase"), None
 
     def running_pid(self, attempt: int) -> int | None:
@@ -535,7 +604,9 @@ class _Run:
             start = next((e for e in events if e["event"] == "start"), None)
             if start is None or self.running_pid(attempt) is None:
                 phase, _ = self.pod_state(attempt)
-                if phase in ("Succeeded", "Failed") or any(e["event"] in ("adapter_saved", "preempted") for e in events):
+                if phase in ("Succeeded", "Failed") or any(
+                    e["event"] in ("adapter_saved", "preempted") for e in events
+                ):
                     min_attempt = attempt + 1
                 time.sleep(POLL)
                 continue
@@ -552,16 +623,24 @@ class _Run:
 
     def in_training(self, attempt: int) -> bool:
         events = self.events(attempt)
-        return (any(e["event"] == "start" for e in events)
-                and not any(e["event"] in ("adapter_saved", "preempted") for e in events)
-                and self.running_pid(attempt) is not None)
+        return (
+            any(e["event"] == "start" for e in events)
+            and not any(e["event"] in ("adapter_saved", "preempted") for e in events)
+            and self.running_pid(attempt) is not None
+        )
 
 
 class ChaosRunner:
     """Runs plans against a `ChaosStack`: references per variant, disruptions, comparison."""
 
-    def __init__(self, stack: ChaosStack, *, run_timeout: float = RUN_TIMEOUT, strict: bool = False,
-                 say: Callable[[str], None] = lambda text: print(text, flush=True)) -> None:
+    def __init__(
+        self,
+        stack: ChaosStack,
+        *,
+        run_timeout: float = RUN_TIMEOUT,
+        strict: bool = False,
+        say: Callable[[str], None] = lambda text: print(text, flush=True),
+    ) -> None:
         self.stack = stack
         self.strict = strict
         self.run_timeout = run_timeout
@@ -586,8 +665,10 @@ class ChaosRunner:
                     raise RuntimeError(f"the reference run {run.name} ended {phase}: {run.status().get('message')}")
                 self.references[variant] = run.adapter_files()
                 self._cleanup(run)
-                self.say(f"reference {variant.name}: {len(self.references[variant])} adapter files "
-                         f"({time.monotonic() - started:.0f}s)")
+                self.say(
+                    f"reference {variant.name}: {len(self.references[variant])} adapter files "
+                    f"({time.monotonic() - started:.0f}s)"
+                )
             finally:
                 proxy.set_rates(rates)
         return self.references[variant]
@@ -670,15 +751,22 @@ class ChaosRunner:
     def _cleanup(self, run: _Run) -> None:
         try:
             self.stack.k8s.delete("loraresumes", NAMESPACE, run.name)
-            wait_for(lambda: self.stack.k8s.get("loraresumes", NAMESPACE, run.name) is None
-                     and not self.stack.k8s.list("pods", NAMESPACE, label_selector=f"loraresume.dev/resource={run.name}"),
-                     120, f"{run.name} deleted", every=0.25)
+            wait_for(
+                lambda: (
+                    self.stack.k8s.get("loraresumes", NAMESPACE, run.name) is None
+                    and not self.stack.k8s.list("pods", NAMESPACE, label_selector=f"loraresume.dev/resource={run.name}")
+                ),
+                120,
+                f"{run.name} deleted",
+                every=0.25,
+            )
         except Exception as exc:  # a leftover resource does not spoil later runs (names are unique)
             log.warning("cleanup of %s: %s", run.name, exc)
 
     # -- disruptions -----------------------------------------------------------------------------
-    def _disrupt(self, run: _Run, d: Disruption, min_attempt: int,
-                 previous: tuple[Disruption, Delivery] | None) -> Delivery:
+    def _disrupt(
+        self, run: _Run, d: Disruption, min_attempt: int, previous: tuple[Disruption, Delivery] | None
+    ) -> Delivery:
         try:
             if d.kind in ("upload_kill", "download_kill"):
                 return self._kill_in_transfer(run, d, min_attempt)
@@ -718,8 +806,9 @@ class ChaosRunner:
         self.stack.start_operator()
         return Delivery(d.kind, attempt, delivered, hit and delivered, note="window training")
 
-    def _restart_operator_at_relaunch(self, run: _Run, d: Disruption,
-                                      previous: tuple[Disruption, Delivery] | None) -> Delivery:
+    def _restart_operator_at_relaunch(
+        self, run: _Run, d: Disruption, previous: tuple[Disruption, Delivery] | None
+    ) -> Delivery:
         """Right after a trainer was disrupted: the operator dies before it relaunched the job."""
         if previous is None or not previous[1].delivered or previous[0].kind not in TRAINER_ENDING:
             return Delivery(d.kind, note="no trainer disruption to follow")
@@ -784,14 +873,21 @@ class ChaosRunner:
             if upload:
                 keys = run.s3_keys(f"checkpoints/checkpoint-{step}/")
                 hit = bool(keys) and not any(k.endswith("/" + MANIFEST) for k in keys)
-                note = f"checkpoint-{step}: {len(keys)} object(s) in S3, no manifest" if hit else f"checkpoint-{step}: {keys}"
+                note = (
+                    f"checkpoint-{step}: {len(keys)} object(s) in S3, no manifest"
+                    if hit
+                    else f"checkpoint-{step}: {keys}"
+                )
             else:
                 work = (self.stack.agent.pod_dir(NAMESPACE, run.pod_name(attempt)) or Path("/nonexistent")) / "work"
                 partial = list((work / "resume").glob(f".checkpoint-{step}.partial-*"))
                 started = any(e["event"] == "start" for e in run.events(attempt))
                 hit = bool(partial) and not started
-                note = f"checkpoint-{step}: partial download on disk, no start event" if hit else \
-                    f"checkpoint-{step}: partial={bool(partial)} started={started}"
+                note = (
+                    f"checkpoint-{step}: partial download on disk, no start event"
+                    if hit
+                    else f"checkpoint-{step}: partial={bool(partial)} started={started}"
+                )
             delivered = pid is not None and _killpg(pid, signal.SIGKILL)
             if delivered:  # let the process die before the held request is answered
                 wait_for(lambda: run.running_pid(attempt) is None, 30, f"trainer {pid} gone", every=POLL)
@@ -810,16 +906,24 @@ def _killpg(pid: int, sig: int) -> bool:
 
 # -- the session -----------------------------------------------------------------------------------
 def run_session(
-    plans: list[RunPlan], workdir: Path, *, fault_rate: float = 0.0, seed: int = 0, interval: float = 1.0,
-    run_timeout: float = RUN_TIMEOUT, strict: bool = False,
+    plans: list[RunPlan],
+    workdir: Path,
+    *,
+    fault_rate: float = 0.0,
+    seed: int = 0,
+    interval: float = 1.0,
+    run_timeout: float = RUN_TIMEOUT,
+    strict: bool = False,
     say: Callable[[str], None] = lambda text: print(text, flush=True),
 ) -> Summary:
     """Bring up a `ChaosStack`, run every plan in order, return the summary."""
     started = time.monotonic()
     results: list[RunResult] = []
     with ChaosStack(workdir, fault_rate=fault_rate, seed=seed, interval=interval) as stack:
-        say(f"chaos stack up in {time.monotonic() - started:.0f}s: API {stack.k8s.server}, S3 {stack.moto_endpoint} "
-            f"behind the fault proxy {stack.endpoint} (rate {fault_rate:g}), logs in {stack.dir}")
+        say(
+            f"chaos stack up in {time.monotonic() - started:.0f}s: API {stack.k8s.server}, S3 {stack.moto_endpoint} "
+            f"behind the fault proxy {stack.endpoint} (rate {fault_rate:g}), logs in {stack.dir}"
+        )
         runner = ChaosRunner(stack, run_timeout=run_timeout, strict=strict, say=say)
         for plan in plans:
             result = runner.run(plan)
@@ -836,14 +940,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loraresume-chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=50, help="randomized runs (default 50)")
     parser.add_argument("--seed", type=int, default=7, help="session seed: schedules and fault draws derive from it")
-    parser.add_argument("--s3-fault-rate", type=float, default=0.0,
-                        help="S3 fault probability per request (5xx, SlowDown, reset, truncated body), e.g. 0.05")
-    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "loraresume-chaos"),
-                        help="logs, pod directories and failure reports go to WORKDIR/<timestamp>/")
+    parser.add_argument(
+        "--s3-fault-rate",
+        type=float,
+        default=0.0,
+        help="S3 fault probability per request (5xx, SlowDown, reset, truncated body), e.g. 0.05",
+    )
+    parser.add_argument(
+        "--workdir",
+        default=str(Path(tempfile.gettempdir()) / "loraresume-chaos"),
+        help="logs, pod directories and failure reports go to WORKDIR/<timestamp>/",
+    )
     parser.add_argument("--interval", type=float, default=1.0, help="operator reconcile interval, seconds")
     parser.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT, help="seconds a run may take to end")
-    parser.add_argument("--strict", action="store_true",
-                        help="compare every adapter file byte for byte (see NORMALIZED_FILES for the known exceptions)")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="compare every adapter file byte for byte (see NORMALIZED_FILES for the known exceptions)",
+    )
     parser.add_argument("--json", help="also write the summary and every run's result to this JSON file")
     parser.add_argument("--plan-only", action="store_true", help="print the schedule and exit")
     args = parser.parse_args(argv)
@@ -856,8 +970,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {plan.index} seed {plan.seed} {plan.variant.name}: {plan.describe()}")
         return 0
     workdir = Path(args.workdir) / time.strftime("%Y%m%d-%H%M%S")
-    summary = run_session(plans, workdir, fault_rate=args.s3_fault_rate, seed=args.seed, interval=args.interval,
-                          run_timeout=args.run_timeout, strict=args.strict)
+    summary = run_session(
+        plans,
+        workdir,
+        fault_rate=args.s3_fault_rate,
+        seed=args.seed,
+        interval=args.interval,
+        run_timeout=args.run_timeout,
+        strict=args.strict,
+    )
     print()
     print(summary.report(seed=args.seed, fault_rate=args.s3_fault_rate), flush=True)
     if args.json:

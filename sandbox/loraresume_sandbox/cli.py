@@ -42,8 +42,12 @@ AWS = {
 }
 _AWS_CLEARED = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3")
 OFFLINE = {
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-    "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
     "PYTHONUNBUFFERED": "1",
 }
 
@@ -101,7 +105,7 @@ class _Control(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
@@ -170,8 +174,12 @@ def supervise(directory: Path, s3_port: int) -> int:
         endpoint = f"http://127.0.0.1:{s3_port}"
         moto_log = open(directory / "moto.log", "wb")
         logs.append(moto_log)
-        moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
-                                stdout=moto_log, stderr=subprocess.STDOUT, start_new_session=True)
+        moto = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+            stdout=moto_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         state.update(s3_endpoint=endpoint, moto_pid=moto.pid)
         _write_state(directory, state)
         _wait_http(f"{endpoint}/moto-api/", 60, moto)
@@ -183,29 +191,47 @@ def supervise(directory: Path, s3_port: int) -> int:
         print(f"S3 (moto) at {endpoint}, bucket s3://{BUCKET}/", flush=True)
         # The tiny model is built (torch, transformers imports) while the control plane starts.
         seeded: dict = {}
-        seeding = threading.Thread(target=lambda: seeded.update(uris=seed_s3(s3, BUCKET, directory / "seed")),
-                                   name="seed-s3", daemon=True)
+        seeding = threading.Thread(
+            target=lambda: seeded.update(uris=seed_s3(s3, BUCKET, directory / "seed")), name="seed-s3", daemon=True
+        )
         seeding.start()
 
-        extra = {**OFFLINE, "HF_HOME": str(directory / "hf"), "TRITON_CACHE_DIR": str(directory / "triton"),
-                 "AWS_DEFAULT_REGION": AWS["AWS_DEFAULT_REGION"], "AWS_EC2_METADATA_DISABLED": "true"}
+        extra = {
+            **OFFLINE,
+            "HF_HOME": str(directory / "hf"),
+            "TRITON_CACHE_DIR": str(directory / "triton"),
+            "AWS_DEFAULT_REGION": AWS["AWS_DEFAULT_REGION"],
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
         cluster = SandboxCluster(directory / "cluster", namespaces=(NAMESPACE,), extra_env=extra, with_operator=False)
         cluster.start()
-        cluster.kube.create("secrets", {"metadata": {"name": SECRET}, "stringData": {
-            "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"]}},
-            NAMESPACE)
+        cluster.kube.create(
+            "secrets",
+            {
+                "metadata": {"name": SECRET},
+                "stringData": {
+                    "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"],
+                    "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"],
+                },
+            },
+            NAMESPACE,
+        )
         kubeconfig = cluster.kubeconfig
-        state.update(api_url=cluster.control_plane.url, kubeconfig=str(kubeconfig),
-                     control_plane_pids=cluster.control_plane.pids(),
-                     node_dir=str(directory / "cluster" / "nodes"))
+        state.update(
+            api_url=cluster.control_plane.url,
+            kubeconfig=str(kubeconfig),
+            control_plane_pids=cluster.control_plane.pids(),
+            node_dir=str(directory / "cluster" / "nodes"),
+        )
         print(f"Kubernetes API at {cluster.control_plane.url}, kubeconfig {kubeconfig}", flush=True)
         cluster.operator = cluster.new_operator()
         cluster.operator.start()
         cluster.operator.wait_ready()
         state.update(operator_pid=cluster.operator.proc.pid, operator_log=str(cluster.operator.log_path))
         _write_state(directory, state)
-        print(f"operator running as ServiceAccount {cluster.operator_user} (log {cluster.operator.log_path})",
-              flush=True)
+        print(
+            f"operator running as ServiceAccount {cluster.operator_user} (log {cluster.operator.log_path})", flush=True
+        )
 
         seeding.join()
         if "uris" not in seeded:
@@ -224,14 +250,17 @@ def supervise(directory: Path, s3_port: int) -> int:
         threading.Thread(target=control.serve_forever, name="sandbox-control", daemon=True).start()
         state.update(status="ready", control_port=control.server_address[1], seed=uris)
         _write_state(directory, state)
-        print(f"sandbox ready (state: {directory / 'state.json'}); eval \"$(loraresume-sandbox env)\"", flush=True)
+        print(f'sandbox ready (state: {directory / "state.json"}); eval "$(loraresume-sandbox env)"', flush=True)
         reported = None
         while not stop.wait(1):
             op = cluster.operator
             if op.proc is not None and op.proc.poll() is not None and reported is not op.proc:
                 reported = op.proc
-                print(f"operator exited with {op.proc.returncode}; see {op.log_path} "
-                      "(`loraresume-sandbox restart operator` starts it again)", flush=True)
+                print(
+                    f"operator exited with {op.proc.returncode}; see {op.log_path} "
+                    "(`loraresume-sandbox restart operator` starts it again)",
+                    flush=True,
+                )
             if not cluster.control_plane.alive():
                 print("the control plane stopped; shutting the sandbox down", flush=True)
                 break
@@ -259,8 +288,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     old = read_state(directory)
     if old.get("status") in ("starting", "ready") and _alive(old.get("pid")):
-        print(f"loraresume-sandbox: already up (pid {old['pid']}); run `loraresume-sandbox down` first",
-              file=sys.stderr)
+        print(
+            f"loraresume-sandbox: already up (pid {old['pid']}); run `loraresume-sandbox down` first", file=sys.stderr
+        )
         return 1
     from .control_plane import kube_binaries
 
@@ -271,9 +301,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     (directory / "state.json").unlink(missing_ok=True)
     log = open(directory / "supervisor.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loraresume_sandbox.cli", "up", "--dir", str(directory),
-         "--s3-port", str(args.s3_port)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [sys.executable, "-m", "loraresume_sandbox.cli", "up", "--dir", str(directory), "--s3-port", str(args.s3_port)],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     log.close()
     deadline = time.monotonic() + args.timeout
@@ -304,28 +336,36 @@ def cmd_env(args: argparse.Namespace) -> int:
     state = _ready_state(Path(args.dir))
     print(f"export KUBECONFIG={state['kubeconfig']}")
     print(f"export AWS_ENDPOINT_URL={state['s3_endpoint']}")
-    print(f"export AWS_ACCESS_KEY_ID={AWS['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={AWS['AWS_SECRET_ACCESS_KEY']}"
-          f" AWS_DEFAULT_REGION={AWS['AWS_DEFAULT_REGION']}")
+    print(
+        f"export AWS_ACCESS_KEY_ID={AWS['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={AWS['AWS_SECRET_ACCESS_KEY']}"
+        f" AWS_DEFAULT_REGION={AWS['AWS_DEFAULT_REGION']}"
+    )
     return 0
 
 
 def _control(state: dict, path: str, body: dict, timeout: float) -> dict:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{state['control_port']}{path}", method="POST", data=json.dumps(body).encode(),
+        f"http://127.0.0.1:{state['control_port']}{path}",
+        method="POST",
+        data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        raise SystemExit(f"loraresume-sandbox: {path.strip('/')} failed: {json.loads(exc.read()).get('error')}")
+        raise SystemExit(
+            f"loraresume-sandbox: {path.strip('/')} failed: {json.loads(exc.read()).get('error')}"
+        ) from None
 
 
 def cmd_preempt(args: argparse.Namespace) -> int:
     state = _ready_state(Path(args.dir))
     reply = _control(state, "/preempt", {"namespace": args.namespace, "pod": args.pod}, args.timeout)
-    print(f"spot node {reply['node']} under pod {args.namespace}/{args.pod} reclaimed "
-          "(tainted, pods shut down gracefully, Node deleted; a replacement node registered)")
+    print(
+        f"spot node {reply['node']} under pod {args.namespace}/{args.pod} reclaimed "
+        "(tainted, pods shut down gracefully, Node deleted; a replacement node registered)"
+    )
     return 0
 
 

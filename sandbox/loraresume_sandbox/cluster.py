@@ -38,25 +38,43 @@ RELEASE_NAMESPACE = "loraresume-system"
 SANDBOX_TRAINER_IMAGE = "ghcr.io/loraresume/trainer:0.1.0"
 # Kinds an install applies here; the Deployment, Service and ServiceMonitor need a runtime or CRDs
 # the sandbox does not have (the operator runs as a local process instead).
-APPLIED_KINDS = ("CustomResourceDefinition", "ServiceAccount", "Role", "RoleBinding", "ClusterRole",
-                 "ClusterRoleBinding")
+APPLIED_KINDS = (
+    "CustomResourceDefinition",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ClusterRole",
+    "ClusterRoleBinding",
+)
 
 
 def chart_dir() -> Path:
     return repo_root() / "helm" / "loraresume-operator"
 
 
-def sandbox_values(*, namespaces: list[str] | None = None, cluster_wide: bool = False,
-                   grace_period: int = 30, interval: float = 1, log_level: str = "INFO",
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def sandbox_values(
+    *,
+    namespaces: list[str] | None = None,
+    cluster_wide: bool = False,
+    grace_period: int = 30,
+    interval: float = 1,
+    log_level: str = "INFO",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Helm values for the sandbox: its spot/on-demand pools, a short grace period and interval."""
     values: dict[str, Any] = {
         "watch": {"clusterWide": True} if cluster_wide else {"namespaces": list(namespaces or ["default"])},
         "trainer": {"image": SANDBOX_TRAINER_IMAGE, "terminationGracePeriodSeconds": grace_period},
         "spot": {
             "nodeSelector": {"cloud.google.com/gke-spot": SPOT_LABELS["cloud.google.com/gke-spot"]},
-            "tolerations": [{"key": SPOT_TAINT["key"], "operator": "Equal", "value": SPOT_TAINT["value"],
-                             "effect": SPOT_TAINT["effect"]}],
+            "tolerations": [
+                {
+                    "key": SPOT_TAINT["key"],
+                    "operator": "Equal",
+                    "value": SPOT_TAINT["value"],
+                    "effect": SPOT_TAINT["effect"],
+                }
+            ],
             "onDemandNodeSelector": {"loraresume.dev/pool": "on-demand"},
         },
         "reconcileIntervalSeconds": interval,
@@ -115,8 +133,9 @@ class Installation:
         return env
 
 
-def install_chart(kube: KubeClient, values: dict[str, Any], *, release: str = RELEASE,
-                  namespace: str = RELEASE_NAMESPACE) -> Installation:
+def install_chart(
+    kube: KubeClient, values: dict[str, Any], *, release: str = RELEASE, namespace: str = RELEASE_NAMESPACE
+) -> Installation:
     """Render and apply (server-side) the chart's CRD, ServiceAccount and RBAC; wait for the CRD."""
     objects = render_chart(values, release=release, namespace=namespace)
     try:
@@ -128,13 +147,20 @@ def install_chart(kube: KubeClient, values: dict[str, Any], *, release: str = RE
     for obj in sorted((o for o in objects if o["kind"] in order), key=lambda o: order[o["kind"]]):
         kube.apply(obj, field_manager="helm")
         if obj["kind"] == "CustomResourceDefinition":
-            name = obj["metadata"]["name"]
-            wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in (
-                (kube.get("customresourcedefinitions", None, name) or {}).get("status", {}).get("conditions") or [])),
-                30, f"CRD {name} Established")
-            served = obj["spec"]["names"]["plural"]
-            wait_for(lambda: _lists(kube, served), 30, f"{served} served")  # storage initialized: no more 429
+            _wait_served(kube, obj["metadata"]["name"], obj["spec"]["names"]["plural"])
     return Installation(objects, namespace)
+
+
+def _wait_served(kube: KubeClient, crd: str, plural: str) -> None:
+    """Established, and then its storage initialized (until then requests get 429)."""
+
+    def established() -> bool:
+        found = kube.get("customresourcedefinitions", None, crd) or {}
+        conditions = found.get("status", {}).get("conditions") or []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+    wait_for(established, 30, f"CRD {crd} Established")
+    wait_for(lambda: _lists(kube, plural), 30, f"{plural} served")
 
 
 def _lists(kube: KubeClient, plural: str) -> bool:
@@ -170,8 +196,16 @@ class OperatorProcess:
                 skip = True
                 continue
             out.append(arg)
-        return [sys.executable, "-m", "loraresume_operator.cli", *out, "--metrics-port", str(self.metrics_port),
-                "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz"]
+        return [
+            sys.executable,
+            "-m",
+            "loraresume_operator.cli",
+            *out,
+            "--metrics-port",
+            str(self.metrics_port),
+            "--liveness",
+            f"http://127.0.0.1:{self.liveness_port}/healthz",
+        ]
 
     def start(self) -> OperatorProcess:
         if self.running:
@@ -181,8 +215,14 @@ class OperatorProcess:
         env = {**base, **self.installation.operator_env(), **self.env, "KUBECONFIG": str(self.kubeconfig)}
         env["LORARESUME_METRICS_PORT"] = str(self.metrics_port)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         return self
 
     @property
@@ -212,8 +252,9 @@ class OperatorProcess:
 
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"operator exited with {self.proc.returncode}:\n" + "\n".join(
-                    self.log.splitlines()[-20:]))
+                raise RuntimeError(
+                    f"operator exited with {self.proc.returncode}:\n" + "\n".join(self.log.splitlines()[-20:])
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as r:
                     return r.status == 200
@@ -264,8 +305,14 @@ class SandboxCluster:
             values = self.values or sandbox_values(namespaces=list(self.namespaces), cluster_wide=self.cluster_wide)
             self.installation = install_chart(self.kube, values)
             client, serving = self.control_plane.node_agent_client()
-            self.agent = NodeAgent(client, workdir=self.directory / "nodes", pools=default_pools() if self.pools is None else self.pools,
-                                   serving=serving, extra_env=self.extra_env, entrypoints=self.entrypoints).start()
+            self.agent = NodeAgent(
+                client,
+                workdir=self.directory / "nodes",
+                pools=default_pools() if self.pools is None else self.pools,
+                serving=serving,
+                extra_env=self.extra_env,
+                entrypoints=self.entrypoints,
+            ).start()
             if self.with_operator:
                 self.operator = self.new_operator()
                 self.operator.start()
@@ -274,9 +321,12 @@ class SandboxCluster:
             self.stop()
             raise
         if not self.quiet:
-            print(f"sandbox cluster ready in {time.monotonic() - t0:.1f}s (chart installed, operator as "
-                  f"ServiceAccount {self.installation.namespace}/{self.installation.service_account})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"sandbox cluster ready in {time.monotonic() - t0:.1f}s (chart installed, operator as "
+                f"ServiceAccount {self.installation.namespace}/{self.installation.service_account})",
+                file=sys.stderr,
+                flush=True,
+            )
         return self
 
     def new_operator(self, log_path: Path | None = None, env: dict[str, str] | None = None) -> OperatorProcess:
@@ -284,9 +334,11 @@ class SandboxCluster:
         assert self.installation is not None
         inst = self.installation
         kubeconfig = self.control_plane.service_account_kubeconfig(
-            inst.namespace, inst.service_account, self.directory / "operator.kubeconfig")
-        return OperatorProcess(inst, kubeconfig, log_path or self.directory / "operator.log",
-                               env={**self.operator_env, **(env or {})})
+            inst.namespace, inst.service_account, self.directory / "operator.kubeconfig"
+        )
+        return OperatorProcess(
+            inst, kubeconfig, log_path or self.directory / "operator.log", env={**self.operator_env, **(env or {})}
+        )
 
     def stop(self) -> None:
         if self.operator is not None:

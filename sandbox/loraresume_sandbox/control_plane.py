@@ -76,15 +76,25 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def write_kubeconfig(path: Path, server: str, ca: Path, *, cert: CertPair | None = None,
-                     token: str | None = None, user: str = "user", namespace: str = "default") -> Path:
+def write_kubeconfig(
+    path: Path,
+    server: str,
+    ca: Path,
+    *,
+    cert: CertPair | None = None,
+    token: str | None = None,
+    user: str = "user",
+    namespace: str = "default",
+) -> Path:
     entry: dict[str, Any] = {}
     if cert is not None:
         entry = {"client-certificate": str(cert.cert), "client-key": str(cert.key)}
     if token is not None:
         entry = {"token": token}
     config = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "sandbox",
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "sandbox",
         "clusters": [{"name": "sandbox", "cluster": {"server": server, "certificate-authority": str(ca)}}],
         "users": [{"name": user, "user": entry}],
         "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": user, "namespace": namespace}}],
@@ -96,7 +106,9 @@ def write_kubeconfig(path: Path, server: str, ca: Path, *, cert: CertPair | None
 
 def audit_policy() -> dict[str, Any]:
     return {
-        "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+        "apiVersion": "audit.k8s.io/v1",
+        "kind": "Policy",
+        "omitStages": ["RequestReceived"],
         "rules": [
             {"level": "None", "users": list(_QUIET_USERS)},
             {"level": "None", "userGroups": list(_QUIET_GROUPS)},
@@ -164,78 +176,132 @@ class ControlPlane:
         self.ca = CertificateAuthority(self.pki_dir)
         serving = self.ca.issue("apiserver", "kube-apiserver", server=True)
         self._admin_cert = self.ca.issue("admin", ADMIN_USER, groups=("system:masters",))
-        kubelet_client = self.ca.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client",
-                                       groups=("system:masters",))
+        kubelet_client = self.ca.issue(
+            "apiserver-kubelet-client", "kube-apiserver-kubelet-client", groups=("system:masters",)
+        )
         sa = service_account_keys(self.pki_dir)
         self.port = free_port()
         etcd_port, peer_port = free_port(), free_port()
         (self.directory / "audit-policy.yaml").write_text(yaml.safe_dump(audit_policy()))
         try:
-            self._spawn("etcd", [
-                str(bins / "etcd"), f"--data-dir={self.directory / 'etcd'}",
-                f"--listen-client-urls=http://{LOOPBACK}:{etcd_port}",
-                f"--listen-peer-urls=http://{LOOPBACK}:{peer_port}",
-            ])
-            self._spawn("kube-apiserver", [
-                str(bins / "kube-apiserver"),
-                f"--etcd-servers=http://{LOOPBACK}:{etcd_port}",
-                f"--bind-address={LOOPBACK}", f"--advertise-address={LOOPBACK}", f"--secure-port={self.port}",
-                "--endpoint-reconciler-type=none",  # a loopback address cannot be the kubernetes Service endpoint
-                f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
-                f"--client-ca-file={self.ca_file}",
-                "--authorization-mode=Node,RBAC",
-                f"--service-account-issuer={ISSUER}", f"--service-account-key-file={sa.cert}",
-                f"--service-account-signing-key-file={sa.key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                f"--kubelet-client-certificate={kubelet_client.cert}", f"--kubelet-client-key={kubelet_client.key}",
-                f"--kubelet-certificate-authority={self.ca_file}", "--kubelet-preferred-address-types=InternalIP",
-                f"--default-not-ready-toleration-seconds={self.toleration_seconds}",
-                f"--default-unreachable-toleration-seconds={self.toleration_seconds}",
-                f"--audit-policy-file={self.directory / 'audit-policy.yaml'}",
-                f"--audit-log-path={self.audit_log}", "--audit-log-format=json", "--audit-log-maxsize=0",
-                f"--cert-dir={self.pki_dir}", "--profiling=false",
-                f"--etcd-compaction-interval={self.compaction_interval}",
-                *self.apiserver_flags,
-            ])
+            self._spawn(
+                "etcd",
+                [
+                    str(bins / "etcd"),
+                    f"--data-dir={self.directory / 'etcd'}",
+                    f"--listen-client-urls=http://{LOOPBACK}:{etcd_port}",
+                    f"--listen-peer-urls=http://{LOOPBACK}:{peer_port}",
+                ],
+            )
+            self._spawn(
+                "kube-apiserver",
+                [
+                    str(bins / "kube-apiserver"),
+                    f"--etcd-servers=http://{LOOPBACK}:{etcd_port}",
+                    f"--bind-address={LOOPBACK}",
+                    f"--advertise-address={LOOPBACK}",
+                    f"--secure-port={self.port}",
+                    "--endpoint-reconciler-type=none",  # a loopback address cannot be the kubernetes Service endpoint
+                    f"--tls-cert-file={serving.cert}",
+                    f"--tls-private-key-file={serving.key}",
+                    f"--client-ca-file={self.ca_file}",
+                    "--authorization-mode=Node,RBAC",
+                    f"--service-account-issuer={ISSUER}",
+                    f"--service-account-key-file={sa.cert}",
+                    f"--service-account-signing-key-file={sa.key}",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    f"--kubelet-client-certificate={kubelet_client.cert}",
+                    f"--kubelet-client-key={kubelet_client.key}",
+                    f"--kubelet-certificate-authority={self.ca_file}",
+                    "--kubelet-preferred-address-types=InternalIP",
+                    f"--default-not-ready-toleration-seconds={self.toleration_seconds}",
+                    f"--default-unreachable-toleration-seconds={self.toleration_seconds}",
+                    f"--audit-policy-file={self.directory / 'audit-policy.yaml'}",
+                    f"--audit-log-path={self.audit_log}",
+                    "--audit-log-format=json",
+                    "--audit-log-maxsize=0",
+                    f"--cert-dir={self.pki_dir}",
+                    "--profiling=false",
+                    f"--etcd-compaction-interval={self.compaction_interval}",
+                    *self.apiserver_flags,
+                ],
+            )
             write_kubeconfig(self.admin_kubeconfig, self.url, self.ca_file, cert=self._admin_cert, user=ADMIN_USER)
-            self.admin = KubeClient(self.url, self.ca_file, cert_file=self._admin_cert.cert,
-                                    key_file=self._admin_cert.key)
+            self.admin = KubeClient(
+                self.url, self.ca_file, cert_file=self._admin_cert.cert, key_file=self._admin_cert.key
+            )
             self._wait_ready()
             cm = self.ca.issue("controller-manager", "system:kube-controller-manager")
-            cm_config = write_kubeconfig(self.directory / "controller-manager.kubeconfig", self.url, self.ca_file,
-                                         cert=cm, user="system:kube-controller-manager")
-            self._spawn("kube-controller-manager", [
-                str(bins / "kube-controller-manager"), f"--kubeconfig={cm_config}",
-                "--leader-elect=false", "--secure-port=0", "--use-service-account-credentials=true",
-                f"--service-account-private-key-file={sa.key}", f"--root-ca-file={self.ca_file}",
-                f"--cluster-signing-cert-file={self.ca_file}", f"--cluster-signing-key-file={self.pki_dir / 'ca.key'}",
-                "--node-monitor-period=1s", f"--node-monitor-grace-period={self.node_monitor_grace_seconds}s",
-                "--node-startup-grace-period=20s",
-            ])
+            cm_config = write_kubeconfig(
+                self.directory / "controller-manager.kubeconfig",
+                self.url,
+                self.ca_file,
+                cert=cm,
+                user="system:kube-controller-manager",
+            )
+            self._spawn(
+                "kube-controller-manager",
+                [
+                    str(bins / "kube-controller-manager"),
+                    f"--kubeconfig={cm_config}",
+                    "--leader-elect=false",
+                    "--secure-port=0",
+                    "--use-service-account-credentials=true",
+                    f"--service-account-private-key-file={sa.key}",
+                    f"--root-ca-file={self.ca_file}",
+                    f"--cluster-signing-cert-file={self.ca_file}",
+                    f"--cluster-signing-key-file={self.pki_dir / 'ca.key'}",
+                    "--node-monitor-period=1s",
+                    f"--node-monitor-grace-period={self.node_monitor_grace_seconds}s",
+                    "--node-startup-grace-period=20s",
+                ],
+            )
             sched = self.ca.issue("scheduler", "system:kube-scheduler")
-            sched_config = write_kubeconfig(self.directory / "scheduler.kubeconfig", self.url, self.ca_file,
-                                            cert=sched, user="system:kube-scheduler")
-            self._spawn("kube-scheduler", [
-                str(bins / "kube-scheduler"), f"--kubeconfig={sched_config}", "--leader-elect=false",
-                "--secure-port=0",
-            ])
-            self._wait_for("the default ServiceAccount (controller-manager running)",
-                           lambda: self.admin.get("serviceaccounts", "default", "default"), 60)
+            sched_config = write_kubeconfig(
+                self.directory / "scheduler.kubeconfig",
+                self.url,
+                self.ca_file,
+                cert=sched,
+                user="system:kube-scheduler",
+            )
+            self._spawn(
+                "kube-scheduler",
+                [
+                    str(bins / "kube-scheduler"),
+                    f"--kubeconfig={sched_config}",
+                    "--leader-elect=false",
+                    "--secure-port=0",
+                ],
+            )
+            self._wait_for(
+                "the default ServiceAccount (controller-manager running)",
+                lambda: self.admin.get("serviceaccounts", "default", "default"),
+                60,
+            )
         except BaseException:
             self.stop()
             raise
         self.startup_seconds = time.monotonic() - t0
         if not self.quiet:
             version = self.admin.request("GET", "/version")["gitVersion"]
-            print(f"control plane {version} at {self.url} ready in {self.startup_seconds:.1f}s "
-                  f"(etcd, kube-apiserver, kube-controller-manager, kube-scheduler; logs in {self.directory})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"control plane {version} at {self.url} ready in {self.startup_seconds:.1f}s "
+                f"(etcd, kube-apiserver, kube-controller-manager, kube-scheduler; logs in {self.directory})",
+                file=sys.stderr,
+                flush=True,
+            )
         return self
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.directory / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=self.directory, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.directory,
+            preexec_fn=_die_with_parent,
+        )
         self._procs.append(_Process(name, proc, log))
 
     def _check_alive(self) -> None:
@@ -259,7 +325,9 @@ class ControlPlane:
             if value:
                 return value
             time.sleep(0.2)
-        raise RuntimeError(f"control plane: timed out after {timeout:.0f}s waiting for {what} (logs in {self.directory})")
+        raise RuntimeError(
+            f"control plane: timed out after {timeout:.0f}s waiting for {what} (logs in {self.directory})"
+        )
 
     def _wait_ready(self) -> None:
         self._wait_for("kube-apiserver /readyz", lambda: self.admin.text("/readyz") == "ok", 120)
@@ -299,16 +367,25 @@ class ControlPlane:
 
     def service_account_token(self, namespace: str, name: str, expiration_seconds: int = 86400) -> str:
         """A bound token of that ServiceAccount (TokenRequest), as a pod would be given."""
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                "spec": {"expirationSeconds": expiration_seconds}}
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": expiration_seconds},
+        }
         reply = self.admin.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token", body)
         return str(reply["status"]["token"])
 
     def service_account_kubeconfig(self, namespace: str, name: str, path: Path) -> Path:
         """A kubeconfig that authenticates as the ServiceAccount: requests are authorized by its RBAC."""
         token = self.service_account_token(namespace, name)
-        return write_kubeconfig(Path(path), self.url, self.ca_file, token=token,
-                                user=f"system:serviceaccount:{namespace}:{name}", namespace=namespace)
+        return write_kubeconfig(
+            Path(path),
+            self.url,
+            self.ca_file,
+            token=token,
+            user=f"system:serviceaccount:{namespace}:{name}",
+            namespace=namespace,
+        )
 
     # -- audit ----------------------------------------------------------------------------
     def audit_events(self, user: str | None = None) -> list[dict[str, Any]]:
@@ -342,8 +419,12 @@ class ControlPlane:
                 raise
             if labels:
                 self.admin.patch("namespaces", None, name, {"metadata": {"labels": labels}})
-        self._wait_for(f"ServiceAccount {name}/default", lambda: self.admin.get("serviceaccounts", name, "default"),
-                       timeout)
+        self._wait_for(
+            f"ServiceAccount {name}/default", lambda: self.admin.get("serviceaccounts", name, "default"), timeout
+        )
 
 
-RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}

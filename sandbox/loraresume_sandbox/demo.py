@@ -47,15 +47,23 @@ class Demo:
 
     # -- helpers --------------------------------------------------------------------------
     def sandbox(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "loraresume_sandbox.cli", *args, "--dir", str(self.dir)],
-                                text=True, capture_output=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "loraresume_sandbox.cli", *args, "--dir", str(self.dir)],
+            text=True,
+            capture_output=True,
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"loraresume-sandbox {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
         return result
 
     def kubectl(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(["kubectl", "-n", NS, *args], text=True, capture_output=True, timeout=timeout,
-                                env={**os.environ, "KUBECONFIG": self.state["kubeconfig"]})
+        result = subprocess.run(
+            ["kubectl", "-n", NS, *args],
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            env={**os.environ, "KUBECONFIG": self.state["kubeconfig"]},
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
         return result
@@ -64,7 +72,7 @@ class Demo:
         return f"{self.name}-attempt-{attempt}"
 
     def durable_step(self) -> int:
-        bucket, _, prefix = self.storage[len("s3://"):].partition("/")
+        bucket, _, prefix = self.storage[len("s3://") :].partition("/")
         try:
             body = self.s3.get_object(Bucket=bucket, Key=f"{prefix}progress.json")["Body"].read()
         except self.s3.exceptions.NoSuchKey:
@@ -91,9 +99,13 @@ class Demo:
             self._stop.wait(0.5)
 
     def _follow_log(self, attempt: int) -> None:
-        proc = subprocess.Popen(["kubectl", "-n", NS, "logs", "-f", self.pod(attempt)], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True, env={**os.environ,
-                                                                           "KUBECONFIG": self.state["kubeconfig"]})
+        proc = subprocess.Popen(
+            ["kubectl", "-n", NS, "logs", "-f", self.pod(attempt)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "KUBECONFIG": self.state["kubeconfig"]},
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             self.logs[attempt] = self.logs.get(attempt, "") + line
@@ -112,10 +124,13 @@ class Demo:
         start = self.durable_step()
         target = start + 5 * self.rng.randint(1, 2)
         delay = round(self.rng.uniform(0.1, 0.8), 2)
-        print(f"   {pod}: resumes from durable step {start}; kill after durable step {target} + {delay}s ({how})",
-              flush=True)
-        self.wait(lambda: self.durable_step() >= target or self.pod_phase(attempt) != "Running", 600,
-                  f"durable step {target}")
+        print(
+            f"   {pod}: resumes from durable step {start}; kill after durable step {target} + {delay}s ({how})",
+            flush=True,
+        )
+        self.wait(
+            lambda: self.durable_step() >= target or self.pod_phase(attempt) != "Running", 600, f"durable step {target}"
+        )
         time.sleep(delay)
         if self.pod_phase(attempt) != "Running":
             print(f"   {pod} already finished: no kill", flush=True)
@@ -126,8 +141,11 @@ class Demo:
         else:
             node = self.kubectl("get", "pod", pod, "-o", "jsonpath={.spec.nodeName}").stdout.strip()
             self.sandbox("preempt", pod)
-            print(f"   loraresume-sandbox preempt {pod}: spot node {node} reclaimed (tainted, graceful shutdown: "
-                  "DisruptionTarget, SIGTERM; Node deleted)", flush=True)
+            print(
+                f"   loraresume-sandbox preempt {pod}: spot node {node} reclaimed (tainted, graceful shutdown: "
+                "DisruptionTarget, SIGTERM; Node deleted)",
+                flush=True,
+            )
         self.kills.append({"attempt": attempt, "how": how, "durable_at_kill": self.durable_step()})
 
     # -- the story ---------------------------------------------------------------------------
@@ -139,9 +157,13 @@ class Demo:
         print(self.sandbox("up", "--background").stdout.strip().splitlines()[-1])
         self.state = read_state(self.dir)
         self.kube = KubeClient.from_kubeconfig(self.state["kubeconfig"])
-        self.s3 = boto3.client("s3", endpoint_url=self.state["s3_endpoint"], region_name=AWS["AWS_DEFAULT_REGION"],
-                               aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
-                               aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"])
+        self.s3 = boto3.client(
+            "s3",
+            endpoint_url=self.state["s3_endpoint"],
+            region_name=AWS["AWS_DEFAULT_REGION"],
+            aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"],
+        )
         say("kubectl version")
         version = json.loads(self.kubectl("version", "-o", "json").stdout)
         print(f"   server {version['serverVersion']['gitVersion']} (kube-apiserver built from Go modules)")
@@ -156,8 +178,11 @@ class Demo:
         self.kill_at_random(2, "preempt")
 
         say(f"kubectl wait --for=condition=Succeeded lr/{self.name} --timeout=600s")
-        print(self.kubectl("wait", "--for=condition=Succeeded", f"lr/{self.name}", "--timeout=600s",
-                           timeout=660).stdout.strip())
+        print(
+            self.kubectl(
+                "wait", "--for=condition=Succeeded", f"lr/{self.name}", "--timeout=600s", timeout=660
+            ).stdout.strip()
+        )
         self._stop.set()
         self.fetch_logs()
         say("kubectl get loraresumes")
@@ -166,7 +191,7 @@ class Demo:
         print(self.kubectl("describe", "lr", self.name).stdout.rstrip())
 
         adapter = f"{self.storage}adapter/"
-        bucket, _, prefix = adapter[len("s3://"):].partition("/")
+        bucket, _, prefix = adapter[len("s3://") :].partition("/")
         objects = self.s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
         say(f"the adapter is at {adapter} (sandbox S3 {self.state['s3_endpoint']}):")
         for obj in objects:
@@ -194,7 +219,8 @@ class Demo:
                     continue
                 if isinstance(event, dict) and event.get("event") == "log" and event.get("loss") is not None:
                     out.setdefault(int(event.get("attempt") or attempt), []).append(
-                        (int(event["step"]), float(event["loss"])))
+                        (int(event["step"]), float(event["loss"]))
+                    )
         return out
 
     def plot(self, series: dict[int, list[tuple[int, float]]], path: Path) -> list[int]:
@@ -207,7 +233,7 @@ class Demo:
         lost: list[int] = []
         attempts = sorted(series)
         for i, attempt in enumerate(attempts):
-            steps, losses = zip(*sorted(series[attempt]))
+            steps, losses = zip(*sorted(series[attempt]), strict=True)
             ax.plot(steps, losses, marker=".", label=f"attempt {attempt}")
             if i + 1 < len(attempts) and series[attempts[i + 1]]:
                 ended = max(steps)
@@ -217,11 +243,24 @@ class Demo:
                 how = {"delete": "kubectl delete pod", "preempt": "spot reclaim"}.get(how, how)
                 ax.axvline(ended, color="red", linestyle="--", linewidth=1)
                 ax.axvline(resumed, color="green", linestyle=":", linewidth=1)
-                ax.annotate(f"{how}\n(attempt {attempt} ends, step {ended})", (ended, 1), xycoords=("data", "axes fraction"),
-                            textcoords="offset points", xytext=(3, -28 - 26 * i), fontsize=8, color="red")
-                ax.annotate(f"attempt {attempts[i + 1]} resumes\nfrom step {resumed}", (resumed, 0),
-                            xycoords=("data", "axes fraction"), textcoords="offset points",
-                            xytext=(3, 6 + 26 * i), fontsize=8, color="green")
+                ax.annotate(
+                    f"{how}\n(attempt {attempt} ends, step {ended})",
+                    (ended, 1),
+                    xycoords=("data", "axes fraction"),
+                    textcoords="offset points",
+                    xytext=(3, -28 - 26 * i),
+                    fontsize=8,
+                    color="red",
+                )
+                ax.annotate(
+                    f"attempt {attempts[i + 1]} resumes\nfrom step {resumed}",
+                    (resumed, 0),
+                    xycoords=("data", "axes fraction"),
+                    textcoords="offset points",
+                    xytext=(3, 6 + 26 * i),
+                    fontsize=8,
+                    color="green",
+                )
         ax.set_xlabel("global step")
         ax.set_ylabel("training loss")
         ax.set_title(f"LoraResume '{self.name}': loss across attempts (red: preempted, green: resumed)")
@@ -239,8 +278,11 @@ def main() -> int:
         return demo.run()
     except Exception as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
-        print(f"logs: {directory}/supervisor.log, {directory}/cluster/operator.log, {directory}/cluster/nodes/ "
-              f"(pods), {directory}/cluster/kube/*.log (control plane)", file=sys.stderr)
+        print(
+            f"logs: {directory}/supervisor.log, {directory}/cluster/operator.log, {directory}/cluster/nodes/ "
+            f"(pods), {directory}/cluster/kube/*.log (control plane)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         demo._stop.set()

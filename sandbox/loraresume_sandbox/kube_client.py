@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import base64
 import json
-import ssl
 import logging
+import ssl
 import tempfile
 import threading
 import time
@@ -95,8 +95,16 @@ class ApiError(Exception):
 class KubeClient:
     """HTTPS to one API server, as one user (client certificate or bearer token)."""
 
-    def __init__(self, server: str, ca_file: str | Path, *, cert_file: str | Path | None = None,
-                 key_file: str | Path | None = None, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        server: str,
+        ca_file: str | Path,
+        *,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        token: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         self.server = server.rstrip("/")
         context = ssl.create_default_context(cafile=str(ca_file))
         if cert_file:
@@ -129,13 +137,24 @@ class KubeClient:
                 return str(out)
             return None
 
-        return cls(cluster["server"], file_of(cluster, "certificate-authority") or "",
-                   cert_file=file_of(user, "client-certificate"), key_file=file_of(user, "client-key"),
-                   token=user.get("token"))
+        return cls(
+            cluster["server"],
+            file_of(cluster, "certificate-authority") or "",
+            cert_file=file_of(user, "client-certificate"),
+            key_file=file_of(user, "client-key"),
+            token=user.get("token"),
+        )
 
     # -- raw requests ---------------------------------------------------------------------
-    def request(self, method: str, path: str, body: Any = None, *, params: dict[str, Any] | None = None,
-                content_type: str = "application/json") -> Object:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: dict[str, Any] | None = None,
+        content_type: str = "application/json",
+    ) -> Object:
         url = self.server + path + (f"?{urlencode(params)}" if params else "")
         headers = dict(self._headers)
         data = None
@@ -162,8 +181,12 @@ class KubeClient:
         if response.status >= 400:
             if not isinstance(payload, dict):
                 payload = {"message": str(payload)}
-            raise ApiError(response.status, str(payload.get("reason") or response.reason or ""),
-                           str(payload.get("message") or raw[:500]), payload)
+            raise ApiError(
+                response.status,
+                str(payload.get("reason") or response.reason or ""),
+                str(payload.get("message") or raw[:500]),
+                payload,
+            )
         return payload if isinstance(payload, dict) else {"items": payload}
 
     def text(self, path: str, params: dict[str, Any] | None = None) -> str:
@@ -194,25 +217,54 @@ class KubeClient:
                 return None
             raise
 
-    def list(self, resource: str, namespace: str | None = None, *, label_selector: str | None = None,
-             field_selector: str | None = None) -> list[Object]:
-        return list(self.list_raw(resource, namespace, label_selector=label_selector,
-                                  field_selector=field_selector).get("items") or [])
+    def list(
+        self,
+        resource: str,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> list[Object]:
+        return list(
+            self.list_raw(resource, namespace, label_selector=label_selector, field_selector=field_selector).get(
+                "items"
+            )
+            or []
+        )
 
-    def list_raw(self, resource: str, namespace: str | None = None, *, label_selector: str | None = None,
-                 field_selector: str | None = None) -> Object:
+    def list_raw(
+        self,
+        resource: str,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> Object:
         params = {k: v for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector)) if v}
         return self.request("GET", self.type_of(resource).path(namespace), params=params or None)
 
-    def patch(self, resource: str, namespace: str | None, name: str, body: Object, *,
-              subresource: str | None = None, patch_type: str = "merge") -> Object:
-        content = {"merge": "application/merge-patch+json", "json": "application/json-patch+json",
-                   "strategic": "application/strategic-merge-patch+json"}[patch_type]
-        return self.request("PATCH", self.type_of(resource).path(namespace, name, subresource), body,
-                            content_type=content)
+    def patch(
+        self,
+        resource: str,
+        namespace: str | None,
+        name: str,
+        body: Object,
+        *,
+        subresource: str | None = None,
+        patch_type: str = "merge",
+    ) -> Object:
+        content = {
+            "merge": "application/merge-patch+json",
+            "json": "application/json-patch+json",
+            "strategic": "application/strategic-merge-patch+json",
+        }[patch_type]
+        return self.request(
+            "PATCH", self.type_of(resource).path(namespace, name, subresource), body, content_type=content
+        )
 
-    def replace(self, resource: str, namespace: str | None, name: str, body: Object,
-                subresource: str | None = None) -> Object:
+    def replace(
+        self, resource: str, namespace: str | None, name: str, body: Object, subresource: str | None = None
+    ) -> Object:
         return self.request("PUT", self.type_of(resource).path(namespace, name, subresource), body)
 
     def update_status(self, resource: str, namespace: str | None, name: str, status: Object) -> Object:
@@ -234,11 +286,24 @@ class KubeClient:
         rt = KINDS[(body["apiVersion"], body["kind"])]
         meta = body["metadata"]
         params = {"fieldManager": field_manager, "force": "true" if force else "false"}
-        return self.request("PATCH", rt.path(meta.get("namespace"), meta["name"]), body, params=params,
-                            content_type="application/apply-patch+yaml")
+        return self.request(
+            "PATCH",
+            rt.path(meta.get("namespace"), meta["name"]),
+            body,
+            params=params,
+            content_type="application/apply-patch+yaml",
+        )
 
-    def delete(self, resource: str, namespace: str | None, name: str, *, grace_period_seconds: int | None = None,
-               uid: str | None = None, propagation: str | None = None) -> Object | None:
+    def delete(
+        self,
+        resource: str,
+        namespace: str | None,
+        name: str,
+        *,
+        grace_period_seconds: int | None = None,
+        uid: str | None = None,
+        propagation: str | None = None,
+    ) -> Object | None:
         """Delete; the object as the server returned it (now terminating), or None when absent."""
         options: Object = {"kind": "DeleteOptions", "apiVersion": "v1"}
         if grace_period_seconds is not None:
@@ -263,19 +328,38 @@ class KubeClient:
         params = {"container": container} if container else None
         return self.text(RESOURCES["pods"].path(namespace, pod, "log"), params)
 
-    def watch(self, resource: str, namespace: str | None = None, *, resource_version: str | None = None,
-              label_selector: str | None = None, field_selector: str | None = None,
-              timeout_seconds: int = 60, bookmarks: bool = True) -> Iterator[Object]:
+    def watch(
+        self,
+        resource: str,
+        namespace: str | None = None,
+        *,
+        resource_version: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        timeout_seconds: int = 60,
+        bookmarks: bool = True,
+    ) -> Iterator[Object]:
         """Watch events ({type, object}) until the server ends the stream or `timeout_seconds`."""
-        params: dict[str, Any] = {"watch": "true", "timeoutSeconds": timeout_seconds,
-                                  "allowWatchBookmarks": "true" if bookmarks else "false"}
-        for key, value in (("resourceVersion", resource_version), ("labelSelector", label_selector),
-                           ("fieldSelector", field_selector)):
+        params: dict[str, Any] = {
+            "watch": "true",
+            "timeoutSeconds": timeout_seconds,
+            "allowWatchBookmarks": "true" if bookmarks else "false",
+        }
+        for key, value in (
+            ("resourceVersion", resource_version),
+            ("labelSelector", label_selector),
+            ("fieldSelector", field_selector),
+        ):
             if value:
                 params[key] = value
         url = self.server + self.type_of(resource).path(namespace) + f"?{urlencode(params)}"
-        response = self._pool.request("GET", url, headers=self._headers, preload_content=False,
-                                      timeout=urllib3.Timeout(connect=self._timeout, read=timeout_seconds + 30))
+        response = self._pool.request(
+            "GET",
+            url,
+            headers=self._headers,
+            preload_content=False,
+            timeout=urllib3.Timeout(connect=self._timeout, read=timeout_seconds + 30),
+        )
         with self._streams_lock:
             self._streams.add(response)
         try:
@@ -304,9 +388,17 @@ class KubeClient:
         self._pool.clear()
 
 
-def follow(kube: KubeClient, resource: str, handle: Callable[[str, Object], None], stop: threading.Event, *,
-           namespace: str | None = None, field_selector: str | None = None,
-           relisted: Callable[[set[str]], None] | None = None, window_seconds: int = 30) -> None:
+def follow(
+    kube: KubeClient,
+    resource: str,
+    handle: Callable[[str, Object], None],
+    stop: threading.Event,
+    *,
+    namespace: str | None = None,
+    field_selector: str | None = None,
+    relisted: Callable[[set[str]], None] | None = None,
+    window_seconds: int = 30,
+) -> None:
     """List `resource`, then watch it from that resourceVersion, until `stop` is set (an informer
     without the cache): `handle(type, object)` for every listed object (as ADDED) and every
     change; after a 410 Gone (the version was compacted away) or a broken stream, list again.
@@ -322,8 +414,13 @@ def follow(kube: KubeClient, resource: str, handle: Callable[[str, Object], None
                     handle("ADDED", obj)
                 if relisted is not None:
                     relisted({obj["metadata"]["uid"] for obj in items})
-            for event in kube.watch(resource, namespace, resource_version=version, field_selector=field_selector,
-                                    timeout_seconds=window_seconds):
+            for event in kube.watch(
+                resource,
+                namespace,
+                resource_version=version,
+                field_selector=field_selector,
+                timeout_seconds=window_seconds,
+            ):
                 kind, obj = str(event.get("type")), event.get("object") or {}
                 if kind == "ERROR":
                     version = None if obj.get("code") == 410 else version
@@ -339,7 +436,7 @@ def follow(kube: KubeClient, resource: str, handle: Callable[[str, Object], None
             else:
                 log.warning("watch of %s: %s", resource, exc)
                 stop.wait(1)
-        except Exception as exc:  # noqa: BLE001 - a broken stream: resume from the last version seen
+        except Exception as exc:
             if stop.is_set():
                 return
             log.info("watch of %s restarted: %s", resource, exc)

@@ -115,8 +115,13 @@ class NodePool:
     pods: int = 110
 
     def capacity(self) -> dict[str, str]:
-        return {"cpu": self.cpu, "memory": self.memory, "ephemeral-storage": self.ephemeral_storage,
-                "pods": str(self.pods), "nvidia.com/gpu": str(self.gpus)}
+        return {
+            "cpu": self.cpu,
+            "memory": self.memory,
+            "ephemeral-storage": self.ephemeral_storage,
+            "pods": str(self.pods),
+            "nvidia.com/gpu": str(self.gpus),
+        }
 
 
 SPOT_LABELS = {"cloud.google.com/gke-spot": "true", "loraresume.dev/pool": "spot"}
@@ -125,15 +130,18 @@ ON_DEMAND_LABELS = {"loraresume.dev/pool": "on-demand"}
 # What the sandbox's operator is told about these pools (its Helm values would say the same).
 SPOT_OPERATOR_ENV = {
     "LORARESUME_SPOT_NODE_SELECTOR": json.dumps({"cloud.google.com/gke-spot": "true"}),
-    "LORARESUME_SPOT_TOLERATIONS": json.dumps([{"key": "cloud.google.com/gke-spot", "operator": "Equal",
-                                                "value": "true", "effect": "NoSchedule"}]),
+    "LORARESUME_SPOT_TOLERATIONS": json.dumps(
+        [{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]
+    ),
     "LORARESUME_ON_DEMAND_NODE_SELECTOR": json.dumps(ON_DEMAND_LABELS),
 }
 
 
 def default_pools(spot: int = 2, on_demand: int = 1, gpus: int = 1) -> list[NodePool]:
-    return [NodePool("spot", spot, dict(SPOT_LABELS), (dict(SPOT_TAINT),), gpus=gpus),
-            NodePool("on-demand", on_demand, dict(ON_DEMAND_LABELS), gpus=gpus)]
+    return [
+        NodePool("spot", spot, dict(SPOT_LABELS), (dict(SPOT_TAINT),), gpus=gpus),
+        NodePool("on-demand", on_demand, dict(ON_DEMAND_LABELS), gpus=gpus),
+    ]
 
 
 # -- pure helpers -----------------------------------------------------------------------------
@@ -233,17 +241,25 @@ class _Node:
 class NodeAgent:
     """Registers the pools' Nodes and plays their kubelets; see the module docstring."""
 
-    def __init__(self, kube: KubeClient, *, workdir: Path, pools: list[NodePool] | None = None,
-                 serving: CertPair | None = None, extra_env: dict[str, str] | None = None,
-                 entrypoints: dict[str, list[str]] | None = None, python: str = sys.executable,
-                 lease_seconds: int = 8, lease_renew_seconds: float = 2.0) -> None:
+    def __init__(
+        self,
+        kube: KubeClient,
+        *,
+        workdir: Path,
+        pools: list[NodePool] | None = None,
+        serving: CertPair | None = None,
+        extra_env: dict[str, str] | None = None,
+        entrypoints: dict[str, list[str]] | None = None,
+        python: str = sys.executable,
+        lease_seconds: int = 8,
+        lease_renew_seconds: float = 2.0,
+    ) -> None:
         self.kube = kube
         self.workdir = Path(workdir)
         self.pools = pools if pools is not None else default_pools()
         self.serving = serving
         self.extra_env = dict(extra_env or {})
-        self.entrypoints = entrypoints if entrypoints is not None else {
-            "*": [python, "-m", "loraresume_trainer.cli"]}
+        self.entrypoints = entrypoints if entrypoints is not None else {"*": [python, "-m", "loraresume_trainer.cli"]}
         self.lease_seconds = lease_seconds
         self.lease_renew_seconds = lease_renew_seconds
         self.nodes: dict[str, _Node] = {}
@@ -264,8 +280,11 @@ class NodeAgent:
         for pool in self.pools:
             for _ in range(pool.count):
                 self.add_node(pool)
-        for target, name in ((self._heartbeats, "heartbeats"), (self._watch_pods, "pod-watch"),
-                             (self._retry_loop, "retries")):
+        for target, name in (
+            (self._heartbeats, "heartbeats"),
+            (self._watch_pods, "pod-watch"),
+            (self._retry_loop, "retries"),
+        ):
             thread = threading.Thread(target=target, name=f"node-agent-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -303,16 +322,22 @@ class NodeAgent:
             index = self._pool_counters.get(pool.name, 0)
             self._pool_counters[pool.name] = index + 1
         name = f"{pool.name}-{index}"
-        labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
-                  "node.kubernetes.io/instance-type": "sandbox-gpu", **pool.labels}
+        labels = {
+            "kubernetes.io/hostname": name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            "node.kubernetes.io/instance-type": "sandbox-gpu",
+            **pool.labels,
+        }
         body = {"metadata": {"name": name, "labels": labels}, "spec": {"taints": [dict(t) for t in pool.taints]}}
         try:
             self.kube.create("nodes", body)
         except ApiError as exc:
             if exc.code != 409:
                 raise
-        self.kube.patch("nodes", None, name, {"status": self._node_status(pool)}, subresource="status",
-                        patch_type="strategic")
+        self.kube.patch(
+            "nodes", None, name, {"status": self._node_status(pool)}, subresource="status", patch_type="strategic"
+        )
         self._renew_lease(name)
         with self._lock:
             self.nodes[name] = _Node(name, pool)
@@ -322,14 +347,23 @@ class NodeAgent:
         stamp = now_rfc3339()
 
         def condition(type_: str, status: str, reason: str, message: str) -> Object:
-            return {"type": type_, "status": status, "reason": reason, "message": message,
-                    "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}
+            return {
+                "type": type_,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastHeartbeatTime": stamp,
+                "lastTransitionTime": stamp,
+            }
 
         capacity = pool.capacity()
         return {
-            "capacity": capacity, "allocatable": capacity,
+            "capacity": capacity,
+            "allocatable": capacity,
             "conditions": [
-                condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+                condition(
+                    "MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"
+                ),
                 condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
                 condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
                 condition("Ready", "True", "KubeletReady", "kubelet is posting ready status (loraresume node agent)"),
@@ -337,10 +371,16 @@ class NodeAgent:
             "addresses": [{"type": "InternalIP", "address": LOCALHOST}],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "nodeInfo": {
-                "machineID": uuid.uuid4().hex, "systemUUID": str(uuid.uuid4()), "bootID": str(uuid.uuid4()),
-                "kernelVersion": os.uname().release, "osImage": "loraresume sandbox node agent",
-                "containerRuntimeVersion": "local-process://1", "kubeletVersion": KUBELET_VERSION,
-                "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64",
+                "machineID": uuid.uuid4().hex,
+                "systemUUID": str(uuid.uuid4()),
+                "bootID": str(uuid.uuid4()),
+                "kernelVersion": os.uname().release,
+                "osImage": "loraresume sandbox node agent",
+                "containerRuntimeVersion": "local-process://1",
+                "kubeletVersion": KUBELET_VERSION,
+                "kubeProxyVersion": "",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
             },
         }
 
@@ -360,7 +400,7 @@ class NodeAgent:
             for name in beating:
                 try:
                     self._renew_lease(name)
-                except Exception as exc:  # noqa: BLE001 - the next round retries
+                except Exception as exc:
                     log.warning("node agent: lease of %s not renewed: %s", name, exc)
 
     def node_of(self, namespace: str, pod: str) -> str:
@@ -370,8 +410,9 @@ class NodeAgent:
             raise LookupError(f"pod {namespace}/{pod} is not bound to a node")
         return str(node)
 
-    def reclaim_spot(self, node: str, *, grace_seconds: int | None = None, replace: bool = True,
-                     wait: bool = True) -> threading.Thread | None:
+    def reclaim_spot(
+        self, node: str, *, grace_seconds: int | None = None, replace: bool = True, wait: bool = True
+    ) -> threading.Thread | None:
         """A cloud reclaiming a spot VM: taint, graceful node shutdown, the Node deleted.
 
         Every pod on the node gets DisruptionTarget (TerminationByKubelet) and SIGTERM, and is
@@ -385,8 +426,19 @@ class NodeAgent:
             raise LookupError(f"node {node} is not one of this agent's live nodes")
 
         def run() -> None:
-            self.kube.patch("nodes", None, node, {"spec": {"taints": [
-                *[dict(t) for t in entry.pool.taints], {**SPOT_TERMINATION_TAINT, "timeAdded": now_rfc3339()}]}})
+            self.kube.patch(
+                "nodes",
+                None,
+                node,
+                {
+                    "spec": {
+                        "taints": [
+                            *[dict(t) for t in entry.pool.taints],
+                            {**SPOT_TERMINATION_TAINT, "timeAdded": now_rfc3339()},
+                        ]
+                    }
+                },
+            )
             runs = self._runs_on(node)
             threads = [threading.Thread(target=self._shutdown_pod, args=(r, grace_seconds), daemon=True) for r in runs]
             for t in threads:
@@ -490,12 +542,15 @@ class NodeAgent:
         """Containers waiting on a Secret or an image are retried, as the kubelet's sync loop does."""
         while not self._closed.wait(0.5):
             with self._lock:
-                waiting = [r for r in self._runs.values()
-                           if r.waiting is not None and not r.stopping and r.next_try <= time.monotonic()]
+                waiting = [
+                    r
+                    for r in self._runs.values()
+                    if r.waiting is not None and not r.stopping and r.next_try <= time.monotonic()
+                ]
             for run in waiting:
                 try:
                     self._try_start(run)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     log.warning("node agent: retry of %s/%s failed: %s", run.namespace, run.name, exc)
 
     def _try_start(self, run: _Run) -> None:
@@ -508,11 +563,17 @@ class NodeAgent:
                 argv = [expand_refs(arg, env) for arg in argv_base]
             except ContainerConfigError as exc:
                 reason = exc.reason
-                if reason == "ErrImagePull" and run.waiting and run.waiting["reason"] in ("ErrImagePull",
-                                                                                         "ImagePullBackOff"):
+                if (
+                    reason == "ErrImagePull"
+                    and run.waiting
+                    and run.waiting["reason"] in ("ErrImagePull", "ImagePullBackOff")
+                ):
                     reason = "ImagePullBackOff" if run.waiting["reason"] == "ErrImagePull" else "ErrImagePull"
-                message = str(exc) if reason != "ImagePullBackOff" else (
-                    f'Back-off pulling image "{run.container.get("image", "")}": {exc}')
+                message = (
+                    str(exc)
+                    if reason != "ImagePullBackOff"
+                    else (f'Back-off pulling image "{run.container.get("image", "")}": {exc}')
+                )
                 run.waiting = {"reason": reason, "message": message}
                 run.next_try = time.monotonic() + IMAGE_BACKOFF_SECONDS
                 self._write_status(run)
@@ -520,8 +581,15 @@ class NodeAgent:
             run.waiting = None
             with open(run.log_path, "ab") as logfile:
                 try:
-                    run.proc = subprocess.Popen(argv, cwd=run.dir, env=env, stdin=subprocess.DEVNULL, stdout=logfile,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
+                    run.proc = subprocess.Popen(
+                        argv,
+                        cwd=run.dir,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=logfile,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 except OSError as exc:
                     logfile.write(f"node agent: cannot start {argv[0]!r}: {exc}\n".encode())
                     run.started_at = now_rfc3339()
@@ -543,7 +611,9 @@ class NodeAgent:
                 return list(self.entrypoints[key]) + args
         raise ContainerConfigError(
             f'failed to pull and unpack image "{image}": not found (the sandbox runs only the images it knows: '
-            f'{", ".join(sorted(k for k in self.entrypoints if k != "*")) or "none"})', reason="ErrImagePull")
+            f"{', '.join(sorted(k for k in self.entrypoints if k != '*')) or 'none'})",
+            reason="ErrImagePull",
+        )
 
     def _environment(self, run: _Run) -> dict[str, str]:
         env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
@@ -585,8 +655,10 @@ class NodeAgent:
 
     def _value_from(self, run: _Run, source: Object) -> str | None:
         meta = run.pod["metadata"]
-        for kind, resource, label in (("secretKeyRef", "secrets", "secret"), ("configMapKeyRef", "configmaps",
-                                                                                "configmap")):
+        for kind, resource, label in (
+            ("secretKeyRef", "secrets", "secret"),
+            ("configMapKeyRef", "configmaps", "configmap"),
+        ):
             ref = source.get(kind)
             if not ref:
                 continue
@@ -598,8 +670,11 @@ class NodeAgent:
                 raise ContainerConfigError(f'{label} "{obj_name}" not found')
             data = obj.get("data") or {}
             if key in data:
-                return base64.b64decode(data[key]).decode("utf-8", errors="replace") if resource == "secrets" \
+                return (
+                    base64.b64decode(data[key]).decode("utf-8", errors="replace")
+                    if resource == "secrets"
                     else str(data[key])
+                )
             if resource == "configmaps" and key in (obj.get("binaryData") or {}):
                 return base64.b64decode(obj["binaryData"][key]).decode("utf-8", errors="replace")
             if optional:
@@ -607,9 +682,15 @@ class NodeAgent:
             raise ContainerConfigError(f"couldn't find key {key} in {label.capitalize()} {run.namespace}/{obj_name}")
         ref = source.get("fieldRef")
         if ref:
-            fields = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"], "metadata.uid": meta["uid"],
-                      "spec.nodeName": run.node, "spec.serviceAccountName": run.pod["spec"].get("serviceAccountName", ""),
-                      "status.podIP": LOCALHOST, "status.hostIP": LOCALHOST}
+            fields = {
+                "metadata.name": meta["name"],
+                "metadata.namespace": meta["namespace"],
+                "metadata.uid": meta["uid"],
+                "spec.nodeName": run.node,
+                "spec.serviceAccountName": run.pod["spec"].get("serviceAccountName", ""),
+                "status.podIP": LOCALHOST,
+                "status.hostIP": LOCALHOST,
+            }
             path = ref.get("fieldPath", "")
             if path in fields:
                 return fields[path]
@@ -635,10 +716,12 @@ class NodeAgent:
         run.exited.set()
         with self._lock:
             node = self.nodes.get(run.node)
-        if node is None or node.lost and not run.shutdown:
+        if node is None or (node.lost and not run.shutdown):
             run.finished.set()  # the machine is gone: nobody reports the end
             return
-        self._finish(run, code, reason="Completed" if code == 0 else "Error", message=self._termination_message(run, code))
+        self._finish(
+            run, code, reason="Completed" if code == 0 else "Error", message=self._termination_message(run, code)
+        )
 
     def _termination_message(self, run: _Run, code: int) -> str:
         try:
@@ -655,9 +738,13 @@ class NodeAgent:
 
     def _finish(self, run: _Run, code: int, *, reason: str, message: str) -> None:
         with run.lock:
-            terminated: Object = {"exitCode": code, "reason": reason, "startedAt": run.started_at or now_rfc3339(),
-                                  "finishedAt": now_rfc3339(),
-                                  "containerID": f"{CONTAINER_ID_SCHEME}{run.proc.pid if run.proc else 0}"}
+            terminated: Object = {
+                "exitCode": code,
+                "reason": reason,
+                "startedAt": run.started_at or now_rfc3339(),
+                "finishedAt": now_rfc3339(),
+                "containerID": f"{CONTAINER_ID_SCHEME}{run.proc.pid if run.proc else 0}",
+            }
             if message:
                 terminated["message"] = message
             run.terminated = terminated
@@ -680,8 +767,9 @@ class NodeAgent:
             if run.stopping:
                 return
             run.stopping = True
-        threading.Thread(target=self._terminate, args=(run, grace, confirm), name=f"kill-{run.name}",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._terminate, args=(run, grace, confirm), name=f"kill-{run.name}", daemon=True
+        ).start()
 
     def _terminate(self, run: _Run, grace: int, confirm: bool) -> None:
         """SIGTERM, the grace period, SIGKILL; the final status; the zero-grace delete."""
@@ -692,8 +780,12 @@ class NodeAgent:
                 self._signal(run, signal.SIGKILL)
             run.finished.wait(30)
         elif not run.finished.is_set():  # never started (waiting): it ends without running
-            self._finish(run, 137 if run.waiting else 0, reason="ContainerStatusUnknown" if run.waiting else "Completed",
-                         message="")
+            self._finish(
+                run,
+                137 if run.waiting else 0,
+                reason="ContainerStatusUnknown" if run.waiting else "Completed",
+                message="",
+            )
         if confirm:
             self._confirm_deletion(run.namespace, run.name, run.uid)
 
@@ -701,8 +793,13 @@ class NodeAgent:
         """Graceful node shutdown of one pod, as the kubelet does it."""
         with run.lock:
             run.shutdown = True
-            run.disruption = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
-                              "message": SHUTDOWN_MESSAGE, "lastTransitionTime": now_rfc3339()}
+            run.disruption = {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "TerminationByKubelet",
+                "message": SHUTDOWN_MESSAGE,
+                "lastTransitionTime": now_rfc3339(),
+            }
             already = run.stopping
             run.stopping = True
             if not run.finished.is_set():
@@ -730,8 +827,14 @@ class NodeAgent:
     # -- status ---------------------------------------------------------------------------
     def _write_status(self, run: _Run) -> None:
         try:
-            self.kube.patch("pods", run.namespace, run.name, {"metadata": {"uid": run.uid}, "status": self._status(run)},
-                            subresource="status", patch_type="strategic")
+            self.kube.patch(
+                "pods",
+                run.namespace,
+                run.name,
+                {"metadata": {"uid": run.uid}, "status": self._status(run)},
+                subresource="status",
+                patch_type="strategic",
+            )
         except ApiError as exc:
             if exc.code not in (404, 409):
                 log.warning("node agent: status of %s/%s not written: %s", run.namespace, run.name, exc)
@@ -749,20 +852,32 @@ class NodeAgent:
             state = {"running": {"startedAt": run.started_at}, "waiting": None, "terminated": None}
         else:
             phase, ready, why = "Pending", False, unready
-            state = {"waiting": dict(run.waiting or {"reason": "ContainerCreating"}), "running": None, "terminated": None}
+            state = {
+                "waiting": dict(run.waiting or {"reason": "ContainerCreating"}),
+                "running": None,
+                "terminated": None,
+            }
         stamp = now_rfc3339()
 
         def cond(type_: str, value: bool, reason: str = "", message: str = "") -> Object:
-            out: Object = {"type": type_, "status": "True" if value else "False", "lastProbeTime": None,
-                           "lastTransitionTime": stamp}
+            out: Object = {
+                "type": type_,
+                "status": "True" if value else "False",
+                "lastProbeTime": None,
+                "lastTransitionTime": stamp,
+            }
             if reason:
                 out["reason"] = reason
             if message:
                 out["message"] = message
             return out
 
-        conditions = [cond("PodReadyToStartContainers", True), cond("Initialized", True),
-                      cond("ContainersReady", ready, *why), cond("Ready", ready, *why)]
+        conditions = [
+            cond("PodReadyToStartContainers", True),
+            cond("Initialized", True),
+            cond("ContainersReady", ready, *why),
+            cond("Ready", ready, *why),
+        ]
         if run.disruption is not None:
             conditions.append(run.disruption)
         statuses = []
@@ -771,14 +886,26 @@ class NodeAgent:
             if i > 0 and state.get("terminated"):
                 cstate = {**state, "terminated": {**state["terminated"], "exitCode": 0, "reason": "Completed"}}
                 cstate["terminated"].pop("message", None)
-            entry: Object = {"name": container["name"], "ready": ready, "restartCount": 0,
-                             "image": container.get("image", ""), "imageID": "", "started": bool(cstate.get("running")),
-                             "state": cstate}
+            entry: Object = {
+                "name": container["name"],
+                "ready": ready,
+                "restartCount": 0,
+                "image": container.get("image", ""),
+                "imageID": "",
+                "started": bool(cstate.get("running")),
+                "state": cstate,
+            }
             if run.proc is not None:
                 entry["containerID"] = f"{CONTAINER_ID_SCHEME}{run.proc.pid}"
             statuses.append(entry)
-        status: Object = {"phase": phase, "conditions": conditions, "hostIP": LOCALHOST,
-                          "hostIPs": [{"ip": LOCALHOST}], "startTime": run.start_time, "containerStatuses": statuses}
+        status: Object = {
+            "phase": phase,
+            "conditions": conditions,
+            "hostIP": LOCALHOST,
+            "hostIPs": [{"ip": LOCALHOST}],
+            "startTime": run.start_time,
+            "containerStatuses": statuses,
+        }
         if run.proc is not None:
             status.update(podIP=LOCALHOST, podIPs=[{"ip": LOCALHOST}])
         if run.shutdown and run.terminated is not None:
@@ -815,7 +942,7 @@ class NodeAgent:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 url = urlparse(self.path)
                 parts = url.path.strip("/").split("/")
                 if len(parts) != 4 or parts[0] != "containerLogs":
@@ -828,7 +955,7 @@ class NodeAgent:
                 text = agent.read_log(parts[1], parts[2], parts[3])
                 tail = query.get("tailLines")
                 if tail and tail[0].isdigit():
-                    text = "".join(text.splitlines(keepends=True)[-int(tail[0]):])
+                    text = "".join(text.splitlines(keepends=True)[-int(tail[0]) :])
                 data = text.encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; charset=utf-8")
@@ -880,4 +1007,3 @@ class NodeAgent:
                 return True
             time.sleep(0.05)
         return False
-

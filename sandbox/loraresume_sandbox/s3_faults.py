@@ -53,15 +53,35 @@ log = logging.getLogger(__name__)
 FAULT_KINDS = ("error", "slowdown", "reset", "truncate")
 ALL_KINDS = (*FAULT_KINDS, "corrupt")
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te",
-     "trailer", "transfer-encoding", "upgrade", "expect"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+    }
 )
 MAX_HEAD_BYTES = 64 * 1024
 HOLD_TIMEOUT = 60.0  # a hook that never answers must not wedge the client forever
 UPSTREAM_TIMEOUT = 120.0
-_REASONS = {200: "OK", 204: "No Content", 206: "Partial Content", 304: "Not Modified", 400: "Bad Request",
-            403: "Forbidden", 404: "Not Found", 409: "Conflict", 412: "Precondition Failed",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    204: "No Content",
+    206: "Partial Content",
+    304: "Not Modified",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    409: "Conflict",
+    412: "Precondition Failed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 @dataclass(frozen=True)
@@ -208,8 +228,11 @@ class S3FaultProxy:
     def counts(self) -> dict[str, int]:
         """Requests seen, faults injected per kind, requests held by hooks."""
         with self._lock:
-            return {"requests": self._counts["requests"], **{k: self._counts[k] for k in ALL_KINDS},
-                    "held": self._counts["held"]}
+            return {
+                "requests": self._counts["requests"],
+                **{k: self._counts[k] for k in ALL_KINDS},
+                "held": self._counts["held"],
+            }
 
     @property
     def injected(self) -> list[InjectedFault]:
@@ -340,7 +363,7 @@ class S3FaultProxy:
                 self._counts["held"] += 1
             try:
                 action = await asyncio.wait_for(asyncio.wrap_future(held), HOLD_TIMEOUT)
-            except (asyncio.TimeoutError, concurrent.futures.CancelledError):
+            except (TimeoutError, concurrent.futures.CancelledError):
                 action = "forward"
             if action == "drop":
                 self._reset(writer)
@@ -410,8 +433,10 @@ class S3FaultProxy:
         else:
             status, code, message = 503, "ServiceUnavailable", "Service is unable to handle request."
         body = b"" if method == "HEAD" else _error_xml(code, message, info.path)
-        head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/xml\r\n"
-                f"Content-Length: {len(body)}\r\nx-amz-request-id: fault-{kind}\r\n\r\n")
+        head = (
+            f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/xml\r\n"
+            f"Content-Length: {len(body)}\r\nx-amz-request-id: fault-{kind}\r\n\r\n"
+        )
         return status, head.encode() + body
 
     def _response_bytes(self, method: str, status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
@@ -482,14 +507,22 @@ def checkpoint_file(info: RequestInfo) -> tuple[str, int, str] | None:
     if not sep:
         if not info.key.startswith("checkpoints/checkpoint-"):
             return None
-        head, tail = "", info.key[len("checkpoints/checkpoint-"):]
+        head, tail = "", info.key[len("checkpoints/checkpoint-") :]
     digits, slash, name = tail.partition("/")
     if not slash or not digits.isdigit() or not name:
         return None
     return (f"{info.bucket}/{head}/" if head else f"{info.bucket}/"), int(digits), name
 
 
-__all__ = ["ALL_KINDS", "FAULT_KINDS", "InjectedFault", "RequestInfo", "S3FaultProxy", "checkpoint_file", "uniform_rates"]
+__all__ = [
+    "ALL_KINDS",
+    "FAULT_KINDS",
+    "InjectedFault",
+    "RequestInfo",
+    "S3FaultProxy",
+    "checkpoint_file",
+    "uniform_rates",
+]
 
 
 def _main(argv: list[str] | None = None) -> int:  # pragma: no cover - a manual tool

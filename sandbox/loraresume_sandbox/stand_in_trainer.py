@@ -120,11 +120,19 @@ class StandInPipeline(Pipeline):
     # -- checkpoints ------------------------------------------------------------------------------
     def _write_weights(self, directory: Path, step: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "r": self.job.lora.r, "lora_alpha": self.job.lora.alpha,
-            "target_modules": list(self.job.lora.target_modules), "base_model_name_or_path": self.job.base_model,
-            "stand_in": True,
-        }, indent=2))
+        (directory / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "r": self.job.lora.r,
+                    "lora_alpha": self.job.lora.alpha,
+                    "target_modules": list(self.job.lora.target_modules),
+                    "base_model_name_or_path": self.job.base_model,
+                    "stand_in": True,
+                },
+                indent=2,
+            )
+        )
         block = hashlib.sha256(f"{self.job.seed}:{step}".encode()).digest()
         (directory / "adapter_model.safetensors").write_bytes((block * (self.file_bytes // 32 + 1))[: self.file_bytes])
 
@@ -136,10 +144,19 @@ class StandInPipeline(Pipeline):
         for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
             block = hashlib.sha256(f"{name}:{step}".encode()).digest()
             (directory / name).write_bytes((block * (self.file_bytes // 32 + 1))[: self.file_bytes])
-        (directory / "trainer_state.json").write_text(json.dumps({
-            "global_step": step, "max_steps": self.max_steps, "save_steps": self.save_steps,
-            "logging_steps": self.logging_steps, "log_history": [{"step": step, "loss": loss}], "stand_in": True,
-        }, indent=2))
+        (directory / "trainer_state.json").write_text(
+            json.dumps(
+                {
+                    "global_step": step,
+                    "max_steps": self.max_steps,
+                    "save_steps": self.save_steps,
+                    "logging_steps": self.logging_steps,
+                    "log_history": [{"step": step, "loss": loss}],
+                    "stand_in": True,
+                },
+                indent=2,
+            )
+        )
         self.store.upload_checkpoint(directory, step, fingerprint)
         self.durable_step = step
         self.store.apply_retention(self.job.storage.keep_checkpoints, fingerprint)
@@ -157,8 +174,9 @@ class StandInPipeline(Pipeline):
         if complete:
             self.durable_step = complete[0].step
         if self.max_steps < 1:
-            raise ConfigError("the stand-in trainer needs max_steps >= 1 (epochs are not simulated)",
-                              field="training.max_steps")
+            raise ConfigError(
+                "the stand-in trainer needs max_steps >= 1 (epochs are not simulated)", field="training.max_steps"
+            )
         self._sleep_loading(self.load_seconds)
         fingerprint = self.stand_in_fingerprint()
         done = self.store.read_adapter_manifest()
@@ -170,8 +188,15 @@ class StandInPipeline(Pipeline):
         fetched = self.fetch_stand_in(plan) if plan.candidates else None
         mode = plan.mode if fetched else ResumeMode.FRESH
         start = fetched[1] if fetched and mode is ResumeMode.EXACT else 0
-        emit_event("start", attempt=job.attempt, mode=mode.value, checkpoint=fetched[0].uri if fetched else None,
-                   step=start, prepare_seconds=round(time.monotonic() - t_start, 3), stand_in=True)
+        emit_event(
+            "start",
+            attempt=job.attempt,
+            mode=mode.value,
+            checkpoint=fetched[0].uri if fetched else None,
+            step=start,
+            prepare_seconds=round(time.monotonic() - t_start, 3),
+            stand_in=True,
+        )
         if start >= self.max_steps:  # killed after the last checkpoint, before the adapter
             self.publish(start, None, fingerprint)
             return self._succeeded(start)
@@ -194,8 +219,12 @@ class StandInPipeline(Pipeline):
                 loss = synthetic_loss(step, self.max_steps, job.seed)
                 if step % self.logging_steps == 0 or step == self.max_steps:
                     emit_event("log", step=step, attempt=job.attempt, loss=loss)
-                    self._put_progress(step, self.max_steps, {"loss": loss, "learning_rate": 1e-4,
-                                                              "epoch": step / self.max_steps}, "Running")
+                    self._put_progress(
+                        step,
+                        self.max_steps,
+                        {"loss": loss, "learning_rate": 1e-4, "epoch": step / self.max_steps},
+                        "Running",
+                    )
                 if self.fail_at and step == self.fail_at and job.attempt == 1:
                     raise RuntimeError(f"stand-in: simulated crash after step {step}")
                 if self.stop.requested:
@@ -210,8 +239,9 @@ class StandInPipeline(Pipeline):
             if self.durable_step != step:
                 self.save_checkpoint(step, loss, fingerprint)
             since = time.monotonic() - (self.stop.received_at or t_flush)
-            log.warning("preempted: checkpoint-%s durable %.2f s after %s",
-                        self.durable_step, since, self.stop.signal_name)
+            log.warning(
+                "preempted: checkpoint-%s durable %.2f s after %s", self.durable_step, since, self.stop.signal_name
+            )
             emit_event("preempted", step=step, durable_step=self.durable_step, seconds=round(since, 3))
             self._put_progress(step, self.max_steps, {"loss": loss}, "Preempted")
             return TerminationMessage(

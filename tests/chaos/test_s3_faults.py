@@ -38,9 +38,14 @@ BODY = bytes(range(256)) * 20  # 5120 bytes
 
 def no_retry_client(endpoint: str):
     """Retries off; like the trainer's client, no response checksums (the manifest's sha256 is the check)."""
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                        config=Config(retries={"mode": "standard", "total_max_attempts": 1},
-                                      response_checksum_validation="when_required"))
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        config=Config(
+            retries={"mode": "standard", "total_max_attempts": 1}, response_checksum_validation="when_required"
+        ),
+    )
 
 
 @pytest.fixture
@@ -65,7 +70,8 @@ def test_without_faults_the_proxy_is_transparent(proxy, bucket):
     client.delete_object(Bucket=bucket, Key="a/new")
     # boto3's default client: flexible checksums, aws-chunked upload encoding
     boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1").put_object(
-        Bucket=bucket, Key="a/chunked", Body=BODY)
+        Bucket=bucket, Key="a/chunked", Body=BODY
+    )
     assert client.get_object(Bucket=bucket, Key="a/chunked")["Body"].read() == BODY
     counts = proxy.counts
     assert counts["requests"] >= 8 and not any(counts[k] for k in FAULT_KINDS)
@@ -92,9 +98,11 @@ def test_error_kind_is_a_500_or_503_with_an_s3_error_code(proxy, bucket):
 def test_slowdown_kind_is_s3_throttling(proxy, bucket):
     proxy.set_rates({"slowdown": 1.0})
     client = no_retry_client(proxy.endpoint)
-    for call in (lambda: client.get_object(Bucket=bucket, Key="a/object"),
-                 lambda: client.list_objects_v2(Bucket=bucket),
-                 lambda: client.put_object(Bucket=bucket, Key="a/x", Body=b"x")):
+    for call in (
+        lambda: client.get_object(Bucket=bucket, Key="a/object"),
+        lambda: client.list_objects_v2(Bucket=bucket),
+        lambda: client.put_object(Bucket=bucket, Key="a/x", Body=b"x"),
+    ):
         with pytest.raises(ClientError) as err:
             call()
         assert err.value.response["Error"]["Code"] == "SlowDown"
@@ -106,11 +114,13 @@ def test_reset_kind_closes_the_connection_mid_response(proxy, bucket):
     proxy.set_rates({"reset": 1.0})
     client = no_retry_client(proxy.endpoint)
     response = client.get_object(Bucket=bucket, Key="a/object")  # headers made it, the body does not
-    with pytest.raises(ResponseStreamingError, match="reset|Connection broken"):
+    with pytest.raises(ResponseStreamingError, match=r"reset|Connection broken"):
         response["Body"].read()
-    for call in (lambda: client.head_object(Bucket=bucket, Key="a/object"),
-                 lambda: client.list_objects_v2(Bucket=bucket),
-                 lambda: client.put_object(Bucket=bucket, Key="a/applied", Body=b"y" * 10)):
+    for call in (
+        lambda: client.head_object(Bucket=bucket, Key="a/object"),
+        lambda: client.list_objects_v2(Bucket=bucket),
+        lambda: client.put_object(Bucket=bucket, Key="a/applied", Body=b"y" * 10),
+    ):
         with pytest.raises(ConnectionClosedError):
             call()
     assert proxy.counts["reset"] == 4
@@ -135,7 +145,7 @@ def test_corrupt_kind_keeps_the_length_and_changes_a_byte(proxy, bucket):
     proxy.set_rates({"corrupt": 1.0})
     data = no_retry_client(proxy.endpoint).get_object(Bucket=bucket, Key="a/object")["Body"].read()
     assert len(data) == len(BODY) and data != BODY
-    assert sum(a != b for a, b in zip(data, BODY)) == 1
+    assert sum(a != b for a, b in zip(data, BODY, strict=True)) == 1
     assert "corrupt" not in FAULT_KINDS  # never part of the uniform rates
 
 
@@ -198,7 +208,7 @@ def test_a_hook_holds_a_request_until_told_and_can_drop_it(proxy, bucket):
     def put() -> None:
         try:
             client.put_object(Bucket=bucket, Key="a/held", Body=b"h")
-        except BaseException as exc:  # noqa: BLE001 - inspected below
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=put)
@@ -217,19 +227,23 @@ def test_a_hook_holds_a_request_until_told_and_can_drop_it(proxy, bucket):
 def test_checkpoint_file_names_the_job_step_and_file():
     from loraresume_sandbox.s3_faults import RequestInfo
 
-    info = RequestInfo("GET", "/b/jobs/x/checkpoints/checkpoint-12/optimizer.pt", "", "b",
-                       "jobs/x/checkpoints/checkpoint-12/optimizer.pt")
+    info = RequestInfo(
+        "GET",
+        "/b/jobs/x/checkpoints/checkpoint-12/optimizer.pt",
+        "",
+        "b",
+        "jobs/x/checkpoints/checkpoint-12/optimizer.pt",
+    )
     assert checkpoint_file(info) == ("b/jobs/x/", 12, "optimizer.pt")
-    assert checkpoint_file(RequestInfo("GET", "/b/checkpoints/checkpoint-3/a", "", "b", "checkpoints/checkpoint-3/a")) \
-        == ("b/", 3, "a")
+    assert checkpoint_file(
+        RequestInfo("GET", "/b/checkpoints/checkpoint-3/a", "", "b", "checkpoints/checkpoint-3/a")
+    ) == ("b/", 3, "a")
     for key in ("jobs/x/progress.json", "jobs/x/checkpoints/checkpoint-x/a", "jobs/x/checkpoints/checkpoint-1/"):
         assert checkpoint_file(RequestInfo("GET", "/b/" + key, "", "b", key)) is None
 
 
 # -- the trainer's S3 client through the proxy --------------------------------------------------------
-def test_trainer_client_retries_cut_bodies_within_its_attempt_budget_and_logs_them(
-    proxy, bucket, monkeypatch, caplog
-):
+def test_trainer_client_retries_cut_bodies_within_its_attempt_budget_and_logs_them(proxy, bucket, monkeypatch, caplog):
     monkeypatch.setattr("loraresume_trainer.s3client._backoff", lambda attempts: 0.01)
     client = make_s3_client(proxy.endpoint)
     proxy.match = lambda info: info.method == "GET"
@@ -243,8 +257,7 @@ def test_trainer_client_retries_cut_bodies_within_its_attempt_budget_and_logs_th
     caplog.clear()
     proxy.reset_counts()
     proxy.set_rates({"truncate": 1.0})
-    with caplog.at_level("WARNING", logger="loraresume_trainer.s3client"), \
-            pytest.raises(ResponseStreamingError):
+    with caplog.at_level("WARNING", logger="loraresume_trainer.s3client"), pytest.raises(ResponseStreamingError):
         client.get_object(Bucket=bucket, Key="a/object")
     assert proxy.counts["requests"] == proxy.counts["truncate"] == 6  # bounded: 1 + 5 retries
     assert "attempt 6 of 6 failed (ResponseStreamingError while reading the body); giving up" in caplog.text
@@ -254,9 +267,18 @@ def test_trainer_client_retries_cut_bodies_within_its_attempt_budget_and_logs_th
 def test_retry_hooks_fit_any_s3_client_once(proxy, bucket, monkeypatch, caplog):
     """The operator's client can take the same hooks (it does not yet: see the chaos report)."""
     monkeypatch.setattr("loraresume_trainer.s3client._backoff", lambda attempts: 0.01)
-    client = install_retry_hooks(install_retry_hooks(boto3.client(
-        "s3", endpoint_url=proxy.endpoint, region_name="us-east-1",
-        config=Config(retries={"mode": "standard", "max_attempts": 2}, response_checksum_validation="when_required"))))
+    client = install_retry_hooks(
+        install_retry_hooks(
+            boto3.client(
+                "s3",
+                endpoint_url=proxy.endpoint,
+                region_name="us-east-1",
+                config=Config(
+                    retries={"mode": "standard", "max_attempts": 2}, response_checksum_validation="when_required"
+                ),
+            )
+        )
+    )
     proxy.set_rates({"truncate": 1.0})
     with caplog.at_level("WARNING", logger="loraresume_trainer.s3client"), pytest.raises(ResponseStreamingError):
         client.get_object(Bucket=bucket, Key="a/object")
@@ -280,8 +302,13 @@ def test_trainer_client_logs_each_failed_attempt_of_throttling(proxy, bucket, mo
 # -- the trainer through the proxy ---------------------------------------------------------------------
 def trainer_job(seeded: dict[str, str], endpoint: str, prefix: str, work: Path) -> dict:
     """The tiny model, 24 steps, a checkpoint every 5 (tests/support/trainer_runs.job_config)."""
-    return job_config(work, endpoint=endpoint, storage_uri=f"s3://{seeded['bucket']}/{prefix}/",
-                      base_model=seeded["model"], dataset_file=seeded["dataset"])
+    return job_config(
+        work,
+        endpoint=endpoint,
+        storage_uri=f"s3://{seeded['bucket']}/{prefix}/",
+        base_model=seeded["model"],
+        dataset_file=seeded["dataset"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -290,19 +317,25 @@ def reference_adapter(s3_server, seeded_bucket, tmp_path_factory) -> dict[str, b
     work = tmp_path_factory.mktemp("reference")
     attempt = run_attempt(trainer_job(seeded_bucket, s3_server.endpoint, "reference", work), work)
     assert attempt.exit_code == 0, attempt.stderr[-3000:]
-    return read_adapter(boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1"),
-                        seeded_bucket["bucket"], "reference")
+    return read_adapter(
+        boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1"),
+        seeded_bucket["bucket"],
+        "reference",
+    )
 
 
 def adapter_of(s3_server, seeded: dict[str, str], prefix: str) -> dict[str, bytes]:
-    return read_adapter(boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1"),
-                        seeded["bucket"], prefix)
+    return read_adapter(
+        boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1"), seeded["bucket"], prefix
+    )
 
 
 def complete_steps(s3_server, seeded: dict[str, str], prefix: str) -> list[int]:
     client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=seeded["bucket"], Prefix=f"{prefix}/checkpoints/")
-            .get("Contents", [])]
+    keys = [
+        o["Key"]
+        for o in client.list_objects_v2(Bucket=seeded["bucket"], Prefix=f"{prefix}/checkpoints/").get("Contents", [])
+    ]
     return sorted(int(k.split("/checkpoint-")[1].split("/")[0]) for k in keys if k.endswith("/_COMPLETE.json"))
 
 
@@ -312,8 +345,11 @@ def test_b_a_story_through_s3_faults_ends_bitwise_equal(proxy, s3_server, seeded
     # durable checkpoint: SIGKILL at step 8 (attempt 2 resumes from whatever was durable, maybe nothing),
     # then SIGTERM at step 14 (the trainer makes its own checkpoint durable before it exits 75).
     proxy.set_rates(uniform_rates(0.15))
-    story = run_story(trainer_job(seeded_bucket, proxy.endpoint, "story", tmp_path), tmp_path,
-                      [Kill(signal.SIGKILL, 8, after_durable=False), Kill(signal.SIGTERM, 14, after_durable=False)])
+    story = run_story(
+        trainer_job(seeded_bucket, proxy.endpoint, "story", tmp_path),
+        tmp_path,
+        [Kill(signal.SIGKILL, 8, after_durable=False), Kill(signal.SIGTERM, 14, after_durable=False)],
+    )
     counts = proxy.counts
     proxy.set_rates({})
     assert all(counts[kind] > 0 for kind in FAULT_KINDS), counts
@@ -337,8 +373,12 @@ def test_c_truncated_and_reset_checkpoint_downloads_are_retried_and_verified(
     assert first.killed_with == "SIGTERM" and first.exit_code == Outcome.PREEMPTED.code
     newest = complete_steps(s3_server, seeded_bucket, "truncated")[-1]
     root = f"{seeded_bucket['bucket']}/truncated/"
-    proxy.match = lambda info: info.method == "GET" and (where := checkpoint_file(info)) is not None \
-        and where[0] == root and where[2] != "_COMPLETE.json"
+    proxy.match = lambda info: (
+        info.method == "GET"
+        and (where := checkpoint_file(info)) is not None
+        and where[0] == root
+        and where[2] != "_COMPLETE.json"
+    )
     proxy.set_rates({"truncate": 0.25, "reset": 0.1})
     second = run_attempt(config, tmp_path, attempt=2)
     counts = proxy.counts
@@ -364,8 +404,12 @@ def test_c_a_corrupted_checkpoint_download_is_refused_and_the_resume_falls_back(
     assert len(steps) >= 2, steps
     newest, previous = steps[-1], steps[-2]
     root = f"{seeded_bucket['bucket']}/corrupted/"
-    proxy.match = lambda info: info.method == "GET" and (where := checkpoint_file(info)) is not None \
-        and where[:2] == (root, newest) and where[2] == "optimizer.pt"
+    proxy.match = lambda info: (
+        info.method == "GET"
+        and (where := checkpoint_file(info)) is not None
+        and where[:2] == (root, newest)
+        and where[2] == "optimizer.pt"
+    )
     proxy.set_rates({"corrupt": 1.0})
     second = run_attempt(config, tmp_path, attempt=2)
     counts = proxy.counts

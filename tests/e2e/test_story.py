@@ -27,8 +27,12 @@ pytestmark = pytest.mark.slow
 
 NS = "default"
 OFFLINE = {
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-    "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
     "PYTHONUNBUFFERED": "1",
 }
 
@@ -43,34 +47,66 @@ def cluster(tmp_path_factory, s3_server):
     for path in base.iterdir():
         s3.upload_file(str(path), bucket, f"models/tiny/{path.name}")
     s3.upload_file(str(write_jsonl(root / "train.jsonl", alpaca_rows(40))), bucket, "data/train.jsonl")
-    extra = {**OFFLINE, "HF_HOME": str(root / "hf"), "TRITON_CACHE_DIR": str(root / "triton"),
-             "AWS_DEFAULT_REGION": "us-east-1"}
+    extra = {
+        **OFFLINE,
+        "HF_HOME": str(root / "hf"),
+        "TRITON_CACHE_DIR": str(root / "triton"),
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     entrypoints = {
         "*": [sys.executable, "-m", "loraresume_trainer.cli"],
         "sandbox/crash": [sys.executable, "-c", "import sys; print('boom'); sys.exit(1)"],
     }
-    with SandboxCluster(root / "cluster", namespaces=(NS,), extra_env=extra, entrypoints=entrypoints,
-                        quiet=True) as stack:
-        stack.kube.create("secrets", {"metadata": {"name": "s3-creds"}, "stringData": {
-            "AWS_ACCESS_KEY_ID": "sandbox", "AWS_SECRET_ACCESS_KEY": "sandbox-secret"}}, NS)
-        yield {"k8s": stack.kube, "agent": stack.agent, "kubeconfig": stack.kubeconfig, "s3": s3, "bucket": bucket,
-               "endpoint": s3_server.endpoint, "root": root, "operator": stack.operator}
+    with SandboxCluster(
+        root / "cluster", namespaces=(NS,), extra_env=extra, entrypoints=entrypoints, quiet=True
+    ) as stack:
+        stack.kube.create(
+            "secrets",
+            {
+                "metadata": {"name": "s3-creds"},
+                "stringData": {"AWS_ACCESS_KEY_ID": "sandbox", "AWS_SECRET_ACCESS_KEY": "sandbox-secret"},
+            },
+            NS,
+        )
+        yield {
+            "k8s": stack.kube,
+            "agent": stack.agent,
+            "kubeconfig": stack.kubeconfig,
+            "s3": s3,
+            "bucket": bucket,
+            "endpoint": s3_server.endpoint,
+            "root": root,
+            "operator": stack.operator,
+        }
 
 
 def resource(cluster, name: str, **spec_over) -> dict:
     bucket = cluster["bucket"]
     body = {
-        "apiVersion": "loraresume.dev/v1alpha1", "kind": "LoraResume", "metadata": {"name": name},
+        "apiVersion": "loraresume.dev/v1alpha1",
+        "kind": "LoraResume",
+        "metadata": {"name": name},
         "spec": {
             "baseModel": f"s3://{bucket}/models/tiny/",
-            "maxSeqLength": 128, "loadIn4bit": False,
+            "maxSeqLength": 128,
+            "loadIn4bit": False,
             "lora": {"r": 8, "alpha": 16},
             "dataset": {"source": f"s3://{bucket}/data/train.jsonl", "template": "alpaca"},
-            "training": {"perDeviceTrainBatchSize": 2, "gradientAccumulationSteps": 1, "warmupSteps": 2,
-                         "maxSteps": 40, "learningRate": 1e-3, "optim": "adamw_torch", "saveSteps": 5,
-                         "seed": 1234},
-            "storage": {"uri": f"s3://{bucket}/{name}/", "endpoint": cluster["endpoint"],
-                        "credentialsSecret": "s3-creds"},
+            "training": {
+                "perDeviceTrainBatchSize": 2,
+                "gradientAccumulationSteps": 1,
+                "warmupSteps": 2,
+                "maxSteps": 40,
+                "learningRate": 1e-3,
+                "optim": "adamw_torch",
+                "saveSteps": 5,
+                "seed": 1234,
+            },
+            "storage": {
+                "uri": f"s3://{bucket}/{name}/",
+                "endpoint": cluster["endpoint"],
+                "credentialsSecret": "s3-creds",
+            },
             "resources": {"gpus": 0},
             "terminationGracePeriodSeconds": 30,
             "restartPolicy": {"backoffSeconds": 1},
@@ -81,8 +117,13 @@ def resource(cluster, name: str, **spec_over) -> dict:
 
 
 def kubectl(cluster, *args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["kubectl", "--kubeconfig", str(cluster["kubeconfig"]), "-n", NS, *args],
-                          capture_output=True, text=True, timeout=kw.pop("timeout", 60), **kw)
+    return subprocess.run(
+        ["kubectl", "--kubeconfig", str(cluster["kubeconfig"]), "-n", NS, *args],
+        capture_output=True,
+        text=True,
+        timeout=kw.pop("timeout", 60),
+        **kw,
+    )
 
 
 def apply(cluster, name: str, *, expect_ok: bool = True, **spec_over) -> subprocess.CompletedProcess:
@@ -95,13 +136,17 @@ def apply(cluster, name: str, *, expect_ok: bool = True, **spec_over) -> subproc
 
 
 def pods_of(cluster, name):
-    return sorted(p["metadata"]["name"] for p in cluster["k8s"].list("pods", NS)
-                  if p["metadata"].get("labels", {}).get("loraresume.dev/resource") == name)
+    return sorted(
+        p["metadata"]["name"]
+        for p in cluster["k8s"].list("pods", NS)
+        if p["metadata"].get("labels", {}).get("loraresume.dev/resource") == name
+    )
 
 
 def wait_phase(cluster, name, phase, timeout=300):
-    return wait_for(lambda: status(cluster, name).get("phase") == phase and status(cluster, name), timeout,
-                    f"{name} {phase}")
+    return wait_for(
+        lambda: status(cluster, name).get("phase") == phase and status(cluster, name), timeout, f"{name} {phase}"
+    )
 
 
 def status(cluster, name):
@@ -114,8 +159,9 @@ def adapter_bytes(cluster, name) -> bytes:
 
 
 def wait_succeeded(cluster, name, timeout=600):
-    result = kubectl(cluster, "wait", "--for=condition=Succeeded", f"lr/{name}", f"--timeout={timeout}s",
-                     timeout=timeout + 30)
+    result = kubectl(
+        cluster, "wait", "--for=condition=Succeeded", f"lr/{name}", f"--timeout={timeout}s", timeout=timeout + 30
+    )
     assert result.returncode == 0, (result.stderr, status(cluster, name))
 
 
@@ -157,8 +203,7 @@ def test_apply_train_preempt_twice_resume_succeed_bitwise(cluster):
 
 
 def test_schema_violation_is_refused_at_apply_naming_the_field(cluster):
-    result = apply(cluster, "bad-steps", expect_ok=False,
-                   training={"maxSteps": -1, "saveSteps": 5})
+    result = apply(cluster, "bad-steps", expect_ok=False, training={"maxSteps": -1, "saveSteps": 5})
     assert result.returncode != 0
     assert "spec.training.maxSteps" in result.stderr
     assert cluster["k8s"].get("loraresumes", NS, "bad-steps") is None
@@ -184,8 +229,9 @@ def test_exhausted_failure_budget_ends_failed(cluster):
 
 def test_chained_resource_starts_from_the_first_adapter(cluster):
     apply(cluster, "stage-2", adapter={"fromResource": "stage-1"}, training={"maxSteps": 6, "saveSteps": 3})
-    wait_for(lambda: "waiting for LoraResume stage-1" in status(cluster, "stage-2").get("message", ""), 30,
-             "stage 2 waiting")
+    wait_for(
+        lambda: "waiting for LoraResume stage-1" in status(cluster, "stage-2").get("message", ""), 30, "stage 2 waiting"
+    )
     apply(cluster, "stage-1", training={"maxSteps": 6, "saveSteps": 3})
     wait_succeeded(cluster, "stage-2", timeout=300)
     pod = cluster["k8s"].get("pods", NS, "stage-2-attempt-1")

@@ -10,7 +10,7 @@ import base64
 import copy
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -23,7 +23,7 @@ try:  # the defaults moved out of pods.py; either home works
 except ImportError:  # pragma: no cover
     from loraresume_operator.pods import OperatorDefaults  # type: ignore[no-redef]
 
-NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 NS = "fuzz"
 SOURCE_ADAPTER = "s3://fuzz-source/adapter/"
 
@@ -48,14 +48,26 @@ class _Refusal:
         texts = [f"{where}: {detail}" for where, detail in problems]
         self.status = code
         self.reason = {422: "Unprocessable Entity", 403: "Forbidden"}.get(code, "Error")
-        message = (f'Pod "{name}" is invalid: [' + ", ".join(texts) + "]" if code == 422 else
-                   f'pods "{name}" is forbidden: ' + "; ".join(texts))
-        self.data = json.dumps({
-            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
-            "reason": {422: "Invalid", 403: "Forbidden"}.get(code, "Unknown"), "message": message,
-            "details": {"name": name, "kind": "Pod",
-                        "causes": [{"reason": "FieldValueInvalid", "field": w, "message": d} for w, d in problems]},
-        })
+        message = (
+            f'Pod "{name}" is invalid: [' + ", ".join(texts) + "]"
+            if code == 422
+            else f'pods "{name}" is forbidden: ' + "; ".join(texts)
+        )
+        self.data = json.dumps(
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "code": code,
+                "reason": {422: "Invalid", 403: "Forbidden"}.get(code, "Unknown"),
+                "message": message,
+                "details": {
+                    "name": name,
+                    "kind": "Pod",
+                    "causes": [{"reason": "FieldValueInvalid", "field": w, "message": d} for w, d in problems],
+                },
+            }
+        )
 
     def getheaders(self) -> dict[str, str]:
         return {"Content-Type": "application/json"}
@@ -118,8 +130,10 @@ class FakeCustom:
 
     def get_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str, name: str) -> Any:
         if name != self.body["metadata"]["name"]:  # any other LoraResume: a finished adapter source
-            return {"metadata": {"name": name, "namespace": namespace},
-                    "status": {"phase": "Succeeded", "outputAdapter": SOURCE_ADAPTER}}
+            return {
+                "metadata": {"name": name, "namespace": namespace},
+                "status": {"phase": "Succeeded", "outputAdapter": SOURCE_ADAPTER},
+            }
         return copy.deepcopy(self.body)
 
     def replace_namespaced_custom_object_status(
@@ -159,7 +173,9 @@ class Cluster:
     """One LoraResume in a fake cluster, reconciled by the real Reconciler."""
 
     stored: dict[str, Any]  # the resource as the API server stored it (after pruning/defaulting)
-    defaults: OperatorDefaults = field(default_factory=lambda: OperatorDefaults(storage_uri_prefix="s3://fuzz-default/runs/"))
+    defaults: OperatorDefaults = field(
+        default_factory=lambda: OperatorDefaults(storage_uri_prefix="s3://fuzz-default/runs/")
+    )
     secrets: dict[str, dict[str, str]] | None = None
     s3_calls: list[tuple[Any, ...]] = field(default_factory=list)
     validate_pod: Any = None
@@ -167,9 +183,7 @@ class Cluster:
 
     def __post_init__(self) -> None:
         body = copy.deepcopy(self.stored)
-        body.setdefault("metadata", {}).update(
-            namespace=NS, uid=str(uuid.uuid4()), generation=1, resourceVersion="1"
-        )
+        body.setdefault("metadata", {}).update(namespace=NS, uid=str(uuid.uuid4()), generation=1, resourceVersion="1")
         self.core = FakeCore(secrets=self.secrets, validate_pod=self.validate_pod, refusal_code=self.refusal_code)
         self.custom = FakeCustom(body)
 

@@ -77,8 +77,15 @@ _EXTRA = st.dictionaries(
 _AFFINITY = st.one_of(
     st.just({}),
     st.just(
-        {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-            {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100", "h200"]}]}]}}}
+        {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100", "h200"]}]}
+                    ]
+                }
+            }
+        }
     ),
 )
 
@@ -116,10 +123,14 @@ def _tolerations() -> st.SearchStrategy[list[dict[str, Any]]]:
     """core/v1 tolerations as the API server takes them (the model checks the same rules)."""
     effect = st.sampled_from(["NoSchedule", "PreferNoSchedule", "NoExecute"])
     exists = st.fixed_dictionaries({"operator": st.just("Exists")}, optional={"key": _LABEL_KEY, "effect": effect})
-    equal = st.fixed_dictionaries({"key": _LABEL_KEY}, optional={
-        "operator": st.just("Equal"), "value": _LABEL_VALUE, "effect": effect})
-    evict_after = st.builds(lambda t, s: {**t, "effect": "NoExecute", "tolerationSeconds": s},
-                            st.one_of(exists, equal), st.integers(0, 3600))
+    equal = st.fixed_dictionaries(
+        {"key": _LABEL_KEY}, optional={"operator": st.just("Equal"), "value": _LABEL_VALUE, "effect": effect}
+    )
+    evict_after = st.builds(
+        lambda t, s: {**t, "effect": "NoExecute", "tolerationSeconds": s},
+        st.one_of(exists, equal),
+        st.integers(0, 3600),
+    )
     return st.lists(st.one_of(exists, equal, evict_after), max_size=3)
 
 
@@ -161,7 +172,14 @@ class Bounds:
 def bounds(metadata: list[Any]) -> Bounds:
     found: dict[str, Any] = {}
     for item in metadata:
-        for cls, key in ((Ge, "ge"), (Gt, "gt"), (Le, "le"), (Lt, "lt"), (MinLen, "min_length"), (MaxLen, "max_length")):
+        for cls, key in (
+            (Ge, "ge"),
+            (Gt, "gt"),
+            (Le, "le"),
+            (Lt, "lt"),
+            (MinLen, "min_length"),
+            (MaxLen, "max_length"),
+        ):
             if isinstance(item, cls):
                 found[key] = getattr(item, key)
         if getattr(item, "pattern", None):
@@ -194,20 +212,29 @@ def value_strategy(annotation: Any, b: Bounds, overrides: dict) -> st.SearchStra
         lo = b.ge if b.ge is not None else b.gt
         hi = b.le if b.le is not None else b.lt
         return st.floats(
-            min_value=-FLOAT_LIMIT if lo is None else lo, max_value=FLOAT_LIMIT if hi is None else hi,
-            exclude_min=b.gt is not None, exclude_max=b.lt is not None, allow_nan=False, allow_infinity=False,
+            min_value=-FLOAT_LIMIT if lo is None else lo,
+            max_value=FLOAT_LIMIT if hi is None else hi,
+            exclude_min=b.gt is not None,
+            exclude_max=b.lt is not None,
+            allow_nan=False,
+            allow_infinity=False,
         )
     if annotation is str:
         if b.pattern:
             return st.from_regex(b.pattern, fullmatch=True)
         return st.text(min_size=b.min_length or 0, max_size=max(b.min_length or 0, b.max_length or 24))
     if origin is dict:
-        return st.dictionaries(st.text(min_size=1, max_size=16), value_strategy(args[1], Bounds(), overrides), max_size=3)
+        return st.dictionaries(
+            st.text(min_size=1, max_size=16), value_strategy(args[1], Bounds(), overrides), max_size=3
+        )
     if origin in (list, tuple):
         item = args[0]
         return st.lists(
-            value_strategy(item, Bounds(), overrides) if item is not str else st.text(string.ascii_lowercase + "_", min_size=1, max_size=10),
-            min_size=b.min_length or 0, max_size=3,
+            value_strategy(item, Bounds(), overrides)
+            if item is not str
+            else st.text(string.ascii_lowercase + "_", min_size=1, max_size=10),
+            min_size=b.min_length or 0,
+            max_size=3,
         )
     raise NotImplementedError(f"no strategy for {annotation!r}")
 
@@ -301,8 +328,12 @@ def _wrong_type(node: dict[str, Any]) -> st.SearchStrategy[Any]:
     kind = node.get("type")
     pool = {
         "string": st.one_of(st.integers(-5, 5), st.booleans(), st.just([]), st.just({"a": 1})),
-        "integer": st.one_of(st.sampled_from(["7", "1e3", "many"]), st.floats(0.5, 9.5).filter(lambda f: f != int(f)),
-                             st.booleans(), st.just([1])),
+        "integer": st.one_of(
+            st.sampled_from(["7", "1e3", "many"]),
+            st.floats(0.5, 9.5).filter(lambda f: f != int(f)),
+            st.booleans(),
+            st.just([1]),
+        ),
         "number": st.one_of(st.sampled_from(["0.1", "fast"]), st.booleans(), st.just({})),
         "boolean": st.one_of(st.sampled_from(["yes", "true", "1"]), st.integers(0, 1), st.just([])),
         "object": st.one_of(st.sampled_from(["x", ""]), st.integers(), st.just([{"a": 1}])),
@@ -332,12 +363,36 @@ def _out_of_range(node: dict[str, Any]) -> st.SearchStrategy[Any] | None:
     return st.one_of(options) if options else None
 
 
-_BAD_PATTERN_VALUES = ["", "NOT VALID", "gs://bucket/x", "s3://B/x", "48 Gi", "-x-", "a_b", "s3://bucket/x\nmore",
-                       "https://example.com/a", "s3:/x", "x" * 300]
+_BAD_PATTERN_VALUES = [
+    "",
+    "NOT VALID",
+    "gs://bucket/x",
+    "s3://B/x",
+    "48 Gi",
+    "-x-",
+    "a_b",
+    "s3://bucket/x\nmore",
+    "https://example.com/a",
+    "s3:/x",
+    "x" * 300,
+]
 
 
-MUTATION_KINDS = ("wrong-type", "null", "unknown-field", "missing-required", "range", "pattern", "enum", "one-of",
-                  "template", "bucket", "label", "toleration", "dns-name")
+MUTATION_KINDS = (
+    "wrong-type",
+    "null",
+    "unknown-field",
+    "missing-required",
+    "range",
+    "pattern",
+    "enum",
+    "one-of",
+    "template",
+    "bucket",
+    "label",
+    "toleration",
+    "dns-name",
+)
 
 
 def mutations(
@@ -363,8 +418,12 @@ def mutations(
         if kind == "null" and len(path) > 1:
             parent[last] = None
             return Mutation(kind, path, out)
-        if kind == "unknown-field" and isinstance(value, dict) and "properties" in node \
-                and not node.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            kind == "unknown-field"
+            and isinstance(value, dict)
+            and "properties" in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
             field = draw(st.sampled_from(["bogus", "maxsteps", "uri_", "Spec", "learning_rate"]))
             if field not in node["properties"]:
                 parent[last][field] = draw(st.one_of(st.integers(), st.text(max_size=5)))
@@ -382,15 +441,21 @@ def mutations(
             parent[last] = draw(st.sampled_from(_BAD_PATTERN_VALUES))
             return Mutation(kind, path, out)
         if kind == "enum" and "enum" in node:
-            parent[last] = draw(st.sampled_from(["", "auto ", "none", "NoSchedule2", "Sometimes", "always"]).filter(
-                lambda v: v not in node["enum"]))
+            parent[last] = draw(
+                st.sampled_from(["", "auto ", "none", "NoSchedule2", "Sometimes", "always"]).filter(
+                    lambda v: v not in node["enum"]
+                )
+            )
             return Mutation(kind, path, out)
         if kind == "one-of":
             which = draw(st.sampled_from(["adapter", "dataset"]))
             a, b = ("uri", "fromResource") if which == "adapter" else ("source", "name")
             value = draw(st.sampled_from(["both", "neither", "empty-string"]))
-            section = {"both": {a: "s3://bucket/a/" if a == "uri" else "/d.jsonl", b: "x"}, "neither": {},
-                       "empty-string": {a: "", b: ""}}[value]
+            section = {
+                "both": {a: "s3://bucket/a/" if a == "uri" else "/d.jsonl", b: "x"},
+                "neither": {},
+                "empty-string": {a: "", b: ""},
+            }[value]
             out["spec"][which] = section
             return Mutation(f"one-of-{value}", ("spec", which), out)
         if kind == "template":
@@ -398,24 +463,60 @@ def mutations(
             out["spec"].setdefault("dataset", {"source": "/d.jsonl"})["template"] = bad
             return Mutation(kind, ("spec", "dataset", "template"), out)
         if kind == "bucket":
-            bad = draw(st.sampled_from(["s3://my..bucket/run/", "s3://bucket//run/", "s3://bucket/a/../b/",
-                                        "s3://192.168.1.1/run/", "s3://a.-b/run/"]))
+            bad = draw(
+                st.sampled_from(
+                    [
+                        "s3://my..bucket/run/",
+                        "s3://bucket//run/",
+                        "s3://bucket/a/../b/",
+                        "s3://192.168.1.1/run/",
+                        "s3://a.-b/run/",
+                    ]
+                )
+            )
             out["spec"].setdefault("storage", {})["uri"] = bad
             return Mutation(kind, ("spec", "storage", "uri"), out)
         if kind == "label":
-            where = draw(st.sampled_from([("scheduling", "nodeSelector"), ("scheduling", "spot", "nodeSelector"),
-                                          ("scheduling", "spot", "onDemandNodeSelector")]))
-            bad = draw(st.sampled_from([{"gpu type": "h100"}, {"gpu": "h100 sxm"}, {"a/b/c": "x"}, {"x": "v" * 64},
-                                        {"-lead": "x"}, {"/name": "x"}, {"Bad_Prefix/x": "y"}]))
+            where = draw(
+                st.sampled_from(
+                    [
+                        ("scheduling", "nodeSelector"),
+                        ("scheduling", "spot", "nodeSelector"),
+                        ("scheduling", "spot", "onDemandNodeSelector"),
+                    ]
+                )
+            )
+            bad = draw(
+                st.sampled_from(
+                    [
+                        {"gpu type": "h100"},
+                        {"gpu": "h100 sxm"},
+                        {"a/b/c": "x"},
+                        {"x": "v" * 64},
+                        {"-lead": "x"},
+                        {"/name": "x"},
+                        {"Bad_Prefix/x": "y"},
+                    ]
+                )
+            )
             section = out["spec"]
             for part in where[:-1]:
                 section = section.setdefault(part, {})
             section[where[-1]] = bad
             return Mutation(kind, ("spec", *where), out)
         if kind == "toleration":
-            bad = draw(st.sampled_from([{"key": "k", "operator": "Exists", "value": "v"}, {"operator": "Equal"},
-                                        {"key": "k", "tolerationSeconds": 5}, {"key": "bad key"},
-                                        {"key": "k", "value": "bad value"}, {"value": "v"}]))
+            bad = draw(
+                st.sampled_from(
+                    [
+                        {"key": "k", "operator": "Exists", "value": "v"},
+                        {"operator": "Equal"},
+                        {"key": "k", "tolerationSeconds": 5},
+                        {"key": "bad key"},
+                        {"key": "k", "value": "bad value"},
+                        {"value": "v"},
+                    ]
+                )
+            )
             out["spec"].setdefault("scheduling", {})["tolerations"] = [bad]
             return Mutation(kind, ("spec", "scheduling", "tolerations", 0), out)
         if kind == "dns-name":

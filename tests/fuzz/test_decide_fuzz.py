@@ -17,7 +17,7 @@ import copy
 import json
 import math
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -36,12 +36,14 @@ from loraresume_operator.decide import (
 )
 from loraresume_operator.observed import EndKind, ObservedPod, PodEnd, classify_end
 from loraresume_operator.spec import CheckpointRef, Condition, LoraResumeSpec, LoraResumeStatus, Phase
-from tests.fuzz.api_judge import ApiJudge, judge  # noqa: F401 (fixture)
 from tests.fuzz.harness import OperatorDefaults
 from tests.fuzz.strategies import INT64_MAX, valid_specs
+from tests.support.api_judge import ApiJudge
 
 FUZZ = settings(
-    max_examples=200, deadline=None, database=None,
+    max_examples=200,
+    deadline=None,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )
 DEFAULTS = OperatorDefaults(storage_uri_prefix="s3://fuzz-default/runs/")
@@ -65,9 +67,27 @@ def specs() -> st.SearchStrategy[LoraResumeSpec]:
 
 _TEXT = st.text(max_size=30)
 _REASONS = st.one_of(
-    st.sampled_from(["Evicted", "Preempted", "DeletionByTaintManager", "TerminationByKubelet", "NodeLost", "Shutdown",
-                     "OOMKilled", "Error", "Completed", "ContainerCannotRun", "DeadlineExceeded", "", "UnexpectedAdmissionError",
-                     "CreateContainerConfigError", "InvalidImageName", "ImagePullBackOff", "CrashLoopBackOff"]),
+    st.sampled_from(
+        [
+            "Evicted",
+            "Preempted",
+            "DeletionByTaintManager",
+            "TerminationByKubelet",
+            "NodeLost",
+            "Shutdown",
+            "OOMKilled",
+            "Error",
+            "Completed",
+            "ContainerCannotRun",
+            "DeadlineExceeded",
+            "",
+            "UnexpectedAdmissionError",
+            "CreateContainerConfigError",
+            "InvalidImageName",
+            "ImagePullBackOff",
+            "CrashLoopBackOff",
+        ]
+    ),
     _TEXT,
 )
 _JSON = st.recursive(
@@ -81,10 +101,16 @@ _TERMINATION = st.one_of(
     st.builds(json.dumps, _JSON),
     st.builds(
         json.dumps,
-        st.fixed_dictionaries({}, optional={
-            "outcome": st.one_of(st.sampled_from(["succeeded", "failed", "preempted", "config_error"]), _JSON),
-            "reason": st.one_of(_TEXT, _JSON), "field": _JSON, "durable_step": _JSON, "exit_code": _JSON,
-        }),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "outcome": st.one_of(st.sampled_from(["succeeded", "failed", "preempted", "config_error"]), _JSON),
+                "reason": st.one_of(_TEXT, _JSON),
+                "field": _JSON,
+                "durable_step": _JSON,
+                "exit_code": _JSON,
+            },
+        ),
     ),
 )
 
@@ -92,10 +118,17 @@ _TERMINATION = st.one_of(
 def _state() -> st.SearchStrategy[dict[str, Any]]:
     waiting = st.fixed_dictionaries({}, optional={"reason": _REASONS, "message": _TEXT})
     running = st.fixed_dictionaries({}, optional={"startedAt": st.just("2026-11-28T12:00:00Z")})
-    terminated = st.fixed_dictionaries({}, optional={
-        "exitCode": st.one_of(st.sampled_from([0, 1, 2, 75, 78, 124, 137, 143, 255, -1]), st.integers(-(2**31), 2**31 - 1)),
-        "reason": _REASONS, "message": _TERMINATION, "signal": st.integers(0, 64),
-    })
+    terminated = st.fixed_dictionaries(
+        {},
+        optional={
+            "exitCode": st.one_of(
+                st.sampled_from([0, 1, 2, 75, 78, 124, 137, 143, 255, -1]), st.integers(-(2**31), 2**31 - 1)
+            ),
+            "reason": _REASONS,
+            "message": _TERMINATION,
+            "signal": st.integers(0, 64),
+        },
+    )
     return st.fixed_dictionaries({}, optional={"waiting": waiting, "running": running, "terminated": terminated})
 
 
@@ -108,16 +141,25 @@ def api_pods(name: st.SearchStrategy[str] = _TEXT) -> st.SearchStrategy[dict[str
         {"type": st.sampled_from(["DisruptionTarget", "Ready", "PodScheduled", "ContainersReady", "X"])},
         optional={"status": st.sampled_from(["True", "False", "Unknown", ""]), "reason": _REASONS, "message": _TEXT},
     )
-    status = st.fixed_dictionaries({}, optional={
-        "phase": st.one_of(st.sampled_from(["Pending", "Running", "Succeeded", "Failed", "Unknown"]), _TEXT),
-        "reason": _REASONS, "message": _TEXT,
-        "conditions": st.lists(condition, max_size=3),
-        "containerStatuses": st.lists(container, max_size=3),
-        "initContainerStatuses": st.lists(container, max_size=1),
-    })
-    metadata = st.fixed_dictionaries({}, optional={
-        "name": name, "deletionTimestamp": st.just("2026-11-28T12:00:00Z"), "uid": st.just("u"),
-    })
+    status = st.fixed_dictionaries(
+        {},
+        optional={
+            "phase": st.one_of(st.sampled_from(["Pending", "Running", "Succeeded", "Failed", "Unknown"]), _TEXT),
+            "reason": _REASONS,
+            "message": _TEXT,
+            "conditions": st.lists(condition, max_size=3),
+            "containerStatuses": st.lists(container, max_size=3),
+            "initContainerStatuses": st.lists(container, max_size=1),
+        },
+    )
+    metadata = st.fixed_dictionaries(
+        {},
+        optional={
+            "name": name,
+            "deletionTimestamp": st.just("2026-11-28T12:00:00Z"),
+            "uid": st.just("u"),
+        },
+    )
     return st.fixed_dictionaries({}, optional={"metadata": metadata, "status": status, "spec": st.just({})})
 
 
@@ -136,7 +178,7 @@ def test_pods_of_any_shape_are_observed_and_classified(raw: dict[str, Any], adap
 
 # ------------------------------------------------------------------------------------- observations
 
-NOWS = st.datetimes(datetime(2001, 1, 1), datetime(2099, 12, 31), timezones=st.just(timezone.utc))
+NOWS = st.datetimes(datetime(2001, 1, 1), datetime(2099, 12, 31), timezones=st.just(UTC))
 COUNT = st.integers(0, 10**6)
 
 
@@ -149,47 +191,102 @@ def observations(draw: st.DrawFn) -> Observation:
     attempt = draw(COUNT)
     moments = st.one_of(
         st.none(),
-        st.builds(lambda s: iso(now + timedelta(seconds=s)), st.integers(-10**7, 10**7)),
-        st.builds(lambda s, f: (now + timedelta(seconds=s)).isoformat(timespec=f), st.integers(-10**7, 10**7),
-                  st.sampled_from(["seconds", "milliseconds", "microseconds"])),
+        st.builds(lambda s: iso(now + timedelta(seconds=s)), st.integers(-(10**7), 10**7)),
+        st.builds(
+            lambda s, f: (now + timedelta(seconds=s)).isoformat(timespec=f),
+            st.integers(-(10**7), 10**7),
+            st.sampled_from(["seconds", "milliseconds", "microseconds"]),
+        ),
         _TEXT,
     )
     named = draw(st.one_of(st.none(), st.just(pod_name(name, attempt)), _TEXT.filter(bool)))
-    conditions = draw(st.lists(st.builds(
-        lambda t, s, r, m, when: Condition(type=t, status=s, reason=r, message=m, last_transition_time=iso(when)),
-        st.sampled_from(["Succeeded", "Failed", "Running", "StorageReady", "Ready"]),
-        st.sampled_from(["True", "False", "Unknown"]), st.sampled_from(["PodRunning", "X"]), _TEXT, NOWS,
-    ), max_size=4, unique_by=lambda c: c.type))
+    conditions = draw(
+        st.lists(
+            st.builds(
+                lambda t, s, r, m, when: Condition(
+                    type=t, status=s, reason=r, message=m, last_transition_time=iso(when)
+                ),
+                st.sampled_from(["Succeeded", "Failed", "Running", "StorageReady", "Ready"]),
+                st.sampled_from(["True", "False", "Unknown"]),
+                st.sampled_from(["PodRunning", "X"]),
+                _TEXT,
+                NOWS,
+            ),
+            max_size=4,
+            unique_by=lambda c: c.type,
+        )
+    )
     status = LoraResumeStatus(
-        phase=draw(st.sampled_from(list(Phase))), message=draw(_TEXT), attempt=attempt,
-        preemptions=draw(COUNT), failures=draw(COUNT), step=draw(COUNT), max_steps=draw(COUNT),
-        lost_steps=draw(COUNT), pod_name=named, last_attempt_ended=draw(moments),
-        next_attempt_after=draw(moments), on_demand=draw(st.booleans()), conditions=conditions,
+        phase=draw(st.sampled_from(list(Phase))),
+        message=draw(_TEXT),
+        attempt=attempt,
+        preemptions=draw(COUNT),
+        failures=draw(COUNT),
+        step=draw(COUNT),
+        max_steps=draw(COUNT),
+        lost_steps=draw(COUNT),
+        pod_name=named,
+        last_attempt_ended=draw(moments),
+        next_attempt_after=draw(moments),
+        on_demand=draw(st.booleans()),
+        conditions=conditions,
         observed_generation=draw(st.integers(0, res.generation)),
-        latest_checkpoint=draw(st.one_of(st.none(), st.builds(CheckpointRef, uri=st.just("s3://b/c/checkpoint-1/"),
-                                                                step=COUNT))),
+        latest_checkpoint=draw(
+            st.one_of(st.none(), st.builds(CheckpointRef, uri=st.just("s3://b/c/checkpoint-1/"), step=COUNT))
+        ),
     )
     pod = None
     if named is not None and draw(st.booleans()):
         raw = draw(api_pods(st.just(named)))
         raw.setdefault("metadata", {})["name"] = named
         pod = ObservedPod.from_api(raw)
-    checkpoint = draw(st.one_of(st.none(), st.builds(
-        lambda step: CheckpointRef(uri=f"{spec.storage.uri}checkpoints/checkpoint-{step}/", step=step), COUNT)))
+    checkpoint = draw(
+        st.one_of(
+            st.none(),
+            st.builds(
+                lambda step: CheckpointRef(uri=f"{spec.storage.uri}checkpoints/checkpoint-{step}/", step=step), COUNT
+            ),
+        )
+    )
     # progress.json as the trainer writes it, or whatever else is in the bucket under that name
-    sane = st.fixed_dictionaries({}, optional={
-        "step": COUNT, "max_steps": COUNT, "attempt": COUNT, "epoch": st.floats(0, 100),
-        "loss": st.floats(0, 1e6, allow_nan=False), "learning_rate": st.floats(0, 1), "phase": _TEXT,
-        "time": st.floats(0, 2e9),
-    })
+    sane = st.fixed_dictionaries(
+        {},
+        optional={
+            "step": COUNT,
+            "max_steps": COUNT,
+            "attempt": COUNT,
+            "epoch": st.floats(0, 100),
+            "loss": st.floats(0, 1e6, allow_nan=False),
+            "learning_rate": st.floats(0, 1),
+            "phase": _TEXT,
+            "time": st.floats(0, 2e9),
+        },
+    )
     junk_value = st.one_of(_JSON, st.integers(), st.floats(), st.just(10**30))
     junk = st.fixed_dictionaries({}, optional={k: junk_value for k in ("step", "max_steps", "attempt", "loss")})
     progress = draw(st.one_of(st.none(), sane, junk))
-    source = draw(st.one_of(st.none(), st.builds(
-        SourceState, exists=st.booleans(), phase=st.one_of(st.none(), st.sampled_from([p.value for p in Phase])),
-        output_adapter=st.one_of(st.none(), st.just("s3://src/adapter/")))))
-    return Observation(resource=res, spec=spec, status=status, pod=pod, checkpoint=checkpoint, progress=progress,
-                       adapter_complete=draw(st.booleans()), now=now, source=source)
+    source = draw(
+        st.one_of(
+            st.none(),
+            st.builds(
+                SourceState,
+                exists=st.booleans(),
+                phase=st.one_of(st.none(), st.sampled_from([p.value for p in Phase])),
+                output_adapter=st.one_of(st.none(), st.just("s3://src/adapter/")),
+            ),
+        )
+    )
+    return Observation(
+        resource=res,
+        spec=spec,
+        status=status,
+        pod=pod,
+        checkpoint=checkpoint,
+        progress=progress,
+        adapter_complete=draw(st.booleans()),
+        now=now,
+        source=source,
+    )
 
 
 def _ints(value: Any) -> list[int]:

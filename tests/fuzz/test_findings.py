@@ -18,7 +18,7 @@ first committed here as strict xfails, fixed in the operator since):
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -28,10 +28,10 @@ from loraresume_operator.decide import Observation, Resource, decide
 from loraresume_operator.observed import ObservedPod
 from loraresume_operator.spec import LoraResumeSpec, LoraResumeStatus, Phase
 from tests.fuzz.harness import Cluster
-from tests.fuzz.api_judge import ApiJudge, judge  # noqa: F401 (fixture)
 from tests.fuzz.strategies import INT64_MAX, resource
+from tests.support.api_judge import ApiJudge
 
-NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 RES = Resource("bot", "ns", "uid-1", 1)
 BASE: dict[str, Any] = {"baseModel": "m", "dataset": {"source": "/d.jsonl"}, "storage": {"uri": "s3://bucket/run/"}}
 
@@ -43,9 +43,14 @@ def spec(**over: Any) -> LoraResumeSpec:
 def crashed_attempt(**over: Any) -> Observation:
     """Attempt 1's pod exited 1: a failure, retried after the backoff."""
     base: dict[str, Any] = dict(
-        resource=RES, spec=spec(), pod=ObservedPod(name="bot-attempt-1", phase="Failed", exit_code=1),
+        resource=RES,
+        spec=spec(),
+        pod=ObservedPod(name="bot-attempt-1", phase="Failed", exit_code=1),
         status=LoraResumeStatus(phase=Phase.RUNNING, attempt=1, pod_name="bot-attempt-1"),
-        checkpoint=None, progress=None, adapter_complete=False, now=NOW,
+        checkpoint=None,
+        progress=None,
+        adapter_complete=False,
+        now=NOW,
     )
     return Observation(**{**base, **over})
 
@@ -62,8 +67,10 @@ def assert_failed_naming(cluster: Cluster, field: str) -> None:
 
 
 # --- 1 ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("uri", ["s3://my..bucket/run/", "s3://bucket//run/", "s3://bucket/a/../b/",
-                                 "s3://192.168.1.1/run/", "s3://a.-b/run/"])
+@pytest.mark.parametrize(
+    "uri",
+    ["s3://my..bucket/run/", "s3://bucket//run/", "s3://bucket/a/../b/", "s3://192.168.1.1/run/", "s3://a.-b/run/"],
+)
 @pytest.mark.parametrize("field", ["storage.uri", "adapter.uri"])
 def test_s3_uri_that_s3uri_refuses_fails_with_the_field(uri: str, field: str) -> None:
     section, key = field.split(".")
@@ -81,21 +88,54 @@ def test_huge_backoff_is_refused_with_the_field(seconds: int) -> None:
 
 
 def test_the_largest_backoff_allowed_does_not_overflow_the_clock() -> None:
-    policy = {name: LoraResumeSpec.model_fields["restart_policy"].annotation.model_fields[name].metadata
-              for name in ("backoff_seconds", "max_backoff_seconds")}
+    policy = {
+        name: LoraResumeSpec.model_fields["restart_policy"].annotation.model_fields[name].metadata
+        for name in ("backoff_seconds", "max_backoff_seconds")
+    }
     top = {name: next(m.le for m in meta if hasattr(m, "le")) for name, meta in policy.items()}
-    late = datetime(9998, 12, 1, tzinfo=timezone.utc)  # the latest `now` this could meet is far earlier
-    plan = decide(crashed_attempt(spec=spec(restartPolicy={"backoffSeconds": top["backoff_seconds"],
-                                                           "maxBackoffSeconds": top["max_backoff_seconds"]}), now=late))
+    late = datetime(9998, 12, 1, tzinfo=UTC)  # the latest `now` this could meet is far earlier
+    plan = decide(
+        crashed_attempt(
+            spec=spec(
+                restartPolicy={
+                    "backoffSeconds": top["backoff_seconds"],
+                    "maxBackoffSeconds": top["max_backoff_seconds"],
+                }
+            ),
+            now=late,
+        )
+    )
     assert plan.status.failures == 1 and plan.requeue is not None
 
 
 # --- 3 ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("progress", [
-    {"step": "abc"}, {"step": -3}, {"loss": {"a": 1}}, {"attempt": "x", "step": 3}, {"max_steps": [1]},
-    {"step": 10**30}, {"max_steps": 10**30}, {"step": float("inf")}, {"loss": float("nan")}, {"step": True},
-], ids=["step-text", "step-negative", "loss-object", "attempt-text", "max-steps-list", "step-huge",
-        "max-steps-huge", "step-inf", "loss-nan", "step-bool"])
+@pytest.mark.parametrize(
+    "progress",
+    [
+        {"step": "abc"},
+        {"step": -3},
+        {"loss": {"a": 1}},
+        {"attempt": "x", "step": 3},
+        {"max_steps": [1]},
+        {"step": 10**30},
+        {"max_steps": 10**30},
+        {"step": float("inf")},
+        {"loss": float("nan")},
+        {"step": True},
+    ],
+    ids=[
+        "step-text",
+        "step-negative",
+        "loss-object",
+        "attempt-text",
+        "max-steps-list",
+        "step-huge",
+        "max-steps-huge",
+        "step-inf",
+        "loss-nan",
+        "step-bool",
+    ],
+)
 def test_junk_progress_is_ignored_not_fatal(progress: dict[str, Any]) -> None:
     plan = decide(crashed_attempt(progress=progress))
     assert plan.status.failures == 1
@@ -116,10 +156,16 @@ POD_REFUSED = {
     "priority-class": ("bot", {"scheduling": {"priorityClassName": "High Priority"}}, "priorityClassName"),
     "node-selector-key": ("bot", {"scheduling": {"nodeSelector": {"gpu type": "h100"}}}, "nodeSelector"),
     "node-selector-value": ("bot", {"scheduling": {"nodeSelector": {"gpu": "h100 sxm"}}}, "nodeSelector"),
-    "exists-with-value": ("bot", {"scheduling": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}},
-                          "tolerations"),
-    "seconds-without-noexecute": ("bot", {"scheduling": {"tolerations": [{"key": "k", "tolerationSeconds": 5}]}},
-                                  "tolerations"),
+    "exists-with-value": (
+        "bot",
+        {"scheduling": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}},
+        "tolerations",
+    ),
+    "seconds-without-noexecute": (
+        "bot",
+        {"scheduling": {"tolerations": [{"key": "k", "tolerationSeconds": 5}]}},
+        "tolerations",
+    ),
     "bad-quantity": ("bot", {"resources": {"cpu": "..."}}, "resources.cpu"),
     "negative-quantity": ("bot", {"resources": {"memory": "-1Gi"}}, "resources.memory"),
     # Only the API server knows this one: the operator must fail on its 422.
@@ -128,8 +174,9 @@ POD_REFUSED = {
 
 
 @pytest.mark.parametrize("name, edit, field", list(POD_REFUSED.values()), ids=list(POD_REFUSED))
-def test_spec_whose_pod_the_api_server_refuses_fails_with_the_field(judge: ApiJudge, name: str, edit: dict,
-                                                                   field: str) -> None:
+def test_spec_whose_pod_the_api_server_refuses_fails_with_the_field(
+    judge: ApiJudge, name: str, edit: dict, field: str
+) -> None:
     cluster = Cluster(resource({**BASE, **edit}, name=name), validate_pod=judge.pod_problems)
     assert_failed_naming(cluster, field)
     assert cluster.core.created == []
@@ -137,6 +184,7 @@ def test_spec_whose_pod_the_api_server_refuses_fails_with_the_field(judge: ApiJu
 
 def test_pod_forbidden_by_quota_is_retried_with_the_reason() -> None:
     """403 (a ResourceQuota, an admission webhook): not the spec's fault; said in status, retried quietly."""
+
     def quota(pod: dict[str, Any]) -> list[tuple[str, str]]:
         return [("", "exceeded quota: gpu-quota, requested: nvidia.com/gpu=1, used: nvidia.com/gpu=8, limited: 8")]
 
@@ -156,8 +204,12 @@ def test_the_api_server_refuses_those_pods(judge: ApiJudge) -> None:
     from loraresume_operator.pods import build_trainer_pod
     from tests.fuzz.harness import OperatorDefaults
 
-    good = build_trainer_pod(RES, spec(), CreatePod("bot-attempt-1", 1, None, False, None),
-                             OperatorDefaults(trainer_image="registry.example/trainer:1"))
+    good = build_trainer_pod(
+        RES,
+        spec(),
+        CreatePod("bot-attempt-1", 1, None, False, None),
+        OperatorDefaults(trainer_image="registry.example/trainer:1"),
+    )
     assert judge.pod_problems(good) == []
     weakenings = {
         "long-label": lambda p: p["metadata"]["labels"].update(x="y" * 64),
@@ -186,5 +238,5 @@ def test_dataset_source_that_s3uri_refuses_is_refused_naming_the_field(source: s
     with pytest.raises(ValidationError) as refused:
         spec(dataset={"source": source})
     assert "dataset.source" in {".".join(map(str, e["loc"])) for e in refused.value.errors()}
-    with pytest.raises(ConfigError, match="dataset.source"):
+    with pytest.raises(ConfigError, match=r"dataset\.source"):
         parse_job({"baseModel": "m", "dataset": {"source": source}, "storage": {"uri": "s3://bucket/run/"}})

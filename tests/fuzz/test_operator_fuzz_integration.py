@@ -29,10 +29,9 @@ from pydantic import ValidationError
 
 from loraresume_operator.spec import LoraResumeSpec
 from loraresume_sandbox.kube_client import KubeClient, follow
-from tests.fuzz.api_judge import ApiJudge
 from tests.fuzz.strategies import model_loc, valid_specs
+from tests.support.api_judge import ApiJudge
 from tests.support.operator_stack import NS, wait_for
-from tests.support.operator_stack import k8s, operator, stack  # noqa: F401 (fixtures)
 
 QUIET_SECONDS = 4.0  # the operator runs with --interval 1: about four periodic reconciles each
 # (Values a Python regex takes but Go's refuses, like "48Gi\n", were drawn here while the
@@ -71,7 +70,9 @@ class Recorder:
         self.events: Counter[str] = Counter()
         self.last_status: dict[str, Any] = {}
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._watch, args=(r,), daemon=True) for r in ("loraresumes", "events")]
+        self._threads = [
+            threading.Thread(target=self._watch, args=(r,), daemon=True) for r in ("loraresumes", "events")
+        ]
 
     def _watch(self, resource: str) -> None:
         follow(self.kube, resource, self.on_event, self._stop, namespace=NS, window_seconds=5)
@@ -112,10 +113,11 @@ def liveness(port: int) -> int:
         return response.status
 
 
-@settings(max_examples=1, phases=[Phase.generate], deadline=None, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=1, phases=[Phase.generate], deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 @given(st.lists(drawn(), min_size=10, max_size=10))
-def test_operator_survives_drawn_resources_without_hot_loops(stack, k8s, operator, s3_server, cases):  # noqa: F811
+def test_operator_survives_drawn_resources_without_hot_loops(stack, k8s, operator, s3_server, cases):
     bucket = f"fuzz-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     k8s_config.load_kube_config(config_file=str(stack.kubeconfig))
@@ -182,7 +184,7 @@ def test_operator_survives_drawn_resources_without_hot_loops(stack, k8s, operato
         assert "Traceback" not in operator.log, operator.log[-3000:]
 
 
-def test_drawn_cases_cover_invalid_and_valid(k8s) -> None:  # noqa: F811
+def test_drawn_cases_cover_invalid_and_valid(k8s) -> None:
     """Not vacuous: the strategy draws both kinds and every invalid one is schema-valid, model-invalid."""
     judge = ApiJudge(k8s, NS)
     seen: set[str] = set()

@@ -28,13 +28,15 @@ from loraresume_operator.spec import LoraResumeSpec
 from loraresume_sandbox.kube_client import ApiError
 from loraresume_trainer.config import ENV_JOB, parse_job
 from loraresume_trainer.s3uri import S3Uri
-from tests.fuzz.api_judge import ApiJudge, judge  # noqa: F401 (fixture)
 from tests.fuzz.harness import SOURCE_ADAPTER, Cluster
 from tests.fuzz.strategies import Mutation, dotted, model_loc, mutations, resource, valid_specs
 from tests.security.pod_policy import hardening_problems
+from tests.support.api_judge import ApiJudge
 
 FUZZ = settings(
-    max_examples=200, deadline=None, database=None,
+    max_examples=200,
+    deadline=None,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )
 ROOT_SCHEMA = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
@@ -59,7 +61,7 @@ def check_operator_runs(stored: dict[str, Any]) -> None:
     job = parse_job(job_of(pod))  # the trainer accepts what the operator hands it (raises ConfigError if not)
     spec = LoraResumeSpec.model_validate(stored["spec"])
     if spec.adapter is not None:
-        assert job.adapter == (spec.adapter.uri and str(S3Uri.parse(spec.adapter.uri).as_dir()) or SOURCE_ADAPTER)
+        assert job.adapter == ((spec.adapter.uri and str(S3Uri.parse(spec.adapter.uri).as_dir())) or SOURCE_ADAPTER)
     cluster.reconcile()  # the pod exists now (phase Pending): the status says so
     writes, events = len(cluster.custom.status_writes), len(cluster.core.events)
     for _ in range(2):  # nothing changes any more: nothing to write, no new event, no new pod
@@ -127,7 +129,9 @@ def test_model_valid_resource_is_run_by_the_operator(judge: ApiJudge, spec: dict
 
 @FUZZ
 @given(st.data())
-def test_edited_resource_is_refused_with_the_field_or_failed_with_the_field(judge: ApiJudge, data: st.DataObject) -> None:
+def test_edited_resource_is_refused_with_the_field_or_failed_with_the_field(
+    judge: ApiJudge, data: st.DataObject
+) -> None:
     spec = data.draw(valid_specs(), label="valid spec")
     mutation = data.draw(mutations(ROOT_SCHEMA, spec), label="mutation")
     try:
@@ -148,8 +152,11 @@ def test_edited_resource_is_refused_with_the_field_or_failed_with_the_field(judg
 
 
 @FUZZ
-@given(valid_specs(), valid_specs(), st.sets(st.sampled_from([*IMMUTABLE, "storage", "resources", "scheduling",
-                                                              "restartPolicy", "image"])))
+@given(
+    valid_specs(),
+    valid_specs(),
+    st.sets(st.sampled_from([*IMMUTABLE, "storage", "resources", "scheduling", "restartPolicy", "image"])),
+)
 def test_updates_change_only_what_may_change(judge: ApiJudge, old_spec: dict, other: dict, fields: set[str]) -> None:
     old, _ = judge.admit(resource(old_spec))
     new_spec = copy.deepcopy(old_spec)
@@ -167,8 +174,11 @@ def test_updates_change_only_what_may_change(judge: ApiJudge, old_spec: dict, ot
         refused = set()
         assert LoraResumeSpec.model_validate(stored["spec"])
     defaulted, _ = judge.admit(new)
-    expected = {f"spec.{f}" for f in IMMUTABLE if f in old["spec"] and f in defaulted["spec"]
-                and old["spec"][f] != defaulted["spec"][f]}
+    expected = {
+        f"spec.{f}"
+        for f in IMMUTABLE
+        if f in old["spec"] and f in defaulted["spec"] and old["spec"][f] != defaulted["spec"][f]
+    }
     old_uri, new_uri = old["spec"]["storage"].get("uri"), defaulted["spec"]["storage"].get("uri")
     if old_uri != new_uri:
         expected.add("spec.storage")
@@ -177,18 +187,25 @@ def test_updates_change_only_what_may_change(judge: ApiJudge, old_spec: dict, ot
     assert refused == expected
 
 
-@pytest.mark.parametrize("kind, outcome", [
-    ("null", "both-accept"),  # pruned, then defaulted
-    ("unknown-field", "schema-400"),
-    ("range", "schema-422"),
-    ("template", "model-refuses"),
-])
+@pytest.mark.parametrize(
+    "kind, outcome",
+    [
+        ("null", "both-accept"),  # pruned, then defaulted
+        ("unknown-field", "schema-400"),
+        ("range", "schema-422"),
+        ("template", "model-refuses"),
+    ],
+)
 def test_the_mutation_strategy_reaches_every_judge(judge: ApiJudge, kind: str, outcome: str) -> None:
     """Guard against a strategy that only ever exercises one branch (a vacuous property)."""
     outcomes: set[str] = set()
 
-    @settings(max_examples=40, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+    @settings(
+        max_examples=40,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+    )
     @given(st.data())
     def probe(data: st.DataObject) -> None:
         spec = data.draw(valid_specs())
@@ -224,13 +241,17 @@ def test_examples_only_the_model_can_refuse(judge: ApiJudge, edit: dict, field: 
     check_failed_with_field(stored, problem.value, Mutation("example", ("spec", *field.split(".")), stored))
 
 
-@pytest.mark.parametrize("section, key, value", [
-    ("resources", "memory", "48Gi\n"),
-    ("resources", "cpu", "8\n"),
-    ("storage", "credentialsSecret", "creds\n"),
-])
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("resources", "memory", "48Gi\n"),
+        ("resources", "cpu", "8\n"),
+        ("storage", "credentialsSecret", "creds\n"),
+    ],
+)
 def test_the_api_server_refuses_a_trailing_newline_that_a_python_regex_would_take(
-        judge: ApiJudge, section: str, key: str, value: str) -> None:
+    judge: ApiJudge, section: str, key: str, value: str
+) -> None:
     """Found on the real server: Go's RE2 `$` does not match before a final newline, Python's does;
     the emulator took these values and left them to the operator to fail."""
     spec = {"baseModel": "m", "dataset": {"source": "/d.jsonl"}, "storage": {"uri": "s3://bucket/run/"}}

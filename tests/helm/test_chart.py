@@ -51,24 +51,58 @@ NON_DEFAULT: dict[str, Any] = {
     },
     "logLevel": "DEBUG",
     "reconcileIntervalSeconds": 2.5,
-    "trainer": {"image": "registry.example.com/ml/trainer:0.1.1", "pullPolicy": "Always",
-                "terminationGracePeriodSeconds": 110},
-    "storage": {"uriPrefix": "s3://ml-checkpoints/loraresume/", "endpoint": "https://minio.storage.svc:9000",
-                "region": "eu-central-1", "credentialsSecret": "s3-creds"},
-    "spot": {"nodeSelector": {"eks.amazonaws.com/capacityType": "SPOT"}, "tolerations": SPOT_TOLERATIONS,
-             "onDemandNodeSelector": {"eks.amazonaws.com/capacityType": "ON_DEMAND"}},
-    "metrics": {"port": 9090, "serviceType": "ClusterIP", "serviceAnnotations": {"prometheus.io/scrape": "true"},
-                "serviceMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "10s",
-                                   "labels": {"release": "kube-prometheus-stack"}}},
-    "liveness": {"port": 9091, "initialDelaySeconds": 5, "periodSeconds": 10, "timeoutSeconds": 2,
-                 "failureThreshold": 6},
+    "trainer": {
+        "image": "registry.example.com/ml/trainer:0.1.1",
+        "pullPolicy": "Always",
+        "terminationGracePeriodSeconds": 110,
+    },
+    "storage": {
+        "uriPrefix": "s3://ml-checkpoints/loraresume/",
+        "endpoint": "https://minio.storage.svc:9000",
+        "region": "eu-central-1",
+        "credentialsSecret": "s3-creds",
+    },
+    "spot": {
+        "nodeSelector": {"eks.amazonaws.com/capacityType": "SPOT"},
+        "tolerations": SPOT_TOLERATIONS,
+        "onDemandNodeSelector": {"eks.amazonaws.com/capacityType": "ON_DEMAND"},
+    },
+    "metrics": {
+        "port": 9090,
+        "serviceType": "ClusterIP",
+        "serviceAnnotations": {"prometheus.io/scrape": "true"},
+        "serviceMonitor": {
+            "enabled": True,
+            "interval": "15s",
+            "scrapeTimeout": "10s",
+            "labels": {"release": "kube-prometheus-stack"},
+        },
+    },
+    "liveness": {
+        "port": 9091,
+        "initialDelaySeconds": 5,
+        "periodSeconds": 10,
+        "timeoutSeconds": 2,
+        "failureThreshold": 6,
+    },
     "resources": {"requests": {"cpu": "200m", "memory": "300Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
     "podAnnotations": {"example.com/owner": "ml-platform"},
     "podLabels": {"team": "ml"},
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "system", "effect": "NoSchedule"}],
-    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64", "arm64"]}]}]}}},
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64", "arm64"]}
+                        ]
+                    }
+                ]
+            }
+        }
+    },
     "priorityClassName": "system-cluster-critical",
 }
 MULTI_NAMESPACE: dict[str, Any] = {"watch": {"namespaces": ["team-a", "team-b", "team-c"]}}
@@ -125,8 +159,13 @@ def operator_env(objects: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def rule_triples(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    return {(group, resource, verb) for rule in rules for group in rule["apiGroups"]
-            for resource in rule["resources"] for verb in rule["verbs"]}
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
 
 
 def assert_rules_match(rules: list[dict[str, Any]], cluster_wide: bool) -> None:
@@ -173,12 +212,29 @@ def test_every_object_passes_the_official_schema(chart: helm.Chart, values: dict
     ("values", "kinds"),
     [
         ({}, ["CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"]),
-        (NON_DEFAULT, ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount",
-                       "ServiceMonitor"]),
-        (MULTI_NAMESPACE, ["CustomResourceDefinition", "Deployment", "Role", "Role", "Role",
-                           "RoleBinding", "RoleBinding", "RoleBinding", "Service", "ServiceAccount"]),
-        ({"serviceAccount": {"create": False, "name": "existing"}, "crds": {"keep": False}},
-         ["CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service"]),
+        (
+            NON_DEFAULT,
+            ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount", "ServiceMonitor"],
+        ),
+        (
+            MULTI_NAMESPACE,
+            [
+                "CustomResourceDefinition",
+                "Deployment",
+                "Role",
+                "Role",
+                "Role",
+                "RoleBinding",
+                "RoleBinding",
+                "RoleBinding",
+                "Service",
+                "ServiceAccount",
+            ],
+        ),
+        (
+            {"serviceAccount": {"create": False, "name": "existing"}, "crds": {"keep": False}},
+            ["CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service"],
+        ),
     ],
     ids=["default", "non_default", "multi_namespace", "existing_service_account"],
 )
@@ -226,20 +282,32 @@ def test_non_default_env_matches_values(chart: helm.Chart) -> None:
     ("values", "name", "expected"),
     [
         ({"spot": {"tolerations": [{"operator": "Exists"}]}}, "LORARESUME_SPOT_TOLERATIONS", [{"operator": "Exists"}]),
-        ({"spot": {"tolerations": [{"key": "k", "effect": "NoExecute", "tolerationSeconds": 30}]}},
-         "LORARESUME_SPOT_TOLERATIONS", [{"key": "k", "effect": "NoExecute", "tolerationSeconds": 30}]),
-        ({"spot": {"nodeSelector": {"cloud.google.com/gke-spot": "true"}}},
-         "LORARESUME_SPOT_NODE_SELECTOR", {"cloud.google.com/gke-spot": "true"}),
-        ({"spot": {"onDemandNodeSelector": {"pool": "gpu-on-demand"}}},
-         "LORARESUME_ON_DEMAND_NODE_SELECTOR", {"pool": "gpu-on-demand"}),
+        (
+            {"spot": {"tolerations": [{"key": "k", "effect": "NoExecute", "tolerationSeconds": 30}]}},
+            "LORARESUME_SPOT_TOLERATIONS",
+            [{"key": "k", "effect": "NoExecute", "tolerationSeconds": 30}],
+        ),
+        (
+            {"spot": {"nodeSelector": {"cloud.google.com/gke-spot": "true"}}},
+            "LORARESUME_SPOT_NODE_SELECTOR",
+            {"cloud.google.com/gke-spot": "true"},
+        ),
+        (
+            {"spot": {"onDemandNodeSelector": {"pool": "gpu-on-demand"}}},
+            "LORARESUME_ON_DEMAND_NODE_SELECTOR",
+            {"pool": "gpu-on-demand"},
+        ),
     ],
     ids=["toleration_exists", "toleration_seconds", "gke_spot_selector", "on_demand_selector"],
 )
 def test_json_settings_round_trip(chart: helm.Chart, values: dict[str, Any], name: str, expected: Any) -> None:
     env = operator_env(render(chart, values))
     assert json.loads(env[name]) == expected
-    spot_settings = {"LORARESUME_SPOT_TOLERATIONS", "LORARESUME_SPOT_NODE_SELECTOR",
-                     "LORARESUME_ON_DEMAND_NODE_SELECTOR"}
+    spot_settings = {
+        "LORARESUME_SPOT_TOLERATIONS",
+        "LORARESUME_SPOT_NODE_SELECTOR",
+        "LORARESUME_ON_DEMAND_NODE_SELECTOR",
+    }
     others = spot_settings - {name}
     assert not others & env.keys(), "empty spot settings must be left out"
 
@@ -277,7 +345,8 @@ def test_operator_parses_the_rendered_settings(chart: helm.Chart, values: dict[s
     assert dict(parsed.spot_node_selector) == _value_at(values, "spot.nodeSelector")
     assert dict(parsed.on_demand_node_selector) == _value_at(values, "spot.onDemandNodeSelector")
     assert [t.model_dump(by_alias=True, exclude_none=True) for t in parsed.spot_tolerations] == _value_at(
-        values, "spot.tolerations")
+        values, "spot.tolerations"
+    )
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
@@ -347,33 +416,60 @@ def test_every_rbac_rule_has_a_comment_saying_why(chart: helm.Chart, values: dic
     [
         ({"imagee": {"tag": "x"}}, "additional properties 'imagee' not allowed"),
         ({"storage": {"uriPrefx": "s3://bucket/p/"}}, "at '/storage': additional properties 'uriPrefx' not allowed"),
-        ({"metrics": {"serviceMonitor": {"enable": True}}},
-         "at '/metrics/serviceMonitor': additional properties 'enable'"),
+        (
+            {"metrics": {"serviceMonitor": {"enable": True}}},
+            "at '/metrics/serviceMonitor': additional properties 'enable'",
+        ),
         ({"watch": {"clusterWide": "yes"}}, "at '/watch/clusterWide': got string, want boolean"),
-        ({"trainer": {"terminationGracePeriodSeconds": "120"}},
-         "at '/trainer/terminationGracePeriodSeconds': got string"),
+        (
+            {"trainer": {"terminationGracePeriodSeconds": "120"}},
+            "at '/trainer/terminationGracePeriodSeconds': got string",
+        ),
         ({"logLevel": "TRACE"}, "at '/logLevel': value must be one of"),
         ({"trainer": {"pullPolicy": "Sometimes"}}, "at '/trainer/pullPolicy': value must be one of"),
-        ({"storage": {"uriPrefix": "https://bucket/prefix/"}},
-         "at '/storage/uriPrefix': 'https://bucket/prefix/' does not match"),
+        (
+            {"storage": {"uriPrefix": "https://bucket/prefix/"}},
+            "at '/storage/uriPrefix': 'https://bucket/prefix/' does not match",
+        ),
         ({"storage": {"uriPrefix": "s3://Bucket/"}}, "at '/storage/uriPrefix'"),
         ({"trainer": {"terminationGracePeriodSeconds": 4}}, "at '/trainer/terminationGracePeriodSeconds': minimum"),
         ({"trainer": {"terminationGracePeriodSeconds": 3601}}, "at '/trainer/terminationGracePeriodSeconds': maximum"),
         ({"metrics": {"port": 80}}, "at '/metrics/port': minimum"),
         ({"liveness": {"port": 70000}}, "at '/liveness/port': maximum"),
         ({"spot": {"tolerations": [{"key": "k", "operator": "In"}]}}, "at '/spot/tolerations/0/operator'"),
-        ({"spot": {"tolerations": [{"key": "k", "efect": "NoSchedule"}]}},
-         "at '/spot/tolerations/0': additional properties 'efect'"),
+        (
+            {"spot": {"tolerations": [{"key": "k", "efect": "NoSchedule"}]}},
+            "at '/spot/tolerations/0': additional properties 'efect'",
+        ),
         ({"spot": {"nodeSelector": {"pool": True}}}, "at '/spot/nodeSelector/pool': got boolean, want string"),
         ({"watch": {"namespaces": ["Team_A"]}}, "at '/watch/namespaces/0'"),
         ({"storage": {"credentialsSecret": "S3 Creds"}}, "at '/storage/credentialsSecret'"),
-        ({"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": 1}}},
-         "at '/serviceAccount/annotations/eks.amazonaws.com~1role-arn'"),
+        (
+            {"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": 1}}},
+            "at '/serviceAccount/annotations/eks.amazonaws.com~1role-arn'",
+        ),
     ],
-    ids=["misspelt_top_level", "misspelt_nested", "misspelt_deep", "wrong_type_bool", "wrong_type_int",
-         "bad_log_level", "bad_pull_policy", "prefix_not_s3", "prefix_bad_bucket", "grace_too_short", "grace_too_long",
-         "privileged_port", "port_out_of_range", "bad_toleration_operator", "misspelt_toleration_key",
-         "selector_not_string", "bad_namespace", "bad_secret_name", "annotation_not_string"],
+    ids=[
+        "misspelt_top_level",
+        "misspelt_nested",
+        "misspelt_deep",
+        "wrong_type_bool",
+        "wrong_type_int",
+        "bad_log_level",
+        "bad_pull_policy",
+        "prefix_not_s3",
+        "prefix_bad_bucket",
+        "grace_too_short",
+        "grace_too_long",
+        "privileged_port",
+        "port_out_of_range",
+        "bad_toleration_operator",
+        "misspelt_toleration_key",
+        "selector_not_string",
+        "bad_namespace",
+        "bad_secret_name",
+        "annotation_not_string",
+    ],
 )
 def test_schema_refuses_bad_values(chart: helm.Chart, values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmValuesError) as refused:
@@ -387,8 +483,10 @@ def test_schema_refuses_bad_values(chart: helm.Chart, values: dict[str, Any], me
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"watch": {"clusterWide": True, "namespaces": ["a"]}},
-         "watch.namespaces must be empty when watch.clusterWide is true"),
+        (
+            {"watch": {"clusterWide": True, "namespaces": ["a"]}},
+            "watch.namespaces must be empty when watch.clusterWide is true",
+        ),
         ({"liveness": {"port": 8080}}, "metrics.port and liveness.port must differ"),
         ({"serviceAccount": {"create": False}}, "serviceAccount.name is required when serviceAccount.create is false"),
     ],
@@ -445,8 +543,11 @@ def test_default_values_are_the_documented_defaults(chart: helm.Chart) -> None:
     values = chart.values
     assert values["watch"] == {"clusterWide": False, "namespaces": []}
     assert values["crds"] == {"install": True, "keep": True}
-    assert values["trainer"] == {"image": "ghcr.io/loraresume/trainer:0.1.0", "pullPolicy": "IfNotPresent",
-                                 "terminationGracePeriodSeconds": 120}
+    assert values["trainer"] == {
+        "image": "ghcr.io/loraresume/trainer:0.1.0",
+        "pullPolicy": "IfNotPresent",
+        "terminationGracePeriodSeconds": 120,
+    }
     assert values["metrics"]["port"] == 8080 and values["liveness"]["port"] == 8081
     assert values["reconcileIntervalSeconds"] == 10 and values["logLevel"] == "INFO"
     chart.validate_schema(values)
@@ -495,14 +596,23 @@ def test_deployment_runs_one_hardened_standalone_operator(chart: helm.Chart) -> 
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == FULLNAME
     assert pod["automountServiceAccountToken"] is True
-    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
-                                      "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     c = container(objects)
     assert c["image"] == "ghcr.io/loraresume/operator:0.1.0"  # tag defaults to appVersion
     assert c["command"] == ["loraresume-operator"]
     assert c["securityContext"] == {
-        "runAsNonRoot": True, "runAsUser": 10001, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     assert {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
@@ -521,8 +631,10 @@ def test_liveness_endpoint_and_probe_agree(chart: helm.Chart, values: dict[str, 
     assert ports["liveness"] == port
     metrics_port = values.get("metrics", {}).get("port", 8080)
     assert args[args.index("--metrics-port") + 1] == str(metrics_port) and ports["metrics"] == metrics_port
-    liveness = merged({"initialDelaySeconds": 15, "periodSeconds": 20, "timeoutSeconds": 5, "failureThreshold": 3},
-                      {k: v for k, v in values.get("liveness", {}).items() if k != "port"})
+    liveness = merged(
+        {"initialDelaySeconds": 15, "periodSeconds": 20, "timeoutSeconds": 5, "failureThreshold": 3},
+        {k: v for k, v in values.get("liveness", {}).items() if k != "port"},
+    )
     assert {k: probe[k] for k in liveness} == liveness
 
 
@@ -580,7 +692,8 @@ def test_service_monitor_scrapes_the_metrics_service(chart: helm.Chart) -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     assert monitor["spec"]["endpoints"] == [
-        {"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}]
+        {"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+    ]
     assert service["metadata"]["annotations"] == {"prometheus.io/scrape": "true"}
 
 
@@ -600,7 +713,11 @@ def test_standard_labels_on_every_object_but_the_crd(chart: helm.Chart) -> None:
 def test_chart_metadata(chart: helm.Chart) -> None:
     meta = chart.metadata
     assert (meta["apiVersion"], meta["name"], meta["version"], meta["appVersion"]) == (
-        "v2", "loraresume-operator", "0.1.0", "0.1.0")
+        "v2",
+        "loraresume-operator",
+        "0.1.0",
+        "0.1.0",
+    )
     assert meta["kubeVersion"] == ">=1.29.0-0"
 
 
@@ -609,8 +726,15 @@ def test_chart_metadata(chart: helm.Chart) -> None:
 
 def test_notes_say_what_to_do_next(chart: helm.Chart) -> None:
     notes = render_text(chart)["templates/NOTES.txt"]
-    for needle in ("kubectl -n ml create secret generic", "AWS_ACCESS_KEY_ID", "apply -f", "get lr -w",
-                   "describe lr", "port-forward svc/lr-loraresume-operator-metrics 8080", "/metrics"):
+    for needle in (
+        "kubectl -n ml create secret generic",
+        "AWS_ACCESS_KEY_ID",
+        "apply -f",
+        "get lr -w",
+        "describe lr",
+        "port-forward svc/lr-loraresume-operator-metrics 8080",
+        "/metrics",
+    ):
         assert needle in notes, needle
     notes = render_text(chart, NON_DEFAULT)["templates/NOTES.txt"]
     assert "every namespace" in notes and "create secret generic s3-creds" in notes and "ServiceMonitor" in notes

@@ -235,8 +235,12 @@ def test_api_server_defaulting_gives_the_models_values(spec_schema: dict[str, An
     model = LoraResumeSpec.model_validate(minimal).model_dump(by_alias=True, mode="json", exclude_none=True)
     assert apply_defaults(minimal, spec_schema) == model
 
-    status = {"phase": "Running", "conditions": [
-        {"type": "Ready", "status": "True", "reason": "PodRunning", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    status = {
+        "phase": "Running",
+        "conditions": [
+            {"type": "Ready", "status": "True", "reason": "PodRunning", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+        ],
+    }
     status_schema = root["properties"]["status"]
     model = LoraResumeStatus.model_validate(status).model_dump(by_alias=True, mode="json", exclude_none=True)
     assert apply_defaults(status, status_schema) == model
@@ -331,7 +335,9 @@ STORAGE_TRANSITIONS = [
 
 
 @pytest.mark.parametrize("old,new,allowed", STORAGE_TRANSITIONS)
-def test_storage_uri_is_immutable_set_or_unset(spec_schema: dict[str, Any], old: dict, new: dict, allowed: bool) -> None:
+def test_storage_uri_is_immutable_set_or_unset(
+    spec_schema: dict[str, Any], old: dict, new: dict, allowed: bool
+) -> None:
     celpy = pytest.importorskip("celpy", reason="cel-python evaluates the CEL rules when installed")
     [rule] = rules_of(spec_schema["properties"]["storage"])
     assert "storage.uri" in rule["message"] and "create a new LoraResume" in rule["message"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -23,7 +23,7 @@ from loraresume_operator.decide import (
 from loraresume_operator.observed import ObservedPod
 from loraresume_operator.spec import CheckpointRef, LoraResumeSpec, LoraResumeStatus, Phase
 
-NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 RES = Resource("bot", "ml", "uid-1", 3)
 CKPT = CheckpointRef(uri="s3://ckpt/bot/checkpoints/checkpoint-20/", step=20)
 
@@ -57,8 +57,13 @@ def ended(exit_code: int, **over: Any) -> ObservedPod:
 
 def obs(st: LoraResumeStatus, p: ObservedPod | None = None, **over: Any) -> Observation:
     base = dict(
-        resource=RES, spec=spec(), status=st, pod=p, checkpoint=CKPT,
-        progress={"step": 27, "max_steps": 100, "loss": 1.2345, "attempt": st.attempt}, adapter_complete=False,
+        resource=RES,
+        spec=spec(),
+        status=st,
+        pod=p,
+        checkpoint=CKPT,
+        progress={"step": 27, "max_steps": 100, "loss": 1.2345, "attempt": st.attempt},
+        adapter_complete=False,
         now=NOW,
     )
     base.update(over)
@@ -79,29 +84,90 @@ ENDINGS = [
     # (id, pod observed (None: gone), adapter_complete, expected phase, preemptions, failures, relaunch now, reason)
     ("exit0-adapter", ended(0), True, Phase.SUCCEEDED, 0, 0, False, c.ADAPTER_SAVED),
     ("exit0-no-adapter", ended(0), False, Phase.RESUMING, 0, 1, False, "NoAdapter"),
-    ("disruption-target", ended(137, disrupted=True, disruption_reason="PreemptionByScheduler"), False,
-     Phase.RESUMING, 1, 0, True, "PreemptionByScheduler"),
-    ("taint-eviction", ended(143, disrupted=True, disruption_reason="DeletionByTaintManager"), False,
-     Phase.RESUMING, 1, 0, True, "DeletionByTaintManager"),
-    ("evicted", pod(phase="Failed", pod_reason="Evicted", message="node low on memory"), False,
-     Phase.RESUMING, 1, 0, True, "Evicted"),
+    (
+        "disruption-target",
+        ended(137, disrupted=True, disruption_reason="PreemptionByScheduler"),
+        False,
+        Phase.RESUMING,
+        1,
+        0,
+        True,
+        "PreemptionByScheduler",
+    ),
+    (
+        "taint-eviction",
+        ended(143, disrupted=True, disruption_reason="DeletionByTaintManager"),
+        False,
+        Phase.RESUMING,
+        1,
+        0,
+        True,
+        "DeletionByTaintManager",
+    ),
+    (
+        "evicted",
+        pod(phase="Failed", pod_reason="Evicted", message="node low on memory"),
+        False,
+        Phase.RESUMING,
+        1,
+        0,
+        True,
+        "Evicted",
+    ),
     ("node-lost", pod(phase="Failed", pod_reason="NodeLost"), False, Phase.RESUMING, 1, 0, True, "NodeLost"),
     ("pod-deleted-by-someone", None, False, Phase.RESUMING, 1, 0, True, "PodDeleted"),
     ("pod-terminating-killed", ended(137, terminating=True), False, Phase.RESUMING, 1, 0, True, "PodDeleted"),
-    ("sigterm-saved", ended(75, termination={"outcome": "preempted", "reason": "SIGTERM: checkpoint-27 durable"}),
-     False, Phase.RESUMING, 1, 0, True, "SigtermCheckpointSaved"),
+    (
+        "sigterm-saved",
+        ended(75, termination={"outcome": "preempted", "reason": "SIGTERM: checkpoint-27 durable"}),
+        False,
+        Phase.RESUMING,
+        1,
+        0,
+        True,
+        "SigtermCheckpointSaved",
+    ),
     ("oom", ended(137, container_reason="OOMKilled"), False, Phase.RESUMING, 0, 1, False, "OOMKilled"),
-    ("crash", ended(1, termination={"outcome": "failed", "reason": "RuntimeError: boom"}), False,
-     Phase.RESUMING, 0, 1, False, "TrainerFailed"),
-    ("missing-secret", pod(phase="Pending", waiting_reason="CreateContainerConfigError",
-                           waiting_message='secret "s3-creds" not found'), False, Phase.FAILED, 0, 0, False, c.CONFIG_ERROR),
-    ("config-error", ended(78, termination={"outcome": "config_error", "reason": "dataset.template: needs column(s) output"}),
-     False, Phase.FAILED, 0, 0, False, c.CONFIG_ERROR),
+    (
+        "crash",
+        ended(1, termination={"outcome": "failed", "reason": "RuntimeError: boom"}),
+        False,
+        Phase.RESUMING,
+        0,
+        1,
+        False,
+        "TrainerFailed",
+    ),
+    (
+        "missing-secret",
+        pod(
+            phase="Pending", waiting_reason="CreateContainerConfigError", waiting_message='secret "s3-creds" not found'
+        ),
+        False,
+        Phase.FAILED,
+        0,
+        0,
+        False,
+        c.CONFIG_ERROR,
+    ),
+    (
+        "config-error",
+        ended(78, termination={"outcome": "config_error", "reason": "dataset.template: needs column(s) output"}),
+        False,
+        Phase.FAILED,
+        0,
+        0,
+        False,
+        c.CONFIG_ERROR,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("p", "adapter", "phase", "pre", "fail", "relaunch", "reason"),
-                         [e[1:] for e in ENDINGS], ids=[e[0] for e in ENDINGS])
+@pytest.mark.parametrize(
+    ("p", "adapter", "phase", "pre", "fail", "relaunch", "reason"),
+    [e[1:] for e in ENDINGS],
+    ids=[e[0] for e in ENDINGS],
+)
 def test_ended_attempt(p, adapter, phase, pre, fail, relaunch, reason):
     plan = decide(obs(status(**RUNNING_1), p, adapter_complete=adapter))
     st = plan.status
@@ -144,6 +210,7 @@ def test_lost_steps_ignore_progress_of_another_attempt():
 
 # --- budgets, backoff ------------------------------------------------------------------------
 
+
 def test_preemption_budget_exhausted():
     plan = decide(obs(status(**RUNNING_1, preemptions=2), None))
     assert plan.status.phase is Phase.FAILED and plan.status.preemptions == 3
@@ -177,6 +244,7 @@ def test_backoff_waits_then_relaunches_from_the_newest_checkpoint():
 
 
 # --- first attempt, missing or incomplete checkpoint, restarts --------------------------------
+
 
 def test_first_attempt_without_checkpoint_starts_fresh():
     plan = decide(obs(status(), checkpoint=None, progress=None))
@@ -223,7 +291,12 @@ def test_pending_pod_marks_the_attempt_seen():
 
 def test_progress_is_reported():
     plan = decide(obs(status(**RUNNING_1), pod()))
-    assert (plan.status.step, plan.status.max_steps, plan.status.progress, plan.status.loss) == (27, 100, "27/100", "1.234")
+    assert (plan.status.step, plan.status.max_steps, plan.status.progress, plan.status.loss) == (
+        27,
+        100,
+        "27/100",
+        "1.234",
+    )
     assert plan.status.latest_checkpoint == CKPT
 
 
@@ -235,10 +308,12 @@ def test_terminal_phase_is_left_alone():
 
 # --- spot fallback ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("preemptions_before", "on_demand"), [(0, False), (1, True), (2, True)])
 def test_on_demand_after_n_preemptions(preemptions_before, on_demand):
-    sp = spec(scheduling={"spot": {"enabled": True, "fallbackToOnDemandAfter": 2}},
-              restartPolicy={"maxPreemptions": 10})
+    sp = spec(
+        scheduling={"spot": {"enabled": True, "fallbackToOnDemandAfter": 2}}, restartPolicy={"maxPreemptions": 10}
+    )
     before = status(**RUNNING_1, preemptions=preemptions_before, on_demand=preemptions_before >= 2)
     plan = decide(obs(before, None, spec=sp))
     (create,) = creates(plan)
@@ -284,6 +359,7 @@ def test_chained_relaunch_keeps_the_sources_adapter():
 
 
 # --- spec edits ------------------------------------------------------------------------------
+
 
 def test_budget_raised_during_the_run_takes_effect():
     """maxPreemptions edited from 2 to 5: the 3rd preemption relaunches instead of failing."""

@@ -39,9 +39,16 @@ def test_empty_environment_gives_the_built_in_defaults() -> None:
 
 def test_every_setting_is_read() -> None:
     d = OperatorDefaults.from_env(FULL_ENV)
-    assert (d.trainer_image, d.image_pull_policy, d.grace_period_seconds) == ("registry.example/trainer:2", "Always", 25)
+    assert (d.trainer_image, d.image_pull_policy, d.grace_period_seconds) == (
+        "registry.example/trainer:2",
+        "Always",
+        25,
+    )
     assert (d.storage_endpoint, d.storage_region, d.credentials_secret) == (
-        "http://minio.storage:9000", "eu-west-1", "s3-creds")
+        "http://minio.storage:9000",
+        "eu-west-1",
+        "s3-creds",
+    )
     assert d.storage_uri_for("team-a", "llama-run") == "s3://team-bucket/loraresume/team-a/llama-run/"
     assert dict(d.spot_node_selector) == {"cloud.google.com/gke-spot": "true"}
     assert d.spot_tolerations == (Toleration.model_validate(SPOT_TAINT),)
@@ -77,7 +84,9 @@ def test_the_operator_refuses_to_start_with_a_malformed_setting(monkeypatch, cap
 
     monkeypatch.setenv("LORARESUME_GRACE_PERIOD_SECONDS", "0")
     assert cli.main(["-n", "default", "--metrics-port", "0"]) == 2
-    assert "LORARESUME_GRACE_PERIOD_SECONDS (Helm value trainer.terminationGracePeriodSeconds)" in capsys.readouterr().err
+    assert (
+        "LORARESUME_GRACE_PERIOD_SECONDS (Helm value trainer.terminationGracePeriodSeconds)" in capsys.readouterr().err
+    )
 
 
 def test_defaults_fill_only_what_the_spec_leaves_empty() -> None:
@@ -85,18 +94,30 @@ def test_defaults_fill_only_what_the_spec_leaves_empty() -> None:
     silent = effective_spec(spec(scheduling={"spot": {"enabled": True}}), defaults, "s3://team-bucket/p/ns/a/")
     assert silent.storage.uri == "s3://team-bucket/p/ns/a/"
     assert (silent.storage.endpoint, silent.storage.region, silent.storage.credentials_secret) == (
-        "http://minio.storage:9000", "eu-west-1", "s3-creds")
+        "http://minio.storage:9000",
+        "eu-west-1",
+        "s3-creds",
+    )
     assert silent.termination_grace_period_seconds == 25
     assert silent.scheduling.spot.node_selector == {"cloud.google.com/gke-spot": "true"}
     assert silent.scheduling.spot.tolerations == [Toleration.model_validate(SPOT_TAINT)]
     assert silent.scheduling.spot.on_demand_node_selector == {"pool": "on-demand"}
 
     own = spec(
-        storage={"uri": "s3://mine/run/", "endpoint": "http://other:9000", "region": "us-east-2",
-                 "credentialsSecret": "mine"},
+        storage={
+            "uri": "s3://mine/run/",
+            "endpoint": "http://other:9000",
+            "region": "us-east-2",
+            "credentialsSecret": "mine",
+        },
         terminationGracePeriodSeconds=90,
-        scheduling={"spot": {"enabled": True, "tolerations": [{"key": "spot", "operator": "Exists"}],
-                             "onDemandNodeSelector": {"pool": "mine"}}},
+        scheduling={
+            "spot": {
+                "enabled": True,
+                "tolerations": [{"key": "spot", "operator": "Exists"}],
+                "onDemandNodeSelector": {"pool": "mine"},
+            }
+        },
     )
     kept = effective_spec(own, defaults, "s3://mine/run/")
     assert kept.storage == own.storage and kept.termination_grace_period_seconds == 90
@@ -112,8 +133,9 @@ def test_spot_defaults_do_not_apply_to_jobs_off_spot() -> None:
 def test_the_pod_carries_the_defaults() -> None:
     defaults = OperatorDefaults.from_env(FULL_ENV)
     resource = Resource("llama-run", "team-a", "uid-1", 1)
-    effective = effective_spec(spec(scheduling={"spot": {"enabled": True}}), defaults,
-                               defaults.storage_uri_for("team-a", "llama-run"))
+    effective = effective_spec(
+        spec(scheduling={"spot": {"enabled": True}}), defaults, defaults.storage_uri_for("team-a", "llama-run")
+    )
     create = CreatePod(name="llama-run-attempt-1", attempt=1, resume_from=None, adapter_uri=None, on_demand=False)
     pod = build_trainer_pod(resource, effective, create, defaults)
     container = pod["spec"]["containers"][0]
@@ -127,6 +149,10 @@ def test_the_pod_carries_the_defaults() -> None:
     storage = job_config(effective, create, defaults)["storage"]
     assert storage["uri"] == "s3://team-bucket/loraresume/team-a/llama-run/"
     assert storage["endpoint"] == "http://minio.storage:9000"
-    on_demand = build_trainer_pod(resource, effective, CreatePod(
-        name="llama-run-attempt-4", attempt=4, resume_from=None, adapter_uri=None, on_demand=True), defaults)
+    on_demand = build_trainer_pod(
+        resource,
+        effective,
+        CreatePod(name="llama-run-attempt-4", attempt=4, resume_from=None, adapter_uri=None, on_demand=True),
+        defaults,
+    )
     assert on_demand["spec"]["nodeSelector"] == {"pool": "on-demand"} and "tolerations" not in on_demand["spec"]

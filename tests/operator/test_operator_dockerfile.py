@@ -257,8 +257,11 @@ def test_dockerignore_keeps_every_copy_source(dockerfile: Path) -> None:
     assert sources
     for source in sources:
         assert (REPO / source).exists(), f"{dockerfile.name}: COPY {source} does not exist"
-        files = [source] if (REPO / source).is_file() else [
-            str(p.relative_to(REPO)) for p in (REPO / source).rglob("*.py") if "__pycache__" not in p.parts]
+        files = (
+            [source]
+            if (REPO / source).is_file()
+            else [str(p.relative_to(REPO)) for p in (REPO / source).rglob("*.py") if "__pycache__" not in p.parts]
+        )
         assert files and not [f for f in files if excluded(f)], f"{source} is left out of the build context"
 
 

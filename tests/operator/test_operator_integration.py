@@ -13,7 +13,6 @@ import time
 from loraresume_trainer.checkpoint_store import CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
 from tests.support.operator_stack import CANARY, NS, Job, job_env, wait_for
-from tests.support.operator_stack import job, k8s, operator, stack  # noqa: F401 (fixtures)
 
 
 def test_apply_preempt_fail_succeed_story(operator, job, tmp_path):
@@ -57,8 +56,12 @@ def test_apply_preempt_fail_succeed_story(operator, job, tmp_path):
     wait_for(f"events {sorted(wanted)}", lambda: wanted <= {e["reason"] for e in job.events()})
     assert len(job.pods()) == 3
     kubectl = ["kubectl", "--kubeconfig", str(job.kubeconfig), "-n", NS]
-    waited = subprocess.run([*kubectl, "wait", "--for=condition=Succeeded", f"lr/{job.name}", "--timeout=20s"],
-                            capture_output=True, text=True, timeout=30)
+    waited = subprocess.run(
+        [*kubectl, "wait", "--for=condition=Succeeded", f"lr/{job.name}", "--timeout=20s"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert waited.returncode == 0, waited.stderr
     table = subprocess.run([*kubectl, "get", "lr", job.name], capture_output=True, text=True, timeout=30).stdout
     assert "Succeeded" in table and "17/30" in table and "PREEMPTIONS" in table.upper()
@@ -71,8 +74,11 @@ def test_apply_preempt_fail_succeed_story(operator, job, tmp_path):
 def test_config_error_fails_at_once_without_retry(operator, job):
     job.apply()
     job.run_pod(1)
-    job.end_pod(1, 78, {"outcome": "config_error", "reason": "dataset.template: needs column(s) output",
-                        "field": "dataset.template"})
+    job.end_pod(
+        1,
+        78,
+        {"outcome": "config_error", "reason": "dataset.template: needs column(s) output", "field": "dataset.template"},
+    )
     wait_for("Failed", lambda: job.status().get("phase") == "Failed")
     assert job.condition("Failed")["reason"] == "ConfigError"
     assert "needs column(s) output" in job.status()["message"]
@@ -107,8 +113,14 @@ def test_deleted_pod_is_a_preemption_and_resource_deletion_removes_pods(operator
 
 def test_chained_resource_waits_for_its_source(operator, job, k8s, tmp_path):
     first = Job(k8s, job.kubeconfig, job.name + "-s1", job.endpoint, job.bucket, job.store)
-    k8s.create("secrets", {"metadata": {"name": f"{first.name}-s3"}, "stringData": {"AWS_ACCESS_KEY_ID": "x",
-               "AWS_SECRET_ACCESS_KEY": "y"}}, NS)
+    k8s.create(
+        "secrets",
+        {
+            "metadata": {"name": f"{first.name}-s3"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
+        },
+        NS,
+    )
     job.apply(adapter={"fromResource": first.name})
     wait_for("waiting message", lambda: "waiting for LoraResume" in job.status().get("message", ""))
     assert not job.pods()
@@ -157,8 +169,14 @@ def test_liveness_and_metrics_endpoints(operator, job):
 
 
 def test_checkpoints_deleted_with_the_resource_only_when_asked(operator, job, tmp_path):
-    job.apply(storage={"uri": f"s3://{job.bucket}/{job.name}/", "endpoint": job.endpoint,
-                       "credentialsSecret": f"{job.name}-s3", "deleteOnResourceDeletion": True})
+    job.apply(
+        storage={
+            "uri": f"s3://{job.bucket}/{job.name}/",
+            "endpoint": job.endpoint,
+            "credentialsSecret": f"{job.name}-s3",
+            "deleteOnResourceDeletion": True,
+        }
+    )
     job.pod(1)
     job.checkpoint(tmp_path, 10)
     adapter = tmp_path / "adapter"
@@ -172,10 +190,21 @@ def test_checkpoints_deleted_with_the_resource_only_when_asked(operator, job, tm
 
 
 def test_missing_credentials_secret_fails_with_the_reason(operator, job):
-    job.apply(storage={"uri": f"s3://{job.bucket}/{job.name}/", "endpoint": job.endpoint,
-                       "credentialsSecret": "no-such-secret"})
+    job.apply(
+        storage={
+            "uri": f"s3://{job.bucket}/{job.name}/",
+            "endpoint": job.endpoint,
+            "credentialsSecret": "no-such-secret",
+        }
+    )
     wait_for("a message naming the Secret", lambda: "no-such-secret" in job.status().get("message", ""))
     assert job.condition("StorageReady")["status"] == "False" and not job.pods()
-    job.k8s.create("secrets", {"metadata": {"name": "no-such-secret"}, "stringData": {
-        "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}}, NS)
+    job.k8s.create(
+        "secrets",
+        {
+            "metadata": {"name": "no-such-secret"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"},
+        },
+        NS,
+    )
     job.pod(1)

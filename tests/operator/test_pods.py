@@ -31,8 +31,9 @@ def spec(**over) -> LoraResumeSpec:
             "spot": {
                 "enabled": True,
                 "nodeSelector": {"cloud.google.com/gke-spot": "true"},
-                "tolerations": [{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
-                                 "effect": "NoSchedule"}],
+                "tolerations": [
+                    {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+                ],
                 "fallbackToOnDemandAfter": 3,
                 "onDemandNodeSelector": {"pool": "gpu-on-demand"},
             },
@@ -60,10 +61,16 @@ def test_pod_is_hardened_and_owned():
     pod = build_trainer_pod(RES, spec(), CREATE, DEFAULTS)
     ps, container = pod["spec"], pod["spec"]["containers"][0]
     assert ps["automountServiceAccountToken"] is False and ps["restartPolicy"] == "Never"
-    assert ps["securityContext"]["runAsNonRoot"] and ps["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert ps["securityContext"]["runAsNonRoot"] and ps["securityContext"]["seccompProfile"] == {
+        "type": "RuntimeDefault"
+    }
     sc = container["securityContext"]
-    assert sc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-                  "capabilities": {"drop": ["ALL"]}}
+    assert sc == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
     assert ps["terminationGracePeriodSeconds"] == 90
     (owner,) = pod["metadata"]["ownerReferences"]
     assert owner["uid"] == RES.uid and owner["controller"] and owner["kind"] == "LoraResume"
@@ -75,14 +82,18 @@ def test_credentials_only_by_secret_reference():
     pod = build_trainer_pod(RES, spec(), CREATE, DEFAULTS)
     env = env_of(pod)
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": key, "optional": False}}}
+        assert env[key] == {
+            "name": key,
+            "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": key, "optional": False}},
+        }
     assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
     assert json.loads(env["LORARESUME_JOB"]["value"])["attempt"] == 3
 
 
 def test_no_secret_means_the_pods_identity():
-    pod = build_trainer_pod(RES, spec(storage={"uri": "s3://ckpt/bot/"}, serviceAccountName="trainer-irsa"), CREATE,
-                            DEFAULTS)
+    pod = build_trainer_pod(
+        RES, spec(storage={"uri": "s3://ckpt/bot/"}, serviceAccountName="trainer-irsa"), CREATE, DEFAULTS
+    )
     assert "AWS_SECRET_ACCESS_KEY" not in env_of(pod)
     assert pod["spec"]["serviceAccountName"] == "trainer-irsa"
 

@@ -37,8 +37,15 @@ def audited(cluster: SandboxCluster) -> list[dict[str, Any]]:
         if not ref:
             continue  # discovery (/api, /apis, /version): system:discovery, every user has it
         resource = ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
-        out.append({"verb": event["verb"], "group": ref.get("apiGroup", ""), "resource": resource,
-                    "namespace": ref.get("namespace"), "code": event.get("responseStatus", {}).get("code")})
+        out.append(
+            {
+                "verb": event["verb"],
+                "group": ref.get("apiGroup", ""),
+                "resource": resource,
+                "namespace": ref.get("namespace"),
+                "code": event.get("responseStatus", {}).get("code"),
+            }
+        )
     return out
 
 
@@ -75,11 +82,20 @@ def lifecycle(job: Job, tmp_path, *, delete_checkpoints: bool) -> None:
 def test_namespaced_mode_uses_exactly_the_namespaced_rules(s3_bucket, tmp_path):
     endpoint, bucket = s3_bucket
     name = f"audit-{uuid.uuid4().hex[:6]}"
-    values = sandbox_values(namespaces=[NS], grace_period=25, extra={
-        "storage": {"uriPrefix": f"s3://{bucket}/runs/", "endpoint": endpoint, "credentialsSecret": "team-s3"}})
+    values = sandbox_values(
+        namespaces=[NS],
+        grace_period=25,
+        extra={"storage": {"uriPrefix": f"s3://{bucket}/runs/", "endpoint": endpoint, "credentialsSecret": "team-s3"}},
+    )
     with SandboxCluster(tmp_path / "stack", namespaces=(NS,), pools=[], values=values, quiet=True) as cluster:
-        cluster.kube.create("secrets", {"metadata": {"name": "team-s3"}, "stringData": {
-            "AWS_ACCESS_KEY_ID": "audit", "AWS_SECRET_ACCESS_KEY": "audit-secret"}}, NS)
+        cluster.kube.create(
+            "secrets",
+            {
+                "metadata": {"name": "team-s3"},
+                "stringData": {"AWS_ACCESS_KEY_ID": "audit", "AWS_SECRET_ACCESS_KEY": "audit-secret"},
+            },
+            NS,
+        )
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         store = CheckpointStore(client, S3Uri(bucket, f"runs/{NS}/{name}/"))
         job = Job(cluster.kube, cluster.kubeconfig, name, endpoint, bucket, store)
@@ -89,8 +105,9 @@ def test_namespaced_mode_uses_exactly_the_namespaced_rules(s3_bucket, tmp_path):
         assert config["storage"]["uri"] == f"s3://{bucket}/runs/{NS}/{name}/"
         assert config["storage"]["endpoint"] == endpoint
         assert pod["spec"]["terminationGracePeriodSeconds"] == 25
-        secret_refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in pod["spec"]["containers"][0]["env"]
-                       if "valueFrom" in e}
+        secret_refs = {
+            e["valueFrom"]["secretKeyRef"]["name"] for e in pod["spec"]["containers"][0]["env"] if "valueFrom" in e
+        }
         assert secret_refs == {"team-s3"}
         wait_for("status.storageUri", lambda: job.status().get("storageUri") == config["storage"]["uri"])
         lifecycle(job, tmp_path, delete_checkpoints=True)
@@ -109,11 +126,18 @@ def test_cluster_wide_mode_stays_within_the_cluster_rules(s3_bucket, tmp_path):
     endpoint, bucket = s3_bucket
     name = f"audit-{uuid.uuid4().hex[:6]}"
     with SandboxCluster(tmp_path / "stack", namespaces=(NS,), cluster_wide=True, pools=[], quiet=True) as cluster:
-        cluster.kube.create("secrets", {"metadata": {"name": f"{name}-s3"}, "stringData": {
-            "AWS_ACCESS_KEY_ID": "audit", "AWS_SECRET_ACCESS_KEY": "audit-secret"}}, NS)
+        cluster.kube.create(
+            "secrets",
+            {
+                "metadata": {"name": f"{name}-s3"},
+                "stringData": {"AWS_ACCESS_KEY_ID": "audit", "AWS_SECRET_ACCESS_KEY": "audit-secret"},
+            },
+            NS,
+        )
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        job = Job(cluster.kube, cluster.kubeconfig, name, endpoint, bucket,
-                  CheckpointStore(client, S3Uri(bucket, f"{name}/")))
+        job = Job(
+            cluster.kube, cluster.kubeconfig, name, endpoint, bucket, CheckpointStore(client, S3Uri(bucket, f"{name}/"))
+        )
         job.apply()
         job.pod(1)
         lifecycle(job, tmp_path, delete_checkpoints=False)
@@ -121,8 +145,12 @@ def test_cluster_wide_mode_stays_within_the_cluster_rules(s3_bucket, tmp_path):
     assert_never_refused(requests)
     used = observed(requests)
     granted = rbac.grants(cluster_wide=True)
-    assert used - granted == set(), f"used but not granted (the chart's ClusterRole would refuse): {sorted(used - granted)}"
+    assert used - granted == set(), (
+        f"used but not granted (the chart's ClusterRole would refuse): {sorted(used - granted)}"
+    )
     assert granted - used == set(), f"granted but never used (not least privilege): {sorted(granted - used)}"
     # kopf's runtime scanning of CRDs is the only cluster-scoped traffic besides the watched resources.
     cluster_scoped = {(r["verb"], r["group"], r["resource"]) for r in requests if r["namespace"] is None}
-    assert cluster_scoped - rbac.grants(cluster_wide=False) == rbac.grants(cluster_wide=True) - rbac.grants(cluster_wide=False)
+    assert cluster_scoped - rbac.grants(cluster_wide=False) == rbac.grants(cluster_wide=True) - rbac.grants(
+        cluster_wide=False
+    )

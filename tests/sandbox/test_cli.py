@@ -18,8 +18,12 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _sandbox(tmp_path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loraresume_sandbox.cli", *args, "--dir", str(tmp_path / "sbx")],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "loraresume_sandbox.cli", *args, "--dir", str(tmp_path / "sbx")],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -50,8 +54,13 @@ def test_up_env_kubectl_restart_operator_down(tmp_path):
         assert exports["AWS_ENDPOINT_URL"] == state["s3_endpoint"]
 
         def kubectl(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run(["kubectl", *args], capture_output=True, text=True, timeout=30,
-                                  env={**os.environ, "KUBECONFIG": exports["KUBECONFIG"]})
+            return subprocess.run(
+                ["kubectl", *args],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env={**os.environ, "KUBECONFIG": exports["KUBECONFIG"]},
+            )
 
         version = kubectl("version", "-o", "json")
         assert version.returncode == 0, version.stderr

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.timeout(120)
 def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """Without the watch cache (no bookmarks) and with etcd compacted every second, a watch resumed
     from a version seen a few seconds ago is answered 410 Gone, as on a busy cluster."""
-    with ControlPlane(tmp_path_factory.mktemp("kube"), quiet=True, compaction_interval="1s",
-                      apiserver_flags=("--watch-cache=false",)) as plane:
+    with ControlPlane(
+        tmp_path_factory.mktemp("kube"), quiet=True, compaction_interval="1s", apiserver_flags=("--watch-cache=false",)
+    ) as plane:
         plane.create_namespace("quiet")
         yield plane
 
@@ -46,9 +47,12 @@ def test_follow_relists_after_410_and_misses_nothing(cp: ControlPlane) -> None:
     seen: list[tuple[str, str]] = []
     lists: list[set[str]] = []
     stop = threading.Event()
-    thread = threading.Thread(target=follow, args=(cp.admin, "configmaps", lambda kind, obj: seen.append(
-        (kind, obj["metadata"]["name"])), stop), kwargs={"namespace": "quiet", "relisted": lists.append,
-                                                          "window_seconds": 1}, daemon=True)
+    thread = threading.Thread(
+        target=follow,
+        args=(cp.admin, "configmaps", lambda kind, obj: seen.append((kind, obj["metadata"]["name"])), stop),
+        kwargs={"namespace": "quiet", "relisted": lists.append, "window_seconds": 1},
+        daemon=True,
+    )
     thread.start()
     try:
         wait_for(lambda: lists, 10, "the first list")

@@ -54,12 +54,22 @@ def kube(cp: ControlPlane) -> KubeClient:
 @pytest.fixture(scope="module")
 def agent(cp: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeAgent]:
     client, serving = cp.node_agent_client()
-    pools = [*default_pools(spot=1, on_demand=1), NodePool("tiny", 1, {"loraresume.dev/pool": "tiny"},
-                                                           ({"key": "tiny", "effect": "NoSchedule"},), gpus=0)]
-    with NodeAgent(client, workdir=tmp_path_factory.mktemp("nodes"), pools=pools, serving=serving,
-                   extra_env={"SANDBOX_EXTRA": "extra-value"}) as running:
-        wait_for(lambda: all(_ready(n) for n in cp.admin.list("nodes")) and len(cp.admin.list("nodes")) == 3,
-                 30, "3 Ready nodes")
+    pools = [
+        *default_pools(spot=1, on_demand=1),
+        NodePool("tiny", 1, {"loraresume.dev/pool": "tiny"}, ({"key": "tiny", "effect": "NoSchedule"},), gpus=0),
+    ]
+    with NodeAgent(
+        client,
+        workdir=tmp_path_factory.mktemp("nodes"),
+        pools=pools,
+        serving=serving,
+        extra_env={"SANDBOX_EXTRA": "extra-value"},
+    ) as running:
+        wait_for(
+            lambda: all(_ready(n) for n in cp.admin.list("nodes")) and len(cp.admin.list("nodes")) == 3,
+            30,
+            "3 Ready nodes",
+        )
         yield running
 
 
@@ -68,19 +78,46 @@ def _ready(node: dict[str, Any]) -> bool:
 
 
 def kubectl(cp: ControlPlane, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["kubectl", "--kubeconfig", str(cp.admin_kubeconfig), *args], capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        ["kubectl", "--kubeconfig", str(cp.admin_kubeconfig), *args], capture_output=True, text=True, timeout=30
+    )
 
 
-def make_pod(kube: KubeClient, script: str, *, env: list[dict[str, Any]] | None = None, grace: int = 30,
-             policy: str = "File", volumes: list[dict[str, Any]] | None = None, spec: dict[str, Any] | None = None,
-             **container: Any) -> str:
+def make_pod(
+    kube: KubeClient,
+    script: str,
+    *,
+    env: list[dict[str, Any]] | None = None,
+    grace: int = 30,
+    policy: str = "File",
+    volumes: list[dict[str, Any]] | None = None,
+    spec: dict[str, Any] | None = None,
+    **container: Any,
+) -> str:
     name = f"p-{uuid.uuid4().hex[:8]}"
-    kube.create("pods", {"metadata": {"name": name}, "spec": {
-        "restartPolicy": "Never", "terminationGracePeriodSeconds": grace, "volumes": volumes or [],
-        "containers": [{"name": "trainer", "image": IMAGE, "command": [sys.executable, "-c", script],
-                        "env": env or [], "terminationMessagePolicy": policy, **container}],
-        **(spec or {})}}, NS)
+    kube.create(
+        "pods",
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": grace,
+                "volumes": volumes or [],
+                "containers": [
+                    {
+                        "name": "trainer",
+                        "image": IMAGE,
+                        "command": [sys.executable, "-c", script],
+                        "env": env or [],
+                        "terminationMessagePolicy": policy,
+                        **container,
+                    }
+                ],
+                **(spec or {}),
+            },
+        },
+        NS,
+    )
     return name
 
 
@@ -94,8 +131,11 @@ def state(kube: KubeClient, name: str) -> dict[str, Any]:
 
 
 def wait_phase(kube: KubeClient, name: str, *phases: str, timeout: float = 20) -> dict[str, Any]:
-    return wait_for(lambda: (p := pod(kube, name)) is not None and p["status"].get("phase") in phases and p,
-                    timeout, f"pod {name} in {phases}")
+    return wait_for(
+        lambda: (p := pod(kube, name)) is not None and p["status"].get("phase") in phases and p,
+        timeout,
+        f"pod {name} in {phases}",
+    )
 
 
 def wait_running(kube: KubeClient, agent: NodeAgent, name: str, marker: str) -> None:
@@ -123,27 +163,36 @@ def test_nodes_are_registered_with_capacity_labels_taints_and_leases(kube: KubeC
     lease = kube.get("leases", "kube-node-lease", "spot-0")
     assert lease is not None and lease["spec"]["holderIdentity"] == "spot-0"
     first = lease["spec"]["renewTime"]
-    wait_for(lambda: kube.get("leases", "kube-node-lease", "spot-0")["spec"]["renewTime"] != first, 10,
-             "the lease renewed")
+    wait_for(
+        lambda: kube.get("leases", "kube-node-lease", "spot-0")["spec"]["renewTime"] != first, 10, "the lease renewed"
+    )
 
 
 def test_pod_runs_with_env_and_secrets_then_succeeds(kube: KubeClient, agent: NodeAgent, cp: ControlPlane) -> None:
-    kube.create("secrets", {"metadata": {"name": "s3-creds"},
-                            "stringData": {"AWS_ACCESS_KEY_ID": "AKIDSANDBOX", "token": "s3cr3t"}}, NS)
+    kube.create(
+        "secrets",
+        {"metadata": {"name": "s3-creds"}, "stringData": {"AWS_ACCESS_KEY_ID": "AKIDSANDBOX", "token": "s3cr3t"}},
+        NS,
+    )
     script = (
         "import os\n"
-        "for k in ('PLAIN', 'KEY', 'TOKEN', 'SANDBOX_EXTRA', 'REF', 'HOSTNAME', 'NODE'): print(k, '=', os.environ.get(k))\n"
+        "for k in ('PLAIN', 'KEY', 'TOKEN', 'SANDBOX_EXTRA', 'REF', 'HOSTNAME', 'NODE'): print(k, "
+        "'=', os.environ.get(k))\n"
         "print('OPTIONAL' in os.environ, bool(os.environ.get('PATH')))\n"
         "print('cwd', os.getcwd())\n"
     )
-    name = make_pod(kube, script, env=[
-        {"name": "PLAIN", "value": "plain-value"},
-        {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}},
-        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "token"}}},
-        {"name": "OPTIONAL", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k", "optional": True}}},
-        {"name": "REF", "value": "$(PLAIN)/x"},
-        {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-    ])
+    name = make_pod(
+        kube,
+        script,
+        env=[
+            {"name": "PLAIN", "value": "plain-value"},
+            {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}},
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "token"}}},
+            {"name": "OPTIONAL", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k", "optional": True}}},
+            {"name": "REF", "value": "$(PLAIN)/x"},
+            {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        ],
+    )
     done = wait_phase(kube, name, "Succeeded", "Failed")
     # The real scheduler placed it: the only untainted node.
     assert done["spec"]["nodeName"] == "on-demand-0"
@@ -158,9 +207,17 @@ def test_pod_runs_with_env_and_secrets_then_succeeds(kube: KubeClient, agent: No
     assert set(cs["state"]) == {"terminated"}
     assert terminated["exitCode"] == 0 and terminated["reason"] == "Completed" and "message" not in terminated
     text = agent.read_log(NS, name, "trainer")
-    for line in ("PLAIN = plain-value", "KEY = AKIDSANDBOX", "TOKEN = s3cr3t", "SANDBOX_EXTRA = extra-value",
-                 "REF = plain-value/x", f"HOSTNAME = {name}", "NODE = on-demand-0", "False True",
-                 f"cwd {agent.pod_dir(NS, name)}"):
+    for line in (
+        "PLAIN = plain-value",
+        "KEY = AKIDSANDBOX",
+        "TOKEN = s3cr3t",
+        "SANDBOX_EXTRA = extra-value",
+        "REF = plain-value/x",
+        f"HOSTNAME = {name}",
+        "NODE = on-demand-0",
+        "False True",
+        f"cwd {agent.pod_dir(NS, name)}",
+    ):
         assert line in text, text
     if shutil.which("kubectl"):  # through the API server's proxy to the agent's kubelet endpoint
         logs = kubectl(cp, "logs", name, "-n", NS)
@@ -213,29 +270,46 @@ def test_missing_secret_or_key_is_a_config_error(kube: KubeClient, agent: NodeAg
     waiting = wait_for(lambda: state(kube, name).get("waiting"), 20, "a waiting container")
     assert waiting == {"reason": "CreateContainerConfigError", "message": 'secret "nope" not found'}
     kube.create("secrets", {"metadata": {"name": "partial"}, "stringData": {"other": "v"}}, NS)
-    keyless = make_pod(kube, script, env=[{"name": "K", "valueFrom": {"secretKeyRef": {"name": "partial", "key": "token"}}}])
+    keyless = make_pod(
+        kube, script, env=[{"name": "K", "valueFrom": {"secretKeyRef": {"name": "partial", "key": "token"}}}]
+    )
     waiting = wait_for(lambda: state(kube, keyless).get("waiting"), 20, "a waiting container")
-    assert waiting == {"reason": "CreateContainerConfigError", "message": f"couldn't find key token in Secret {NS}/partial"}
+    assert waiting == {
+        "reason": "CreateContainerConfigError",
+        "message": f"couldn't find key token in Secret {NS}/partial",
+    }
     for each in (name, keyless):
         current = pod(kube, each)
         assert current is not None and current["status"]["phase"] == "Pending"
     assert not marker.exists()
     for each in (name, keyless):  # a pod that never started is confirmed deleted at once
         kube.delete("pods", NS, each)
-        wait_for(lambda: pod(kube, each) is None, 20, "the waiting pod gone")
+        wait_for(lambda each=each: pod(kube, each) is None, 20, "the waiting pod gone")
     assert not marker.exists()
 
 
 def test_unknown_image_backs_off_like_a_pull_failure(kube: KubeClient, agent: NodeAgent) -> None:
     name = f"p-{uuid.uuid4().hex[:8]}"
-    kube.create("pods", {"metadata": {"name": name}, "spec": {"restartPolicy": "Never", "containers": [
-        {"name": "trainer", "image": "registry.example/nope:1"}]}}, NS)
+    kube.create(
+        "pods",
+        {
+            "metadata": {"name": name},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "trainer", "image": "registry.example/nope:1"}]},
+        },
+        NS,
+    )
     saved = agent.entrypoints
     agent.entrypoints = {IMAGE: [sys.executable, "-c", "pass"]}
     try:
         reasons = set()
-        wait_for(lambda: reasons.add((state(kube, name).get("waiting") or {}).get("reason")) or
-                 {"ErrImagePull", "ImagePullBackOff"} <= reasons, 20, "ErrImagePull then ImagePullBackOff")
+        wait_for(
+            lambda: (
+                reasons.add((state(kube, name).get("waiting") or {}).get("reason"))
+                or {"ErrImagePull", "ImagePullBackOff"} <= reasons
+            ),
+            20,
+            "ErrImagePull then ImagePullBackOff",
+        )
         waiting = state(kube, name)["waiting"]
         assert "registry.example/nope:1" in waiting["message"]
         assert pod(kube, name)["status"]["phase"] == "Pending"
@@ -262,7 +336,9 @@ TRAP_75 = (
     "print('ready', flush=True)\n"
     "time.sleep(60)\n"
 )
-IGNORE_TERM = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(60)\n"
+IGNORE_TERM = (
+    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(60)\n"
+)
 
 
 def _delete_and_observe_end(kube: KubeClient, name: str, delete: Callable[[], None]) -> dict[str, Any]:
@@ -310,16 +386,20 @@ def test_eviction_api_sets_disruption_target_and_terminates(kube: KubeClient, ag
         kube.evict(NS, name)
         wait_for(lambda: pod(kube, name) is None, 30, "the evicted pod gone")
         time.sleep(0.5)
-    disrupted = [c for obj in recorder.objects for c in obj["status"].get("conditions", [])
-                 if c["type"] == "DisruptionTarget"]
+    disrupted = [
+        c for obj in recorder.objects for c in obj["status"].get("conditions", []) if c["type"] == "DisruptionTarget"
+    ]
     assert disrupted and disrupted[0]["reason"] == "EvictionByEvictionAPI", disrupted
     assert recorder.terminated_states()[-1]["exitCode"] == 75
 
 
 def test_spot_reclaim_shuts_pods_down_then_the_node_goes(kube: KubeClient, agent: NodeAgent) -> None:
-    spot = {"nodeSelector": {"cloud.google.com/gke-spot": "true"},
-            "tolerations": [{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
-                             "effect": "NoSchedule"}]}
+    spot = {
+        "nodeSelector": {"cloud.google.com/gke-spot": "true"},
+        "tolerations": [
+            {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+        ],
+    }
     name = make_pod(kube, TRAP_75, grace=5, spec=spot)
     wait_running(kube, agent, name, "ready")
     node = agent.node_of(NS, name)
@@ -328,8 +408,11 @@ def test_spot_reclaim_shuts_pods_down_then_the_node_goes(kube: KubeClient, agent
         agent.reclaim_spot(node)
         assert kube.get("nodes", None, node) is None
         final = wait_phase(kube, name, "Failed")
-    first = next(obj for obj in recorder.objects
-                 if any(c["type"] == "DisruptionTarget" for c in obj["status"].get("conditions", [])))
+    first = next(
+        obj
+        for obj in recorder.objects
+        if any(c["type"] == "DisruptionTarget" for c in obj["status"].get("conditions", []))
+    )
     assert set(first["status"]["containerStatuses"][0]["state"]) == {"running"}, "condition set before SIGTERM"
     condition = next(c for c in final["status"]["conditions"] if c["type"] == "DisruptionTarget")
     assert (condition["reason"], condition["message"]) == ("TerminationByKubelet", SHUTDOWN_MESSAGE)
@@ -356,8 +439,9 @@ def test_lost_node_is_marked_unreachable_and_its_pods_evicted(kube: KubeClient, 
     taints = {t["key"] for t in kube.get("nodes", None, "tiny-0")["spec"].get("taints", [])}
     assert "node.kubernetes.io/unreachable" in taints
     # The taint-eviction controller deletes the pod (toleration 5 s in the sandbox) with a DisruptionTarget.
-    evicted = wait_for(lambda: (p := pod(kube, name)) and p["metadata"].get("deletionTimestamp") and p, 60,
-                       "the pod evicted")
+    evicted = wait_for(
+        lambda: (p := pod(kube, name)) and p["metadata"].get("deletionTimestamp") and p, 60, "the pod evicted"
+    )
     condition = next(c for c in evicted["status"]["conditions"] if c["type"] == "DisruptionTarget")
     assert condition["reason"] == "DeletionByTaintManager", condition
 
@@ -370,17 +454,28 @@ def test_job_config_and_volumes_rewritten(kube: KubeClient, agent: NodeAgent) ->
         "open(job['terminationLog'], 'w').write(json.dumps({'job': job, 'hf': os.environ['HF_HOME'],"
         " 'tmp': os.environ.get('TMPDIR'), 'other': os.environ['OTHER']}))\n"
     )
-    name = make_pod(kube, script, env=[{"name": "LORARESUME_JOB", "value": json.dumps(job)},
-                                       {"name": "HF_HOME", "value": "/work/hf"}, {"name": "OTHER", "value": "/workshop"}],
-                    volumeMounts=[{"name": "work", "mountPath": "/work"}, {"name": "tmp", "mountPath": "/tmp"}],
-                    volumes=[{"name": "work", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}])
+    name = make_pod(
+        kube,
+        script,
+        env=[
+            {"name": "LORARESUME_JOB", "value": json.dumps(job)},
+            {"name": "HF_HOME", "value": "/work/hf"},
+            {"name": "OTHER", "value": "/workshop"},
+        ],
+        volumeMounts=[{"name": "work", "mountPath": "/work"}, {"name": "tmp", "mountPath": "/tmp"}],
+        volumes=[{"name": "work", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+    )
     done = wait_phase(kube, name, "Succeeded", "Failed")
     pod_dir = agent.pod_dir(NS, name)
     assert pod_dir is not None and pod_dir.is_relative_to(agent.workdir)
     terminated = done["status"]["containerStatuses"][0]["state"]["terminated"]
     assert terminated["exitCode"] == 0, agent.read_log(NS, name, "trainer")
     reported = json.loads(terminated["message"])
-    assert reported["job"] == {**job, "workDir": str(pod_dir / "work"), "terminationLog": str(pod_dir / "termination-log")}
+    assert reported["job"] == {
+        **job,
+        "workDir": str(pod_dir / "work"),
+        "terminationLog": str(pod_dir / "termination-log"),
+    }
     assert reported["other"] == "/workshop"
     assert reported["hf"] == str(pod_dir / "volumes" / "work" / "hf")
     assert reported["tmp"] == str(pod_dir / "volumes" / "tmp") and Path(reported["tmp"]).is_dir()
@@ -388,16 +483,32 @@ def test_job_config_and_volumes_rewritten(kube: KubeClient, agent: NodeAgent) ->
 
 def test_image_entrypoint_and_secret_created_later(kube: KubeClient, agent: NodeAgent) -> None:
     saved = agent.entrypoints
-    agent.entrypoints = {"ghcr.io/loraresume/trainer": [sys.executable, "-c", "import sys; print('argv', sys.argv[1:])"]}
+    agent.entrypoints = {
+        "ghcr.io/loraresume/trainer": [sys.executable, "-c", "import sys; print('argv', sys.argv[1:])"]
+    }
     try:
         name = f"p-{uuid.uuid4().hex[:8]}"
-        kube.create("pods", {"metadata": {"name": name}, "spec": {"restartPolicy": "Never", "containers": [
-            {"name": "trainer", "image": IMAGE, "args": ["--config", "$(K)"],
-             "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "late", "key": "k"}}}]}]}}, NS)
+        kube.create(
+            "pods",
+            {
+                "metadata": {"name": name},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "trainer",
+                            "image": IMAGE,
+                            "args": ["--config", "$(K)"],
+                            "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "late", "key": "k"}}}],
+                        }
+                    ],
+                },
+            },
+            NS,
+        )
         wait_for(lambda: state(kube, name).get("waiting"), 20, "a waiting container")
         kube.create("secrets", {"metadata": {"name": "late"}, "stringData": {"k": "job.yaml"}}, NS)
         wait_phase(kube, name, "Succeeded")
         assert "argv ['--config', 'job.yaml']" in agent.read_log(NS, name, "trainer")
     finally:
         agent.entrypoints = saved
-

@@ -45,12 +45,14 @@ _WRAPPER = (
 class Run:
     def __init__(self, tmp: Path, endpoint: str, bucket: str, name: str, **training: Any) -> None:
         self.tmp, self.endpoint, self.bucket, self.name = tmp, endpoint, bucket, name
-        self.spec = LoraResumeSpec.model_validate({
-            "baseModel": "s3://models/tiny/",
-            "dataset": {"source": f"s3://{bucket}/data.jsonl"},
-            "training": {"maxSteps": 12, "saveSteps": 5, **training},
-            "storage": {"uri": f"s3://{bucket}/{name}/", "endpoint": endpoint, "keepCheckpoints": 3},
-        })
+        self.spec = LoraResumeSpec.model_validate(
+            {
+                "baseModel": "s3://models/tiny/",
+                "dataset": {"source": f"s3://{bucket}/data.jsonl"},
+                "training": {"maxSteps": 12, "saveSteps": 5, **training},
+                "storage": {"uri": f"s3://{bucket}/{name}/", "endpoint": endpoint, "keepCheckpoints": 3},
+            }
+        )
         self.client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         self.store = CheckpointStore(self.client, S3Uri(bucket, f"{name}/"))
 
@@ -67,8 +69,12 @@ class Run:
             "lora": spec.lora.model_dump(by_alias=True, mode="json"),
             "dataset": spec.dataset.model_dump(by_alias=True, mode="json", exclude_none=True),
             "training": spec.training.sft_config(),
-            "storage": {"uri": spec.storage.uri, "endpoint": self.endpoint, "region": None,
-                        "keepCheckpoints": spec.storage.keep_checkpoints},
+            "storage": {
+                "uri": spec.storage.uri,
+                "endpoint": self.endpoint,
+                "region": None,
+                "keepCheckpoints": spec.storage.keep_checkpoints,
+            },
             "resume": {"fromCheckpoint": resume_from, "warmStart": False},
             "tensorboard": False,
             "attempt": attempt,
@@ -81,12 +87,28 @@ class Run:
     def termination_log(self, attempt: int) -> Path:
         return self.tmp / f"termination-log-{attempt}"
 
-    def start(self, attempt: int, env: dict[str, str] | None = None, job: dict[str, Any] | None = None,
-              resume_from: str | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen[str]:
-        full_env = {**os.environ, "LORARESUME_JOB": json.dumps(job or self.job(attempt, resume_from)),
-                    "LORARESUME_ATTEMPT": str(attempt), ENV_STEP_SECONDS: "0.02", **(env or {})}
-        return subprocess.Popen([sys.executable, "-c", _WRAPPER, *args], env=full_env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def start(
+        self,
+        attempt: int,
+        env: dict[str, str] | None = None,
+        job: dict[str, Any] | None = None,
+        resume_from: str | None = None,
+        args: tuple[str, ...] = (),
+    ) -> subprocess.Popen[str]:
+        full_env = {
+            **os.environ,
+            "LORARESUME_JOB": json.dumps(job or self.job(attempt, resume_from)),
+            "LORARESUME_ATTEMPT": str(attempt),
+            ENV_STEP_SECONDS: "0.02",
+            **(env or {}),
+        }
+        return subprocess.Popen(
+            [sys.executable, "-c", _WRAPPER, *args],
+            env=full_env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     def finish(self, proc: subprocess.Popen[str], attempt: int) -> tuple[int, dict[str, Any], list[dict], str]:
         out, err = proc.communicate(timeout=60)
@@ -96,8 +118,9 @@ class Run:
 
     def end(self, code: int, message: dict[str, Any], **pod: Any) -> Any:
         """How the operator classifies this ended pod."""
-        observed = ObservedPod(name="p", phase="Succeeded" if code == 0 else "Failed", exit_code=code,
-                               termination=message, **pod)
+        observed = ObservedPod(
+            name="p", phase="Succeeded" if code == 0 else "Failed", exit_code=code, termination=message, **pod
+        )
         return classify_end(observed, adapter_complete=self.view().adapter_complete)
 
     def view(self) -> Any:
@@ -135,8 +158,9 @@ def test_full_run_writes_what_the_operator_reads(run):
 
 
 def test_sigterm_saves_a_checkpoint_off_the_grid_exits_75_and_the_relaunch_resumes_there(run):
-    proc = run.start(1, env={ENV_STEP_SECONDS: "0.25"}, job=run.job(1, training={
-        **run.spec.training.sft_config(), "max_steps": 40}))
+    proc = run.start(
+        1, env={ENV_STEP_SECONDS: "0.25"}, job=run.job(1, training={**run.spec.training.sft_config(), "max_steps": 40})
+    )
     run.spec = run.spec.model_copy(update={"training": run.spec.training.model_copy(update={"max_steps": 40})})
     wait_for(lambda: (run.store.get_json("progress.json") or {}).get("step", 0) >= 7, 30, "step 7")
     proc.send_signal(signal.SIGTERM)
@@ -148,13 +172,14 @@ def test_sigterm_saves_a_checkpoint_off_the_grid_exits_75_and_the_relaunch_resum
     assert f"checkpoint-{stopped} is durable" in message["reason"]
     view = run.view()
     assert view.checkpoint.step == stopped and view.progress["phase"] == "Preempted" and not view.adapter_complete
-    assert [e for e in events if e["event"] == "preempted"][0]["durable_step"] == stopped
+    assert next(e for e in events if e["event"] == "preempted")["durable_step"] == stopped
     end = run.end(code, message)
     assert end.kind is EndKind.PREEMPTED and end.reason == "SigtermCheckpointSaved"
 
     # The operator relaunches with the newest complete checkpoint it saw; the stand-in resumes there.
-    proc = run.start(2, job=run.job(2, resume_from=view.checkpoint.uri, training={
-        **run.spec.training.sft_config(), "max_steps": 40}))
+    proc = run.start(
+        2, job=run.job(2, resume_from=view.checkpoint.uri, training={**run.spec.training.sft_config(), "max_steps": 40})
+    )
     code, message, events, err = run.finish(proc, 2)
     assert code == 0, err
     start = events[0]

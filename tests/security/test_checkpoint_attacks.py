@@ -93,10 +93,15 @@ def state_bytes(name: str) -> bytes:
     import torch
 
     state: Any = {
-        "rng_state.pth": lambda: {"python": random.getstate(), "numpy": np.random.get_state(),
-                                  "cpu": torch.random.get_rng_state()},
-        "optimizer.pt": lambda: {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}},
-                                 "param_groups": [{"lr": 1e-4, "params": [0]}]},
+        "rng_state.pth": lambda: {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cpu": torch.random.get_rng_state(),
+        },
+        "optimizer.pt": lambda: {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}},
+            "param_groups": [{"lr": 1e-4, "params": [0]}],
+        },
         "scheduler.pt": lambda: {"base_lrs": [1e-4], "last_epoch": 3, "_step_count": 4},
         "scaler.pt": lambda: {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 0},
     }[name]()
@@ -119,8 +124,9 @@ def put_manifest(store: CheckpointStore, step: int, doc: dict[str, Any] | bytes)
     store.client.put_object(Bucket=uri.bucket, Key=uri.key, Body=body)
 
 
-def publish(store: CheckpointStore, step: int, files: dict[str, bytes], *, entries: list[dict] | None = None,
-            **manifest: Any) -> None:
+def publish(
+    store: CheckpointStore, step: int, files: dict[str, bytes], *, entries: list[dict] | None = None, **manifest: Any
+) -> None:
     """Objects plus a manifest with their true sizes and hashes (or the given entries), as an attacker would."""
     prefix = store.checkpoint_uri(step)
     for name, data in files.items():
@@ -128,8 +134,15 @@ def publish(store: CheckpointStore, step: int, files: dict[str, bytes], *, entri
         store.client.put_object(Bucket=target.bucket, Key=target.key, Body=data)
     if entries is None:
         entries = [{"path": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()]
-    doc = {"format_version": 1, "kind": "checkpoint", "step": step, "created_at": "2026-11-28T12:00:00+00:00",
-           "fingerprint": FP, "files": entries, **manifest}
+    doc = {
+        "format_version": 1,
+        "kind": "checkpoint",
+        "step": step,
+        "created_at": "2026-11-28T12:00:00+00:00",
+        "fingerprint": FP,
+        "files": entries,
+        **manifest,
+    }
     put_manifest(store, step, doc)
 
 
@@ -186,8 +199,9 @@ def test_the_payloads_do_run_code_when_loaded_unsafely(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", STATE_FILES)
 @pytest.mark.parametrize("force_unsafe_env", [False, True], ids=["env-default", "env-forces-no-weights-only"])
-def test_code_running_pickle_is_refused_without_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        name: str, force_unsafe_env: bool) -> None:
+def test_code_running_pickle_is_refused_without_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, force_unsafe_env: bool
+) -> None:
     from loraresume_trainer.pipeline import check_pickles_safe
 
     if force_unsafe_env:  # a hostile or careless image env must not switch the check off
@@ -219,22 +233,30 @@ def pipeline(s3: tuple[Any, str], tmp_path: Path) -> Any:
 
     client, bucket = s3
     endpoint = client.meta.endpoint_url
-    job = parse_job({"baseModel": "m", "dataset": {"source": "/d.jsonl"}, "workDir": str(tmp_path / "work"),
-                     "storage": {"uri": f"s3://{bucket}/job-{uuid.uuid4().hex[:6]}/", "endpoint": endpoint}})
+    job = parse_job(
+        {
+            "baseModel": "m",
+            "dataset": {"source": "/d.jsonl"},
+            "workDir": str(tmp_path / "work"),
+            "storage": {"uri": f"s3://{bucket}/job-{uuid.uuid4().hex[:6]}/", "endpoint": endpoint},
+        }
+    )
     return Pipeline(job, StopRequest())
 
 
 def candidates(pipe: Any) -> Any:
     from loraresume_trainer.resume_plan import Candidate, plan_resume
 
-    complete = [Candidate(s, str(pipe.store.checkpoint_uri(s)), m.fingerprint) for s, m in pipe.store.complete_checkpoints()]
+    complete = [
+        Candidate(s, str(pipe.store.checkpoint_uri(s)), m.fingerprint) for s, m in pipe.store.complete_checkpoints()
+    ]
     return plan_resume(complete, FP)
 
 
 @pytest.mark.parametrize("name", ["rng_state.pth", "optimizer.pt"])
-def test_trainer_skips_a_code_running_checkpoint_for_the_previous(pipeline: Any, tmp_path: Path, name: str,
-                                                                  caplog: pytest.LogCaptureFixture,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_trainer_skips_a_code_running_checkpoint_for_the_previous(
+    pipeline: Any, tmp_path: Path, name: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     marker = tmp_path / "pwned-resume"
     publish(pipeline.store, 10, checkpoint_files())
     publish(pipeline.store, 20, checkpoint_files(**{name: evil_payloads(marker)["os-system-legacy-pickle"]}))
@@ -282,15 +304,15 @@ BAD_PATHS = {
 
 
 @pytest.mark.parametrize("paths", list(BAD_PATHS.values()), ids=list(BAD_PATHS))
-def test_manifest_with_unsafe_paths_is_refused_before_any_download(store: CheckpointStore, tmp_path: Path,
-                                                                   paths: list[str],
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_manifest_with_unsafe_paths_is_refused_before_any_download(
+    store: CheckpointStore, tmp_path: Path, paths: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
     publish(store, 10, checkpoint_files())
     publish(store, 20, {}, entries=[entry(p) for p in paths])
     dest = tmp_path / "resume"
     escapes = [tmp_path / "x", tmp_path.parent / "x", Path("/tmp/loraresume-escape")]
 
-    with pytest.raises(DamagedCheckpoint, match="manifest .*checkpoint-20.* is unusable"):
+    with pytest.raises(DamagedCheckpoint, match=r"manifest .*checkpoint-20.* is unusable"):
         store.read_manifest(20)
     with caplog.at_level(logging.WARNING):
         found = store.download_newest_complete(dest)
@@ -298,16 +320,20 @@ def test_manifest_with_unsafe_paths_is_refused_before_any_download(store: Checkp
     assert any("skipping checkpoint-20" in r.getMessage() for r in caplog.records)
     assert store.client.touched(store.checkpoint_uri(20).key) == []  # not one HEAD or GET for its files
     assert tree(tmp_path) == {"resume", "resume/checkpoint-10"} | {
-        f"resume/checkpoint-10/{name}" for name in checkpoint_files()}
+        f"resume/checkpoint-10/{name}" for name in checkpoint_files()
+    }
     assert not any(p.exists() for p in escapes)
 
 
 @pytest.mark.parametrize("paths", list(BAD_PATHS.values()), ids=list(BAD_PATHS))
-def test_hand_built_manifest_is_refused_before_any_request(store: CheckpointStore, tmp_path: Path,
-                                                           paths: list[str]) -> None:
+def test_hand_built_manifest_is_refused_before_any_request(
+    store: CheckpointStore, tmp_path: Path, paths: list[str]
+) -> None:
     """download_tree re-checks what Manifest.from_bytes checks, all of it before the first request."""
     digest = hashlib.sha256(b"x").hexdigest()
-    manifest = Manifest("checkpoint", 20, tuple([FileEntry("ok.json", 1, digest)] + [FileEntry(p, 1, digest) for p in paths]))
+    manifest = Manifest(
+        "checkpoint", 20, tuple([FileEntry("ok.json", 1, digest)] + [FileEntry(p, 1, digest) for p in paths])
+    )
     if paths == [MANIFEST_NAME]:
         pytest.skip("a hand-built manifest may list a file of that name; from_bytes refuses it")
     with pytest.raises(DamagedCheckpoint):
@@ -325,8 +351,9 @@ FETCH_BAD_KEYS = {
 
 
 @pytest.mark.parametrize("keys", list(FETCH_BAD_KEYS.values()), ids=list(FETCH_BAD_KEYS))
-def test_fetch_without_manifest_refuses_unsafe_keys_before_any_download(store: CheckpointStore, tmp_path: Path,
-                                                                        keys: list[str]) -> None:
+def test_fetch_without_manifest_refuses_unsafe_keys_before_any_download(
+    store: CheckpointStore, tmp_path: Path, keys: list[str]
+) -> None:
     prefix = store.root.child("model/")
     for key in ["config.json", *keys]:
         store.client.put_object(Bucket=prefix.bucket, Key=prefix.key + key, Body=b"{}")
@@ -339,11 +366,13 @@ def test_fetch_without_manifest_refuses_unsafe_keys_before_any_download(store: C
 # -------------------------------------------------------------------------------------- huge files
 
 
-def test_manifest_claiming_more_than_the_cap_is_refused_without_a_request(store: CheckpointStore,
-                                                                         tmp_path: Path) -> None:
+def test_manifest_claiming_more_than_the_cap_is_refused_without_a_request(
+    store: CheckpointStore, tmp_path: Path
+) -> None:
     publish(store, 10, checkpoint_files())
-    publish(store, 20, checkpoint_files(), entries=[entry("adapter_config.json"),
-                                                    {**entry("optimizer.pt"), "size": 2**62}])
+    publish(
+        store, 20, checkpoint_files(), entries=[entry("adapter_config.json"), {**entry("optimizer.pt"), "size": 2**62}]
+    )
     with pytest.raises(DownloadTooLarge, match=r"optimizer.pt has 4611686018427387904 bytes, over the limit"):
         store.download_checkpoint(20, store.read_manifest(20), tmp_path)
     assert store.client.touched(store.checkpoint_uri(20).key) == []
@@ -352,8 +381,9 @@ def test_manifest_claiming_more_than_the_cap_is_refused_without_a_request(store:
 
 
 @pytest.mark.parametrize("how", ["constructor", "environment"])
-def test_the_caps_are_configurable(s3: tuple[Any, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                   how: str) -> None:
+def test_the_caps_are_configurable(
+    s3: tuple[Any, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
     client, bucket = s3
     root = S3Uri(bucket, f"jobs/{uuid.uuid4().hex[:8]}/")
     files = checkpoint_files()
@@ -385,7 +415,9 @@ def test_object_larger_than_its_manifest_says_is_not_fetched(store: CheckpointSt
     publish(store, 20, files)
     big = store.checkpoint_uri(20).child("optimizer.pt")
     store.client.put_object(Bucket=big.bucket, Key=big.key, Body=b"\0" * (5 << 20))  # manifest keeps the old size
-    with pytest.raises(DamagedCheckpoint, match=rf"optimizer.pt has {5 << 20} bytes, expected {len(files['optimizer.pt'])}"):
+    with pytest.raises(
+        DamagedCheckpoint, match=rf"optimizer.pt has {5 << 20} bytes, expected {len(files['optimizer.pt'])}"
+    ):
         store.download_checkpoint(20, store.read_manifest(20), tmp_path)
     assert [c for c in store.client.calls if c[0] == "get" and not c[1].endswith(MANIFEST_NAME)] == []
     assert list(tmp_path.iterdir()) == []
@@ -405,7 +437,7 @@ def test_object_that_grows_between_head_and_get_is_refused(store: CheckpointStor
         return response
 
     store.client.on_get = swap
-    with pytest.raises(DamagedCheckpoint, match="rng_state.pth has 3145728 bytes, expected"):
+    with pytest.raises(DamagedCheckpoint, match=r"rng_state\.pth has 3145728 bytes, expected"):
         store.download_checkpoint(20, store.read_manifest(20), tmp_path)
     assert swapped and list(tmp_path.iterdir()) == []  # no partial directory left behind
 
@@ -442,7 +474,7 @@ def test_stream_longer_than_the_manifest_stops_at_the_cap(store: CheckpointStore
         return {"Body": bodies[-1]}  # no ContentLength: only the stream cap can stop it
 
     store.client.on_get = endless
-    with pytest.raises(DamagedCheckpoint, match="optimizer.pt is longer than the expected"):
+    with pytest.raises(DamagedCheckpoint, match=r"optimizer\.pt is longer than the expected"):
         store.download_checkpoint(20, store.read_manifest(20), tmp_path)
     assert bodies[0].served <= len(files["optimizer.pt"]) + 2 * cs._CHUNK  # stopped, not read to the end
     assert list(tmp_path.iterdir()) == []
@@ -459,8 +491,9 @@ def test_fetch_without_manifest_refuses_a_huge_listing(s3: tuple[Any, str], tmp_
     assert [c for c in store.client.calls if c[0] == "get" and not c[1].endswith(MANIFEST_NAME)] == []
 
 
-def test_oversized_manifest_is_read_only_up_to_its_limit(store: CheckpointStore, monkeypatch: pytest.MonkeyPatch,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_oversized_manifest_is_read_only_up_to_its_limit(
+    store: CheckpointStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(cs, "MAX_MANIFEST_BYTES", 4096)
     publish(store, 10, checkpoint_files())
     put_manifest(store, 20, b" " * (1 << 20) + b"{}")
@@ -475,16 +508,24 @@ def test_oversized_manifest_is_read_only_up_to_its_limit(store: CheckpointStore,
 DEEP = b"[" * 200_000 + b"]" * 200_000
 
 
-@pytest.mark.parametrize("body", [
-    DEEP,
-    b'{"format_version": 1, "kind": "checkpoint", "step": 20, "files": [], "fingerprint": {"a": ' + DEEP + b"}}",
-    b'{"format_version": 1, "kind": "checkpoint", "step": 20, "files": [{"path": "a", "size": 1e400, "sha256": "0"}]}',
-    b'{"format_version": 1, "kind": "checkpoint", "step": 20, "files": [{"path": "a", "size": ' + b"9" * 5000 + b"}]}",
-    b'{"format_version": 1, "kind": "checkpoint", "step": NaN, "files": []}',
-    b"\xff\xfe{}",
-], ids=["deep-array", "deep-fingerprint", "huge-float", "huge-int", "nan", "bad-utf8"])
-def test_hostile_manifest_json_is_skipped_not_a_crash(store: CheckpointStore, body: bytes,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        DEEP,
+        b'{"format_version": 1, "kind": "checkpoint", "step": 20, "files": [], "fingerprint": {"a": ' + DEEP + b"}}",
+        b'{"format_version": 1, "kind": "checkpoint", "step": 20, '
+        b'"files": [{"path": "a", "size": 1e400, "sha256": "0"}]}',
+        b'{"format_version": 1, "kind": "checkpoint", "step": 20, "files": [{"path": "a", "size": '
+        + b"9" * 5000
+        + b"}]}",
+        b'{"format_version": 1, "kind": "checkpoint", "step": NaN, "files": []}',
+        b"\xff\xfe{}",
+    ],
+    ids=["deep-array", "deep-fingerprint", "huge-float", "huge-int", "nan", "bad-utf8"],
+)
+def test_hostile_manifest_json_is_skipped_not_a_crash(
+    store: CheckpointStore, body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
     publish(store, 10, checkpoint_files())
     put_manifest(store, 20, body)
     with pytest.raises(DamagedCheckpoint):
@@ -512,8 +553,11 @@ def test_manifest_timestamps_cannot_crash_the_operator(s3: tuple[Any, str], crea
     store = CheckpointStore(client, S3Uri(bucket, f"{name}/"))
     publish(store, 10, checkpoint_files(), created_at=created_at)
     store.put_json("progress.json", {"step": 12, "max_steps": 30, "attempt": 1, "loss": 1.25})
-    spec = {"baseModel": "m", "dataset": {"source": "/d.jsonl"},
-            "storage": {"uri": f"s3://{bucket}/{name}/", "endpoint": client.meta.endpoint_url}}
+    spec = {
+        "baseModel": "m",
+        "dataset": {"source": "/d.jsonl"},
+        "storage": {"uri": f"s3://{bucket}/{name}/", "endpoint": client.meta.endpoint_url},
+    }
     cluster = Cluster(resource(spec, name=name))
     cluster.reconciler.s3_factory = lambda *args: client
     cluster.reconcile()
@@ -525,6 +569,7 @@ def test_manifest_timestamps_cannot_crash_the_operator(s3: tuple[Any, str], crea
 
 def test_counts_nothing_twice() -> None:
     """The Recording helper counts each request once (guards the 'no request' assertions above)."""
+
     class Fake:
         def head_object(self, **kw: Any) -> dict:
             return {"ContentLength": 1}

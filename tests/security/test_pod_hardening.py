@@ -21,41 +21,88 @@ from tests.fuzz.harness import OperatorDefaults
 from tests.security.pod_policy import SECRET_ENV, hardening_problems
 
 RES = Resource("bot", "ml", "0b0e7c9e-6f55-4c1e-9d55-1b0a4f1e2c3d", 1)
-BASE: dict[str, Any] = {"baseModel": "unsloth/llama-3-8b-bnb-4bit", "dataset": {"source": "s3://data/d.jsonl"},
-                        "storage": {"uri": "s3://ckpt/bot/"}}
+BASE: dict[str, Any] = {
+    "baseModel": "unsloth/llama-3-8b-bnb-4bit",
+    "dataset": {"source": "s3://data/d.jsonl"},
+    "storage": {"uri": "s3://ckpt/bot/"},
+}
 TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 SPECS: dict[str, tuple[dict[str, Any], OperatorDefaults, bool]] = {
     # name: (spec edits, operator defaults, on-demand attempt)
     "minimal": ({}, OperatorDefaults(), False),
-    "credentials-secret": ({"storage": {"uri": "s3://ckpt/bot/", "credentialsSecret": "s3-creds"}},
-                           OperatorDefaults(), False),
+    "credentials-secret": (
+        {"storage": {"uri": "s3://ckpt/bot/", "credentialsSecret": "s3-creds"}},
+        OperatorDefaults(),
+        False,
+    ),
     "service-account-irsa": ({"serviceAccountName": "trainer-irsa"}, OperatorDefaults(), False),
-    "service-account-and-secret": ({"serviceAccountName": "default",
-                                    "storage": {"uri": "s3://ckpt/bot/", "credentialsSecret": "s3-creds"}},
-                                   OperatorDefaults(), False),
+    "service-account-and-secret": (
+        {"serviceAccountName": "default", "storage": {"uri": "s3://ckpt/bot/", "credentialsSecret": "s3-creds"}},
+        OperatorDefaults(),
+        False,
+    ),
     "platform-default-secret": ({}, OperatorDefaults(credentials_secret="platform-s3"), False),
-    "image-override": ({"image": "registry.example/custom-trainer:2", "imagePullPolicy": "Always"},
-                       OperatorDefaults(), False),
-    "spot": ({"scheduling": {"spot": {"enabled": True, "nodeSelector": {"spot": "true"},
-                                      "tolerations": [TOLERATION], "fallbackToOnDemandAfter": 2}}},
-             OperatorDefaults(), False),
-    "spot-fallen-back": ({"scheduling": {"spot": {"enabled": True, "fallbackToOnDemandAfter": 2,
-                                                  "onDemandNodeSelector": {"pool": "on-demand"}}}},
-                         OperatorDefaults(), True),
-    "placement": ({"scheduling": {"nodeSelector": {"pool": "gpu"}, "tolerations": [TOLERATION],
-                                  "priorityClassName": "training", "affinity": {"nodeAffinity": {
-                                      "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-                                          {"matchExpressions": [{"key": "gpu", "operator": "In",
-                                                                 "values": ["h200"]}]}]}}}}},
-                  OperatorDefaults(), False),
-    "cpu-only": ({"resources": {"gpus": 0, "cpu": "4", "memory": "16Gi", "ephemeralStorage": "50Gi"}},
-                 OperatorDefaults(), False),
+    "image-override": (
+        {"image": "registry.example/custom-trainer:2", "imagePullPolicy": "Always"},
+        OperatorDefaults(),
+        False,
+    ),
+    "spot": (
+        {
+            "scheduling": {
+                "spot": {
+                    "enabled": True,
+                    "nodeSelector": {"spot": "true"},
+                    "tolerations": [TOLERATION],
+                    "fallbackToOnDemandAfter": 2,
+                }
+            }
+        },
+        OperatorDefaults(),
+        False,
+    ),
+    "spot-fallen-back": (
+        {
+            "scheduling": {
+                "spot": {"enabled": True, "fallbackToOnDemandAfter": 2, "onDemandNodeSelector": {"pool": "on-demand"}}
+            }
+        },
+        OperatorDefaults(),
+        True,
+    ),
+    "placement": (
+        {
+            "scheduling": {
+                "nodeSelector": {"pool": "gpu"},
+                "tolerations": [TOLERATION],
+                "priorityClassName": "training",
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [
+                                {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h200"]}]}
+                            ]
+                        }
+                    }
+                },
+            }
+        },
+        OperatorDefaults(),
+        False,
+    ),
+    "cpu-only": (
+        {"resources": {"gpus": 0, "cpu": "4", "memory": "16Gi", "ephemeralStorage": "50Gi"}},
+        OperatorDefaults(),
+        False,
+    ),
     "long-grace": ({"terminationGracePeriodSeconds": 3600}, OperatorDefaults(), False),
 }
 
 
-def pod_for(edits: dict[str, Any], defaults: OperatorDefaults, on_demand: bool) -> tuple[dict[str, Any], LoraResumeSpec]:
+def pod_for(
+    edits: dict[str, Any], defaults: OperatorDefaults, on_demand: bool
+) -> tuple[dict[str, Any], LoraResumeSpec]:
     spec = LoraResumeSpec.model_validate({**BASE, **edits})
     try:
         from loraresume_operator.defaults import effective_spec
@@ -91,7 +138,9 @@ def test_the_policy_checker_catches_each_weakening() -> None:
     """Not vacuous: every rule of pod_policy fires on a pod weakened in that one way."""
     import copy
 
-    good, _ = pod_for({"storage": {"uri": "s3://ckpt/bot/", "credentialsSecret": "s3-creds"}}, OperatorDefaults(), False)
+    good, _ = pod_for(
+        {"storage": {"uri": "s3://ckpt/bot/", "credentialsSecret": "s3-creds"}}, OperatorDefaults(), False
+    )
     weakenings = {
         "token": lambda p: p["spec"].update(automountServiceAccountToken=True),
         "token-default": lambda p: p["spec"].pop("automountServiceAccountToken"),
@@ -107,7 +156,8 @@ def test_the_policy_checker_catches_each_weakening() -> None:
         "caps-added": lambda p: p["spec"]["containers"][0]["securityContext"]["capabilities"].update(add=["NET_ADMIN"]),
         "root-container": lambda p: p["spec"]["containers"][0]["securityContext"].update(runAsNonRoot=False),
         "literal-secret": lambda p: p["spec"]["containers"][0]["env"].append(
-            {"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}),
+            {"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}
+        ),
         "env-from-secret": lambda p: p["spec"]["containers"][0].update(envFrom=[{"secretRef": {"name": "s3-creds"}}]),
     }
     assert hardening_problems(good) == []

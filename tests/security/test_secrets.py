@@ -33,7 +33,6 @@ from loraresume_sandbox.kube_client import KubeClient
 from loraresume_trainer.errors import StorageAuthError, StorageError
 from tests.fuzz.harness import OperatorDefaults
 from tests.support.operator_stack import NS, wait_for
-from tests.support.operator_stack import k8s, operator, stack  # noqa: F401 (fixtures)
 from tests.support.trainer_runs import job_config, run_attempt
 
 CANARY = "CANARYs3SECRETkey0123456789abcdefXYZ"
@@ -64,8 +63,12 @@ def test_the_search_finds_secrets_in_base64() -> None:
 def surfaces(k8s: KubeClient, name: str, log: str) -> dict[str, str]:
     events = [e for e in k8s.list("events", NS) if e.get("involvedObject", {}).get("name") == name]
     pods = [p for p in k8s.list("pods", NS) if p["metadata"]["name"].startswith(name + "-")]
-    return {"resource": json.dumps(k8s.get("loraresumes", NS, name)), "events": json.dumps(events),
-            "pods": json.dumps(pods), "operator log": log}
+    return {
+        "resource": json.dumps(k8s.get("loraresumes", NS, name)),
+        "events": json.dumps(events),
+        "pods": json.dumps(pods),
+        "operator log": log,
+    }
 
 
 def assert_clean(where: dict[str, str], *secrets: str) -> None:
@@ -79,20 +82,34 @@ def secret(k8s: KubeClient, name: str, data: dict[str, str]) -> None:
 
 
 def lora_resume(name: str, bucket: str, endpoint: str, secret_name: str) -> dict[str, Any]:
-    return {"apiVersion": "loraresume.dev/v1alpha1", "kind": "LoraResume", "metadata": {"name": name},
-            "spec": {"baseModel": "m", "dataset": {"source": f"s3://{bucket}/data.jsonl"},
-                     "storage": {"uri": f"s3://{bucket}/{name}/", "endpoint": endpoint, "credentialsSecret": secret_name}}}
+    return {
+        "apiVersion": "loraresume.dev/v1alpha1",
+        "kind": "LoraResume",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": "m",
+            "dataset": {"source": f"s3://{bucket}/data.jsonl"},
+            "storage": {"uri": f"s3://{bucket}/{name}/", "endpoint": endpoint, "credentialsSecret": secret_name},
+        },
+    }
 
 
 # ------------------------------------------------------------------------------- the operator process
 
 
-def test_refused_and_then_accepted_credentials_never_surface(k8s, operator, s3_auth_server) -> None:  # noqa: F811
+def test_refused_and_then_accepted_credentials_never_surface(k8s, operator, s3_auth_server) -> None:
     """Wrong secret key: the storage error is in status and events, the key is not. Then the right
     one: a pod starts (secretKeyRef only), and the real key is nowhere either."""
     name = f"sec-{uuid.uuid4().hex[:6]}"
-    secret(k8s, f"{name}-s3", {"AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id, "AWS_SECRET_ACCESS_KEY": CANARY,
-                               "AWS_SESSION_TOKEN": CANARY_TOKEN})
+    secret(
+        k8s,
+        f"{name}-s3",
+        {
+            "AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": CANARY,
+            "AWS_SESSION_TOKEN": CANARY_TOKEN,
+        },
+    )
     k8s.create("loraresumes", lora_resume(name, s3_auth_server.bucket, s3_auth_server.endpoint, f"{name}-s3"), NS)
 
     def status() -> dict[str, Any]:
@@ -103,8 +120,15 @@ def test_refused_and_then_accepted_credentials_never_surface(k8s, operator, s3_a
     wait_for("the StorageUnavailable event", lambda: "StorageUnavailable" in surfaces(k8s, name, "")["events"])
     assert_clean(surfaces(k8s, name, operator.log), CANARY, CANARY_TOKEN)
 
-    secret(k8s, f"{name}-s3", {"AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id,
-                               "AWS_SECRET_ACCESS_KEY": s3_auth_server.secret_access_key, "EXTRA_CANARY": CANARY})
+    secret(
+        k8s,
+        f"{name}-s3",
+        {
+            "AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": s3_auth_server.secret_access_key,
+            "EXTRA_CANARY": CANARY,
+        },
+    )
     wait_for("the first pod", lambda: k8s.get("pods", NS, f"{name}-attempt-1"), timeout=60)
     pod = k8s.get("pods", NS, f"{name}-attempt-1")
     refs = {e["name"]: e.get("valueFrom") for e in pod["spec"]["containers"][0]["env"] if e["name"].startswith("AWS_")}
@@ -115,8 +139,9 @@ def test_refused_and_then_accepted_credentials_never_surface(k8s, operator, s3_a
 @pytest.fixture
 def debug_cluster(tmp_path: Path):
     """Its own control plane and operator, installed with the Helm value logLevel: DEBUG."""
-    with SandboxCluster(tmp_path / "stack", namespaces=(NS,), pools=[], values=sandbox_values(log_level="DEBUG"),
-                        quiet=True) as cluster:
+    with SandboxCluster(
+        tmp_path / "stack", namespaces=(NS,), pools=[], values=sandbox_values(log_level="DEBUG"), quiet=True
+    ) as cluster:
         yield cluster.kube, cluster.operator
 
 
@@ -126,8 +151,9 @@ def test_operator_debug_log_never_shows_the_secret(debug_cluster, s3_server) -> 
     name = f"dbg-{uuid.uuid4().hex[:6]}"
     secret(kube, f"{name}-s3", {"AWS_ACCESS_KEY_ID": "debug-id", "AWS_SECRET_ACCESS_KEY": CANARY})
     kube.create("loraresumes", lora_resume(name, "debug-bucket", s3_server.endpoint, f"{name}-s3"), NS)
-    wait_for("a status", lambda: ((kube.get("loraresumes", NS, name) or {}).get("status") or {}).get("message"),
-             timeout=60)
+    wait_for(
+        "a status", lambda: ((kube.get("loraresumes", NS, name) or {}).get("status") or {}).get("message"), timeout=60
+    )
     assert "DEBUG" in op.log  # the level took effect
     assert_clean(surfaces(kube, name, op.log), CANARY)
 
@@ -137,21 +163,30 @@ def test_operator_debug_log_never_shows_the_secret(debug_cluster, s3_server) -> 
 
 def _refused_client(server: Any) -> Any:
     """The operator's S3 client, given the Secret's values as the operator reads them."""
-    return s3_client(server.endpoint, None, {"AWS_ACCESS_KEY_ID": server.access_key_id,
-                                             "AWS_SECRET_ACCESS_KEY": CANARY, "AWS_SESSION_TOKEN": CANARY_TOKEN})
+    return s3_client(
+        server.endpoint,
+        None,
+        {"AWS_ACCESS_KEY_ID": server.access_key_id, "AWS_SECRET_ACCESS_KEY": CANARY, "AWS_SESSION_TOKEN": CANARY_TOKEN},
+    )
 
 
 def test_exceptions_from_refused_credentials_hold_no_secret(s3_auth_server) -> None:
     """Messages, reprs, chained tracebacks and even tracebacks with local variables (as error
     reporters capture them) of what the operator's storage read raises."""
-    spec = LoraResumeSpec.model_validate({"baseModel": "m", "dataset": {"source": "/d"},
-                                          "storage": {"uri": f"s3://{s3_auth_server.bucket}/x/"}})
+    spec = LoraResumeSpec.model_validate(
+        {"baseModel": "m", "dataset": {"source": "/d"}, "storage": {"uri": f"s3://{s3_auth_server.bucket}/x/"}}
+    )
     client = _refused_client(s3_auth_server)  # (this frame holds no secret: its locals are printed below)
     with pytest.raises(StorageAuthError) as info:
         read_storage(spec, client)
     exc = info.value
-    texts = [str(exc), repr(exc), repr(exc.args), "".join(traceback.format_exception(exc)),
-             "".join(traceback.TracebackException.from_exception(exc, capture_locals=True).format())]
+    texts = [
+        str(exc),
+        repr(exc),
+        repr(exc.args),
+        "".join(traceback.format_exception(exc)),
+        "".join(traceback.TracebackException.from_exception(exc, capture_locals=True).format()),
+    ]
     assert "s3://" in texts[0]
     assert leaks("\n".join(texts), CANARY, CANARY_TOKEN) == []
 
@@ -169,49 +204,91 @@ def test_exceptions_from_refused_credentials_hold_no_secret(s3_auth_server) -> N
     assert leaks(text, CANARY, CANARY_TOKEN) == []
 
 
-def test_reconcile_with_refused_credentials_logs_and_writes_no_secret(s3_auth_server,
-                                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_reconcile_with_refused_credentials_logs_and_writes_no_secret(
+    s3_auth_server, caplog: pytest.LogCaptureFixture
+) -> None:
     """The Reconciler itself (in process, INFO): status, events and log records of the storage error."""
     from tests.fuzz.harness import Cluster
     from tests.fuzz.strategies import resource
 
     spec = lora_resume("inproc", s3_auth_server.bucket, s3_auth_server.endpoint, "creds")["spec"]
-    cluster = Cluster(resource(spec, name="inproc"), secrets={"creds": {
-        "AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id, "AWS_SECRET_ACCESS_KEY": CANARY,
-        "AWS_SESSION_TOKEN": CANARY_TOKEN}}, defaults=OperatorDefaults())
+    cluster = Cluster(
+        resource(spec, name="inproc"),
+        secrets={
+            "creds": {
+                "AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id,
+                "AWS_SECRET_ACCESS_KEY": CANARY,
+                "AWS_SESSION_TOKEN": CANARY_TOKEN,
+            }
+        },
+        defaults=OperatorDefaults(),
+    )
     cluster.reconciler.s3_factory = s3_client
     with caplog.at_level(logging.INFO):
         cluster.reconcile()
     assert "cannot read storage" in cluster.status["message"]
-    everything = json.dumps(cluster.custom.status_writes) + json.dumps(cluster.core.events) + "\n".join(
-        f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    everything = (
+        json.dumps(cluster.custom.status_writes)
+        + json.dumps(cluster.core.events)
+        + "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    )
     assert leaks(everything, CANARY, CANARY_TOKEN) == []
 
 
 # ------------------------------------------------------------------------------ the trainer, in a pod
 
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "AWS_DEFAULT_REGION": "us-east-1"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def test_trainer_pod_with_refused_credentials_never_shows_them(tmp_path: Path, s3_auth_server) -> None:
     """A pod as the operator builds it, run by the node agent (env from the Secret), trainer at
     DEBUG with a session token: pod log, pod status and termination message stay clean."""
     entrypoints = {"*": [sys.executable, "-m", "loraresume_trainer.cli"]}
-    with SandboxCluster(tmp_path / "stack", namespaces=(NS,), with_operator=False, entrypoints=entrypoints,
-                        extra_env={**OFFLINE, "LORARESUME_LOG_LEVEL": "DEBUG"}, quiet=True) as cluster:
+    with SandboxCluster(
+        tmp_path / "stack",
+        namespaces=(NS,),
+        with_operator=False,
+        entrypoints=entrypoints,
+        extra_env={**OFFLINE, "LORARESUME_LOG_LEVEL": "DEBUG"},
+        quiet=True,
+    ) as cluster:
         kube, agent = cluster.kube, cluster.agent
-        secret(kube, "canary-s3", {"AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id,
-                                   "AWS_SECRET_ACCESS_KEY": CANARY, "AWS_SESSION_TOKEN": CANARY_TOKEN})
-        spec = LoraResumeSpec.model_validate(lora_resume("kp", s3_auth_server.bucket, s3_auth_server.endpoint,
-                                                         "canary-s3")["spec"])
-        pod = build_trainer_pod(Resource("kp", NS, "uid-kp", 1), spec, CreatePod("kp-attempt-1", 1, None, False, None),
-                                OperatorDefaults(trainer_image="trainer:test", grace_period_seconds=30))
+        secret(
+            kube,
+            "canary-s3",
+            {
+                "AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id,
+                "AWS_SECRET_ACCESS_KEY": CANARY,
+                "AWS_SESSION_TOKEN": CANARY_TOKEN,
+            },
+        )
+        spec = LoraResumeSpec.model_validate(
+            lora_resume("kp", s3_auth_server.bucket, s3_auth_server.endpoint, "canary-s3")["spec"]
+        )
+        pod = build_trainer_pod(
+            Resource("kp", NS, "uid-kp", 1),
+            spec,
+            CreatePod("kp-attempt-1", 1, None, False, None),
+            OperatorDefaults(trainer_image="trainer:test", grace_period_seconds=30),
+        )
         pod["metadata"].pop("ownerReferences")  # no such owner: the garbage collector would delete the pod
         kube.create("pods", pod, NS)
-        done = wait_for("the trainer to exit", lambda: (kube.get("pods", NS, "kp-attempt-1") or {}).get(
-            "status", {}).get("phase") in ("Succeeded", "Failed") and kube.get("pods", NS, "kp-attempt-1"),
-            timeout=120)
+        done = wait_for(
+            "the trainer to exit",
+            lambda: (
+                (kube.get("pods", NS, "kp-attempt-1") or {}).get("status", {}).get("phase") in ("Succeeded", "Failed")
+                and kube.get("pods", NS, "kp-attempt-1")
+            ),
+            timeout=120,
+        )
         log = agent.read_log(NS, "kp-attempt-1", "trainer")
         terminated = done["status"]["containerStatuses"][0]["state"]["terminated"]
         message = json.loads(terminated["message"])
@@ -228,24 +305,43 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("endpoint_kind, level", [
-    ("unreachable", "INFO"),
-    ("auth-server", "DEBUG"),
-    ("unreachable", "DEBUG"),  # found here: botocore's DEBUG tracebacks (exc_info) were not scrubbed
-])
-def test_trainer_process_with_secret_in_the_endpoint_url(tmp_path: Path, s3_auth_server, endpoint_kind: str,
-                                                         level: str) -> None:
+@pytest.mark.parametrize(
+    "endpoint_kind, level",
+    [
+        ("unreachable", "INFO"),
+        ("auth-server", "DEBUG"),
+        ("unreachable", "DEBUG"),  # found here: botocore's DEBUG tracebacks (exc_info) were not scrubbed
+    ],
+)
+def test_trainer_process_with_secret_in_the_endpoint_url(
+    tmp_path: Path, s3_auth_server, endpoint_kind: str, level: str
+) -> None:
     """Endpoint URLs can carry user:password@, and botocore logs URLs and retried exceptions (with
     tracebacks) at DEBUG."""
-    host = f"127.0.0.1:{_closed_port()}" if endpoint_kind == "unreachable" else \
-        s3_auth_server.endpoint.removeprefix("http://")
+    host = (
+        f"127.0.0.1:{_closed_port()}"
+        if endpoint_kind == "unreachable"
+        else s3_auth_server.endpoint.removeprefix("http://")
+    )
     endpoint = f"http://{s3_auth_server.access_key_id}:{CANARY}@{host}"
-    config = job_config(tmp_path, endpoint=endpoint, storage_uri=f"s3://{s3_auth_server.bucket}/ep/",
-                        base_model="m", dataset_file=str(tmp_path / "none.jsonl"))
-    attempt = run_attempt(config, tmp_path, env={"LORARESUME_LOG_LEVEL": level, "AWS_SECRET_ACCESS_KEY": CANARY,
-                                                 "AWS_SESSION_TOKEN": CANARY_TOKEN,
-                                                 "AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id},
-                          timeout=120)
+    config = job_config(
+        tmp_path,
+        endpoint=endpoint,
+        storage_uri=f"s3://{s3_auth_server.bucket}/ep/",
+        base_model="m",
+        dataset_file=str(tmp_path / "none.jsonl"),
+    )
+    attempt = run_attempt(
+        config,
+        tmp_path,
+        env={
+            "LORARESUME_LOG_LEVEL": level,
+            "AWS_SECRET_ACCESS_KEY": CANARY,
+            "AWS_SESSION_TOKEN": CANARY_TOKEN,
+            "AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id,
+        },
+        timeout=120,
+    )
     assert attempt.exit_code == (1 if endpoint_kind == "unreachable" else 78), attempt.stderr[-2000:]
     assert attempt.termination and attempt.termination["reason"]
     everything = attempt.stderr + json.dumps(attempt.events) + json.dumps(attempt.termination)
@@ -259,9 +355,17 @@ def test_trainer_storage_error_messages_name_no_secret() -> None:
 
     from loraresume_trainer.s3client import classify_s3_error
 
-    denied = ClientError({"Error": {"Code": "SignatureDoesNotMatch", "Message": f"token {CANARY_TOKEN}",
-                                    "CanonicalRequest": f"x-amz-security-token:{CANARY_TOKEN}"},
-                          "ResponseMetadata": {"HTTPStatusCode": 403}}, "ListObjectsV2")
+    denied = ClientError(
+        {
+            "Error": {
+                "Code": "SignatureDoesNotMatch",
+                "Message": f"token {CANARY_TOKEN}",
+                "CanonicalRequest": f"x-amz-security-token:{CANARY_TOKEN}",
+            },
+            "ResponseMetadata": {"HTTPStatusCode": 403},
+        },
+        "ListObjectsV2",
+    )
     unreachable = EndpointConnectionError(endpoint_url=f"http://id:{CANARY}@127.0.0.1:9/bucket")
     for exc, kind in ((denied, StorageAuthError), (unreachable, StorageError)):
         error = classify_s3_error(exc, operation="listing", uri="s3://bucket/x/")

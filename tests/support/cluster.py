@@ -35,8 +35,16 @@ class PodRecorder:
         def record(kind: str, obj: Object) -> None:
             self.events.append((kind, obj))
 
-        follow(self.kube, "pods", record, self._stop, namespace=self.namespace,
-               field_selector=f"metadata.name={self.name}", relisted=lambda _: self._ready.set(), window_seconds=5)
+        follow(
+            self.kube,
+            "pods",
+            record,
+            self._stop,
+            namespace=self.namespace,
+            field_selector=f"metadata.name={self.name}",
+            relisted=lambda _: self._ready.set(),
+            window_seconds=5,
+        )
 
     def __enter__(self) -> PodRecorder:
         self._thread.start()

@@ -34,8 +34,9 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxCluster]:
-    with SandboxCluster(tmp_path_factory.mktemp("stack"), namespaces=(NS,), pools=[], with_operator=False,
-                        quiet=True) as cluster:
+    with SandboxCluster(
+        tmp_path_factory.mktemp("stack"), namespaces=(NS,), pools=[], with_operator=False, quiet=True
+    ) as cluster:
         yield cluster
 
 
@@ -58,15 +59,22 @@ def job(stack: SandboxCluster, s3_bucket: tuple[str, str]) -> Job:
     """A LoraResume named for this test, its S3 store, and helpers to play kubelet and trainer."""
     endpoint, bucket = s3_bucket
     name = f"bot-{uuid.uuid4().hex[:6]}"
-    stack.kube.create("secrets", {"metadata": {"name": f"{name}-s3"}, "stringData": {
-        "AWS_ACCESS_KEY_ID": "operator-test", "AWS_SECRET_ACCESS_KEY": CANARY}}, NS)
+    stack.kube.create(
+        "secrets",
+        {
+            "metadata": {"name": f"{name}-s3"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "operator-test", "AWS_SECRET_ACCESS_KEY": CANARY},
+        },
+        NS,
+    )
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     return Job(stack.kube, stack.kubeconfig, name, endpoint, bucket, CheckpointStore(client, S3Uri(bucket, f"{name}/")))
 
 
 class Job:
-    def __init__(self, k8s: KubeClient, kubeconfig: Path, name: str, endpoint: str, bucket: str,
-                 store: CheckpointStore) -> None:
+    def __init__(
+        self, k8s: KubeClient, kubeconfig: Path, name: str, endpoint: str, bucket: str, store: CheckpointStore
+    ) -> None:
         self.k8s, self.kubeconfig, self.name = k8s, kubeconfig, name
         self.endpoint, self.bucket, self.store = endpoint, bucket, store
 
@@ -74,14 +82,21 @@ class Job:
         spec = {
             "baseModel": "unsloth/llama-3-8b-bnb-4bit",
             "dataset": {"source": f"s3://{self.bucket}/data.jsonl"},
-            "storage": {"uri": f"s3://{self.bucket}/{self.name}/", "endpoint": self.endpoint,
-                        "credentialsSecret": f"{self.name}-s3"},
+            "storage": {
+                "uri": f"s3://{self.bucket}/{self.name}/",
+                "endpoint": self.endpoint,
+                "credentialsSecret": f"{self.name}-s3",
+            },
             "training": {"maxSteps": 30, "saveSteps": 10},
             "restartPolicy": {"backoffSeconds": 1, "maxBackoffSeconds": 2, "backoffLimit": 1},
             **spec_over,
         }
-        body = {"apiVersion": "loraresume.dev/v1alpha1", "kind": "LoraResume", "metadata": {"name": self.name},
-                "spec": spec}
+        body = {
+            "apiVersion": "loraresume.dev/v1alpha1",
+            "kind": "LoraResume",
+            "metadata": {"name": self.name},
+            "spec": spec,
+        }
         return self.k8s.create("loraresumes", body, NS)
 
     def resource(self) -> dict[str, Any] | None:
@@ -101,28 +116,65 @@ class Job:
 
     def run_pod(self, attempt: int) -> None:
         self.pod(attempt)
-        self.k8s.update_status("pods", NS, self.pod_name(attempt), {
-            "phase": "Running",
-            "containerStatuses": [{"name": "trainer", "ready": True, "restartCount": 0, "image": "x", "imageID": "",
-                                   "state": {"running": {"startedAt": "2026-11-28T12:00:00Z"}}}],
-        })
+        self.k8s.update_status(
+            "pods",
+            NS,
+            self.pod_name(attempt),
+            {
+                "phase": "Running",
+                "containerStatuses": [
+                    {
+                        "name": "trainer",
+                        "ready": True,
+                        "restartCount": 0,
+                        "image": "x",
+                        "imageID": "",
+                        "state": {"running": {"startedAt": "2026-11-28T12:00:00Z"}},
+                    }
+                ],
+            },
+        )
 
-    def end_pod(self, attempt: int, exit_code: int, message: dict[str, Any], phase: str | None = None,
-                **extra: Any) -> None:
-        self.k8s.update_status("pods", NS, self.pod_name(attempt), {
-            "phase": phase or ("Succeeded" if exit_code == 0 else "Failed"),
-            "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
-                                   "state": {"terminated": {"exitCode": exit_code,
-                                                            "reason": "Error" if exit_code else "Completed",
-                                                            "message": json.dumps(message)}}}],
-            **extra,
-        })
+    def end_pod(
+        self, attempt: int, exit_code: int, message: dict[str, Any], phase: str | None = None, **extra: Any
+    ) -> None:
+        self.k8s.update_status(
+            "pods",
+            NS,
+            self.pod_name(attempt),
+            {
+                "phase": phase or ("Succeeded" if exit_code == 0 else "Failed"),
+                "containerStatuses": [
+                    {
+                        "name": "trainer",
+                        "ready": False,
+                        "restartCount": 0,
+                        "image": "x",
+                        "imageID": "",
+                        "state": {
+                            "terminated": {
+                                "exitCode": exit_code,
+                                "reason": "Error" if exit_code else "Completed",
+                                "message": json.dumps(message),
+                            }
+                        },
+                    }
+                ],
+                **extra,
+            },
+        )
 
     def checkpoint(self, tmp_path: Path, step: int) -> None:
         d = tmp_path / f"ckpt-{step}"
         d.mkdir()
-        for name in ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
-                     "rng_state.pth", "trainer_state.json"):
+        for name in (
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pth",
+            "trainer_state.json",
+        ):
             (d / name).write_text(f"{name} {step}")
         self.store.upload_checkpoint(d, step, {"fake": True})
 

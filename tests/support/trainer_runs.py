@@ -120,8 +120,13 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
 
 
 def run_attempt(
-    config: dict[str, Any], work: Path, *, kill: Kill | None = None, env: dict[str, str] | None = None,
-    attempt: int = 1, timeout: float = 300,
+    config: dict[str, Any],
+    work: Path,
+    *,
+    kill: Kill | None = None,
+    env: dict[str, str] | None = None,
+    attempt: int = 1,
+    timeout: float = 300,
 ) -> Attempt:
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"job-{attempt}.yaml"
@@ -173,7 +178,11 @@ def run_attempt(
 
 
 def run_story(
-    config: dict[str, Any], work: Path, kills: list[Kill] | None = None, *, env: dict[str, str] | None = None,
+    config: dict[str, Any],
+    work: Path,
+    kills: list[Kill] | None = None,
+    *,
+    env: dict[str, str] | None = None,
     max_attempts: int = 8,
 ) -> Story:
     """Run attempts like the operator would: relaunch after preemption or crash until success."""

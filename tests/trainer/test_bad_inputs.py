@@ -53,25 +53,45 @@ CASES = {
     # name: (overrides(fixtures) -> dict, exit code, field, words the reason must contain)
     "missing-dataset-field": (
         lambda f: {"dataset": {"source": str(f["qa"])}},
-        78, "dataset.template", ["instruction", "question", "answer"],
+        78,
+        "dataset.template",
+        ["instruction", "question", "answer"],
     ),
     "unknown-template": (
-        lambda f: {"dataset": {"template": "shakespeare"}}, 78, "dataset.template", ["shakespeare", "alpaca"],
+        lambda f: {"dataset": {"template": "shakespeare"}},
+        78,
+        "dataset.template",
+        ["shakespeare", "alpaca"],
     ),
     "unknown-sftconfig-field": (
-        lambda f: {"training": {"learning_rat": 0.1}}, 78, "training.learning_rat", ["learning_rate"],
+        lambda f: {"training": {"learning_rat": 0.1}},
+        78,
+        "training.learning_rat",
+        ["learning_rate"],
     ),
     "adapter-for-another-base": (
-        lambda f: {"adapter": str(f["adapter"])}, 78, "adapter", ["does not fit base model"],
+        lambda f: {"adapter": str(f["adapter"])},
+        78,
+        "adapter",
+        ["does not fit base model"],
     ),
     "missing-dataset-file": (
-        lambda f: {"dataset": {"source": "/nonexistent/data.jsonl"}}, 78, "dataset.source", ["not found"],
+        lambda f: {"dataset": {"source": "/nonexistent/data.jsonl"}},
+        78,
+        "dataset.source",
+        ["not found"],
     ),
     "missing-dataset-object": (
-        lambda f: {"dataset": {"source": "s3://no-such-data-bucket/data.jsonl"}}, 78, None, ["no-such-data-bucket"],
+        lambda f: {"dataset": {"source": "s3://no-such-data-bucket/data.jsonl"}},
+        78,
+        None,
+        ["no-such-data-bucket"],
     ),
     "unreachable-s3": (
-        lambda f: {"storage": {"endpoint": "http://127.0.0.1:9"}}, 1, None, ["127.0.0.1"],
+        lambda f: {"storage": {"endpoint": "http://127.0.0.1:9"}},
+        1,
+        None,
+        ["127.0.0.1"],
     ),
 }
 
@@ -111,7 +131,10 @@ def test_right_credentials_work_against_the_auth_server(make_job, s3_auth_server
     attempt = run_attempt(
         cfg,
         work,
-        env={"AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id, "AWS_SECRET_ACCESS_KEY": s3_auth_server.secret_access_key},
+        env={
+            "AWS_ACCESS_KEY_ID": s3_auth_server.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": s3_auth_server.secret_access_key,
+        },
     )
     assert attempt.exit_code == 0, attempt.stderr[-3000:]
     assert attempt.termination["outcome"] == "succeeded"

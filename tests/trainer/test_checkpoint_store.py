@@ -76,7 +76,7 @@ def make_checkpoint(parent: Path, step: int, files: dict[str, bytes] | None = No
 
 def keys_under(store: CheckpointStore, prefix: S3Uri) -> set[str]:
     pages = store.client.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.key)
-    return {obj["Key"][len(prefix.key):] for page in pages for obj in page.get("Contents", [])}
+    return {obj["Key"][len(prefix.key) :] for page in pages for obj in page.get("Contents", [])}
 
 
 def put_raw(store: CheckpointStore, uri: S3Uri, body: bytes) -> None:
@@ -173,8 +173,11 @@ def _grow(store: CheckpointStore, prefix: S3Uri) -> str:
     return "sub/rng_state.pth"
 
 
-@pytest.mark.parametrize("damage", [_delete_file, _overwrite_same_size, _truncate, _grow],
-                         ids=["missing file", "wrong hash", "truncated", "longer"])
+@pytest.mark.parametrize(
+    "damage",
+    [_delete_file, _overwrite_same_size, _truncate, _grow],
+    ids=["missing file", "wrong hash", "truncated", "longer"],
+)
 def test_damaged_newest_falls_back_to_previous(store: CheckpointStore, tmp_path: Path, damage: Any) -> None:
     local10 = make_checkpoint(tmp_path, 10)
     store.upload_checkpoint(local10, 10, FP)
@@ -216,7 +219,9 @@ def test_missing_or_garbage_manifest_is_not_complete(store: CheckpointStore, tmp
     put_raw(store, store.checkpoint_uri(20).child(MANIFEST_NAME), b"{ truncated")
 
     assert store.list_checkpoints() == [
-        CheckpointListing(30, False), CheckpointListing(20, True), CheckpointListing(10, True)
+        CheckpointListing(30, False),
+        CheckpointListing(20, True),
+        CheckpointListing(10, True),
     ]
     with pytest.raises(DamagedCheckpoint, match="checkpoint-20"):
         store.read_manifest(20)
@@ -230,7 +235,11 @@ def test_missing_or_garbage_manifest_is_not_complete(store: CheckpointStore, tmp
 def test_manifest_with_escaping_path_is_refused(store: CheckpointStore, tmp_path: Path) -> None:
     store.upload_checkpoint(make_checkpoint(tmp_path, 10), 10, FP)
     evil = {
-        "format_version": 1, "kind": "checkpoint", "step": 30, "created_at": "", "fingerprint": FP,
+        "format_version": 1,
+        "kind": "checkpoint",
+        "step": 30,
+        "created_at": "",
+        "fingerprint": FP,
         "files": [{"path": "../x", "size": 1, "sha256": "0" * 64}],
     }
     put_raw(store, store.checkpoint_uri(30).child(MANIFEST_NAME), json.dumps(evil).encode())
@@ -255,8 +264,17 @@ def test_manifest_with_escaping_path_is_refused(store: CheckpointStore, tmp_path
 def test_listing_ignores_junk_prefixes(store: CheckpointStore, tmp_path: Path, caplog: Any) -> None:
     store.upload_checkpoint(make_checkpoint(tmp_path, 5, {"a": b"1"}), 5, FP)
     base = store.root.child("checkpoints/")
-    for junk in ["../evil/x", "checkpoint-abc/x", "checkpoint-007/_COMPLETE.json", "checkpoint-5 /x",
-                 "checkpoint-1\\2/x", "./x", "stray.txt", "checkpoint-9/", "Checkpoint-3/x"]:
+    for junk in [
+        "../evil/x",
+        "checkpoint-abc/x",
+        "checkpoint-007/_COMPLETE.json",
+        "checkpoint-5 /x",
+        "checkpoint-1\\2/x",
+        "./x",
+        "stray.txt",
+        "checkpoint-9/",
+        "Checkpoint-3/x",
+    ]:
         store.client.put_object(Bucket=base.bucket, Key=base.key + junk, Body=b"junk")
     with caplog.at_level(logging.WARNING):
         listing = store.list_checkpoints()
@@ -279,14 +297,21 @@ def test_retention(store: CheckpointStore, tmp_path: Path) -> None:
     recorder = Recorder(store.client)
     deleted = CheckpointStore(recorder, store.root).apply_retention(2, FP, protect=frozenset({25}))
     assert deleted == [10, 15, 20]
-    assert [(l.step, l.complete) for l in store.list_checkpoints()] == [
-        (50, False), (40, True), (30, True), (25, False), (5, True)
+    assert [(c.step, c.complete) for c in store.list_checkpoints()] == [
+        (50, False),
+        (40, True),
+        (30, True),
+        (25, False),
+        (5, True),
     ]
     # Manifest of a deleted checkpoint goes before its files.
     manifest10 = store.checkpoint_uri(10).child(MANIFEST_NAME).key
     first = recorder.calls.index(("delete_object", manifest10))
-    files10 = next(i for i, (name, keys) in enumerate(recorder.calls)
-                   if name == "delete_objects" and store.checkpoint_uri(10).child("a").key in keys)
+    files10 = next(
+        i
+        for i, (name, keys) in enumerate(recorder.calls)
+        if name == "delete_objects" and store.checkpoint_uri(10).child("a").key in keys
+    )
     assert first < files10
 
     assert store.apply_retention(1, FP) == [25, 30]
@@ -318,15 +343,18 @@ def test_fetch_tree_with_manifest(store: CheckpointStore, tmp_path: Path) -> Non
 
     _overwrite = adapter.child("adapter_model.safetensors")
     put_raw(store, _overwrite, b"v" * 300)
-    with pytest.raises(DamagedCheckpoint, match="adapter_model.safetensors"):
+    with pytest.raises(DamagedCheckpoint, match=r"adapter_model\.safetensors"):
         store.fetch_tree(adapter, tmp_path / "adapter2")
     assert not (tmp_path / "adapter2").exists()
 
 
 def test_fetch_tree_without_manifest(store: CheckpointStore, tmp_path: Path) -> None:
     bucket = store.root.bucket
-    objects = {"models/tiny/config.json": b"{}", "models/tiny/sub/w.bin": b"w" * 2000,
-               "models/tiny-2/other.bin": b"not mine"}
+    objects = {
+        "models/tiny/config.json": b"{}",
+        "models/tiny/sub/w.bin": b"w" * 2000,
+        "models/tiny-2/other.bin": b"not mine",
+    }
     for key, body in objects.items():
         store.client.put_object(Bucket=bucket, Key=key, Body=body)
     store.client.put_object(Bucket=bucket, Key="models/tiny/sub/", Body=b"")  # directory marker
@@ -373,8 +401,9 @@ def _secret_free(exc: BaseException, *secrets: str) -> None:
         assert secret not in text
 
 
-def test_wrong_credentials_are_permanent_and_secret_free(s3_auth_server: Any, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_credentials_are_permanent_and_secret_free(
+    s3_auth_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     srv = s3_auth_server
     root = S3Uri(srv.bucket, f"jobs/{os.urandom(4).hex()}/")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", srv.access_key_id)
@@ -385,9 +414,13 @@ def test_wrong_credentials_are_permanent_and_secret_free(s3_auth_server: Any, tm
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY)
     bad = CheckpointStore(make_s3_client(srv.endpoint, max_attempts=1), root)
-    for action in (bad.list_checkpoints, lambda: bad.read_manifest(1), lambda: bad.put_json("progress.json", {}),
-                   lambda: bad.upload_checkpoint(make_checkpoint(tmp_path, 2, {"a": b"2"}), 2, FP),
-                   lambda: bad.fetch_tree(root, tmp_path / "f")):
+    for action in (
+        bad.list_checkpoints,
+        lambda: bad.read_manifest(1),
+        lambda: bad.put_json("progress.json", {}),
+        lambda: bad.upload_checkpoint(make_checkpoint(tmp_path, 2, {"a": b"2"}), 2, FP),
+        lambda: bad.fetch_tree(root, tmp_path / "f"),
+    ):
         with pytest.raises(StorageAuthError) as info:
             action()
         assert info.value.permanent
@@ -470,7 +503,7 @@ def test_classify_unwraps_upload_failed_error() -> None:
         try:
             raise _client_error("InvalidAccessKeyId", 403)
         except ClientError as inner:
-            raise S3UploadFailedError(f"Failed to upload x to b/k: {inner}")
+            raise S3UploadFailedError(f"Failed to upload x to b/k: {inner}") from inner
     except S3UploadFailedError as outer:
         err = classify_s3_error(outer, operation="uploading to", uri="s3://b/k")
     assert isinstance(err, StorageAuthError) and "InvalidAccessKeyId" in str(err)
@@ -478,9 +511,8 @@ def test_classify_unwraps_upload_failed_error() -> None:
 
 
 def test_s3_errors_context_manager_does_not_chain() -> None:
-    with pytest.raises(StorageError) as info:
-        with s3_errors("reading", "s3://b/k"):
-            raise _client_error("InternalError", 500)
+    with pytest.raises(StorageError) as info, s3_errors("reading", "s3://b/k"):
+        raise _client_error("InternalError", 500)
     assert info.value.__cause__ is None and info.value.__suppress_context__
     _secret_free(info.value, CANARY)
 

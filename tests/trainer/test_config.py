@@ -115,13 +115,19 @@ def test_base_model_snake_case_is_accepted() -> None:
 @pytest.mark.parametrize(
     ("top", "check"),
     [
-        pytest.param({"storage": {"uri": "s3://my-bucket"}}, lambda j: j.storage.uri == "s3://my-bucket/", id="bucket-only-uri"),
+        pytest.param(
+            {"storage": {"uri": "s3://my-bucket"}}, lambda j: j.storage.uri == "s3://my-bucket/", id="bucket-only-uri"
+        ),
         pytest.param(
             {"storage": {"uri": "s3://my-bucket/p/", "endpoint": "", "region": ""}},
             lambda j: j.storage.endpoint is None and j.storage.region is None,
             id="empty-endpoint-and-region-are-none",
         ),
-        pytest.param({"adapter": "s3://my-bucket/adapters/a"}, lambda j: j.adapter == "s3://my-bucket/adapters/a/", id="s3-adapter-as-dir"),
+        pytest.param(
+            {"adapter": "s3://my-bucket/adapters/a"},
+            lambda j: j.adapter == "s3://my-bucket/adapters/a/",
+            id="s3-adapter-as-dir",
+        ),
         pytest.param({"adapter": "/models/adapter"}, lambda j: j.adapter == "/models/adapter", id="local-adapter-kept"),
         pytest.param({"adapter": ""}, lambda j: j.adapter is None, id="empty-adapter-is-none"),
         pytest.param(
@@ -129,14 +135,26 @@ def test_base_model_snake_case_is_accepted() -> None:
             lambda j: j.resume.from_checkpoint == "s3://my-bucket/j/checkpoints/checkpoint-10/",
             id="from-checkpoint-as-dir",
         ),
-        pytest.param({"dataset": {"name": "tatsu-lab/alpaca"}}, lambda j: j.dataset.name == "tatsu-lab/alpaca" and j.dataset.source is None, id="dataset-by-name"),
-        pytest.param({"dataset": {"source": "x.csv", "template": "chat"}}, lambda j: j.dataset.template == "chat", id="chat-template"),
+        pytest.param(
+            {"dataset": {"name": "tatsu-lab/alpaca"}},
+            lambda j: j.dataset.name == "tatsu-lab/alpaca" and j.dataset.source is None,
+            id="dataset-by-name",
+        ),
+        pytest.param(
+            {"dataset": {"source": "x.csv", "template": "chat"}},
+            lambda j: j.dataset.template == "chat",
+            id="chat-template",
+        ),
         pytest.param(
             {"dataset": {"source": "x.csv", "template": "Q: {question}\nA: {answer}"}},
             lambda j: j.dataset.custom_fields == ("question", "answer"),
             id="custom-template",
         ),
-        pytest.param({"training": {"seed": 7, "max_steps": 5}}, lambda j: j.seed == 7 and j.training["max_steps"] == 5, id="training-passthrough-and-seed"),
+        pytest.param(
+            {"training": {"seed": 7, "max_steps": 5}},
+            lambda j: j.seed == 7 and j.training["max_steps"] == 5,
+            id="training-passthrough-and-seed",
+        ),
         pytest.param({"attempt": "4"}, lambda j: j.attempt == 4, id="attempt-from-string"),
     ],
 )
@@ -150,39 +168,111 @@ INVALID = [
     # (top-level replacements, substrings the message must contain)
     pytest.param({"storage": {}}, ["storage.uri: Field required"], id="storage.uri-missing"),
     pytest.param({"storage": ...}, ["storage: Field required"], id="storage-missing"),
-    pytest.param({"storage": {"uri": "https://my-bucket/p"}}, ["storage.uri:", "is not an S3 URI"], id="storage.uri-not-s3"),
-    pytest.param({"storage": {"uri": "s3://Bad_Bucket/p"}}, ["storage.uri:", "invalid bucket name 'Bad_Bucket'"], id="storage.uri-bad-bucket"),
-    pytest.param({"storage": {"uri": "s3://my-bucket/a//b"}}, ["storage.uri:", "empty path segment"], id="storage.uri-empty-segment"),
-    pytest.param({"storage": {"uri": "s3://my-bucket/", "keepCheckpoints": 0}}, ["storage.keepCheckpoints:", "greater than or equal to 1"], id="storage.keepCheckpoints-zero"),
+    pytest.param(
+        {"storage": {"uri": "https://my-bucket/p"}}, ["storage.uri:", "is not an S3 URI"], id="storage.uri-not-s3"
+    ),
+    pytest.param(
+        {"storage": {"uri": "s3://Bad_Bucket/p"}},
+        ["storage.uri:", "invalid bucket name 'Bad_Bucket'"],
+        id="storage.uri-bad-bucket",
+    ),
+    pytest.param(
+        {"storage": {"uri": "s3://my-bucket/a//b"}},
+        ["storage.uri:", "empty path segment"],
+        id="storage.uri-empty-segment",
+    ),
+    pytest.param(
+        {"storage": {"uri": "s3://my-bucket/", "keepCheckpoints": 0}},
+        ["storage.keepCheckpoints:", "greater than or equal to 1"],
+        id="storage.keepCheckpoints-zero",
+    ),
     pytest.param({"storage": "s3://my-bucket/p"}, ["storage:", "valid dictionary"], id="storage-not-mapping"),
     pytest.param({"baseModel": ...}, ["baseModel: Field required"], id="baseModel-missing"),
     pytest.param({"baseModel": ""}, ["baseModel:", "at least 1 character"], id="baseModel-empty"),
     pytest.param({"dataset": ...}, ["dataset: Field required"], id="dataset-missing"),
-    pytest.param({"dataset": {"source": "a.jsonl", "name": "b"}}, ["dataset: set exactly one of `source`", "`name`"], id="dataset-both-source-and-name"),
+    pytest.param(
+        {"dataset": {"source": "a.jsonl", "name": "b"}},
+        ["dataset: set exactly one of `source`", "`name`"],
+        id="dataset-both-source-and-name",
+    ),
     pytest.param({"dataset": {}}, ["dataset: set exactly one of `source`"], id="dataset-neither-source-nor-name"),
     pytest.param({"dataset": {"source": "a", "format": "xlsx"}}, ["dataset.format:"], id="dataset.format-unknown"),
-    pytest.param({"dataset": {"source": "a", "template": "alpca"}}, ["dataset.template: unknown template 'alpca'", "alpaca, chat"], id="template-unknown-name"),
-    pytest.param({"dataset": {"source": "a", "template": "Q: {}"}}, ["dataset.template: format-string fields must be plain column names"], id="template-positional"),
-    pytest.param({"dataset": {"source": "a", "template": "Q: {0}"}}, ["dataset.template: format-string fields must be plain column names"], id="template-numbered"),
-    pytest.param({"dataset": {"source": "a", "template": "Q: {a.b}"}}, ["dataset.template: format-string fields must be plain column names"], id="template-attribute"),
-    pytest.param({"dataset": {"source": "a", "template": "Q: {a[0]}"}}, ["dataset.template: format-string fields must be plain column names"], id="template-index"),
-    pytest.param({"dataset": {"source": "a", "template": "Q: {question"}}, ["dataset.template: not a valid format string"], id="template-unbalanced-brace"),
-    pytest.param({"dataset": {"source": "a", "template": "{{literal}}"}}, ["dataset.template: unknown template"], id="template-only-escaped-braces"),
+    pytest.param(
+        {"dataset": {"source": "a", "template": "alpca"}},
+        ["dataset.template: unknown template 'alpca'", "alpaca, chat"],
+        id="template-unknown-name",
+    ),
+    pytest.param(
+        {"dataset": {"source": "a", "template": "Q: {}"}},
+        ["dataset.template: format-string fields must be plain column names"],
+        id="template-positional",
+    ),
+    pytest.param(
+        {"dataset": {"source": "a", "template": "Q: {0}"}},
+        ["dataset.template: format-string fields must be plain column names"],
+        id="template-numbered",
+    ),
+    pytest.param(
+        {"dataset": {"source": "a", "template": "Q: {a.b}"}},
+        ["dataset.template: format-string fields must be plain column names"],
+        id="template-attribute",
+    ),
+    pytest.param(
+        {"dataset": {"source": "a", "template": "Q: {a[0]}"}},
+        ["dataset.template: format-string fields must be plain column names"],
+        id="template-index",
+    ),
+    pytest.param(
+        {"dataset": {"source": "a", "template": "Q: {question"}},
+        ["dataset.template: not a valid format string"],
+        id="template-unbalanced-brace",
+    ),
+    pytest.param(
+        {"dataset": {"source": "a", "template": "{{literal}}"}},
+        ["dataset.template: unknown template"],
+        id="template-only-escaped-braces",
+    ),
     pytest.param({"lora": {"r": 0}}, ["lora.r:", "greater than or equal to 1"], id="lora.r-zero"),
     pytest.param({"lora": {"r": 2048}}, ["lora.r:", "less than or equal to 1024"], id="lora.r-too-big"),
     pytest.param({"lora": {"dropout": 1.0}}, ["lora.dropout:"], id="lora.dropout-one"),
     pytest.param({"lora": {"bias": "some"}}, ["lora.bias:"], id="lora.bias-unknown"),
-    pytest.param({"lora": {"targetModules": []}}, ["lora.targetModules:", "at least 1 item"], id="lora.targetModules-empty"),
+    pytest.param(
+        {"lora": {"targetModules": []}}, ["lora.targetModules:", "at least 1 item"], id="lora.targetModules-empty"
+    ),
     pytest.param({"lora": {"rank": 8}}, ["lora.rank: unknown field"], id="lora-unknown-field"),
-    pytest.param({"training": {"output_dir": "/out"}}, ["training: `output_dir` cannot be set here"], id="training.output_dir-reserved"),
-    pytest.param({"training": {"save_total_limit": 2}}, ["training: `save_total_limit` cannot be set here", "storage.keepCheckpoints"], id="training.save_total_limit-reserved"),
-    pytest.param({"training": {"resume_from_checkpoint": "x"}}, ["training: `resume_from_checkpoint` cannot be set here", "resume.fromCheckpoint"], id="training.resume_from_checkpoint-reserved"),
-    pytest.param({"training": {"report_to": "wandb"}}, ["training: `report_to` cannot be set here", "tensorboard"], id="training.report_to-reserved"),
+    pytest.param(
+        {"training": {"output_dir": "/out"}},
+        ["training: `output_dir` cannot be set here"],
+        id="training.output_dir-reserved",
+    ),
+    pytest.param(
+        {"training": {"save_total_limit": 2}},
+        ["training: `save_total_limit` cannot be set here", "storage.keepCheckpoints"],
+        id="training.save_total_limit-reserved",
+    ),
+    pytest.param(
+        {"training": {"resume_from_checkpoint": "x"}},
+        ["training: `resume_from_checkpoint` cannot be set here", "resume.fromCheckpoint"],
+        id="training.resume_from_checkpoint-reserved",
+    ),
+    pytest.param(
+        {"training": {"report_to": "wandb"}},
+        ["training: `report_to` cannot be set here", "tensorboard"],
+        id="training.report_to-reserved",
+    ),
     pytest.param({"training": [1, 2]}, ["training:", "valid dictionary"], id="training-not-mapping"),
     pytest.param({"bogus": 1}, ["bogus: unknown field"], id="unknown-top-level-field"),
     pytest.param({"adapter": "s3://x/adapter"}, ["adapter:", "invalid bucket name 'x'"], id="adapter-bad-s3-uri"),
-    pytest.param({"resume": {"fromCheckpoint": "s3://my-bucket//c"}}, ["resume.fromCheckpoint:", "empty path segment"], id="resume.fromCheckpoint-bad-s3"),
-    pytest.param({"resume": {"from_checkpoint": "gs://my-bucket/c"}}, ["resume.from_checkpoint:", "is not an S3 URI"], id="resume.from_checkpoint-not-s3"),
+    pytest.param(
+        {"resume": {"fromCheckpoint": "s3://my-bucket//c"}},
+        ["resume.fromCheckpoint:", "empty path segment"],
+        id="resume.fromCheckpoint-bad-s3",
+    ),
+    pytest.param(
+        {"resume": {"from_checkpoint": "gs://my-bucket/c"}},
+        ["resume.from_checkpoint:", "is not an S3 URI"],
+        id="resume.from_checkpoint-not-s3",
+    ),
     pytest.param({"resume": {"warmStart": "maybe"}}, ["resume.warmStart:"], id="resume.warmStart-not-bool"),
     pytest.param({"maxSeqLength": 4}, ["maxSeqLength:", "greater than or equal to 8"], id="maxSeqLength-too-small"),
     pytest.param({"max_seq_length": "long"}, ["max_seq_length:", "valid integer"], id="max_seq_length-not-int"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,7 @@ BAD_MANIFESTS = {
 
 @pytest.mark.parametrize("data", list(BAD_MANIFESTS.values()), ids=list(BAD_MANIFESTS))
 def test_bad_manifest_is_damaged_and_names_source(data: bytes) -> None:
-    with pytest.raises(DamagedCheckpoint, match="s3://bkt/run/checkpoints/checkpoint-10/_COMPLETE.json"):
+    with pytest.raises(DamagedCheckpoint, match=re.escape("s3://bkt/run/checkpoints/checkpoint-10/_COMPLETE.json")):
         Manifest.from_bytes(data, source="s3://bkt/run/checkpoints/checkpoint-10/_COMPLETE.json")
 
 
@@ -213,9 +214,23 @@ def test_s3uri_parse(text: str, bucket: str, key: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["bucket/a", "http://bucket/a", "s3://", "s3:///a", "s3://ab", "s3://Bucket", "s3://b_ucket",
-     "s3://-bucket", "s3://a..b", "s3://192.168.1.1", "s3://" + "a" * 64, "s3://bkt//a",
-     "s3://bkt/a/../b", "s3://bkt/./a", "s3://bkt/a\nb"],
+    [
+        "bucket/a",
+        "http://bucket/a",
+        "s3://",
+        "s3:///a",
+        "s3://ab",
+        "s3://Bucket",
+        "s3://b_ucket",
+        "s3://-bucket",
+        "s3://a..b",
+        "s3://192.168.1.1",
+        "s3://" + "a" * 64,
+        "s3://bkt//a",
+        "s3://bkt/a/../b",
+        "s3://bkt/./a",
+        "s3://bkt/a\nb",
+    ],
 )
 def test_s3uri_parse_rejects(text: str) -> None:
     with pytest.raises(ValueError):

@@ -123,8 +123,14 @@ def test_tokens_before(history: list[dict[str, Any]], step: int, expected: float
             {"loss": None, "learning_rate": None, "grad_norm": None, "epoch": 1.0, "num_tokens": None},
             id="nan-and-inf-dropped",
         ),
-        pytest.param({}, {"loss": None, "learning_rate": None, "grad_norm": None, "epoch": None, "num_tokens": None}, id="missing"),
-        pytest.param({"loss": "0.25", "grad_norm": None}, {"loss": 0.25, "grad_norm": None}, id="string-number-and-none"),
+        pytest.param(
+            {},
+            {"loss": None, "learning_rate": None, "grad_norm": None, "epoch": None, "num_tokens": None},
+            id="missing",
+        ),
+        pytest.param(
+            {"loss": "0.25", "grad_norm": None}, {"loss": 0.25, "grad_norm": None}, id="string-number-and-none"
+        ),
     ],
 )
 def test_progress_record(logs: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -151,7 +157,7 @@ def test_emit_event_writes_one_json_line(capsys: pytest.CaptureFixture[str]) -> 
     assert out.endswith("\n") and out.count("\n") == 1
     event = json.loads(out)
     assert event == {"event": "log", "step": 3, "loss": 0.5, "where": "/tmp/x", "tags": ["a"]}
-    assert list(event)[0] == "event"
+    assert next(iter(event)) == "event"
 
 
 def test_emit_event_lines_are_separate(capsys: pytest.CaptureFixture[str]) -> None:
@@ -299,7 +305,9 @@ REDACTIONS = [
     pytest.param({"AWS_SESSION_TOKEN": "FwoGZXIvYXdzEJr"}, "token=FwoGZXIvYXdzEJr;", "token=***;", id="session-token"),
     pytest.param({"AWS_SECURITY_TOKEN": "legacy-token"}, "x legacy-token y", "x *** y", id="security-token"),
     pytest.param({"AWS_SECRET_ACCESS_KEY": "abc"}, "abc abc", "abc abc", id="too-short-to-redact"),
-    pytest.param({"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"}, "key AKIAEXAMPLE", "key AKIAEXAMPLE", id="access-key-id-not-secret"),
+    pytest.param(
+        {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"}, "key AKIAEXAMPLE", "key AKIAEXAMPLE", id="access-key-id-not-secret"
+    ),
     pytest.param(
         {},
         "endpoint https://minio:pa55w0rd@minio.local:9000/bucket failed",
@@ -366,7 +374,9 @@ def root_capture(clean_secrets: pytest.MonkeyPatch) -> Iterator[_Records]:
     [
         pytest.param("key is super-secret-key-123", (), "key is ***", id="in-message"),
         pytest.param("key is %s", ("super-secret-key-123",), "key is ***", id="in-args"),
-        pytest.param("endpoint %s", ("http://u:pw12@minio:9000",), "endpoint http://***@minio:9000", id="userinfo-in-args"),
+        pytest.param(
+            "endpoint %s", ("http://u:pw12@minio:9000",), "endpoint http://***@minio:9000", id="userinfo-in-args"
+        ),
     ],
 )
 def test_log_filter_scrubs_records(root_capture: _Records, msg: str, args: tuple[Any, ...], expected: str) -> None:
@@ -382,4 +392,3 @@ def test_log_filter_leaves_clean_records_untouched(root_capture: _Records) -> No
     record = root_capture.records[0]
     assert (record.msg, record.args) == ("step %d of %d", (3, 10))
     assert root_capture.stream.getvalue() == "step 3 of 10\n"
-

@@ -243,7 +243,12 @@ def test_refusal_is_a_permanent_config_error() -> None:
             ["per_device_train_batch_size: 1 -> 2", "max_steps: 30 -> 60"],
             id="fingerprint-key-order",
         ),
-        pytest.param({**CURRENT, "zeta": 1, "alpha_extra": 2}, CURRENT, ["alpha_extra: 2 -> None", "zeta: 1 -> None"], id="unknown-keys-sorted-last"),
+        pytest.param(
+            {**CURRENT, "zeta": 1, "alpha_extra": 2},
+            CURRENT,
+            ["alpha_extra: 2 -> None", "zeta: 1 -> None"],
+            id="unknown-keys-sorted-last",
+        ),
         pytest.param(
             fp(lora={"alpha": 32, "use_rslora": True}),
             CURRENT,
@@ -338,13 +343,21 @@ TENSOR_CHANGES = [
     # (change to base_tensors(), hash stays equal)
     pytest.param(lambda d: d, True, id="copy-equal"),
     pytest.param(lambda d: dict(reversed(list(d.items()))), True, id="name-order-irrelevant"),
-    pytest.param(lambda d: {**d, "a.lora_A.weight": d["a.lora_A.weight"].T.contiguous().T}, True, id="non-contiguous-same-values"),
-    pytest.param(lambda d: {**d, "a.lora_B.weight": d["a.lora_B.weight"].requires_grad_()}, True, id="requires-grad-irrelevant"),
+    pytest.param(
+        lambda d: {**d, "a.lora_A.weight": d["a.lora_A.weight"].T.contiguous().T}, True, id="non-contiguous-same-values"
+    ),
+    pytest.param(
+        lambda d: {**d, "a.lora_B.weight": d["a.lora_B.weight"].requires_grad_()}, True, id="requires-grad-irrelevant"
+    ),
     pytest.param(lambda d: {**d, "a.lora_A.weight": flip_lowest_bit(d["a.lora_A.weight"])}, False, id="single-bit"),
-    pytest.param(lambda d: {**d, "a.lora_B.weight": d["a.lora_B.weight"].view(torch.int32)}, False, id="dtype-same-bytes"),
+    pytest.param(
+        lambda d: {**d, "a.lora_B.weight": d["a.lora_B.weight"].view(torch.int32)}, False, id="dtype-same-bytes"
+    ),
     pytest.param(lambda d: {**d, "a.lora_B.weight": d["a.lora_B.weight"].double()}, False, id="dtype-same-values"),
     pytest.param(lambda d: {**d, "a.lora_B.weight": d["a.lora_B.weight"].reshape(3, 4)}, False, id="shape"),
-    pytest.param(lambda d: {"b.lora_A.weight": d["a.lora_A.weight"], "a.lora_B.weight": d["a.lora_B.weight"]}, False, id="name"),
+    pytest.param(
+        lambda d: {"b.lora_A.weight": d["a.lora_A.weight"], "a.lora_B.weight": d["a.lora_B.weight"]}, False, id="name"
+    ),
     pytest.param(lambda d: {"a.lora_A.weight": d["a.lora_A.weight"]}, False, id="missing-tensor"),
 ]
 

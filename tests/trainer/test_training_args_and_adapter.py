@@ -274,7 +274,14 @@ def test_adapter_misfits(shapes: dict[str, tuple[int, ...]], problems: list[str]
                 "use_rslora": True,
                 "base_model_name_or_path": "/elsewhere",
             },
-            {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "bias": "lora_only", "use_rslora": True},
+            {
+                "r": 8,
+                "alpha": 32,
+                "dropout": 0.05,
+                "target_modules": ["q_proj", "v_proj"],
+                "bias": "lora_only",
+                "use_rslora": True,
+            },
             id="full",
         ),
         pytest.param(
@@ -299,8 +306,17 @@ def test_lora_shape(adapter_config: dict[str, Any], expected: dict[str, Any]) ->
 
 
 def test_lora_shape_matches_the_job_shape_for_the_same_lora() -> None:
-    job = make_job(lora={"r": 8, "alpha": 32, "dropout": 0.05, "targetModules": ["v_proj", "q_proj"], "useRslora": True})
-    peft = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "bias": "none", "use_rslora": True}
+    job = make_job(
+        lora={"r": 8, "alpha": 32, "dropout": 0.05, "targetModules": ["v_proj", "q_proj"], "useRslora": True}
+    )
+    peft = {
+        "r": 8,
+        "lora_alpha": 32,
+        "lora_dropout": 0.05,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+        "use_rslora": True,
+    }
     assert lora_shape(peft) == job_lora_shape(job)
 
 
@@ -312,7 +328,9 @@ def test_read_adapter_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        pytest.param(None, f"adapter: s3://bkt/a/ is not a LoRA adapter: it has no {ADAPTER_CONFIG}", id="missing-file"),
+        pytest.param(
+            None, f"adapter: s3://bkt/a/ is not a LoRA adapter: it has no {ADAPTER_CONFIG}", id="missing-file"
+        ),
         pytest.param(b"{not json", f"adapter: s3://bkt/a/: {ADAPTER_CONFIG} is not valid JSON (", id="bad-json"),
         pytest.param(b"", f"adapter: s3://bkt/a/: {ADAPTER_CONFIG} is not valid JSON (", id="empty-file"),
     ],

@@ -60,7 +60,9 @@ class FakeStore:
         entries = tuple(FileEntry(p.name, p.stat().st_size, "0" * 64) for p in sorted(Path(local_dir).iterdir()))
         return Manifest(kind="checkpoint", step=step, files=entries, fingerprint=fingerprint)
 
-    def apply_retention(self, keep: int, fingerprint: dict[str, Any], protect: frozenset[int] = frozenset()) -> list[int]:
+    def apply_retention(
+        self, keep: int, fingerprint: dict[str, Any], protect: frozenset[int] = frozenset()
+    ) -> list[int]:
         self.retention.append((keep, protect))
         return []
 
@@ -80,13 +82,17 @@ def test_background_upload_end_to_end(s3_bucket: tuple[str, str], tmp_path: Path
     store = SlowStore(make_s3_client(endpoint), S3Uri(bucket, "run/"))
     durable: list[tuple[int, Manifest]] = []
     staging = tmp_path / "staging"
-    uploader = BackgroundUploader(store, keep=2, fingerprint=FP, staging_dir=staging,
-                                  on_durable=lambda step, m: durable.append((step, m)))
+    uploader = BackgroundUploader(
+        store, keep=2, fingerprint=FP, staging_dir=staging, on_durable=lambda step, m: durable.append((step, m))
+    )
     originals = {}
     caplog.set_level(logging.INFO, logger="loraresume_trainer.uploader")
     for step in (10, 20, 30, 40):
-        files = {"adapter_model.safetensors": os.urandom(2048), "sub/optimizer.pt": os.urandom(4096),
-                 "training_args.bin": b"pickle"}
+        files = {
+            "adapter_model.safetensors": os.urandom(2048),
+            "sub/optimizer.pt": os.urandom(4096),
+            "training_args.bin": b"pickle",
+        }
         local = make_dir(tmp_path / "out", f"checkpoint-{step}", files)
         started = time.monotonic()
         uploader.submit_checkpoint(local, step)
@@ -109,7 +115,9 @@ def test_background_upload_end_to_end(s3_bucket: tuple[str, str], tmp_path: Path
     assert got == originals[40]
     assert os.listdir(staging) == []
     assert uploader.errors == [] and uploader.last_error is None
-    assert f"checkpoint-40 durable in s3://{bucket}/run/checkpoints/checkpoint-40/ (2 files, 6144 bytes) in" in caplog.text
+    assert (
+        f"checkpoint-40 durable in s3://{bucket}/run/checkpoints/checkpoint-40/ (2 files, 6144 bytes) in" in caplog.text
+    )
     assert uploader.close(timeout=5)
     with pytest.raises(RuntimeError):
         uploader.submit_json("progress.json", {})
@@ -149,9 +157,16 @@ def test_failing_upload_is_retried_bounded_and_recorded(tmp_path: Path, caplog: 
     store = FakeStore()
     store.fail_with = StorageError("could not connect to minio:9000 (EndpointConnectionError)")
     durable: list[int] = []
-    uploader = BackgroundUploader(store, keep=2, fingerprint=FP, staging_dir=tmp_path / "s",
-                                  max_attempts=3, retry_delay=0.01, durable_step=5,
-                                  on_durable=lambda step, m: durable.append(step))
+    uploader = BackgroundUploader(
+        store,
+        keep=2,
+        fingerprint=FP,
+        staging_dir=tmp_path / "s",
+        max_attempts=3,
+        retry_delay=0.01,
+        durable_step=5,
+        on_durable=lambda step, m: durable.append(step),
+    )
     with caplog.at_level(logging.WARNING, logger="loraresume_trainer.uploader"):
         uploader.submit_checkpoint(make_dir(tmp_path, "c7", {"a": b"1"}), 7)
         assert uploader.flush(timeout=10)

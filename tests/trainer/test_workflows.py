@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import signal
@@ -32,7 +31,7 @@ def copy_prefix(client, src: str, dst: str) -> None:
     db, dk = split(dst)
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=sb, Prefix=sk):
         for obj in page.get("Contents", []):
-            client.copy_object(Bucket=db, Key=dk + obj["Key"][len(sk):], CopySource={"Bucket": sb, "Key": obj["Key"]})
+            client.copy_object(Bucket=db, Key=dk + obj["Key"][len(sk) :], CopySource={"Bucket": sb, "Key": obj["Key"]})
 
 
 def test_seed_workflow_second_job_continues_first_adapter(make_job, s3, alpaca_file, alpaca_file_new, tiny_base):
@@ -80,7 +79,7 @@ def preempted_run(tmp_path_factory):
 @pytest.fixture
 def interrupted(make_job, s3, preempted_run):
     """A fresh storage prefix holding a copy of the preempted run's checkpoints, plus the baseline."""
-    _, bucket, client = s3
+    _, _bucket, client = s3
     if not preempted_run:
         base_cfg, base_work = make_job()
         preempted_run["baseline"] = (base_cfg, run_story(base_cfg, base_work).final)
@@ -174,7 +173,7 @@ def test_no_verifiable_checkpoint_is_a_retryable_failure_not_a_fresh_start(inter
     cfg, work = copy()
     bucket, prefix = split(cfg["storage"]["uri"] + "checkpoints/")
     listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
-    steps = sorted({obj["Key"][len(prefix):].split("/")[0] for obj in listed if obj["Key"].endswith(MANIFEST_NAME)})
+    steps = sorted({obj["Key"][len(prefix) :].split("/")[0] for obj in listed if obj["Key"].endswith(MANIFEST_NAME)})
     assert len(steps) >= 2, steps
     for step_dir in steps:
         _overwrite_same_size(client, bucket, f"{prefix}{step_dir}/adapter_model.safetensors")
@@ -229,7 +228,7 @@ def test_warm_start_takes_the_checkpoint_adapter_and_starts_a_new_schedule(inter
 def test_explicit_checkpoint_from_another_job_resumes_exactly(interrupted, make_job, s3):
     """resume.fromCheckpoint pointing at another job's checkpoint continues that run exactly."""
     _, _, client = s3
-    _, newest, (base_cfg, baseline) = interrupted
+    _, _newest, (base_cfg, _baseline) = interrupted
     source_uri = interrupted_source_uri(interrupted)
     cfg, work = make_job(resume={"fromCheckpoint": source_uri + "checkpoints/checkpoint-10/"})
     attempt = run_story(cfg, work).final

@@ -210,9 +210,7 @@ class CheckpointStore:
             errors = response.get("Errors") or []
             if errors:
                 code = errors[0].get("Code", "unknown")
-                raise StorageError(
-                    f"S3 did not delete {len(errors)} object(s) under {where} ({code})"
-                )
+                raise StorageError(f"S3 did not delete {len(errors)} object(s) under {where} ({code})")
 
     def _delete_object(self, uri: S3Uri, operation: str) -> None:
         with s3_errors(operation, uri):
@@ -245,9 +243,7 @@ class CheckpointStore:
             try:
                 length = response.get("ContentLength")
                 if length is not None and int(length) != size:
-                    raise DamagedCheckpoint(
-                        f"{label} is damaged: {rel} has {length} bytes, expected {size}"
-                    )
+                    raise DamagedCheckpoint(f"{label} is damaged: {rel} has {length} bytes, expected {size}")
                 with open(target, "wb") as out:
                     for chunk in body.iter_chunks(_CHUNK):
                         written += len(chunk)
@@ -260,9 +256,7 @@ class CheckpointStore:
             finally:
                 body.close()
         if written != size:
-            raise DamagedCheckpoint(
-                f"{label} is damaged: {rel} is truncated ({written} of {size} bytes)"
-            )
+            raise DamagedCheckpoint(f"{label} is damaged: {rel} is truncated ({written} of {size} bytes)")
         if sha256 is not None and digest.hexdigest() != sha256:
             raise DamagedCheckpoint(f"{label} is damaged: {rel} does not match its sha256")
 
@@ -383,9 +377,7 @@ class CheckpointStore:
             if size is None:
                 raise DamagedCheckpoint(f"{label} is damaged: {entry.path} is missing")
             if size != entry.size:
-                raise DamagedCheckpoint(
-                    f"{label} is damaged: {entry.path} has {size} bytes, expected {entry.size}"
-                )
+                raise DamagedCheckpoint(f"{label} is damaged: {entry.path} has {size} bytes, expected {entry.size}")
 
         def fill(tmp: Path) -> None:
             for entry in manifest.files:
@@ -404,9 +396,7 @@ class CheckpointStore:
 
     def download_checkpoint(self, step: int, manifest: Manifest, dest_parent: Path) -> Path:
         """Verified download of ``checkpoint-<step>`` to ``dest_parent/checkpoint-<step>``."""
-        return self.download_tree(
-            self.checkpoint_uri(step), manifest, Path(dest_parent) / f"checkpoint-{step}"
-        )
+        return self.download_tree(self.checkpoint_uri(step), manifest, Path(dest_parent) / f"checkpoint-{step}")
 
     def download_newest_complete(self, dest_parent: Path) -> tuple[int, Manifest, Path] | None:
         """The newest complete checkpoint that verifies, falling back past damaged ones; None if none."""
@@ -442,9 +432,7 @@ class CheckpointStore:
             rel = key[len(prefix.key) :]
             problem = relpath_problem(rel)
             if problem:
-                raise ConfigError(
-                    f"cannot fetch {prefix}: object key {key!r} {problem}; rename or remove it"
-                )
+                raise ConfigError(f"cannot fetch {prefix}: object key {key!r} {problem}; rename or remove it")
             objects.append((rel, size))
             if len(objects) > MAX_FILES:
                 raise ConfigError(f"cannot fetch {prefix}: more than {MAX_FILES} objects")
@@ -488,9 +476,7 @@ class CheckpointStore:
         """
         local_dir = Path(local_dir)
         prefix = prefix_uri.as_dir()
-        manifest = build_manifest(
-            local_dir, kind=kind, step=step, fingerprint=fingerprint, exclude=exclude
-        )
+        manifest = build_manifest(local_dir, kind=kind, step=step, fingerprint=fingerprint, exclude=exclude)
         manifest_uri = prefix.child(MANIFEST_NAME)
         self._delete_object(manifest_uri, "removing the old manifest of")
 
@@ -506,9 +492,7 @@ class CheckpointStore:
                 raise TrainerError(f"{path} changed while it was being published")
             target = prefix.child(entry.path)
             with s3_errors("uploading to", target):
-                self.client.upload_file(
-                    str(path), target.bucket, target.key, Config=self._transfer
-                )
+                self.client.upload_file(str(path), target.bucket, target.key, Config=self._transfer)
 
         with s3_errors("writing the manifest", manifest_uri):
             self.client.put_object(
@@ -530,9 +514,7 @@ class CheckpointStore:
             exclude=CHECKPOINT_EXCLUDES,
         )
 
-    def upload_adapter(
-        self, local_dir: Path, fingerprint: dict[str, Any], *, step: int | None = None
-    ) -> Manifest:
+    def upload_adapter(self, local_dir: Path, fingerprint: dict[str, Any], *, step: int | None = None) -> Manifest:
         """Publish the final adapter + tokenizer at ``adapter/``."""
         return self.upload_tree(
             local_dir,
@@ -615,9 +597,7 @@ class CheckpointStore:
         if not complete:
             return []
         newest = max(complete)
-        matching = sorted(
-            (s for s, m in complete.items() if _normalized(m.fingerprint) == wanted), reverse=True
-        )
+        matching = sorted((s for s, m in complete.items() if _normalized(m.fingerprint) == wanted), reverse=True)
         doomed = {s for s in matching[keep:] if s != newest and s not in protect}
         doomed |= {s for s in incomplete if s < newest and s not in protect}
         deleted: list[int] = []
@@ -640,9 +620,7 @@ class CheckpointStore:
         uri = self._json_uri(name)
         body = json.dumps(obj, sort_keys=True, indent=2).encode("utf-8")
         with s3_errors("writing", uri):
-            self.client.put_object(
-                Bucket=uri.bucket, Key=uri.key, Body=body, ContentType="application/json"
-            )
+            self.client.put_object(Bucket=uri.bucket, Key=uri.key, Body=body, ContentType="application/json")
 
     def get_json(self, name: str) -> dict[str, Any] | None:
         """Read a JSON object written by ``put_json``; None when absent or not a JSON object."""

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (StorageError, TrainerError) as exc:
         message = TerminationMessage(outcome="failed", reason=str(exc), exit_code=Outcome.FAILED.code)
-    except Exception as exc:  # noqa: BLE001 - any crash is a retryable failure for the operator
+    except Exception as exc:
         log.error("unexpected error:\n%s", redact(traceback.format_exc()))
         first = str(exc).splitlines()[0] if str(exc) else ""
         message = TerminationMessage(

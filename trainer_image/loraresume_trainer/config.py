@@ -162,7 +162,9 @@ class JobConfig(_Model):
 
     name: str = Field("job", description="Job name, used in logs.")
     base_model: str = Field(..., min_length=1, description="Hub id, s3:// URI or local path of the base model.")
-    max_seq_length: int = Field(2048, ge=8, le=1_048_576, description="Longest sequence in tokens; longer rows are truncated.")
+    max_seq_length: int = Field(
+        2048, ge=8, le=1_048_576, description="Longest sequence in tokens; longer rows are truncated."
+    )
     load_in_4bit: bool = Field(True, description="Load the base model 4-bit quantized (QLoRA).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype; `auto`: Unsloth's choice on a GPU, float32 on a CPU."
@@ -175,7 +177,9 @@ class JobConfig(_Model):
     )
     storage: StorageSettings
     resume: ResumeSettings = ResumeSettings()
-    tensorboard: bool = Field(False, description="Write TensorBoard event files and upload them to <storage.uri>/logs/.")
+    tensorboard: bool = Field(
+        False, description="Write TensorBoard event files and upload them to <storage.uri>/logs/."
+    )
     attempt: int = Field(1, ge=1, description="Attempt number, set by the operator.")
     work_dir: Path = Field(Path("/tmp/loraresume"), description="Local scratch space.")
     termination_log: Path = Field(Path("/dev/termination-log"), description="Kubernetes termination message file.")

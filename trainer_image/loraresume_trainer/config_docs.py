@@ -1,6 +1,6 @@
 """docs/job-config.md, generated from the JobConfig model so the two cannot drift.
 
-    python -m loraresume_trainer.config_docs > docs/job-config.md
+python -m loraresume_trainer.config_docs > docs/job-config.md
 """
 
 from __future__ import annotations

@@ -77,7 +77,9 @@ def adapter_misfits(adapter_shapes: dict[str, tuple[int, ...]], base_linears: di
             in_f, out_f = base_linears[module]
             want = in_f if expect_axis == 1 else out_f
             if len(shape) != 2 or shape[expect_axis] != want:
-                problems.append(f"{module}{part.rstrip('.')} has shape {list(shape)}, the base needs {want} on axis {expect_axis}")
+                problems.append(
+                    f"{module}{part.rstrip('.')} has shape {list(shape)}, the base needs {want} on axis {expect_axis}"
+                )
     return problems
 
 
@@ -91,7 +93,7 @@ def check_adapter_fits(adapter_dir: Path, base_path: str, *, adapter_ref: str, b
     if not weights.is_file():
         raise ConfigError(f"{adapter_ref} has no {ADAPTER_WEIGHTS}", field="adapter")
     with safe_open(str(weights), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (a safetensors handle)
     config = AutoConfig.from_pretrained(base_path)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)

@@ -234,7 +234,8 @@ class Pipeline:
             # Never start over silently on top of work that exists: a retry may read them intact
             # (a transient fault); if not, the job fails with this message and the checkpoints stay.
             raise TrainerError(
-                f"none of the {len(plan.candidates)} complete checkpoints under {self.store.root.child(CHECKPOINTS_DIR)} "
+                f"none of the {len(plan.candidates)} complete checkpoints under "
+                f"{self.store.root.child(CHECKPOINTS_DIR)} "
                 "verified (see the checkpoint_damaged events); not starting over on top of them. Inspect or "
                 "delete them to start from scratch"
             )
@@ -285,22 +286,30 @@ class Pipeline:
         from .uploader import BackgroundUploader
 
         job = self.job
-        args = build_sft_config(job, self.dirs.output, on_gpu=on_gpu, bf16_supported=bf16_ok, tensorboard=job.tensorboard)
+        args = build_sft_config(
+            job, self.dirs.output, on_gpu=on_gpu, bf16_supported=bf16_ok, tensorboard=job.tensorboard
+        )
         if job.tensorboard:
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.dirs.tensorboard / f"attempt-{job.attempt}")
         model, tokenizer = load_model(job, base_path, adapter_dir, on_gpu=on_gpu)
-        emit_event("model_ready", lora_sha256=lora_weights_sha256(model), resume_from=str(resume_dir) if resume_dir else None)
+        emit_event(
+            "model_ready", lora_sha256=lora_weights_sha256(model), resume_from=str(resume_dir) if resume_dir else None
+        )
         uploader = BackgroundUploader(
             self.store,
             keep=job.storage.keep_checkpoints,
             fingerprint=fingerprint,
             staging_dir=self.dirs.staging,
             durable_step=self.durable_step,
-            on_durable=lambda step, _m: emit_event("checkpoint_durable", step=step, uri=str(self.store.checkpoint_uri(step))),
+            on_durable=lambda step, _m: emit_event(
+                "checkpoint_durable", step=step, uri=str(self.store.checkpoint_uri(step))
+            ),
         )
         logs = (self.dirs.tensorboard, self.store.logs_uri()) if job.tensorboard else None
         callback = DurableCheckpointCallback(uploader, self.stop, attempt=job.attempt, logs=logs)
-        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=texts, args=args, callbacks=[callback])
+        trainer = SFTTrainer(
+            model=model, processing_class=tokenizer, train_dataset=texts, args=args, callbacks=[callback]
+        )
         trainer.remove_callback(PrinterCallback)
 
         self.stop.phase = "training"
@@ -317,8 +326,11 @@ class Pipeline:
             since_signal = time.monotonic() - (self.stop.received_at or t_flush)
             log.warning(
                 "preempted: checkpoint-%s durable %.2f s after %s (save %.2f s, upload %.2f s)",
-                self.durable_step, since_signal, self.stop.signal_name,
-                callback.last_save_seconds or 0.0, time.monotonic() - t_flush,
+                self.durable_step,
+                since_signal,
+                self.stop.signal_name,
+                callback.last_save_seconds or 0.0,
+                time.monotonic() - t_flush,
             )
             emit_event("preempted", step=step, durable_step=self.durable_step, seconds=round(since_signal, 3))
             self._put_progress(step, trainer.state.max_steps, {}, "Preempted")
@@ -358,8 +370,12 @@ class Pipeline:
 
     def _put_progress(self, step: int, max_steps: int, logs: dict[str, Any], phase: str) -> None:
         record = progress_record(
-            step=step, max_steps=max_steps, logs=logs, attempt=self.job.attempt,
-            durable_step=self.durable_step, phase=phase,
+            step=step,
+            max_steps=max_steps,
+            logs=logs,
+            attempt=self.job.attempt,
+            durable_step=self.durable_step,
+            phase=phase,
         )
         self.store.put_json("progress.json", record)
 

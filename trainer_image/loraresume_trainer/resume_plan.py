@@ -52,7 +52,9 @@ def plan_resume(
         ordered = list(complete)
     else:
         rest = [c for c in complete if c.uri != explicit.uri]
-        ordered = [c for c in rest if c.step > explicit.step] + [explicit] + [c for c in rest if c.step <= explicit.step]
+        ordered = (
+            [c for c in rest if c.step > explicit.step] + [explicit] + [c for c in rest if c.step <= explicit.step]
+        )
     matching = tuple(c for c in ordered if dict(c.fingerprint) == dict(current))
     if matching:
         return ResumePlan(ResumeMode.EXACT, matching)

@@ -59,9 +59,7 @@ TRANSIENT_ERROR_CODES = frozenset(
     }
 )
 # Requests the endpoint will never accept as configured (wrong region, bad bucket name).
-MISCONFIG_ERROR_CODES = frozenset(
-    {"AuthorizationHeaderMalformed", "PermanentRedirect", "InvalidBucketName", "301"}
-)
+MISCONFIG_ERROR_CODES = frozenset({"AuthorizationHeaderMalformed", "PermanentRedirect", "InvalidBucketName", "301"})
 _SAFE_CODE_RE = re.compile(r"^[A-Za-z0-9.]{1,64}$")
 _CODE_IN_TEXT_RE = re.compile(r"An error occurred \(([A-Za-z0-9]+)\)")
 # GetObject bodies up to this size are read (into memory) before botocore's retry decision.
@@ -157,8 +155,14 @@ class _RetryLog:
     def __init__(self, total: int) -> None:
         self.total = total
 
-    def __call__(self, response: Any = None, caught_exception: BaseException | None = None, attempts: int = 1,
-                 operation: Any = None, **_: Any) -> None:
+    def __call__(
+        self,
+        response: Any = None,
+        caught_exception: BaseException | None = None,
+        attempts: int = 1,
+        operation: Any = None,
+        **_: Any,
+    ) -> None:
         failure = _attempt_failure(response, caught_exception)
         if failure is not None:
             name = getattr(operation, "name", "request")
@@ -201,8 +205,13 @@ class _GetObjectBodyGuard:
 
         try:
             data = body.read()
-        except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError,
-                FlexibleChecksumError) as exc:
+        except (
+            ResponseStreamingError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ConnectionClosedError,
+            FlexibleChecksumError,
+        ) as exc:
             failure = f"{type(exc).__name__} while reading the body"
             if attempts >= self.total:
                 log.warning("S3 GetObject attempt %d of %d failed (%s); giving up", attempts, self.total, failure)
@@ -283,9 +292,7 @@ def classify_s3_error(exc: BaseException, *, operation: str, uri: str) -> Traine
                     f"S3 bucket does not exist (NoSuchBucket) {where}: check storage.uri and the endpoint"
                 )
             shown = f"HTTP {code} Forbidden" if code == "403" else code
-            return StorageAuthError(
-                f"S3 refused the credentials ({shown}) {where}: check the credentials secret"
-            )
+            return StorageAuthError(f"S3 refused the credentials ({shown}) {where}: check the credentials secret")
         if code in MISCONFIG_ERROR_CODES:
             return StorageAuthError(
                 f"S3 rejected the request ({code}) {where}: check the bucket's region and the endpoint"
@@ -298,9 +305,7 @@ def classify_s3_error(exc: BaseException, *, operation: str, uri: str) -> Traine
     if isinstance(cause, (EndpointConnectionError, ConnectTimeoutError)):
         endpoint = redact_url(getattr(cause, "kwargs", {}).get("endpoint_url", ""))
         host = endpoint.split("/")[2] if endpoint.count("/") >= 2 else "the S3 endpoint"
-        return StorageError(
-            f"could not connect to {host} ({type(cause).__name__}) {where}; retry later"
-        )
+        return StorageError(f"could not connect to {host} ({type(cause).__name__}) {where}; retry later")
     if isinstance(cause, (ReadTimeoutError, ConnectionClosedError)):
         return StorageError(f"S3 connection failed ({type(cause).__name__}) {where}; retry later")
     if isinstance(cause, BotoCoreError):

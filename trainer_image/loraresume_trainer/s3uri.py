@@ -63,7 +63,7 @@ class S3Uri:
             raise ValueError(f"expected an s3:// URI string, got {type(text).__name__}")
         if not text.startswith(_SCHEME):
             raise ValueError(f"{text!r} is not an S3 URI: expected s3://bucket[/prefix]")
-        rest = text[len(_SCHEME):]
+        rest = text[len(_SCHEME) :]
         bucket, _, key = rest.partition("/")
         if not bucket:
             raise ValueError(f"{text!r} has no bucket name: expected s3://bucket[/prefix]")

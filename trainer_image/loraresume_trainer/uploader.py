@@ -267,9 +267,7 @@ class BackgroundUploader:
             if isinstance(job, _JsonJob):
                 self._with_retries(job.label, lambda: self._store.put_json(job.name, job.obj))
             else:
-                self._with_retries(
-                    job.label, lambda: self._store.upload_files(job.local_dir, job.prefix_uri)
-                )
+                self._with_retries(job.label, lambda: self._store.upload_files(job.local_dir, job.prefix_uri))
         except Exception as exc:
             self._record(f"{job.label}: upload failed: {_describe(exc)}")
 

@@ -21,7 +21,7 @@ import yaml
 from loraresume_sandbox.control_plane import ControlPlane
 from loraresume_sandbox.kube_client import ApiError, KubeClient
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 NS = "fuzz"
 _WARNING = re.compile(r'^\d{3} \S+ "(.*)"$')
 
@@ -42,25 +42,33 @@ class ApiJudge:
         self.kube, self.namespace = kube, namespace
         self._status_probe: str | None = None
 
-    def admit(self, doc: dict[str, Any], old: dict[str, Any] | None = None,
-              mode: str = "Strict") -> tuple[dict[str, Any], list[str]]:
+    def admit(
+        self, doc: dict[str, Any], old: dict[str, Any] | None = None, mode: str = "Strict"
+    ) -> tuple[dict[str, Any], list[str]]:
         """What the API server stores for `doc` (raises ApiError when it refuses), and its warnings."""
         doc = copy.deepcopy(doc)
         params = {"dryRun": "All", "fieldValidation": mode}
         if old is None:
-            stored = self.kube.request("POST", f"/apis/loraresume.dev/v1alpha1/namespaces/{self.namespace}/loraresumes",
-                                       doc, params=params)
+            stored = self.kube.request(
+                "POST", f"/apis/loraresume.dev/v1alpha1/namespaces/{self.namespace}/loraresumes", doc, params=params
+            )
             return stored, warning_texts(self.kube.last_warnings)
         name = f"old-{uuid.uuid4().hex[:10]}"
         base = copy.deepcopy(old)
         base["metadata"] = {"name": name}
         created = self.kube.create("loraresumes", base, self.namespace)
         try:
-            doc["metadata"] = {**doc.get("metadata", {}), "name": name,
-                               "resourceVersion": created["metadata"]["resourceVersion"]}
+            doc["metadata"] = {
+                **doc.get("metadata", {}),
+                "name": name,
+                "resourceVersion": created["metadata"]["resourceVersion"],
+            }
             stored = self.kube.request(
-                "PUT", f"/apis/loraresume.dev/v1alpha1/namespaces/{self.namespace}/loraresumes/{name}", doc,
-                params=params)
+                "PUT",
+                f"/apis/loraresume.dev/v1alpha1/namespaces/{self.namespace}/loraresumes/{name}",
+                doc,
+                params=params,
+            )
             return stored, warning_texts(self.kube.last_warnings)
         finally:
             self.kube.delete("loraresumes", self.namespace, name)
@@ -69,15 +77,24 @@ class ApiJudge:
         """A status as the status subresource takes it (dry run, against one stored resource)."""
         if self._status_probe is None:
             name = f"status-{uuid.uuid4().hex[:8]}"
-            self.kube.create("loraresumes", {"metadata": {"name": name}, "spec": {
-                "baseModel": "m", "dataset": {"source": "/d"}, "storage": {"uri": "s3://bucket/p/"}}}, self.namespace)
+            self.kube.create(
+                "loraresumes",
+                {
+                    "metadata": {"name": name},
+                    "spec": {"baseModel": "m", "dataset": {"source": "/d"}, "storage": {"uri": "s3://bucket/p/"}},
+                },
+                self.namespace,
+            )
             self._status_probe = name
         current = self.kube.get("loraresumes", self.namespace, self._status_probe)
         assert current is not None
         current["status"] = status
         return self.kube.request(
-            "PUT", f"/apis/loraresume.dev/v1alpha1/namespaces/{self.namespace}/loraresumes/{self._status_probe}/status",
-            current, params={"dryRun": "All", "fieldValidation": "Strict"})
+            "PUT",
+            f"/apis/loraresume.dev/v1alpha1/namespaces/{self.namespace}/loraresumes/{self._status_probe}/status",
+            current,
+            params={"dryRun": "All", "fieldValidation": "Strict"},
+        )
 
     def pod_problems(self, pod: dict[str, Any]) -> list[tuple[str, str]]:
         """(field, message) for each cause when the API server refuses `pod` (empty when it takes it):
