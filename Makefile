@@ -30,10 +30,12 @@ $(STAMP): pyproject.toml sandbox/pyproject.toml Makefile
 kube:
 	$(KUBE_BUILD) >/dev/null
 
-# ruff: lint rules and formatting as configured in pyproject.toml (the pre-commit hook runs this too).
+# ruff (lint rules, formatting) and import-linter (the layering contracts), as configured in
+# pyproject.toml; the pre-commit hooks run the same.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test: lint kube
 	$(KUBE_ENV) $(BIN)/python -m pytest -q -ra
