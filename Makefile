@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 test: lint kube
-	$(KUBE_ENV) $(BIN)/python -m pytest -q -ra
+	$(KUBE_ENV) $(BIN)/python -m pytest -q -ra --durations=15
 
 # Unit and integration tests only (no trainer subprocesses).
 test-fast: $(STAMP) kube
