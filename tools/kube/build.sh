@@ -33,9 +33,9 @@ if built; then echo "$bin"; exit 0; fi
 pkgs=(./cmd/etcd k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler)
 
 start=$SECONDS
-echo "control plane $version: resolving packages (first time: downloads ~0.7 GB of Go modules)..." >&2
+echo "control plane $version: resolving packages (first time: downloads ~0.6 GB of Go modules)..." >&2
 total="$(CGO_ENABLED=0 go list -deps "${pkgs[@]}" | wc -l)"
-echo "control plane $version: compiling $total packages into $bin (first time: 10-25 min on 2 cores)..." >&2
+echo "control plane $version: compiling $total packages into $bin (first time: ~14 min on 2 cores)..." >&2
 tmp="$(mktemp -d "$cache/.build-XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 if ! CGO_ENABLED=0 go build -v -trimpath -ldflags "$ldflags" -o "$tmp/" "${pkgs[@]}" 2>&1 |
