@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import AWS, BUCKET, NAMESPACE, OFFLINE, SECRET, _free_port, _wait_http
+from .cli import AWS, BUCKET, NAMESPACE, OFFLINE, SECRET, _free_port, _wait_http, create_s3_secret
 from .node_agent import CONTAINER_ID_SCHEME
 from .s3_faults import RequestInfo, S3FaultProxy, checkpoint_file, uniform_rates
 from .waiting import stop_process, wait_for
@@ -411,17 +411,7 @@ class ChaosStack:
             quiet=True,
         ).start()
         self.k8s, self.agent, self.kubeconfig = self.cluster.kube, self.cluster.agent, self.cluster.kubeconfig
-        self.k8s.create(
-            "secrets",
-            {
-                "metadata": {"name": SECRET},
-                "stringData": {
-                    "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"],
-                    "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"],
-                },
-            },
-            NAMESPACE,
-        )
+        create_s3_secret(self.k8s)
         self.start_operator()
 
     def stop(self) -> None:

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from .waiting import stop_process
 
@@ -82,6 +83,12 @@ def _alive(pid: int | None) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def create_s3_secret(kube: Any) -> None:
+    """The sandbox's S3 credentials as the Secret its LoraResumes name (`s3-creds` in `default`)."""
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    kube.create("secrets", {"metadata": {"name": SECRET}, "stringData": {k: AWS[k] for k in keys}}, NAMESPACE)
 
 
 def read_state(directory: Path) -> dict:
@@ -205,17 +212,7 @@ def supervise(directory: Path, s3_port: int) -> int:
         }
         cluster = SandboxCluster(directory / "cluster", namespaces=(NAMESPACE,), extra_env=extra, with_operator=False)
         cluster.start()
-        cluster.kube.create(
-            "secrets",
-            {
-                "metadata": {"name": SECRET},
-                "stringData": {
-                    "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"],
-                    "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"],
-                },
-            },
-            NAMESPACE,
-        )
+        create_s3_secret(cluster.kube)
         kubeconfig = cluster.kubeconfig
         state.update(
             api_url=cluster.control_plane.url,

@@ -19,6 +19,7 @@ import boto3
 import pytest
 import yaml
 
+from loraresume_sandbox.cli import OFFLINE
 from loraresume_sandbox.cluster import SandboxCluster
 from tests.support.tiny_model import alpaca_rows, build_tiny_llama, write_jsonl
 from tests.support.waiting import wait_for
@@ -26,15 +27,6 @@ from tests.support.waiting import wait_for
 pytestmark = pytest.mark.slow
 
 NS = "default"
-OFFLINE = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "UNSLOTH_DISABLE_STATISTICS": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONUNBUFFERED": "1",
-}
 
 
 @pytest.fixture(scope="module")
