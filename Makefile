@@ -30,12 +30,13 @@ $(STAMP): pyproject.toml sandbox/pyproject.toml Makefile
 kube:
 	$(KUBE_BUILD) >/dev/null
 
-# ruff (lint rules, formatting) and import-linter (the layering contracts), as configured in
-# pyproject.toml; the pre-commit hooks run the same.
+# ruff (lint rules, formatting), import-linter (the layering contracts) and mypy (types), as
+# configured in pyproject.toml; the pre-commit hooks run the same.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 test: lint kube
 	$(KUBE_ENV) $(BIN)/python -m pytest -q -ra --durations=15

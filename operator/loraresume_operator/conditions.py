@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from .spec import Condition
 
 # Types. `kubectl wait --for=condition=Succeeded` / `=Failed` work on these.
@@ -31,7 +33,7 @@ def set_condition(
     conditions: list[Condition], type_: str, status: bool, reason: str, message: str, now: str, generation: int
 ) -> list[Condition]:
     """Replace one condition; lastTransitionTime changes only when the status flips."""
-    value = "True" if status else "False"
+    value: Literal["True", "False"] = "True" if status else "False"
     old = next((c for c in conditions if c.type == type_), None)
     since = old.last_transition_time if old is not None and old.status == value else now
     new = Condition(

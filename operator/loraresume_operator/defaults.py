@@ -133,7 +133,7 @@ def _prefix(value: str) -> str:
         raise _problem(name, str(exc)) from None
 
 
-def _json(name: str, value: str, adapter: TypeAdapter, expected: str) -> Any:
+def _json(name: str, value: str, adapter: TypeAdapter[Any], expected: str) -> Any:
     try:
         return adapter.validate_json(value)
     except ValidationError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -37,6 +38,13 @@ _known_lock = threading.Lock()
 
 def reconciler() -> Reconciler:
     return _state["reconciler"]
+
+
+def _namespaced(namespace: str | None) -> str:
+    """kopf types `namespace` for cluster-scoped resources too; ours (and their pods) are namespaced."""
+    if namespace is None:
+        raise kopf.PermanentError("a LoraResume or trainer pod without a namespace")
+    return namespace
 
 
 def configure(*, cluster_wide: bool) -> None:
@@ -97,33 +105,35 @@ def _reconcile(namespace: str, name: str) -> float | None:
 @kopf.on.create(GROUP, VERSION, PLURAL, retries=5, backoff=5)
 @kopf.on.resume(GROUP, VERSION, PLURAL, retries=5, backoff=5)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", retries=5, backoff=5)
-def on_change(namespace: str, name: str, **_: Any) -> None:
+def on_change(namespace: str | None, name: str, **_: Any) -> None:
+    key = (_namespaced(namespace), name)
     with _known_lock:
-        _known.add((namespace, name))
-    _reconcile(namespace, name)
+        _known.add(key)
+    _reconcile(*key)
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
-def on_pod_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
+def on_pod_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
     """A trainer pod changed: reconcile its LoraResume now (errors wait for the timer)."""
     try:
-        reconciler().reconcile(namespace, labels[LABEL_RESOURCE])
+        reconciler().reconcile(_namespaced(namespace), labels[LABEL_RESOURCE])
     except ApiException as exc:
         metrics.RECONCILE_ERRORS.labels("api").inc()
         log.warning("reconcile after pod event failed (%s); the timer retries", exc.status)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=5)
-def on_delete(namespace: str, name: str, spec: dict[str, Any], status: dict[str, Any], **_: Any) -> None:
+def on_delete(namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any) -> None:
     """Pods go with the resource; checkpoints in S3 stay unless the spec asks otherwise."""
+    namespace = _namespaced(namespace)
     with _known_lock:
         _known.discard((namespace, name))
     rec = reconciler()
     rec.delete_pods(namespace, name)
     rec.forget(namespace, name)
     try:
-        parsed = LoraResumeSpec.model_validate(spec)
-        parsed = rec.effective(namespace, name, parsed, LoraResumeStatus.model_validate(status or {}))
+        parsed = LoraResumeSpec.model_validate(dict(spec))
+        parsed = rec.effective(namespace, name, parsed, LoraResumeStatus.model_validate(dict(status or {})))
     except ValueError:
         return
     if parsed.storage.delete_on_resource_deletion and parsed.storage.uri:

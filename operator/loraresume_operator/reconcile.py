@@ -172,15 +172,17 @@ class Reconciler:
         try:
             spec = LoraResumeSpec.model_validate(body.get("spec") or {})
         except ValidationError as exc:
-            return self._invalid(body, resource, status, format_validation_error(exc))
+            self._invalid(body, resource, status, format_validation_error(exc))
+            return None  # only a change of the resource can make it valid
         if len(resource.name) > MAX_LABEL_VALUE:  # the CRD says so too; an older CRD may have let it in
-            return self._invalid(
+            self._invalid(
                 body,
                 resource,
                 status,
                 f"metadata.name: at most {MAX_LABEL_VALUE} characters (the "
                 f"trainer pods carry it as a label value), got {len(resource.name)}",
             )
+            return None
         if status.phase.is_terminal and status.observed_generation == resource.generation:
             self.record_phase(resource.namespace, resource.name, status.phase.value)
             return None

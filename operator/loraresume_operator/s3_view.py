@@ -68,7 +68,11 @@ def _client(endpoint: str | None, region: str | None, creds: tuple[tuple[str, st
 
 
 def read_storage(spec: LoraResumeSpec, client: Any) -> StorageView:
-    """Raises loraresume_trainer.errors.TrainerError (StorageError / StorageAuthError) on S3 trouble."""
+    """Raises loraresume_trainer.errors.TrainerError (StorageError / StorageAuthError) on S3 trouble.
+
+    `spec` is the effective spec: its storage.uri is resolved (effective_spec)."""
+    if spec.storage.uri is None:
+        raise ValueError("read_storage needs the effective spec, with storage.uri resolved")
     store = CheckpointStore(client, S3Uri.parse(spec.storage.uri))
     complete = store.complete_checkpoints()
     checkpoint, created = None, None

@@ -814,12 +814,13 @@ class ChaosRunner:
         trainer while it is held; then drop the request."""
         upload = d.kind == "upload_kill"
         method = "PUT" if upload else "GET"
-        floor = 0
+        floor, uploader = 0, 0
         if upload:  # the attempt that will upload must be the one training now, not a terminating one
-            attempt = run.wait_training(min_attempt, None)
-            if attempt is None:
+            training = run.wait_training(min_attempt, None)
+            if training is None:
                 return Delivery(d.kind, note="the run ended before the window")
-            floor = int(next(e for e in run.events(attempt) if e["event"] == "start").get("step") or 0)
+            uploader = training
+            floor = int(next(e for e in run.events(uploader) if e["event"] == "start").get("step") or 0)
         seen: Counter[int] = Counter()
         order: list[int] = []  # checkpoint steps in the order their first file request came
         fired = threading.Event()
@@ -853,8 +854,8 @@ class ChaosRunner:
                 except queue.Empty:
                     if run.terminal() or time.monotonic() > deadline:
                         return Delivery(d.kind, note="no checkpoint transfer before the run ended")
-                    if upload and run.current_attempt() > attempt and run.pod(attempt) is None:
-                        return Delivery(d.kind, attempt, note="the attempt ended before uploading")
+                    if upload and run.current_attempt() > uploader and run.pod(uploader) is None:
+                        return Delivery(d.kind, uploader, note="the attempt ended before uploading")
         finally:
             remove()
         try:

@@ -25,9 +25,12 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
 from .waiting import stop_process
+
+if TYPE_CHECKING:
+    from .cluster import SandboxCluster
 
 DEFAULT_DIR = ".sandbox"
 DEFAULT_S3_PORT = 9000
@@ -69,7 +72,7 @@ def _port_free(port: int) -> bool:
         return True
 
 
-def _alive(pid: int | None) -> bool:
+def _alive(pid: int | None) -> TypeGuard[int]:
     if not pid:
         return False
     try:
@@ -106,7 +109,7 @@ def _write_state(directory: Path, state: dict) -> None:
 
 # -- the supervisor ---------------------------------------------------------------------------
 class _Control(BaseHTTPRequestHandler):
-    cluster = None
+    cluster: ClassVar[SandboxCluster | None] = None
     on_restart = staticmethod(lambda pid: None)
 
     def log_message(self, *args) -> None:  # quiet
@@ -117,6 +120,8 @@ class _Control(BaseHTTPRequestHandler):
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
             cluster = self.cluster
+            if cluster is None or cluster.agent is None or cluster.operator is None:
+                raise RuntimeError("the sandbox is still starting")
             if self.path == "/preempt":  # a spot reclaim of the node under the pod
                 node = cluster.agent.node_of(body.get("namespace") or NAMESPACE, body["pod"])
                 cluster.agent.reclaim_spot(node, wait=True)
@@ -126,8 +131,8 @@ class _Control(BaseHTTPRequestHandler):
                 cluster.operator = cluster.new_operator()
                 cluster.operator.start()
                 cluster.operator.wait_ready()
-                code, reply = 200, {"ok": True, "pid": cluster.operator.proc.pid}
-                _Control.on_restart(cluster.operator.proc.pid)
+                code, reply = 200, {"ok": True, "pid": cluster.operator.pid}
+                _Control.on_restart(cluster.operator.pid)
             else:
                 raise LookupError(f"unknown path {self.path}")
         except LookupError as exc:
@@ -224,7 +229,7 @@ def supervise(directory: Path, s3_port: int) -> int:
         cluster.operator = cluster.new_operator()
         cluster.operator.start()
         cluster.operator.wait_ready()
-        state.update(operator_pid=cluster.operator.proc.pid, operator_log=str(cluster.operator.log_path))
+        state.update(operator_pid=cluster.operator.pid, operator_log=str(cluster.operator.log_path))
         _write_state(directory, state)
         print(
             f"operator running as ServiceAccount {cluster.operator_user} (log {cluster.operator.log_path})", flush=True

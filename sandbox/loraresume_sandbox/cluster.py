@@ -229,6 +229,12 @@ class OperatorProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("the operator was never started")
+        return self.proc.pid
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         stop_process(self.proc, timeout, sig)
         if self._log is not None:

@@ -269,7 +269,14 @@ def _set(doc: dict[str, Any], dotted: str, value: Any) -> None:
         doc[last] = value
 
 
-_DELETE = object()
+class _Delete:
+    """The field is removed (a stable repr, so every pytest-xdist worker collects the same ids)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+_DELETE = _Delete()
 # Type errors the model's lax mode would coerce ("100" -> 100, "yes" -> True); the API server refuses them.
 COERCED = [("spec.training.maxSteps", "100"), ("spec.loadIn4bit", "yes")]
 INVALID = [
