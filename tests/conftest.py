@@ -20,7 +20,7 @@ import pytest
 
 # Shared fixtures of tests/support (module-scoped stacks on the real control plane, the API-server
 # judge): registered once here, used by name in any test module.
-pytest_plugins = ["tests.support.operator_stack", "tests.support.api_judge"]
+pytest_plugins = ["tests.support.operator_stack", "tests.support.api_judge", "tests.support.fault_proxy"]
 
 _SERVER_SCRIPT = """
 import sys

@@ -21,6 +21,8 @@ import yaml
 
 from loraresume_sandbox.cli import OFFLINE
 from loraresume_sandbox.cluster import SandboxCluster
+from tests.support import specs
+from tests.support.specs import trainable_spec
 from tests.support.tiny_model import alpaca_rows, build_tiny_llama, write_jsonl
 from tests.support.waiting import wait_for
 
@@ -73,39 +75,16 @@ def cluster(tmp_path_factory, s3_server):
 
 
 def resource(cluster, name: str, **spec_over) -> dict:
-    bucket = cluster["bucket"]
-    body = {
-        "apiVersion": "loraresume.dev/v1alpha1",
-        "kind": "LoraResume",
-        "metadata": {"name": name},
-        "spec": {
-            "baseModel": f"s3://{bucket}/models/tiny/",
-            "maxSeqLength": 128,
-            "loadIn4bit": False,
-            "lora": {"r": 8, "alpha": 16},
-            "dataset": {"source": f"s3://{bucket}/data/train.jsonl", "template": "alpaca"},
-            "training": {
-                "perDeviceTrainBatchSize": 2,
-                "gradientAccumulationSteps": 1,
-                "warmupSteps": 2,
-                "maxSteps": 40,
-                "learningRate": 1e-3,
-                "optim": "adamw_torch",
-                "saveSteps": 5,
-                "seed": 1234,
-            },
-            "storage": {
-                "uri": f"s3://{bucket}/{name}/",
-                "endpoint": cluster["endpoint"],
-                "credentialsSecret": "s3-creds",
-            },
-            "resources": {"gpus": 0},
-            "terminationGracePeriodSeconds": 30,
-            "restartPolicy": {"backoffSeconds": 1},
-        },
-    }
-    body["spec"].update(spec_over)
-    return body
+    spec = trainable_spec(
+        cluster["bucket"],
+        name,
+        cluster["endpoint"],
+        "s3-creds",
+        resources={"gpus": 0},
+        terminationGracePeriodSeconds=30,
+        restartPolicy={"backoffSeconds": 1},
+    )
+    return specs.resource({**spec, **spec_over}, name)
 
 
 def kubectl(cluster, *args: str, **kw) -> subprocess.CompletedProcess:

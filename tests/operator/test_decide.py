@@ -22,22 +22,24 @@ from loraresume_operator.decide import (
 )
 from loraresume_operator.observed import ObservedPod
 from loraresume_operator.spec import CheckpointRef, LoraResumeSpec, LoraResumeStatus, Phase
+from tests.support.specs import build_spec
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 RES = Resource("bot", "ml", "uid-1", 3)
 CKPT = CheckpointRef(uri="s3://ckpt/bot/checkpoints/checkpoint-20/", step=20)
 
 
+BASE: dict[str, Any] = {
+    "baseModel": "unsloth/llama-3-8b-bnb-4bit",
+    "dataset": {"source": "s3://data/d.jsonl"},
+    "storage": {"uri": "s3://ckpt/bot/"},
+    "training": {"maxSteps": 100},
+    "restartPolicy": {"maxPreemptions": 2, "backoffLimit": 2, "backoffSeconds": 10, "maxBackoffSeconds": 25},
+}
+
+
 def spec(**over: Any) -> LoraResumeSpec:
-    doc: dict[str, Any] = {
-        "baseModel": "unsloth/llama-3-8b-bnb-4bit",
-        "dataset": {"source": "s3://data/d.jsonl"},
-        "storage": {"uri": "s3://ckpt/bot/"},
-        "training": {"maxSteps": 100},
-        "restartPolicy": {"maxPreemptions": 2, "backoffLimit": 2, "backoffSeconds": 10, "maxBackoffSeconds": 25},
-    }
-    doc.update(over)
-    return LoraResumeSpec.model_validate(doc)
+    return build_spec(BASE, **over)
 
 
 def status(**over: Any) -> LoraResumeStatus:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -10,6 +11,7 @@ from loraresume_operator.decide import CreatePod, Resource
 from loraresume_operator.defaults import ENV, OperatorDefaults, OperatorSettingsError, effective_spec
 from loraresume_operator.pods import build_trainer_pod, job_config
 from loraresume_operator.spec import LoraResumeSpec, Toleration
+from tests.support.specs import build_spec
 
 SPOT_TAINT = {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
 FULL_ENV = {
@@ -26,10 +28,11 @@ FULL_ENV = {
 }
 
 
-def spec(**overrides) -> LoraResumeSpec:
-    doc = {"baseModel": "unsloth/llama-3-8b-bnb-4bit", "dataset": {"source": "s3://data/rows.jsonl"}}
-    doc.update(overrides)
-    return LoraResumeSpec.model_validate(doc)
+BASE: dict[str, Any] = {"baseModel": "unsloth/llama-3-8b-bnb-4bit", "dataset": {"source": "s3://data/rows.jsonl"}}
+
+
+def spec(**over: Any) -> LoraResumeSpec:
+    return build_spec(BASE, **over)
 
 
 def test_empty_environment_gives_the_built_in_defaults() -> None:

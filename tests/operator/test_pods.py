@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -12,36 +13,38 @@ from loraresume_operator.defaults import OperatorDefaults
 from loraresume_operator.pods import build_trainer_pod, job_config
 from loraresume_operator.spec import LoraResumeSpec
 from loraresume_trainer.config import parse_job
+from tests.support.specs import build_spec
 
 RES = Resource("bot", "ml", "0b0e7c9e-6f55-4c1e-9d55-1b0a4f1e2c3d", 1)
 DEFAULTS = OperatorDefaults(trainer_image="registry.example/trainer:1", storage_endpoint="http://minio:9000")
 CREATE = CreatePod("bot-attempt-3", 3, "s3://ckpt/bot/checkpoints/checkpoint-20/", False, "s3://adapters/v1/")
 
 
-def spec(**over) -> LoraResumeSpec:
-    doc = {
-        "baseModel": "unsloth/llama-3-8b-bnb-4bit",
-        "dataset": {"source": "s3://data/d.jsonl", "template": "alpaca"},
-        "storage": {"uri": "s3://ckpt/bot/", "credentialsSecret": "s3-creds"},
-        "training": {"maxSteps": 100, "extra": {"max_grad_norm": 0.3}},
-        "resources": {"gpus": 1, "memory": "48Gi", "cpu": "8"},
-        "scheduling": {
-            "nodeSelector": {"pool": "gpu"},
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            "spot": {
-                "enabled": True,
-                "nodeSelector": {"cloud.google.com/gke-spot": "true"},
-                "tolerations": [
-                    {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
-                ],
-                "fallbackToOnDemandAfter": 3,
-                "onDemandNodeSelector": {"pool": "gpu-on-demand"},
-            },
+BASE: dict[str, Any] = {
+    "baseModel": "unsloth/llama-3-8b-bnb-4bit",
+    "dataset": {"source": "s3://data/d.jsonl", "template": "alpaca"},
+    "storage": {"uri": "s3://ckpt/bot/", "credentialsSecret": "s3-creds"},
+    "training": {"maxSteps": 100, "extra": {"max_grad_norm": 0.3}},
+    "resources": {"gpus": 1, "memory": "48Gi", "cpu": "8"},
+    "scheduling": {
+        "nodeSelector": {"pool": "gpu"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "spot": {
+            "enabled": True,
+            "nodeSelector": {"cloud.google.com/gke-spot": "true"},
+            "tolerations": [
+                {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+            ],
+            "fallbackToOnDemandAfter": 3,
+            "onDemandNodeSelector": {"pool": "gpu-on-demand"},
         },
-        "terminationGracePeriodSeconds": 90,
-    }
-    doc.update(over)
-    return LoraResumeSpec.model_validate(doc)
+    },
+    "terminationGracePeriodSeconds": 90,
+}
+
+
+def spec(**over: Any) -> LoraResumeSpec:
+    return build_spec(BASE, **over)
 
 
 def env_of(pod) -> dict:

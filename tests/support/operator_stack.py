@@ -22,7 +22,7 @@ from loraresume_sandbox.cluster import OperatorProcess, SandboxCluster
 from loraresume_sandbox.kube_client import KubeClient
 from loraresume_trainer.checkpoint_store import CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
-from tests.support import waiting
+from tests.support import specs, waiting
 
 NS = "default"
 CANARY = "CANARYoperatorSECRET0123456789"
@@ -79,25 +79,14 @@ class Job:
         self.endpoint, self.bucket, self.store = endpoint, bucket, store
 
     def apply(self, **spec_over: Any) -> dict[str, Any]:
-        spec = {
-            "baseModel": "unsloth/llama-3-8b-bnb-4bit",
-            "dataset": {"source": f"s3://{self.bucket}/data.jsonl"},
-            "storage": {
-                "uri": f"s3://{self.bucket}/{self.name}/",
-                "endpoint": self.endpoint,
-                "credentialsSecret": f"{self.name}-s3",
-            },
-            "training": {"maxSteps": 30, "saveSteps": 10},
-            "restartPolicy": {"backoffSeconds": 1, "maxBackoffSeconds": 2, "backoffLimit": 1},
+        spec = specs.spec_doc(
+            dataset={"source": f"s3://{self.bucket}/data.jsonl"},
+            storage=specs.s3_storage(self.bucket, self.name, self.endpoint, f"{self.name}-s3"),
+            training={"maxSteps": 30, "saveSteps": 10},
+            restartPolicy={"backoffSeconds": 1, "maxBackoffSeconds": 2, "backoffLimit": 1},
             **spec_over,
-        }
-        body = {
-            "apiVersion": "loraresume.dev/v1alpha1",
-            "kind": "LoraResume",
-            "metadata": {"name": self.name},
-            "spec": spec,
-        }
-        return self.k8s.create("loraresumes", body, NS)
+        )
+        return self.k8s.create("loraresumes", specs.resource(spec, self.name), NS)
 
     def resource(self) -> dict[str, Any] | None:
         return self.k8s.get("loraresumes", NS, self.name)

@@ -1,5 +1,5 @@
-"""Fixtures for the S3 fault and chaos tests: the tiny model and dataset in a bucket of the session's
-moto server, and a fault proxy in front of that server."""
+"""Fixtures for the S3 fault and chaos tests (a pytest plugin, registered in tests/conftest.py): the
+tiny model and dataset in a bucket of the session's moto server, and a fault proxy in front of it."""
 
 from __future__ import annotations
 

@@ -27,9 +27,10 @@ from pydantic import ValidationError
 from loraresume_operator.decide import Observation, Resource, decide
 from loraresume_operator.observed import ObservedPod
 from loraresume_operator.spec import LoraResumeSpec, LoraResumeStatus, Phase
-from tests.fuzz.harness import Cluster
-from tests.fuzz.strategies import INT64_MAX, resource
 from tests.support.api_judge import ApiJudge
+from tests.support.reconciler_harness import Cluster
+from tests.support.spec_strategies import INT64_MAX
+from tests.support.specs import build_spec, resource
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 RES = Resource("bot", "ns", "uid-1", 1)
@@ -37,7 +38,7 @@ BASE: dict[str, Any] = {"baseModel": "m", "dataset": {"source": "/d.jsonl"}, "st
 
 
 def spec(**over: Any) -> LoraResumeSpec:
-    return LoraResumeSpec.model_validate({**BASE, **over})
+    return build_spec(BASE, **over)
 
 
 def crashed_attempt(**over: Any) -> Observation:
@@ -202,7 +203,7 @@ def test_the_api_server_refuses_those_pods(judge: ApiJudge) -> None:
     """The judge is not vacuous: a plain pod passes, and each weakening is refused by kube-apiserver."""
     from loraresume_operator.decide import CreatePod
     from loraresume_operator.pods import build_trainer_pod
-    from tests.fuzz.harness import OperatorDefaults
+    from tests.support.reconciler_harness import OperatorDefaults
 
     good = build_trainer_pod(
         RES,

@@ -28,10 +28,11 @@ from loraresume_operator.spec import LoraResumeSpec
 from loraresume_sandbox.kube_client import ApiError
 from loraresume_trainer.config import ENV_JOB, parse_job
 from loraresume_trainer.s3uri import S3Uri
-from tests.fuzz.harness import SOURCE_ADAPTER, Cluster
-from tests.fuzz.strategies import Mutation, dotted, model_loc, mutations, resource, valid_specs
-from tests.security.pod_policy import hardening_problems
 from tests.support.api_judge import ApiJudge
+from tests.support.pod_policy import hardening_problems
+from tests.support.reconciler_harness import SOURCE_ADAPTER, Cluster
+from tests.support.spec_strategies import Mutation, dotted, model_loc, mutations, valid_specs
+from tests.support.specs import resource
 
 FUZZ = settings(
     max_examples=200,

@@ -31,8 +31,9 @@ from loraresume_operator.spec import LoraResumeSpec
 from loraresume_sandbox.cluster import SandboxCluster, sandbox_values
 from loraresume_sandbox.kube_client import KubeClient
 from loraresume_trainer.errors import StorageAuthError, StorageError
-from tests.fuzz.harness import OperatorDefaults
 from tests.support.operator_stack import NS, wait_for
+from tests.support.reconciler_harness import OperatorDefaults
+from tests.support.specs import resource, s3_storage, spec_doc
 from tests.support.trainer_runs import job_config, run_attempt
 
 CANARY = "CANARYs3SECRETkey0123456789abcdefXYZ"
@@ -82,16 +83,12 @@ def secret(k8s: KubeClient, name: str, data: dict[str, str]) -> None:
 
 
 def lora_resume(name: str, bucket: str, endpoint: str, secret_name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "loraresume.dev/v1alpha1",
-        "kind": "LoraResume",
-        "metadata": {"name": name},
-        "spec": {
-            "baseModel": "m",
-            "dataset": {"source": f"s3://{bucket}/data.jsonl"},
-            "storage": {"uri": f"s3://{bucket}/{name}/", "endpoint": endpoint, "credentialsSecret": secret_name},
-        },
-    }
+    spec = spec_doc(
+        baseModel="m",
+        dataset={"source": f"s3://{bucket}/data.jsonl"},
+        storage=s3_storage(bucket, name, endpoint, secret_name),
+    )
+    return resource(spec, name)
 
 
 # ------------------------------------------------------------------------------- the operator process
@@ -208,8 +205,8 @@ def test_reconcile_with_refused_credentials_logs_and_writes_no_secret(
     s3_auth_server, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The Reconciler itself (in process, INFO): status, events and log records of the storage error."""
-    from tests.fuzz.harness import Cluster
-    from tests.fuzz.strategies import resource
+    from tests.support.reconciler_harness import Cluster
+    from tests.support.spec_strategies import resource
 
     spec = lora_resume("inproc", s3_auth_server.bucket, s3_auth_server.endpoint, "creds")["spec"]
     cluster = Cluster(

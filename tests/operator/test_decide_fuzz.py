@@ -36,9 +36,9 @@ from loraresume_operator.decide import (
 )
 from loraresume_operator.observed import EndKind, ObservedPod, PodEnd, classify_end
 from loraresume_operator.spec import CheckpointRef, Condition, LoraResumeSpec, LoraResumeStatus, Phase
-from tests.fuzz.harness import OperatorDefaults
-from tests.fuzz.strategies import INT64_MAX, valid_specs
 from tests.support.api_judge import ApiJudge
+from tests.support.reconciler_harness import OperatorDefaults
+from tests.support.spec_strategies import INT64_MAX, valid_specs
 
 FUZZ = settings(
     max_examples=200,

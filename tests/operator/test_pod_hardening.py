@@ -3,8 +3,8 @@ account of its own), non-root, no privilege escalation, all capabilities dropped
 filesystem, seccomp, only emptyDir volumes, credentials only as secretKeyRefs.
 
 tests/operator/test_pods.py checks one spec's pod field by field; this walks a table of specs
-through the same policy (tests/security/pod_policy.py, also applied to every hypothesis-drawn
-spec in tests/fuzz/test_spec_judges.py) and the official pod schema.
+through the same policy (tests/support/pod_policy.py, also applied to every hypothesis-drawn
+spec in tests/operator/test_spec_judges.py) and the official pod schema.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 from loraresume_operator.decide import CreatePod, Resource
 from loraresume_operator.pods import build_trainer_pod
 from loraresume_operator.spec import LoraResumeSpec
-from tests.fuzz.harness import OperatorDefaults
-from tests.security.pod_policy import SECRET_ENV, hardening_problems
+from tests.support.pod_policy import SECRET_ENV, hardening_problems
+from tests.support.reconciler_harness import OperatorDefaults
 
 RES = Resource("bot", "ml", "0b0e7c9e-6f55-4c1e-9d55-1b0a4f1e2c3d", 1)
 BASE: dict[str, Any] = {

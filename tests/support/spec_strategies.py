@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from loraresume_operator.spec import S3_URI_PATTERN, AdapterSource, LoraResumeSpec, TrainingSpec
 from loraresume_trainer.config import DatasetSettings
 from loraresume_trainer.s3uri import S3Uri
+from tests.support.specs import resource
 
 INT64_MAX = 2**63 - 1  # the API server's integer range
 INT64_MIN = -(2**63)
@@ -271,10 +272,6 @@ def valid_specs(*, parseable: bool = True) -> st.SearchStrategy[dict[str, Any]]:
     """Spec documents the model accepts. `parseable=False` also draws S3 URIs that match the CRD's
     pattern but not S3Uri.parse (the model refuses those: they are filtered out again here)."""
     return model_docs(LoraResumeSpec, _overrides(parseable)).filter(model_accepts)
-
-
-def resource(spec: dict[str, Any], name: str = "fuzz") -> dict[str, Any]:
-    return {"apiVersion": "loraresume.dev/v1alpha1", "kind": "LoraResume", "metadata": {"name": name}, "spec": spec}
 
 
 # ---------------------------------------------------------------------------------- mutations

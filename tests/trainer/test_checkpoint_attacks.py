@@ -545,8 +545,8 @@ def test_hostile_progress_json_is_ignored(store: CheckpointStore) -> None:
 @pytest.mark.parametrize("created_at", ["2026-11-28T12:00:00", "yesterday", "9999-12-31T23:59:59+00:00", ""])
 def test_manifest_timestamps_cannot_crash_the_operator(s3: tuple[Any, str], created_at: str) -> None:
     """The operator reads the newest manifest (its age is a metric) in every reconcile."""
-    from tests.fuzz.harness import Cluster
-    from tests.fuzz.strategies import resource
+    from tests.support.reconciler_harness import Cluster
+    from tests.support.spec_strategies import resource
 
     client, bucket = s3
     name = f"ts-{uuid.uuid4().hex[:6]}"

@@ -29,13 +29,14 @@ from pydantic import ValidationError
 
 from loraresume_operator.spec import LoraResumeSpec
 from loraresume_sandbox.kube_client import KubeClient, follow
-from tests.fuzz.strategies import model_loc, valid_specs
 from tests.support.api_judge import ApiJudge
 from tests.support.operator_stack import NS, wait_for
+from tests.support.spec_strategies import model_loc, valid_specs
+from tests.support.specs import resource, s3_storage, spec_doc
 
 QUIET_SECONDS = 4.0  # the operator runs with --interval 1: about four periodic reconciles each
 # (Values a Python regex takes but Go's refuses, like "48Gi\n", were drawn here while the
-# emulator judged admission; kube-apiserver refuses them: tests/fuzz/test_spec_judges.py.)
+# emulator judged admission; kube-apiserver refuses them: tests/operator/test_spec_judges.py.)
 BAD_TEMPLATES = ["shakespeare", "{0}", "{a.b}", "{", "plain text", "{x[0]}"]
 
 
@@ -53,10 +54,8 @@ def drawn(draw: st.DrawFn) -> tuple[dict[str, Any], str | None]:
 
 
 def _resource(spec: dict[str, Any], name: str, bucket: str, endpoint: str) -> dict[str, Any]:
-    spec = copy.deepcopy(spec)
-    storage = spec.setdefault("storage", {})
-    storage.update(uri=f"s3://{bucket}/{name}/", endpoint=endpoint)
-    return {"apiVersion": "loraresume.dev/v1alpha1", "kind": "LoraResume", "metadata": {"name": name}, "spec": spec}
+    storage = {**spec.get("storage", {}), **s3_storage(bucket, name, endpoint)}
+    return resource(spec_doc(spec, storage=storage), name)
 
 
 class Recorder:
