@@ -218,9 +218,10 @@ class Pipeline:
         )
 
         base_path = self.fetch_dir(job.base_model, "base", "base_model")
-        adapter_src = Path(self.fetch_dir(job.adapter, "adapter", "adapter")) if job.adapter else None
-        lora = lora_shape(read_adapter_config(adapter_src, job.adapter)) if adapter_src else job_lora_shape(job)
-        texts = self.prepare_texts(str(adapter_src) if adapter_src and _has_tokenizer(adapter_src) else base_path)
+        # An adapter to continue: (local directory, the URI it came from, for messages).
+        adapter_in = (Path(self.fetch_dir(job.adapter, "adapter", "adapter")), job.adapter) if job.adapter else None
+        lora = lora_shape(read_adapter_config(*adapter_in)) if adapter_in else job_lora_shape(job)
+        texts = self.prepare_texts(str(adapter_in[0]) if adapter_in and _has_tokenizer(adapter_in[0]) else base_path)
         fingerprint = self.fingerprint(texts, lora)
 
         done = self.store.read_adapter_manifest()
@@ -242,7 +243,7 @@ class Pipeline:
         mode = plan.mode if fetched else ResumeMode.FRESH
         resume_dir = fetched[1] if fetched and mode is ResumeMode.EXACT else None
         # A warm start takes the checkpoint's adapter weights as its adapter.
-        model_adapter = fetched[1] if fetched and mode is ResumeMode.WARM else adapter_src
+        model_adapter = (fetched[1], fetched[0].uri) if fetched and mode is ResumeMode.WARM else adapter_in
         emit_event(
             "start",
             attempt=job.attempt,
@@ -262,9 +263,9 @@ class Pipeline:
         on_gpu, bf16_ok = _accelerator()
         staged = None
         if model_adapter is not None:
-            ref = job.adapter if model_adapter is adapter_src else fetched[0].uri  # type: ignore[index]
-            check_adapter_fits(model_adapter, base_path, adapter_ref=ref, base_ref=job.base_model)
-            staged = stage_adapter(model_adapter, self.dirs.root / "adapter-in", base_path)
+            adapter_dir, adapter_ref = model_adapter
+            check_adapter_fits(adapter_dir, base_path, adapter_ref=adapter_ref, base_ref=job.base_model)
+            staged = stage_adapter(adapter_dir, self.dirs.root / "adapter-in", base_path)
         return self.train(texts, fingerprint, staged, base_path, resume_dir, on_gpu, bf16_ok)
 
     def train(
