@@ -31,6 +31,7 @@ def job_config(spec: LoraResumeSpec, create: CreatePod, defaults: OperatorDefaul
         "maxSeqLength": spec.max_seq_length,
         "loadIn4bit": spec.load_in_4bit,
         "dtype": spec.dtype,
+        "gradientCheckpointing": spec.gradient_checkpointing,
         "adapter": create.adapter_uri,
         "lora": spec.lora.model_dump(by_alias=True, mode="json"),
         "dataset": spec.dataset.model_dump(by_alias=True, mode="json", exclude_none=True),

@@ -255,6 +255,14 @@ class LoraResumeSpec(_Spec):
     )
     load_in_4bit: bool = Field(True, description="Load the base model 4-bit quantized (QLoRA).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype.")
+    gradient_checkpointing: Literal["auto", "unsloth", "true", "false"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass to save GPU memory: `false` (none, fastest), "
+        "`true`, `unsloth` (layer inputs offloaded to host memory: least GPU memory, slowest), or `auto`: the "
+        "fastest that fits the GPU, and on a resume the mode its checkpoint was trained with. Quote true/false "
+        "in YAML (strings, not booleans).",
+        json_schema_extra=immutable(f"gradientCheckpointing {_NEW_RESOURCE}"),
+    )
     adapter: AdapterSource | None = Field(
         None,
         description="The saved adapter to start from; omit to train a new LoRA (see `lora`).",

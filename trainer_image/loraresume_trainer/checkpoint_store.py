@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DamagedCheckpoint, StorageError, TrainerError
+from .fingerprint import same_run
 from .manifest import (
     MANIFEST_NAME,
     MAX_FILES,
@@ -597,7 +598,9 @@ class CheckpointStore:
         if not complete:
             return []
         newest = max(complete)
-        matching = sorted((s for s, m in complete.items() if _normalized(m.fingerprint) == wanted), reverse=True)
+        matching = sorted(
+            (s for s, m in complete.items() if same_run(_normalized(m.fingerprint), wanted)), reverse=True
+        )
         doomed = {s for s in matching[keep:] if s != newest and s not in protect}
         doomed |= {s for s in incomplete if s < newest and s not in protect}
         deleted: list[int] = []

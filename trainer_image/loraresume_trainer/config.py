@@ -39,6 +39,7 @@ RESERVED_TRAINING_FIELDS = {
     "hub_model_id": "adapters are saved to <storage.uri>/adapter/",
     "hub_token": "adapters are saved to <storage.uri>/adapter/",
     "dataset_text_field": "the template produces the text column",
+    "gradient_checkpointing": "use the job's `gradient_checkpointing` (it sets Unsloth's and SFTConfig's together)",
 }
 
 
@@ -169,6 +170,15 @@ class JobConfig(_Model):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype; `auto`: Unsloth's choice on a GPU, float32 on a CPU."
     )
+    gradient_checkpointing: Literal["auto", "unsloth", "true", "false"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass to save GPU memory: `false` (none, fastest), "
+        "`true` (standard), `unsloth` (standard, saved layer inputs offloaded to host memory: least memory, "
+        "slowest), or `auto`: the fastest mode whose estimated peak memory fits the GPU with headroom "
+        "(`false`, else `true`, else `unsloth`), and on a resume the mode the checkpoint was trained with. "
+        "Sets Unsloth's `use_gradient_checkpointing` and SFTConfig's `gradient_checkpointing` together; "
+        "recorded in the checkpoint fingerprint, so an explicit mode that differs from a checkpoint's is refused.",
+    )
     adapter: str | None = Field(None, description="Saved LoRA adapter to continue from: s3:// URI or local dir.")
     lora: LoraSettings = LoraSettings()
     dataset: DatasetSettings
@@ -191,6 +201,12 @@ class JobConfig(_Model):
             if key in RESERVED_TRAINING_FIELDS:
                 raise ValueError(f"`{key}` cannot be set here: {RESERVED_TRAINING_FIELDS[key]}")
         return value
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML reads an unquoted true/false as a boolean; they mean the modes of the same name.
+        return str(value).lower() if isinstance(value, bool) else value
 
     @field_validator("adapter")
     @classmethod

@@ -5,6 +5,7 @@ python -m loraresume_trainer.config_docs > docs/job-config.md
 
 from __future__ import annotations
 
+import json
 import sys
 import typing
 from pathlib import Path
@@ -15,6 +16,7 @@ from pydantic_core import PydanticUndefined
 
 from .config import RESERVED_TRAINING_FIELDS, JobConfig
 from .outcome import Outcome
+from .training_args import DEFAULTS
 
 
 def _type_name(annotation: Any) -> str:
@@ -79,6 +81,13 @@ def render() -> str:
         "",
     ]
     lines += [f"- `{k}`: {v}" for k, v in sorted(RESERVED_TRAINING_FIELDS.items())]
+    lines += [
+        "",
+        "Defaults the trainer sets where `training` leaves a field out (the seed notebook's values, and",
+        "`padding_free: false`, measured faster on the H200: benchmarks/RESULTS.md, issue 16):",
+        "",
+        ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in DEFAULTS.items()) + ".",
+    ]
     lines += ["", "## Exit codes", "", "| code | outcome | the operator should |", "| --- | --- | --- |"]
     advice = {
         Outcome.SUCCEEDED: "mark the job Succeeded; the adapter is in `<storage.uri>/adapter/`",

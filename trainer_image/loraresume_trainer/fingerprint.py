@@ -6,6 +6,8 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .grad_checkpointing import FINGERPRINT_KEY, recorded_mode
+
 # Order here is the order a refusal message lists changes in.
 FINGERPRINT_KEYS = (
     "base_model",
@@ -18,6 +20,7 @@ FINGERPRINT_KEYS = (
     "num_train_epochs",
     "seed",
     "lora",
+    "gradient_checkpointing",
 )
 
 
@@ -43,8 +46,10 @@ def make_fingerprint(
     num_train_epochs: float,
     seed: int,
     lora: Mapping[str, Any],
+    gradient_checkpointing: str | None = None,
 ) -> dict[str, Any]:
-    """A JSON-able dict; equal dicts mean the same rows, order, batches, schedule and LoRA shape."""
+    """A JSON-able dict; equal dicts mean the same rows, order, batches, schedule, LoRA shape and
+    gradient-checkpointing mode (omitted when None: a caller that has none, like the stand-in trainer)."""
     lora_norm = dict(lora)
     if "target_modules" in lora_norm:
         lora_norm["target_modules"] = sorted(lora_norm["target_modules"])
@@ -59,7 +64,19 @@ def make_fingerprint(
         "num_train_epochs": float(num_train_epochs),
         "seed": int(seed),
         "lora": lora_norm,
+        **({FINGERPRINT_KEY: str(gradient_checkpointing)} if gradient_checkpointing is not None else {}),
     }
+
+
+def with_recorded_mode(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """`fingerprint` with its gradient-checkpointing mode spelled out: checkpoints saved before the
+    mode was recorded were trained with Unsloth's (it was hard-coded), and compare as such."""
+    return {**fingerprint, FINGERPRINT_KEY: recorded_mode(fingerprint)}
+
+
+def same_run(saved: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether a saved fingerprint resumes exactly under the current one."""
+    return with_recorded_mode(saved) == with_recorded_mode(current)
 
 
 def _short(value: Any) -> str:
@@ -69,6 +86,7 @@ def _short(value: Any) -> str:
 
 def fingerprint_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Human-readable changes, e.g. ``max_steps: 30 -> 40``; empty when resume is exact."""
+    saved, current = with_recorded_mode(saved), with_recorded_mode(current)
     keys = list(FINGERPRINT_KEYS) + sorted((set(saved) | set(current)) - set(FINGERPRINT_KEYS))
     changes = []
     for key in keys:

@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import JobConfig
 from .errors import ConfigError
+from .grad_checkpointing import Mode, to_unsloth
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,18 @@ def count_trainable(model: Any) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def load_model(job: JobConfig, base_path: str, adapter_dir: Path | None, *, on_gpu: bool) -> tuple[Any, Any]:
-    """Returns (PEFT model, tokenizer). Raises ConfigError when nothing would train."""
+def load_model(
+    job: JobConfig,
+    base_path: str,
+    adapter_dir: Path | None,
+    *,
+    on_gpu: bool,
+    gradient_checkpointing: Mode = "unsloth",
+) -> tuple[Any, Any]:
+    """Returns (PEFT model, tokenizer). Raises ConfigError when nothing would train.
+
+    `gradient_checkpointing`: the run's mode (grad_checkpointing.choose), as Unsloth spells it.
+    """
     import transformers
     from unsloth import FastLanguageModel
 
@@ -146,7 +157,7 @@ def load_model(job: JobConfig, base_path: str, adapter_dir: Path | None, *, on_g
         max_seq_length=job.max_seq_length,
         load_in_4bit=job.load_in_4bit,
         dtype=torch_dtype(job.dtype, on_gpu),
-        use_gradient_checkpointing="unsloth",
+        use_gradient_checkpointing=to_unsloth(gradient_checkpointing),
         random_state=job.seed,
     )
     # The LoRA is initialised before the Trainer seeds the RNG: seed here so fresh runs agree.
@@ -164,7 +175,7 @@ def load_model(job: JobConfig, base_path: str, adapter_dir: Path | None, *, on_g
             target_modules=list(lora.target_modules),
             bias=lora.bias,
             use_rslora=lora.use_rslora,
-            use_gradient_checkpointing="unsloth",
+            use_gradient_checkpointing=to_unsloth(gradient_checkpointing),
             random_state=job.seed,
         )
     trainable = count_trainable(model)

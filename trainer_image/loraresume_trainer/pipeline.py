@@ -25,7 +25,8 @@ from botocore.exceptions import ClientError
 from .checkpoint_store import CHECKPOINTS_DIR, CheckpointStore
 from .config import JobConfig
 from .errors import ConfigError, DamagedCheckpoint, TrainerError
-from .fingerprint import make_fingerprint, texts_sha256
+from .fingerprint import make_fingerprint, same_run, texts_sha256
+from .grad_checkpointing import FINGERPRINT_KEY, Decision, kept_mode
 from .manifest import parse_checkpoint_name
 from .outcome import Outcome, TerminationMessage
 from .progress import emit_event, progress_record
@@ -82,6 +83,7 @@ class Pipeline:
         self.client = make_s3_client(job.storage.endpoint, job.storage.region)
         self.store = CheckpointStore(self.client, S3Uri.parse(job.storage.uri))
         self.durable_step: int | None = None
+        self.checkpointing: Decision | None = None  # the gradient-checkpointing mode, decided in run()
 
     # 1. inputs ---------------------------------------------------------------------------
     def fetch_dir(self, ref: str, kind: str, field: str) -> str:
@@ -147,6 +149,42 @@ class Pipeline:
             seed=self.job.seed,
             lora=lora,
         )
+
+    def choose_checkpointing(self, base_path: str, lora: dict[str, Any], kept: str | None) -> Decision:
+        """The gradient-checkpointing mode (grad_checkpointing.choose), logged and emitted as an event."""
+        from .grad_checkpointing import ModelShape, Workload, choose
+        from .training_args import effective_training
+
+        job = self.job
+        shape = None
+        try:
+            from transformers import AutoConfig
+
+            shape = ModelShape.from_config(AutoConfig.from_pretrained(base_path).to_dict())
+        except (OSError, ValueError) as exc:
+            log.warning("gradient checkpointing: cannot read the model's shape from %s: %s", base_path, exc)
+        on_gpu, bf16_ok = _accelerator()
+        dtype = job.dtype if job.dtype != "auto" else ("bfloat16" if bf16_ok else "float16")
+        training = effective_training(job)
+        work = Workload(
+            tokens=int(training["per_device_train_batch_size"]) * job.max_seq_length,
+            dtype=dtype,
+            load_in_4bit=job.load_in_4bit,
+            lora_r=int(lora.get("r") or job.lora.r),
+            lora_targets=tuple(lora.get("target_modules") or job.lora.target_modules),
+            optim=str(training.get("optim", "adamw_torch")),
+        )
+        decision = choose(job.gradient_checkpointing, shape, work, _gpu_total_bytes() if on_gpu else None, kept=kept)
+        summary = decision.summary()
+        log.info(
+            "gradient checkpointing: %s (requested %s: %s; estimated peak GiB %s)",
+            decision.mode,
+            decision.requested,
+            decision.reason,
+            summary["estimated_peak_gib"] or "unknown",
+        )
+        emit_event("gradient_checkpointing", tokens_per_micro_batch=work.tokens, **summary)
+        return decision
 
     # 3. resume plan ----------------------------------------------------------------------
     def explicit_candidate(self) -> Candidate | None:
@@ -225,11 +263,21 @@ class Pipeline:
         fingerprint = self.fingerprint(texts, lora)
 
         done = self.store.read_adapter_manifest()
-        if done is not None and done.fingerprint == fingerprint:
+        # `auto` keeps the mode of the run it continues (the job's own adapter and checkpoints, else
+        # an explicit checkpoint): a resume never changes mode silently.
+        saved = ([done.fingerprint] if done is not None else []) + [c.fingerprint for c in complete]
+        explicit = None
+        if job.gradient_checkpointing == "auto" and kept_mode(saved, fingerprint) is None:
+            explicit = self.explicit_candidate()
+            saved += [explicit.fingerprint] if explicit is not None else []
+        self.checkpointing = self.choose_checkpointing(base_path, lora, kept_mode(saved, fingerprint))
+        fingerprint = {**fingerprint, FINGERPRINT_KEY: self.checkpointing.mode}
+        if done is not None and same_run(done.fingerprint, fingerprint):
             log.info("adapter already complete in %s: nothing to do", self.store.adapter_uri())
             return self._succeeded(None)
 
-        plan = plan_resume(complete, fingerprint, explicit=self.explicit_candidate(), warm_start=job.resume.warm_start)
+        explicit = explicit if explicit is not None else self.explicit_candidate()
+        plan = plan_resume(complete, fingerprint, explicit=explicit, warm_start=job.resume.warm_start)
         fetched = self.fetch_candidate(plan) if plan.candidates else None
         if plan.candidates and fetched is None:
             # Never start over silently on top of work that exists: a retry may read them intact
@@ -287,12 +335,18 @@ class Pipeline:
         from .uploader import BackgroundUploader
 
         job = self.job
+        mode = self.checkpointing.mode if self.checkpointing is not None else "unsloth"
         args = build_sft_config(
-            job, self.dirs.output, on_gpu=on_gpu, bf16_supported=bf16_ok, tensorboard=job.tensorboard
+            job,
+            self.dirs.output,
+            on_gpu=on_gpu,
+            bf16_supported=bf16_ok,
+            tensorboard=job.tensorboard,
+            gradient_checkpointing=mode,
         )
         if job.tensorboard:
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.dirs.tensorboard / f"attempt-{job.attempt}")
-        model, tokenizer = load_model(job, base_path, adapter_dir, on_gpu=on_gpu)
+        model, tokenizer = load_model(job, base_path, adapter_dir, on_gpu=on_gpu, gradient_checkpointing=mode)
         emit_event(
             "model_ready", lora_sha256=lora_weights_sha256(model), resume_from=str(resume_dir) if resume_dir else None
         )
@@ -417,6 +471,12 @@ def _accelerator() -> tuple[bool, bool]:
     if torch.cuda.is_available():
         return True, torch.cuda.is_bf16_supported()
     return False, False
+
+
+def _gpu_total_bytes() -> int:
+    import torch
+
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
 
 
 def lora_weights_sha256(model: Any) -> str:

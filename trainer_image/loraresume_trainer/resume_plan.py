@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ResumeRefused
-from .fingerprint import fingerprint_diff
+from .fingerprint import fingerprint_diff, same_run
 
 
 class ResumeMode(enum.Enum):
@@ -55,7 +55,7 @@ def plan_resume(
         ordered = (
             [c for c in rest if c.step > explicit.step] + [explicit] + [c for c in rest if c.step <= explicit.step]
         )
-    matching = tuple(c for c in ordered if dict(c.fingerprint) == dict(current))
+    matching = tuple(c for c in ordered if same_run(c.fingerprint, current))
     if matching:
         return ResumePlan(ResumeMode.EXACT, matching)
     if not ordered:

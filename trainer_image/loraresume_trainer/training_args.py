@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import JobConfig
 from .errors import ConfigError
+from .grad_checkpointing import Mode, sft_gradient_checkpointing
 
 if TYPE_CHECKING:
     from trl import SFTConfig
@@ -26,6 +27,11 @@ DEFAULTS: dict[str, Any] = {
     "logging_steps": 1,
     "save_steps": 10,
     "seed": 3407,
+    # Padded batches (Unsloth compiles its blocks for them) were faster than padding-free ones in
+    # every measured case on the H200 (8B, batch 2: +9 % without checkpointing, full rows; +3 %
+    # with variable-length rows), at ~15-23 s more compilation per process
+    # (benchmarks/RESULTS.md, issue 16). `padding_free: true` in `training` turns it back on.
+    "padding_free": False,
 }
 
 
@@ -58,9 +64,19 @@ def effective_training(job: JobConfig) -> dict[str, Any]:
 
 
 def build_sft_config(
-    job: JobConfig, output_dir: Path, *, on_gpu: bool, bf16_supported: bool, tensorboard: bool
+    job: JobConfig,
+    output_dir: Path,
+    *,
+    on_gpu: bool,
+    bf16_supported: bool,
+    tensorboard: bool,
+    gradient_checkpointing: Mode = "unsloth",
 ) -> SFTConfig:
-    """Raises ConfigError for unknown fields, an inconsistent max_length or values SFTConfig rejects."""
+    """Raises ConfigError for unknown fields, an inconsistent max_length or values SFTConfig rejects.
+
+    `gradient_checkpointing`: the run's mode (grad_checkpointing.choose); SFTConfig's flag follows it,
+    so TRL's default (on) cannot turn recompute back on under `false`.
+    """
     from trl import SFTConfig
 
     check_training_fields(job.training)
@@ -82,6 +98,7 @@ def build_sft_config(
         disable_tqdm=True,
         save_only_model=False,
         ignore_data_skip=False,
+        gradient_checkpointing=sft_gradient_checkpointing(gradient_checkpointing),
     )
     try:
         return SFTConfig(**values)
