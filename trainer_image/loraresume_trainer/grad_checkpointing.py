@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 GiB = 1 << 30
 
@@ -70,7 +70,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def to_unsloth(mode: Mode) -> bool | str:
     """The value of Unsloth's `use_gradient_checkpointing` for a mode."""
-    return {"false": False, "true": True, "unsloth": "unsloth"}[mode]
+    values: dict[str, bool | str] = {"false": False, "true": True, "unsloth": "unsloth"}
+    return values[mode]
 
 
 def sft_gradient_checkpointing(mode: Mode) -> bool:
@@ -254,13 +255,15 @@ def choose(
     """
     if requested not in REQUESTED_VALUES:
         raise ValueError(f"gradient_checkpointing must be one of {', '.join(REQUESTED_VALUES)}, got {requested!r}")
-    estimates = {m: estimate(shape, work, m) for m in MODES_FASTEST_FIRST} if shape is not None else {}
+    estimates: dict[str, Estimate] = (
+        {m: estimate(shape, work, m) for m in MODES_FASTEST_FIRST} if shape is not None else {}
+    )
 
     def decided(mode: Mode, reason: str) -> Decision:
         return Decision(requested, mode, reason, estimates, gpu_total_bytes)
 
     if requested != "auto":
-        mode: Mode = requested  # type: ignore[assignment]
+        mode = cast(Mode, requested)
         if gpu_total_bytes and mode in estimates and not fits(estimates[mode].peak, gpu_total_bytes):
             return decided(mode, f"set in the job (estimated peak {_gib(estimates[mode].peak)} may not fit)")
         return decided(mode, "set in the job")
@@ -270,7 +273,7 @@ def choose(
         note = ""
         if gpu_total_bytes and kept in estimates and not fits(estimates[kept].peak, gpu_total_bytes):
             note = f"; its estimated peak {_gib(estimates[kept].peak)} may not fit this GPU"
-        return decided(kept, f"kept from the checkpoint being resumed{note}")  # type: ignore[arg-type]
+        return decided(kept, f"kept from the checkpoint being resumed{note}")
     if gpu_total_bytes is None:
         return decided("false", "no GPU: no GPU memory to fit, no recompute")
     if shape is None:
