@@ -22,6 +22,11 @@ benchmarks/RESULTS.md and prints the table.
     source benchmarks/gpu_env.sh && python3 benchmarks/gpu_bench.py --smoke  # H200, ~3 min
     python benchmarks/gpu_bench.py --cpu-smoke                               # CPU, every path but 4-bit/Unsloth GPU
     python benchmarks/gpu_bench.py --report benchmarks/results/gpu_bench-DATE.json
+
+`--speed full,var` (issue 16) runs another comparison instead: the trainer in each gradient-checkpointing
+mode, with padding_free on and off, against the baseline with and without checkpointing, on full and on
+variable-length rows, one process each, printing tokens/s ratios, LoRA-MFU, peak memory beside the trainer's
+estimate and first-step time; `--report-speed FILES` writes RESULTS.md's issue 16 section (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -392,10 +397,74 @@ def install_hf_hooks() -> None:
     tt.Trainer.__init__ = init
 
 
+STEP_EVENTS_ENV = "GPU_BENCH_STEP_EVENTS"  # set by --speed: per-step tokens and memory events
+
+
+def batch_tokens(batch_samples: list[Any]) -> dict[str, int]:
+    """Tokens in one optimizer step's micro-batches: real (attention mask, or every position of a
+    padding-free batch), positions (incl. padding) and positions with a label."""
+    real = positions = labelled = rows = 0
+    for b in batch_samples:
+        ids = b.get("input_ids") if hasattr(b, "get") else None
+        if ids is None:
+            continue
+        positions += int(ids.numel())
+        mask = b.get("attention_mask")
+        real += int(mask.sum()) if mask is not None else int(ids.numel())
+        labels = b.get("labels")
+        if labels is not None:
+            labelled += int((labels != -100).sum())
+        pos = b.get("position_ids")
+        rows += int((pos == 0).sum()) if pos is not None and mask is None else int(ids.shape[0])
+    return {"tokens": real, "positions": positions, "label_tokens": labelled, "rows": rows}
+
+
+def add_step_events(trainer: Any) -> None:
+    """Per optimizer step: its tokens (from get_batch_samples) and the GPU memory peak so far."""
+    from transformers import TrainerCallback
+
+    orig = trainer.get_batch_samples
+
+    @functools.wraps(orig)
+    def get_batch_samples(*a: Any, **k: Any) -> Any:
+        out = orig(*a, **k)
+        try:
+            bench_event("step_tokens", **batch_tokens(out[0]))
+        except Exception as exc:  # never break the run being measured
+            bench_event("step_tokens", error=repr(exc))
+        return out
+
+    trainer.get_batch_samples = get_batch_samples
+
+    class StepMem(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            bench_event("step_mem", step=state.global_step, mem=cuda_mem())
+
+    trainer.add_callback(StepMem())
+
+
+def train_settings(trainer: Any) -> dict[str, Any]:
+    """What the run actually trains with (after Unsloth's and TRL's own choices)."""
+    model = trainer.model
+    layers_gc = [getattr(m, "gradient_checkpointing", None) for m in model.modules()]
+    collator = trainer.data_collator
+    return {
+        "args_padding_free": getattr(trainer.args, "padding_free", None),
+        "args_gradient_checkpointing": getattr(trainer.args, "gradient_checkpointing", None),
+        "collator": type(collator).__name__,
+        "collator_padding_free": getattr(collator, "padding_free", None),
+        "unsloth_gradient_checkpointing": str(getattr(model, "_unsloth_gradient_checkpointing", None)),
+        "modules_with_gc_on": sum(1 for v in layers_gc if v is True),
+        "is_gradient_checkpointing": getattr(model, "is_gradient_checkpointing", None),
+    }
+
+
 def instrument_trainer(trainer: Any) -> None:
     if getattr(trainer, "_gpu_bench", False):
         return
     trainer._gpu_bench = True
+    if os.environ.get(STEP_EVENTS_ENV):
+        add_step_events(trainer)
     for name in ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state", "get_batch_samples"):
         if hasattr(trainer, name):
             timed(trainer, name, name.lstrip("_"))
@@ -417,6 +486,11 @@ def instrument_train(trainer: Any) -> None:
     def train(*a: Any, **k: Any) -> Any:
         load_mem = cuda_mem()
         reset_peak()
+        if os.environ.get(STEP_EVENTS_ENV):
+            try:
+                bench_event("train_settings", **train_settings(trainer))
+            except Exception as exc:
+                bench_event("train_settings", error=repr(exc))
         bench_event("hf_train_start", t=time.monotonic(), mem=load_mem)
         try:
             return orig_train(*a, **k)
@@ -458,12 +532,13 @@ def child_baseline(ns: argparse.Namespace) -> int:
         model = AutoModelForCausalLM.from_pretrained(
             ns.base, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0}
         )
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=not ns.no_gc)
     else:
         model = AutoModelForCausalLM.from_pretrained(ns.base, dtype=torch.bfloat16 if on_gpu else torch.float32)
         if on_gpu:
             model.to("cuda")
-        model.gradient_checkpointing_enable()
+        if not ns.no_gc:
+            model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     lora = LoraConfig(
         r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES, bias="none", task_type="CAUSAL_LM"
@@ -503,7 +578,7 @@ def child_baseline(ns: argparse.Namespace) -> int:
         report_to="none",
         disable_tqdm=True,
         bf16=on_gpu,
-        gradient_checkpointing=True,
+        gradient_checkpointing=not ns.no_gc,
     )
     t1 = time.monotonic()
     if use_sft:
@@ -533,6 +608,9 @@ def child_baseline(ns: argparse.Namespace) -> int:
         )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     bench_event("trainer_ready", t0=t1, t1=time.monotonic(), trainable=trainable, trainer=type(trainer).__name__)
+    if os.environ.get(STEP_EVENTS_ENV):
+        add_step_events(trainer)
+        bench_event("train_settings", **train_settings(trainer))
     load_mem = cuda_mem()
     reset_peak()
     bench_event("hf_train_start", t=time.monotonic(), mem=load_mem)
@@ -603,6 +681,38 @@ def child_build(ns: argparse.Namespace) -> int:
         tokenizer_vocab=len(tokenizer),
         bytes=data.stat().st_size,
     )
+    if ns.var_data:
+        # Variable-length rows: outputs of 8 .. n_words words, so rows run from a few dozen tokens
+        # to longer than seq (truncated); what padding costs and padding-free saves.
+        vrng = random.Random(4321)
+        vrows = [
+            {
+                "instruction": f"Continue the text number {i}.",
+                "input": "",
+                "output": " ".join(vrng.choice(words) for _ in range(vrng.randint(8, n_words))),
+            }
+            for i in range(ns.rows)
+        ]
+        vlen = [
+            min(
+                ns.seq,
+                len(tokenizer(f"### Instruction:\n{r['instruction']}\n\n### Response:\n{r['output']}")["input_ids"])
+                + 1,
+            )
+            for r in vrows
+        ]
+        vdata = Path(ns.var_data)
+        vdata.write_text("".join(json.dumps(r) + "\n" for r in vrows))
+        bench_event(
+            "var_data",
+            rows=len(vrows),
+            mean_tokens=round(statistics.fmean(vlen), 1),
+            min_tokens=min(vlen),
+            max_tokens=max(vlen),
+            full_rows=sum(1 for x in vlen if x >= ns.seq),
+            # attention FLOPs per token grow with the row's length: the token-weighted mean length
+            attention_seq=round(sum(x * x for x in vlen) / sum(vlen), 1),
+        )
 
     s = SHAPES[ns.size]
     vocab = s["vocab"] or len(tokenizer)
@@ -1595,6 +1705,545 @@ def orchestrate(ns: argparse.Namespace) -> int:
     return 0 if not ctx.results["errors"] else 1
 
 
+# ------------------------------------------------------------------------- speed (issue 16)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One process of the speed comparison: the trainer in a gradient-checkpointing mode, or the baseline."""
+
+    name: str
+    kind: str = "trainer"  # "trainer" (loraresume-train) or "baseline" (transformers + peft + bitsandbytes)
+    gc: str = "auto"  # trainer: the job's gradientCheckpointing; baseline: "true" / "false"
+    padding_free: bool | None = None  # SFTConfig padding_free; None: the trainer's default (Unsloth's choice)
+    rows: str = "full"  # "full" (every row truncated to seq) or "var" (variable-length rows)
+
+
+SPEED_SETS: dict[str, tuple[Variant, ...]] = {
+    # padding_free None: the trainer's default (training_args.DEFAULTS, off since issue 16's runs)
+    "full": (
+        Variant("baseline-gc", "baseline", "true"),
+        Variant("auto"),
+        Variant("unsloth", gc="unsloth"),
+        Variant("baseline-nogc", "baseline", "false"),
+        Variant("true", gc="true"),
+        Variant("auto-pf-on", padding_free=True),
+        Variant("unsloth-pf-on", gc="unsloth", padding_free=True),
+    ),
+    "var": (
+        Variant("var-baseline-gc", "baseline", "true", rows="var"),
+        Variant("var-auto", rows="var"),
+        Variant("var-auto-pf-on", padding_free=True, rows="var"),
+        Variant("var-unsloth", gc="unsloth", rows="var"),
+        Variant("var-unsloth-pf-on", gc="unsloth", padding_free=True, rows="var"),
+    ),
+}
+
+
+@dataclass
+class SpeedPlan:
+    size: str
+    seq: int = 2048
+    batch: int = 2
+    grad_accum: int = 4
+    warmup: int = 4  # steps not timed (the first compiles; variable rows can recompile)
+    timed: int = 10
+    bl_warmup: int = 2
+    bl_timed: int = 6
+    q4: bool = True
+    tokenizer_vocab: int = 8000
+    est: dict[str, float] = field(default_factory=dict)  # seconds a process needs: build, trainer, baseline
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.grad_accum * self.seq
+
+    @property
+    def rows(self) -> int:
+        return (max(self.warmup + self.timed, self.bl_warmup + self.bl_timed) + 4) * self.batch * self.grad_accum
+
+
+def speed_plan(mode: str) -> SpeedPlan:
+    if mode == "cpu-smoke":
+        return SpeedPlan(
+            "tiny",
+            seq=128,
+            warmup=1,
+            timed=2,
+            bl_warmup=1,
+            bl_timed=2,
+            q4=False,
+            tokenizer_vocab=600,
+            est=dict(build=30, trainer=60, baseline=40),
+        )
+    return SpeedPlan("8b", est=dict(build=100, trainer=60, baseline=50))
+
+
+def speed_job(ctx: Ctx, plan: SpeedPlan, base: Path, data: Path, v: Variant) -> Path:
+    import yaml
+
+    training: dict[str, Any] = {
+        "per_device_train_batch_size": plan.batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "warmup_steps": 5,
+        "max_steps": plan.warmup + plan.timed + 50,  # killed after the timed steps; no checkpoint in them
+        "learning_rate": 2e-4,
+        "optim": "adamw_8bit",
+        "logging_steps": 1,
+        "save_steps": 10_000,
+        "seed": 3407,
+    }
+    if v.padding_free is not None:
+        training["padding_free"] = v.padding_free
+    cfg: dict[str, Any] = {
+        "name": f"speed-{plan.size}-{v.name}",
+        "baseModel": str(base),
+        "maxSeqLength": plan.seq,
+        "loadIn4bit": plan.q4,
+        "dtype": "auto",
+        "gradientCheckpointing": v.gc,
+        "dataset": {"source": str(data), "template": "alpaca"},
+        "lora": {"r": 16, "alpha": 16, "dropout": 0.0},
+        "training": training,
+        "storage": {"uri": f"s3://{BUCKET}/speed-{v.name}/", "endpoint": ctx.endpoint, "keepCheckpoints": 100},
+        "workDir": str(ctx.work / plan.size / v.name / "work"),
+        "terminationLog": str(ctx.work / plan.size / v.name / "termination-log"),
+    }
+    path = ctx.work / plan.size / v.name / "job.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def spawn_variant(ctx: Ctx, plan: SpeedPlan, v: Variant, base: Path, data: Path, gate: str) -> Child:
+    last = (plan.warmup + plan.timed) if v.kind == "trainer" else (plan.bl_warmup + plan.bl_timed)
+
+    def kill_after_last(child: Child, event: dict[str, Any]) -> None:
+        if event["event"] == "log" and "loss" in event and int(event.get("step", 0)) >= last and not child.signals:
+            child.signal(signal.SIGKILL)  # the steps are measured; nothing after them is
+
+    env = {**trainer_env(ctx, 1), STEP_EVENTS_ENV: "1"}
+    if v.kind == "trainer":
+        cfg = speed_job(ctx, plan, base, data, v)
+        argv = py("--child", "trainer", "--config", str(cfg), "--termination-log", str(cfg.parent / "termination-log"))
+        argv += ["--gate", gate]
+        return Child(f"{plan.size}-{v.name}", argv, ctx, on_event=kill_after_last, env=env)
+    argv = py(
+        "--child",
+        "baseline",
+        "--base",
+        str(base),
+        "--data",
+        str(data),
+        "--seq",
+        str(plan.seq),
+        "--steps",
+        str(last + 1),
+        "--batch",
+        str(plan.batch),
+        "--grad-accum",
+        str(plan.grad_accum),
+        "--work",
+        str(ctx.work / plan.size / v.name),
+        "--gate",
+        gate,
+        *(["--q4"] if plan.q4 else []),
+        *(["--no-gc"] if v.gc == "false" else []),
+    )
+    return Child(f"{plan.size}-{v.name}", argv, ctx, on_event=kill_after_last, env=env)
+
+
+def analyze_variant(ctx: Ctx, plan: SpeedPlan, v: Variant, child: Child, rc: int | None, fl: dict[str, Any]) -> dict:
+    t = log_times(child)
+    warm = plan.warmup if v.kind == "trainer" else plan.bl_warmup
+    intervals = {s: t[s] - t[s - 1] for s in t if s - 1 in t}
+    timed_steps = sorted(s for s in intervals if s > warm)
+    tok_events = [e for e in child.bench("step_tokens") if "tokens" in e]
+    tokens = {i + 1: e for i, e in enumerate(tok_events)}  # the n-th call fetches step n's batches
+    res: dict[str, Any] = {
+        "variant": asdict(v),
+        "exit_code": rc,
+        "killed_after_timed_steps": any(n == "SIGKILL" for n, _ in child.signals),
+        "steps_logged": len(t),
+        "step_seconds": {s: rnd(x) for s, x in sorted(intervals.items())},
+        "losses": losses(child.events),
+        "gpu": gpu_during(ctx, t.get(warm), t[max(t)] if t else None),
+        "settings": {
+            k: x for k, x in (child.first("train_settings") or {}).items() if k not in ("event", "name", "_t")
+        },
+    }
+    gc_event = (child.of("gradient_checkpointing") or [None])[0]
+    if gc_event:
+        res["gradient_checkpointing"] = {k: x for k, x in gc_event.items() if k not in ("event", "_t", "time")}
+    if timed_steps and all(s in tokens for s in timed_steps):
+        secs = sum(intervals[s] for s in timed_steps)
+        toks = sum(tokens[s]["tokens"] for s in timed_steps)
+        tps = toks / secs
+        peak = ctx.results["meta"].get("matmul_tflops")
+        res["throughput"] = {
+            "steps_timed": len(timed_steps),
+            "seconds": rnd(secs),
+            "tokens": toks,
+            "positions": sum(tokens[s]["positions"] for s in timed_steps),
+            "label_tokens": sum(tokens[s]["label_tokens"] for s in timed_steps),
+            "tokens_per_step_mean": rnd(toks / len(timed_steps), 1),
+            "s_per_step_median": rnd(median([intervals[s] for s in timed_steps])),
+            "s_per_step_min": rnd(min(intervals[s] for s in timed_steps)),
+            "s_per_step_max": rnd(max(intervals[s] for s in timed_steps)),
+            "tokens_per_s": round(tps, 1),
+            "achieved_tflops_lora": rnd(fl["useful"] * tps / 1e12, 1),
+            "mfu_lora_measured": rnd(fl["useful"] * tps / (peak * 1e12), 4) if peak else None,
+            "mfu_lora_datasheet": rnd(fl["useful"] * tps / (H200_DENSE_BF16_TFLOPS * 1e12), 4),
+        }
+    elif timed_steps:
+        res["throughput"] = {"error": f"token counts for {len(tokens)} steps, timed steps {timed_steps}"}
+    mems = [e.get("mem") or {} for e in child.bench("step_mem")]
+    start = child.first("hf_train_start") or {}
+    load = start.get("mem") or {}
+    if mems and mems[-1]:
+        res["memory"] = {
+            "after_load_alloc_gib": rnd(load.get("alloc_gib")),
+            "load_peak_alloc_gib": rnd(load.get("max_alloc_gib")),
+            "train_peak_alloc_gib": rnd(max(m.get("max_alloc_gib", 0) for m in mems)),
+            "train_peak_reserved_gib": rnd(max(m.get("max_reserved_gib", 0) for m in mems)),
+            "steps_seen": len(mems),
+        }
+    first_log = t[min(t)] if t else None
+    if v.kind == "trainer":
+        split = startup_split(child)
+        res["startup"] = {
+            "total_s": split.get("total_s"),
+            "first_step_s": get(split, "phases_s", "first_step"),
+            "trainer_setup_tokenize_s": get(split, "phases_s", "trainer_setup_tokenize"),
+            "loop_setup_s": get(split, "phases_s", "loop_setup"),
+            "model_load_s": get(split, "phases_s", "model_load"),
+        }
+    elif first_log is not None and start.get("t"):
+        res["startup"] = {"first_step_s": rnd(first_log - start["t"])}
+    return res
+
+
+def run_speed(ctx: Ctx, plan: SpeedPlan, sets: list[str]) -> None:
+    size = plan.size
+    res: dict[str, Any] = ctx.results["sizes"].setdefault(size, {"plan": asdict(plan), "variants": {}})
+    sdir = ctx.work / size
+    sdir.mkdir(parents=True, exist_ok=True)
+    base_root = sdir / "base"
+    base = base_root / ("bnb4" if plan.q4 else "model")
+    data = {"full": sdir / "train.jsonl", "var": sdir / "train-var.jsonl"}
+    variants = [v for s in sets for v in SPEED_SETS[s]]
+    build = Child(
+        f"{size}-build",
+        py(
+            "--child",
+            "build",
+            "--size",
+            size,
+            "--out",
+            str(base_root),
+            "--data",
+            str(data["full"]),
+            "--seq",
+            str(plan.seq),
+            "--rows",
+            str(plan.rows),
+            "--tokenizer-vocab",
+            str(plan.tokenizer_vocab),
+            *(["--var-data", str(data["var"])] if "var" in sets else []),
+            *(["--q4"] if plan.q4 else []),
+            *(["--matmul"] if ctx.ns.mode != "cpu-smoke" else []),
+        ),
+        ctx,
+        env={"PYTHONPATH": os.pathsep.join([str(ROOT / "trainer_image"), os.environ.get("PYTHONPATH", "")])},
+    )
+    gates = {v.name: str(sdir / f"{v.name}.go") for v in variants}
+    # The first process imports while the model is built; each later one while the one before it runs
+    # (it waits at its gate before loading the model, so only imports overlap a measured run).
+    pending = spawn_variant(ctx, plan, variants[0], base, data[variants[0].rows], gates[variants[0].name])
+    rc = build.wait(max(10.0, ctx.left() - 5))
+    mm, var_data = build.first("matmul"), build.first("var_data")
+    if mm:
+        ctx.results["meta"]["matmul_tflops"] = mm["tflops"]
+        ctx.results["meta"]["matmul"] = {k: x for k, x in mm.items() if k not in ("event", "name", "_t")}
+    res["build"] = {
+        "exit_code": rc,
+        "seconds": rnd(build.t_end - build.t_spawn if build.t_end else None, 1),
+        "params": (build.first("init") or {}).get("params"),
+        "vocab": (build.first("init") or {}).get("vocab"),
+        "min_row_tokens_full": (build.first("data") or {}).get("min_tokens"),
+        "var_rows": {k: x for k, x in (var_data or {}).items() if k not in ("event", "name", "_t")},
+    }
+    vocab = res["build"]["vocab"] or SHAPES[size]["vocab"] or 0
+    fls = {"full": flops_per_token(size, vocab, plan.seq)}
+    if var_data:
+        fls["var"] = flops_per_token(size, vocab, int(var_data["attention_seq"]))
+    res["flops_per_token"] = {
+        k: {n: f[n] for n in ("useful", "hardware", "n_matmul", "n_lora")} for k, f in fls.items()
+    }
+    ctx.log(f"{size}: build rc={rc} {res['build']}")
+    ctx.save()
+    if rc != 0 or build.first("built") is None:
+        ctx.error(size, "build", build, f"build failed (rc={rc})")
+        Path(gates[variants[0].name] + ".abort").touch()
+        pending.wait(20)
+        return
+    for i, v in enumerate(variants):
+        child = pending
+        need = plan.est["trainer" if v.kind == "trainer" else "baseline"]
+        if ctx.left() < need:
+            ctx.skip(size, v.name, f"{ctx.left():.0f} s left, needs ~{need:.0f} s")
+            Path(gates[v.name] + ".abort").touch()
+            child.wait(20)
+            for rest in variants[i + 1 :]:
+                ctx.skip(size, rest.name, "out of time")
+            break
+        Path(gates[v.name]).touch()
+        if i + 1 < len(variants):
+            nxt = variants[i + 1]
+            pending = spawn_variant(ctx, plan, nxt, base, data[nxt.rows], gates[nxt.name])
+        rc = child.wait(ctx.left() - 5)
+        r = analyze_variant(ctx, plan, v, child, rc, fls.get(v.rows, fls["full"]))
+        res["variants"][v.name] = r
+        ctx.log(
+            f"{size}/{v.name}: rc={rc} tokens/s={get(r, 'throughput', 'tokens_per_s')} "
+            f"peak={get(r, 'memory', 'train_peak_alloc_gib')} GiB gc={get(r, 'gradient_checkpointing', 'mode')}"
+        )
+        if not r["killed_after_timed_steps"] or not get(r, "throughput", "tokens_per_s"):
+            ctx.error(size, v.name, child, f"exit code {rc} before its timed steps were measured")
+        ctx.save()
+
+
+def orchestrate_speed(ns: argparse.Namespace) -> int:
+    ctx = Ctx(ns)
+    ctx.results["meta"] = {**meta(ctx), "speed_sets": ns.speed.split(",")}
+    ctx.save()
+    if ns.mode != "cpu-smoke":
+        ctx.gpu = GpuMonitor()
+    moto = start_moto(ctx)
+    try:
+        run_speed(ctx, speed_plan(ns.mode), ns.speed.split(","))
+    except BaseException as exc:
+        ctx.error("-", "orchestrate", None, repr(exc))
+        raise
+    finally:
+        moto.terminate()
+        if ctx.gpu is not None:
+            ctx.gpu.stop.set()
+        ctx.save()
+        pack_logs(ctx)
+    print("\n".join(speed_table(ctx.results)))
+    return 0 if not ctx.results["errors"] else 1
+
+
+# Issue 16's targets (8B, H200, the seed's settings).
+SPEED_TARGETS = {"auto_speedup": 2.5, "auto_mfu_lora": 0.60, "lowest_memory_ratio": 0.6}
+
+
+def speed_variants(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One run's variants by name (the first size that has them)."""
+    for r in results.get("sizes", {}).values():
+        if r.get("variants"):
+            return r["variants"]
+    return {}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _used_mode(x: dict[str, Any]) -> str:
+    v = x["variant"]
+    return v["gc"] if v["kind"] == "baseline" else (get(x, "gradient_checkpointing", "mode") or "?")
+
+
+def _padding_free(x: dict[str, Any]) -> Any:
+    return get(x, "settings", "args_padding_free")
+
+
+def _baselines(vs: dict[str, dict[str, Any]], rows: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    of = [x for x in vs.values() if x["variant"]["kind"] == "baseline" and x["variant"]["rows"] == rows]
+    gc = next((x for x in of if x["variant"]["gc"] == "true"), {})
+    nogc = next((x for x in of if x["variant"]["gc"] == "false"), {})
+    return gc, nogc
+
+
+def speed_table(results: dict[str, Any]) -> list[str]:
+    """One run, side by side: tokens/s and its ratios to the baseline with and without checkpointing."""
+    vs = speed_variants(results)
+    lines = [
+        "| variant | rows | gradient checkpointing (job → used) | padding_free (as trained) | tokens/s | "
+        "× baseline with gc | × baseline without gc | s/step (median) | LoRA-MFU % | "
+        "peak allocated GiB (estimate) | × baseline-with-gc peak | first step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, x in vs.items():
+        v = x["variant"]
+        bgc, bno = _baselines(vs, v["rows"])
+        tps = get(x, "throughput", "tokens_per_s")
+        peak = get(x, "memory", "train_peak_alloc_gib")
+        used = _used_mode(x)
+        est = get(x, "gradient_checkpointing", "estimated_peak_gib", used)
+        cells = [
+            f"{name}{' (baseline)' if v['kind'] == 'baseline' else ''}",
+            v["rows"],
+            v["gc"] if v["kind"] == "baseline" else f"{v['gc']} → {used}",
+            f"{_padding_free(x)}" + (" (job)" if v["padding_free"] is not None else " (default)"),
+            fmt(tps, ",.0f"),
+            fmt(_ratio(tps, get(bgc, "throughput", "tokens_per_s")), ".2f", "x"),
+            fmt(_ratio(tps, get(bno, "throughput", "tokens_per_s")), ".2f", "x"),
+            fmt(get(x, "throughput", "s_per_step_median")),
+            fmt(pct(get(x, "throughput", "mfu_lora_measured")), ".1f"),
+            f"{fmt(peak)} ({fmt(est)})",
+            fmt(_ratio(peak, get(bgc, "memory", "train_peak_alloc_gib")), ".3f"),
+            fmt(get(x, "startup", "first_step_s"), ".1f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def padding_free_lines(results: dict[str, Any]) -> list[str]:
+    """padding_free off against on, per mode and rows (same run): tokens/s and first-step time."""
+    vs = speed_variants(results)
+    trainers = [x for x in vs.values() if x["variant"]["kind"] == "trainer"]
+    out = []
+    for off in trainers:
+        if _padding_free(off) is not False:
+            continue
+        on = next(
+            (
+                x
+                for x in trainers
+                if _padding_free(x) is True
+                and x["variant"]["rows"] == off["variant"]["rows"]
+                and x["variant"]["gc"] == off["variant"]["gc"]
+            ),
+            None,
+        )
+        if on is None:
+            continue
+        a, b = get(off, "throughput", "tokens_per_s"), get(on, "throughput", "tokens_per_s")
+        ratio = _ratio(a, b)
+        change = fmt(pct(ratio - 1) if ratio else None, "+.1f", " %")
+        first = [fmt(get(x, "startup", "first_step_s"), ".1f") for x in (off, on)]
+        busy = [fmt(get(x, "gpu", "utilization.gpu", "mean"), ".0f") for x in (off, on)]
+        peak = [fmt(get(x, "memory", "train_peak_alloc_gib")) for x in (off, on)]
+        out.append(
+            f"- `{off['variant']['gc']}` → {_used_mode(off)}, {off['variant']['rows']} rows: off "
+            f"{fmt(a, ',.0f')} vs on {fmt(b, ',.0f')} tokens/s ({change}); first step {first[0]} vs {first[1]} s; "
+            f"GPU busy (nvidia-smi) {busy[0]} vs {busy[1]} %; peak {peak[0]} vs {peak[1]} GiB."
+        )
+    return out
+
+
+def speed_targets(results: dict[str, Any]) -> list[str]:
+    """Issue 16's targets, judged on one run with full rows."""
+    vs = speed_variants(results)
+    bgc, _ = _baselines(vs, "full")
+    auto = vs.get("auto") or {}
+    speed = _ratio(get(auto, "throughput", "tokens_per_s"), get(bgc, "throughput", "tokens_per_s"))
+    mfu = get(auto, "throughput", "mfu_lora_measured")
+    bpeak = get(bgc, "memory", "train_peak_alloc_gib")
+    trainers = [(n, x) for n, x in vs.items() if x["variant"]["kind"] == "trainer" and x["variant"]["rows"] == "full"]
+    low_name, low = min(trainers, key=lambda t: get(t[1], "memory", "train_peak_alloc_gib") or math.inf)
+    low_ratio = _ratio(get(low, "memory", "train_peak_alloc_gib"), bpeak)
+    default_low = next(
+        ((n, x) for n, x in trainers if x["variant"]["gc"] == "unsloth" and x["variant"]["padding_free"] is None), None
+    )
+
+    def verdict(value: float | None, ok: bool | None) -> str:
+        return "not measured" if value is None else ("met" if ok else "MISSED")
+
+    lines = [
+        f"- `auto` ≥ {SPEED_TARGETS['auto_speedup']}x the baseline's tokens/s (baseline with checkpointing): "
+        f"**{verdict(speed, speed is not None and speed >= SPEED_TARGETS['auto_speedup'])}**, "
+        f"{fmt(speed, '.2f', 'x')} (`auto` chose `{get(auto, 'gradient_checkpointing', 'mode')}`, padding_free "
+        f"{_padding_free(auto)}).",
+        f"- `auto` ≥ {SPEED_TARGETS['auto_mfu_lora'] * 100:.0f} % LoRA-MFU of the measured matmul rate: "
+        f"**{verdict(mfu, mfu is not None and mfu >= SPEED_TARGETS['auto_mfu_lora'])}**, {fmt(pct(mfu), '.1f', ' %')}.",
+        f"- the lowest-memory mode ≤ {SPEED_TARGETS['lowest_memory_ratio']} of the baseline's peak: "
+        f"**{verdict(low_ratio, low_ratio is not None and low_ratio <= SPEED_TARGETS['lowest_memory_ratio'])}**, "
+        f"{fmt(low_ratio, '.3f')} (`{low_name}`: {fmt(get(low, 'memory', 'train_peak_alloc_gib'))} of "
+        f"{fmt(bpeak)} GiB allocated)",
+    ]
+    if default_low is not None and default_low[1] is not low:
+        ratio = _ratio(get(default_low[1], "memory", "train_peak_alloc_gib"), bpeak)
+        lines[-1] += (
+            f"; with the trainer's default padding_free ({_padding_free(default_low[1])}) "
+            f"`{default_low[0]}` is {fmt(ratio, '.3f')}: "
+            f"**{verdict(ratio, ratio is not None and ratio <= SPEED_TARGETS['lowest_memory_ratio'])}**"
+        )
+    lines[-1] += "."
+    return lines
+
+
+def estimate_lines(results: dict[str, Any]) -> list[str]:
+    """The decision module's estimate against the measured peak, per mode."""
+    out = []
+    for name, x in speed_variants(results).items():
+        used = _used_mode(x)
+        est = get(x, "gradient_checkpointing", "estimated_peak_gib", used)
+        peak = get(x, "memory", "train_peak_alloc_gib")
+        if x["variant"]["kind"] != "trainer" or est is None or peak is None:
+            continue
+        out.append(
+            f"`{name}` ({used}): {est} estimated, {peak} allocated ({fmt(pct(est / peak - 1), '+.1f', ' %')}), "
+            f"{fmt(get(x, 'memory', 'train_peak_reserved_gib'))} reserved"
+        )
+    return out
+
+
+def write_speed_report(json_paths: list[Path], md_path: Path) -> str:
+    """RESULTS.md's issue 16 section from speed runs, oldest first; targets from the newest full-rows run."""
+    runs = []
+    for path in json_paths:
+        try:
+            name = str(path.resolve().relative_to(ROOT))
+        except ValueError:
+            name = str(path)
+        runs.append((name, json.loads(path.read_text())))
+    m = runs[-1][1]["meta"]
+    v = m.get("versions") or {}
+    stack = ", ".join(
+        f"{k} {v[k]}" for k in ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth") if v.get(k)
+    )
+    full = [r for r in runs if "full" in r[1]["meta"].get("speed_sets", [])]
+    lines = [
+        "## GPU speed (issue 16)",
+        "",
+        f"{len(runs)} runs of `benchmarks/gpu_bench.py --speed` on {m.get('gpu')} ({m.get('cpus')} CPU cores), "
+        f"Python {m.get('python')}; {stack}. Measured bf16 matmul rate (the MFU denominator): "
+        + ", ".join(f"{r['meta'].get('matmul_tflops')}" for _, r in runs)
+        + " TFLOP/s.",
+        "",
+    ]
+    if full:
+        name, newest = full[-1]
+        lines += [
+            f"### Targets (8B shape, seed settings; newest full-rows run, `{name}`)",
+            "",
+            *speed_targets(newest),
+            "",
+        ]
+    for i, (name, r) in enumerate(runs, 1):
+        meta_r = r["meta"]
+        lines += [
+            f"### Run {i}: `{name}` ({', '.join(meta_r.get('speed_sets', []))} rows, {meta_r.get('started')}, "
+            f"{meta_r.get('wall_seconds')} s)",
+            "",
+            *speed_table(r),
+            "",
+        ]
+        pf = padding_free_lines(r)
+        if pf:
+            lines += ["padding_free off against on, same run:", "", *pf, ""]
+        est = estimate_lines(r)
+        if est:
+            lines += ["Estimated peak (grad_checkpointing.estimate) against measured: " + "; ".join(est) + ".", ""]
+    existing = md_path.read_text() if md_path.exists() else "# Benchmark results\n\n"
+    md_path.write_text(replace_section(existing, "## GPU speed (issue 16)", "\n".join(lines)))
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------------------- reporting
 
 TARGETS = {
@@ -2302,6 +2951,13 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         help="render RESULTS.md's GPU section from this JSON (sizes it lacks: from the next ones)",
     )
+    p.add_argument(
+        "--speed",
+        help="issue 16: gradient-checkpointing modes, padding_free and the baseline with and without "
+        "checkpointing, side by side (8B; with --cpu-smoke the tiny model): a comma list of row sets, "
+        "full (every row seq tokens) and/or var (variable-length rows)",
+    )
+    p.add_argument("--report-speed", type=Path, nargs="+", help="render RESULTS.md's issue 16 section from these")
     p.add_argument("--results-md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     p.add_argument(
         "--attach-logs",
@@ -2333,6 +2989,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer-vocab", type=int, default=8000)
     p.add_argument("--q4", action="store_true")
     p.add_argument("--matmul", action="store_true")
+    p.add_argument("--no-gc", action="store_true", help=argparse.SUPPRESS)  # baseline without checkpointing
+    p.add_argument("--var-data", help=argparse.SUPPRESS)  # build: also write variable-length rows here
     ns = p.parse_args(argv)
     if ns.child == "trainer":
         return child_trainer(ns)
@@ -2343,9 +3001,19 @@ def main(argv: list[str] | None = None) -> int:
     if ns.attach_logs:
         attach_logs(*ns.attach_logs)
         return 0
+    if ns.report_speed:
+        print(write_speed_report(ns.report_speed, ns.results_md))
+        return 0
     if ns.report:
         print(write_report(ns.report, ns.results_md))
         return 0
+    if ns.speed:
+        ns.mode = "cpu-smoke" if ns.cpu_smoke else "speed"
+        unknown = set(ns.speed.split(",")) - set(SPEED_SETS)
+        if unknown:
+            p.error(f"--speed takes a comma list of {', '.join(SPEED_SETS)}")
+        ns.budget_s = ns.budget_s or {"cpu-smoke": 900.0, "speed": 560.0}[ns.mode]
+        return orchestrate_speed(ns)
     ns.mode = "cpu-smoke" if ns.cpu_smoke else "smoke" if ns.smoke else "full"
     if ns.budget_s is None:
         ns.budget_s = {"cpu-smoke": 900.0, "smoke": 250.0, "full": 540.0}[ns.mode]
