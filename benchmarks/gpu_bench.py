@@ -1444,22 +1444,9 @@ def analyze_baseline(ctx: Ctx, plan: Plan, child: Child, rc: int | None, fl: dic
 # ------------------------------------------------------------------------------------ orchestration
 
 
-def run_size(ctx: Ctx, plan: Plan) -> None:
-    size = plan.size
-    res: dict[str, Any] = ctx.results["sizes"].setdefault(size, {"plan": asdict(plan)})
-    res["plan"]["sigterm_step"] = plan.sigterm_step
-    sdir = ctx.work / size
-    sdir.mkdir(parents=True, exist_ok=True)
-    gate_build, gate_u1 = str(sdir / "build.done"), str(sdir / "unsloth.done")
-    data = sdir / "train.jsonl"
-    base_root = sdir / "base"
-    base = base_root / ("bnb4" if plan.q4 else "model")
-    want = set(plan.phases)
-    if ctx.left() < plan.est.get("build", 60):
-        ctx.skip(size, "all", f"{ctx.left():.0f} s left, build alone needs ~{plan.est.get('build')} s")
-        return
-    first_matmul = "matmul_tflops" not in ctx.results["meta"] and ctx.ns.mode != "cpu-smoke"
-    build = Child(
+def _build_child(ctx, size, base_root, data, plan, *, matmul: bool, var_data=None) -> Child:
+    """The child that builds the base model and tokenized data (and measures the matmul rate)."""
+    return Child(
         f"{size}-build",
         py(
             "--child",
@@ -1476,12 +1463,31 @@ def run_size(ctx: Ctx, plan: Plan) -> None:
             str(plan.rows),
             "--tokenizer-vocab",
             str(plan.tokenizer_vocab),
+            *(["--var-data", str(var_data)] if var_data is not None else []),
             *(["--q4"] if plan.q4 else []),
-            *(["--matmul"] if first_matmul else []),
+            *(["--matmul"] if matmul else []),
         ),
         ctx,
         env={"PYTHONPATH": os.pathsep.join([str(ROOT / "trainer_image"), os.environ.get("PYTHONPATH", "")])},
     )
+
+
+def run_size(ctx: Ctx, plan: Plan) -> None:
+    size = plan.size
+    res: dict[str, Any] = ctx.results["sizes"].setdefault(size, {"plan": asdict(plan)})
+    res["plan"]["sigterm_step"] = plan.sigterm_step
+    sdir = ctx.work / size
+    sdir.mkdir(parents=True, exist_ok=True)
+    gate_build, gate_u1 = str(sdir / "build.done"), str(sdir / "unsloth.done")
+    data = sdir / "train.jsonl"
+    base_root = sdir / "base"
+    base = base_root / ("bnb4" if plan.q4 else "model")
+    want = set(plan.phases)
+    if ctx.left() < plan.est.get("build", 60):
+        ctx.skip(size, "all", f"{ctx.left():.0f} s left, build alone needs ~{plan.est.get('build')} s")
+        return
+    first_matmul = "matmul_tflops" not in ctx.results["meta"] and ctx.ns.mode != "cpu-smoke"
+    build = _build_child(ctx, size, base_root, data, plan, matmul=first_matmul)
     vocab = SHAPES[size]["vocab"]
     u1 = bl = None
     skip_steps = ",".join(
@@ -1932,29 +1938,14 @@ def run_speed(ctx: Ctx, plan: SpeedPlan, sets: list[str]) -> None:
     base = base_root / ("bnb4" if plan.q4 else "model")
     data = {"full": sdir / "train.jsonl", "var": sdir / "train-var.jsonl"}
     variants = [v for s in sets for v in SPEED_SETS[s]]
-    build = Child(
-        f"{size}-build",
-        py(
-            "--child",
-            "build",
-            "--size",
-            size,
-            "--out",
-            str(base_root),
-            "--data",
-            str(data["full"]),
-            "--seq",
-            str(plan.seq),
-            "--rows",
-            str(plan.rows),
-            "--tokenizer-vocab",
-            str(plan.tokenizer_vocab),
-            *(["--var-data", str(data["var"])] if "var" in sets else []),
-            *(["--q4"] if plan.q4 else []),
-            *(["--matmul"] if ctx.ns.mode != "cpu-smoke" else []),
-        ),
+    build = _build_child(
         ctx,
-        env={"PYTHONPATH": os.pathsep.join([str(ROOT / "trainer_image"), os.environ.get("PYTHONPATH", "")])},
+        size,
+        base_root,
+        data["full"],
+        plan,
+        matmul=ctx.ns.mode != "cpu-smoke",
+        var_data=data["var"] if "var" in sets else None,
     )
     gates = {v.name: str(sdir / f"{v.name}.go") for v in variants}
     # The first process imports while the model is built; each later one while the one before it runs
