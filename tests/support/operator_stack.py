@@ -79,13 +79,13 @@ class Job:
         self.endpoint, self.bucket, self.store = endpoint, bucket, store
 
     def apply(self, **spec_over: Any) -> dict[str, Any]:
-        spec = specs.spec_doc(
+        base = specs.spec_doc(
             dataset={"source": f"s3://{self.bucket}/data.jsonl"},
             storage=specs.s3_storage(self.bucket, self.name, self.endpoint, f"{self.name}-s3"),
             training={"maxSteps": 30, "saveSteps": 10},
             restartPolicy={"backoffSeconds": 1, "maxBackoffSeconds": 2, "backoffLimit": 1},
-            **spec_over,
         )
+        spec = specs.spec_doc(base, **spec_over)
         return self.k8s.create("loraresumes", specs.resource(spec, self.name), NS)
 
     def resource(self) -> dict[str, Any] | None:
