@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from tests.support import warm_trainer
+
 TRAIN = [sys.executable, "-m", "loraresume_trainer.cli"]
 
 
@@ -134,13 +136,15 @@ def run_attempt(
     term = Path(config.get("terminationLog", work / "termination-log"))
     term.unlink(missing_ok=True)
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [*TRAIN, "--config", str(path), "--termination-log", str(term)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env({**(env or {}), "LORARESUME_ATTEMPT": str(attempt)}),
-    )
+    argv = ["--config", str(path), "--termination-log", str(term)]
+    launch_env = _env({**(env or {}), "LORARESUME_ATTEMPT": str(attempt)})
+    proc: subprocess.Popen[str] | warm_trainer.WarmProcess
+    if warm_trainer.warm_enabled():
+        proc = warm_trainer.launch(argv, launch_env, server_env=_env(None))
+    else:
+        proc = subprocess.Popen(
+            [*TRAIN, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env
+        )
     stderr_lines: list[str] = []
     reader = threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
     reader.start()
