@@ -27,6 +27,7 @@ BACKING_OFF = "BackingOff"
 FINISHED = "Finished"
 STORAGE_UNAVAILABLE = "StorageUnavailable"
 STORAGE_OK = "StorageReadable"
+TRAINING_CHANGED = "TrainingChanged"  # spec.training.extra edited mid-run: the job is held
 
 
 def set_condition(

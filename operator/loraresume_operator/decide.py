@@ -202,6 +202,8 @@ def _launch(b: _Builder, adapter_uri: str | None, why: str) -> None:
         on_demand=on_demand,
         message=f"attempt {attempt}: pod {name}, {where}",
     )
+    if b.values["training_extra_digest"] is None:
+        b.set(training_extra_digest=obs.spec.training.extra_digest())
     b.actions.append(CreatePod(name, attempt, resume, on_demand, adapter_uri))
     b.condition(c.RUNNING, False, c.POD_STARTING, f"starting pod {name}")
     if on_demand and not obs.status.on_demand:
@@ -302,12 +304,31 @@ def _ended(b: _Builder, end: PodEnd) -> None:
     b.requeue(delay)
 
 
+EXTRA_CHANGED = (
+    "spec.training.extra changed after the first attempt started; it defines the run, so no attempt "
+    "starts until it is changed back (or create a new LoraResume with a new storage.uri)"
+)
+
+
+def _held_for_changed_extra(b: _Builder) -> bool:
+    """The CRD's CEL cannot compare schemaless `extra` by value (see spec.training_immutable_rule):
+    an edit to it is admitted, and held here: nothing launches with a changed run."""
+    recorded = b.obs.status.training_extra_digest
+    if recorded is None or recorded == b.obs.spec.training.extra_digest():
+        return False
+    if b.obs.status.message != EXTRA_CHANGED:
+        b.event("Warning", c.TRAINING_CHANGED, EXTRA_CHANGED)
+    b.set(message=EXTRA_CHANGED)
+    b.requeue(WAIT_FOR_SOURCE_SECONDS)
+    return True
+
+
 def decide(obs: Observation) -> Plan:
     """The next status and actions for one LoraResume. Pure; see the module docstring."""
     b = _Builder(obs)
     _report_progress(b)
     status = obs.status
-    if status.phase.is_terminal:
+    if status.phase.is_terminal or _held_for_changed_extra(b):
         return b.plan()
 
     if status.pod_name is None:

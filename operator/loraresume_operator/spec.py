@@ -8,6 +8,8 @@ the job config a pod receives cannot disagree. Field descriptions become `kubect
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -39,6 +41,30 @@ class _Spec(BaseModel):
 def immutable(message: str) -> dict[str, Any]:
     """CEL rule for fields that define the run: changing them mid-run would break exact resume."""
     return {"x-kubernetes-validations": [{"rule": "self == oldSelf", "message": message}]}
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    return value
+
+
+def training_immutable_rule() -> str:
+    """`self == oldSelf` for spec.training's typed fields.
+
+    Not for `extra`: the API server stores a JSON 1.0 there as 1, and CEL's `==` on schemaless
+    values tells an int from a double, so a server-side apply or PUT of an unchanged manifest
+    would be refused as a change (and CEL cannot index a schemaless object to compare it by
+    value). The operator holds a changed `extra` instead (`TrainingSpec.extra_digest`, decide).
+    """
+    keys = [info.alias or name for name, info in TrainingSpec.model_fields.items() if name != "extra"]
+    return " && ".join(
+        f"(has(self.{key}) == has(oldSelf.{key}) && (!has(self.{key}) || self.{key} == oldSelf.{key}))" for key in keys
+    )
 
 
 # Set or unset, storage.uri stays as it was created (an unset one resolves to the operator's prefix).
@@ -112,6 +138,11 @@ class TrainingSpec(_Spec):
         "fail the attempt with a message naming the field.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
+
+    def extra_digest(self) -> str:
+        """Identifies `extra` by value: 1 and 1.0 are the same number (JSON, and the API server, agree)."""
+        canonical = json.dumps(_integral_floats_as_ints(self.extra), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def sft_config(self) -> dict[str, Any]:
         """The trainer's `training` section (snake_case SFTConfig fields)."""
@@ -281,7 +312,9 @@ class LoraResumeSpec(_Spec):
     training: TrainingSpec = Field(
         default_factory=TrainingSpec,
         description="The training schedule (TRL SFTConfig).",
-        json_schema_extra=immutable(f"training {_NEW_RESOURCE}"),
+        json_schema_extra={
+            "x-kubernetes-validations": [{"rule": training_immutable_rule(), "message": f"training {_NEW_RESOURCE}"}]
+        },
     )
     storage: StorageSpec = Field(
         default_factory=StorageSpec,
@@ -380,6 +413,9 @@ class LoraResumeStatus(_Spec):
     last_attempt_ended: str | None = Field(None, description="When the last pod ended (RFC 3339).")
     next_attempt_after: str | None = Field(None, description="Backoff: no new pod before this time (RFC 3339).")
     on_demand: bool = Field(False, description="True once the job has fallen back from spot to on-demand nodes.")
+    training_extra_digest: str | None = Field(
+        None, description="Digest of spec.training.extra when the first attempt started; a changed extra holds the job."
+    )
     conditions: list[Condition] = Field(
         default_factory=list,
         description="Ready, Succeeded, Failed, ...",

@@ -10,6 +10,7 @@ import pytest
 
 from loraresume_operator import conditions as c
 from loraresume_operator.decide import (
+    EXTRA_CHANGED,
     CreatePod,
     EmitEvent,
     Observation,
@@ -374,3 +375,49 @@ def test_pod_names_are_deterministic_and_bounded():
     assert pod_name("bot", 7) == "bot-attempt-7"
     long = pod_name("x" * 253, 12)
     assert len(long) <= 253 and long.endswith("-a12") and long == pod_name("x" * 253, 12)
+
+
+def _extra(extra: dict[str, Any]) -> LoraResumeSpec:
+    return spec(training={"maxSteps": 100, "extra": extra})
+
+
+def test_the_first_launch_records_trainings_extra():
+    plan = decide(obs(status(), spec=_extra({"max_grad_norm": 0.3})))
+    assert creates(plan) and plan.status.training_extra_digest == _extra({"max_grad_norm": 0.3}).training.extra_digest()
+
+
+@pytest.mark.parametrize(
+    ("recorded", "now", "held"),
+    [
+        ({"max_grad_norm": 1}, {"max_grad_norm": 1.0}, False),  # the API server stores 1.0 as 1: the same run
+        ({"max_grad_norm": 1}, {"max_grad_norm": 0.3}, True),
+        ({"lr_scheduler_kwargs": {"num_cycles": 2}}, {"lr_scheduler_kwargs": {"num_cycles": 2.0}}, False),
+        ({}, {"adam_beta2": 0.99}, True),
+        ({"adam_beta2": 0.99}, {}, True),
+    ],
+    ids=["1-vs-1.0", "changed", "nested-1-vs-1.0", "added", "removed"],
+)
+@pytest.mark.parametrize("pod_state", ["running", "ended", "backoff-over"])
+def test_a_changed_extra_holds_the_job(recorded, now, held, pod_state):
+    digest = _extra(recorded).training.extra_digest()
+    if pod_state == "backoff-over":
+        st, p = status(phase=Phase.RESUMING, attempt=1, failures=1, training_extra_digest=digest), None
+    else:
+        st, p = (
+            status(**RUNNING_1, training_extra_digest=digest),
+            pod() if pod_state == "running" else ended(75),
+        )  # preempted: relaunch at once
+    plan = decide(obs(st, p, spec=_extra(now)))
+    if held:
+        assert not creates(plan) and plan.status.message == EXTRA_CHANGED
+        assert plan.status.failures == st.failures and plan.status.preemptions == st.preemptions
+        assert [a.reason for a in plan.actions if isinstance(a, EmitEvent)] == [c.TRAINING_CHANGED]
+        assert plan.requeue is not None
+        again = decide(obs(plan.status, p, spec=_extra(now)))
+        assert not [a for a in again.actions if isinstance(a, EmitEvent)]  # one event, not one per reconcile
+        released = decide(obs(plan.status, p, spec=_extra(recorded)))  # changed back: the job goes on
+        assert released.status.message != EXTRA_CHANGED
+        assert bool(creates(released)) == (pod_state != "running")
+    else:
+        assert plan.status.message != EXTRA_CHANGED
+        assert bool(creates(plan)) == (pod_state != "running")

@@ -71,9 +71,17 @@ def _child(request: dict[str, Any], out_fd: int, err_fd: int, closing: list[sock
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = ["loraresume-train", *request["argv"]]
+        import logging
         import random
 
         import numpy
+
+        # A fresh interpreter's root logger has no handler when main() configures it; the preloaded
+        # libraries gave the server's one theirs (and main's basicConfig would then do nothing).
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.setLevel(logging.WARNING)
 
         random.seed()  # a fresh interpreter's generators differ per process; these would not
         numpy.random.seed()
