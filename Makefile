@@ -38,8 +38,11 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
+# In parallel (pytest-xdist), one test file per worker at a time: a file's module-scoped control
+# plane is started once. TEST_WORKERS=1 runs serially.
+TEST_WORKERS ?= 2
 test: lint kube
-	$(KUBE_ENV) $(BIN)/python -m pytest -q -ra --durations=15
+	$(KUBE_ENV) $(BIN)/python -m pytest -q -ra --durations=15 $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # Unit and integration tests only (no trainer subprocesses).
 test-fast: $(STAMP) kube
