@@ -27,6 +27,8 @@ BACKING_OFF = "BackingOff"
 FINISHED = "Finished"
 STORAGE_UNAVAILABLE = "StorageUnavailable"
 STORAGE_OK = "StorageReadable"
+SPOT_CAPACITY_TIMEOUT = "SpotCapacityTimeout"  # unschedulable on spot too long: moved to on-demand
+IMAGE_PULL_FAILED = "ImagePullFailed"
 TRAINING_CHANGED = "TrainingChanged"  # spec.training.extra edited mid-run: the job is held
 
 

@@ -23,6 +23,7 @@ from .spec import CheckpointRef, LoraResumeSpec, LoraResumeStatus, Phase
 
 WAIT_FOR_SOURCE_SECONDS = 30.0
 POD_APPEAR_SECONDS = 10.0
+PENDING_RECHECK_SECONDS = 15.0
 MAX_POD_NAME = 253
 
 
@@ -67,6 +68,11 @@ class CreatePod:
 
 
 @dataclass(frozen=True)
+class DeletePod:
+    name: str
+
+
+@dataclass(frozen=True)
 class EmitEvent:
     type: str  # Normal | Warning
     reason: str
@@ -78,7 +84,7 @@ class Requeue:
     after_seconds: float
 
 
-Action = CreatePod | EmitEvent | Requeue
+Action = CreatePod | DeletePod | EmitEvent | Requeue
 
 
 @dataclass(frozen=True)
@@ -131,9 +137,21 @@ def _count(value: Any, default: int) -> int:
     return min(MAX_STEP, max(0, int(value)))
 
 
-def wants_on_demand(spec: LoraResumeSpec, preemptions: int) -> bool:
+def wants_on_demand(spec: LoraResumeSpec, preemptions: int, spot_timeouts: int = 0) -> bool:
+    """Once spot capacity timed out, or after N preemptions, attempts stay on on-demand nodes."""
     spot = spec.scheduling.spot
-    return bool(spot.enabled and spot.fallback_to_on_demand_after and preemptions >= spot.fallback_to_on_demand_after)
+    after = spot.fallback_to_on_demand_after
+    return bool(spot.enabled and (spot_timeouts > 0 or (after and preemptions >= after)))
+
+
+def duration(seconds: float) -> str:
+    """45s, 3m20s, 2h05m: how long a pod has waited, for people."""
+    total = int(max(0.0, seconds))
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    return f"{total // 3600}h{total % 3600 // 60:02d}m"
 
 
 class _Builder:
@@ -191,7 +209,7 @@ def _launch(b: _Builder, adapter_uri: str | None, why: str) -> None:
     obs = b.obs
     attempt = obs.status.attempt + 1
     name = pod_name(obs.resource.name, attempt)
-    on_demand = wants_on_demand(obs.spec, b.values["preemptions"])
+    on_demand = wants_on_demand(obs.spec, b.values["preemptions"], b.values["spot_timeouts"])
     resume = obs.checkpoint.uri if obs.checkpoint else None
     where = f"resuming from {resume}" if resume else "starting fresh"
     b.set(
@@ -201,12 +219,14 @@ def _launch(b: _Builder, adapter_uri: str | None, why: str) -> None:
         next_attempt_after=None,
         on_demand=on_demand,
         message=f"attempt {attempt}: pod {name}, {where}",
+        pending_since=None,
+        pending_reason=None,
     )
     if b.values["training_extra_digest"] is None:
         b.set(training_extra_digest=obs.spec.training.extra_digest())
     b.actions.append(CreatePod(name, attempt, resume, on_demand, adapter_uri))
     b.condition(c.RUNNING, False, c.POD_STARTING, f"starting pod {name}")
-    if on_demand and not obs.status.on_demand:
+    if on_demand and not obs.status.on_demand and not b.values["spot_timeouts"]:
         b.event(
             "Warning", "FallbackToOnDemand", f"{b.values['preemptions']} preemptions: next attempts use on-demand nodes"
         )
@@ -304,6 +324,51 @@ def _ended(b: _Builder, end: PodEnd) -> None:
     b.requeue(delay)
 
 
+def _pending(b: _Builder, pod: ObservedPod) -> None:
+    """A pod that has not started: say why and for how long; past a timeout, act on it."""
+    obs, spec, status = b.obs, b.obs.spec, b.obs.status
+    since = parse_iso(status.pending_since) or obs.now
+    waited = max(0.0, (obs.now - since).total_seconds())
+    reason, detail = pod.pending_reason
+    b.set(pending_since=iso(since), pending_reason=reason)
+    spot, policy = spec.scheduling.spot, spec.restart_policy
+    if pod.unschedulable and spot.enabled and not status.on_demand and waited >= spot.pending_timeout_seconds:
+        b.set(spot_timeouts=status.spot_timeouts + 1)
+        b.actions.append(DeletePod(pod.name))
+        b.event(
+            "Warning",
+            c.SPOT_CAPACITY_TIMEOUT,
+            f"attempt {status.attempt}: no spot node for {duration(waited)} "
+            f"(scheduling.spot.pendingTimeoutSeconds={spot.pending_timeout_seconds}): {detail}; "
+            "this and later attempts use on-demand nodes",
+        )
+        ready, adapter = _adapter_uri(b)
+        if ready:
+            _launch(b, adapter, "no spot capacity")
+        return
+    if pod.pulling_fails and waited >= policy.image_pull_timeout_seconds:
+        b.actions.append(DeletePod(pod.name))
+        _fail(
+            b,
+            c.IMAGE_PULL_FAILED,
+            f"attempt {status.attempt}: the trainer image could not be pulled for {duration(waited)} "
+            f"(restartPolicy.imagePullTimeoutSeconds={policy.image_pull_timeout_seconds}): {reason}: {detail}",
+        )
+        return
+    message = f"attempt {status.attempt}: pod {pod.name} pending for {duration(waited)}: {reason}"
+    message += f": {detail}" if detail else ""
+    if reason != status.pending_reason and reason != "Scheduling":
+        b.event("Warning" if pod.unschedulable or pod.pulling_fails else "Normal", reason, message)
+    b.set(phase=Phase.PENDING, message=message)
+    b.condition(c.RUNNING, False, reason, message)
+    deadlines = [PENDING_RECHECK_SECONDS]
+    if pod.unschedulable and spot.enabled and not status.on_demand:
+        deadlines.append(spot.pending_timeout_seconds - waited)
+    if pod.pulling_fails:
+        deadlines.append(policy.image_pull_timeout_seconds - waited)
+    b.requeue(min(deadlines))
+
+
 EXTRA_CHANGED = (
     "spec.training.extra changed after the first attempt started; it defines the run, so no attempt "
     "starts until it is changed back (or create a new LoraResume with a new storage.uri)"
@@ -369,7 +434,11 @@ def decide(obs: Observation) -> Plan:
     if pod.stuck:  # e.g. the credentials Secret is missing: no retry loop, say what to fix
         _ended(b, classify_end(pod, adapter_complete=obs.adapter_complete))
         return b.plan()
+    if not pod.ended and pod.phase == "Pending":
+        _pending(b, pod)
+        return b.plan()
     if not pod.ended:
+        b.set(pending_since=None, pending_reason=None)
         if status.phase != Phase.RUNNING:
             b.event("Normal", c.POD_RUNNING, f"attempt {status.attempt}: pod {pod.name} is {pod.phase.lower()}")
         b.set(phase=Phase.RUNNING, message=f"attempt {status.attempt}: pod {pod.name} {pod.phase.lower()}")

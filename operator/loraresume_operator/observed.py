@@ -34,6 +34,10 @@ PREEMPTION_REASONS = frozenset(
 
 # A container stuck waiting for one of these will never start without a spec or Secret change.
 PERMANENT_WAITING_REASONS = frozenset({"CreateContainerConfigError", "InvalidImageName"})
+# The kubelet retries these with a backoff; past restartPolicy.imagePullTimeoutSeconds they are a config error.
+IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff"})
+SCHEDULED_CONDITION = "PodScheduled"
+UNSCHEDULABLE = "Unschedulable"
 
 
 class EndKind(enum.Enum):
@@ -57,6 +61,21 @@ class ObservedPod:
     message: str = ""
     waiting_reason: str | None = None  # the trainer container's waiting reason, if waiting
     waiting_message: str = ""
+    unschedulable: bool = False  # PodScheduled False, reason Unschedulable: the scheduler found no node
+    scheduling_message: str = ""  # the scheduler's, e.g. "0/12 nodes are available: 12 Insufficient nvidia.com/gpu"
+
+    @property
+    def pulling_fails(self) -> bool:
+        return self.waiting_reason in IMAGE_PULL_REASONS
+
+    @property
+    def pending_reason(self) -> tuple[str, str]:
+        """(reason, message) of a pod that has not started: the scheduler's, else the kubelet's."""
+        if self.unschedulable:
+            return UNSCHEDULABLE, self.scheduling_message
+        if self.waiting_reason:
+            return self.waiting_reason, self.waiting_message
+        return "Scheduling", ""
 
     @property
     def stuck(self) -> bool:
@@ -71,9 +90,16 @@ class ObservedPod:
     def from_api(cls, pod: dict[str, Any]) -> ObservedPod:
         meta, status = pod.get("metadata", {}), pod.get("status", {}) or {}
         disrupted, disruption_reason = False, None
+        unschedulable, scheduling_message = False, ""
         for cond in status.get("conditions") or []:
             if cond.get("type") == DISRUPTION_CONDITION and cond.get("status") == "True":
                 disrupted, disruption_reason = True, cond.get("reason")
+            if (
+                cond.get("type") == SCHEDULED_CONDITION
+                and cond.get("status") == "False"
+                and cond.get("reason") == UNSCHEDULABLE
+            ):
+                unschedulable, scheduling_message = True, str(cond.get("message") or "")
         exit_code = container_reason = termination = waiting_reason = None
         waiting_message = ""
         for cs in status.get("containerStatuses") or []:
@@ -100,6 +126,8 @@ class ObservedPod:
             message=status.get("message", "") or "",
             waiting_reason=waiting_reason,
             waiting_message=waiting_message,
+            unschedulable=unschedulable,
+            scheduling_message=scheduling_message,
         )
 
 

@@ -44,8 +44,9 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
     Rule(
         "",
         "pods",
-        ("get", "list", "watch", "create", "deletecollection"),
-        "trainer pods: one created per attempt, watched for their end, read by name, removed with their LoraResume",
+        ("get", "list", "watch", "create", "delete", "deletecollection"),
+        "trainer pods: one created per attempt, watched for their end, read by name, removed with their LoraResume; "
+        "one that never started (no spot capacity, an image that cannot be pulled) deleted",
     ),
     Rule(
         "",

@@ -26,7 +26,7 @@ from loraresume_trainer.redact import remember_secret
 
 from . import conditions as c
 from . import metrics
-from .decide import CreatePod, EmitEvent, Observation, Plan, Resource, SourceState, decide, iso, parse_iso
+from .decide import CreatePod, DeletePod, EmitEvent, Observation, Plan, Resource, SourceState, decide, iso, parse_iso
 from .defaults import OperatorDefaults, effective_spec
 from .k8s_names import MAX_LABEL_VALUE
 from .observed import ObservedPod
@@ -261,6 +261,8 @@ class Reconciler:
                     action.name,
                     (self.clock() - started).total_seconds(),
                 )
+            elif isinstance(action, DeletePod):
+                self._delete_pod(resource.namespace, action.name)
             elif isinstance(action, EmitEvent):
                 self.post_event(body, type_=action.type, reason=action.reason, message=action.message)
 
@@ -344,6 +346,14 @@ class Reconciler:
         if self._write_status(body, failed):
             self.post_event(body, type_="Warning", reason=c.INVALID_SPEC, message=message)
         return None
+
+    def _delete_pod(self, namespace: str, name: str) -> None:
+        """An attempt's pod that never started (no spot capacity, an image that cannot be pulled)."""
+        try:
+            self.core.delete_namespaced_pod(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     def delete_pods(self, namespace: str, name: str) -> None:
         self.core.delete_collection_namespaced_pod(namespace, label_selector=f"{LABEL_RESOURCE}={name}")

@@ -229,6 +229,13 @@ class SpotSpec(_Spec):
     fallback_to_on_demand_after: int | None = Field(
         None, ge=1, description="After this many preemptions, attempts drop the spot selector and tolerations."
     )
+    pending_timeout_seconds: int = Field(
+        600,
+        ge=1,
+        le=604_800,
+        description="An attempt unschedulable on spot nodes this long moves to on-demand nodes (a new attempt, "
+        "counted in status.spotTimeouts: neither a preemption nor a failure).",
+    )
     _selectors = field_validator("node_selector", "on_demand_node_selector")(lambda v: _labels(v))
 
     on_demand_node_selector: dict[str, str] = Field(
@@ -265,6 +272,12 @@ class RestartPolicySpec(_Spec):
     )
     max_backoff_seconds: int = Field(
         600, ge=1, le=604_800, description="Cap of the doubling retry delay (at most a week)."
+    )
+    image_pull_timeout_seconds: int = Field(
+        300,
+        ge=1,
+        le=86_400,
+        description="A trainer image the kubelet cannot pull for this long fails the job (a config error).",
     )
 
 
@@ -413,6 +426,13 @@ class LoraResumeStatus(_Spec):
     last_attempt_ended: str | None = Field(None, description="When the last pod ended (RFC 3339).")
     next_attempt_after: str | None = Field(None, description="Backoff: no new pod before this time (RFC 3339).")
     on_demand: bool = Field(False, description="True once the job has fallen back from spot to on-demand nodes.")
+    pending_since: str | None = Field(
+        None, description="When the current attempt's pod was first seen not started (RFC 3339)."
+    )
+    pending_reason: str | None = Field(None, description="Why the current attempt's pod has not started.")
+    spot_timeouts: int = Field(
+        0, ge=0, description="Attempts moved to on-demand nodes after scheduling.spot.pendingTimeoutSeconds."
+    )
     training_extra_digest: str | None = Field(
         None, description="Digest of spec.training.extra when the first attempt started; a changed extra holds the job."
     )

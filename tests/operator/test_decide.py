@@ -11,15 +11,19 @@ import pytest
 from loraresume_operator import conditions as c
 from loraresume_operator.decide import (
     EXTRA_CHANGED,
+    PENDING_RECHECK_SECONDS,
     CreatePod,
+    DeletePod,
     EmitEvent,
     Observation,
     Requeue,
     Resource,
     SourceState,
     decide,
+    duration,
     iso,
     pod_name,
+    wants_on_demand,
 )
 from loraresume_operator.observed import ObservedPod
 from loraresume_operator.spec import CheckpointRef, LoraResumeSpec, LoraResumeStatus, Phase
@@ -286,10 +290,98 @@ def test_operator_restart_while_the_pod_runs_changes_nothing():
     assert not [a for a in plan.actions if isinstance(a, EmitEvent)]  # no duplicate "running" event
 
 
-def test_pending_pod_marks_the_attempt_seen():
-    st = status(phase=Phase.PENDING, attempt=1, pod_name="bot-attempt-1")
-    plan = decide(obs(st, pod(phase="Pending")))
+def test_running_pod_marks_the_attempt_seen_and_ends_the_wait():
+    st = status(phase=Phase.PENDING, attempt=1, pod_name="bot-attempt-1", pending_since=iso(NOW), pending_reason="X")
+    plan = decide(obs(st, pod()))
     assert plan.status.phase is Phase.RUNNING and cond(plan, c.RUNNING).status == "True"
+    assert plan.status.pending_since is None and plan.status.pending_reason is None
+
+
+NO_GPU = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+SPOT = {"enabled": True, "pendingTimeoutSeconds": 600}
+UNSCHEDULABLE = dict(phase="Pending", unschedulable=True, scheduling_message=NO_GPU)
+PULL_FAILS = dict(phase="Pending", waiting_reason="ImagePullBackOff", waiting_message='Back-off pulling image "x"')
+
+
+@pytest.mark.parametrize(
+    ("p", "spot", "on_demand", "waited", "want"),
+    [
+        # what the pod is waiting for, the job's spot settings, seconds waited -> what happens
+        (dict(phase="Pending"), SPOT, False, 0, "waits:Scheduling"),
+        (UNSCHEDULABLE, SPOT, False, 599, "waits:Unschedulable"),
+        (UNSCHEDULABLE, SPOT, False, 600, "on-demand"),
+        (UNSCHEDULABLE, {"enabled": False}, False, 10_000, "waits:Unschedulable"),  # nowhere else to go
+        (UNSCHEDULABLE, SPOT, True, 10_000, "waits:Unschedulable"),  # on-demand already
+        (dict(phase="Pending", waiting_reason="ContainerCreating"), SPOT, False, 10_000, "waits:ContainerCreating"),
+        (PULL_FAILS, SPOT, False, 299, "waits:ImagePullBackOff"),
+        (PULL_FAILS, SPOT, False, 300, "failed"),
+        ({**PULL_FAILS, "waiting_reason": "ErrImagePull"}, {"enabled": False}, False, 300, "failed"),
+    ],
+    ids=[
+        "just-created",
+        "unschedulable-before-timeout",
+        "unschedulable-spot-timeout",
+        "unschedulable-no-spot",
+        "unschedulable-on-demand",
+        "container-creating",
+        "image-pull-before-timeout",
+        "image-pull-timeout",
+        "err-image-pull-timeout",
+    ],
+)
+def test_a_pod_that_has_not_started(p, spot, on_demand, waited, want):
+    since = NOW - timedelta(seconds=waited)
+    st = status(
+        phase=Phase.PENDING,
+        attempt=1,
+        pod_name="bot-attempt-1",
+        on_demand=on_demand,
+        pending_since=iso(since),
+        pending_reason=pod(**p).pending_reason[0],
+    )
+    plan = decide(obs(st, pod(**p), spec=spec(scheduling={"spot": spot})))
+    deleted = [a.name for a in plan.actions if isinstance(a, DeletePod)]
+    assert plan.status.preemptions == 0 and plan.status.failures == 0  # neither a preemption nor a failure
+    if want.startswith("waits:"):
+        reason = want.removeprefix("waits:")
+        assert not creates(plan) and not deleted and plan.status.phase is Phase.PENDING
+        assert plan.status.pending_reason == reason and plan.status.pending_since == iso(since)
+        assert cond(plan, c.RUNNING).status == "False" and cond(plan, c.RUNNING).reason == reason
+        assert reason in plan.status.message and (NO_GPU in plan.status.message) == bool(p.get("unschedulable"))
+        assert 1 <= plan.requeue.after_seconds <= PENDING_RECHECK_SECONDS
+    elif want == "on-demand":
+        [new] = creates(plan)
+        assert deleted == ["bot-attempt-1"] and new.on_demand and new.attempt == 2
+        assert plan.status.spot_timeouts == 1 and plan.status.on_demand and plan.status.pending_since is None
+        assert c.SPOT_CAPACITY_TIMEOUT in [a.reason for a in plan.actions if isinstance(a, EmitEvent)]
+        later = decide(obs(plan.status, None, spec=spec(scheduling={"spot": spot})))  # next attempt stays on-demand
+        assert all(x.on_demand for x in creates(later))
+    else:
+        assert deleted == ["bot-attempt-1"] and not creates(plan) and plan.status.phase is Phase.FAILED
+        assert cond(plan, c.FAILED).reason == c.IMAGE_PULL_FAILED and "imagePullTimeoutSeconds" in plan.status.message
+
+
+def test_the_wait_is_measured_from_the_first_pending_observation():
+    st = status(phase=Phase.PENDING, attempt=1, pod_name="bot-attempt-1")
+    first = decide(obs(st, pod(**UNSCHEDULABLE), spec=spec(scheduling={"spot": SPOT})))
+    assert first.status.pending_since == iso(NOW) and "pending for 0s" in first.status.message
+    assert [a.reason for a in first.actions if isinstance(a, EmitEvent)] == ["Unschedulable"]
+    later = decide(
+        obs(first.status, pod(**UNSCHEDULABLE), spec=spec(scheduling={"spot": SPOT}), now=NOW + timedelta(seconds=200))
+    )
+    assert later.status.pending_since == iso(NOW) and "pending for 3m20s" in later.status.message
+    assert not [a for a in later.actions if isinstance(a, EmitEvent)]  # one event per reason, not per reconcile
+    assert later.requeue.after_seconds == PENDING_RECHECK_SECONDS
+
+
+def test_a_later_preemption_relaunch_stays_on_demand_after_a_spot_timeout():
+    assert wants_on_demand(spec(scheduling={"spot": SPOT}), preemptions=0, spot_timeouts=1)
+    assert not wants_on_demand(spec(scheduling={"spot": SPOT}), preemptions=0, spot_timeouts=0)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59.9, "59s"), (200, "3m20s"), (7500, "2h05m")])
+def test_durations_read_as_people_write_them(seconds, text):
+    assert duration(seconds) == text
 
 
 def test_progress_is_reported():

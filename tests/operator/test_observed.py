@@ -62,3 +62,38 @@ def test_disruption_wins_over_the_exit_code_of_a_killed_trainer():
     cond = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}
     pod = ObservedPod.from_api(api_pod("Failed", terminated={"exitCode": 137, "reason": "Error"}, conditions=[cond]))
     assert classify_end(pod, adapter_complete=False).kind is EndKind.PREEMPTED
+
+
+NO_GPU = "0/12 nodes are available: 12 Insufficient nvidia.com/gpu. preemption: 0/12 nodes are available."
+
+
+@pytest.mark.parametrize(
+    ("conditions", "waiting", "want"),
+    [
+        ([], None, ("Scheduling", "")),
+        (
+            [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": NO_GPU}],
+            None,
+            ("Unschedulable", NO_GPU),
+        ),
+        (
+            [{"type": "PodScheduled", "status": "False", "reason": "SchedulingGated", "message": "gated"}],
+            None,
+            ("Scheduling", ""),
+        ),
+        (
+            [{"type": "PodScheduled", "status": "True"}],
+            {"reason": "ErrImagePull", "message": "not found"},
+            ("ErrImagePull", "not found"),
+        ),
+        ([{"type": "PodScheduled", "status": "True"}], {"reason": "ContainerCreating"}, ("ContainerCreating", "")),
+    ],
+    ids=["just-created", "unschedulable", "gated", "image-pull", "creating"],
+)
+def test_why_a_pod_has_not_started(conditions, waiting, want):
+    pod = api_pod("Pending", conditions=conditions)
+    if waiting is not None:
+        pod["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": waiting}}]
+    observed = ObservedPod.from_api(pod)
+    assert observed.pending_reason == want and not observed.ended
+    assert observed.pulling_fails == (want[0] == "ErrImagePull")

@@ -24,6 +24,7 @@ from loraresume_operator import rbac
 from loraresume_sandbox.cluster import SandboxCluster, sandbox_values
 from loraresume_trainer.checkpoint_store import CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
+from tests.support import specs
 from tests.support.operator_stack import NS, Job, job_env, wait_for
 
 pytestmark = pytest.mark.slow
@@ -79,6 +80,15 @@ def lifecycle(job: Job, tmp_path, *, delete_checkpoints: bool) -> None:
         wait_for("checkpoints deleted", lambda: not job.store.complete_checkpoints())
 
 
+def spot_capacity_timeout(job: Job, storage: dict[str, Any]) -> None:
+    """A spot attempt the scheduler cannot place (no nodes) is deleted and replaced on on-demand."""
+    job.apply(scheduling={"spot": {"enabled": True, "pendingTimeoutSeconds": 2}}, storage=storage)
+    wait_for("spot timeout", lambda: (job.status().get("spotTimeouts"), job.status().get("attempt")) == (1, 2), 60)
+    wait_for("the unschedulable pod deleted", lambda: job.k8s.get("pods", NS, job.pod_name(1)) is None)
+    job.k8s.delete("loraresumes", NS, job.name)
+    wait_for("resource gone", lambda: job.resource() is None)
+
+
 def test_namespaced_mode_uses_exactly_the_namespaced_rules(s3_bucket, tmp_path):
     endpoint, bucket = s3_bucket
     name = f"audit-{uuid.uuid4().hex[:6]}"
@@ -111,6 +121,8 @@ def test_namespaced_mode_uses_exactly_the_namespaced_rules(s3_bucket, tmp_path):
         assert secret_refs == {"team-s3"}
         wait_for("status.storageUri", lambda: job.status().get("storageUri") == config["storage"]["uri"])
         lifecycle(job, tmp_path, delete_checkpoints=True)
+        other = Job(cluster.kube, cluster.kubeconfig, f"{name}-spot", endpoint, bucket, store)
+        spot_capacity_timeout(other, {})  # the operator's storage defaults again
         requests = audited(cluster)
     assert requests, "the audit log holds the operator's requests"
     assert_never_refused(requests)
@@ -141,6 +153,8 @@ def test_cluster_wide_mode_stays_within_the_cluster_rules(s3_bucket, tmp_path):
         job.apply()
         job.pod(1)
         lifecycle(job, tmp_path, delete_checkpoints=False)
+        other = Job(cluster.kube, cluster.kubeconfig, f"{name}-spot", endpoint, bucket, job.store)
+        spot_capacity_timeout(other, specs.s3_storage(bucket, other.name, endpoint, f"{name}-s3"))
         requests = audited(cluster)
     assert_never_refused(requests)
     used = observed(requests)

@@ -118,7 +118,7 @@ def test_chart_rbac_lets_the_operator_do_its_work_in_its_namespace(operator_clie
     [
         ("GET", f"/api/v1/namespaces/{NS}/secrets", "list secrets"),  # get by name only
         ("GET", "/api/v1/namespaces/default/pods", "pods outside the watched namespace"),
-        ("DELETE", f"/api/v1/namespaces/{NS}/pods/x", "delete a single pod"),
+        ("PATCH", f"/api/v1/namespaces/{NS}/pods/x", "patch a pod"),
         ("GET", "/api/v1/nodes", "nodes"),
         ("POST", f"/api/v1/namespaces/{NS}/configmaps", "create configmaps"),
     ],

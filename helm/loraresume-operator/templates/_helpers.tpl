@@ -91,10 +91,11 @@ policy_rules(); change both together.
   resources: ["loraresumes/status"]
   verbs: ["update"]
 # Trainer pods: one created per attempt, watched for their end, read by name,
-# removed with their LoraResume.
+# removed with their LoraResume; one that never started (no spot capacity, an image
+# that cannot be pulled) deleted.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "deletecollection"]
+  verbs: ["get", "list", "watch", "create", "delete", "deletecollection"]
 # Relaunching, Preempted, Succeeded... events on the LoraResume (kopf posts its own too).
 - apiGroups: [""]
   resources: ["events"]

@@ -1,0 +1,113 @@
+"""Pods that never start, on the real control plane: the scheduler's Unschedulable and the node
+agent's image pulls, as the operator reports and resolves them.
+
+One cluster for the module: a spot pool with no nodes (spot capacity that never comes), one
+on-demand GPU node, and the node agent running the stand-in trainer for the sandbox's trainer
+image only (any other image cannot be "pulled").
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from loraresume_operator import conditions as c
+from loraresume_sandbox.cluster import SANDBOX_TRAINER_IMAGE, SandboxCluster
+from loraresume_sandbox.kube_client import KubeClient
+from loraresume_sandbox.node_agent import default_pools
+from loraresume_sandbox.stand_in_trainer import ENV_STEP_SECONDS
+from tests.support import specs
+from tests.support.waiting import wait_for
+
+NS = "default"
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxCluster]:
+    with SandboxCluster(
+        tmp_path_factory.mktemp("pending"),
+        namespaces=(NS,),
+        pools=default_pools(spot=0, on_demand=1),
+        entrypoints={SANDBOX_TRAINER_IMAGE: [sys.executable, "-m", "loraresume_sandbox.stand_in_trainer"]},
+        extra_env={ENV_STEP_SECONDS: "0.05", "AWS_DEFAULT_REGION": "us-east-1"},
+        quiet=True,
+    ) as stack:
+        stack.kube.create(
+            "secrets",
+            {"metadata": {"name": "s3"}, "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}},
+            NS,
+        )
+        yield stack
+
+
+def _apply(kube: KubeClient, s3_bucket: tuple[str, str], **over: Any) -> str:
+    endpoint, bucket = s3_bucket
+    name = f"lr-{uuid.uuid4().hex[:6]}"
+    spec = specs.spec_doc(
+        baseModel="s3://models/tiny/",
+        dataset={"source": f"s3://{bucket}/data.jsonl"},
+        storage=specs.s3_storage(bucket, name, endpoint, "s3"),
+        training={"maxSteps": 6, "saveSteps": 3},
+        resources={"gpus": 1},
+        **over,
+    )
+    kube.create("loraresumes", specs.resource(spec, name), NS)
+    return name
+
+
+def _status(kube: KubeClient, name: str) -> dict[str, Any]:
+    return (kube.get("loraresumes", NS, name) or {}).get("status") or {}
+
+
+def _events(kube: KubeClient, name: str) -> list[str]:
+    return [e.get("reason", "") for e in kube.list("events", NS) if e["involvedObject"].get("name") == name]
+
+
+def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((x for x in status.get("conditions") or [] if x["type"] == type_), {})
+
+
+def test_spot_capacity_that_never_comes_moves_the_attempt_to_on_demand(cluster, s3_bucket):
+    kube = cluster.kube
+    name = _apply(kube, s3_bucket, scheduling={"spot": {"enabled": True, "pendingTimeoutSeconds": 5}})
+    # First: Pending, with the scheduler's own words and the time waited.
+    pending = wait_for(
+        lambda: (s := _status(kube, name)).get("pendingReason") == "Unschedulable" and s,
+        60,
+        "status pendingReason Unschedulable",
+    )
+    assert pending["phase"] == "Pending" and "nodes are available" in pending["message"], pending["message"]
+    assert "pending for" in pending["message"]
+    running = _condition(pending, c.RUNNING)
+    assert (running["status"], running["reason"]) == ("False", "Unschedulable")
+    # Then: the attempt moves to on-demand nodes, and the job trains there to the end.
+    done = wait_for(lambda: (s := _status(kube, name)).get("phase") == "Succeeded" and s, 120, "Succeeded")
+    assert (done["spotTimeouts"], done["preemptions"], done["failures"], done["attempt"]) == (1, 0, 0, 2)
+    assert done["onDemand"] is True
+    assert kube.get("pods", NS, f"{name}-attempt-1") is None  # the unschedulable pod was removed
+    second = kube.get("pods", NS, f"{name}-attempt-2")
+    assert second is not None and second["spec"]["nodeName"].startswith("on-demand")
+    reasons = _events(kube, name)
+    assert "Unschedulable" in reasons and c.SPOT_CAPACITY_TIMEOUT in reasons
+
+
+def test_an_image_that_cannot_be_pulled_fails_the_job_after_the_timeout(cluster, s3_bucket):
+    kube = cluster.kube
+    name = _apply(kube, s3_bucket, image="registry.invalid/nope:1", restartPolicy={"imagePullTimeoutSeconds": 4})
+    pending = wait_for(
+        lambda: (s := _status(kube, name)).get("pendingReason") in ("ErrImagePull", "ImagePullBackOff") and s,
+        60,
+        "status pendingReason ErrImagePull",
+    )
+    assert pending["phase"] == "Pending" and "registry.invalid/nope:1" in pending["message"], pending["message"]
+    failed = wait_for(lambda: (s := _status(kube, name)).get("phase") == "Failed" and s, 60, "Failed")
+    assert _condition(failed, c.FAILED)["reason"] == c.IMAGE_PULL_FAILED
+    assert "imagePullTimeoutSeconds=4" in failed["message"] and "registry.invalid/nope:1" in failed["message"]
+    assert (failed["failures"], failed["preemptions"], failed["attempt"]) == (0, 0, 1)
+    wait_for(lambda: kube.get("pods", NS, f"{name}-attempt-1") is None, 30, "the pod that never started deleted")
+    assert c.IMAGE_PULL_FAILED in _events(kube, name)
