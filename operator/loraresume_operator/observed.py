@@ -132,14 +132,25 @@ class ObservedPod:
 
 
 def parse_termination_message(text: str | None) -> dict[str, Any] | None:
-    """The trainer writes one JSON object; anything else (a crash's last log line) is kept as reason."""
+    """The trainer writes one JSON object; anything else (the log tail the kubelet keeps of a crash,
+    FallbackToLogsOnError) gives its last line as the reason: the line that says what went wrong."""
     if not text:
         return None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        return {"reason": text.strip()[-500:]}
-    return data if isinstance(data, dict) else {"reason": str(data)[:500]}
+        return {"reason": one_line(text)}
+    return data if isinstance(data, dict) else {"reason": one_line(str(data))}
+
+
+MAX_REASON = 300
+
+
+def one_line(text: str) -> str:
+    """The last non-empty line, at most MAX_REASON characters: what an event or a status shows."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last if len(last) <= MAX_REASON else last[: MAX_REASON - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -163,12 +174,15 @@ def classify_end(pod: ObservedPod | None, *, adapter_complete: bool) -> PodEnd:
         return PodEnd(EndKind.FAILED, "NoAdapter", "the trainer exited 0 but no complete adapter is in S3")
     if pod.exit_code == Outcome.CONFIG_ERROR.code or term.get("outcome") == "config_error":
         return PodEnd(EndKind.PERMANENT, "ConfigError", trainer_says or "the trainer reported a configuration error")
+    # What the trainer said as it stopped ("checkpoint-8 is durable") belongs in the preemption's message.
+    said = f"; the trainer: {trainer_says}" if trainer_says else ""
     if pod.disrupted:
-        return PodEnd(EndKind.PREEMPTED, pod.disruption_reason or DISRUPTION_CONDITION, pod.message or "pod disrupted")
+        reason = pod.disruption_reason or DISRUPTION_CONDITION
+        return PodEnd(EndKind.PREEMPTED, reason, (pod.message or "pod disrupted") + said)
     if pod.terminating:  # deleted by someone else (the operator deletes pods only with the resource)
-        return PodEnd(EndKind.PREEMPTED, "PodDeleted", "the trainer pod was deleted while running")
+        return PodEnd(EndKind.PREEMPTED, "PodDeleted", "the trainer pod was deleted while running" + said)
     if pod.pod_reason in PREEMPTION_REASONS:
-        return PodEnd(EndKind.PREEMPTED, pod.pod_reason, pod.message or f"pod {pod.pod_reason.lower()}")
+        return PodEnd(EndKind.PREEMPTED, pod.pod_reason, (pod.message or f"pod {pod.pod_reason.lower()}") + said)
     if pod.exit_code == Outcome.PREEMPTED.code or term.get("outcome") == "preempted":
         return PodEnd(EndKind.PREEMPTED, "SigtermCheckpointSaved", trainer_says or "preempted; checkpoint saved")
     if pod.container_reason == "OOMKilled":

@@ -168,7 +168,11 @@ def test_apply_train_preempt_twice_resume_succeed_bitwise(cluster):
     assert st["preemptions"] == 2 and st["failures"] == 0 and st["attempt"] == 3
     assert adapter_bytes(cluster, "story") == adapter_bytes(cluster, "baseline")
     table = kubectl(cluster, "get", "lr").stdout
-    assert "story" in table and "Succeeded" in table
+    header = table.splitlines()[0].split()
+    [row] = [line.split() for line in table.splitlines() if line.startswith("story ")]
+    shown = dict(zip(header, row, strict=False))  # every column before AGE is set once it succeeded
+    assert shown["PHASE"] == "Succeeded" and shown["ATTEMPT"] == "3" and shown["PREEMPTIONS"] == "2"
+    assert shown["CHECKPOINT"] == str(st["latestCheckpoint"]["step"]), table
     described = kubectl(cluster, "describe", "lr", "story").stdout
     assert "Relaunching" in described
 

@@ -137,10 +137,15 @@ def test_names_scope_version_columns_and_status_subresource(crd: dict[str, Any])
     assert columns["Failures"] == ("integer", ".status.failures")
     assert columns["Age"] == ("date", ".metadata.creationTimestamp")
     status_props = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert columns["Attempt"] == ("integer", ".status.attempt")
+    assert columns["Checkpoint"] == ("integer", ".status.latestCheckpoint.step")
     for column in version["additionalPrinterColumns"]:
-        field = column["jsonPath"].removeprefix(".status.")
         if column["jsonPath"].startswith(".status."):
-            assert status_props[field]["type"] == column["type"], column
+            *parents, leaf = column["jsonPath"].removeprefix(".status.").split(".")
+            props = status_props
+            for parent in parents:
+                props = props[parent]["properties"]
+            assert props[leaf]["type"] == column["type"], column
 
 
 # --- structural schema ----------------------------------------------------------------------

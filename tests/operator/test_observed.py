@@ -49,10 +49,11 @@ def test_disruption_condition():
         (None, None),
         ("", None),
         ('{"outcome": "failed"}', {"outcome": "failed"}),
-        ("Traceback ...\nRuntimeError: boom\n", {"reason": "Traceback ...\nRuntimeError: boom"}),
+        ("Traceback ...\n  File x\nRuntimeError: boom\n\n", {"reason": "RuntimeError: boom"}),
         ("[1, 2]", {"reason": "[1, 2]"}),
+        ("x" * 900, {"reason": "x" * 297 + "..."}),
     ],
-    ids=["none", "empty", "json", "log-tail", "not-an-object"],
+    ids=["none", "empty", "json", "log-tail", "not-an-object", "long-line"],
 )
 def test_termination_message(text, expected):
     assert parse_termination_message(text) == expected
@@ -62,6 +63,34 @@ def test_disruption_wins_over_the_exit_code_of_a_killed_trainer():
     cond = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}
     pod = ObservedPod.from_api(api_pod("Failed", terminated={"exitCode": 137, "reason": "Error"}, conditions=[cond]))
     assert classify_end(pod, adapter_complete=False).kind is EndKind.PREEMPTED
+
+
+@pytest.mark.parametrize(
+    ("conditions", "reason", "deleting", "want_reason"),
+    [
+        (
+            [{"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}],
+            None,
+            False,
+            "TerminationByKubelet",
+        ),
+        ([], "Evicted", False, "Evicted"),
+        ([], None, True, "PodDeleted"),
+    ],
+    ids=["disruption-target", "evicted", "deleted"],
+)
+def test_a_preemption_carries_what_the_trainer_said(conditions, reason, deleting, want_reason):
+    said = "SIGTERM: stopped at step 8; checkpoint-8 is durable"
+    message = json.dumps({"outcome": "preempted", "reason": said})
+    pod = api_pod(
+        "Failed",
+        terminated={"exitCode": 75, "message": message},
+        conditions=conditions,
+        reason=reason,
+        deleting=deleting,
+    )
+    end = classify_end(ObservedPod.from_api(pod), adapter_complete=False)
+    assert (end.kind, end.reason) == (EndKind.PREEMPTED, want_reason) and end.message.endswith(f"the trainer: {said}")
 
 
 NO_GPU = "0/12 nodes are available: 12 Insufficient nvidia.com/gpu. preemption: 0/12 nodes are available."
