@@ -393,12 +393,16 @@ class Reconciler:
         return self._phases.get((namespace, name)) in (Phase.SUCCEEDED.value, Phase.FAILED.value)
 
     def forget(self, namespace: str, name: str) -> None:
-        """The resource is gone: drop what this process kept for it (phase count, metrics, lock)."""
-        self.record_phase(namespace, name, None)
-        try:
-            metrics.CHECKPOINT_AGE.remove(namespace, name)
-        except KeyError:
-            pass
+        """The resource is gone: drop what this process kept for it (phase count, metrics, lock).
+
+        Under the resource's lock: a reconcile in flight finishes first, so it cannot count the
+        resource again afterwards (a later one finds it gone and records nothing)."""
+        with self._locks[(namespace, name)]:
+            self.record_phase(namespace, name, None)
+            try:
+                metrics.CHECKPOINT_AGE.remove(namespace, name)
+            except KeyError:
+                pass
         self._locks.pop((namespace, name), None)
 
     def record_phase(self, namespace: str, name: str, phase: str | None) -> None:

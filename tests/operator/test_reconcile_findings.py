@@ -241,3 +241,34 @@ def test_dataset_source_that_s3uri_refuses_is_refused_naming_the_field(source: s
     assert "dataset.source" in {".".join(map(str, e["loc"])) for e in refused.value.errors()}
     with pytest.raises(ConfigError, match=r"dataset\.source"):
         parse_job({"baseModel": "m", "dataset": {"source": source}, "storage": {"uri": "s3://bucket/run/"}})
+
+
+def test_a_resource_deleted_during_its_reconcile_leaves_no_metrics_behind():
+    """The delete handler's `forget` raced a reconcile in flight, which then counted the deleted
+    resource again in loraresume_resources (found by reading the code)."""
+    import threading
+
+    from prometheus_client import REGISTRY
+
+    cluster = Cluster(stored=resource(build_spec().model_dump(by_alias=True, mode="json"), "gone"))
+    rec = cluster.reconciler
+    inside, release = threading.Event(), threading.Event()
+    clock = rec.clock
+
+    def slow_clock() -> datetime:
+        inside.set()
+        release.wait(10)
+        return clock()
+
+    rec.clock = slow_clock
+    reconciling = threading.Thread(target=cluster.reconcile)
+    reconciling.start()
+    assert inside.wait(10)
+    forgetting = threading.Thread(target=rec.forget, args=(cluster.custom.body["metadata"]["namespace"], "gone"))
+    forgetting.start()
+    forgetting.join(0.3)  # forget waits for the reconcile in flight (or, before the fix, went ahead)
+    release.set()
+    reconciling.join(10)
+    forgetting.join(10)
+    counted = {p.value: REGISTRY.get_sample_value("loraresume_resources", {"phase": p.value}) for p in Phase}
+    assert set(counted.values()) <= {0.0, None}, counted
