@@ -27,6 +27,7 @@ from .config import JobConfig
 from .errors import ConfigError, DamagedCheckpoint, TrainerError
 from .fingerprint import make_fingerprint, same_run, texts_sha256
 from .grad_checkpointing import FINGERPRINT_KEY, Decision, kept_mode
+from .local_checkpoints import local_steps, prune_older_than
 from .manifest import parse_checkpoint_name
 from .outcome import Outcome, TerminationMessage
 from .progress import emit_event, progress_record
@@ -356,9 +357,7 @@ class Pipeline:
             fingerprint=fingerprint,
             staging_dir=self.dirs.staging,
             durable_step=self.durable_step,
-            on_durable=lambda step, _m: emit_event(
-                "checkpoint_durable", step=step, uri=str(self.store.checkpoint_uri(step))
-            ),
+            on_durable=self._on_durable,
         )
         logs = (self.dirs.tensorboard, self.store.logs_uri()) if job.tensorboard else None
         callback = DurableCheckpointCallback(uploader, self.stop, attempt=job.attempt, logs=logs)
@@ -422,6 +421,17 @@ class Pipeline:
         config_path.write_text(json.dumps(config, indent=2))
         manifest = self.store.upload_adapter(out, fingerprint)
         emit_event("adapter_saved", uri=str(self.store.adapter_uri()), files=len(manifest.files))
+
+    def _on_durable(self, step: int, _manifest: Any) -> None:
+        """On the upload thread: report the checkpoint, and free the local disk of older ones."""
+        pruned = prune_older_than(self.dirs.output, step)
+        emit_event(
+            "checkpoint_durable",
+            step=step,
+            uri=str(self.store.checkpoint_uri(step)),
+            local_checkpoints=local_steps(self.dirs.output),
+            pruned=pruned,
+        )
 
     def _put_progress(self, step: int, max_steps: int, logs: dict[str, Any], phase: str) -> None:
         record = progress_record(
