@@ -445,3 +445,21 @@ def test_d_retries_are_bounded_and_logged_and_an_outage_fails_retryably(proxy, s
     assert proxy.counts["requests"] == 6  # one listing, six tries, nothing after the give-up
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert secret not in attempt.stderr and "Signature=" not in attempt.stderr
+
+
+def test_multipart_uploads_an_earlier_attempt_left_are_aborted(make_job, s3):
+    """A pod killed mid-upload leaves its parts stored (and billed); the next attempt aborts them,
+    and only under its own prefix."""
+    _, bucket, client = s3
+    config, work = make_job(training={"max_steps": 4, "save_steps": 2})
+    prefix = config["storage"]["uri"].removeprefix(f"s3://{bucket}/")
+    ours = f"{prefix}checkpoints/checkpoint-10/optimizer.pt"
+    theirs = "other-job/checkpoints/checkpoint-10/optimizer.pt"
+    for key in (ours, theirs):
+        upload = client.create_multipart_upload(Bucket=bucket, Key=key)
+        client.upload_part(Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1024)
+    attempt = run_attempt(config, work)
+    assert attempt.exit_code == 0, attempt.stderr[-2000:]
+    assert [e["keys"] for e in attempt.of("uploads_aborted")] == [[ours]]
+    left = [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+    assert left == [theirs]

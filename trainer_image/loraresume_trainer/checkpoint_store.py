@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DamagedCheckpoint, StorageError, TrainerError
+from .errors import ConfigError, DamagedCheckpoint, StorageAuthError, StorageError, TrainerError
 from .fingerprint import same_run
 from .manifest import (
     MANIFEST_NAME,
@@ -559,6 +559,28 @@ class CheckpointStore:
         return uploaded
 
     # -------------------------------------------------------------- retention
+
+    def abort_unfinished_uploads(self) -> list[str]:
+        """Abort the multipart uploads left under this job's prefix (a pod killed mid-upload leaves
+        its parts stored, and billed, until someone aborts them); returns the keys.
+
+        Call it before this attempt uploads anything: one attempt of a job runs at a time, so every
+        unfinished upload under the prefix is an earlier attempt's. Best effort: a server without
+        the API, or credentials without s3:ListBucketMultipartUploads / s3:AbortMultipartUpload,
+        gives a warning, not a failed job.
+        """
+        aborted: list[str] = []
+        try:
+            with s3_errors("listing unfinished uploads", self.root):
+                paginator = self.client.get_paginator("list_multipart_uploads")
+                for page in paginator.paginate(Bucket=self.root.bucket, Prefix=self.root.key):
+                    for upload in page.get("Uploads", []) or []:
+                        key, upload_id = upload["Key"], upload["UploadId"]
+                        self.client.abort_multipart_upload(Bucket=self.root.bucket, Key=key, UploadId=upload_id)
+                        aborted.append(key)
+        except (StorageError, StorageAuthError) as exc:
+            log.warning("could not abort unfinished uploads under %s: %s", self.root, exc)
+        return aborted
 
     def delete_checkpoint(self, step: int) -> None:
         """Remove ``checkpoint-<step>``: its manifest first, so it is never complete while half gone."""

@@ -242,6 +242,10 @@ class Pipeline:
         ]
         if complete:
             self.durable_step = complete[0].step
+        aborted = self.store.abort_unfinished_uploads()  # an earlier attempt's, killed mid-upload
+        if aborted:
+            log.info("aborted %d unfinished multipart upload(s) under %s", len(aborted), self.store.root)
+            emit_event("uploads_aborted", keys=aborted)
         import unsloth  # noqa: F401  (must come before transformers/trl/peft: it patches them)
 
         from .training_args import check_training_fields
