@@ -3,6 +3,7 @@
 --   no status yet                       -> Progressing  "Waiting for the operator"
 --   status older than the spec          -> Progressing  (observedGeneration < metadata.generation)
 --   Pending / Running / Resuming        -> Progressing  phase, step/maxSteps, attempt, preemptions
+--   Suspended                           -> Suspended    spec.suspend, and where it resumes from
 --   Succeeded                           -> Healthy      the adapter's location
 --   Failed                              -> Degraded     status.message (why, and what to change)
 -- Written for Lua 5.1 (Argo CD's gopher-lua), where every JSON number is a float.
@@ -55,6 +56,16 @@ if status.phase == "Succeeded" then
     hs.message = "adapter saved to " .. status.outputAdapter
   else
     hs.message = "Succeeded"
+  end
+  return hs
+end
+
+if status.phase == "Suspended" then
+  hs.status = "Suspended"
+  if message ~= "" then
+    hs.message = message
+  else
+    hs.message = "Suspended"
   end
   return hs
 end

@@ -29,6 +29,8 @@ STORAGE_UNAVAILABLE = "StorageUnavailable"
 STORAGE_OK = "StorageReadable"
 SPOT_CAPACITY_TIMEOUT = "SpotCapacityTimeout"  # unschedulable on spot too long: moved to on-demand
 IMAGE_PULL_FAILED = "ImagePullFailed"
+SUSPENDED = "Suspended"  # spec.suspend
+RESUMED = "Resumed"
 TRAINING_CHANGED = "TrainingChanged"  # spec.training.extra edited mid-run: the job is held
 
 

@@ -369,6 +369,33 @@ def _pending(b: _Builder, pod: ObservedPod) -> None:
     b.requeue(min(deadlines))
 
 
+def _suspend(b: _Builder) -> bool:
+    """spec.suspend: stop the attempt in flight the graceful way, then start none; neither a
+    preemption nor a failure. False (not handled here) when the attempt succeeded meanwhile."""
+    obs, status, pod = b.obs, b.obs.status, b.obs.pod
+    if status.pod_name is not None and pod is not None:
+        if pod.ended and classify_end(pod, adapter_complete=obs.adapter_complete).kind is EndKind.SUCCEEDED:
+            return False
+        if not pod.ended:
+            # Deleting the pod is the graceful stop: the kubelet sends SIGTERM, the trainer checkpoints.
+            if not pod.terminating:
+                b.actions.append(DeletePod(pod.name))
+                b.event(
+                    "Normal", c.SUSPENDED, f"spec.suspend: stopping pod {pod.name} (SIGTERM: checkpoint, then exit)"
+                )
+            b.set(message=f"suspending: pod {pod.name} is stopping")
+            b.condition(c.RUNNING, False, c.SUSPENDED, b.values["message"])
+            b.requeue(POD_APPEAR_SECONDS)
+            return True
+    where = f"; the next attempt resumes from {obs.checkpoint.uri}" if obs.checkpoint else ""
+    message = f"suspended (spec.suspend){where}"
+    if status.phase is not Phase.SUSPENDED:
+        b.event("Normal", c.SUSPENDED, message)
+    b.set(phase=Phase.SUSPENDED, message=message, pod_name=None, next_attempt_after=None)
+    b.condition(c.RUNNING, False, c.SUSPENDED, message)
+    return True
+
+
 EXTRA_CHANGED = (
     "spec.training.extra changed after the first attempt started; it defines the run, so no attempt "
     "starts until it is changed back (or create a new LoraResume with a new storage.uri)"
@@ -395,8 +422,16 @@ def decide(obs: Observation) -> Plan:
     status = obs.status
     if status.phase.is_terminal or _held_for_changed_extra(b):
         return b.plan()
+    if obs.spec.suspend and _suspend(b):
+        return b.plan()
 
     if status.pod_name is None:
+        if status.phase is Phase.SUSPENDED:  # spec.suspend is false again
+            b.event("Normal", c.RESUMED, "spec.suspend is false: the next attempt resumes from the newest checkpoint")
+            ready, adapter = _adapter_uri(b)
+            if ready:
+                _launch(b, adapter, "resumed after suspend")
+            return b.plan()
         # No attempt in flight: the first one, or the next after a backoff.
         due = parse_iso(status.next_attempt_after) if status.next_attempt_after else None
         if due is not None:

@@ -342,6 +342,11 @@ class LoraResumeSpec(_Spec):
         "newest one's adapter weights instead of failing.",
     )
     tensorboard: bool = Field(False, description="Upload TensorBoard event files to <storage.uri>/logs/.")
+    suspend: bool = Field(
+        False,
+        description="True stops the running attempt gracefully (SIGTERM: the trainer saves a checkpoint) and starts "
+        "none until false again, which resumes from that checkpoint; neither a preemption nor a failure.",
+    )
     image: str | None = Field(None, description="Trainer image; empty for the operator's default.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(None, description="Image pull policy.")
     service_account_name: str | None = Field(
@@ -374,6 +379,7 @@ class Phase(str, enum.Enum):
     PENDING = "Pending"  # accepted; waiting for its adapter source or its first pod
     RUNNING = "Running"  # a trainer pod is running
     RESUMING = "Resuming"  # the last pod ended (preemption or failure); the next attempt is due
+    SUSPENDED = "Suspended"  # spec.suspend: no pod; the next attempt resumes from the newest checkpoint
     SUCCEEDED = "Succeeded"  # adapter durable in S3 (terminal)
     FAILED = "Failed"  # budgets exhausted or a permanent error (terminal)
 
@@ -405,7 +411,7 @@ class LoraResumeStatus(_Spec):
 
     model_config = ConfigDict(extra="ignore", alias_generator=camel, populate_by_name=True, frozen=True)
 
-    phase: Phase = Field(Phase.PENDING, description="Pending, Running, Resuming, Succeeded or Failed.")
+    phase: Phase = Field(Phase.PENDING, description="Pending, Running, Resuming, Suspended, Succeeded or Failed.")
     message: str = Field("", description="What is happening, for people.")
     attempt: int = Field(0, ge=0, description="Trainer pods started so far.")
     preemptions: int = Field(0, ge=0, description="Attempts ended by preemption (not failures).")

@@ -339,6 +339,9 @@ HEALTH_CASES = [
      status(phase="Resuming", step=40, max_steps=100, progress="40/100", attempt=2, preemptions=1, failures=1,
             observed_generation=1),
      "Progressing", "Resuming: step 40/100, attempt 2, 1 preemption, 1 failure"),
+    ("suspended", 1, status(phase="Suspended", message="suspended (spec.suspend); the next attempt resumes from "
+                            "s3://c/p/checkpoints/checkpoint-123/", observed_generation=1),
+     "Suspended", "suspended (spec.suspend); the next attempt resumes from s3://c/p/checkpoints/checkpoint-123/"),
     ("succeeded", 1, status(phase="Succeeded", message=f"adapter saved to {ADAPTER}", output_adapter=ADAPTER,
                             step=100, max_steps=100, observed_generation=1), "Healthy", f"adapter saved to {ADAPTER}"),
     ("succeeded, no message", 1, {"phase": "Succeeded", "outputAdapter": ADAPTER, "observedGeneration": 1},

@@ -513,3 +513,47 @@ def test_a_changed_extra_holds_the_job(recorded, now, held, pod_state):
     else:
         assert plan.status.message != EXTRA_CHANGED
         assert bool(creates(plan)) == (pod_state != "running")
+
+
+SUSPENDED = {"suspend": True}
+
+
+@pytest.mark.parametrize(
+    ("st", "p", "adapter", "want_phase", "deletes"),
+    [
+        (dict(**RUNNING_1), dict(), False, Phase.RUNNING, True),  # the graceful stop starts
+        (dict(**RUNNING_1), dict(terminating=True), False, Phase.RUNNING, False),  # already stopping
+        (dict(**RUNNING_1), dict(phase="Failed", exit_code=75), False, Phase.SUSPENDED, False),
+        (dict(**RUNNING_1), dict(phase="Succeeded", exit_code=0), True, Phase.SUCCEEDED, False),  # finished anyway
+        (
+            dict(phase=Phase.RESUMING, attempt=1, failures=1, next_attempt_after=iso(NOW + timedelta(seconds=9))),
+            None,
+            False,
+            Phase.SUSPENDED,
+            False,
+        ),
+        (dict(), None, False, Phase.SUSPENDED, False),  # before the first attempt
+    ],
+    ids=["running", "terminating", "stopped-with-checkpoint", "succeeded-meanwhile", "in-backoff", "never-started"],
+)
+def test_suspend(st, p, adapter, want_phase, deletes):
+    before = status(**st)
+    plan = decide(obs(before, pod(**p) if p is not None else None, spec=spec(**SUSPENDED), adapter_complete=adapter))
+    assert plan.status.phase is want_phase
+    assert [a.name for a in plan.actions if isinstance(a, DeletePod)] == (["bot-attempt-1"] if deletes else [])
+    assert not creates(plan)
+    assert (plan.status.preemptions, plan.status.failures) == (before.preemptions, before.failures)
+    if want_phase is Phase.SUSPENDED:
+        assert plan.status.pod_name is None and plan.status.next_attempt_after is None
+        assert cond(plan, c.RUNNING).reason == c.SUSPENDED and CKPT.uri in plan.status.message
+        again = decide(obs(plan.status, None, spec=spec(**SUSPENDED)))
+        assert not again.actions  # stays suspended, quietly
+
+
+def test_unsuspending_resumes_from_the_newest_checkpoint():
+    st = status(phase=Phase.SUSPENDED, attempt=1, preemptions=0, failures=0)
+    plan = decide(obs(st, None, spec=spec(suspend=False)))
+    [create] = creates(plan)
+    assert create.attempt == 2 and create.resume_from == CKPT.uri
+    assert c.RESUMED in [a.reason for a in plan.actions if isinstance(a, EmitEvent)]
+    assert (plan.status.preemptions, plan.status.failures) == (0, 0)

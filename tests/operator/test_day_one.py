@@ -1,5 +1,5 @@
-"""Pods that never start, on the real control plane: the scheduler's Unschedulable and the node
-agent's image pulls, as the operator reports and resolves them.
+"""Day one on a real control plane: pods that never start (the scheduler's Unschedulable, the node
+agent's image pulls) and suspended jobs, as the operator reports and resolves them.
 
 One cluster for the module: a spot pool with no nodes (spot capacity that never comes), one
 on-demand GPU node, and the node agent running the stand-in trainer for the sandbox's trainer
@@ -8,6 +8,7 @@ image only (any other image cannot be "pulled").
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from loraresume_sandbox.kube_client import KubeClient
 from loraresume_sandbox.node_agent import default_pools
 from loraresume_sandbox.stand_in_trainer import ENV_STEP_SECONDS
 from tests.support import specs
+from tests.support.operator_stack import job_env
 from tests.support.waiting import wait_for
 
 NS = "default"
@@ -48,14 +50,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxCluster
 def _apply(kube: KubeClient, s3_bucket: tuple[str, str], **over: Any) -> str:
     endpoint, bucket = s3_bucket
     name = f"lr-{uuid.uuid4().hex[:6]}"
-    spec = specs.spec_doc(
+    base = specs.spec_doc(
         baseModel="s3://models/tiny/",
         dataset={"source": f"s3://{bucket}/data.jsonl"},
         storage=specs.s3_storage(bucket, name, endpoint, "s3"),
         training={"maxSteps": 6, "saveSteps": 3},
         resources={"gpus": 1},
-        **over,
     )
+    spec = specs.spec_doc(base, **over)
     kube.create("loraresumes", specs.resource(spec, name), NS)
     return name
 
@@ -111,3 +113,45 @@ def test_an_image_that_cannot_be_pulled_fails_the_job_after_the_timeout(cluster,
     assert (failed["failures"], failed["preemptions"], failed["attempt"]) == (0, 0, 1)
     wait_for(lambda: kube.get("pods", NS, f"{name}-attempt-1") is None, 30, "the pod that never started deleted")
     assert c.IMAGE_PULL_FAILED in _events(kube, name)
+
+
+def _kubectl_patch(cluster: SandboxCluster, name: str, patch: str) -> None:
+    subprocess.run(
+        [
+            "kubectl",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "-n",
+            NS,
+            "patch",
+            "lr",
+            name,
+            "--type",
+            "merge",
+            "-p",
+            patch,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def test_suspend_stops_gracefully_and_unsuspend_resumes_from_that_checkpoint(cluster, s3_bucket):
+    kube = cluster.kube
+    name = _apply(kube, s3_bucket, training={"maxSteps": 400, "saveSteps": 50})  # about 20 s of steps
+    wait_for(lambda: _status(kube, name).get("step", 0) >= 60, 90, "training under way")
+    _kubectl_patch(cluster, name, '{"spec":{"suspend":true}}')
+    suspended = wait_for(lambda: (s := _status(kube, name)).get("phase") == "Suspended" and s, 60, "Suspended")
+    assert (suspended["preemptions"], suspended["failures"], suspended["attempt"]) == (0, 0, 1)
+    stopped_at = suspended["latestCheckpoint"]["step"]
+    assert 60 <= stopped_at < 400, suspended  # the SIGTERM checkpoint: no step reported before it is lost
+    assert suspended["latestCheckpoint"]["uri"] in suspended["message"]
+    wait_for(lambda: kube.get("pods", NS, f"{name}-attempt-1") is None, 30, "the suspended pod gone")
+    _kubectl_patch(cluster, name, '{"spec":{"suspend":false}}')
+    second = wait_for(lambda: kube.get("pods", NS, f"{name}-attempt-2"), 60, "attempt 2")
+    assert job_env(second)["resume"]["fromCheckpoint"] == suspended["latestCheckpoint"]["uri"]
+    done = wait_for(lambda: (s := _status(kube, name)).get("phase") == "Succeeded" and s, 120, "Succeeded")
+    assert (done["preemptions"], done["failures"], done["attempt"]) == (0, 0, 2)
+    reasons = _events(kube, name)
+    assert c.SUSPENDED in reasons and c.RESUMED in reasons
