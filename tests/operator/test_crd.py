@@ -192,7 +192,7 @@ def test_spec_is_required_and_required_lists_use_the_camelcase_names(root: dict[
 def test_status_phase_is_an_enum_of_the_phases(root: dict[str, Any]) -> None:
     phase = root["properties"]["status"]["properties"]["phase"]
     assert phase["type"] == "string"
-    assert phase["enum"] == ["Pending", "Running", "Resuming", "Succeeded", "Failed"]
+    assert phase["enum"] == ["Pending", "Running", "Resuming", "Suspended", "Succeeded", "Failed"]
 
 
 # --- the model and the schema agree -----------------------------------------------------------
