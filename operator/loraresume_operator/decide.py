@@ -355,7 +355,8 @@ def _pending(b: _Builder, pod: ObservedPod) -> None:
             f"(restartPolicy.imagePullTimeoutSeconds={policy.image_pull_timeout_seconds}): {reason}: {detail}",
         )
         return
-    message = f"attempt {status.attempt}: pod {pod.name} pending for {duration(waited)}: {reason}"
+    # "since", not "for 3m20s": a message that ticks would rewrite the status on every reconcile.
+    message = f"attempt {status.attempt}: pod {pod.name} pending since {iso(since)}: {reason}"
     message += f": {detail}" if detail else ""
     if reason != status.pending_reason and reason != "Scheduling":
         b.event("Warning" if pod.unschedulable or pod.pulling_fails else "Normal", reason, message)

@@ -84,7 +84,7 @@ def test_spot_capacity_that_never_comes_moves_the_attempt_to_on_demand(cluster, 
         "status pendingReason Unschedulable",
     )
     assert pending["phase"] == "Pending" and "nodes are available" in pending["message"], pending["message"]
-    assert "pending for" in pending["message"]
+    assert f"pending since {pending['pendingSince']}" in pending["message"]
     running = _condition(pending, c.RUNNING)
     assert (running["status"], running["reason"]) == ("False", "Unschedulable")
     # Then: the attempt moves to on-demand nodes, and the job trains there to the end.
