@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -123,6 +124,21 @@ def _replace_dir(src: Path, dest: Path) -> None:
             old.unlink(missing_ok=True)
 
 
+SMALL_READ_ATTEMPTS = 4
+
+
+def _broken_body_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from urllib3.exceptions import ProtocolError
+
+    return (ConnectionClosedError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError, ProtocolError)
+
+
 class CheckpointStore:
     """Checkpoint, adapter and progress I/O for one job's S3 prefix."""
 
@@ -184,18 +200,27 @@ class CheckpointStore:
         """Body of a small object (at most ``limit`` bytes), or None when it does not exist."""
         from botocore.exceptions import ClientError
 
-        with s3_errors("reading", uri):
-            try:
-                response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
-            except ClientError as exc:
-                if is_not_found(exc):
-                    return None
-                raise
-            body = response["Body"]
-            try:
-                data = body.read(limit + 1)
-            finally:
-                body.close()
+        for attempt in range(1, SMALL_READ_ATTEMPTS + 1):
+            with s3_errors("reading", uri):
+                try:
+                    response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
+                    body = response["Body"]
+                    try:
+                        data = body.read(limit + 1)
+                    finally:
+                        body.close()
+                    break
+                except ClientError as exc:
+                    if is_not_found(exc):
+                        return None
+                    raise
+                except _broken_body_errors() as exc:  # the connection broke mid-body, past botocore's retries
+                    if attempt == SMALL_READ_ATTEMPTS:
+                        raise StorageError(
+                            f"S3 connection broke while reading {uri} ({type(exc).__name__}); retry later"
+                        ) from None
+                    log.warning("reading %s: connection broke (%s); retrying", uri, type(exc).__name__)
+                    time.sleep(0.2 * 2**attempt)
         if len(data) > limit:
             raise DamagedCheckpoint(f"{uri} is larger than the limit of {limit} bytes")
         return data

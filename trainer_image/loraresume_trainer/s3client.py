@@ -202,6 +202,7 @@ class _GetObjectBodyGuard:
             ResponseStreamingError,
         )
         from botocore.response import StreamingBody
+        from urllib3.exceptions import ProtocolError  # a reset mid-body, as this botocore passes it on
 
         try:
             data = body.read()
@@ -211,6 +212,7 @@ class _GetObjectBodyGuard:
             ReadTimeoutError,
             ConnectionClosedError,
             FlexibleChecksumError,
+            ProtocolError,
         ) as exc:
             failure = f"{type(exc).__name__} while reading the body"
             if attempts >= self.total:
