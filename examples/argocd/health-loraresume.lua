@@ -60,22 +60,14 @@ if status.phase == "Succeeded" then
   return hs
 end
 
-if status.phase == "Suspended" then
-  hs.status = "Suspended"
+-- Suspended and Failed: the operator's message says where it resumes from, or what to change.
+local settled = {Suspended = "Suspended", Failed = "Degraded"}
+if settled[status.phase] ~= nil then
+  hs.status = settled[status.phase]
   if message ~= "" then
     hs.message = message
   else
-    hs.message = "Suspended"
-  end
-  return hs
-end
-
-if status.phase == "Failed" then
-  hs.status = "Degraded"
-  if message ~= "" then
-    hs.message = message
-  else
-    hs.message = "Failed"
+    hs.message = status.phase
   end
   return hs
 end
