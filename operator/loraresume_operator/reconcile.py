@@ -201,6 +201,10 @@ class Reconciler:
             )
         spec = effective_spec(spec, self.defaults, storage_uri)
         status = status.model_copy(update={"storage_uri": storage_uri})
+        # The pod before S3: the trainer makes its last checkpoint durable before it exits, so a pod
+        # seen ended has that checkpoint in the listing that follows (read the other way round, a
+        # relaunch could resume from the one before).
+        pod = self._pod(resource.namespace, status.pod_name)
         try:
             view = self._storage(resource.namespace, spec)
         except TrainerError as exc:
@@ -210,7 +214,7 @@ class Reconciler:
             resource=resource,
             spec=spec,
             status=status,
-            pod=self._pod(resource.namespace, status.pod_name),
+            pod=pod,
             checkpoint=view.checkpoint,
             progress=view.progress,
             adapter_complete=view.adapter_complete,
