@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,12 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "trainer_image"), str(ROOT / "sandbox")]
 
 from tests.support.tiny_model import alpaca_rows, write_jsonl  # noqa: E402
 from tests.support.trainer_runs import Kill, job_config, run_story  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.waiting import free_port  # noqa: E402
 
 
 def build_1b(out: Path) -> Path:

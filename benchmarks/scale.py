@@ -67,7 +67,6 @@ import platform
 import random
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -86,6 +85,7 @@ import yaml
 from loraresume_sandbox.cluster import OperatorProcess, SandboxCluster, chart_dir, sandbox_values
 from loraresume_sandbox.kube_client import KubeClient, follow
 from loraresume_sandbox.node_agent import SPOT_LABELS, SPOT_TAINT, NodePool
+from loraresume_sandbox.waiting import free_port
 
 NS = "default"
 BUCKET = "bench"
@@ -102,12 +102,6 @@ LR = "loraresumes"
 
 def now() -> float:
     return time.monotonic()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float | None:

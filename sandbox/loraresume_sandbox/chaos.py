@@ -66,10 +66,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import AWS, BUCKET, NAMESPACE, OFFLINE, SECRET, _free_port, _wait_http, create_s3_secret
+from .cli import AWS, BUCKET, NAMESPACE, OFFLINE, SECRET, _wait_http, create_s3_secret
 from .node_agent import CONTAINER_ID_SCHEME
 from .s3_faults import RequestInfo, S3FaultProxy, checkpoint_file, uniform_rates
-from .waiting import stop_process, wait_for
+from .waiting import free_port, stop_process, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ class ChaosStack:
     def _start(self, boto3: Any, seed_s3: Any) -> None:
         from .cluster import SandboxCluster, sandbox_values
 
-        moto_port = _free_port()
+        moto_port = free_port()
         moto_log = open(self.dir / "moto.log", "ab")
         self._logs.append(moto_log)
         self.moto = subprocess.Popen(

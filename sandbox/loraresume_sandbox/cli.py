@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
-from .waiting import stop_process
+from .waiting import port_free, stop_process
 
 if TYPE_CHECKING:
     from .cluster import SandboxCluster
@@ -54,22 +53,6 @@ OFFLINE = {
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONUNBUFFERED": "1",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not count
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def _alive(pid: int | None) -> TypeGuard[int]:
@@ -181,7 +164,7 @@ def supervise(directory: Path, s3_port: int) -> int:
     moto = cluster = control = None
     logs: list = []
     try:
-        if not _port_free(s3_port):
+        if not port_free(s3_port):
             raise RuntimeError(f"port {s3_port} for the S3 server is in use (another sandbox up? try `down`)")
         endpoint = f"http://127.0.0.1:{s3_port}"
         moto_log = open(directory / "moto.log", "wb")
