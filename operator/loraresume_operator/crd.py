@@ -35,10 +35,13 @@ from .spec import (
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
+    STEPS_OR_EPOCHS,
     VERSION,
     AdapterSource,
     LoraResumeSpec,
     LoraResumeStatus,
+    TrainingSpec,
+    extra_refusals,
 )
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -73,6 +76,7 @@ MODEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
             "message": "set exactly one of adapter.uri (an s3:// URI) or adapter.fromResource (a LoraResume name)",
         }
     ],
+    TrainingSpec: [{"rule": "!(has(self.maxSteps) && has(self.numTrainEpochs))", "message": STEPS_OR_EPOCHS}],
     LoraResumeSpec: [
         {
             # `self == oldSelf` on spec.adapter only runs when both sides have one.
@@ -237,8 +241,24 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     return _ordered(schema)
 
 
+def _extra_schema(extra: dict[str, Any]) -> dict[str, Any]:
+    """spec.training.extra refuses the keys set elsewhere (spec.extra_refusals), naming the key.
+
+    Not by CEL: the API server hides a schemaless value from CEL, declared or not. Each refused
+    key is declared with a schema no value satisfies (`not: {}`): the refusal names the key's
+    path, and the key's description (`kubectl explain`) says where it belongs.
+    """
+    refused = {
+        key: {"description": f"Refused: {why}.", "x-kubernetes-preserve-unknown-fields": True, "not": {}}
+        for key, why in extra_refusals().items()
+    }
+    return {**extra, "properties": refused}
+
+
 def _root_schema() -> dict[str, Any]:
     spec = openapi_schema(LoraResumeSpec)
+    training = spec["properties"]["training"]
+    training["properties"]["extra"] = _ordered(_extra_schema(training["properties"]["extra"]))
     status = openapi_schema(LoraResumeStatus)
     return {
         "description": "A resumable LoRA fine-tune job: the operator runs the trainer in a pod, checkpoints "

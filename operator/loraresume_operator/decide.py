@@ -189,9 +189,10 @@ def _report_progress(b: _Builder) -> None:
     if obs.checkpoint is not None:
         b.set(latest_checkpoint=obs.checkpoint)
     progress = obs.progress if isinstance(obs.progress, dict) else {}
-    max_steps = _count(progress.get("max_steps"), 0) or obs.spec.training.max_steps
+    # By epochs, the step count is known once the trainer has read the dataset (progress.json).
+    max_steps = _count(progress.get("max_steps"), 0) or obs.spec.training.planned_steps() or 0
     step = _count(progress.get("step"), 0) or b.values["step"]
-    b.set(step=step, max_steps=max_steps, progress=f"{step}/{max_steps}")
+    b.set(step=step, max_steps=max_steps, progress=f"{step}/{max_steps or '?'}")
     loss = progress.get("loss")
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         b.set(loss=f"{float(loss):.4g}")

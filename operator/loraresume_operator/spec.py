@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from loraresume_trainer.config import DatasetSettings, LoraSettings, camel
+from loraresume_trainer.config import RESERVED_TRAINING_FIELDS, DatasetSettings, LoraSettings, camel
 from loraresume_trainer.s3uri import S3Uri
 
 from . import k8s_names
@@ -60,8 +60,14 @@ def training_immutable_rule() -> str:
     values tells an int from a double, so a server-side apply or PUT of an unchanged manifest
     would be refused as a change (and CEL cannot index a schemaless object to compare it by
     value). The operator holds a changed `extra` instead (`TrainingSpec.extra_digest`, decide).
+    Nor for the logging and save cadence (MUTABLE_TRAINING_FIELDS): they do not change the
+    trajectory, so an edit is taken up by the next attempt.
     """
-    keys = [info.alias or name for name, info in TrainingSpec.model_fields.items() if name != "extra"]
+    keys = [
+        info.alias or name
+        for name, info in TrainingSpec.model_fields.items()
+        if name != "extra" and name not in MUTABLE_TRAINING_FIELDS
+    ]
     return " && ".join(
         f"(has(self.{key}) == has(oldSelf.{key}) && (!has(self.{key}) || self.{key} == oldSelf.{key}))" for key in keys
     )
@@ -94,6 +100,13 @@ def _dns_subdomain(value: str | None) -> str | None:
     return value
 
 
+DEFAULT_MAX_STEPS = 60  # the seed notebook's
+STEPS_OR_EPOCHS = "set training.maxSteps or training.numTrainEpochs, not both"
+# SFTConfig fields that other parts of the spec set (the trainer's own list is RESERVED_TRAINING_FIELDS).
+SPEC_OWNED_TRAINING_FIELDS = {"max_length": "set spec.maxSeqLength (Unsloth and TRL both take it from there)"}
+# Training fields that do not change the trajectory: they may be edited mid-run (a relaunch uses them).
+MUTABLE_TRAINING_FIELDS = ("logging_steps", "save_steps")
+
 _NEW_RESOURCE = "is immutable: it defines the run; create a new LoraResume (with a new storage.uri) instead"
 
 
@@ -124,7 +137,20 @@ class TrainingSpec(_Spec):
     per_device_train_batch_size: int = Field(2, ge=1, le=4096, description="Rows per device per forward pass.")
     gradient_accumulation_steps: int = Field(4, ge=1, le=4096, description="Forward passes per optimizer step.")
     warmup_steps: int = Field(5, ge=0, description="Linear learning-rate warmup steps.")
-    max_steps: int = Field(60, ge=1, le=10_000_000, description="Optimizer steps of the whole run.")
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description=f"Optimizer steps of the whole run; {DEFAULT_MAX_STEPS} when neither this nor numTrainEpochs "
+        "is set.",
+    )
+    num_train_epochs: float | None = Field(
+        None,
+        gt=0,
+        le=100_000,
+        description="Train for this many passes over the dataset instead of a step count (the steps follow from "
+        "the dataset's size, batch size and accumulation, as in transformers); set this or maxSteps, not both.",
+    )
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     optim: str = Field("adamw_8bit", min_length=1, description="Optimizer name as TRL/transformers know it.")
     weight_decay: float = Field(0.01, ge=0, description="Weight decay.")
@@ -139,6 +165,27 @@ class TrainingSpec(_Spec):
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
 
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainingSpec:
+        if self.max_steps is not None and self.num_train_epochs is not None:
+            raise ValueError(STEPS_OR_EPOCHS)
+        return self
+
+    @field_validator("extra")
+    @classmethod
+    def _no_owned_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        refusals = extra_refusals()
+        owned = [key for key in value if key in refusals]
+        if owned:
+            raise ValueError("; ".join(refusals[key] for key in owned))
+        return value
+
+    def planned_steps(self) -> int | None:
+        """The run's optimizer steps as the spec says them; None when they follow from epochs."""
+        if self.num_train_epochs is not None:
+            return None
+        return self.max_steps or DEFAULT_MAX_STEPS
+
     def extra_digest(self) -> str:
         """Identifies `extra` by value: 1 and 1.0 are the same number (JSON, and the API server, agree)."""
         canonical = json.dumps(_integral_floats_as_ints(self.extra), sort_keys=True, separators=(",", ":"))
@@ -146,8 +193,31 @@ class TrainingSpec(_Spec):
 
     def sft_config(self) -> dict[str, Any]:
         """The trainer's `training` section (snake_case SFTConfig fields)."""
-        typed = self.model_dump(exclude={"extra"})
-        return {**self.extra, **typed}
+        typed = self.model_dump(exclude={"extra", "max_steps", "num_train_epochs"})
+        steps = self.planned_steps()
+        if steps is None:
+            length: dict[str, Any] = {"num_train_epochs": self.num_train_epochs, "max_steps": -1}  # -1: by epochs
+        else:
+            length = {"max_steps": steps}
+        return {**self.extra, **typed, **length}
+
+
+def extra_refusals() -> dict[str, str]:
+    """`training.extra` keys the resource sets elsewhere, each with the message that says where.
+
+    A typed field's key in `extra` (either spelling) would be silently overridden by the typed
+    value; the trainer-owned SFTConfig fields would break durable or exact resume.
+    """
+    out: dict[str, str] = {}
+    for name, info in TrainingSpec.model_fields.items():
+        if name == "extra":
+            continue
+        alias = info.alias or name
+        for key in dict.fromkeys((name, alias)):
+            out[key] = f"extra.{key} is a typed field: set spec.training.{alias} instead"
+    for key, why in {**RESERVED_TRAINING_FIELDS, **SPEC_OWNED_TRAINING_FIELDS}.items():
+        out.setdefault(key, f"extra.{key} cannot be set: {why}")
+    return out
 
 
 class StorageSpec(_Spec):

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from loraresume_operator.crd import build_crd
-from loraresume_operator.spec import LoraResumeSpec
+from loraresume_operator.spec import MUTABLE_TRAINING_FIELDS, STEPS_OR_EPOCHS, LoraResumeSpec, extra_refusals
 from loraresume_sandbox.kube_client import ApiError
-from loraresume_trainer.config import ENV_JOB, parse_job
+from loraresume_trainer.config import ENV_JOB, camel, parse_job
 from loraresume_trainer.s3uri import S3Uri
 from tests.support.api_judge import ApiJudge
 from tests.support.pod_policy import hardening_problems
@@ -157,11 +157,15 @@ def test_edited_resource_is_refused_with_the_field_or_failed_with_the_field(
     check_operator_runs(stored)
 
 
+# Of training, what CEL leaves free: `extra` is held by the operator instead (CEL cannot compare it
+# by value: test_an_unchanged_extra_with_a_float_is_admitted_again); the cadences may change.
+_TRAINING_FREE = {"extra", *(camel(name) for name in MUTABLE_TRAINING_FIELDS)}
+
+
 def _run_defining(spec: dict, field: str) -> object:
-    """What the CRD keeps immutable of `field`: training's `extra` is held by the operator instead
-    (CEL cannot compare it by value: test_an_unchanged_extra_with_a_float_is_admitted_again)."""
+    """What the CRD keeps immutable of `field`."""
     value = spec[field]
-    return {k: v for k, v in value.items() if k != "extra"} if field == "training" else value
+    return {k: v for k, v in value.items() if k not in _TRAINING_FREE} if field == "training" else value
 
 
 @pytest.mark.parametrize("value", [0.0, 1.0, 0.5, 2, [1.0, 2.5], {"num_cycles": 1.0}])
@@ -286,3 +290,67 @@ def test_the_api_server_refuses_a_trailing_newline_that_a_python_regex_would_tak
     with pytest.raises(ApiError) as refused:
         judge.admit(resource(spec))
     assert refused.value.code == 422 and f"spec.{section}.{key}" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "key, where",
+    [
+        ("learning_rate", "spec.training.learningRate"),
+        ("learningRate", "spec.training.learningRate"),
+        ("num_train_epochs", "spec.training.numTrainEpochs"),
+        ("seed", "spec.training.seed"),
+        ("output_dir", "storage.uri"),
+        ("max_length", "spec.maxSeqLength"),
+        ("gradient_checkpointing", "gradient_checkpointing"),
+    ],
+)
+def test_an_extra_key_set_elsewhere_is_refused_by_both_naming_where(judge: ApiJudge, key: str, where: str) -> None:
+    """A typed field's key in `extra` was silently overridden by the typed value; a trainer-owned one
+    failed only once a pod ran. Both are refused at admission naming the key (CEL cannot see into a
+    schemaless object, so the schema refuses it and `kubectl explain` says why), and by the model
+    saying where it goes."""
+    for value in (1, 0.5, "x", True, {"a": 1}):
+        spec = {**MINIMAL, "training": {"extra": {key: value, "max_grad_norm": 0.3}}}
+        with pytest.raises(ApiError) as refused:
+            judge.admit(resource(spec))
+        assert refused.value.code == 422 and f'"spec.training.extra.{key}"' in refused.value.message
+        with pytest.raises(ValidationError) as problem:
+            LoraResumeSpec.model_validate(spec)
+        assert extra_refusals()[key] in str(problem.value) and where in str(problem.value)
+    extra = ROOT_SCHEMA["properties"]["spec"]["properties"]["training"]["properties"]["extra"]
+    assert extra_refusals()[key] in extra["properties"][key]["description"]
+    judge.admit(resource({**MINIMAL, "training": {"extra": {"max_grad_norm": 0.3, "warmup_ratio": 0.1}}}))
+
+
+def test_steps_or_epochs_not_both(judge: ApiJudge) -> None:
+    spec = {**MINIMAL, "training": {"maxSteps": 10, "numTrainEpochs": 2}}
+    with pytest.raises(ApiError) as refused:
+        judge.admit(resource(spec))
+    assert refused.value.code == 422 and STEPS_OR_EPOCHS in refused.value.message
+    with pytest.raises(ValidationError, match=STEPS_OR_EPOCHS):
+        LoraResumeSpec.model_validate(spec)
+
+
+@pytest.mark.parametrize(
+    "training, sft",
+    [
+        ({}, {"max_steps": 60}),
+        ({"maxSteps": 7}, {"max_steps": 7}),
+        ({"numTrainEpochs": 1.5}, {"max_steps": -1, "num_train_epochs": 1.5}),  # transformers: -1 = by epochs
+    ],
+)
+def test_run_length_by_steps_or_epochs(judge: ApiJudge, training: dict, sft: dict) -> None:
+    stored, _ = judge.admit(resource({**MINIMAL, "training": training}))
+    config = LoraResumeSpec.model_validate(stored["spec"]).training.sft_config()
+    assert {k: config.get(k) for k in sft} == sft
+    assert "num_train_epochs" in config or "num_train_epochs" not in sft
+
+
+@pytest.mark.parametrize("field, value", [("saveSteps", 25), ("loggingSteps", 5)])
+def test_the_cadence_may_change_mid_run(judge: ApiJudge, field: str, value: int) -> None:
+    """Logging and save cadence do not change the trajectory (the fingerprint leaves them out)."""
+    old, _ = judge.admit(resource(MINIMAL))
+    stored, _ = judge.admit(resource({**MINIMAL, "training": {field: value}}), old=old)
+    assert stored["spec"]["training"][field] == value
+    with pytest.raises(ApiError, match=r"spec\.training"):
+        judge.admit(resource({**MINIMAL, "training": {"learningRate": 0.1}}), old=old)

@@ -69,9 +69,9 @@ _SELECTOR = st.dictionaries(_LABEL_KEY, _LABEL_VALUE, max_size=3)
 _IDENT = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,10}\Z")
 _SHORT_TEXT = st.text(max_size=24)
 
-# SFTConfig fields a user may put in training.extra (none reserved by the trainer).
+# SFTConfig fields a user may put in training.extra (none typed, none reserved: spec.extra_refusals).
 _EXTRA = st.dictionaries(
-    st.sampled_from(["max_grad_norm", "num_train_epochs", "adam_beta2", "dataloader_num_workers", "packing"]),
+    st.sampled_from(["max_grad_norm", "warmup_ratio", "adam_beta2", "dataloader_num_workers", "packing"]),
     st.one_of(st.floats(0, 10, allow_nan=False), st.integers(0, 8), st.booleans()),
     max_size=2,
 )
