@@ -31,6 +31,9 @@ SPOT_CAPACITY_TIMEOUT = "SpotCapacityTimeout"  # unschedulable on spot too long:
 IMAGE_PULL_FAILED = "ImagePullFailed"
 SUSPENDED = "Suspended"  # spec.suspend
 RESUMED = "Resumed"
+DISK_EVICTED = "EvictedForDisk"  # the node ran low on ephemeral-storage
+SCRATCH_FULL = "ScratchVolumeFull"  # the pod outgrew its own scratch sizeLimit
+DISK_EVICTION_BUDGET_EXHAUSTED = "DiskEvictionBudgetExhausted"
 TRAINING_CHANGED = "TrainingChanged"  # spec.training.extra edited mid-run: the job is held
 
 

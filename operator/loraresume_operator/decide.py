@@ -285,6 +285,9 @@ def _ended(b: _Builder, end: PodEnd) -> None:
     lost = _lost_steps(obs)
     b.set(lost_steps=obs.status.lost_steps + lost)
     lost_text = f", {lost} steps lost" if lost else ""
+    if end.kind is EndKind.DISK_EVICTED:
+        _disk_evicted(b, end, lost_text)
+        return
     if end.kind is EndKind.PREEMPTED:
         preemptions = obs.status.preemptions + 1
         b.set(preemptions=preemptions)
@@ -323,6 +326,31 @@ def _ended(b: _Builder, end: PodEnd) -> None:
         "Warning", end.reason, f"attempt {obs.status.attempt} failed: {end.message}{lost_text}; retry in {delay:.0f} s"
     )
     b.requeue(delay)
+
+
+def _disk_evicted(b: _Builder, end: PodEnd, lost_text: str) -> None:
+    """Evicted for disk: relaunched at once like a preemption (the checkpoint in S3 is intact), but
+    counted apart, with its own budget: it can be the job's own doing, and then it repeats."""
+    obs, spec = b.obs, b.obs.spec
+    evictions = obs.status.disk_evictions + 1
+    b.set(disk_evictions=evictions)
+    if end.reason == c.SCRATCH_FULL:
+        hint = "the job outgrew its scratch volume: set resources.scratchSize larger"
+    else:
+        hint = "the node ran low on disk: give the nodes more, or request more with resources.ephemeralStorage"
+    b.event("Warning", end.reason, f"attempt {obs.status.attempt} evicted for disk: {end.message}{lost_text}; {hint}")
+    limit = spec.restart_policy.max_disk_evictions
+    if evictions > limit:
+        _fail(
+            b,
+            c.DISK_EVICTION_BUDGET_EXHAUSTED,
+            f"{evictions} evictions for disk exceed restartPolicy.maxDiskEvictions={limit}; last: {end.message}; "
+            + hint,
+        )
+        return
+    ready, adapter = _adapter_uri(b)
+    if ready:
+        _launch(b, adapter, f"after an eviction for disk: {end.reason}")
 
 
 def _pending(b: _Builder, pod: ObservedPod) -> None:

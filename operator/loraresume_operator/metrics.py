@@ -7,6 +7,7 @@ from prometheus_client import Counter, Gauge, Histogram
 RESOURCES_BY_PHASE = Gauge("loraresume_resources", "LoraResume resources by phase", ["phase"])
 PREEMPTIONS = Counter("loraresume_preemptions_total", "Attempts ended by preemption", ["namespace"])
 FAILURES = Counter("loraresume_failures_total", "Attempts ended by failure", ["namespace"])
+DISK_EVICTIONS = Counter("loraresume_disk_evictions_total", "Attempts evicted for disk", ["namespace"])
 LOST_STEPS = Counter(
     "loraresume_lost_steps_total", "Steps trained but not durable when an attempt ended", ["namespace"]
 )

@@ -13,6 +13,8 @@ from typing import Any
 
 from loraresume_trainer.outcome import Outcome
 
+from .conditions import DISK_EVICTED, SCRATCH_FULL
+
 TRAINER_CONTAINER = "trainer"
 
 # Pod conditions/reasons the kubelet, scheduler and eviction API set when a pod is disrupted.
@@ -40,9 +42,16 @@ SCHEDULED_CONDITION = "PodScheduled"
 UNSCHEDULABLE = "Unschedulable"
 
 
+# The kubelet's eviction messages for disk (pkg/kubelet/eviction): the node under pressure, or a
+# pod over its own limit (an emptyDir's sizeLimit, a container's or the pod's ephemeral-storage limit).
+NODE_DISK_PRESSURE_MARKS = ("low on resource: ephemeral-storage", "low on resource: nodefs", "low on resource: imagefs")
+OWN_DISK_LIMIT_MARKS = ("Usage of EmptyDir volume", "local ephemeral storage limit", "ephemeral local storage usage")
+
+
 class EndKind(enum.Enum):
     SUCCEEDED = "Succeeded"
     PREEMPTED = "Preempted"  # relaunch at once; counts against maxPreemptions only
+    DISK_EVICTED = "DiskEvicted"  # relaunch at once; counts against maxDiskEvictions only
     FAILED = "Failed"  # relaunch with backoff; counts against backoffLimit
     PERMANENT = "Permanent"  # a config error the trainer reported: no retry
 
@@ -153,6 +162,18 @@ def one_line(text: str) -> str:
     return last if len(last) <= MAX_REASON else last[: MAX_REASON - 3] + "..."
 
 
+def disk_eviction(pod: ObservedPod) -> str | None:
+    """The reason for an eviction for disk (SCRATCH_FULL: the pod's own limit; DISK_EVICTED: the
+    node's pressure), or None. Not a preemption to relaunch blindly: it may be the job's own doing."""
+    if pod.pod_reason != "Evicted" and pod.disruption_reason != "TerminationByKubelet":
+        return None
+    if any(mark in pod.message for mark in OWN_DISK_LIMIT_MARKS):
+        return SCRATCH_FULL
+    if any(mark in pod.message for mark in NODE_DISK_PRESSURE_MARKS):
+        return DISK_EVICTED
+    return None
+
+
 @dataclass(frozen=True)
 class PodEnd:
     kind: EndKind
@@ -176,6 +197,9 @@ def classify_end(pod: ObservedPod | None, *, adapter_complete: bool) -> PodEnd:
         return PodEnd(EndKind.PERMANENT, "ConfigError", trainer_says or "the trainer reported a configuration error")
     # What the trainer said as it stopped ("checkpoint-8 is durable") belongs in the preemption's message.
     said = f"; the trainer: {trainer_says}" if trainer_says else ""
+    disk = disk_eviction(pod)
+    if disk is not None:  # killed at once: the log tail's last line is not something the trainer said
+        return PodEnd(EndKind.DISK_EVICTED, disk, pod.message.strip() or disk)
     if pod.disrupted:
         reason = pod.disruption_reason or DISRUPTION_CONDITION
         return PodEnd(EndKind.PREEMPTED, reason, (pod.message or "pod disrupted") + said)

@@ -10,6 +10,7 @@ from loraresume_trainer.config import ENV_ATTEMPT, ENV_JOB
 from .decide import CreatePod, Resource
 from .defaults import OperatorDefaults
 from .observed import TRAINER_CONTAINER
+from .scratch import ScratchInputs, ScratchSize, scratch_size
 from .spec import API_VERSION, GROUP, KIND, LoraResumeSpec
 
 LABEL_RESOURCE = f"{GROUP}/resource"
@@ -71,7 +72,13 @@ def _scheduling(spec: LoraResumeSpec, on_demand: bool) -> dict[str, Any]:
     return out
 
 
-def _resources(spec: LoraResumeSpec) -> dict[str, Any]:
+def scratch_inputs_unmeasured(spec: LoraResumeSpec) -> ScratchInputs:
+    """What is known of a job's downloads without reading S3 (sizes unknown)."""
+    base = spec.base_model
+    return ScratchInputs(None, base_model_downloaded=not base.startswith("/"))
+
+
+def _resources(spec: LoraResumeSpec, scratch: ScratchSize) -> dict[str, Any]:
     res = spec.resources
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
@@ -81,8 +88,7 @@ def _resources(spec: LoraResumeSpec) -> dict[str, Any]:
         requests["cpu"] = res.cpu
     if res.memory:
         requests["memory"] = limits["memory"] = res.memory
-    if res.ephemeral_storage:
-        requests["ephemeral-storage"] = res.ephemeral_storage
+    requests["ephemeral-storage"] = scratch.ephemeral_storage_request
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
 
 
@@ -105,9 +111,20 @@ def _env(spec: LoraResumeSpec, create: CreatePod, defaults: OperatorDefaults) ->
 
 
 def build_trainer_pod(
-    resource: Resource, spec: LoraResumeSpec, create: CreatePod, defaults: OperatorDefaults
+    resource: Resource,
+    spec: LoraResumeSpec,
+    create: CreatePod,
+    defaults: OperatorDefaults,
+    inputs: ScratchInputs | None = None,
 ) -> dict[str, Any]:
-    """A hardened pod for one attempt: owned by the resource, no API token, non-root, caps dropped."""
+    """A hardened pod for one attempt: owned by the resource, no API token, non-root, caps dropped.
+
+    `inputs`: the measured sizes of what it downloads (scratch.py); None: not measured."""
+    scratch = scratch_size(
+        inputs or scratch_inputs_unmeasured(spec),
+        scratch=spec.resources.scratch_size,
+        ephemeral_storage=spec.resources.ephemeral_storage,
+    )
     labels = {
         "app.kubernetes.io/name": "loraresume-trainer",
         "app.kubernetes.io/managed-by": "loraresume-operator",
@@ -120,7 +137,7 @@ def build_trainer_pod(
         "image": spec.image or defaults.trainer_image,
         "imagePullPolicy": spec.image_pull_policy or defaults.image_pull_policy,
         "env": _env(spec, create, defaults),
-        "resources": _resources(spec),
+        "resources": _resources(spec, scratch),
         "volumeMounts": [{"name": "work", "mountPath": WORK_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -143,7 +160,10 @@ def build_trainer_pod(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [{"name": "work", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+        "volumes": [
+            {"name": "work", "emptyDir": {"sizeLimit": scratch.work_size_limit}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": scratch.tmp_size_limit}},
+        ],
         **_scheduling(spec, create.on_demand),
     }
     if spec.service_account_name:

@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from .defaults import OperatorDefaults, effective_spec
 from .k8s_names import MAX_LABEL_VALUE
 from .observed import ObservedPod
 from .pods import LABEL_RESOURCE, build_trainer_pod
-from .s3_view import StorageView, read_storage, s3_client
+from .s3_view import DownloadSizes, StorageView, read_storage, s3_client
 from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus, Phase
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Reconciler:
         s3_factory: Callable[..., Any] = s3_client,
     ) -> None:
         self.core, self.custom, self.defaults, self.clock, self.s3_factory = core, custom, defaults, clock, s3_factory
+        self.download_sizes = DownloadSizes()
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._phases: dict[tuple[str, str], str] = {}
 
@@ -148,8 +150,10 @@ class Reconciler:
             raise
         return True
 
-    def _create_pod(self, resource: Resource, spec: LoraResumeSpec, action: CreatePod) -> None:
-        pod = build_trainer_pod(resource, spec, action, self.defaults)
+    def _create_pod(self, resource: Resource, spec: LoraResumeSpec, action: CreatePod, view: StorageView) -> None:
+        client = self.storage_client(resource.namespace, spec)
+        inputs = self.download_sizes.inputs(client, spec, action.adapter_uri, view, time.monotonic())
+        pod = build_trainer_pod(resource, spec, action, self.defaults, inputs)
         try:
             self.core.create_namespaced_pod(resource.namespace, pod)
         except ApiException as exc:
@@ -237,18 +241,24 @@ class Reconciler:
         if plan.status != written and not self._write_status(body, plan.status):
             return CONFLICT_RETRY_SECONDS
         self.record_phase(resource.namespace, resource.name, plan.status.phase.value)
-        self._execute(body, resource, spec, written, plan)
+        self._execute(body, resource, spec, written, plan, view)
         self._observe_metrics(resource, written, plan, view, now)
         return plan.requeue.after_seconds if plan.requeue else None
 
     def _execute(
-        self, body: dict[str, Any], resource: Resource, spec: LoraResumeSpec, before: LoraResumeStatus, plan: Plan
+        self,
+        body: dict[str, Any],
+        resource: Resource,
+        spec: LoraResumeSpec,
+        before: LoraResumeStatus,
+        plan: Plan,
+        view: StorageView,
     ) -> None:
         for action in plan.actions:
             if isinstance(action, CreatePod):
                 started = self.clock()
                 try:
-                    self._create_pod(resource, spec, action)
+                    self._create_pod(resource, spec, action, view)
                 except ApiException as exc:
                     if exc.status not in (400, 403, 422):
                         raise
@@ -279,6 +289,8 @@ class Reconciler:
             metrics.PREEMPTIONS.labels(ns).inc(after.preemptions - before.preemptions)
         if after.failures > before.failures:
             metrics.FAILURES.labels(ns).inc(after.failures - before.failures)
+        if after.disk_evictions > before.disk_evictions:
+            metrics.DISK_EVICTIONS.labels(ns).inc(after.disk_evictions - before.disk_evictions)
         if after.lost_steps > before.lost_steps:
             metrics.LOST_STEPS.labels(ns).inc(after.lost_steps - before.lost_steps)
         if view.checkpoint_created_at:

@@ -19,6 +19,7 @@ from loraresume_trainer.checkpoint_store import CheckpointStore
 from loraresume_trainer.errors import TrainerError
 from loraresume_trainer.s3uri import S3Uri
 
+from .scratch import ScratchInputs
 from .spec import CheckpointRef, LoraResumeSpec
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class StorageView:
     progress: dict[str, Any] | None
     adapter_complete: bool
     checkpoint_created_at: str | None = None  # from the newest complete manifest
+    checkpoint_bytes: int | None = None  # the newest complete checkpoint's files, from its manifest
 
 
 def s3_client(endpoint: str | None, region: str | None, credentials: dict[str, str] | None) -> Any:
@@ -75,14 +77,56 @@ def read_storage(spec: LoraResumeSpec, client: Any) -> StorageView:
         raise ValueError("read_storage needs the effective spec, with storage.uri resolved")
     store = CheckpointStore(client, S3Uri.parse(spec.storage.uri))
     complete = store.complete_checkpoints()
-    checkpoint, created = None, None
+    checkpoint, created, size = None, None, None
     if complete:
         step, manifest = complete[0]
         checkpoint = CheckpointRef(uri=str(store.checkpoint_uri(step)), step=step)
-        created = manifest.created_at or None
+        created, size = manifest.created_at or None, manifest.total_bytes
     progress = store.get_json(PROGRESS)
     adapter = store.read_adapter_manifest()
-    return StorageView(checkpoint, progress, adapter is not None, created)
+    return StorageView(checkpoint, progress, adapter is not None, created, size)
 
 
-__all__ = ["StorageView", "TrainerError", "read_storage", "s3_client"]
+class DownloadSizes:
+    """Sizes of what a pod downloads (base model, adapter, dataset), measured in S3 at launch.
+
+    Remembered for `ttl_seconds` per URI: a base model shared by a fleet is listed once, not
+    once per pod (those are large prefixes that do not change under a running job).
+    """
+
+    def __init__(self, ttl_seconds: float = 600.0) -> None:
+        self.ttl_seconds = ttl_seconds
+        self._known: dict[str, tuple[float, int]] = {}
+
+    def bytes_at(self, client: Any, uri: str, now: float) -> int:
+        known = self._known.get(uri)
+        if known is not None and now - known[0] < self.ttl_seconds:
+            return known[1]
+        parsed = S3Uri.parse(uri)
+        size = CheckpointStore(client, parsed).stored_bytes(parsed)
+        self._known[uri] = (now, size)
+        return size
+
+    def inputs(
+        self, client: Any, spec: LoraResumeSpec, adapter_uri: str | None, view: StorageView, now: float
+    ) -> ScratchInputs:
+        def measured(uri: str | None) -> int | None:
+            if not uri or not uri.startswith("s3://"):
+                return None
+            try:
+                return self.bytes_at(client, uri, now)
+            except TrainerError as exc:  # the trainer will say what is wrong with it; size it as unknown
+                log.info("cannot measure %s for the scratch volume: %s", uri, exc)
+                return None
+
+        base = spec.base_model
+        return ScratchInputs(
+            base_model_bytes=measured(base),
+            base_model_downloaded=not base.startswith("/"),
+            adapter_bytes=measured(adapter_uri) or 0,
+            dataset_bytes=measured(spec.dataset.source) or 0,
+            checkpoint_bytes=view.checkpoint_bytes,
+        )
+
+
+__all__ = ["DownloadSizes", "StorageView", "TrainerError", "read_storage", "s3_client"]

@@ -254,7 +254,17 @@ class ResourcesSpec(_Spec):
     cpu: str | None = Field(None, pattern=QUANTITY_PATTERN, description="CPU request, e.g. 8.")
     memory: str | None = Field(None, pattern=QUANTITY_PATTERN, description="Memory request and limit, e.g. 48Gi.")
     ephemeral_storage: str | None = Field(
-        None, pattern=QUANTITY_PATTERN, description="Scratch space for model cache and checkpoints, e.g. 100Gi."
+        None,
+        pattern=QUANTITY_PATTERN,
+        description="The pod's ephemeral-storage request, e.g. 100Gi; empty: the scratch size plus /tmp's limit.",
+    )
+    scratch_size: str | None = Field(
+        None,
+        pattern=QUANTITY_PATTERN,
+        description="sizeLimit of the scratch volume (/work: base model, dataset, checkpoints, compile caches); "
+        "empty: derived per attempt from the sizes in S3 of the base model, adapter, dataset and newest "
+        "checkpoint (64Gi allowed for a hub model id), plus 8Gi for caches. Outgrowing it gets the pod evicted, "
+        "reported as a disk eviction.",
     )
 
 
@@ -336,6 +346,13 @@ class RestartPolicySpec(_Spec):
     """Bounded retries: preemptions and failures are counted apart (DESIGN: preemption is not failure)."""
 
     max_preemptions: int = Field(50, ge=0, le=100_000, description="Preemptions tolerated before the job fails.")
+    max_disk_evictions: int = Field(
+        3,
+        ge=0,
+        le=10_000,
+        description="Evictions for disk (the node low on ephemeral-storage, or the scratch volume over its "
+        "sizeLimit) tolerated before the job fails; each relaunches at once, counted apart from preemptions.",
+    )
     backoff_limit: int = Field(3, ge=0, le=10_000, description="Failed attempts (crash, OOM, non-zero exit) retried.")
     backoff_seconds: int = Field(
         10, ge=1, le=86_400, description="Delay before the first retry after a failure; doubles (at most a day)."
@@ -508,6 +525,9 @@ class LoraResumeStatus(_Spec):
     pending_reason: str | None = Field(None, description="Why the current attempt's pod has not started.")
     spot_timeouts: int = Field(
         0, ge=0, description="Attempts moved to on-demand nodes after scheduling.spot.pendingTimeoutSeconds."
+    )
+    disk_evictions: int = Field(
+        0, ge=0, description="Attempts evicted for disk (node low on ephemeral-storage, scratch over its sizeLimit)."
     )
     training_extra_digest: str | None = Field(
         None, description="Digest of spec.training.extra when the first attempt started; a changed extra holds the job."

@@ -31,6 +31,10 @@ What clouds do, each through the API so that the real controllers react:
 - Eviction API: `KubeClient.evict` (the API server sets DisruptionTarget; the agent sees a
   graceful deletion).
 - No capacity left: the scheduler's own `Unschedulable`.
+- Disk: an emptyDir over its `sizeLimit` gets its pod evicted, as the kubelet's eviction
+  manager does (`DisruptionTarget` TerminationByKubelet, killed at once, phase Failed, reason
+  `Evicted` with the kubelet's message); `evict_for_disk_pressure(node)` evicts a node's pods
+  as a node low on ephemeral-storage does.
 
 Containers map onto processes like this:
 
@@ -42,8 +46,9 @@ Containers map onto processes like this:
   that is not optional keeps the container waiting with `CreateContainerConfigError`.
 - Files: `<workdir>/<node>/<namespace>/<pod>-<uid8>/` is the working directory; an emptyDir
   becomes `<pod dir>/volumes/<name>` and env values under its mountPath are rewritten into
-  it (a mount at /tmp sets TMPDIR). A JSON `LORARESUME_JOB` gets its `workDir` and
-  `terminationLog` rewritten into the pod directory.
+  it (a mount at /tmp sets TMPDIR). A JSON `LORARESUME_JOB` gets its `workDir` rewritten the
+  same way (into the pod directory when no emptyDir holds it) and its `terminationLog` into the
+  pod directory.
 - Termination message: `<pod dir>/termination-log` (at most 4096 bytes); with
   FallbackToLogsOnError, an empty message and a non-zero exit, the log's tail.
 - Exit codes: death by signal N is 128+N; reason Completed for 0, Error otherwise.
@@ -70,6 +75,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from loraresume_operator.scratch import quantity_bytes
+
 from .kube_client import ApiError, KubeClient, follow
 from .pki import CertPair
 
@@ -84,6 +91,9 @@ FALLBACK_LINES, FALLBACK_BYTES = 80, 2048
 LOCALHOST = "127.0.0.1"
 KUBELET_VERSION = "v1.37.2"
 SHUTDOWN_MESSAGE = "Pod was terminated in response to imminent node shutdown."
+# The kubelet's eviction messages (pkg/kubelet/eviction/helpers.go).
+NODE_LOW_ON_DISK = "The node was low on resource: ephemeral-storage. Threshold quantity: 10Gi, available: 9Gi. "
+EMPTY_DIR_OVER_LIMIT = 'Usage of EmptyDir volume "{volume}" exceeds the limit "{limit}". '
 SPOT_TERMINATION_TAINT = {"key": "cloud.google.com/impending-node-termination", "effect": "NoSchedule"}
 IMAGE_BACKOFF_SECONDS = 2.0
 CONTAINER_ID_SCHEME = "local-process://"  # containerID: <scheme><pid>
@@ -211,6 +221,7 @@ class _Run:
     terminated: Object | None = None
     disruption: Object | None = None  # a DisruptionTarget condition this agent adds (node shutdown)
     shutdown: bool = False
+    evicted: str | None = None  # the kubelet's eviction message
     stopping: bool = False
     next_try: float = 0.0
     exited: threading.Event = field(default_factory=threading.Event)
@@ -284,6 +295,7 @@ class NodeAgent:
             (self._heartbeats, "heartbeats"),
             (self._watch_pods, "pod-watch"),
             (self._retry_loop, "retries"),
+            (self._storage_loop, "local-storage"),
         ):
             thread = threading.Thread(target=target, name=f"node-agent-{name}", daemon=True)
             thread.start()
@@ -553,6 +565,53 @@ class NodeAgent:
                 except Exception as exc:
                     log.warning("node agent: retry of %s/%s failed: %s", run.namespace, run.name, exc)
 
+    def _storage_loop(self) -> None:
+        """emptyDir sizeLimits enforced, as the kubelet's eviction manager does (every 0.5 s here)."""
+        while not self._closed.wait(0.5):
+            with self._lock:
+                running = [r for r in self._runs.values() if r.running and not r.stopping]
+            for run in running:
+                over = self._volume_over_limit(run)
+                if over is not None:
+                    self._evict(run, EMPTY_DIR_OVER_LIMIT.format(volume=over[0], limit=over[1]))
+
+    def _volume_over_limit(self, run: _Run) -> tuple[str, str] | None:
+        for volume in run.pod["spec"].get("volumes") or []:
+            limit = (volume.get("emptyDir") or {}).get("sizeLimit")
+            if not limit:
+                continue
+            local = run.dir / "volumes" / _SAFE.sub("_", volume["name"])
+            used = sum(f.stat().st_size for f in local.rglob("*") if f.is_file()) if local.is_dir() else 0
+            if used > quantity_bytes(str(limit)):
+                return str(volume["name"]), str(limit)
+        return None
+
+    def evict_for_disk_pressure(self, node: str) -> None:
+        """The node's disk fills up (not necessarily by these pods): the kubelet evicts its pods."""
+        for run in self._runs_on(node):
+            self._evict(run, NODE_LOW_ON_DISK)
+
+    def _evict(self, run: _Run, message: str) -> None:
+        """The kubelet's eviction: DisruptionTarget, the container killed at once (grace 0 for
+        local storage), phase Failed with reason Evicted and the message; the pod object stays."""
+        with run.lock:
+            if run.stopping:
+                return
+            run.stopping = True
+            run.evicted = message
+            run.disruption = {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "TerminationByKubelet",
+                "message": message,
+                "lastTransitionTime": now_rfc3339(),
+            }
+        log.info("node agent: evicting %s/%s: %s", run.namespace, run.name, message)
+        self._signal(run, signal.SIGKILL)
+        run.finished.wait(30)
+        if not run.finished.is_set():
+            self._finish(run, 137, reason="Error", message="")
+
     def _try_start(self, run: _Run) -> None:
         with run.lock:
             if run.proc is not None or run.stopping:
@@ -704,8 +763,12 @@ class NodeAgent:
             return text
         if not isinstance(job, dict):
             return text
-        (run.dir / "work").mkdir(exist_ok=True)
-        job["workDir"] = str(run.dir / "work")
+        # On the emptyDir mounted there (its sizeLimit then counts the trainer's files), else its own.
+        work = Path(rewrite_path(str(job.get("workDir") or ""), self._empty_dir_mounts(run)))
+        if not work.is_absolute() or not work.is_relative_to(run.dir):
+            work = run.dir / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        job["workDir"] = str(work)
         job["terminationLog"] = str(run.dir / TERMINATION_LOG)
         return json.dumps(job, separators=(",", ":"))
 
@@ -843,7 +906,7 @@ class NodeAgent:
         names = [c["name"] for c in run.pod["spec"]["containers"]]
         unready = ("ContainersNotReady", f"containers with unready status: [{' '.join(names)}]")
         if run.terminated is not None:
-            failed = run.terminated["exitCode"] != 0 or run.shutdown
+            failed = run.terminated["exitCode"] != 0 or run.shutdown or run.evicted is not None
             phase = "Failed" if failed else "Succeeded"
             state: Object = {"terminated": run.terminated, "running": None, "waiting": None}
             ready, why = False, ("PodCompleted", "")
@@ -910,6 +973,8 @@ class NodeAgent:
             status.update(podIP=LOCALHOST, podIPs=[{"ip": LOCALHOST}])
         if run.shutdown and run.terminated is not None:
             status.update(reason="Terminated", message=SHUTDOWN_MESSAGE)
+        elif run.evicted is not None and run.terminated is not None:
+            status.update(reason="Evicted", message=run.evicted)
         return status
 
     # -- logs -----------------------------------------------------------------------------

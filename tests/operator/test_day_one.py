@@ -155,3 +155,42 @@ def test_suspend_stops_gracefully_and_unsuspend_resumes_from_that_checkpoint(clu
     assert (done["preemptions"], done["failures"], done["attempt"]) == (0, 0, 2)
     reasons = _events(kube, name)
     assert c.SUSPENDED in reasons and c.RESUMED in reasons
+
+
+def _volumes(pod: dict[str, Any]) -> dict[str, str]:
+    return {v["name"]: v["emptyDir"].get("sizeLimit", "") for v in pod["spec"]["volumes"] if "emptyDir" in v}
+
+
+def test_a_job_that_outgrows_its_scratch_volume_is_evicted_and_counted_as_such(cluster, s3_bucket):
+    """The node agent enforces the emptyDir sizeLimit as the kubelet's eviction manager does."""
+    kube = cluster.kube
+    name = _apply(
+        kube,
+        s3_bucket,
+        resources={"gpus": 1, "scratchSize": "1Ki"},
+        training={"maxSteps": 400, "saveSteps": 2},
+        restartPolicy={"maxDiskEvictions": 1},
+    )
+    first = wait_for(lambda: kube.get("pods", NS, f"{name}-attempt-1"), 30, "attempt 1's pod")
+    assert _volumes(first) == {"work": "1Ki", "tmp": "4Gi"}
+    assert first["spec"]["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "5Gi"
+    failed = wait_for(lambda: (s := _status(kube, name)).get("phase") == "Failed" and s, 120, "Failed")
+    assert (failed["diskEvictions"], failed["preemptions"], failed["failures"], failed["attempt"]) == (2, 0, 0, 2)
+    assert _condition(failed, c.FAILED)["reason"] == c.DISK_EVICTION_BUDGET_EXHAUSTED
+    assert 'Usage of EmptyDir volume "work" exceeds the limit "1Ki"' in failed["message"]
+    assert "resources.scratchSize" in failed["message"]
+    assert _events(kube, name).count(c.SCRATCH_FULL) == 2
+
+
+def test_a_node_low_on_disk_evicts_the_pod_which_is_relaunched_and_counted_apart(cluster, s3_bucket):
+    kube = cluster.kube
+    name = _apply(kube, s3_bucket, training={"maxSteps": 80, "saveSteps": 4})
+    wait_for(lambda: ((_status(kube, name).get("latestCheckpoint") or {}).get("step") or 0) >= 4, 60, "a checkpoint")
+    assert cluster.agent is not None
+    cluster.agent.evict_for_disk_pressure(cluster.agent.node_of(NS, f"{name}-attempt-1"))
+    done = wait_for(lambda: (s := _status(kube, name)).get("phase") == "Succeeded" and s, 120, "Succeeded")
+    assert (done["diskEvictions"], done["preemptions"], done["failures"], done["attempt"]) == (1, 0, 0, 2)
+    evicted = kube.get("pods", NS, f"{name}-attempt-1")
+    assert evicted is not None and evicted["status"]["reason"] == "Evicted"  # the kubelet leaves the pod
+    reasons = _events(kube, name)
+    assert c.DISK_EVICTED in reasons and "Preempted" not in reasons

@@ -235,6 +235,36 @@ def test_preemptions_never_count_as_failures():
     assert plan.status.failures == 2 and plan.status.phase is Phase.RESUMING and creates(plan)
 
 
+DISK_LOW = "The node was low on resource: ephemeral-storage. Threshold quantity: 10Gi, available: 9Gi. "
+SCRATCH_OVER = 'Usage of EmptyDir volume "work" exceeds the limit "18Gi". '
+
+
+@pytest.mark.parametrize(
+    ("message", "before", "reason", "phase", "relaunch", "hint"),
+    [
+        (DISK_LOW, 0, c.DISK_EVICTED, Phase.RESUMING, True, "resources.ephemeralStorage"),
+        (SCRATCH_OVER, 0, c.SCRATCH_FULL, Phase.RESUMING, True, "resources.scratchSize"),
+        (SCRATCH_OVER, 3, c.SCRATCH_FULL, Phase.FAILED, False, "resources.scratchSize"),  # budget 3 spent
+    ],
+    ids=["node-low", "own-limit", "budget-spent"],
+)
+def test_an_eviction_for_disk_is_counted_as_one(message, before, reason, phase, relaunch, hint):
+    evicted = ended(
+        137, pod_reason="Evicted", message=message, disrupted=True, disruption_reason="TerminationByKubelet"
+    )
+    plan = decide(obs(status(**RUNNING_1, disk_evictions=before), evicted))
+    st = plan.status
+    assert (st.disk_evictions, st.preemptions, st.failures, st.phase) == (before + 1, 0, 0, phase)
+    assert bool(creates(plan)) is relaunch
+    assert st.lost_steps == 27 - CKPT.step
+    [event] = [e for e in plan.actions if isinstance(e, EmitEvent) and e.reason == reason]
+    assert message.strip()[:40] in event.message and hint in event.message
+    if not relaunch:
+        assert cond(plan, c.FAILED).reason == c.DISK_EVICTION_BUDGET_EXHAUSTED and hint in st.message
+    else:
+        assert creates(plan)[0].resume_from == CKPT.uri  # at once, from the newest checkpoint
+
+
 @pytest.mark.parametrize(("failures_before", "delay"), [(0, 10), (1, 20), (2, 25)], ids=["first", "doubles", "capped"])
 def test_backoff_doubles_and_is_capped(failures_before, delay):
     sp = spec(restartPolicy={"backoffLimit": 5, "backoffSeconds": 10, "maxBackoffSeconds": 25})

@@ -126,3 +126,44 @@ def test_why_a_pod_has_not_started(conditions, waiting, want):
     observed = ObservedPod.from_api(pod)
     assert observed.pending_reason == want and not observed.ended
     assert observed.pulling_fails == (want[0] == "ErrImagePull")
+
+
+NODE_LOW = (
+    "The node was low on resource: ephemeral-storage. Threshold quantity: 10Gi, available: 9Gi. "
+    "Container trainer was using 150Gi, request is 22Gi, has larger consumption of ephemeral-storage. "
+)
+EMPTYDIR_FULL = 'Usage of EmptyDir volume "work" exceeds the limit "18Gi". '
+MEMORY_LOW = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 90Mi. "
+KUBELET = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}
+
+
+@pytest.mark.parametrize(
+    ("reason", "conditions", "message", "want"),
+    [
+        ("Evicted", [KUBELET], NODE_LOW, (EndKind.DISK_EVICTED, "EvictedForDisk")),
+        ("Evicted", [], NODE_LOW, (EndKind.DISK_EVICTED, "EvictedForDisk")),
+        ("Evicted", [KUBELET], EMPTYDIR_FULL, (EndKind.DISK_EVICTED, "ScratchVolumeFull")),
+        (
+            "Evicted",
+            [],
+            'Container trainer exceeded its local ephemeral storage limit "20Gi". ',
+            (EndKind.DISK_EVICTED, "ScratchVolumeFull"),
+        ),
+        ("Evicted", [KUBELET], MEMORY_LOW, (EndKind.PREEMPTED, "TerminationByKubelet")),  # memory: not disk
+        ("Evicted", [], "", (EndKind.PREEMPTED, "Evicted")),
+        (
+            None,
+            [{**KUBELET, "reason": "PreemptionByScheduler"}],
+            NODE_LOW,
+            (EndKind.PREEMPTED, "PreemptionByScheduler"),
+        ),
+    ],
+    ids=["node-low", "node-low-no-condition", "emptydir", "container-limit", "memory", "no-message", "not-kubelet"],
+)
+def test_an_eviction_for_disk_is_told_from_a_preemption(reason, conditions, message, want):
+    pod = api_pod("Failed", terminated={"exitCode": 137, "reason": "Error"}, conditions=conditions, reason=reason)
+    pod["status"]["message"] = message
+    end = classify_end(ObservedPod.from_api(pod), adapter_complete=False)
+    assert (end.kind, end.reason) == want
+    if want[0] is EndKind.DISK_EVICTED:
+        assert end.message.startswith(message.strip()[:30])

@@ -473,7 +473,7 @@ def test_job_config_and_volumes_rewritten(kube: KubeClient, agent: NodeAgent) ->
     reported = json.loads(terminated["message"])
     assert reported["job"] == {
         **job,
-        "workDir": str(pod_dir / "work"),
+        "workDir": str(pod_dir / "volumes" / "work"),  # the emptyDir at /work
         "terminationLog": str(pod_dir / "termination-log"),
     }
     assert reported["other"] == "/workshop"

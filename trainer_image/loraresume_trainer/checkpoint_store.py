@@ -196,6 +196,15 @@ class CheckpointStore:
                 raise
         return int(response.get("ContentLength", -1))
 
+    def stored_bytes(self, uri: S3Uri) -> int:
+        """Bytes stored at ``uri``: the object's size, or the sum below a directory-like prefix
+        (0 when nothing is there). What a download of it will take on disk."""
+        if not uri.is_dir:
+            size = self._head_size(uri)
+            if size is not None:
+                return max(size, 0)
+        return sum(size for _, size in self._list_objects(uri.as_dir()))
+
     def _get_small(self, uri: S3Uri, limit: int) -> bytes | None:
         """Body of a small object (at most ``limit`` bytes), or None when it does not exist."""
         from botocore.exceptions import ClientError
