@@ -82,6 +82,7 @@ from typing import Any
 
 import yaml
 
+from loraresume_operator.policy import CREDENTIALS_LABEL
 from loraresume_sandbox.cluster import OperatorProcess, SandboxCluster, chart_dir, sandbox_values
 from loraresume_sandbox.kube_client import KubeClient, follow
 from loraresume_sandbox.node_agent import SPOT_LABELS, SPOT_TAINT, NodePool
@@ -651,7 +652,7 @@ class Bench:
         self.kube.create(
             "secrets",
             {
-                "metadata": {"name": SECRET},
+                "metadata": {"name": SECRET, "labels": CREDENTIALS_LABEL},
                 "stringData": {
                     "AWS_ACCESS_KEY_ID": AWS["AWS_ACCESS_KEY_ID"],
                     "AWS_SECRET_ACCESS_KEY": AWS["AWS_SECRET_ACCESS_KEY"],

@@ -16,6 +16,7 @@ STORAGE_READY = "StorageReady"  # the operator can read the job's S3 prefix
 ADAPTER_SAVED = "AdapterSaved"
 CONFIG_ERROR = "ConfigError"
 INVALID_SPEC = "InvalidSpec"
+POLICY_VIOLATION = "PolicyViolation"  # an image, ServiceAccount or Secret the operator's policy does not allow
 PREEMPTION_BUDGET_EXHAUSTED = "PreemptionBudgetExhausted"
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 ADAPTER_SOURCE_FAILED = "AdapterSourceFailed"

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from loraresume_trainer.errors import ConfigError
 from loraresume_trainer.s3uri import S3Uri
 
+from .policy import Policy
 from .spec import LoraResumeSpec, Toleration
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/loraresume/trainer:0.1.0"
@@ -35,10 +36,14 @@ ENV = {
     "LORARESUME_SPOT_NODE_SELECTOR": "spot.nodeSelector",
     "LORARESUME_SPOT_TOLERATIONS": "spot.tolerations",
     "LORARESUME_ON_DEMAND_NODE_SELECTOR": "spot.onDemandNodeSelector",
+    "LORARESUME_ALLOWED_IMAGES": "policy.allowedImages",
+    "LORARESUME_ALLOWED_SERVICE_ACCOUNTS": "policy.allowedServiceAccounts",
+    "LORARESUME_REQUIRE_CREDENTIALS_LABEL": "policy.requireCredentialsLabel",
 }
 
 _SELECTOR = TypeAdapter(dict[str, str])
 _TOLERATIONS = TypeAdapter(list[Toleration])
+_NAMES = TypeAdapter(list[Annotated[str, StringConstraints(min_length=1)]])
 
 
 class OperatorSettingsError(ConfigError):
@@ -59,6 +64,7 @@ class OperatorDefaults:
     spot_node_selector: Mapping[str, str] = field(default_factory=dict)
     spot_tolerations: tuple[Toleration, ...] = ()
     on_demand_node_selector: Mapping[str, str] = field(default_factory=dict)
+    policy: Policy = field(default_factory=Policy)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorDefaults:
@@ -94,6 +100,13 @@ class OperatorDefaults:
                     "a JSON list of core/v1 tolerations",
                 )
             )
+        require = get("LORARESUME_REQUIRE_CREDENTIALS_LABEL")
+        kwargs["policy"] = Policy(
+            allowed_images=tuple(_names(get, "LORARESUME_ALLOWED_IMAGES")),
+            allowed_service_accounts=tuple(_names(get, "LORARESUME_ALLOWED_SERVICE_ACCOUNTS")),
+            require_credentials_label=not require
+            or _choice(get, "LORARESUME_REQUIRE_CREDENTIALS_LABEL", ("true", "false")) == "true",
+        )
         return cls(**kwargs)
 
     def storage_uri_for(self, namespace: str, name: str) -> str | None:
@@ -112,6 +125,11 @@ def _choice(get: Any, name: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise _problem(name, f"expected one of {', '.join(allowed)}, got {value!r}")
     return value
+
+
+def _names(get: Any, name: str) -> list[str]:
+    value = get(name)
+    return list(_json(name, value, _NAMES, "a JSON list of non-empty strings")) if value else []
 
 
 def _grace(value: str) -> int:

@@ -32,6 +32,7 @@ from .defaults import OperatorDefaults, effective_spec
 from .k8s_names import MAX_LABEL_VALUE
 from .observed import ObservedPod
 from .pods import LABEL_RESOURCE, build_trainer_pod
+from .policy import credentials_problem, spec_problems
 from .s3_view import DownloadSizes, StorageView, read_storage, s3_client
 from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus, Phase
 
@@ -52,6 +53,9 @@ def _api_message(exc: ApiException) -> str:
     except (TypeError, ValueError):
         return str(exc.reason)
     return str(body.get("message") or exc.reason)[:2000] if isinstance(body, dict) else str(exc.reason)
+
+
+INVALID_PREFIX = {c.INVALID_SPEC: "invalid spec", c.POLICY_VIOLATION: "refused by the operator's policy"}
 
 
 class Reconciler:
@@ -98,6 +102,11 @@ class Reconciler:
             if exc.status == 404:
                 raise StorageAuthError(f"storage.credentialsSecret: Secret {namespace}/{name} not found") from None
             raise
+        problem = credentials_problem(
+            namespace, name, secret.metadata.labels, self.defaults.policy, self.defaults.credentials_secret
+        )
+        if problem:
+            raise StorageAuthError(problem)
         values = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
         for key in SECRET_KEYS:
             remember_secret(values.get(key, ""))
@@ -205,10 +214,14 @@ class Reconciler:
             )
         spec = effective_spec(spec, self.defaults, storage_uri)
         status = status.model_copy(update={"storage_uri": storage_uri})
+        refused = spec_problems(spec, self.defaults.policy, self.defaults.trainer_image)
         # The pod before S3: the trainer makes its last checkpoint durable before it exits, so a pod
         # seen ended has that checkpoint in the listing that follows (read the other way round, a
         # relaunch could resume from the one before).
         pod = self._pod(resource.namespace, status.pod_name)
+        if refused and (pod is None or pod.ended):  # a pod admitted under an older policy may finish
+            self._invalid(body, resource, status, "; ".join(refused), reason=c.POLICY_VIOLATION)
+            return None
         try:
             view = self._storage(resource.namespace, spec)
         except TrainerError as exc:
@@ -342,15 +355,21 @@ class Reconciler:
             return
         self._invalid(body, resource, status, message)
 
-    def _invalid(self, body: dict[str, Any], resource: Resource, status: LoraResumeStatus, problems: str) -> None:
-        """A spec the schema let through but the model refuses: Failed, with every field named."""
-        message = f"invalid spec: {problems}"
+    def _invalid(
+        self,
+        body: dict[str, Any],
+        resource: Resource,
+        status: LoraResumeStatus,
+        problems: str,
+        reason: str = c.INVALID_SPEC,
+    ) -> None:
+        """A spec the schema let through but the model (or the operator's policy) refuses: Failed,
+        with every field named."""
+        message = f"{INVALID_PREFIX[reason]}: {problems}"
         if status.phase is Phase.FAILED and status.message == message:
             return None
         now = iso(self.clock())
-        conds = c.set_condition(
-            list(status.conditions), c.FAILED, True, c.INVALID_SPEC, message, now, resource.generation
-        )
+        conds = c.set_condition(list(status.conditions), c.FAILED, True, reason, message, now, resource.generation)
         failed = status.model_copy(
             update={
                 "phase": Phase.FAILED,
@@ -360,7 +379,7 @@ class Reconciler:
             }
         )
         if self._write_status(body, failed):
-            self.post_event(body, type_="Warning", reason=c.INVALID_SPEC, message=message)
+            self.post_event(body, type_="Warning", reason=reason, message=message)
         return None
 
     def _delete_pod(self, namespace: str, name: str) -> None:

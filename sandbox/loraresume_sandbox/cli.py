@@ -26,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
+from loraresume_operator.policy import CREDENTIALS_LABEL
+
 from .waiting import port_free, stop_process
 
 if TYPE_CHECKING:
@@ -74,7 +76,11 @@ def _alive(pid: int | None) -> TypeGuard[int]:
 def create_s3_secret(kube: Any) -> None:
     """The sandbox's S3 credentials as the Secret its LoraResumes name (`s3-creds` in `default`)."""
     keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-    kube.create("secrets", {"metadata": {"name": SECRET}, "stringData": {k: AWS[k] for k in keys}}, NAMESPACE)
+    kube.create(
+        "secrets",
+        {"metadata": {"name": SECRET, "labels": CREDENTIALS_LABEL}, "stringData": {k: AWS[k] for k in keys}},
+        NAMESPACE,
+    )
 
 
 def read_state(directory: Path) -> dict:

@@ -19,6 +19,7 @@ import boto3
 import pytest
 import yaml
 
+from loraresume_operator.policy import CREDENTIALS_LABEL
 from loraresume_sandbox.cli import OFFLINE
 from loraresume_sandbox.cluster import SandboxCluster
 from tests.support import specs
@@ -57,7 +58,7 @@ def cluster(tmp_path_factory, s3_server):
         stack.kube.create(
             "secrets",
             {
-                "metadata": {"name": "s3-creds"},
+                "metadata": {"name": "s3-creds", "labels": CREDENTIALS_LABEL},
                 "stringData": {"AWS_ACCESS_KEY_ID": "sandbox", "AWS_SECRET_ACCESS_KEY": "sandbox-secret"},
             },
             NS,

@@ -67,6 +67,11 @@ NON_DEFAULT: dict[str, Any] = {
         "tolerations": SPOT_TOLERATIONS,
         "onDemandNodeSelector": {"eks.amazonaws.com/capacityType": "ON_DEMAND"},
     },
+    "policy": {
+        "allowedImages": ["registry.example.com/ml/", "ghcr.io/org/trainer"],
+        "allowedServiceAccounts": ["trainer-irsa"],
+        "requireCredentialsLabel": False,
+    },
     "metrics": {
         "port": 9090,
         "serviceType": "ClusterIP",
@@ -251,6 +256,7 @@ def test_default_env_has_defaults_and_omits_empty_settings(chart: helm.Chart) ->
         "LORARESUME_TRAINER_IMAGE": "ghcr.io/loraresume/trainer:0.1.0",
         "LORARESUME_IMAGE_PULL_POLICY": "IfNotPresent",
         "LORARESUME_GRACE_PERIOD_SECONDS": "120",
+        "LORARESUME_REQUIRE_CREDENTIALS_LABEL": "true",
         "LORARESUME_LOG_LEVEL": "INFO",
         "LORARESUME_METRICS_PORT": "8080",
         "LORARESUME_RECONCILE_INTERVAL": "10",
@@ -268,6 +274,9 @@ def test_non_default_env_matches_values(chart: helm.Chart) -> None:
         "LORARESUME_S3_ENDPOINT": v["storage"]["endpoint"],
         "LORARESUME_S3_REGION": v["storage"]["region"],
         "LORARESUME_CREDENTIALS_SECRET": v["storage"]["credentialsSecret"],
+        "LORARESUME_ALLOWED_IMAGES": json.dumps(v["policy"]["allowedImages"], separators=(",", ":")),
+        "LORARESUME_ALLOWED_SERVICE_ACCOUNTS": json.dumps(v["policy"]["allowedServiceAccounts"]),
+        "LORARESUME_REQUIRE_CREDENTIALS_LABEL": "false",
         "LORARESUME_LOG_LEVEL": "DEBUG",
         "LORARESUME_METRICS_PORT": "9090",
         "LORARESUME_RECONCILE_INTERVAL": "2.5",
@@ -332,6 +341,8 @@ def test_operator_parses_the_rendered_settings(chart: helm.Chart, values: dict[s
             assert name not in env, f"{name} rendered for an empty {dotted}"
         elif isinstance(value, (dict, list)):
             assert json.loads(env[name]) == value, name
+        elif isinstance(value, bool):
+            assert env[name] == str(value).lower(), name
         else:
             assert env[name] == str(value), name
     parsed = OperatorDefaults.from_env(env)
@@ -347,6 +358,9 @@ def test_operator_parses_the_rendered_settings(chart: helm.Chart, values: dict[s
     assert [t.model_dump(by_alias=True, exclude_none=True) for t in parsed.spot_tolerations] == _value_at(
         values, "spot.tolerations"
     )
+    assert list(parsed.policy.allowed_images) == _value_at(values, "policy.allowedImages")
+    assert list(parsed.policy.allowed_service_accounts) == _value_at(values, "policy.allowedServiceAccounts")
+    assert parsed.policy.require_credentials_label is _value_at(values, "policy.requireCredentialsLabel")
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())

@@ -1,5 +1,6 @@
 """Day one on a real control plane: pods that never start (the scheduler's Unschedulable, the node
-agent's image pulls) and suspended jobs, as the operator reports and resolves them.
+agent's image pulls), disks that fill up, suspended jobs, and the operator's policy on what a
+LoraResume may name, as the operator reports and resolves them.
 
 One cluster for the module: a spot pool with no nodes (spot capacity that never comes), one
 on-demand GPU node, and the node agent running the stand-in trainer for the sandbox's trainer
@@ -17,7 +18,8 @@ from typing import Any
 import pytest
 
 from loraresume_operator import conditions as c
-from loraresume_sandbox.cluster import SANDBOX_TRAINER_IMAGE, SandboxCluster
+from loraresume_operator.policy import CREDENTIALS_LABEL
+from loraresume_sandbox.cluster import SANDBOX_TRAINER_IMAGE, SandboxCluster, sandbox_values
 from loraresume_sandbox.kube_client import KubeClient
 from loraresume_sandbox.node_agent import default_pools
 from loraresume_sandbox.stand_in_trainer import ENV_STEP_SECONDS
@@ -26,6 +28,7 @@ from tests.support.operator_stack import job_env
 from tests.support.waiting import wait_for
 
 NS = "default"
+LABEL = "=".join(next(iter(CREDENTIALS_LABEL.items())))  # for kubectl label
 pytestmark = pytest.mark.timeout(240)
 
 
@@ -35,13 +38,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxCluster
         tmp_path_factory.mktemp("pending"),
         namespaces=(NS,),
         pools=default_pools(spot=0, on_demand=1),
+        # an image that cannot be pulled must first be one the policy allows
+        values=sandbox_values(namespaces=[NS], extra={"policy": {"allowedImages": ["registry.invalid/"]}}),
         entrypoints={SANDBOX_TRAINER_IMAGE: [sys.executable, "-m", "loraresume_sandbox.stand_in_trainer"]},
         extra_env={ENV_STEP_SECONDS: "0.05", "AWS_DEFAULT_REGION": "us-east-1"},
         quiet=True,
     ) as stack:
         stack.kube.create(
             "secrets",
-            {"metadata": {"name": "s3"}, "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}},
+            {
+                "metadata": {"name": "s3", "labels": CREDENTIALS_LABEL},
+                "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"},
+            },
             NS,
         )
         yield stack
@@ -112,7 +120,8 @@ def test_an_image_that_cannot_be_pulled_fails_the_job_after_the_timeout(cluster,
     assert "imagePullTimeoutSeconds=4" in failed["message"] and "registry.invalid/nope:1" in failed["message"]
     assert (failed["failures"], failed["preemptions"], failed["attempt"]) == (0, 0, 1)
     wait_for(lambda: kube.get("pods", NS, f"{name}-attempt-1") is None, 30, "the pod that never started deleted")
-    assert c.IMAGE_PULL_FAILED in _events(kube, name)
+    # the event follows the status write (reconcile writes status, then posts events)
+    wait_for(lambda: c.IMAGE_PULL_FAILED in _events(kube, name), 30, "event ImagePullFailed")
 
 
 def _kubectl_patch(cluster: SandboxCluster, name: str, patch: str) -> None:
@@ -179,7 +188,7 @@ def test_a_job_that_outgrows_its_scratch_volume_is_evicted_and_counted_as_such(c
     assert _condition(failed, c.FAILED)["reason"] == c.DISK_EVICTION_BUDGET_EXHAUSTED
     assert 'Usage of EmptyDir volume "work" exceeds the limit "1Ki"' in failed["message"]
     assert "resources.scratchSize" in failed["message"]
-    assert _events(kube, name).count(c.SCRATCH_FULL) == 2
+    wait_for(lambda: _events(kube, name).count(c.SCRATCH_FULL) == 2, 30, "two ScratchVolumeFull events")
 
 
 def test_a_node_low_on_disk_evicts_the_pod_which_is_relaunched_and_counted_apart(cluster, s3_bucket):
@@ -194,3 +203,51 @@ def test_a_node_low_on_disk_evicts_the_pod_which_is_relaunched_and_counted_apart
     assert evicted is not None and evicted["status"]["reason"] == "Evicted"  # the kubelet leaves the pod
     reasons = _events(kube, name)
     assert c.DISK_EVICTED in reasons and "Preempted" not in reasons
+
+
+def test_an_image_or_service_account_outside_the_policy_is_refused_naming_the_field(cluster, s3_bucket):
+    kube = cluster.kube
+    name = _apply(kube, s3_bucket, image="evil.example/miner:1", serviceAccountName="cluster-admin-sa")
+    failed = wait_for(lambda: (s := _status(kube, name)).get("phase") == "Failed" and s, 60, "Failed")
+    assert _condition(failed, c.FAILED)["reason"] == c.POLICY_VIOLATION
+    message = failed["message"]
+    assert message.startswith("refused by the operator's policy: spec.image: 'evil.example/miner:1'"), message
+    assert "policy.allowedImages (registry.invalid/)" in message
+    assert "spec.serviceAccountName: 'cluster-admin-sa'" in message and "policy.allowedServiceAccounts" in message
+    assert failed.get("attempt", 0) == 0 and kube.get("pods", NS, f"{name}-attempt-1") is None
+    wait_for(lambda: c.POLICY_VIOLATION in _events(kube, name), 30, "event PolicyViolation")
+
+
+def test_a_credentials_secret_must_be_labelled_for_it(cluster, s3_bucket):
+    """Any Secret of the namespace could be named (and put into the trainer's environment) before."""
+    kube = cluster.kube
+    secret = f"plain-{uuid.uuid4().hex[:6]}"
+    kube.create(
+        "secrets",
+        {"metadata": {"name": secret}, "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}},
+        NS,
+    )
+    endpoint, bucket = s3_bucket
+    name = f"lr-{uuid.uuid4().hex[:6]}"
+    spec = specs.spec_doc(
+        baseModel="s3://models/tiny/",
+        dataset={"source": f"s3://{bucket}/data.jsonl"},
+        storage=specs.s3_storage(bucket, name, endpoint, secret),
+        training={"maxSteps": 6, "saveSteps": 3},
+        resources={"gpus": 1},
+    )
+    kube.create("loraresumes", specs.resource(spec, name), NS)
+    waiting = wait_for(
+        lambda: (s := _status(kube, name)).get("message", "").startswith("cannot read storage") and s, 60, "refused"
+    )
+    assert f"spec.storage.credentialsSecret: Secret {NS}/{secret} is not labelled" in waiting["message"]
+    assert _condition(waiting, c.STORAGE_READY)["status"] == "False"
+    assert kube.get("pods", NS, f"{name}-attempt-1") is None  # no pod gets that Secret's keys
+    subprocess.run(
+        ["kubectl", "--kubeconfig", str(cluster.kubeconfig), "-n", NS, "label", "secret", secret, LABEL],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    done = wait_for(lambda: (s := _status(kube, name)).get("phase") == "Succeeded" and s, 120, "Succeeded")
+    assert (done["attempt"], done["failures"]) == (1, 0)

@@ -10,6 +10,7 @@ import pytest
 from loraresume_operator.decide import CreatePod, Resource
 from loraresume_operator.defaults import ENV, OperatorDefaults, OperatorSettingsError, effective_spec
 from loraresume_operator.pods import build_trainer_pod, job_config
+from loraresume_operator.policy import Policy
 from loraresume_operator.spec import LoraResumeSpec, Toleration
 from tests.support.specs import build_spec
 
@@ -25,6 +26,9 @@ FULL_ENV = {
     "LORARESUME_SPOT_NODE_SELECTOR": json.dumps({"cloud.google.com/gke-spot": "true"}),
     "LORARESUME_SPOT_TOLERATIONS": json.dumps([SPOT_TAINT]),
     "LORARESUME_ON_DEMAND_NODE_SELECTOR": json.dumps({"pool": "on-demand"}),
+    "LORARESUME_ALLOWED_IMAGES": json.dumps(["registry.example/ml/"]),
+    "LORARESUME_ALLOWED_SERVICE_ACCOUNTS": json.dumps(["trainer-irsa"]),
+    "LORARESUME_REQUIRE_CREDENTIALS_LABEL": "false",
 }
 
 
@@ -56,10 +60,14 @@ def test_every_setting_is_read() -> None:
     assert dict(d.spot_node_selector) == {"cloud.google.com/gke-spot": "true"}
     assert d.spot_tolerations == (Toleration.model_validate(SPOT_TAINT),)
     assert dict(d.on_demand_node_selector) == {"pool": "on-demand"}
+    assert d.policy == Policy(("registry.example/ml/",), ("trainer-irsa",), require_credentials_label=False)
     assert set(FULL_ENV) == set(ENV)  # every documented variable is exercised
 
 
 BAD_SETTINGS = [
+    ("LORARESUME_ALLOWED_IMAGES", "ghcr.io/org/", "expected a JSON list of non-empty strings"),
+    ("LORARESUME_ALLOWED_SERVICE_ACCOUNTS", '[""]', "expected a JSON list of non-empty strings"),
+    ("LORARESUME_REQUIRE_CREDENTIALS_LABEL", "yes", "expected one of true, false"),
     ("LORARESUME_IMAGE_PULL_POLICY", "sometimes", "expected one of Always, IfNotPresent, Never"),
     ("LORARESUME_GRACE_PERIOD_SECONDS", "two minutes", "expected whole seconds"),
     ("LORARESUME_GRACE_PERIOD_SECONDS", "3", "expected 5 to 3600 seconds, got 3"),

@@ -10,6 +10,7 @@ import json
 import subprocess
 import time
 
+from loraresume_operator.policy import CREDENTIALS_LABEL
 from loraresume_trainer.checkpoint_store import CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
 from tests.support.operator_stack import CANARY, NS, Job, job_env, wait_for
@@ -116,7 +117,7 @@ def test_chained_resource_waits_for_its_source(operator, job, k8s, tmp_path):
     k8s.create(
         "secrets",
         {
-            "metadata": {"name": f"{first.name}-s3"},
+            "metadata": {"name": f"{first.name}-s3", "labels": CREDENTIALS_LABEL},
             "stringData": {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
         },
         NS,
@@ -202,7 +203,7 @@ def test_missing_credentials_secret_fails_with_the_reason(operator, job):
     job.k8s.create(
         "secrets",
         {
-            "metadata": {"name": "no-such-secret"},
+            "metadata": {"name": "no-such-secret", "labels": CREDENTIALS_LABEL},
             "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"},
         },
         NS,

@@ -21,6 +21,7 @@ import boto3
 import pytest
 
 from loraresume_operator import rbac
+from loraresume_operator.policy import CREDENTIALS_LABEL
 from loraresume_sandbox.cluster import SandboxCluster, sandbox_values
 from loraresume_trainer.checkpoint_store import CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
@@ -101,7 +102,7 @@ def test_namespaced_mode_uses_exactly_the_namespaced_rules(s3_bucket, tmp_path):
         cluster.kube.create(
             "secrets",
             {
-                "metadata": {"name": "team-s3"},
+                "metadata": {"name": "team-s3", "labels": CREDENTIALS_LABEL},
                 "stringData": {"AWS_ACCESS_KEY_ID": "audit", "AWS_SECRET_ACCESS_KEY": "audit-secret"},
             },
             NS,
@@ -141,7 +142,7 @@ def test_cluster_wide_mode_stays_within_the_cluster_rules(s3_bucket, tmp_path):
         cluster.kube.create(
             "secrets",
             {
-                "metadata": {"name": f"{name}-s3"},
+                "metadata": {"name": f"{name}-s3", "labels": CREDENTIALS_LABEL},
                 "stringData": {"AWS_ACCESS_KEY_ID": "audit", "AWS_SECRET_ACCESS_KEY": "audit-secret"},
             },
             NS,

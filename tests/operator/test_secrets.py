@@ -26,6 +26,7 @@ import pytest
 
 from loraresume_operator.decide import CreatePod, Resource
 from loraresume_operator.pods import build_trainer_pod
+from loraresume_operator.policy import CREDENTIALS_LABEL
 from loraresume_operator.s3_view import read_storage, s3_client
 from loraresume_operator.spec import LoraResumeSpec
 from loraresume_sandbox.cluster import SandboxCluster, sandbox_values
@@ -79,7 +80,7 @@ def assert_clean(where: dict[str, str], *secrets: str) -> None:
 
 def secret(k8s: KubeClient, name: str, data: dict[str, str]) -> None:
     k8s.delete("secrets", NS, name)
-    k8s.create("secrets", {"metadata": {"name": name}, "stringData": data}, NS)
+    k8s.create("secrets", {"metadata": {"name": name, "labels": CREDENTIALS_LABEL}, "stringData": data}, NS)
 
 
 def lora_resume(name: str, bucket: str, endpoint: str, secret_name: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import boto3
 import pytest
 
+from loraresume_operator.policy import CREDENTIALS_LABEL
 from loraresume_sandbox.cluster import OperatorProcess, SandboxCluster
 from loraresume_sandbox.kube_client import KubeClient
 from loraresume_trainer.checkpoint_store import CheckpointStore
@@ -62,7 +63,7 @@ def job(stack: SandboxCluster, s3_bucket: tuple[str, str]) -> Job:
     stack.kube.create(
         "secrets",
         {
-            "metadata": {"name": f"{name}-s3"},
+            "metadata": {"name": f"{name}-s3", "labels": CREDENTIALS_LABEL},
             "stringData": {"AWS_ACCESS_KEY_ID": "operator-test", "AWS_SECRET_ACCESS_KEY": CANARY},
         },
         NS,

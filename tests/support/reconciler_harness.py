@@ -16,6 +16,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 from kubernetes.client import ApiException
 
+from loraresume_operator.policy import ANY, CREDENTIALS_LABEL, Policy
 from loraresume_operator.reconcile import Reconciler
 
 try:  # the defaults moved out of pods.py; either home works
@@ -74,8 +75,14 @@ class _Refusal:
 
 
 @dataclass
+class _Meta:
+    labels: dict[str, str] | None
+
+
+@dataclass
 class _Secret:
     data: dict[str, str]
+    metadata: _Meta = field(default_factory=lambda: _Meta(dict(CREDENTIALS_LABEL)))
 
 
 ANY_SECRET = {"AWS_ACCESS_KEY_ID": "fuzz-key-id", "AWS_SECRET_ACCESS_KEY": "fuzz-secret-key"}
@@ -174,7 +181,11 @@ class Cluster:
 
     stored: dict[str, Any]  # the resource as the API server stored it (after pruning/defaulting)
     defaults: OperatorDefaults = field(
-        default_factory=lambda: OperatorDefaults(storage_uri_prefix="s3://fuzz-default/runs/")
+        # Any image and ServiceAccount (the fuzzed specs draw them); credentials Secrets must be labelled.
+        default_factory=lambda: OperatorDefaults(
+            storage_uri_prefix="s3://fuzz-default/runs/",
+            policy=Policy(allowed_images=(ANY,), allowed_service_accounts=(ANY,)),
+        )
     )
     secrets: dict[str, dict[str, str]] | None = None
     s3_calls: list[tuple[Any, ...]] = field(default_factory=list)
