@@ -566,8 +566,9 @@ class NodeAgent:
                     log.warning("node agent: retry of %s/%s failed: %s", run.namespace, run.name, exc)
 
     def _storage_loop(self) -> None:
-        """emptyDir sizeLimits enforced, as the kubelet's eviction manager does (every 0.5 s here)."""
-        while not self._closed.wait(0.5):
+        """emptyDir sizeLimits enforced, as the kubelet's eviction manager does (every 2 s here; the
+        kubelet's housekeeping runs about every 10 s)."""
+        while not self._closed.wait(2.0):
             with self._lock:
                 running = [r for r in self._runs.values() if r.running and not r.stopping]
             for run in running:

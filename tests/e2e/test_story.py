@@ -21,7 +21,7 @@ import yaml
 
 from loraresume_operator.policy import CREDENTIALS_LABEL
 from loraresume_sandbox.cli import OFFLINE
-from loraresume_sandbox.cluster import SandboxCluster
+from loraresume_sandbox.cluster import SandboxCluster, sandbox_values
 from tests.support import specs
 from tests.support.specs import trainable_spec
 from tests.support.tiny_model import alpaca_rows, build_tiny_llama, write_jsonl
@@ -52,8 +52,9 @@ def cluster(tmp_path_factory, s3_server):
         "*": [sys.executable, "-m", "loraresume_trainer.cli"],
         "sandbox/crash": [sys.executable, "-c", "import sys; print('boom'); sys.exit(1)"],
     }
+    values = sandbox_values(namespaces=[NS], extra={"policy": {"allowedImages": ["sandbox/crash"]}})
     with SandboxCluster(
-        root / "cluster", namespaces=(NS,), extra_env=extra, entrypoints=entrypoints, quiet=True
+        root / "cluster", namespaces=(NS,), extra_env=extra, entrypoints=entrypoints, values=values, quiet=True
     ) as stack:
         stack.kube.create(
             "secrets",
