@@ -264,3 +264,18 @@ def test_finished_job_is_not_trained_again(make_job, s3):
     again = run_story(cfg, work).final
     assert again.exit_code == 0 and not again.of("start")
     assert again.termination["outcome"] == "succeeded"
+
+
+def test_epoch_based_training_runs_and_resumes_by_epochs(make_job, s3):
+    """num_train_epochs without max_steps trains by epochs (the default step count used to win):
+    40 rows, 2 per step, 1 epoch = 20 steps; a SIGTERM at step 8 resumes to the same end."""
+    _, _, client = s3
+    cfg, work = make_job(training={"num_train_epochs": 1})
+    del cfg["training"]["max_steps"]
+    story = run_story(cfg, work, [Kill(signal.SIGTERM, at_step=8)])
+    assert [a.exit_code for a in story.attempts] == [75, 0]
+    (start,) = story.final.of("start")
+    assert start["mode"] == "exact" and start["step"] >= 8
+    assert max(e["step"] for e in story.final.of("log")) == 20
+    progress = json.loads(read_object(client, cfg["storage"]["uri"] + "progress.json"))
+    assert (progress["step"], progress["max_steps"]) == (20, 20)

@@ -59,8 +59,14 @@ def precision_defaults(on_gpu: bool, bf16_supported: bool) -> dict[str, bool]:
 
 
 def effective_training(job: JobConfig) -> dict[str, Any]:
-    """Defaults overlaid with the job's values: what decides batches and schedule."""
-    return {**DEFAULTS, **job.training}
+    """Defaults overlaid with the job's values: what decides batches and schedule.
+
+    A job that sets `num_train_epochs` but no `max_steps` trains by epochs: the default step count
+    would otherwise win (transformers lets max_steps > 0 override epochs)."""
+    values = {**DEFAULTS, **job.training}
+    if "num_train_epochs" in job.training and "max_steps" not in job.training:
+        values["max_steps"] = -1
+    return values
 
 
 def build_sft_config(
