@@ -45,11 +45,18 @@ from typing import Any
 
 from loraresume_trainer import pipeline as _trainer_pipeline
 from loraresume_trainer.errors import ConfigError, DamagedCheckpoint
-from loraresume_trainer.fingerprint import make_fingerprint
+from loraresume_trainer.fingerprint import job_fingerprint
 from loraresume_trainer.outcome import Outcome, TerminationMessage
 from loraresume_trainer.pipeline import Pipeline
 from loraresume_trainer.progress import emit_event
-from loraresume_trainer.resume_plan import Candidate, ResumeMode, ResumePlan, plan_resume
+from loraresume_trainer.resume_plan import (
+    Candidate,
+    ResumeMode,
+    ResumePlan,
+    plan_resume,
+    refuse_other_adapter,
+    refuse_overwriting_foreign,
+)
 
 log = logging.getLogger("loraresume_trainer.stand_in")
 
@@ -89,18 +96,11 @@ class StandInPipeline(Pipeline):
 
     # -- what the real pipeline derives from the model and the data -------------------------------
     def stand_in_fingerprint(self) -> dict[str, Any]:
-        job, training = self.job, self.job.training
+        job = self.job
         source = job.dataset.source or f"{job.dataset.name}:{job.dataset.split}"
-        fingerprint = make_fingerprint(
-            base_model=job.base_model,
+        fingerprint = job_fingerprint(
+            job,
             dataset_sha256=hashlib.sha256(f"stand-in:{source}".encode()).hexdigest(),
-            template=job.dataset.template,
-            max_seq_length=job.max_seq_length,
-            per_device_train_batch_size=int(training.get("per_device_train_batch_size", 8)),
-            gradient_accumulation_steps=int(training.get("gradient_accumulation_steps", 1)),
-            max_steps=self.max_steps,
-            num_train_epochs=float(training.get("num_train_epochs", 3.0)),
-            seed=job.seed,
             lora=job.lora.model_dump(mode="json"),
         )
         return {**fingerprint, "stand_in": True}
@@ -180,14 +180,17 @@ class StandInPipeline(Pipeline):
         self._sleep_loading(self.load_seconds)
         fingerprint = self.stand_in_fingerprint()
         done = self.store.read_adapter_manifest()
-        if done is not None and done.fingerprint == fingerprint:
+        if done is not None:
+            refuse_other_adapter(done.fingerprint, fingerprint, adapter_uri=str(self.store.adapter_uri()))
             log.info("adapter already complete in %s: nothing to do", self.store.adapter_uri())
             return self._succeeded(None)
 
         plan = plan_resume(complete, fingerprint, explicit=self.explicit_candidate(), warm_start=job.resume.warm_start)
         fetched = self.fetch_stand_in(plan) if plan.candidates else None
+        self.report_foreign(plan)
         mode = plan.mode if fetched else ResumeMode.FRESH
         start = fetched[1] if fetched and mode is ResumeMode.EXACT else 0
+        refuse_overwriting_foreign(plan, start_step=start, max_steps=self.max_steps)
         emit_event(
             "start",
             attempt=job.attempt,

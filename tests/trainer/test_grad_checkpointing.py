@@ -212,6 +212,7 @@ BASE_FP: dict[str, Any] = dict(
     num_train_epochs=3.0,
     seed=3407,
     lora={"r": 16, "target_modules": ["q_proj"]},
+    training={"learning_rate": 2e-4},
 )
 
 

@@ -15,7 +15,14 @@ from loraresume_trainer.fingerprint import (
     tensors_sha256,
     texts_sha256,
 )
-from loraresume_trainer.resume_plan import Candidate, ResumeMode, plan_resume
+from loraresume_trainer.resume_plan import (
+    Candidate,
+    ResumeMode,
+    ResumePlan,
+    plan_resume,
+    refuse_other_adapter,
+    refuse_overwriting_foreign,
+)
 
 LORA = {
     "r": 16,
@@ -25,6 +32,9 @@ LORA = {
     "bias": "none",
     "use_rslora": False,
 }
+
+
+TRAINING = {"learning_rate": 2e-4, "optim": "adamw_8bit", "warmup_steps": 5, "save_steps": 10}
 
 
 def fp(**overrides: Any) -> dict[str, Any]:
@@ -39,6 +49,7 @@ def fp(**overrides: Any) -> dict[str, Any]:
         num_train_epochs=3.0,
         seed=3407,
         lora=LORA,
+        training=TRAINING,
     )
     lora_overrides = overrides.pop("lora", {})
     values.update(overrides)
@@ -246,7 +257,7 @@ def test_refusal_is_a_permanent_config_error() -> None:
         pytest.param(
             {**CURRENT, "zeta": 1, "alpha_extra": 2},
             CURRENT,
-            ["alpha_extra: 2 -> None", "zeta: 1 -> None"],
+            ["alpha_extra: 2 -> (not set)", "zeta: 1 -> (not set)"],
             id="unknown-keys-sorted-last",
         ),
         pytest.param(
@@ -276,6 +287,7 @@ def test_target_modules_order_is_irrelevant() -> None:
 
 def test_make_fingerprint_does_not_touch_its_input() -> None:
     lora = {**LORA, "target_modules": ["v_proj", "q_proj"]}
+    training = {"save_steps": 3, "learning_rate": 1.0}
     make_fingerprint(
         base_model="m",
         dataset_sha256="x",
@@ -287,8 +299,10 @@ def test_make_fingerprint_does_not_touch_its_input() -> None:
         num_train_epochs=1,
         seed=0,
         lora=lora,
+        training=training,
     )
     assert lora["target_modules"] == ["v_proj", "q_proj"]
+    assert training == {"save_steps": 3, "learning_rate": 1.0}
 
 
 def test_make_fingerprint_normalises_number_types_and_survives_json() -> None:
@@ -378,3 +392,49 @@ def test_tensors_sha256_is_bitwise_not_numeric() -> None:
     zero, negative_zero = torch.zeros(3), -torch.zeros(3)
     assert torch.equal(zero, negative_zero)
     assert tensors_sha256({"w": zero}) != tensors_sha256({"w": negative_zero})
+
+
+# --- another job's checkpoints and adapter under the same prefix -----------------------------
+
+
+def test_plan_lists_the_checkpoints_of_other_fingerprints() -> None:
+    plan = plan_resume([ckpt(20, CURRENT), ckpt(15, OTHER), ckpt(10, CURRENT)], CURRENT)
+    assert plan.mode is ResumeMode.EXACT and [c.step for c in plan.candidates] == [20, 10]
+    assert [c.step for c in plan.foreign] == [15]
+    warm = plan_resume([ckpt(15, OTHER)], CURRENT, warm_start=True)
+    assert [c.step for c in warm.foreign] == [15]
+    assert plan_resume([ckpt(10, CURRENT)], CURRENT).foreign == ()
+
+
+@pytest.mark.parametrize(
+    ("foreign", "start", "max_steps", "refused"),
+    [
+        pytest.param([5, 10], 0, 4, [], id="warm-start-ends-before-them"),
+        pytest.param([5, 10], 0, 12, [5, 10], id="warm-start-reaches-them"),
+        pytest.param([5, 10], 0, 5, [5], id="the-last-step-counts"),
+        pytest.param([5, 10], 10, 30, [], id="all-behind-the-start"),
+        pytest.param([5, 30], 10, 20, [], id="beyond-the-end"),
+        pytest.param([40], 10, -1, [40], id="by-epochs-every-later-step"),
+    ],
+)
+def test_a_run_never_writes_over_another_jobs_checkpoint(
+    foreign: list[int], start: int, max_steps: int, refused: list[int]
+) -> None:
+    plan = ResumePlan(ResumeMode.WARM, (), tuple(ckpt(s, OTHER) for s in foreign))
+    if not refused:
+        refuse_overwriting_foreign(plan, start_step=start, max_steps=max_steps)
+        return
+    with pytest.raises(ResumeRefused) as err:
+        refuse_overwriting_foreign(plan, start_step=start, max_steps=max_steps)
+    names = ", ".join(f"checkpoint-{s}" for s in refused)
+    assert f"would overwrite {names} made by a different job" in str(err.value)
+    assert f"resume.from_checkpoint: {ckpt(refused[0], OTHER).uri}" in str(err.value)
+
+
+def test_a_finished_adapter_of_another_job_is_refused_listing_every_difference() -> None:
+    refuse_other_adapter(roundtrip(CURRENT), CURRENT, adapter_uri="s3://bkt/job/adapter/")
+    with pytest.raises(ResumeRefused) as err:
+        refuse_other_adapter(OTHER, fp(max_steps=50, seed=1), adapter_uri="s3://bkt/job/adapter/")
+    message = str(err.value)
+    assert message.startswith("s3://bkt/job/adapter/ already holds the finished adapter of a different job")
+    assert "max_steps: 40 -> 50; seed: 3407 -> 1" in message and "new storage.uri" in message

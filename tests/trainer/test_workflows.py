@@ -72,7 +72,8 @@ def test_seed_workflow_second_job_continues_first_adapter(make_job, s3, alpaca_f
 
 @pytest.fixture(scope="module")
 def preempted_run(tmp_path_factory):
-    """Filled lazily by `interrupted`: a run stopped by SIGTERM at ~step 13 (checkpoints 5, 10, 13)."""
+    """Filled lazily by `interrupted`: a run stopped by SIGTERM at ~step 13 (checkpoints every 5 steps,
+    plus the JIT one; how far it got before the signal landed depends on the machine's speed)."""
     return {}
 
 
@@ -100,6 +101,14 @@ def interrupted(make_job, s3, preempted_run):
 
 def interrupted_source_uri(interrupted) -> str:
     return interrupted[0].source_uri
+
+
+def complete_checkpoint_steps(client, storage_uri: str) -> list[int]:
+    """Steps of the checkpoints under `storage_uri` that have a manifest, ascending."""
+    bucket, prefix = split(storage_uri + "checkpoints/")
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    names = {obj["Key"][len(prefix) :].split("/")[0] for obj in listed if obj["Key"].endswith(MANIFEST_NAME)}
+    return sorted(int(name.removeprefix("checkpoint-")) for name in names)
 
 
 def _evil_pickle() -> bytes:
@@ -146,6 +155,8 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(damage, interrupted, s
     _, _, client = s3
     copy, newest, (base_cfg, baseline) = interrupted
     cfg, work = copy()
+    complete = complete_checkpoint_steps(client, cfg["storage"]["uri"])
+    assert complete[-1] == newest and len(complete) >= 2, complete
     bucket, key = split(cfg["storage"]["uri"] + f"checkpoints/checkpoint-{newest}/")
     DAMAGES[damage](client, bucket, key)
 
@@ -153,7 +164,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(damage, interrupted, s
     attempt = story.final
     (start,) = attempt.of("start")
     assert start["mode"] == "exact"
-    assert start["step"] == 10 and start["step"] < newest
+    assert start["step"] == complete[-2]  # the newest one left intact
     if damage != "no-manifest":  # without a manifest it was never a candidate
         (warning,) = attempt.of("checkpoint_damaged")
         assert f"checkpoint-{newest}" in warning["uri"]
@@ -172,11 +183,10 @@ def test_no_verifiable_checkpoint_is_a_retryable_failure_not_a_fresh_start(inter
     copy, _, _ = interrupted
     cfg, work = copy()
     bucket, prefix = split(cfg["storage"]["uri"] + "checkpoints/")
-    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
-    steps = sorted({obj["Key"][len(prefix) :].split("/")[0] for obj in listed if obj["Key"].endswith(MANIFEST_NAME)})
+    steps = complete_checkpoint_steps(client, cfg["storage"]["uri"])
     assert len(steps) >= 2, steps
-    for step_dir in steps:
-        _overwrite_same_size(client, bucket, f"{prefix}{step_dir}/adapter_model.safetensors")
+    for step in steps:
+        _overwrite_same_size(client, bucket, f"{prefix}checkpoint-{step}/adapter_model.safetensors")
     before = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
 
     attempt = run_attempt(cfg, work)
@@ -195,8 +205,16 @@ def test_no_verifiable_checkpoint_is_a_retryable_failure_not_a_fresh_start(inter
     [
         ({"training": {"max_steps": 30}}, "max_steps: 24 -> 30"),
         ("new-data", "dataset content"),
+        (
+            {
+                "training": {"learning_rate": 2e-3, "max_grad_norm": 0.5, "lr_scheduler_type": "cosine"},
+                "lora": {"dropout": 0.1},
+            },
+            "(lora.dropout: 0.0 -> 0.1; training.learning_rate: 0.001 -> 0.002; "
+            "training.lr_scheduler_type: 'linear' -> 'cosine'; training.max_grad_norm: (not set) -> 0.5)",
+        ),
     ],
-    ids=["max_steps", "dataset"],
+    ids=["max_steps", "dataset", "every-difference"],
 )
 def test_changed_job_is_refused_with_the_diff(change, expected, interrupted, alpaca_file_new):
     copy, newest, _ = interrupted
@@ -209,11 +227,16 @@ def test_changed_job_is_refused_with_the_diff(change, expected, interrupted, alp
     assert attempt.termination["outcome"] == "config_error"
 
 
-def test_warm_start_takes_the_checkpoint_adapter_and_starts_a_new_schedule(interrupted, s3, alpaca_file_new):
+def test_warm_start_takes_the_checkpoint_adapter_and_starts_a_new_schedule(interrupted, make_job, s3, alpaca_file_new):
+    """A changed job under a new storage.uri, starting from the old run's checkpoint's adapter."""
     _, _, client = s3
-    copy, newest, _ = interrupted
-    cfg, work = copy(dataset={"source": str(alpaca_file_new)}, training={"max_steps": 12}, resume={"warmStart": True})
-    checkpoint = cfg["storage"]["uri"] + f"checkpoints/checkpoint-{newest}/"
+    _, newest, _ = interrupted
+    checkpoint = interrupted_source_uri(interrupted) + f"checkpoints/checkpoint-{newest}/"
+    cfg, work = make_job(
+        dataset={"source": str(alpaca_file_new)},
+        training={"max_steps": 12},
+        resume={"fromCheckpoint": checkpoint, "warmStart": True},
+    )
     start_weights = weights_sha(client, checkpoint)
 
     attempt = run_story(cfg, work).final
@@ -223,6 +246,73 @@ def test_warm_start_takes_the_checkpoint_adapter_and_starts_a_new_schedule(inter
     assert ready["lora_sha256"] == start_weights
     assert min(attempt.losses()) >= 1 and max(attempt.losses()) == 12  # steps 1..12: a new schedule
     assert attempt.exit_code == 0
+
+
+def checkpoint_etags(client, storage_uri: str) -> dict[str, str]:
+    bucket, prefix = split(storage_uri + "checkpoints/")
+    return {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
+
+
+def test_warm_start_in_place_never_writes_over_the_old_runs_checkpoints(interrupted, s3):
+    """A warm start under the same storage.uri whose steps reach the old run's checkpoint names is
+    refused naming them; one that ends before them runs, reports them, and leaves them intact."""
+    _, _, client = s3
+    copy, _, _ = interrupted
+    cfg, work = copy(training={"learning_rate": 2e-3, "max_steps": 12}, resume={"warmStart": True})
+    old = complete_checkpoint_steps(client, cfg["storage"]["uri"])
+    before = checkpoint_etags(client, cfg["storage"]["uri"])
+
+    refused = run_attempt(cfg, work)
+    assert refused.exit_code == 78, refused.stderr[-2000:]
+    names = ", ".join(f"checkpoint-{s}" for s in old if s <= 12)
+    assert f"would overwrite {names} made by a different job" in refused.termination["reason"]
+    assert checkpoint_etags(client, cfg["storage"]["uri"]) == before
+
+    cfg["training"]["max_steps"] = min(old) - 1
+    short = run_story(cfg, work).final
+    assert short.exit_code == 0, short.stderr[-2000:]
+    (report,) = short.of("foreign_checkpoints")
+    assert report["steps"] == old
+    progress = json.loads(read_object(client, cfg["storage"]["uri"] + "progress.json"))
+    assert progress["foreign_checkpoints"] == old and progress["phase"] == "Succeeded"
+    assert {k: v for k, v in checkpoint_etags(client, cfg["storage"]["uri"]).items() if k in before} == before
+
+
+def test_trajectory_neutral_changes_resume_exactly(interrupted, s3):
+    """Logging and save cadence may change between attempts: the resume is exact, the adapter bitwise equal."""
+    _, _, client = s3
+    copy, newest, (base_cfg, _) = interrupted
+    cfg, work = copy(training={"logging_steps": 2, "save_steps": 4})
+    attempt = run_story(cfg, work).final
+    (start,) = attempt.of("start")
+    assert (start["mode"], start["step"]) == ("exact", newest)
+    assert read_object(client, cfg["storage"]["uri"] + "adapter/adapter_model.safetensors") == read_object(
+        client, base_cfg["storage"]["uri"] + "adapter/adapter_model.safetensors"
+    )
+
+
+def test_checkpoints_saved_before_training_was_fingerprinted_resume_with_a_warning(interrupted, s3):
+    """Manifests of an older trainer lack the `training` key: resumed (an upgrade must not refuse
+    every running job), with the unchecked keys named."""
+    _, _, client = s3
+    copy, newest, (base_cfg, _) = interrupted
+    cfg, work = copy()
+    bucket, prefix = split(cfg["storage"]["uri"] + "checkpoints/")
+    for step in complete_checkpoint_steps(client, cfg["storage"]["uri"]):
+        key = f"{prefix}checkpoint-{step}/{MANIFEST_NAME}"
+        manifest = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        del manifest["fingerprint"]["training"]
+        client.put_object(Bucket=bucket, Key=key, Body=json.dumps(manifest).encode())
+
+    attempt = run_story(cfg, work).final
+    (start,) = attempt.of("start")
+    assert (start["mode"], start["step"]) == ("exact", newest)
+    (unchecked,) = attempt.of("fingerprint_unchecked")
+    assert unchecked["keys"] == ["training"] and f"checkpoint-{newest}" in unchecked["uri"]
+    assert "did not record training" in attempt.stderr
+    assert read_object(client, cfg["storage"]["uri"] + "adapter/adapter_model.safetensors") == read_object(
+        client, base_cfg["storage"]["uri"] + "adapter/adapter_model.safetensors"
+    )
 
 
 def test_explicit_checkpoint_from_another_job_resumes_exactly(interrupted, make_job, s3):
@@ -259,11 +349,24 @@ def test_lost_adapter_after_the_final_checkpoint_is_saved_again_identically(make
 
 
 def test_finished_job_is_not_trained_again(make_job, s3):
+    """The same job finds its adapter and succeeds; a different one under the same storage.uri (a
+    deleted resource re-applied with other values) is refused, and the adapter stays as it was."""
+    _, _, client = s3
     cfg, work = make_job(training={"max_steps": 5})
     run_story(cfg, work)
     again = run_story(cfg, work).final
     assert again.exit_code == 0 and not again.of("start")
     assert again.termination["outcome"] == "succeeded"
+
+    adapter = cfg["storage"]["uri"] + "adapter/"
+    bucket, key = split(adapter)
+    before = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket, Prefix=key)["Contents"]}
+    other = run_attempt({**cfg, "training": {**cfg["training"], "learning_rate": 5e-4}}, work)
+    assert other.exit_code == 78, other.stderr[-2000:]
+    reason = other.termination["reason"]
+    assert f"{adapter} already holds the finished adapter of a different job" in reason
+    assert "training.learning_rate: 0.001 -> 0.0005" in reason and not other.of("start")
+    assert {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket, Prefix=key)["Contents"]} == before
 
 
 def test_epoch_based_training_runs_and_resumes_by_epochs(make_job, s3):

@@ -4,29 +4,36 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from .checkpoint_store import PROGRESS_NAME
 from .progress import emit_event, mean_train_loss, progress_record, tokens_before
 from .stop_signal import StopRequest
 from .uploader import BackgroundUploader
 
 log = logging.getLogger(__name__)
 
-PROGRESS_NAME = "progress.json"
-
 
 class DurableCheckpointCallback(TrainerCallback):
     """Hands every saved checkpoint to the background uploader; stops and saves on SIGTERM."""
 
     def __init__(
-        self, uploader: BackgroundUploader, stop: StopRequest, *, attempt: int, logs: tuple[Path, Any] | None = None
+        self,
+        uploader: BackgroundUploader,
+        stop: StopRequest,
+        *,
+        attempt: int,
+        logs: tuple[Path, Any] | None = None,
+        foreign_checkpoints: Sequence[int] = (),
     ) -> None:
         """`logs`: (local TensorBoard dir, S3 prefix) uploaded with every checkpoint, so a preempted
-        attempt's curves survive too."""
+        attempt's curves survive too. `foreign_checkpoints`: reported in every progress record."""
         self.uploader = uploader
+        self.foreign_checkpoints = tuple(foreign_checkpoints)
         self.logs = logs
         self.stop = stop
         self.attempt = attempt
@@ -74,5 +81,6 @@ class DurableCheckpointCallback(TrainerCallback):
                 attempt=self.attempt,
                 durable_step=self.uploader.durable_step,
                 phase="Running",
+                foreign_checkpoints=self.foreign_checkpoints,
             )
             self.uploader.submit_json(PROGRESS_NAME, record)

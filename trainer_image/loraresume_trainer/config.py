@@ -149,7 +149,9 @@ class ResumeSettings(_Model):
     warm_start: bool = Field(
         False,
         description="When the job's fingerprint differs from the checkpoint's, take only the adapter weights "
-        "from the newest checkpoint and start a fresh schedule instead of refusing.",
+        "from the newest checkpoint and start a fresh schedule instead of refusing. Under the old run's own "
+        "storage.uri only when the new run's steps end before that run's checkpoint steps (it never writes "
+        "over them); otherwise use a new storage.uri with `fromCheckpoint`.",
     )
 
     @field_validator("from_checkpoint")

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from .config import RESERVED_TRAINING_FIELDS, JobConfig
+from .fingerprint import FINGERPRINT_KEYS, TRAJECTORY_NEUTRAL_TRAINING_KEYS
 from .outcome import Outcome
 from .training_args import DEFAULTS
 
@@ -87,6 +88,29 @@ def render() -> str:
         "`padding_free: false`, measured faster on the H200: benchmarks/RESULTS.md, issue 16):",
         "",
         ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in DEFAULTS.items()) + ".",
+    ]
+    lines += [
+        "",
+        "## What a resume compares (the fingerprint)",
+        "",
+        "Every checkpoint manifest and the final adapter's record the run's fingerprint; a checkpoint",
+        "resumes exactly only under an equal one, and a refusal lists every difference",
+        "(`training.learning_rate: 0.0002 -> 0.0003`). Compared: "
+        + ", ".join(f"`{k}`" for k in FINGERPRINT_KEYS)
+        + ". `training` there is every effective `training` value (the defaults above overlaid with",
+        "the job's, so every SFTConfig key the job sets: scheduler and its arguments, warmup, optimizer",
+        "and its arguments, weight decay, max grad norm, packing, padding-free, NEFTune ...), except",
+        "those that change no weight and may differ between attempts: "
+        + ", ".join(f"`{k}`" for k in sorted(TRAJECTORY_NEUTRAL_TRAINING_KEYS))
+        + " (and `storage.keepCheckpoints`, which is not in `training`). Numbers compare by value (1",
+        "and 1.0 are equal). A checkpoint saved by an older trainer that did not record `training` is",
+        "resumed without comparing it, with a warning and a `fingerprint_unchecked` event naming it.",
+        "",
+        "Under one `storage.uri`, another job's results are never overwritten: a finished adapter with",
+        "another fingerprint fails the attempt (exit 78) listing the differences; complete checkpoints",
+        "with another fingerprint are never resumed from exactly nor deleted by retention, are reported",
+        "(a warning, a `foreign_checkpoints` event and `foreign_checkpoints` in `progress.json`), and a",
+        "run whose steps would reach one of their names (a warm start in place) is refused naming them.",
     ]
     lines += ["", "## Exit codes", "", "| code | outcome | the operator should |", "| --- | --- | --- |"]
     advice = {

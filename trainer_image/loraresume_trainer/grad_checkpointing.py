@@ -298,10 +298,13 @@ def kept_mode(saved: Iterable[Mapping[str, Any]], current: Mapping[str, Any]) ->
     `saved` in the order a resume would try them (newest first). `current` is the run's
     fingerprint without the mode.
     """
-    want = {k: v for k, v in current.items() if k != FINGERPRINT_KEY}
+    from .fingerprint import same_run  # fingerprint imports this module
+
     for fingerprint in saved:
-        if {k: v for k, v in fingerprint.items() if k != FINGERPRINT_KEY} == want:
-            return recorded_mode(fingerprint)
+        mode = recorded_mode(fingerprint)
+        # Compared as a resume compares them (keys an older fingerprint lacks left out), modes aside.
+        if same_run(fingerprint, {**current, FINGERPRINT_KEY: mode}):
+            return mode
     return None
 
 

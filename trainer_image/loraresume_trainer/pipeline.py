@@ -17,21 +17,29 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
 
-from .checkpoint_store import CHECKPOINTS_DIR, CheckpointStore
+from .checkpoint_store import CHECKPOINTS_DIR, PROGRESS_NAME, CheckpointStore
 from .config import JobConfig
 from .errors import ConfigError, DamagedCheckpoint, TrainerError
-from .fingerprint import make_fingerprint, same_run, texts_sha256
+from .fingerprint import job_fingerprint, texts_sha256, unchecked_keys
 from .grad_checkpointing import FINGERPRINT_KEY, Decision, kept_mode
 from .local_checkpoints import local_steps, prune_older_than
 from .manifest import parse_checkpoint_name
 from .outcome import Outcome, TerminationMessage
 from .progress import emit_event, progress_record
-from .resume_plan import Candidate, ResumeMode, ResumePlan, plan_resume
+from .resume_plan import (
+    Candidate,
+    ResumeMode,
+    ResumePlan,
+    plan_resume,
+    refuse_other_adapter,
+    refuse_overwriting_foreign,
+)
 from .s3client import is_not_found, make_s3_client, s3_errors
 from .s3uri import S3Uri
 from .stop_signal import StopRequest
@@ -85,6 +93,7 @@ class Pipeline:
         self.store = CheckpointStore(self.client, S3Uri.parse(job.storage.uri))
         self.durable_step: int | None = None
         self.checkpointing: Decision | None = None  # the gradient-checkpointing mode, decided in run()
+        self.foreign_steps: tuple[int, ...] = ()  # ResumePlan.foreign, reported in progress.json
 
     # 1. inputs ---------------------------------------------------------------------------
     def fetch_dir(self, ref: str, kind: str, field: str) -> str:
@@ -135,21 +144,7 @@ class Pipeline:
         return to_texts(rows, self.job.dataset, tokenizer)
 
     def fingerprint(self, texts: Any, lora: dict[str, Any]) -> dict[str, Any]:
-        from .training_args import effective_training
-
-        training = effective_training(self.job)
-        return make_fingerprint(
-            base_model=self.job.base_model,
-            dataset_sha256=texts_sha256(texts["text"]),
-            template=self.job.dataset.template,
-            max_seq_length=self.job.max_seq_length,
-            per_device_train_batch_size=training["per_device_train_batch_size"],
-            gradient_accumulation_steps=training["gradient_accumulation_steps"],
-            max_steps=training.get("max_steps", -1),
-            num_train_epochs=training.get("num_train_epochs", 3.0),
-            seed=self.job.seed,
-            lora=lora,
-        )
+        return job_fingerprint(self.job, dataset_sha256=texts_sha256(texts["text"]), lora=lora)
 
     def choose_checkpointing(self, base_path: str, lora: dict[str, Any], kept: str | None) -> Decision:
         """The gradient-checkpointing mode (grad_checkpointing.choose), logged and emitted as an event."""
@@ -277,7 +272,9 @@ class Pipeline:
             saved += [explicit.fingerprint] if explicit is not None else []
         self.checkpointing = self.choose_checkpointing(base_path, lora, kept_mode(saved, fingerprint))
         fingerprint = {**fingerprint, FINGERPRINT_KEY: self.checkpointing.mode}
-        if done is not None and same_run(done.fingerprint, fingerprint):
+        if done is not None:
+            refuse_other_adapter(done.fingerprint, fingerprint, adapter_uri=str(self.store.adapter_uri()))
+            warn_unchecked(done.fingerprint, fingerprint, str(self.store.adapter_uri()))
             log.info("adapter already complete in %s: nothing to do", self.store.adapter_uri())
             return self._succeeded(None)
 
@@ -294,6 +291,11 @@ class Pipeline:
                 "delete them to start from scratch"
             )
         mode = plan.mode if fetched else ResumeMode.FRESH
+        if fetched and mode is ResumeMode.EXACT:
+            warn_unchecked(fetched[0].fingerprint, fingerprint, fetched[0].uri)
+        self.report_foreign(plan)
+        start_step = fetched[0].step if fetched and mode is ResumeMode.EXACT else 0
+        refuse_overwriting_foreign(plan, start_step=start_step, max_steps=int(fingerprint["max_steps"]))
         resume_dir = fetched[1] if fetched and mode is ResumeMode.EXACT else None
         # A warm start takes the checkpoint's adapter weights as its adapter.
         model_adapter = (fetched[1], fetched[0].uri) if fetched and mode is ResumeMode.WARM else adapter_in
@@ -364,7 +366,9 @@ class Pipeline:
             on_durable=self._on_durable,
         )
         logs = (self.dirs.tensorboard, self.store.logs_uri()) if job.tensorboard else None
-        callback = DurableCheckpointCallback(uploader, self.stop, attempt=job.attempt, logs=logs)
+        callback = DurableCheckpointCallback(
+            uploader, self.stop, attempt=job.attempt, logs=logs, foreign_checkpoints=self.foreign_steps
+        )
         trainer = SFTTrainer(
             model=model, processing_class=tokenizer, train_dataset=texts, args=args, callbacks=[callback]
         )
@@ -445,8 +449,23 @@ class Pipeline:
             attempt=self.job.attempt,
             durable_step=self.durable_step,
             phase=phase,
+            foreign_checkpoints=self.foreign_steps,
         )
-        self.store.put_json("progress.json", record)
+        self.store.put_json(PROGRESS_NAME, record)
+
+    def report_foreign(self, plan: ResumePlan) -> None:
+        """Checkpoints another job left under this prefix: said once per attempt, kept (retention only
+        deletes this run's own), and carried in progress.json for the operator's status."""
+        self.foreign_steps = tuple(sorted(c.step for c in plan.foreign))
+        if plan.foreign:
+            log.warning(
+                "%d checkpoint(s) under %s were made by a different job (steps %s): left in place, not resumed "
+                "from; delete them or use a new storage.uri",
+                len(plan.foreign),
+                self.store.root.child(CHECKPOINTS_DIR),
+                list(self.foreign_steps),
+            )
+            emit_event("foreign_checkpoints", steps=list(self.foreign_steps), uris=[c.uri for c in plan.foreign])
 
     def _succeeded(self, step: int | None) -> TerminationMessage:
         return TerminationMessage(
@@ -473,6 +492,19 @@ def adapter_from_checkpoint(checkpoint_dir: Path, dest: Path) -> Path:
         shutil.rmtree(dest)
     shutil.copytree(checkpoint_dir, dest, ignore=lambda _d, names: [n for n in names if n in TRAINER_STATE_FILES])
     return dest
+
+
+def warn_unchecked(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
+    """A resume from a fingerprint older than some of the current keys: say what went unchecked."""
+    keys = unchecked_keys(saved, current)
+    if keys:
+        log.warning(
+            "%s was saved by an older trainer that did not record %s: resuming without checking them "
+            "(a change there since would go unnoticed)",
+            where,
+            ", ".join(keys),
+        )
+        emit_event("fingerprint_unchecked", uri=where, keys=keys)
 
 
 def _has_tokenizer(path: Path) -> bool:

@@ -48,7 +48,11 @@ def progress_record(
     attempt: int,
     durable_step: int | None,
     phase: str,
+    foreign_checkpoints: Sequence[int] = (),
 ) -> dict[str, Any]:
+    """`foreign_checkpoints`: steps of complete checkpoints under the job's prefix made with another
+    fingerprint (ResumePlan.foreign); the operator reports them."""
+
     def num(key: str) -> float | None:
         value = logs.get(key)
         if value is None:
@@ -67,6 +71,7 @@ def progress_record(
         "attempt": attempt,
         "durable_step": durable_step,
         "phase": phase,
+        "foreign_checkpoints": sorted(foreign_checkpoints),
         "time": time.time(),
     }
 

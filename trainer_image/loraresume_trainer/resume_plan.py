@@ -31,6 +31,9 @@ class ResumePlan:
     mode: ResumeMode
     # Tried in order; a damaged one is skipped for the next. Empty for FRESH.
     candidates: tuple[Candidate, ...] = field(default=())
+    # This job's complete checkpoints made with another fingerprint (an earlier job under the same
+    # storage.uri): never resumed from exactly, never deleted by retention, reported.
+    foreign: tuple[Candidate, ...] = field(default=())
 
 
 def plan_resume(
@@ -56,16 +59,45 @@ def plan_resume(
             [c for c in rest if c.step > explicit.step] + [explicit] + [c for c in rest if c.step <= explicit.step]
         )
     matching = tuple(c for c in ordered if same_run(c.fingerprint, current))
+    foreign = tuple(c for c in complete if not same_run(c.fingerprint, current))
     if matching:
-        return ResumePlan(ResumeMode.EXACT, matching)
+        return ResumePlan(ResumeMode.EXACT, matching, foreign)
     if not ordered:
         return ResumePlan(ResumeMode.FRESH)
     if warm_start:
-        return ResumePlan(ResumeMode.WARM, tuple(ordered))
+        return ResumePlan(ResumeMode.WARM, tuple(ordered), foreign)
     newest = ordered[0]
     changes = "; ".join(fingerprint_diff(newest.fingerprint, current))
     raise ResumeRefused(
         f"cannot resume exactly from {newest.uri}: the job changed since it was saved ({changes}). "
-        "Restore the old values, use a new storage.uri for a new run, or set resume.warm_start: true "
-        "to start a new schedule from that checkpoint's adapter weights"
+        "Restore the old values, or use a new storage.uri for a new run (with resume.from_checkpoint set to "
+        "that checkpoint and resume.warm_start: true to start a new schedule from its adapter weights)"
+    )
+
+
+def refuse_overwriting_foreign(plan: ResumePlan, *, start_step: int, max_steps: int) -> None:
+    """A run numbers its checkpoints by step, so from `start_step` on it would write over another
+    job's checkpoint of the same step (a warm start in place, typically). Raises ResumeRefused naming
+    them; `max_steps` < 1 (by epochs) counts every later step as reachable."""
+    reachable = [c for c in plan.foreign if c.step > start_step and (max_steps < 1 or c.step <= max_steps)]
+    if not reachable:
+        return
+    names = ", ".join(f"checkpoint-{c.step}" for c in sorted(reachable, key=lambda c: c.step))
+    raise ResumeRefused(
+        f"this run would overwrite {names} made by a different job under the same storage.uri; they are "
+        f"kept. Use a new storage.uri (resume.from_checkpoint: {reachable[0].uri} with resume.warm_start: true "
+        "starts from its adapter weights there), or delete them to reuse this prefix"
+    )
+
+
+def refuse_other_adapter(saved: Mapping[str, Any], current: Mapping[str, Any], *, adapter_uri: str) -> None:
+    """A finished adapter already in this job's storage must be this run's: training again would
+    overwrite another job's result (whose checkpoints retention may have deleted, so the resume
+    plan alone could not tell). Raises ResumeRefused listing every difference."""
+    if same_run(saved, current):
+        return
+    changes = "; ".join(fingerprint_diff(saved, current))
+    raise ResumeRefused(
+        f"{adapter_uri} already holds the finished adapter of a different job ({changes}); training "
+        "would overwrite it. Use a new storage.uri for this job, or delete that adapter to train again here"
     )
