@@ -24,6 +24,9 @@ from .spec import CheckpointRef, LoraResumeSpec, LoraResumeStatus, Phase
 WAIT_FOR_SOURCE_SECONDS = 30.0
 POD_APPEAR_SECONDS = 10.0
 PENDING_RECHECK_SECONDS = 15.0
+# A pod deleted this long past its deletionTimestamp and still not ended has nobody to end it (a
+# force delete on a node that is gone): it is counted as ended, as a vanished pod would be.
+UNCONFIRMED_DELETION_SECONDS = 60.0
 MAX_POD_NAME = 253
 
 
@@ -55,6 +58,7 @@ class Observation:
     adapter_complete: bool  # <storage>/adapter/_COMPLETE.json exists
     now: datetime
     source: SourceState | None = None
+    other_pod: ObservedPod | None = None  # another of its trainer pods (a pod event was about it)
 
 
 # Actions ---------------------------------------------------------------------------------
@@ -73,6 +77,13 @@ class DeletePod:
 
 
 @dataclass(frozen=True)
+class ReleasePod:
+    """Remove the accounting finalizer: run only once the status that counts the pod's end is written."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class EmitEvent:
     type: str  # Normal | Warning
     reason: str
@@ -84,7 +95,7 @@ class Requeue:
     after_seconds: float
 
 
-Action = CreatePod | DeletePod | EmitEvent | Requeue
+Action = CreatePod | DeletePod | ReleasePod | EmitEvent | Requeue
 
 
 @dataclass(frozen=True)
@@ -282,6 +293,7 @@ def _ended(b: _Builder, end: PodEnd) -> None:
     if end.kind is EndKind.PERMANENT:
         _fail(b, c.CONFIG_ERROR, f"attempt {obs.status.attempt}: {end.message}")
         return
+    b.set(pod_name=None)  # counted: whatever comes next (a relaunch, a wait, a backoff) is not this pod
     lost = _lost_steps(obs)
     b.set(lost_steps=obs.status.lost_steps + lost)
     lost_text = f", {lost} steps lost" if lost else ""
@@ -445,8 +457,45 @@ def _held_for_changed_extra(b: _Builder) -> bool:
     return True
 
 
+def _deletion_unconfirmed(pod: ObservedPod, now: datetime) -> bool:
+    deadline = pod.deletion_deadline
+    return deadline is not None and (now - deadline).total_seconds() > UNCONFIRMED_DELETION_SECONDS
+
+
+def accounted(pod: ObservedPod, status: LoraResumeStatus) -> bool:
+    """Whether `status` has counted this pod's end, so its accounting finalizer may go.
+
+    The status names an attempt's pod before the pod exists, and moves to another (or to none)
+    only once the attempt's end is decided: a pod it no longer names is counted, whatever the
+    pod does now. The pod it names is counted once the job is over and the pod has ended (or is
+    going). A pod of a later attempt than the status knows is never let go."""
+    if pod.attempt is not None and pod.attempt > status.attempt:
+        return False
+    if pod.name != status.pod_name:
+        return True
+    return status.phase.is_terminal and (pod.ended or pod.terminating)
+
+
+def releases(obs: Observation, plan: Plan) -> tuple[ReleasePod, ...]:
+    """The pods whose accounting finalizer `plan` lets go (after its status is written)."""
+    deleted = {a.name for a in plan.actions if isinstance(a, DeletePod)}
+    out: list[ReleasePod] = []
+    for pod in (obs.pod, obs.other_pod):
+        if pod is None or not pod.held or any(r.name == pod.name for r in out):
+            continue
+        gone_now = pod.name in deleted and plan.status.phase.is_terminal
+        if gone_now or accounted(pod, plan.status):
+            out.append(ReleasePod(pod.name))
+    return tuple(out)
+
+
 def decide(obs: Observation) -> Plan:
     """The next status and actions for one LoraResume. Pure; see the module docstring."""
+    plan = _decide(obs)
+    return Plan(plan.status, plan.actions + releases(obs, plan))
+
+
+def _decide(obs: Observation) -> Plan:
     b = _Builder(obs)
     _report_progress(b)
     status = obs.status
@@ -497,6 +546,9 @@ def decide(obs: Observation) -> Plan:
         return b.plan()
 
     if pod.stuck:  # e.g. the credentials Secret is missing: no retry loop, say what to fix
+        _ended(b, classify_end(pod, adapter_complete=obs.adapter_complete))
+        return b.plan()
+    if not pod.ended and _deletion_unconfirmed(pod, obs.now):
         _ended(b, classify_end(pod, adapter_complete=obs.adapter_complete))
         return b.plan()
     if not pod.ended and pod.phase == "Pending":

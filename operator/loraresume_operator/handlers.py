@@ -24,6 +24,7 @@ from loraresume_trainer.s3uri import S3Uri
 
 from . import metrics
 from .defaults import OperatorDefaults
+from .observed import ObservedPod
 from .pods import LABEL_RESOURCE
 from .reconcile import Reconciler
 from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus
@@ -113,10 +114,12 @@ def on_change(namespace: str | None, name: str, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
-def on_pod_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    """A trainer pod changed: reconcile its LoraResume now (errors wait for the timer)."""
+def on_pod_event(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> None:
+    """A trainer pod changed: reconcile its LoraResume now (errors wait for the timer). At start-up
+    kopf lists every trainer pod here, so a pod left held by a crash is let go then."""
+    pod = ObservedPod.from_api(dict(body))
     try:
-        reconciler().reconcile(_namespaced(namespace), labels[LABEL_RESOURCE])
+        reconciler().reconcile(_namespaced(namespace), labels[LABEL_RESOURCE], event_pod=pod)
     except ApiException as exc:
         metrics.RECONCILE_ERRORS.labels("api").inc()
         log.warning("reconcile after pod event failed (%s); the timer retries", exc.status)

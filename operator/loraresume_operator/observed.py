@@ -9,13 +9,20 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from loraresume_trainer.outcome import Outcome
 
 from .conditions import DISK_EVICTED, SCRATCH_FULL
+from .spec import GROUP
 
 TRAINER_CONTAINER = "trainer"
+LABEL_RESOURCE = f"{GROUP}/resource"
+LABEL_ATTEMPT = f"{GROUP}/attempt"
+# On every trainer pod: the pod stays readable (however it ended, whoever deleted it) until the
+# operator has counted its end in the status; then the operator removes it (decide.ReleasePod).
+ACCOUNTING_FINALIZER = f"{GROUP}/attempt-accounting"
 
 # Pod conditions/reasons the kubelet, scheduler and eviction API set when a pod is disrupted.
 DISRUPTION_CONDITION = "DisruptionTarget"
@@ -72,6 +79,14 @@ class ObservedPod:
     waiting_message: str = ""
     unschedulable: bool = False  # PodScheduled False, reason Unschedulable: the scheduler found no node
     scheduling_message: str = ""  # the scheduler's, e.g. "0/12 nodes are available: 12 Insufficient nvidia.com/gpu"
+    attempt: int | None = None  # its attempt label
+    finalizers: tuple[str, ...] = ()
+    deletion_deadline: datetime | None = None  # deletionTimestamp: when it should be gone
+
+    @property
+    def held(self) -> bool:
+        """It carries the accounting finalizer: only the operator lets it go."""
+        return ACCOUNTING_FINALIZER in self.finalizers
 
     @property
     def pulling_fails(self) -> bool:
@@ -122,10 +137,14 @@ class ObservedPod:
                 exit_code = terminated.get("exitCode")
                 container_reason = terminated.get("reason")
                 termination = parse_termination_message(terminated.get("message"))
+        attempt = str((meta.get("labels") or {}).get(LABEL_ATTEMPT, ""))
         return cls(
             name=meta.get("name", ""),
             phase=status.get("phase", "Pending"),
             terminating=bool(meta.get("deletionTimestamp")),
+            attempt=int(attempt) if attempt.isdigit() else None,
+            finalizers=tuple(str(f) for f in meta.get("finalizers") or ()),
+            deletion_deadline=_timestamp(meta.get("deletionTimestamp")),
             exit_code=exit_code,
             container_reason=container_reason,
             pod_reason=status.get("reason"),
@@ -138,6 +157,16 @@ class ObservedPod:
             unschedulable=unschedulable,
             scheduling_message=scheduling_message,
         )
+
+
+def _timestamp(value: Any) -> datetime | None:
+    """An API timestamp (RFC 3339; the client may already have parsed it)."""
+    if isinstance(value, datetime) or not value:
+        return value or None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def parse_termination_message(text: str | None) -> dict[str, Any] | None:

@@ -9,12 +9,11 @@ from loraresume_trainer.config import ENV_ATTEMPT, ENV_JOB
 
 from .decide import CreatePod, Resource
 from .defaults import OperatorDefaults
-from .observed import TRAINER_CONTAINER
+from .observed import ACCOUNTING_FINALIZER, LABEL_ATTEMPT, LABEL_RESOURCE, TRAINER_CONTAINER
 from .scratch import ScratchInputs, ScratchSize, scratch_size
-from .spec import API_VERSION, GROUP, KIND, LoraResumeSpec
+from .spec import API_VERSION, KIND, LoraResumeSpec
 
-LABEL_RESOURCE = f"{GROUP}/resource"
-LABEL_ATTEMPT = f"{GROUP}/attempt"
+__all__ = ["ACCOUNTING_FINALIZER", "LABEL_ATTEMPT", "LABEL_RESOURCE", "build_trainer_pod", "job_config"]
 WORK_DIR = "/work"
 TERMINATION_LOG = "/dev/termination-log"
 # Keys the credentials Secret holds (the AWS SDK's own environment names).
@@ -175,6 +174,7 @@ def build_trainer_pod(
             "name": create.name,
             "namespace": resource.namespace,
             "labels": labels,
+            "finalizers": [ACCOUNTING_FINALIZER],
             "ownerReferences": [
                 {
                     "apiVersion": API_VERSION,

@@ -44,9 +44,10 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
     Rule(
         "",
         "pods",
-        ("get", "list", "watch", "create", "delete", "deletecollection"),
+        ("get", "list", "watch", "create", "delete", "deletecollection", "patch"),
         "trainer pods: one created per attempt, watched for their end, read by name, removed with their LoraResume; "
-        "one that never started (no spot capacity, an image that cannot be pulled) deleted",
+        "one that never started (no spot capacity, an image that cannot be pulled) deleted; their accounting "
+        "finalizer removed (patch) once the status counts their end",
     ),
     Rule(
         "",

@@ -27,11 +27,24 @@ from loraresume_trainer.redact import remember_secret
 
 from . import conditions as c
 from . import metrics
-from .decide import CreatePod, DeletePod, EmitEvent, Observation, Plan, Resource, SourceState, decide, iso, parse_iso
+from .decide import (
+    CreatePod,
+    DeletePod,
+    EmitEvent,
+    Observation,
+    Plan,
+    ReleasePod,
+    Resource,
+    SourceState,
+    accounted,
+    decide,
+    iso,
+    parse_iso,
+)
 from .defaults import OperatorDefaults, effective_spec
 from .k8s_names import MAX_LABEL_VALUE
 from .observed import ObservedPod
-from .pods import LABEL_RESOURCE, build_trainer_pod
+from .pods import ACCOUNTING_FINALIZER, LABEL_RESOURCE, build_trainer_pod
 from .policy import credentials_problem, spec_problems
 from .s3_view import DownloadSizes, StorageView, read_storage, s3_client
 from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus, Phase
@@ -170,15 +183,20 @@ class Reconciler:
                 raise
 
     # ---- the loop -------------------------------------------------------------------------------
-    def reconcile(self, namespace: str, name: str) -> float | None:
-        """Returns seconds until the next reconcile is wanted (None: only on change)."""
+    def reconcile(self, namespace: str, name: str, event_pod: ObservedPod | None = None) -> float | None:
+        """Returns seconds until the next reconcile is wanted (None: only on change).
+
+        `event_pod`: the trainer pod whose event asked for this reconcile; if it is not the
+        attempt's current pod, it is let go once the status has counted it."""
         with self._locks[(namespace, name)]:
             body = self._get(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
+                if event_pod is not None and event_pod.held:  # nothing left to count it in
+                    self.release_pod(namespace, event_pod.name)
                 return None
-            return self._reconcile(body)
+            return self._reconcile(body, event_pod)
 
-    def _reconcile(self, body: dict[str, Any]) -> float | None:
+    def _reconcile(self, body: dict[str, Any], event_pod: ObservedPod | None = None) -> float | None:
         meta = body["metadata"]
         resource = Resource(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation") or 1))
         status = LoraResumeStatus.model_validate(body.get("status") or {})
@@ -198,6 +216,8 @@ class Reconciler:
             return None
         if status.phase.is_terminal and status.observed_generation == resource.generation:
             self.record_phase(resource.namespace, resource.name, status.phase.value)
+            if event_pod is not None and event_pod.held and accounted(event_pod, status):
+                self.release_pod(resource.namespace, event_pod.name)
             return None
         written = status
         storage_uri = self.storage_uri(resource.namespace, resource.name, spec, status)
@@ -237,6 +257,7 @@ class Reconciler:
             adapter_complete=view.adapter_complete,
             now=now,
             source=self._source(resource.namespace, spec),
+            other_pod=event_pod if event_pod is not None and event_pod.name != status.pod_name else None,
         )
         plan = decide(observation)
         stale = next((x for x in plan.status.conditions if x.type == c.STORAGE_READY and x.status != "True"), None)
@@ -290,6 +311,8 @@ class Reconciler:
                 )
             elif isinstance(action, DeletePod):
                 self._delete_pod(resource.namespace, action.name)
+            elif isinstance(action, ReleasePod):
+                self.release_pod(resource.namespace, action.name)
             elif isinstance(action, EmitEvent):
                 self.post_event(body, type_=action.type, reason=action.reason, message=action.message)
 
@@ -391,7 +414,37 @@ class Reconciler:
                 raise
 
     def delete_pods(self, namespace: str, name: str) -> None:
-        self.core.delete_collection_namespaced_pod(namespace, label_selector=f"{LABEL_RESOURCE}={name}")
+        """The resource is going: its pods go (SIGTERM, the trainer checkpoints) and are let go."""
+        selector = f"{LABEL_RESOURCE}={name}"
+        self.core.delete_collection_namespaced_pod(namespace, label_selector=selector)
+        for pod in self.core.list_namespaced_pod(namespace, label_selector=selector).items:
+            if ACCOUNTING_FINALIZER in (pod.metadata.finalizers or ()):
+                self.release_pod(namespace, pod.metadata.name)
+
+    def release_pod(self, namespace: str, name: str) -> None:
+        """Remove the accounting finalizer (a JSON patch guarded by a test of the entry, so another
+        controller's finalizers are never touched); a pod already gone is released."""
+        try:
+            pod = self.core.read_namespaced_pod(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        finalizers = list(pod.metadata.finalizers or ())
+        if ACCOUNTING_FINALIZER not in finalizers:
+            return
+        at = f"/metadata/finalizers/{finalizers.index(ACCOUNTING_FINALIZER)}"
+        patch = [{"op": "test", "path": at, "value": ACCOUNTING_FINALIZER}, {"op": "remove", "path": at}]
+        try:
+            self.core.patch_namespaced_pod(name, namespace, patch)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            if exc.status == 422:  # its finalizers changed meanwhile: the pod's next event retries
+                log.info("pod %s/%s: finalizers changed meanwhile; releasing it later", namespace, name)
+                return
+            raise
+        log.info("pod %s/%s: counted, accounting finalizer removed", namespace, name)
 
     def post_event(self, body: dict[str, Any], *, type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the resource, through the API client: works from any thread (kopf's

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from loraresume_operator import conditions as c
+from loraresume_operator.observed import ACCOUNTING_FINALIZER
 from loraresume_operator.policy import CREDENTIALS_LABEL
 from loraresume_sandbox.cluster import SANDBOX_TRAINER_IMAGE, SandboxCluster, sandbox_values
 from loraresume_sandbox.kube_client import KubeClient
@@ -164,6 +165,54 @@ def test_suspend_stops_gracefully_and_unsuspend_resumes_from_that_checkpoint(clu
     assert (done["preemptions"], done["failures"], done["attempt"]) == (0, 0, 2)
     reasons = _events(kube, name)
     assert c.SUSPENDED in reasons and c.RESUMED in reasons
+
+
+def _event_messages(kube: KubeClient, name: str, reason: str) -> list[str]:
+    return [
+        e.get("message", "")
+        for e in kube.list("events", NS)
+        if e["involvedObject"].get("name") == name and e.get("reason") == reason
+    ]
+
+
+def test_a_spot_reclaim_while_the_operator_is_down_is_counted_once_as_what_it_was(cluster, s3_bucket):
+    """The pod ended and was deleted (as pod GC does after the node goes) before the operator saw
+    it: the accounting finalizer keeps it readable, so its DisruptionTarget and the trainer's last
+    words reach the event, it counts as one preemption, and then it goes."""
+    kube, agent, operator = cluster.kube, cluster.agent, cluster.operator
+    assert agent is not None and operator is not None
+    spot_pool = default_pools(spot=1, on_demand=0)[0]
+    node = agent.add_node(spot_pool)
+    name = _apply(
+        kube,
+        s3_bucket,
+        training={"maxSteps": 400, "saveSteps": 50},
+        scheduling={"spot": {"enabled": True, "pendingTimeoutSeconds": 3}},
+    )
+    first = f"{name}-attempt-1"
+    pod = wait_for(lambda: kube.get("pods", NS, first), 30, "attempt 1")
+    assert ACCOUNTING_FINALIZER in pod["metadata"]["finalizers"]
+    wait_for(lambda: _status(kube, name).get("step", 0) >= 60, 90, "training under way on the spot node")
+    assert agent.node_of(NS, first) == node
+    operator.stop()
+    try:
+        agent.reclaim_spot(node, grace_seconds=10, replace=False)  # the spot pool is empty again after this
+        kube.delete("pods", NS, first, grace_period_seconds=0)
+        held = kube.get("pods", NS, first)
+        assert held is not None and held["metadata"].get("deletionTimestamp"), "the finalizer keeps it"
+        assert held["status"]["phase"] == "Failed"
+    finally:
+        operator.start()
+        operator.wait_ready()
+    done = wait_for(lambda: (s := _status(kube, name)).get("phase") == "Succeeded" and s, 180, "Succeeded")
+    # attempt 2 waited on the empty spot pool, attempt 3 trained on on-demand
+    assert (done["preemptions"], done["failures"], done["spotTimeouts"], done["attempt"]) == (1, 0, 1, 3), done
+    [told] = _event_messages(kube, name, "TerminationByKubelet")
+    assert "shutdown" in told and "is durable" in told, told
+    assert not _event_messages(kube, name, "PodDeleted")
+    wait_for(lambda: kube.get("pods", NS, first) is None, 30, "the counted pod let go")
+    kube.delete("loraresumes", NS, name)
+    wait_for(lambda: not [p for p in kube.list("pods", NS) if p["metadata"]["name"].startswith(name)], 60, "pods gone")
 
 
 def _volumes(pod: dict[str, Any]) -> dict[str, str]:

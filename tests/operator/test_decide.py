@@ -12,10 +12,12 @@ from loraresume_operator import conditions as c
 from loraresume_operator.decide import (
     EXTRA_CHANGED,
     PENDING_RECHECK_SECONDS,
+    UNCONFIRMED_DELETION_SECONDS,
     CreatePod,
     DeletePod,
     EmitEvent,
     Observation,
+    ReleasePod,
     Requeue,
     Resource,
     SourceState,
@@ -25,7 +27,7 @@ from loraresume_operator.decide import (
     pod_name,
     wants_on_demand,
 )
-from loraresume_operator.observed import ObservedPod
+from loraresume_operator.observed import ACCOUNTING_FINALIZER, ObservedPod
 from loraresume_operator.spec import CheckpointRef, LoraResumeSpec, LoraResumeStatus, Phase
 from tests.support.specs import build_spec
 
@@ -587,3 +589,124 @@ def test_unsuspending_resumes_from_the_newest_checkpoint():
     assert create.attempt == 2 and create.resume_from == CKPT.uri
     assert c.RESUMED in [a.reason for a in plan.actions if isinstance(a, EmitEvent)]
     assert (plan.status.preemptions, plan.status.failures) == (0, 0)
+
+
+# The accounting finalizer ------------------------------------------------------------------
+HELD = dict(finalizers=("other.io/keep", ACCOUNTING_FINALIZER), attempt=1)
+SPOT_RECLAIMED = dict(
+    phase="Failed",
+    exit_code=143,
+    disrupted=True,
+    disruption_reason="TerminationByKubelet",
+    pod_reason="Terminated",
+    message="Pod was terminated in response to imminent node shutdown.",
+    termination={"outcome": "preempted", "reason": "SIGTERM: checkpoint-20 is durable"},
+)
+
+
+def released(plan) -> list[str]:
+    return [a.name for a in plan.actions if isinstance(a, ReleasePod)]
+
+
+@pytest.mark.parametrize(
+    ("st", "p", "other", "want"),
+    [
+        # the pod of the attempt in flight is kept while it runs or is pending
+        (status(**RUNNING_1), pod(**HELD), None, []),
+        (status(phase=Phase.PENDING, attempt=1, pod_name="bot-attempt-1"), pod(phase="Pending", **HELD), None, []),
+        # its end is counted in the same plan that lets it go: preempted, failed (backoff), succeeded
+        (status(**RUNNING_1), ended(143, **HELD), None, ["bot-attempt-1"]),
+        (status(**RUNNING_1), ended(1, **HELD), None, ["bot-attempt-1"]),
+        (status(**RUNNING_1), ended(0, **HELD), None, ["bot-attempt-1"]),
+        # being deleted but not ended: still kept (its SIGTERM checkpoint is what the next attempt needs)
+        (status(**RUNNING_1), pod(terminating=True, deletion_deadline=NOW, **HELD), None, []),
+        # a pod without the finalizer (created before it existed) needs nothing
+        (status(**RUNNING_1), ended(143), None, []),
+        # an earlier attempt's pod, seen by its event: counted before the next attempt began
+        (
+            status(phase=Phase.RUNNING, attempt=2, pod_name="bot-attempt-2"),
+            pod(name="bot-attempt-2", attempt=2, finalizers=(ACCOUNTING_FINALIZER,)),
+            ended(143, **HELD),
+            ["bot-attempt-1"],
+        ),
+        # ... and kept while the current one runs
+        (
+            status(phase=Phase.RUNNING, attempt=2, pod_name="bot-attempt-2"),
+            pod(name="bot-attempt-2", attempt=2, finalizers=(ACCOUNTING_FINALIZER,)),
+            None,
+            [],
+        ),
+        # a pod of an attempt the status does not know yet is never let go
+        (
+            status(phase=Phase.RUNNING, attempt=1, pod_name="bot-attempt-1"),
+            pod(**HELD),
+            pod(name="bot-attempt-2", attempt=2, finalizers=(ACCOUNTING_FINALIZER,)),
+            [],
+        ),
+        # backing off: the failed pod is counted
+        (status(phase=Phase.RESUMING, attempt=1, failures=1), None, ended(1, **HELD), ["bot-attempt-1"]),
+    ],
+    ids=[
+        "running",
+        "pending",
+        "preempted",
+        "failed",
+        "succeeded",
+        "terminating",
+        "no-finalizer",
+        "earlier-attempt",
+        "current-kept",
+        "later-attempt",
+        "backing-off",
+    ],
+)
+def test_a_pod_is_let_go_once_its_end_is_counted(st, p, other, want):
+    plan = decide(obs(st, p, other_pod=other, adapter_complete=p is not None and p.exit_code == 0))
+    assert released(plan) == want
+    if want and p is not None and p.name in want:
+        assert plan.status.pod_name != p.name or plan.status.phase.is_terminal
+
+
+def test_a_spot_reclaim_seen_late_is_counted_once_as_a_preemption_with_the_trainers_words():
+    plan = decide(obs(status(**RUNNING_1), pod(**HELD, **SPOT_RECLAIMED), progress={"step": 22, "attempt": 1}))
+    assert plan.status.preemptions == 1 and plan.status.failures == 0 and plan.status.lost_steps == 2
+    event = next(a for a in plan.actions if isinstance(a, EmitEvent) and a.reason == "TerminationByKubelet")
+    assert "imminent node shutdown" in event.message and "checkpoint-20 is durable" in event.message
+    assert released(plan) == ["bot-attempt-1"] and creates(plan)[0].name == "bot-attempt-2"
+    # the next reconcile (the status written, the pod still there until released) counts nothing
+    again = decide(obs(plan.status, None, other_pod=pod(**HELD, **SPOT_RECLAIMED), progress={"step": 22, "attempt": 1}))
+    assert again.status.preemptions == 1 and released(again) == ["bot-attempt-1"]
+
+
+@pytest.mark.parametrize(
+    ("overdue", "counted"),
+    [(UNCONFIRMED_DELETION_SECONDS, False), (UNCONFIRMED_DELETION_SECONDS + 1, True)],
+    ids=["within", "past"],
+)
+def test_a_deleted_pod_nobody_ends_is_counted_after_a_while(overdue, counted):
+    gone = pod(terminating=True, deletion_deadline=NOW - timedelta(seconds=overdue), **HELD)
+    plan = decide(obs(status(**RUNNING_1), gone))
+    assert (plan.status.preemptions == 1) is counted
+    assert (released(plan) == ["bot-attempt-1"]) is counted
+
+
+@pytest.mark.parametrize(
+    ("p", "spot", "waited", "want_phase"),
+    [
+        (
+            pod(phase="Pending", unschedulable=True, **HELD),
+            {"enabled": True, "pendingTimeoutSeconds": 60},
+            61,
+            Phase.RESUMING,
+        ),
+        (pod(phase="Pending", waiting_reason="ImagePullBackOff", **HELD), {"enabled": False}, 10_000, Phase.FAILED),
+    ],
+    ids=["spot-timeout", "image-pull"],
+)
+def test_a_pod_the_operator_deletes_is_let_go_with_it(p, spot, waited, want_phase):
+    st = status(
+        phase=Phase.PENDING, attempt=1, pod_name="bot-attempt-1", pending_since=iso(NOW - timedelta(seconds=waited))
+    )
+    plan = decide(obs(st, p, spec=spec(scheduling={"spot": spot})))
+    assert [a.name for a in plan.actions if isinstance(a, DeletePod)] == ["bot-attempt-1"]
+    assert released(plan) == ["bot-attempt-1"] and plan.status.phase is want_phase

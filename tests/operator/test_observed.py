@@ -167,3 +167,15 @@ def test_an_eviction_for_disk_is_told_from_a_preemption(reason, conditions, mess
     assert (end.kind, end.reason) == want
     if want[0] is EndKind.DISK_EVICTED:
         assert end.message.startswith(message.strip()[:30])
+
+
+def test_the_attempt_label_finalizers_and_deletion_time_are_read():
+    raw = api_pod(deleting=True)
+    raw["metadata"].update(
+        labels={"loraresume.dev/attempt": "3"}, finalizers=["x.io/other", "loraresume.dev/attempt-accounting"]
+    )
+    pod = ObservedPod.from_api(raw)
+    assert (pod.attempt, pod.held, pod.terminating) == (3, True, True)
+    assert pod.deletion_deadline is not None and pod.deletion_deadline.isoformat() == "2026-11-28T12:00:00+00:00"
+    bare = ObservedPod.from_api(api_pod())
+    assert (bare.attempt, bare.held, bare.deletion_deadline) == (None, False, None)

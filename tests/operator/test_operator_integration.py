@@ -105,6 +105,8 @@ def test_deleted_pod_is_a_preemption_and_resource_deletion_removes_pods(operator
     job.k8s.delete("pods", NS, f"{job.name}-attempt-1", grace_period_seconds=0)
     job.pod(2)
     assert job.status()["preemptions"] == 1
+    # kept readable by the accounting finalizer until counted (pod GC ends it here: no kubelet), then let go
+    wait_for("attempt 1 let go", lambda: job.k8s.get("pods", NS, f"{job.name}-attempt-1") is None)
     job.checkpoint(tmp_path, 10)
     job.k8s.delete("loraresumes", NS, job.name)
     wait_for("resource gone", lambda: job.resource() is None)

@@ -92,10 +92,11 @@ policy_rules(); change both together.
   verbs: ["update"]
 # Trainer pods: one created per attempt, watched for their end, read by name,
 # removed with their LoraResume; one that never started (no spot capacity, an image
-# that cannot be pulled) deleted.
+# that cannot be pulled) deleted; their accounting finalizer removed (patch) once the
+# status counts their end.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "delete", "deletecollection"]
+  verbs: ["get", "list", "watch", "create", "delete", "deletecollection", "patch"]
 # Relaunching, Preempted, Succeeded... events on the LoraResume (kopf posts its own too).
 - apiGroups: [""]
   resources: ["events"]
