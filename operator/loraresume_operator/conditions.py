@@ -36,6 +36,7 @@ DISK_EVICTED = "EvictedForDisk"  # the node ran low on ephemeral-storage
 SCRATCH_FULL = "ScratchVolumeFull"  # the pod outgrew its own scratch sizeLimit
 DISK_EVICTION_BUDGET_EXHAUSTED = "DiskEvictionBudgetExhausted"
 TRAINING_CHANGED = "TrainingChanged"  # spec.training.extra edited mid-run: the job is held
+FOREIGN_CHECKPOINTS = "ForeignCheckpoints"  # another job's checkpoints under this storage prefix (kept)
 
 
 def set_condition(

@@ -207,6 +207,33 @@ def _report_progress(b: _Builder) -> None:
     loss = progress.get("loss")
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         b.set(loss=f"{float(loss):.4g}")
+    _report_foreign(b, progress)
+
+
+MAX_FOREIGN_LISTED = 20
+
+
+def _report_foreign(b: _Builder, progress: dict[str, Any]) -> None:
+    """Checkpoints of another job under this job's prefix (the trainer's ResumePlan.foreign): said
+    once, when the trainer first reports them, and kept in the status."""
+    raw = progress.get("foreign_checkpoints")
+    if not isinstance(raw, list):
+        return
+    steps = sorted({_count(x, -1) for x in raw} - {-1})
+    if steps == b.obs.status.foreign_checkpoints:
+        return
+    b.set(foreign_checkpoints=steps)
+    if steps:
+        shown = ", ".join(str(x) for x in steps[:MAX_FOREIGN_LISTED]) + (
+            ", ..." if len(steps) > MAX_FOREIGN_LISTED else ""
+        )
+        b.event(
+            "Warning",
+            c.FOREIGN_CHECKPOINTS,
+            f"{len(steps)} complete checkpoint(s) under {b.obs.spec.storage.uri} were made by another job "
+            f"(steps {shown}): kept, never resumed from nor written over; remove them, or give this job its own "
+            "storage.uri",
+        )
 
 
 def _fail(b: _Builder, reason: str, message: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from loraresume_trainer.checkpoint_store import CheckpointStore
+from loraresume_trainer.checkpoint_store import PROGRESS_NAME, CheckpointStore
 from loraresume_trainer.errors import TrainerError
 from loraresume_trainer.s3uri import S3Uri
 
@@ -23,8 +23,6 @@ from .scratch import ScratchInputs
 from .spec import CheckpointRef, LoraResumeSpec
 
 log = logging.getLogger(__name__)
-
-PROGRESS = "progress.json"
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,7 @@ def read_storage(spec: LoraResumeSpec, client: Any) -> StorageView:
         step, manifest = complete[0]
         checkpoint = CheckpointRef(uri=str(store.checkpoint_uri(step)), step=step)
         created, size = manifest.created_at or None, manifest.total_bytes
-    progress = store.get_json(PROGRESS)
+    progress = store.get_json(PROGRESS_NAME)
     adapter = store.read_adapter_manifest()
     return StorageView(checkpoint, progress, adapter is not None, created, size)
 

@@ -529,6 +529,11 @@ class LoraResumeStatus(_Spec):
     disk_evictions: int = Field(
         0, ge=0, description="Attempts evicted for disk (node low on ephemeral-storage, scratch over its sizeLimit)."
     )
+    foreign_checkpoints: list[int] = Field(
+        default_factory=list,
+        description="Steps of complete checkpoints under the storage prefix made by another job (another "
+        "fingerprint, as the trainer reported): kept, never resumed from nor written over.",
+    )
     training_extra_digest: str | None = Field(
         None, description="Digest of spec.training.extra when the first attempt started; a changed extra holds the job."
     )

@@ -710,3 +710,26 @@ def test_a_pod_the_operator_deletes_is_let_go_with_it(p, spot, waited, want_phas
     plan = decide(obs(st, p, spec=spec(scheduling={"spot": spot})))
     assert [a.name for a in plan.actions if isinstance(a, DeletePod)] == ["bot-attempt-1"]
     assert released(plan) == ["bot-attempt-1"] and plan.status.phase is want_phase
+
+
+@pytest.mark.parametrize(
+    ("before", "reported", "want", "event"),
+    [
+        ([], [30, 10, 10], [10, 30], True),  # first reported: said once, sorted, unique
+        ([10, 30], [30, 10], [10, 30], False),  # unchanged: no new event
+        ([10, 30], [], [], False),  # removed by a person: cleared quietly
+        ([], ["x", True, None, 5.0], [5], True),  # written by the trainer, read as untrusted
+        ([10], None, [10], False),  # an older trainer's progress.json says nothing
+    ],
+    ids=["first", "unchanged", "removed", "untrusted", "absent"],
+)
+def test_another_jobs_checkpoints_are_reported(before, reported, want, event):
+    progress = {"step": 3, "attempt": 1}
+    if reported is not None:
+        progress["foreign_checkpoints"] = reported
+    plan = decide(obs(status(**RUNNING_1, foreign_checkpoints=before), pod(), progress=progress))
+    assert plan.status.foreign_checkpoints == want
+    said = [a for a in plan.actions if isinstance(a, EmitEvent) and a.reason == c.FOREIGN_CHECKPOINTS]
+    assert bool(said) is event
+    if event:
+        assert "s3://ckpt/bot/" in said[0].message and "never resumed from" in said[0].message

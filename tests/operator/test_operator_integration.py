@@ -211,3 +211,13 @@ def test_missing_credentials_secret_fails_with_the_reason(operator, job):
         NS,
     )
     job.pod(1)
+
+
+def test_another_jobs_checkpoints_under_the_prefix_are_reported(operator, job):
+    job.apply()
+    job.run_pod(1)
+    wait_for("Running", lambda: job.status().get("phase") == "Running")
+    job.store.put_json("progress.json", {"step": 2, "max_steps": 30, "attempt": 1, "foreign_checkpoints": [20, 10]})
+    wait_for("status lists them", lambda: job.status().get("foreignCheckpoints") == [10, 20])
+    [event] = [e for e in job.events() if e["reason"] == "ForeignCheckpoints"]
+    assert "2 complete checkpoint(s)" in event["message"] and "steps 10, 20" in event["message"]
