@@ -5,7 +5,16 @@ the same machine, with a random-init Llama-3.2-1B-shaped model (4-bit, LoRA r=16
 projections, adamw_8bit, bf16): one uninterrupted run, and one run stopped by SIGTERM,
 then SIGKILLed, then resumed until done. Prints a JSON summary (and writes it to $OUT).
 
-    python benchmarks/gpu_story.py            # on the GPU machine, see benchmarks/README.md
+`--continue`: the adapter paths on the 4-bit base. A seed job trains a new LoRA on data A; a
+second job continues that saved adapter on new data B (SIGTERM-preempted once, then resumed); a
+curriculum stage continues the second job's adapter on data C; last, if time allows, the second
+job again uninterrupted, to compare losses and adapters bitwise. Checks that each job starts
+from exactly the adapter it names (the loaded LoRA's weight hash against the saved file's) and
+writes `gpu_continue.json`.
+
+    python benchmarks/gpu_story.py              # on the GPU machine, see benchmarks/README.md
+    python benchmarks/gpu_story.py --continue
+    python benchmarks/gpu_story.py --continue --cpu-smoke     # here: the same flow on a tiny fp32 model
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ def build_1b(out: Path) -> Path:
 
 
 def main() -> int:
+    if "--continue" in sys.argv[1:]:
+        return continue_main()
     out = Path(os.environ.get("OUT", "/tmp/gpu-story-out"))
     out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/gpu-story")
@@ -154,6 +165,182 @@ def report(summary, client, cfg_a, baseline, cfg_b, story, out: Path) -> None:
         k: v for k, v in summary.items() if k not in ("baseline_losses", "resumed_losses", "stderr_tail_first_attempt")
     }
     print(json.dumps(brief, indent=2, default=str))
+
+
+def start_s3(work: Path) -> tuple[subprocess.Popen, str, object]:
+    os.environ.update(AWS_ACCESS_KEY_ID="gpu", AWS_SECRET_ACCESS_KEY="gpu-secret", AWS_DEFAULT_REGION="us-east-1")
+    port = free_port()
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=open(work / "moto.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for _ in range(50):
+        try:
+            client.create_bucket(Bucket="gpu-story")
+            break
+        except Exception:
+            time.sleep(0.2)
+    return moto, endpoint, client
+
+
+def continue_main() -> int:
+    """Seed adapter -> continued on new data (preempted, resumed) -> curriculum stage, 4-bit base."""
+    from safetensors.torch import load
+
+    from loraresume_trainer.fingerprint import tensors_sha256
+
+    # Every attempt a fresh process (as a relaunched pod), not a child of the tests' warm fork server.
+    os.environ.setdefault("LORARESUME_TEST_TRAINER_LAUNCH", "spawn")
+    started = time.monotonic()
+    budget = float(os.environ.get("GPU_STORY_BUDGET_S", "480"))
+    out = Path(os.environ.get("OUT", "/tmp/gpu-story-out"))
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path("/tmp/gpu-continue")
+    work.mkdir(parents=True, exist_ok=True)
+    moto, endpoint, client = start_s3(work)
+    smoke = "--cpu-smoke" in sys.argv[1:]
+    if smoke:  # here, without a GPU: the tiny fp32 model, no 4-bit, torch's AdamW
+        from tests.support.tiny_model import build_tiny_llama
+
+        base = build_tiny_llama(work / "base-tiny")
+    else:
+        base = build_1b(work / "base-1b")
+    data = {
+        stage: write_jsonl(work / f"{stage}.jsonl", alpaca_rows(400, offset=offset))
+        for stage, offset in (("a", 0), ("b", 1000), ("c", 2000))
+    }
+    summary: dict = {"build_seconds": round(time.monotonic() - started, 1), "stages": {}}
+
+    def job(name: str, dataset: str, max_steps: int, adapter: str | None = None):
+        cfg = job_config(
+            work / name,
+            endpoint=endpoint,
+            storage_uri=f"s3://gpu-story/{name}/",
+            base_model=str(base),
+            dataset_file=str(data[dataset]),
+            training={
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 4,
+                "warmup_steps": 2,
+                "max_steps": max_steps,
+                "learning_rate": 1e-4,
+                "optim": "adamw_8bit",
+                "save_steps": 5,
+                "seed": 3407,
+            },
+            lora={"r": 16, "alpha": 16, "dropout": 0.0},
+        )
+        cfg.update(loadIn4bit=True, maxSeqLength=512, dtype="auto")
+        if smoke:
+            cfg.update(loadIn4bit=False, maxSeqLength=128, dtype="float32")
+            cfg["training"].update(optim="adamw_torch", per_device_train_batch_size=1, gradient_accumulation_steps=1)
+        if adapter:
+            cfg["adapter"] = adapter
+        return cfg, work / name
+
+    def adapter_uri(cfg) -> str:
+        return cfg["storage"]["uri"] + "adapter/"
+
+    def adapter_file(uri: str, name: str) -> bytes:
+        key = uri.removeprefix("s3://gpu-story/") + name
+        return client.get_object(Bucket="gpu-story", Key=key)["Body"].read()
+
+    def weights_sha(uri: str) -> str:
+        return tensors_sha256(load(adapter_file(uri, "adapter_model.safetensors")))
+
+    def record(name: str, cfg, story, starts_from: str | None) -> dict:
+        attempts = []
+        for a in story.attempts:
+            ready = (a.of("model_ready") or [{}])[0]
+            losses = a.losses()
+            attempts.append(
+                {
+                    "exit_code": a.exit_code,
+                    "killed_with": a.killed_with,
+                    "seconds": round(a.seconds, 1),
+                    "first_step_seconds": a.first_seconds("log"),
+                    "loaded_lora_sha256": ready.get("lora_sha256"),
+                    "resume_from": ready.get("resume_from"),
+                    "steps": [min(losses), max(losses)] if losses else None,
+                    "termination": a.termination,
+                    "unsloth_skipped_lora_patching": "Already have LoRA adapters" in a.stderr,
+                    "stderr_tail": a.stderr[-1500:] if a.exit_code not in (0, 75) else "",
+                }
+            )
+        final = story.final
+        entry: dict = {
+            "adapter": cfg.get("adapter"),
+            "dataset": cfg["dataset"]["source"],
+            "max_steps": cfg["training"]["max_steps"],
+            "succeeded": final.exit_code == 0,
+            "attempts": attempts,
+            "losses": {s: v for s, v in sorted(merged_losses(story).items())},
+        }
+        if final.exit_code == 0:
+            saved = json.loads(adapter_file(adapter_uri(cfg), "adapter_config.json"))
+            entry["saved_adapter"] = {
+                "sha256": weights_sha(adapter_uri(cfg)),
+                "r": saved.get("r"),
+                "base_model_name_or_path": saved.get("base_model_name_or_path"),
+            }
+        if starts_from:
+            want = weights_sha(starts_from)
+            entry["starts_from_adapter_sha256"] = want
+            entry["first_attempt_loaded_that_adapter"] = attempts[0]["loaded_lora_sha256"] == want
+            if "saved_adapter" in entry:
+                entry["trained_away_from_it"] = entry["saved_adapter"]["sha256"] != want
+        summary["stages"][name] = entry
+        write(out, summary)
+        return entry
+
+    try:
+        cfg_seed, work_seed = job("seed", "a", 10)
+        seed = record("seed", cfg_seed, run_story(cfg_seed, work_seed), None)
+        if not seed["succeeded"]:
+            return 1
+        cfg_cont, work_cont = job("continue", "b", 20, adapter=adapter_uri(cfg_seed))
+        cont_story = run_story(cfg_cont, work_cont, [Kill(signal.SIGTERM, 8)])
+        cont = record("continue", cfg_cont, cont_story, adapter_uri(cfg_seed))
+        if not cont["succeeded"]:
+            return 1
+        cfg_cur, work_cur = job("curriculum", "c", 10, adapter=adapter_uri(cfg_cont))
+        record("curriculum", cfg_cur, run_story(cfg_cur, work_cur), adapter_uri(cfg_cont))
+        if time.monotonic() - started < budget:
+            cfg_twin, work_twin = job("continue-uninterrupted", "b", 20, adapter=adapter_uri(cfg_seed))
+            twin = record("continue-uninterrupted", cfg_twin, run_story(cfg_twin, work_twin), adapter_uri(cfg_seed))
+            resumed = cont_story.losses_after_resume()
+            want = {int(s): v for s, v in twin["losses"].items()}
+            diffs = [abs(resumed[s] - want[s]) for s in resumed if s in want]
+            summary["preempted_continuation_vs_uninterrupted"] = {
+                "resumed_steps": sorted(resumed),
+                "max_abs_loss_diff_after_resume": max(diffs) if diffs else None,
+                "adapter_bitwise_equal": twin.get("saved_adapter", {}).get("sha256")
+                == cont.get("saved_adapter", {}).get("sha256"),
+            }
+        else:
+            summary["preempted_continuation_vs_uninterrupted"] = "skipped: over GPU_STORY_BUDGET_S"
+    finally:
+        moto.terminate()
+        summary["total_seconds"] = round(time.monotonic() - started, 1)
+        write(out, summary)
+        print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def merged_losses(story) -> dict[int, float]:
+    merged: dict[int, float] = {}
+    for attempt in story.attempts:
+        merged.update(attempt.losses())
+    return merged
+
+
+def write(out: Path, summary: dict) -> None:
+    (out / "gpu_continue.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == "__main__":
