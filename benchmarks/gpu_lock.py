@@ -231,6 +231,12 @@ def verify() -> int:
     involving_lock = [line for line in check_lines if norm(line.split()[0]) in lock_names]
     import torch
 
+    imports = {}
+    for module in ("triton", "xformers", "bitsandbytes"):
+        try:
+            imports[module] = __import__(module).__version__
+        except Exception as exc:  # reported, not raised
+            imports[module] = f"failed: {type(exc).__name__}: {exc}"
     report = {
         "lock_packages": len(lock),
         "matching": len(lock) - len(mismatches),
@@ -238,6 +244,7 @@ def verify() -> int:
         "pip_check_exit": check.returncode,
         "pip_check_lines_for_lock_packages": involving_lock,
         "pip_check_other_lines": len(check_lines) - len(involving_lock),
+        "imports": imports,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
