@@ -30,6 +30,8 @@ from loraresume_trainer.config import DatasetSettings
 from .k8s_names import MAX_LABEL_VALUE as MAX_NAME
 from .spec import (
     CATEGORIES,
+    EXTEND_ALONE,
+    EXTEND_NOT_ADAPTER,
     GROUP,
     KIND,
     PLURAL,
@@ -40,6 +42,7 @@ from .spec import (
     AdapterSource,
     LoraResumeSpec,
     LoraResumeStatus,
+    ResumeSpec,
     TrainingSpec,
     extra_refusals,
 )
@@ -55,6 +58,11 @@ HEADER = (
 
 class UnsupportedSchema(ValueError):
     """A model uses a construct a structural schema cannot express; fix the model, not the YAML."""
+
+
+def _set(field: str) -> str:
+    """CEL for "set and not empty", as the pydantic validators test a string ('' counts as unset)."""
+    return f"(has(self.{field}) && self.{field} != '')"
 
 
 def _set_exactly_one(a: str, b: str) -> str:
@@ -77,13 +85,31 @@ MODEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
         }
     ],
     TrainingSpec: [{"rule": "!(has(self.maxSteps) && has(self.numTrainEpochs))", "message": STEPS_OR_EPOCHS}],
+    ResumeSpec: [
+        {
+            "rule": f"!({_set('extendFrom')} && {_set('fromCheckpoint')})",
+            "message": EXTEND_ALONE.format(other="fromCheckpoint"),
+        },
+        {
+            "rule": f"!({_set('extendFrom')} && has(self.warmStart) && self.warmStart)",
+            "message": EXTEND_ALONE.format(other="warmStart"),
+        },
+    ],
     LoraResumeSpec: [
+        {
+            "rule": f"!(has(self.resume) && {_set('resume.extendFrom')} && has(self.adapter))",
+            "message": EXTEND_NOT_ADAPTER,
+        },
+        {
+            "rule": f"!(has(self.resume) && {_set('resume.extendFrom')} && has(self.warmStart) && self.warmStart)",
+            "message": EXTEND_ALONE.format(other="warmStart (spec.warmStart)"),
+        },
         {
             # `self == oldSelf` on spec.adapter only runs when both sides have one.
             "rule": "has(self.adapter) == has(oldSelf.adapter)",
             "message": "adapter cannot be added or removed: it defines the run; create a new LoraResume "
             "(with a new storage.uri) instead",
-        }
+        },
     ],
 }
 

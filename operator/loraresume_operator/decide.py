@@ -40,11 +40,15 @@ class Resource:
 
 @dataclass(frozen=True)
 class SourceState:
-    """The LoraResume named by `spec.adapter.fromResource`, as observed."""
+    """Another LoraResume this one starts from (`spec.adapter.fromResource`, `spec.resume.extendFrom`),
+    as observed: its status."""
 
     exists: bool
     phase: str | None = None
     output_adapter: str | None = None
+    storage_uri: str | None = None
+    checkpoint: CheckpointRef | None = None  # its newest complete checkpoint
+    max_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class Observation:
     now: datetime
     source: SourceState | None = None
     other_pod: ObservedPod | None = None  # another of its trainer pods (a pod event was about it)
+    predecessor: SourceState | None = None  # the LoraResume named by spec.resume.extendFrom
 
 
 # Actions ---------------------------------------------------------------------------------
@@ -249,7 +254,7 @@ def _launch(b: _Builder, adapter_uri: str | None, why: str) -> None:
     attempt = obs.status.attempt + 1
     name = pod_name(obs.resource.name, attempt)
     on_demand = wants_on_demand(obs.spec, b.values["preemptions"], b.values["spot_timeouts"])
-    resume = obs.checkpoint.uri if obs.checkpoint else None
+    resume = start_checkpoint(obs)
     where = f"resuming from {resume}" if resume else "starting fresh"
     b.set(
         attempt=attempt,
@@ -275,8 +280,64 @@ def _launch(b: _Builder, adapter_uri: str | None, why: str) -> None:
     b.requeue(POD_APPEAR_SECONDS)
 
 
+def start_checkpoint(obs: Observation) -> str | None:
+    """Where the next attempt starts: the job's own newest checkpoint, else the final checkpoint of the
+    run it extends (resume.extendFrom), else none (resume.fromCheckpoint, if set, goes to the trainer
+    as the job's: the trainer prefers the job's own newer checkpoints)."""
+    if obs.checkpoint is not None:
+        return obs.checkpoint.uri
+    src = obs.predecessor
+    if obs.spec.resume.extend_from and src is not None and src.checkpoint is not None:
+        return src.checkpoint.uri
+    return obs.spec.resume.from_checkpoint
+
+
+def _extendable(b: _Builder) -> bool:
+    """resume.extendFrom: waits until the run it extends has Succeeded; fails the job if that run failed
+    or cannot be extended. True when nothing is awaited (or the job has checkpoints of its own)."""
+    obs = b.obs
+    name = obs.spec.resume.extend_from
+    if not name or obs.checkpoint is not None:
+        return True
+    src = obs.predecessor
+    problem = None
+    if src is None or not src.exists:
+        b.set(phase=Phase.PENDING, message=f"waiting for LoraResume {name} (resume.extendFrom) to exist")
+    elif src.phase == Phase.FAILED.value:
+        problem = f"resume.extendFrom: LoraResume {name} failed; there is no finished run to extend"
+    elif src.phase != Phase.SUCCEEDED.value:
+        b.set(phase=Phase.PENDING, message=f"waiting for LoraResume {name} (resume.extendFrom) to succeed")
+    elif src.checkpoint is None:
+        problem = (
+            f"resume.extendFrom: LoraResume {name} succeeded but no complete checkpoint of it is in its storage "
+            f"({src.storage_uri}): only a trainer checkpoint holds the optimizer and schedule to extend (to "
+            "continue from its adapter weights instead, use spec.adapter.fromResource)"
+        )
+    elif src.storage_uri and src.storage_uri.rstrip("/") == str(obs.spec.storage_root).rstrip("/"):
+        problem = (
+            f"resume.extendFrom: LoraResume {name} stores under {src.storage_uri} too; this job needs its own "
+            "spec.storage.uri (its checkpoints would mix with the finished run's)"
+        )
+    elif src.max_steps and src.checkpoint.step != src.max_steps:
+        problem = (
+            f"resume.extendFrom: the newest checkpoint of LoraResume {name} is step {src.checkpoint.step}, not "
+            f"its final step {src.max_steps}: its final state is not in S3, so it cannot be extended exactly "
+            "(continue from its adapter weights with spec.adapter.fromResource instead)"
+        )
+    else:
+        return True
+    if problem is not None:
+        _fail(b, c.CANNOT_EXTEND, problem)
+        return False
+    b.condition(c.RUNNING, False, c.WAITING_FOR_PREDECESSOR, b.values["message"])
+    b.requeue(WAIT_FOR_SOURCE_SECONDS)
+    return False
+
+
 def _adapter_uri(b: _Builder) -> tuple[bool, str | None]:
-    """(ready, uri). Waits for a chained source; fails the job if the source failed."""
+    """(ready, uri). Waits for a chained source (or the run it extends); fails the job if it failed."""
+    if not _extendable(b):
+        return False, None
     adapter = b.obs.spec.adapter
     if adapter is None:
         return True, None
@@ -561,13 +622,7 @@ def _decide(obs: Observation) -> Plan:
             ready, adapter = _adapter_uri(b)
             if ready:
                 b.actions.append(
-                    CreatePod(
-                        status.pod_name,
-                        status.attempt,
-                        obs.checkpoint.uri if obs.checkpoint else None,
-                        status.on_demand,
-                        adapter,
-                    )
+                    CreatePod(status.pod_name, status.attempt, start_checkpoint(obs), status.on_demand, adapter)
                 )
                 b.requeue(POD_APPEAR_SECONDS)
         return b.plan()

@@ -42,12 +42,20 @@ def job_config(spec: LoraResumeSpec, create: CreatePod, defaults: OperatorDefaul
             "region": storage.region,
             "keepCheckpoints": storage.keep_checkpoints,
         },
-        "resume": {"fromCheckpoint": create.resume_from, "warmStart": spec.warm_start},
+        "resume": _resume(spec, create),
         "tensorboard": spec.tensorboard,
         "attempt": create.attempt,
         "workDir": WORK_DIR,
         "terminationLog": TERMINATION_LOG,
     }
+
+
+def _resume(spec: LoraResumeSpec, create: CreatePod) -> dict[str, Any]:
+    """The trainer's `resume`: where this attempt starts (decide.start_checkpoint) and how."""
+    resume: dict[str, Any] = {"fromCheckpoint": create.resume_from, "warmStart": spec.warm_starts}
+    if spec.resume.extend_from:
+        resume["extend"] = True  # the checkpoint may be of a shorter run: only the length may differ
+    return resume
 
 
 def _scheduling(spec: LoraResumeSpec, on_demand: bool) -> dict[str, Any]:

@@ -139,14 +139,25 @@ class Reconciler:
     def _storage(self, namespace: str, spec: LoraResumeSpec) -> StorageView:
         return read_storage(spec, self.storage_client(namespace, spec))
 
-    def _source(self, namespace: str, spec: LoraResumeSpec) -> SourceState | None:
-        if spec.adapter is None or not spec.adapter.from_resource:
+    def _source(self, namespace: str, name: str | None) -> SourceState | None:
+        """Another LoraResume this one starts from, by its status (None: it names none)."""
+        if not name:
             return None
-        body = self._get(namespace, spec.adapter.from_resource)
+        body = self._get(namespace, name)
         if body is None:
             return SourceState(exists=False)
-        status = body.get("status") or {}
-        return SourceState(True, status.get("phase"), status.get("outputAdapter"))
+        try:
+            status = LoraResumeStatus.model_validate(body.get("status") or {})
+        except ValidationError:
+            return SourceState(True)
+        return SourceState(
+            True,
+            status.phase.value,
+            status.output_adapter,
+            status.storage_uri,
+            status.latest_checkpoint,
+            status.max_steps,
+        )
 
     # ---- act ----------------------------------------------------------------------------------
     def _write_status(self, body: dict[str, Any], status: LoraResumeStatus) -> bool:
@@ -256,7 +267,9 @@ class Reconciler:
             progress=view.progress,
             adapter_complete=view.adapter_complete,
             now=now,
-            source=self._source(resource.namespace, spec),
+            source=self._source(resource.namespace, spec.adapter.from_resource if spec.adapter else None),
+            # only until the job has checkpoints of its own: then the run it extended is not needed
+            predecessor=None if view.checkpoint else self._source(resource.namespace, spec.resume.extend_from),
             other_pod=event_pod if event_pod is not None and event_pod.name != status.pod_name else None,
         )
         plan = decide(observation)

@@ -131,6 +131,52 @@ class AdapterSource(_Spec):
         return self
 
 
+EXTEND_ALONE = "resume.extendFrom continues another run exactly: it cannot be combined with resume.{other}"
+EXTEND_NOT_ADAPTER = (
+    "resume.extendFrom continues its predecessor's adapter, optimizer and schedule: it cannot also start "
+    "from spec.adapter"
+)
+
+
+class ResumeSpec(_Spec):
+    """Where the run starts, if not from scratch (and, after the first attempt, from its own newest
+    checkpoint, which always wins: a relaunch never goes back)."""
+
+    from_checkpoint: str | None = Field(
+        None,
+        pattern=S3_URI_PATTERN,
+        description="s3:// URI of a complete checkpoint of another run (…/checkpoints/checkpoint-N/) to start "
+        "from: resumed exactly if that run's fingerprint equals this job's, else refused (or, with warmStart, "
+        "its adapter weights start a new schedule).",
+    )
+    warm_start: bool = Field(
+        False,
+        description="If the checkpoint to start from (fromCheckpoint, or earlier checkpoints in storage.uri) "
+        "was made by a different job, start a new schedule from its adapter weights instead of failing.",
+    )
+    extend_from: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Name of a LoraResume in this namespace whose finished run this one extends: it waits until "
+        "that one has Succeeded, then resumes exactly from its final checkpoint (adapter, optimizer, LR "
+        "scheduler, RNG and data position kept) and trains on to this job's longer training.maxSteps or "
+        "numTrainEpochs; only the run's length may differ. The learning-rate schedule is re-derived over the "
+        "new total as transformers does: with `constant` the result equals one longer run. Needs its own "
+        "storage.uri.",
+    )
+
+    _uri = field_validator("from_checkpoint")(lambda v: _s3_uri(v))
+
+    @model_validator(mode="after")
+    def _extend_alone(self) -> ResumeSpec:
+        if self.extend_from and self.from_checkpoint:
+            raise ValueError(EXTEND_ALONE.format(other="fromCheckpoint"))
+        if self.extend_from and self.warm_start:
+            raise ValueError(EXTEND_ALONE.format(other="warmStart"))
+        return self
+
+
 class TrainingSpec(_Spec):
     """The TRL SFTConfig of the run. Common fields are typed; any other SFTConfig field goes in `extra`."""
 
@@ -423,10 +469,12 @@ class LoraResumeSpec(_Spec):
             "x-kubernetes-validations": [{"rule": STORAGE_URI_IMMUTABLE, "message": f"storage.uri {_NEW_RESOURCE}"}]
         },
     )
+    resume: ResumeSpec = Field(
+        default_factory=ResumeSpec, description="Where the run starts: another run's checkpoint, or a run it extends."
+    )
     warm_start: bool = Field(
         False,
-        description="If checkpoints in storage.uri were made by a different job, start a new schedule from the "
-        "newest one's adapter weights instead of failing.",
+        description="Deprecated (v1alpha1): the same as resume.warmStart, which takes precedence when set.",
     )
     tensorboard: bool = Field(False, description="Upload TensorBoard event files to <storage.uri>/logs/.")
     suspend: bool = Field(
@@ -452,6 +500,18 @@ class LoraResumeSpec(_Spec):
     )
 
     _service_account = field_validator("service_account_name")(lambda v: _dns_subdomain(v))
+
+    @model_validator(mode="after")
+    def _extend_not_adapter(self) -> LoraResumeSpec:
+        if self.resume.extend_from and self.adapter is not None:
+            raise ValueError(EXTEND_NOT_ADAPTER)
+        if self.resume.extend_from and self.warm_start:
+            raise ValueError(EXTEND_ALONE.format(other="warmStart (spec.warmStart)"))
+        return self
+
+    @property
+    def warm_starts(self) -> bool:
+        return self.resume.warm_start or self.warm_start
 
     @property
     def storage_root(self) -> S3Uri:

@@ -733,3 +733,43 @@ def test_another_jobs_checkpoints_are_reported(before, reported, want, event):
     assert bool(said) is event
     if event:
         assert "s3://ckpt/bot/" in said[0].message and "never resumed from" in said[0].message
+
+
+# resume.extendFrom ---------------------------------------------------------------------------
+PRED_CKPT = CheckpointRef(uri="s3://ckpt/stage-1/checkpoints/checkpoint-100/", step=100)
+FINISHED = SourceState(True, "Succeeded", "s3://ckpt/stage-1/adapter/", "s3://ckpt/stage-1/", PRED_CKPT, 100)
+
+
+@pytest.mark.parametrize(
+    ("pred", "own", "want_phase", "want_from", "reason"),
+    [
+        (None, None, Phase.PENDING, None, c.WAITING_FOR_PREDECESSOR),
+        (SourceState(False), None, Phase.PENDING, None, c.WAITING_FOR_PREDECESSOR),
+        (replace(FINISHED, phase="Running"), None, Phase.PENDING, None, c.WAITING_FOR_PREDECESSOR),
+        (replace(FINISHED, phase="Failed"), None, Phase.FAILED, None, c.CANNOT_EXTEND),
+        (replace(FINISHED, checkpoint=None), None, Phase.FAILED, None, c.CANNOT_EXTEND),
+        (replace(FINISHED, storage_uri="s3://ckpt/bot/"), None, Phase.FAILED, None, c.CANNOT_EXTEND),
+        (replace(FINISHED, max_steps=120), None, Phase.FAILED, None, c.CANNOT_EXTEND),
+        (FINISHED, None, Phase.PENDING, PRED_CKPT.uri, None),
+        # a relaunch continues from the job's own newest checkpoint; the finished run is not needed
+        (None, CKPT, Phase.PENDING, CKPT.uri, None),
+    ],
+    ids=["unseen", "absent", "running", "failed", "no-checkpoint", "same-storage", "not-final", "ready", "own"],
+)
+def test_extending_a_finished_run(pred, own, want_phase, want_from, reason):
+    extending = spec(resume={"extendFrom": "stage-1"}, training={"maxSteps": 200})
+    plan = decide(obs(status(), None, spec=extending, predecessor=pred, checkpoint=own))
+    assert plan.status.phase is want_phase
+    made = creates(plan)
+    assert [p.resume_from for p in made] == ([want_from] if want_from else [])
+    if reason:
+        assert cond(plan, c.FAILED if want_phase is Phase.FAILED else c.RUNNING).reason == reason
+        assert "stage-1" in plan.status.message
+
+
+def test_resume_from_checkpoint_is_where_a_new_job_starts():
+    other = "s3://ckpt/other/checkpoints/checkpoint-40/"
+    first = decide(obs(status(), None, spec=spec(resume={"fromCheckpoint": other}), checkpoint=None))
+    assert creates(first)[0].resume_from == other
+    later = decide(obs(status(), None, spec=spec(resume={"fromCheckpoint": other})))
+    assert creates(later)[0].resume_from == CKPT.uri  # the job's own newer checkpoint wins

@@ -221,3 +221,31 @@ def test_another_jobs_checkpoints_under_the_prefix_are_reported(operator, job):
     wait_for("status lists them", lambda: job.status().get("foreignCheckpoints") == [10, 20])
     [event] = [e for e in job.events() if e["reason"] == "ForeignCheckpoints"]
     assert "2 complete checkpoint(s)" in event["message"] and "steps 10, 20" in event["message"]
+
+
+def test_an_extending_job_waits_then_starts_from_the_final_checkpoint(operator, job, k8s, tmp_path):
+    first = Job(k8s, job.kubeconfig, job.name + "-s1", job.endpoint, job.bucket, job.store)
+    k8s.create(
+        "secrets",
+        {
+            "metadata": {"name": f"{first.name}-s3", "labels": CREDENTIALS_LABEL},
+            "stringData": {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
+        },
+        NS,
+    )
+    job.apply(resume={"extendFrom": first.name}, training={"maxSteps": 60, "saveSteps": 10})
+    wait_for("waiting message", lambda: "resume.extendFrom" in job.status().get("message", ""))
+    assert job.condition("Running")["reason"] == "WaitingForPredecessor" and not job.pods()
+    first.apply()
+    first.run_pod(1)
+    first.store = CheckpointStore(first.store.client, S3Uri(job.bucket, f"{first.name}/"))
+    first.checkpoint(tmp_path, 30)
+    first.progress(30, 1)
+    first.succeed(tmp_path, 1)
+    wait_for("first Succeeded", lambda: first.status().get("phase") == "Succeeded")
+    resume = job_env(job.pod(1))["resume"]
+    assert resume == {
+        "fromCheckpoint": f"s3://{job.bucket}/{first.name}/checkpoints/checkpoint-30/",
+        "warmStart": False,
+        "extend": True,
+    }

@@ -120,3 +120,19 @@ def test_spot_and_on_demand_placement(on_demand, selector, toleration_keys):
 def test_pod_passes_the_official_schema(version):
     pod = build_trainer_pod(RES, spec(), CREATE, DEFAULTS)
     kubernetes_validate.validate(pod, version, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("over", "warm", "extend"),
+    [
+        ({}, False, None),
+        ({"resume": {"warmStart": True}}, True, None),
+        ({"warmStart": True}, True, None),  # the deprecated spelling still works
+        ({"resume": {"extendFrom": "stage-1"}, "adapter": None}, False, True),
+    ],
+    ids=["plain", "warm", "deprecated-warm", "extend"],
+)
+def test_the_trainers_resume_settings(over, warm, extend):
+    resume = job_config(spec(**over), CREATE, DEFAULTS)["resume"]
+    assert resume["fromCheckpoint"] == CREATE.resume_from and resume["warmStart"] is warm
+    assert resume.get("extend") is extend

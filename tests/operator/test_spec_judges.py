@@ -332,6 +332,32 @@ def test_steps_or_epochs_not_both(judge: ApiJudge) -> None:
 
 
 @pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            {"resume": {"extendFrom": "stage-1", "fromCheckpoint": "s3://bkt/r/checkpoints/checkpoint-5/"}},
+            "fromCheckpoint",
+        ),
+        ({"resume": {"extendFrom": "stage-1", "warmStart": True}}, "resume.warmStart"),
+        ({"resume": {"extendFrom": "stage-1"}, "warmStart": True}, "spec.warmStart"),
+        ({"resume": {"extendFrom": "stage-1"}, "adapter": {"uri": "s3://bkt/adapter/"}}, "spec.adapter"),
+    ],
+    ids=["with-from-checkpoint", "with-warm-start", "with-old-warm-start", "with-adapter"],
+)
+def test_extend_from_stands_alone(judge: ApiJudge, edit: dict, message: str) -> None:
+    """Extending a run resumes its exact state: any other starting point is refused by both judges."""
+    spec = {**MINIMAL, **edit}
+    with pytest.raises(ApiError) as refused:
+        judge.admit(resource(spec))
+    assert refused.value.code == 422 and "resume.extendFrom" in refused.value.message
+    assert message in refused.value.message
+    with pytest.raises(ValidationError) as problem:
+        LoraResumeSpec.model_validate(spec)
+    assert "resume.extendFrom" in str(problem.value) and message in str(problem.value)
+    judge.admit(resource({**MINIMAL, "resume": {"extendFrom": "stage-1"}}))
+
+
+@pytest.mark.parametrize(
     "training, sft",
     [
         ({}, {"max_steps": 60}),
