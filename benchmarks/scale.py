@@ -1610,13 +1610,34 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).with_suffix(".partial.json").write_text(json.dumps(bench.result, indent=2))
         raise
+    problems = counting_problems(result)
+    result["counting_problems"] = problems
     print()
     print(render_text(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(render_markdown(result))
-    return 0
+    for problem in problems:
+        print(f"COUNTING WRONG: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def counting_problems(result: dict[str, Any]) -> list[str]:
+    """Every pod this benchmark ended (and that had not finished first) must be counted as exactly one
+    preemption, and relaunched as the next attempt, never re-created under its own name unseen."""
+    problems = []
+    for phase in ("wave2", "steady"):
+        section = result.get(phase) or {}
+        relaunch = section.get("relaunch_after_pod_loss") or {}
+        if not relaunch:
+            continue
+        lost, counted = relaunch.get("pods", 0), section.get("preemptions_counted")
+        if counted != lost:
+            problems.append(f"{phase}: {lost} pods lost and relaunched, {counted} preemptions counted")
+        if relaunch.get("relaunched_as_the_same_pod_name"):
+            problems.append(f"{phase}: {relaunch['relaunched_as_the_same_pod_name']} re-created under the same name")
+    return problems
 
 
 if __name__ == "__main__":
