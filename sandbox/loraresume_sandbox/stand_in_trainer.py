@@ -185,7 +185,13 @@ class StandInPipeline(Pipeline):
             log.info("adapter already complete in %s: nothing to do", self.store.adapter_uri())
             return self._succeeded(None)
 
-        plan = plan_resume(complete, fingerprint, explicit=self.explicit_candidate(), warm_start=job.resume.warm_start)
+        plan = plan_resume(
+            complete,
+            fingerprint,
+            explicit=self.explicit_candidate(),
+            warm_start=job.resume.warm_start,
+            extend=job.resume.extend,  # the checkpoint of a shorter run, continued exactly (the trainer's rules)
+        )
         fetched = self.fetch_stand_in(plan) if plan.candidates else None
         self.report_foreign(plan)
         mode = plan.mode if fetched else ResumeMode.FRESH

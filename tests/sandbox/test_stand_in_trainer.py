@@ -213,3 +213,34 @@ def test_crash_is_a_failure_and_a_bad_config_is_permanent(run):
     code, message, _, err = run.finish(proc, 2)
     assert code == 78 and message["outcome"] == "config_error" and "output_dir" in message["reason"], err
     assert run.end(code, message).kind is EndKind.PERMANENT
+
+
+def test_extend_continues_a_finished_run_exactly_under_a_new_prefix(run, s3_bucket, tmp_path):
+    """resume.extend, as the trainer decides it (plan_resume): the finished run's checkpoint resumes
+    exactly in a longer job under another prefix; one no longer than the checkpoint is refused (78)."""
+    code, _, _, err = run.finish(run.start(1), 1)
+    assert code == 0, err
+    source = f"s3://{run.bucket}/{run.name}/checkpoints/checkpoint-10/"
+    endpoint, bucket = s3_bucket
+    longer = Run(tmp_path / "longer", endpoint, bucket, f"{run.name}-longer")
+    (tmp_path / "longer").mkdir()
+    training = {**run.spec.training.sft_config(), "max_steps": 20}
+
+    def extend(attempt: int, max_steps: int) -> tuple[int, dict[str, Any], list[dict], str]:
+        job = longer.job(attempt, training={**training, "max_steps": max_steps})
+        job["resume"] = {"fromCheckpoint": source, "extend": True}
+        return longer.finish(longer.start(attempt, job=job), attempt)
+
+    code, message, _, err = extend(1, 10)
+    assert code == 78 and message["outcome"] == "config_error", err
+    assert "resume.extend: the job's max_steps 10 does not go past" in message["reason"]
+    assert "set max_steps above 10" in message["reason"]
+
+    code, message, events, err = extend(2, 20)
+    assert code == 0, err
+    start = events[0]
+    assert (start["event"], start["mode"], start["step"], start["checkpoint"]) == ("start", "exact", 10, source)
+    assert [e["step"] for e in events if e["event"] == "log"] == list(range(11, 21))
+    view = longer.view()
+    assert view.adapter_complete and view.progress["step"] == 20 and view.progress["max_steps"] == 20
+    assert longer.store.read_adapter_manifest().fingerprint["max_steps"] == 20

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from loraresume_trainer.config import parse_job
 from loraresume_trainer.errors import ConfigError, ResumeRefused
 from loraresume_trainer.fingerprint import (
     fingerprint_diff,
@@ -19,6 +20,7 @@ from loraresume_trainer.resume_plan import (
     Candidate,
     ResumeMode,
     ResumePlan,
+    check_extension,
     plan_resume,
     refuse_other_adapter,
     refuse_overwriting_foreign,
@@ -220,7 +222,7 @@ def test_refused_lists_every_change(saved: dict[str, Any], current: dict[str, An
     position = 0
     for part in parts:
         position = message.index(part, position) + len(part)  # present, in this order
-    assert "resume.warm_start: true" in message
+    assert "resume.warmStart: true" in message and "resume.extend: true" in message
     assert "storage.uri" in message
 
 
@@ -428,7 +430,7 @@ def test_a_run_never_writes_over_another_jobs_checkpoint(
         refuse_overwriting_foreign(plan, start_step=start, max_steps=max_steps)
     names = ", ".join(f"checkpoint-{s}" for s in refused)
     assert f"would overwrite {names} made by a different job" in str(err.value)
-    assert f"resume.from_checkpoint: {ckpt(refused[0], OTHER).uri}" in str(err.value)
+    assert f"resume.fromCheckpoint: {ckpt(refused[0], OTHER).uri} with resume.warmStart: true" in str(err.value)
 
 
 def test_a_finished_adapter_of_another_job_is_refused_listing_every_difference() -> None:
@@ -438,3 +440,182 @@ def test_a_finished_adapter_of_another_job_is_refused_listing_every_difference()
     message = str(err.value)
     assert message.startswith("s3://bkt/job/adapter/ already holds the finished adapter of a different job")
     assert "max_steps: 40 -> 50; seed: 3407 -> 1" in message and "new storage.uri" in message
+
+
+# --- resume.extend: a finished run's checkpoint continued exactly by a longer job ------------
+
+SHORT = fp(max_steps=10)  # the finished run; CURRENT (max_steps 30) extends it
+BY_EPOCHS = fp(max_steps=-1, num_train_epochs=4.0)
+
+EXTENSIONS = [
+    # (complete newest first, explicit, current, candidate URIs in order)
+    pytest.param([], ckpt(10, SHORT, job="old"), CURRENT, [ckpt(10, SHORT, job="old").uri], id="longer-max-steps"),
+    pytest.param(
+        [], ckpt(10, roundtrip(SHORT), job="old"), CURRENT, [ckpt(10, SHORT, job="old").uri], id="read-back-from-json"
+    ),
+    pytest.param([], ckpt(10, SHORT, job="old"), BY_EPOCHS, [ckpt(10, SHORT, job="old").uri], id="now-by-epochs"),
+    pytest.param(
+        [],
+        ckpt(20, fp(max_steps=-1, num_train_epochs=1.0), job="old"),
+        CURRENT,
+        [ckpt(20, SHORT, job="old").uri],
+        id="was-by-epochs",
+    ),
+    pytest.param(
+        [], ckpt(10, CURRENT, job="old"), CURRENT, [ckpt(10, CURRENT, job="old").uri], id="same-length-mid-run"
+    ),
+    pytest.param(
+        [ckpt(25, CURRENT), ckpt(15, CURRENT)],
+        ckpt(10, SHORT, job="old"),
+        CURRENT,
+        [ckpt(25, CURRENT).uri, ckpt(15, CURRENT).uri, ckpt(10, SHORT, job="old").uri],
+        id="relaunch-own-checkpoints-win",
+    ),
+    pytest.param(
+        [ckpt(25, fp(seed=1)), ckpt(15, CURRENT)],
+        ckpt(10, SHORT, job="old"),
+        CURRENT,
+        [ckpt(15, CURRENT).uri, ckpt(10, SHORT, job="old").uri],
+        id="own-of-another-fingerprint-skipped",
+    ),
+]
+
+
+@pytest.mark.parametrize(("complete", "explicit", "current", "uris"), EXTENSIONS)
+def test_extend_resumes_the_shorter_runs_checkpoint_exactly(
+    complete: list[Candidate], explicit: Candidate, current: dict[str, Any], uris: list[str]
+) -> None:
+    plan = plan_resume(complete, current, explicit=explicit, extend=True)
+    assert plan.mode is ResumeMode.EXACT
+    assert [c.uri for c in plan.candidates] == uris
+    # Without extend the same checkpoint is a changed job (unless its fingerprint is the job's).
+    if explicit.fingerprint != current and not complete:
+        with pytest.raises(ResumeRefused):
+            plan_resume(complete, current, explicit=explicit)
+
+
+EXTENSION_REFUSALS = [
+    # (explicit's step, its fingerprint, the job's, epochs done (None: not read yet), message parts in order)
+    pytest.param(
+        10,
+        SHORT,
+        fp(max_steps=30, seed=1, lora={"r": 8}),
+        None,
+        [
+            "cannot extend s3://bkt/old/checkpoints/checkpoint-10/ (resume.extend: true): only max_steps and "
+            "num_train_epochs may differ",
+            "max_steps: 10 -> 30",
+            "; seed: 3407 -> 1",
+            "; lora.r: 16 -> 8",
+            "resume.warmStart: true instead of resume.extend",
+        ],
+        id="other-differences-all-listed",
+    ),
+    pytest.param(
+        10,
+        SHORT,
+        fp(max_steps=30, dataset_sha256="b" * 64),
+        None,
+        ["dataset content: aaaaaaaaaaaa -> bbbbbbbbbbbb", "; max_steps: 10 -> 30"],
+        id="new-data",
+    ),
+    pytest.param(
+        10,
+        SHORT,
+        fp(max_steps=10),
+        None,
+        [
+            "resume.extend: the job's max_steps 10 does not go past s3://bkt/old/checkpoints/checkpoint-10/, which "
+            "has trained 10 steps",
+            "set max_steps above 10",
+        ],
+        id="equal-length",
+    ),
+    pytest.param(
+        10,
+        SHORT,
+        fp(max_steps=8),
+        None,
+        ["resume.extend: the job's max_steps 8 does not go past", "trained 10 steps", "set max_steps above 10"],
+        id="shorter",
+    ),
+    pytest.param(
+        30,
+        fp(max_steps=-1, num_train_epochs=3.0),
+        fp(max_steps=-1, num_train_epochs=3.0),
+        3.0,
+        [
+            "resume.extend: the job's num_train_epochs 3 does not go past",
+            "which has trained 3 epochs (30 steps)",
+            "set num_train_epochs above 3",
+        ],
+        id="equal-epochs",
+    ),
+    pytest.param(
+        20,
+        SHORT,
+        fp(max_steps=-1, num_train_epochs=1.5),
+        2.0,
+        ["num_train_epochs 1.5 does not go past", "trained 2 epochs (20 steps)"],
+        id="fewer-epochs",
+    ),
+]
+
+
+@pytest.mark.parametrize(("step", "saved", "current", "epochs_done", "parts"), EXTENSION_REFUSALS)
+def test_extend_refusals_name_the_differences_or_the_numbers(
+    step: int, saved: dict[str, Any], current: dict[str, Any], epochs_done: float | None, parts: list[str]
+) -> None:
+    explicit = ckpt(step, saved, job="old")
+    with pytest.raises(ResumeRefused) as info:
+        if epochs_done is None:
+            plan_resume([], current, explicit=explicit, extend=True)
+        else:
+            plan_resume([], current, explicit=explicit, extend=True)  # the plan cannot know the epochs
+            check_extension(explicit, current, epochs_done=epochs_done)
+    message = str(info.value)
+    position = 0
+    for part in parts:
+        position = message.index(part, position) + len(part)  # present, in this order
+    assert info.value.permanent is True
+
+
+def test_extend_by_epochs_goes_past_the_epochs_done() -> None:
+    check_extension(ckpt(20, SHORT, job="old"), fp(max_steps=-1, num_train_epochs=2.5), epochs_done=2.0)
+
+
+def test_a_relaunch_refuses_an_extension_the_job_no_longer_is() -> None:
+    """The explicit checkpoint is checked on every attempt, also once the job has its own."""
+    with pytest.raises(ResumeRefused, match="cannot extend"):
+        plan_resume([ckpt(15, fp(seed=1))], fp(seed=1), explicit=ckpt(10, SHORT, job="old"), extend=True)
+
+
+JOB = {"baseModel": "m", "dataset": {"source": "d.jsonl"}, "storage": {"uri": "s3://my-bucket/j/"}}
+FROM = "s3://my-bucket/old/checkpoints/checkpoint-10/"
+
+
+@pytest.mark.parametrize(
+    ("resume", "parts"),
+    [
+        pytest.param(
+            {"extend": True}, ["resume: `resume.extend: true` needs `resume.fromCheckpoint`"], id="no-checkpoint"
+        ),
+        pytest.param(
+            {"extend": True, "warmStart": True, "fromCheckpoint": FROM},
+            ["resume: `resume.extend` and `resume.warmStart` exclude each other"],
+            id="with-warm-start",
+        ),
+    ],
+)
+def test_extend_config_errors_name_the_fields(resume: dict[str, Any], parts: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_job({**JOB, "resume": resume})
+    for part in parts:
+        assert part in str(info.value)
+    assert info.value.field == "resume"
+
+
+def test_extend_defaults_off_and_parses_with_its_checkpoint() -> None:
+    job = parse_job({**JOB, "resume": {"fromCheckpoint": FROM, "extend": True}})
+    assert job.resume.extend is True and job.resume.from_checkpoint == FROM
+    assert parse_job(JOB).resume.extend is False

@@ -223,7 +223,7 @@ def test_changed_job_is_refused_with_the_diff(change, expected, interrupted, alp
     attempt = run_attempt(cfg, work)
     assert attempt.exit_code == 78
     reason = attempt.termination["reason"]
-    assert expected in reason and f"checkpoint-{newest}" in reason and "warm_start" in reason
+    assert expected in reason and f"checkpoint-{newest}" in reason and "resume.warmStart" in reason
     assert attempt.termination["outcome"] == "config_error"
 
 

@@ -154,10 +154,38 @@ class ResumeSettings(_Model):
         "over them); otherwise use a new storage.uri with `fromCheckpoint`.",
     )
 
+    extend: bool = Field(
+        False,
+        description="Extend a finished run: `fromCheckpoint` names its final checkpoint (under another "
+        "storage.uri), resumed exactly (adapter, optimizer, scheduler, RNG, trainer state, data position) although "
+        "this job is longer. Only `max_steps` and `num_train_epochs` may differ from the checkpoint's fingerprint "
+        "(any other difference is refused, listing every one), and the job must train past it (`max_steps` above "
+        "its step, or more `num_train_epochs` than it has done). The LR schedule is HF's, re-derived over the new "
+        "total from the checkpoint's step: with `constant` (and `constant_with_warmup` past its warmup) the "
+        "extension trains bitwise like one run of the new length; with `linear` or `cosine` the first new step "
+        "runs at the old schedule's last LR (0) and the LR then jumps back up to the new schedule's value "
+        "(see 'Extending a finished run' below). Not with `warmStart`. The job's own newer checkpoints win, so "
+        "a relaunch continues from them.",
+    )
+
     @field_validator("from_checkpoint")
     @classmethod
     def _s3(cls, value: str | None) -> str | None:
         return str(S3Uri.parse(value).as_dir()) if value else None
+
+    @model_validator(mode="after")
+    def _extend_needs_checkpoint(self) -> ResumeSettings:
+        if self.extend and self.warm_start:
+            raise ValueError(
+                "`resume.extend` and `resume.warmStart` exclude each other: `extend` resumes the checkpoint's "
+                "full trainer state exactly, `warmStart` takes only its adapter weights; set one of them"
+            )
+        if self.extend and not self.from_checkpoint:
+            raise ValueError(
+                "`resume.extend: true` needs `resume.fromCheckpoint`: the s3:// URI of the final checkpoint of "
+                "the run to extend"
+            )
+        return self
 
 
 class JobConfig(_Model):

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from .config import RESERVED_TRAINING_FIELDS, JobConfig
-from .fingerprint import FINGERPRINT_KEYS, TRAJECTORY_NEUTRAL_TRAINING_KEYS
+from .fingerprint import FINGERPRINT_KEYS, LENGTH_KEYS, TRAJECTORY_NEUTRAL_TRAINING_KEYS
 from .outcome import Outcome
 from .training_args import DEFAULTS
 
@@ -111,6 +111,47 @@ def render() -> str:
         "with another fingerprint are never resumed from exactly nor deleted by retention, are reported",
         "(a warning, a `foreign_checkpoints` event and `foreign_checkpoints` in `progress.json`), and a",
         "run whose steps would reach one of their names (a warm start in place) is refused naming them.",
+    ]
+    lines += [
+        "",
+        "## Extending a finished run (`resume.extend`)",
+        "",
+        "`resume.extend: true` with `resume.fromCheckpoint` set to the final checkpoint of a finished run",
+        "(`<its storage.uri>/checkpoints/checkpoint-N/`), under a new `storage.uri` (the old one holds that",
+        "run's adapter, which is never overwritten), continues that run with a larger `training.max_steps`",
+        "(or more `training.num_train_epochs`). The checkpoint is resumed as a relaunch after a preemption",
+        "is: adapter, optimizer state, scheduler state, RNG states, `trainer_state.json` and the data",
+        "position (the same epochs in the same order, the dataloader fast-forwarded past the N steps",
+        "done). Its fingerprint may differ from the job's in "
+        + " and ".join(f"`{k}`" for k in LENGTH_KEYS)
+        + " only; any other difference is",
+        "refused (exit 78) listing every difference, and so is a job that would not train past it",
+        "(`max_steps` not above N, or `num_train_epochs` not above the epochs its trainer state records),",
+        "naming the numbers. `extend` without `fromCheckpoint`, or with `warmStart`, is a config error.",
+        "Once the job has saved checkpoints of its own they win, so a relaunch of an extending job",
+        "continues from its own newest checkpoint.",
+        "",
+        "What HF transformers (5.17) does when resuming with a larger `max_steps`, and so what an",
+        "extension trains: the trainer state's `max_steps` (and `num_train_epochs`) become the new run's;",
+        "the LR scheduler is created for the new total T (`num_training_steps=T`, warmup",
+        "`warmup_steps` if it is >= 1, else that fraction of T) and then the saved scheduler's state is",
+        "loaded into it: torch's `LambdaLR.state_dict` keeps the step count (`last_epoch` = N), the base",
+        "and last LRs, but not the lambda's arguments (HF's lambdas are `functools.partial`s, saved as",
+        "their empty `__dict__`), so the schedule is the new one. The optimizer's state (moments and the",
+        "param groups' current LR) is the checkpoint's. Hence, with `lr` = `training.learning_rate` and",
+        "`f_T` the schedule's factor over T steps:",
+        "",
+        "- step N+1 runs at the LR the old schedule set after its last step, `lr * f_N(N)`;",
+        "- every later step k (N+2 .. T) runs at `lr * f_T(k - 1)`, exactly as an uninterrupted run of T",
+        "  steps would (the `learning_rate` logged for step k is the LR that step used).",
+        "",
+        "So with `constant`, and `constant_with_warmup` when N is past the warmup (and the warmup a step",
+        "count, not a fraction), `f_N(N) = f_T(N) = 1` and the extension is bitwise the same run as one",
+        "of T steps: same losses after N, same adapter bytes (tests/trainer/test_extend.py). With",
+        "`linear` (or `cosine`) the old schedule ended at 0: step N+1 runs at LR 0 (AdamW's moments and",
+        "step count still update, the weights do not move), then the LR jumps back up to",
+        "`lr * (T - (k - 1)) / (T - warmup)` and decays to 0 at T; the result is not that of one run",
+        "of T steps, whose first N steps had a slower decay.",
     ]
     lines += ["", "## Exit codes", "", "| code | outcome | the operator should |", "| --- | --- | --- |"]
     advice = {

@@ -28,6 +28,8 @@ FINGERPRINT_KEYS = (
     "gradient_checkpointing",
 )
 TRAINING_KEY = "training"
+# The run's length: the only keys `resume.extend` lets differ from the extended checkpoint's.
+LENGTH_KEYS = ("max_steps", "num_train_epochs")
 
 # `training` (SFTConfig) keys left out of the fingerprint's `training` mapping because they do not
 # change which rows, in which order, produce which weights: what is logged and when, when
@@ -188,6 +190,11 @@ def same_run(saved: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
     """Whether a saved fingerprint resumes exactly under the current one (see `comparable`)."""
     old, new = comparable(saved, current)
     return old == new
+
+
+def with_length_of(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """`saved` with the run length (LENGTH_KEYS) of `current`: what an extension compares."""
+    return {**saved, **{k: current[k] for k in LENGTH_KEYS if k in current}}
 
 
 def _short(value: Any) -> str:

@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 from .checkpoint_store import CHECKPOINTS_DIR, PROGRESS_NAME, CheckpointStore
 from .config import JobConfig
 from .errors import ConfigError, DamagedCheckpoint, TrainerError
-from .fingerprint import job_fingerprint, texts_sha256, unchecked_keys
+from .fingerprint import job_fingerprint, same_run, texts_sha256, unchecked_keys, with_length_of
 from .grad_checkpointing import FINGERPRINT_KEY, Decision, kept_mode
 from .local_checkpoints import local_steps, prune_older_than
 from .manifest import parse_checkpoint_name
@@ -36,6 +36,7 @@ from .resume_plan import (
     Candidate,
     ResumeMode,
     ResumePlan,
+    check_extension,
     plan_resume,
     refuse_other_adapter,
     refuse_overwriting_foreign,
@@ -193,12 +194,12 @@ class Pipeline:
         if step is None:
             raise ConfigError(
                 f"{ref} is not a checkpoint URI (expected s3://bucket/<job>/checkpoints/checkpoint-<step>/)",
-                field="resume.from_checkpoint",
+                field="resume.fromCheckpoint",
             )
         store = CheckpointStore(self.client, S3Uri(uri.bucket, "/".join(parts[:-2]) + "/" if parts[:-2] else ""))
         manifest = store.read_manifest(step)
         if manifest is None:
-            raise ConfigError(f"{ref} is not a complete checkpoint (no manifest)", field="resume.from_checkpoint")
+            raise ConfigError(f"{ref} is not a complete checkpoint (no manifest)", field="resume.fromCheckpoint")
         return Candidate(step, str(uri.as_dir()), manifest.fingerprint)
 
     def download_verified(self, cand: Candidate) -> Path:
@@ -269,7 +270,10 @@ class Pipeline:
         explicit = None
         if job.gradient_checkpointing == "auto" and kept_mode(saved, fingerprint) is None:
             explicit = self.explicit_candidate()
-            saved += [explicit.fingerprint] if explicit is not None else []
+            if explicit is not None:
+                # An extension keeps the mode of the run it extends, whose length differs.
+                extended = with_length_of(explicit.fingerprint, fingerprint) if job.resume.extend else None
+                saved.append(extended or explicit.fingerprint)
         self.checkpointing = self.choose_checkpointing(base_path, lora, kept_mode(saved, fingerprint))
         fingerprint = {**fingerprint, FINGERPRINT_KEY: self.checkpointing.mode}
         if done is not None:
@@ -279,7 +283,9 @@ class Pipeline:
             return self._succeeded(None)
 
         explicit = explicit if explicit is not None else self.explicit_candidate()
-        plan = plan_resume(complete, fingerprint, explicit=explicit, warm_start=job.resume.warm_start)
+        plan = plan_resume(
+            complete, fingerprint, explicit=explicit, warm_start=job.resume.warm_start, extend=job.resume.extend
+        )
         fetched = self.fetch_candidate(plan) if plan.candidates else None
         if plan.candidates and fetched is None:
             # Never start over silently on top of work that exists: a retry may read them intact
@@ -297,6 +303,11 @@ class Pipeline:
         start_step = fetched[0].step if fetched and mode is ResumeMode.EXACT else 0
         refuse_overwriting_foreign(plan, start_step=start_step, max_steps=int(fingerprint["max_steps"]))
         resume_dir = fetched[1] if fetched and mode is ResumeMode.EXACT else None
+        # Extending the explicit checkpoint (rather than continuing this job's own): by epochs, whether
+        # the job goes past it is known from its trainer state only.
+        extending = fetched is not None and resume_dir is not None and not same_run(fetched[0].fingerprint, fingerprint)
+        if extending and fetched is not None:
+            check_extension(fetched[0], fingerprint, epochs_done=trained_epochs(fetched[1]))
         # A warm start takes the checkpoint's adapter weights as its adapter.
         model_adapter = (fetched[1], fetched[0].uri) if fetched and mode is ResumeMode.WARM else adapter_in
         emit_event(
@@ -307,7 +318,7 @@ class Pipeline:
             step=fetched[0].step if fetched else 0,
             prepare_seconds=round(time.monotonic() - t_start, 3),
         )
-        if resume_dir is not None and training_finished(resume_dir):
+        if resume_dir is not None and not extending and training_finished(resume_dir, int(fingerprint["max_steps"])):
             # Killed after the last checkpoint was durable but before the adapter was: HF would
             # train one step past max_steps, so publish the checkpoint's adapter instead.
             self.durable_step = fetched[0].step  # type: ignore[index]
@@ -482,9 +493,19 @@ class Pipeline:
 TRAINER_STATE_FILES = frozenset(PICKLED_STATE_FILES) | {"trainer_state.json", "training_args.bin"}
 
 
-def training_finished(checkpoint_dir: Path) -> bool:
+def training_finished(checkpoint_dir: Path, max_steps: int) -> bool:
+    """Whether the checkpoint is at the end of this job's run. `max_steps` is the job's (its trainer
+    state records the length of the run that saved it: an extended run's is shorter); by epochs
+    (< 1) the checkpoint's own total counts, which is the job's for a checkpoint of its fingerprint."""
     state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
-    return int(state.get("max_steps", 0)) > 0 and int(state["global_step"]) >= int(state["max_steps"])
+    total = max_steps if max_steps >= 1 else int(state.get("max_steps", 0))
+    return total > 0 and int(state["global_step"]) >= total
+
+
+def trained_epochs(checkpoint_dir: Path) -> float:
+    """The epochs a checkpoint's run has trained, as its trainer state records them."""
+    state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
+    return float(state.get("epoch") or 0.0)
 
 
 def adapter_from_checkpoint(checkpoint_dir: Path, dest: Path) -> Path:

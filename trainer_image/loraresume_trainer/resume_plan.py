@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ResumeRefused
-from .fingerprint import fingerprint_diff, same_run
+from .fingerprint import LENGTH_KEYS, fingerprint_diff, same_run, with_length_of
 
 
 class ResumeMode(enum.Enum):
     FRESH = "fresh"  # no usable checkpoint: start from the adapter (or a new LoRA)
-    EXACT = "exact"  # full trainer state: optimizer, scheduler, RNG, step, data position
-    WARM = "warm"  # job changed and warm_start is set: adapter weights only, new schedule
+    EXACT = "exact"  # full trainer state: optimizer, scheduler, RNG, step, data position (also resume.extend)
+    WARM = "warm"  # job changed and resume.warmStart is set: adapter weights only, new schedule
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ def plan_resume(
     *,
     explicit: Candidate | None = None,
     warm_start: bool = False,
+    extend: bool = False,
 ) -> ResumePlan:
     """Decide how to start.
 
@@ -49,7 +50,9 @@ def plan_resume(
     the starting point unless this job has since saved newer ones (they continue from it,
     so a relaunch must not go back). Checkpoints made with the current fingerprint resume
     exactly; if none match, a changed job is refused with the list of changes unless
-    `warm_start` is set. Raises ResumeRefused.
+    `warm_start` is set. With `extend`, the explicit checkpoint resumes exactly too although
+    its run was shorter (check_extension: only the length may differ, and the job must be
+    longer). Raises ResumeRefused.
     """
     if explicit is None:
         ordered = list(complete)
@@ -58,7 +61,10 @@ def plan_resume(
         ordered = (
             [c for c in rest if c.step > explicit.step] + [explicit] + [c for c in rest if c.step <= explicit.step]
         )
-    matching = tuple(c for c in ordered if same_run(c.fingerprint, current))
+    extended = explicit if extend else None
+    if extended is not None:
+        check_extension(extended, current)
+    matching = tuple(c for c in ordered if c is extended or same_run(c.fingerprint, current))
     foreign = tuple(c for c in complete if not same_run(c.fingerprint, current))
     if matching:
         return ResumePlan(ResumeMode.EXACT, matching, foreign)
@@ -70,9 +76,38 @@ def plan_resume(
     changes = "; ".join(fingerprint_diff(newest.fingerprint, current))
     raise ResumeRefused(
         f"cannot resume exactly from {newest.uri}: the job changed since it was saved ({changes}). "
-        "Restore the old values, or use a new storage.uri for a new run (with resume.from_checkpoint set to "
-        "that checkpoint and resume.warm_start: true to start a new schedule from its adapter weights)"
+        "Restore the old values, or use a new storage.uri for a new run (with resume.fromCheckpoint set to "
+        "that checkpoint and resume.warmStart: true to start a new schedule from its adapter weights, or "
+        "resume.extend: true to continue it exactly with a larger max_steps or num_train_epochs)"
     )
+
+
+def check_extension(cand: Candidate, current: Mapping[str, Any], *, epochs_done: float | None = None) -> None:
+    """`resume.extend` from `cand`: its fingerprint may differ from the job's in the run length
+    (LENGTH_KEYS) only, and the job must train past it: `max_steps` above its step, or by epochs
+    (`max_steps` < 1) more `num_train_epochs` than the `epochs_done` its trainer state records
+    (checked once that is known; None skips it). Raises ResumeRefused listing every difference,
+    or naming the numbers."""
+    if not same_run(with_length_of(cand.fingerprint, current), current):
+        changes = "; ".join(fingerprint_diff(cand.fingerprint, current))
+        raise ResumeRefused(
+            f"cannot extend {cand.uri} (resume.extend: true): only {' and '.join(LENGTH_KEYS)} may differ from "
+            f"the run that saved it, but the job changed ({changes}). Restore the other values, or use "
+            "resume.warmStart: true instead of resume.extend to start a new schedule from its adapter weights"
+        )
+    max_steps = int(current.get("max_steps", -1))
+    if max_steps >= 1 and max_steps <= cand.step:
+        raise ResumeRefused(
+            f"resume.extend: the job's max_steps {max_steps} does not go past {cand.uri}, which has trained "
+            f"{cand.step} steps; an extension must train longer: set max_steps above {cand.step}"
+        )
+    epochs = float(current.get("num_train_epochs", 0.0))
+    if max_steps < 1 and epochs_done is not None and epochs <= epochs_done:
+        raise ResumeRefused(
+            f"resume.extend: the job's num_train_epochs {epochs:g} does not go past {cand.uri}, which has trained "
+            f"{epochs_done:g} epochs ({cand.step} steps); an extension must train longer: set num_train_epochs "
+            f"above {epochs_done:g}"
+        )
 
 
 def refuse_overwriting_foreign(plan: ResumePlan, *, start_step: int, max_steps: int) -> None:
@@ -85,7 +120,7 @@ def refuse_overwriting_foreign(plan: ResumePlan, *, start_step: int, max_steps: 
     names = ", ".join(f"checkpoint-{c.step}" for c in sorted(reachable, key=lambda c: c.step))
     raise ResumeRefused(
         f"this run would overwrite {names} made by a different job under the same storage.uri; they are "
-        f"kept. Use a new storage.uri (resume.from_checkpoint: {reachable[0].uri} with resume.warm_start: true "
+        f"kept. Use a new storage.uri (resume.fromCheckpoint: {reachable[0].uri} with resume.warmStart: true "
         "starts from its adapter weights there), or delete them to reuse this prefix"
     )
 
