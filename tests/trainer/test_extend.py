@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.trainer_runs import Attempt, Kill, run_story
+from tests.support.trainer_runs import Attempt, Kill, run_attempt, run_story
 from tests.trainer.conftest import read_object
 
 pytestmark = pytest.mark.slow
@@ -48,6 +48,8 @@ def run_once(make_job, finished):
             training = {**(CONSTANT if schedule == "constant" else LINEAR), **overrides.pop("training", {})}
             kills = overrides.pop("kills", None)
             cfg, work = make_job(training=training, **overrides)
+            if training.get("max_steps", 0) is None:  # by epochs
+                del cfg["training"]["max_steps"]
             finished[schedule, name] = (cfg, run_story(cfg, work, kills))
         return finished[schedule, name]
 
@@ -116,3 +118,46 @@ def test_a_preempted_extension_continues_from_its_own_checkpoint_to_the_same_ada
     assert (start["mode"], start["step"]) == ("exact", stopped)
     assert start["checkpoint"] == cfg["storage"]["uri"] + f"checkpoints/checkpoint-{stopped}/"
     assert adapter_bytes(client, cfg) == adapter_bytes(client, c_cfg)
+
+
+def test_an_extension_killed_before_its_adapter_publishes_its_own_final_checkpoint(run_once, s3, tmp_path):
+    """The operator relaunches an extending job with the job's own newest checkpoint as fromCheckpoint
+    (and extend still set): at the job's max_steps that is its end, so the adapter is published from
+    it, no step trained again (an extension's checkpoint records its predecessor's length, the job's
+    counts), bitwise what the first attempt would have published."""
+    _, _, client = s3
+    _, (b_cfg, _), (c_cfg, _), _ = shorter_and_longer(run_once, "constant")
+    bucket, _, key = (b_cfg["storage"]["uri"] + "adapter/").removeprefix("s3://").partition("/")
+    for obj in client.list_objects_v2(Bucket=bucket, Prefix=key)["Contents"]:
+        client.delete_object(Bucket=bucket, Key=obj["Key"])
+    own = b_cfg["storage"]["uri"] + f"checkpoints/checkpoint-{2 * N}/"
+    again = run_attempt({**b_cfg, "resume": {"fromCheckpoint": own, "extend": True}}, tmp_path, attempt=2)
+    assert again.exit_code == 0, again.stderr[-2000:]
+    (start,) = again.of("start")
+    assert (start["mode"], start["step"], start["checkpoint"]) == ("exact", 2 * N, own)
+    assert not again.losses()
+    assert adapter_bytes(client, b_cfg) == adapter_bytes(client, c_cfg)
+
+
+def test_extending_by_epochs(run_once, make_job, s3):
+    """One epoch (20 steps) extended to two equals two epochs uninterrupted; extending it to one
+    epoch again is refused once the checkpoint's trainer state says how far it got."""
+    _, _, client = s3
+    a_cfg, a = run_once("constant", "A-epoch", training={"max_steps": None, "num_train_epochs": 1})
+    final = a_cfg["storage"]["uri"] + "checkpoints/checkpoint-20/"
+    assert max(a.final.losses()) == 20
+    extension = {"resume": {"fromCheckpoint": final, "extend": True}}
+    b_cfg, b = run_once("constant", "B-epoch", training={"max_steps": None, "num_train_epochs": 2}, **extension)
+    c_cfg, c = run_once("constant", "C-epoch", training={"max_steps": None, "num_train_epochs": 2})
+    (start,) = b.final.of("start")
+    assert (start["mode"], start["step"]) == ("exact", 20)
+    assert b.final.losses() == {s: loss for s, loss in c.final.losses().items() if s > 20}
+    assert adapter_bytes(client, b_cfg) == adapter_bytes(client, c_cfg)
+
+    one_cfg, one_work = make_job(training={**CONSTANT, "num_train_epochs": 1}, **extension)
+    del one_cfg["training"]["max_steps"]
+    refused = run_attempt(one_cfg, one_work)
+    assert refused.exit_code == 78, refused.stderr[-2000:]
+    assert "resume.extend: the job's num_train_epochs 1 does not go past" in refused.termination["reason"]
+    assert "which has trained 1 epochs (20 steps)" in refused.termination["reason"]
+    assert not refused.losses()

@@ -16,6 +16,7 @@ from loraresume_trainer.fingerprint import (
     tensors_sha256,
     texts_sha256,
 )
+from loraresume_trainer.pipeline import training_finished
 from loraresume_trainer.resume_plan import (
     Candidate,
     ResumeMode,
@@ -488,6 +489,7 @@ def test_extend_resumes_the_shorter_runs_checkpoint_exactly(
     plan = plan_resume(complete, current, explicit=explicit, extend=True)
     assert plan.mode is ResumeMode.EXACT
     assert [c.uri for c in plan.candidates] == uris
+    assert plan.extends == explicit
     # Without extend the same checkpoint is a changed job (unless its fingerprint is the job's).
     if explicit.fingerprint != current and not complete:
         with pytest.raises(ResumeRefused):
@@ -578,6 +580,41 @@ def test_extend_refusals_name_the_differences_or_the_numbers(
     for part in parts:
         position = message.index(part, position) + len(part)  # present, in this order
     assert info.value.permanent is True
+
+
+@pytest.mark.parametrize(
+    ("complete", "explicit"),
+    [
+        pytest.param([ckpt(30, CURRENT), ckpt(20, CURRENT)], ckpt(30, CURRENT), id="its-final-checkpoint"),
+        pytest.param([ckpt(30, CURRENT), ckpt(20, CURRENT)], ckpt(20, CURRENT), id="an-older-one"),
+    ],
+)
+def test_extend_naming_the_jobs_own_checkpoint_is_a_plain_resume(
+    complete: list[Candidate], explicit: Candidate
+) -> None:
+    """The operator relaunches an extending job with its own newest checkpoint as fromCheckpoint:
+    no extension rules then (its final checkpoint is at max_steps: the adapter is published)."""
+    plan = plan_resume(complete, CURRENT, explicit=explicit, extend=True)
+    assert plan.mode is ResumeMode.EXACT and plan.extends is None
+    assert [c.step for c in plan.candidates] == [30, 20]
+
+
+@pytest.mark.parametrize(
+    ("state", "max_steps", "finished"),
+    [
+        pytest.param({"global_step": 30, "max_steps": 30}, 30, True, id="own-final"),
+        pytest.param({"global_step": 20, "max_steps": 30}, 30, False, id="own-mid-run"),
+        pytest.param({"global_step": 10, "max_steps": 10}, 30, False, id="extended-run-final-the-job-counts"),
+        pytest.param({"global_step": 20, "max_steps": 20}, -1, True, id="by-epochs-its-own-total"),
+        pytest.param({"global_step": 10, "max_steps": 20}, -1, False, id="by-epochs-mid-run"),
+        pytest.param({"global_step": 0, "max_steps": 0}, -1, False, id="no-total"),
+    ],
+)
+def test_training_finished_counts_the_jobs_length(
+    tmp_path, state: dict[str, int], max_steps: int, finished: bool
+) -> None:
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    assert training_finished(tmp_path, max_steps) is finished
 
 
 def test_extend_by_epochs_goes_past_the_epochs_done() -> None:

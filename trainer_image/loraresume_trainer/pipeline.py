@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 from .checkpoint_store import CHECKPOINTS_DIR, PROGRESS_NAME, CheckpointStore
 from .config import JobConfig
 from .errors import ConfigError, DamagedCheckpoint, TrainerError
-from .fingerprint import job_fingerprint, same_run, texts_sha256, unchecked_keys, with_length_of
+from .fingerprint import job_fingerprint, texts_sha256, unchecked_keys, with_length_of
 from .grad_checkpointing import FINGERPRINT_KEY, Decision, kept_mode
 from .local_checkpoints import local_steps, prune_older_than
 from .manifest import parse_checkpoint_name
@@ -303,9 +303,9 @@ class Pipeline:
         start_step = fetched[0].step if fetched and mode is ResumeMode.EXACT else 0
         refuse_overwriting_foreign(plan, start_step=start_step, max_steps=int(fingerprint["max_steps"]))
         resume_dir = fetched[1] if fetched and mode is ResumeMode.EXACT else None
-        # Extending the explicit checkpoint (rather than continuing this job's own): by epochs, whether
-        # the job goes past it is known from its trainer state only.
-        extending = fetched is not None and resume_dir is not None and not same_run(fetched[0].fingerprint, fingerprint)
+        # Extending another run's checkpoint (not continuing this job's own): by epochs, whether the
+        # job goes past it is known from its trainer state only.
+        extending = fetched is not None and resume_dir is not None and fetched[0] == plan.extends
         if extending and fetched is not None:
             check_extension(fetched[0], fingerprint, epochs_done=trained_epochs(fetched[1]))
         # A warm start takes the checkpoint's adapter weights as its adapter.

@@ -34,6 +34,8 @@ class ResumePlan:
     # This job's complete checkpoints made with another fingerprint (an earlier job under the same
     # storage.uri): never resumed from exactly, never deleted by retention, reported.
     foreign: tuple[Candidate, ...] = field(default=())
+    # resume.extend: the explicit checkpoint of the (shorter) run this job extends, among the candidates.
+    extends: Candidate | None = None
 
 
 def plan_resume(
@@ -50,9 +52,10 @@ def plan_resume(
     the starting point unless this job has since saved newer ones (they continue from it,
     so a relaunch must not go back). Checkpoints made with the current fingerprint resume
     exactly; if none match, a changed job is refused with the list of changes unless
-    `warm_start` is set. With `extend`, the explicit checkpoint resumes exactly too although
-    its run was shorter (check_extension: only the length may differ, and the job must be
-    longer). Raises ResumeRefused.
+    `warm_start` is set. With `extend`, an explicit checkpoint that is not one of this job's own
+    resumes exactly too although its run was shorter (check_extension: only the length may differ,
+    and the job must be longer); one of the job's own (the operator's relaunch names the job's newest)
+    is resumed as any of them. Raises ResumeRefused.
     """
     if explicit is None:
         ordered = list(complete)
@@ -61,13 +64,14 @@ def plan_resume(
         ordered = (
             [c for c in rest if c.step > explicit.step] + [explicit] + [c for c in rest if c.step <= explicit.step]
         )
-    extended = explicit if extend else None
+    own = {c.uri for c in complete}
+    extended = explicit if extend and explicit is not None and explicit.uri not in own else None
     if extended is not None:
         check_extension(extended, current)
     matching = tuple(c for c in ordered if c is extended or same_run(c.fingerprint, current))
     foreign = tuple(c for c in complete if not same_run(c.fingerprint, current))
     if matching:
-        return ResumePlan(ResumeMode.EXACT, matching, foreign)
+        return ResumePlan(ResumeMode.EXACT, matching, foreign, extends=extended)
     if not ordered:
         return ResumePlan(ResumeMode.FRESH)
     if warm_start:
