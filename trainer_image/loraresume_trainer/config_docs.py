@@ -122,10 +122,9 @@ def render() -> str:
         "(or more `training.num_train_epochs`). The checkpoint is resumed as a relaunch after a preemption",
         "is: adapter, optimizer state, scheduler state, RNG states, `trainer_state.json` and the data",
         "position (the same epochs in the same order, the dataloader fast-forwarded past the N steps",
-        "done). Its fingerprint may differ from the job's in "
-        + " and ".join(f"`{k}`" for k in LENGTH_KEYS)
-        + " only; any other difference is",
-        "refused (exit 78) listing every difference, and so is a job that would not train past it",
+        "done). Its fingerprint may differ from the job's in " + " and ".join(f"`{k}`" for k in LENGTH_KEYS) + " only;",
+        "any other difference is refused (exit 78) listing every difference, and so is a job that would",
+        "not train past it",
         "(`max_steps` not above N, or `num_train_epochs` not above the epochs its trainer state records),",
         "naming the numbers. `extend` without `fromCheckpoint`, or with `warmStart`, is a config error.",
         "Once the job has saved checkpoints of its own they win, so a relaunch of an extending job",
@@ -152,8 +151,9 @@ def render() -> str:
         "So with `constant`, and `constant_with_warmup` when N is past the warmup (and the warmup a step",
         "count, not a fraction), `f_N(N) = f_T(N) = 1` and the extension is bitwise the same run as one",
         "of T steps: same losses after N, same adapter bytes (tests/trainer/test_extend.py). With",
-        "`linear` (or `cosine`) the old schedule ended at 0: step N+1 runs at LR 0 (AdamW's moments and",
-        "step count still update, the weights do not move), then the LR jumps back up to",
+        "`linear` (or `cosine`) the old schedule ended at 0: step N+1 runs at LR 0 (the optimizer's",
+        "moments and step count still update; AdamW scales the update and the weight decay by the LR),",
+        "then the LR jumps back up to",
         "`lr * (T - (k - 1)) / (T - warmup)` and decays to 0 at T; the result is not that of one run",
         "of T steps, whose first N steps had a slower decay.",
     ]
