@@ -15,6 +15,8 @@ from loraresume_trainer.redact import install_log_redaction
 
 from .defaults import OperatorDefaults, OperatorSettingsError
 
+DEFAULT_RECONCILE_INTERVAL = 10.0
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraresume-operator", description="Reconcile LoraResume resources.")
@@ -32,7 +34,12 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("LORARESUME_LIVENESS", "http://0.0.0.0:8081/healthz"),
         help="kopf liveness endpoint URL ('' to disable)",
     )
-    parser.add_argument("--interval", type=float, help="seconds between periodic reconciles (default 10)")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=float(os.environ.get("LORARESUME_RECONCILE_INTERVAL") or DEFAULT_RECONCILE_INTERVAL),
+        help="seconds between periodic reconciles (default: LORARESUME_RECONCILE_INTERVAL, else 10)",
+    )
     parser.add_argument("--peering", help="kopf peering name for several replicas (default: standalone)")
     parser.add_argument("--log-level", default=os.environ.get("LORARESUME_LOG_LEVEL", "INFO"))
     return parser
@@ -59,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     except OperatorSettingsError as exc:
         print(f"loraresume-operator: {exc}", file=sys.stderr)
         return 2
-    if args.interval:
-        os.environ["LORARESUME_RECONCILE_INTERVAL"] = str(args.interval)
-    from . import handlers
+    if args.interval <= 0:
+        print(f"loraresume-operator: --interval must be positive, got {args.interval}", file=sys.stderr)
+        return 2
+    from .handlers import Runtime  # registers the handlers with kopf
 
     if not args.namespace and not args.all_namespaces:
         args.namespace = [os.environ.get("POD_NAMESPACE", "default")]
-    handlers.configure(cluster_wide=args.all_namespaces)
+    memo = kopf.Memo(runtime=Runtime(cluster_wide=args.all_namespaces, interval=args.interval))
     if args.metrics_port:
         start_http_server(args.metrics_port)
     asyncio.run(
@@ -75,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             liveness_endpoint=args.liveness or None,
             standalone=args.peering is None,
             peering_name=args.peering,
+            memo=memo,
         )
     )
     return 0

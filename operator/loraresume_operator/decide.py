@@ -585,6 +585,9 @@ def decide(obs: Observation) -> Plan:
 
 def _decide(obs: Observation) -> Plan:
     b = _Builder(obs)
+    # Observed at all means storage was read: a StorageReady=False from an earlier reconcile is over.
+    if any(x.type == c.STORAGE_READY and x.status != "True" for x in obs.status.conditions):
+        b.condition(c.STORAGE_READY, True, c.STORAGE_OK, "storage is readable")
     _report_progress(b)
     status = obs.status
     if status.phase.is_terminal or _held_for_changed_extra(b):

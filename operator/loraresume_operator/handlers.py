@@ -10,9 +10,9 @@ deletions hanging, and one loop scales better than a timer per resource.)
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -31,14 +31,31 @@ from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus
 
 log = logging.getLogger(__name__)
 
-RECONCILE_INTERVAL = float(os.environ.get("LORARESUME_RECONCILE_INTERVAL", "10"))
-_state: dict[str, Any] = {}
-_known: set[tuple[str, str]] = set()
-_known_lock = threading.Lock()
+
+@dataclass
+class Runtime:
+    """What the handlers share, for one operator run: handed over by cli.py in kopf's memo (no
+    module state, no environment back-channel). `reconciler` is made at start-up."""
+
+    cluster_wide: bool
+    interval: float  # seconds between periodic reconciles
+    reconciler: Reconciler | None = None
+    known: set[tuple[str, str]] = field(default_factory=set)  # reconciled by the periodic loop
+    known_lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def rec(self) -> Reconciler:
+        if self.reconciler is None:
+            raise kopf.TemporaryError("the operator is still starting", delay=1)
+        return self.reconciler
 
 
-def reconciler() -> Reconciler:
-    return _state["reconciler"]
+def runtime(memo: Any) -> Runtime:
+    """The run's Runtime (kopf copies the operator's memo into each resource's, shallowly: one object)."""
+    found = getattr(memo, "runtime", None)
+    if not isinstance(found, Runtime):
+        raise kopf.PermanentError("the operator was started without its Runtime (use loraresume-operator)")
+    return found
 
 
 def _namespaced(namespace: str | None) -> str:
@@ -48,56 +65,51 @@ def _namespaced(namespace: str | None) -> str:
     return namespace
 
 
-def configure(*, cluster_wide: bool) -> None:
-    """Before kopf starts: namespaced mode serves fixed namespaces, so kopf's runtime scanning of
-    namespaces and CRDs (cluster-scoped list/watch, which a namespaced Role cannot grant) is off."""
-    _state["cluster_wide"] = cluster_wide
-
-
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Namespaced mode serves fixed namespaces, so kopf's runtime scanning of namespaces and CRDs
+    (cluster-scoped list/watch, which a namespaced Role cannot grant) is off."""
+    rt = runtime(memo)
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
     api = client.ApiClient()
-    _state["reconciler"] = Reconciler(client.CoreV1Api(api), client.CustomObjectsApi(api), OperatorDefaults.from_env())
+    rt.reconciler = Reconciler(client.CoreV1Api(api), client.CustomObjectsApi(api), OperatorDefaults.from_env())
     settings.persistence.finalizer = f"{GROUP}/cleanup"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.INFO
-    settings.scanning.disabled = not _state.get("cluster_wide", True)
+    settings.scanning.disabled = not rt.cluster_wide
     settings.watching.server_timeout = 300
-    stop = threading.Event()
-    _state["stop"] = stop
-    threading.Thread(target=_periodic, args=(stop,), name="reconcile-loop", daemon=True).start()
+    threading.Thread(target=_periodic, args=(rt,), name="reconcile-loop", daemon=True).start()
 
 
 @kopf.on.cleanup()
-def cleanup(**_: Any) -> None:
-    if "stop" in _state:
-        _state["stop"].set()
+def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    runtime(memo).stop.set()
 
 
-def _periodic(stop: threading.Event) -> None:
-    while not stop.wait(RECONCILE_INTERVAL):
-        with _known_lock:
-            keys = sorted(_known)
+def _periodic(rt: Runtime) -> None:
+    while not rt.stop.wait(rt.interval):
+        with rt.known_lock:
+            keys = sorted(rt.known)
+        rec = rt.rec()
         for namespace, name in keys:
             try:
-                reconciler().reconcile(namespace, name)
+                rec.reconcile(namespace, name)
             except Exception:
                 metrics.RECONCILE_ERRORS.labels("loop").inc()
                 log.exception("periodic reconcile of %s/%s failed; next round retries", namespace, name)
                 continue
-            if reconciler().is_terminal(namespace, name):  # done: only a spec change brings it back
-                with _known_lock:
-                    _known.discard((namespace, name))
+            if rec.is_terminal(namespace, name):  # done: only a spec change brings it back
+                with rt.known_lock:
+                    rt.known.discard((namespace, name))
 
 
-def _reconcile(namespace: str, name: str) -> float | None:
+def _reconcile(rec: Reconciler, namespace: str, name: str) -> float | None:
     try:
-        return reconciler().reconcile(namespace, name)
+        return rec.reconcile(namespace, name)
     except ApiException as exc:
         metrics.RECONCILE_ERRORS.labels("api").inc()
         raise kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}", delay=5) from None
@@ -106,32 +118,34 @@ def _reconcile(namespace: str, name: str) -> float | None:
 @kopf.on.create(GROUP, VERSION, PLURAL, retries=5, backoff=5)
 @kopf.on.resume(GROUP, VERSION, PLURAL, retries=5, backoff=5)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", retries=5, backoff=5)
-def on_change(namespace: str | None, name: str, **_: Any) -> None:
-    key = (_namespaced(namespace), name)
-    with _known_lock:
-        _known.add(key)
-    _reconcile(*key)
+def on_change(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    rt, key = runtime(memo), (_namespaced(namespace), name)
+    with rt.known_lock:
+        rt.known.add(key)
+    _reconcile(rt.rec(), *key)
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
-def on_pod_event(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> None:
+def on_pod_event(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A trainer pod changed: reconcile its LoraResume now (errors wait for the timer). At start-up
     kopf lists every trainer pod here, so a pod left held by a crash is let go then."""
     pod = ObservedPod.from_api(dict(body))
     try:
-        reconciler().reconcile(_namespaced(namespace), labels[LABEL_RESOURCE], event_pod=pod)
+        runtime(memo).rec().reconcile(_namespaced(namespace), labels[LABEL_RESOURCE], event_pod=pod)
     except ApiException as exc:
         metrics.RECONCILE_ERRORS.labels("api").inc()
         log.warning("reconcile after pod event failed (%s); the timer retries", exc.status)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=5)
-def on_delete(namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any) -> None:
+def on_delete(
+    namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo, **_: Any
+) -> None:
     """Pods go with the resource; checkpoints in S3 stay unless the spec asks otherwise."""
-    namespace = _namespaced(namespace)
-    with _known_lock:
-        _known.discard((namespace, name))
-    rec = reconciler()
+    namespace, rt = _namespaced(namespace), runtime(memo)
+    with rt.known_lock:
+        rt.known.discard((namespace, name))
+    rec = rt.rec()
     rec.delete_pods(namespace, name)
     rec.forget(namespace, name)
     try:

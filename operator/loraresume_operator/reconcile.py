@@ -273,18 +273,6 @@ class Reconciler:
             other_pod=event_pod if event_pod is not None and event_pod.name != status.pod_name else None,
         )
         plan = decide(observation)
-        stale = next((x for x in plan.status.conditions if x.type == c.STORAGE_READY and x.status != "True"), None)
-        if stale is not None:
-            conds = c.set_condition(
-                list(plan.status.conditions),
-                c.STORAGE_READY,
-                True,
-                c.STORAGE_OK,
-                "storage is readable",
-                iso(now),
-                resource.generation,
-            )
-            plan = Plan(plan.status.model_copy(update={"conditions": conds}), plan.actions)
         if plan.status != written and not self._write_status(body, plan.status):
             return CONFLICT_RETRY_SECONDS
         self.record_phase(resource.namespace, resource.name, plan.status.phase.value)

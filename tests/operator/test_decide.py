@@ -773,3 +773,11 @@ def test_resume_from_checkpoint_is_where_a_new_job_starts():
     assert creates(first)[0].resume_from == other
     later = decide(obs(status(), None, spec=spec(resume={"fromCheckpoint": other})))
     assert creates(later)[0].resume_from == CKPT.uri  # the job's own newer checkpoint wins
+
+
+def test_storage_read_again_ends_a_storage_ready_false():
+    down = c.set_condition([], c.STORAGE_READY, False, c.STORAGE_UNAVAILABLE, "cannot read storage", iso(NOW), 3)
+    plan = decide(obs(status(**RUNNING_1, conditions=down), pod()))
+    ready = cond(plan, c.STORAGE_READY)
+    assert (ready.status, ready.reason) == ("True", c.STORAGE_OK)
+    assert cond(decide(obs(status(**RUNNING_1), pod())), c.STORAGE_READY) is None  # never down: not added

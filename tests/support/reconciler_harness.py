@@ -26,7 +26,8 @@ except ImportError:  # pragma: no cover
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 NS = "fuzz"
-SOURCE_ADAPTER = "s3://fuzz-source/adapter/"
+SOURCE_STORAGE = "s3://fuzz-source/"
+SOURCE_ADAPTER = f"{SOURCE_STORAGE}adapter/"
 
 
 def _not_found() -> ApiException:
@@ -136,10 +137,16 @@ class FakeCustom:
     status_writes: list[dict[str, Any]] = field(default_factory=list)
 
     def get_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str, name: str) -> Any:
-        if name != self.body["metadata"]["name"]:  # any other LoraResume: a finished adapter source
+        if name != self.body["metadata"]["name"]:  # any other LoraResume: a finished run to start from
             return {
                 "metadata": {"name": name, "namespace": namespace},
-                "status": {"phase": "Succeeded", "outputAdapter": SOURCE_ADAPTER},
+                "status": {
+                    "phase": "Succeeded",
+                    "outputAdapter": SOURCE_ADAPTER,
+                    "storageUri": SOURCE_STORAGE,
+                    "latestCheckpoint": {"uri": f"{SOURCE_STORAGE}checkpoints/checkpoint-60/", "step": 60},
+                    "maxSteps": 60,
+                },
             }
         return copy.deepcopy(self.body)
 
