@@ -238,7 +238,7 @@ class StandInPipeline(Pipeline):
                     raise RuntimeError(f"stand-in: simulated crash after step {step}")
                 if self.stop.requested:
                     break
-                if step % self.save_steps == 0 and step < self.max_steps:
+                if step % self.save_steps == 0 or step == self.max_steps:  # HF saves at the end too
                     self.save_checkpoint(step, loss, fingerprint)
         finally:
             self.stop.phase = "finishing"

@@ -215,6 +215,28 @@ def test_a_spot_reclaim_while_the_operator_is_down_is_counted_once_as_what_it_wa
     wait_for(lambda: not [p for p in kube.list("pods", NS) if p["metadata"]["name"].startswith(name)], 60, "pods gone")
 
 
+def test_extending_a_finished_run_continues_from_its_final_checkpoint(cluster, s3_bucket):
+    """resume.extendFrom on the real control plane with the stand-in trainer (the trainer's own
+    resume rules): the extending job waits for the first to succeed, starts from its final checkpoint,
+    and saves only the steps after it."""
+    import boto3
+
+    kube = cluster.kube
+    endpoint, bucket = s3_bucket
+    first = _apply(kube, s3_bucket, training={"maxSteps": 6, "saveSteps": 3})
+    second = _apply(kube, s3_bucket, training={"maxSteps": 12, "saveSteps": 3}, resume={"extendFrom": first})
+    done = wait_for(lambda: (s := _status(kube, second)).get("phase") == "Succeeded" and s, 120, "Succeeded")
+    assert _status(kube, first)["phase"] == "Succeeded"
+    assert (done["attempt"], done["preemptions"], done["failures"], done["step"]) == (1, 0, 0, 12), done
+    resume = job_env(kube.get("pods", NS, f"{second}-attempt-1"))["resume"]
+    assert resume["extend"] is True
+    assert resume["fromCheckpoint"] == f"s3://{bucket}/{first}/checkpoints/checkpoint-6/"
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{second}/checkpoints/").get("Contents", [])]
+    saved = sorted({int(k.split("checkpoint-")[1].split("/")[0]) for k in keys})
+    assert saved and min(saved) > 6, saved  # nothing trained again before the final checkpoint it extends
+
+
 def _volumes(pod: dict[str, Any]) -> dict[str, str]:
     return {v["name"]: v["emptyDir"].get("sizeLimit", "") for v in pod["spec"]["volumes"] if "emptyDir" in v}
 

@@ -141,19 +141,19 @@ def test_full_run_writes_what_the_operator_reads(run):
     assert message["adapter"] == f"s3://{run.bucket}/{run.name}/adapter/"
     view = run.view()
     assert view.adapter_complete
-    assert view.checkpoint is not None and view.checkpoint.step == 10  # saves at 5 and 10 of 12
-    assert view.checkpoint.uri == f"s3://{run.bucket}/{run.name}/checkpoints/checkpoint-10/"
+    assert view.checkpoint is not None and view.checkpoint.step == 12  # saves at 5, 10 and the end (as HF)
+    assert view.checkpoint.uri == f"s3://{run.bucket}/{run.name}/checkpoints/checkpoint-12/"
     assert view.checkpoint_created_at
     assert view.progress["step"] == 12 and view.progress["max_steps"] == 12
     assert view.progress["phase"] == "Succeeded" and view.progress["attempt"] == 1
-    assert view.progress["durable_step"] == 10 and view.progress["loss"] > 0
-    assert [s for s, _ in run.store.complete_checkpoints()] == [10, 5]
+    assert view.progress["durable_step"] == 12 and view.progress["loss"] > 0
+    assert [s for s, _ in run.store.complete_checkpoints()] == [12, 10, 5]
     manifest = run.store.read_manifest(10)
     assert set(REQUIRED_CHECKPOINT_FILES) <= {f.path for f in manifest.files}
     assert manifest.fingerprint["stand_in"] is True and manifest.fingerprint["max_steps"] == 12
     assert run.store.read_adapter_manifest().fingerprint == manifest.fingerprint
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "start" and kinds.count("checkpoint_durable") == 2 and kinds[-1] == "adapter_saved"
+    assert kinds[0] == "start" and kinds.count("checkpoint_durable") == 3 and kinds[-1] == "adapter_saved"
     assert run.end(code, message).kind is EndKind.SUCCEEDED
 
 
@@ -220,7 +220,7 @@ def test_extend_continues_a_finished_run_exactly_under_a_new_prefix(run, s3_buck
     exactly in a longer job under another prefix; one no longer than the checkpoint is refused (78)."""
     code, _, _, err = run.finish(run.start(1), 1)
     assert code == 0, err
-    source = f"s3://{run.bucket}/{run.name}/checkpoints/checkpoint-10/"
+    source = f"s3://{run.bucket}/{run.name}/checkpoints/checkpoint-12/"
     endpoint, bucket = s3_bucket
     longer = Run(tmp_path / "longer", endpoint, bucket, f"{run.name}-longer")
     (tmp_path / "longer").mkdir()
@@ -231,16 +231,16 @@ def test_extend_continues_a_finished_run_exactly_under_a_new_prefix(run, s3_buck
         job["resume"] = {"fromCheckpoint": source, "extend": True}
         return longer.finish(longer.start(attempt, job=job), attempt)
 
-    code, message, _, err = extend(1, 10)
+    code, message, _, err = extend(1, 12)
     assert code == 78 and message["outcome"] == "config_error", err
-    assert "resume.extend: the job's max_steps 10 does not go past" in message["reason"]
-    assert "set max_steps above 10" in message["reason"]
+    assert "resume.extend: the job's max_steps 12 does not go past" in message["reason"]
+    assert "set max_steps above 12" in message["reason"]
 
     code, message, events, err = extend(2, 20)
     assert code == 0, err
     start = events[0]
-    assert (start["event"], start["mode"], start["step"], start["checkpoint"]) == ("start", "exact", 10, source)
-    assert [e["step"] for e in events if e["event"] == "log"] == list(range(11, 21))
+    assert (start["event"], start["mode"], start["step"], start["checkpoint"]) == ("start", "exact", 12, source)
+    assert [e["step"] for e in events if e["event"] == "log"] == list(range(13, 21))
     view = longer.view()
     assert view.adapter_complete and view.progress["step"] == 20 and view.progress["max_steps"] == 20
     assert longer.store.read_adapter_manifest().fingerprint["max_steps"] == 20
