@@ -9,9 +9,11 @@ deletions hanging, and one loop scales better than a timer per resource.)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,14 @@ from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus
 log = logging.getLogger(__name__)
 
 
+# A reconcile mostly waits on the API server and S3, so its threads outnumber the cores. kopf runs the
+# sync handlers (create, update, resume, delete) in its executor (CHANGE_WORKERS threads); pod events
+# (an ended pod means a relaunch) have a pool of their own, so a burst of creations cannot queue
+# relaunches behind it. A per-resource lock keeps one reconcile per resource at a time either way.
+CHANGE_WORKERS = 16
+POD_EVENT_WORKERS = 16
+
+
 @dataclass
 class Runtime:
     """What the handlers share, for one operator run: handed over by cli.py in kopf's memo (no
@@ -43,6 +53,9 @@ class Runtime:
     known: set[tuple[str, str]] = field(default_factory=set)  # reconciled by the periodic loop
     known_lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
+    pod_events: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(POD_EVENT_WORKERS, thread_name_prefix="pod-events")
+    )
 
     def rec(self) -> Reconciler:
         if self.reconciler is None:
@@ -82,12 +95,15 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.scanning.disabled = not rt.cluster_wide
     settings.watching.server_timeout = 300
+    settings.execution.max_workers = CHANGE_WORKERS
     threading.Thread(target=_periodic, args=(rt,), name="reconcile-loop", daemon=True).start()
 
 
 @kopf.on.cleanup()
 def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    runtime(memo).stop.set()
+    rt = runtime(memo)
+    rt.stop.set()
+    rt.pod_events.shutdown(wait=False, cancel_futures=True)
 
 
 def _periodic(rt: Runtime) -> None:
@@ -126,12 +142,19 @@ def on_change(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> No
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
-def on_pod_event(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A trainer pod changed: reconcile its LoraResume now (errors wait for the timer). At start-up
-    kopf lists every trainer pod here, so a pod left held by a crash is let go then."""
-    pod = ObservedPod.from_api(dict(body))
+async def on_pod_event(
+    namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    """A trainer pod changed: reconcile its LoraResume now, on the pod-event pool (errors wait for the
+    timer). At start-up kopf lists every trainer pod here, so a pod left held by a crash is let go then."""
+    rt, pod = runtime(memo), ObservedPod.from_api(dict(body))
+    key = (_namespaced(namespace), labels[LABEL_RESOURCE])
+    await asyncio.get_running_loop().run_in_executor(rt.pod_events, _after_pod_event, rt.rec(), key, pod)
+
+
+def _after_pod_event(rec: Reconciler, key: tuple[str, str], pod: ObservedPod) -> None:
     try:
-        runtime(memo).rec().reconcile(_namespaced(namespace), labels[LABEL_RESOURCE], event_pod=pod)
+        rec.reconcile(*key, event_pod=pod)
     except ApiException as exc:
         metrics.RECONCILE_ERRORS.labels("api").inc()
         log.warning("reconcile after pod event failed (%s); the timer retries", exc.status)

@@ -136,9 +136,6 @@ class Reconciler:
     def effective(self, namespace: str, name: str, spec: LoraResumeSpec, status: LoraResumeStatus) -> LoraResumeSpec:
         return effective_spec(spec, self.defaults, self.storage_uri(namespace, name, spec, status))
 
-    def _storage(self, namespace: str, spec: LoraResumeSpec) -> StorageView:
-        return read_storage(spec, self.storage_client(namespace, spec))
-
     def _source(self, namespace: str, name: str | None) -> SourceState | None:
         """Another LoraResume this one starts from, by its status (None: it names none)."""
         if not name:
@@ -183,8 +180,9 @@ class Reconciler:
             raise
         return True
 
-    def _create_pod(self, resource: Resource, spec: LoraResumeSpec, action: CreatePod, view: StorageView) -> None:
-        client = self.storage_client(resource.namespace, spec)
+    def _create_pod(
+        self, resource: Resource, spec: LoraResumeSpec, action: CreatePod, view: StorageView, client: Any
+    ) -> None:
         inputs = self.download_sizes.inputs(client, spec, action.adapter_uri, view, time.monotonic())
         pod = build_trainer_pod(resource, spec, action, self.defaults, inputs)
         try:
@@ -254,7 +252,8 @@ class Reconciler:
             self._invalid(body, resource, status, "; ".join(refused), reason=c.POLICY_VIOLATION)
             return None
         try:
-            view = self._storage(resource.namespace, spec)
+            client = self.storage_client(resource.namespace, spec)  # one Secret read per reconcile
+            view = read_storage(spec, client)
         except TrainerError as exc:
             return self._storage_unavailable(body, resource, written, exc)
         now = self.clock()
@@ -276,7 +275,7 @@ class Reconciler:
         if plan.status != written and not self._write_status(body, plan.status):
             return CONFLICT_RETRY_SECONDS
         self.record_phase(resource.namespace, resource.name, plan.status.phase.value)
-        self._execute(body, resource, spec, written, plan, view)
+        self._execute(body, resource, spec, written, plan, view, client)
         self._observe_metrics(resource, written, plan, view, now)
         return plan.requeue.after_seconds if plan.requeue else None
 
@@ -288,12 +287,13 @@ class Reconciler:
         before: LoraResumeStatus,
         plan: Plan,
         view: StorageView,
+        client: Any,
     ) -> None:
         for action in plan.actions:
             if isinstance(action, CreatePod):
                 started = self.clock()
                 try:
-                    self._create_pod(resource, spec, action, view)
+                    self._create_pod(resource, spec, action, view, client)
                 except ApiException as exc:
                     if exc.status not in (400, 403, 422):
                         raise
