@@ -146,8 +146,14 @@ async def on_pod_event(
     namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:
     """A trainer pod changed: reconcile its LoraResume now, on the pod-event pool (errors wait for the
-    timer). At start-up kopf lists every trainer pod here, so a pod left held by a crash is let go then."""
+    timer). At start-up kopf lists every trainer pod here, so a pod left held by a crash is let go then.
+
+    Only pods that carry the accounting finalizer: one without it was let go (its end is counted; its
+    release and removal would each cost a reconcile for nothing) or comes from an operator version
+    before the finalizer, whose end the periodic reconcile notices."""
     rt, pod = runtime(memo), ObservedPod.from_api(dict(body))
+    if not pod.held:
+        return
     key = (_namespaced(namespace), labels[LABEL_RESOURCE])
     await asyncio.get_running_loop().run_in_executor(rt.pod_events, _after_pod_event, rt.rec(), key, pod)
 

@@ -218,9 +218,11 @@ def classify_end(pod: ObservedPod | None, *, adapter_complete: bool) -> PodEnd:
         return PodEnd(EndKind.PERMANENT, pod.waiting_reason or "", f"{pod.waiting_reason}: {pod.waiting_message}")
     term = pod.termination or {}
     trainer_says = term.get("reason", "")
+    if pod.exit_code == Outcome.SUCCEEDED.code and adapter_complete:
+        # Even in a pod marked Failed: a node shut down (or an eviction) as the trainer finished is
+        # no preemption; relaunching would count one and start a pod for nothing.
+        return PodEnd(EndKind.SUCCEEDED, "AdapterSaved", trainer_says or "adapter saved")
     if pod.exit_code == Outcome.SUCCEEDED.code and pod.phase != "Failed":
-        if adapter_complete:
-            return PodEnd(EndKind.SUCCEEDED, "AdapterSaved", trainer_says or "adapter saved")
         return PodEnd(EndKind.FAILED, "NoAdapter", "the trainer exited 0 but no complete adapter is in S3")
     if pod.exit_code == Outcome.CONFIG_ERROR.code or term.get("outcome") == "config_error":
         return PodEnd(EndKind.PERMANENT, "ConfigError", trainer_says or "the trainer reported a configuration error")

@@ -29,7 +29,7 @@ def test_running_pod():
 def test_terminated_trainer_with_termination_message():
     message = json.dumps({"outcome": "preempted", "reason": "SIGTERM", "durable_step": 14})
     pod = ObservedPod.from_api(api_pod("Failed", terminated={"exitCode": 75, "reason": "Error", "message": message}))
-    assert pod.ended and pod.exit_code == 75 and pod.termination["durable_step"] == 14
+    assert pod.ended and pod.exit_code == 75 and (pod.termination or {}).get("durable_step") == 14
 
 
 def test_other_containers_are_ignored():
@@ -63,6 +63,19 @@ def test_disruption_wins_over_the_exit_code_of_a_killed_trainer():
     cond = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}
     pod = ObservedPod.from_api(api_pod("Failed", terminated={"exitCode": 137, "reason": "Error"}, conditions=[cond]))
     assert classify_end(pod, adapter_complete=False).kind is EndKind.PREEMPTED
+
+
+@pytest.mark.parametrize(
+    ("adapter_complete", "want"),
+    [(True, EndKind.SUCCEEDED), (False, EndKind.PREEMPTED)],
+    ids=["adapter-saved", "no-adapter"],
+)
+def test_a_trainer_that_finished_as_its_node_shut_down_succeeded(adapter_complete, want):
+    """Graceful node shutdown marks every pod Failed (reason Terminated), also one whose trainer had
+    just saved the adapter and exited 0 (found by benchmarks/scale.py: counted as a preemption)."""
+    cond = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}
+    raw = api_pod("Failed", terminated={"exitCode": 0, "reason": "Completed"}, conditions=[cond], reason="Terminated")
+    assert classify_end(ObservedPod.from_api(raw), adapter_complete=adapter_complete).kind is want
 
 
 @pytest.mark.parametrize(
