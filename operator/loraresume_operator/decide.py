@@ -546,6 +546,10 @@ def _held_for_changed_extra(b: _Builder) -> bool:
 
 
 def _deletion_unconfirmed(pod: ObservedPod, now: datetime) -> bool:
+    """Deleted, and nobody will end it: no node ever ran it (the API server gives an unscheduled pod
+    no grace period; only the finalizer keeps it), or its node has not confirmed for a long while."""
+    if pod.terminating and pod.phase == "Pending" and not pod.node_name:
+        return True
     deadline = pod.deletion_deadline
     return deadline is not None and (now - deadline).total_seconds() > UNCONFIRMED_DELETION_SECONDS
 

@@ -82,6 +82,7 @@ class ObservedPod:
     attempt: int | None = None  # its attempt label
     finalizers: tuple[str, ...] = ()
     deletion_deadline: datetime | None = None  # deletionTimestamp: when it should be gone
+    node_name: str | None = None  # spec.nodeName: the node that runs it, once scheduled
 
     @property
     def held(self) -> bool:
@@ -145,6 +146,7 @@ class ObservedPod:
             attempt=int(attempt) if attempt.isdigit() else None,
             finalizers=tuple(str(f) for f in meta.get("finalizers") or ()),
             deletion_deadline=_timestamp(meta.get("deletionTimestamp")),
+            node_name=(pod.get("spec") or {}).get("nodeName") or None,
             exit_code=exit_code,
             container_reason=container_reason,
             pod_reason=status.get("reason"),

@@ -26,6 +26,13 @@ def test_running_pod():
     assert (pod.name, pod.phase, pod.ended, pod.terminating) == ("bot-attempt-1", "Running", False, False)
 
 
+def test_the_node_that_runs_it():
+    raw = api_pod()
+    assert ObservedPod.from_api(raw).node_name is None
+    raw["spec"] = {"nodeName": "spot-3"}
+    assert ObservedPod.from_api(raw).node_name == "spot-3"
+
+
 def test_terminated_trainer_with_termination_message():
     message = json.dumps({"outcome": "preempted", "reason": "SIGTERM", "durable_step": 14})
     pod = ObservedPod.from_api(api_pod("Failed", terminated={"exitCode": 75, "reason": "Error", "message": message}))
