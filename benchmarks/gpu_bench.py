@@ -12,9 +12,10 @@ and measures, side by side in one run:
 * resume start-up (process start -> first resumed optimizer step), split into phases, from an
   early and a late checkpoint, to show the data fast-forward does not grow with the step.
 
-The trainer runs unmodified; a thin wrapper (`--child trainer`) times its functions from the
-outside (monkeypatched wrappers that emit JSON lines) and can leave chosen checkpoints
-un-uploaded (the "uploads off" cycles). Results go to $OUT/gpu_bench.json;
+The trainer runs unmodified; a thin wrapper (`--child trainer`) watches it through the executor's
+seam (`loraresume_trainer.seams.Hooks`: timed phases, the built Trainer, which checkpoints to
+upload), emits JSON lines, and can leave chosen checkpoints un-uploaded (the "uploads off" cycles).
+Results go to $OUT/gpu_bench.json;
 `--report FILE.json` turns such a file into the `## GPU (issue 6)` section of
 benchmarks/RESULTS.md and prints the table.
 
@@ -308,52 +309,43 @@ def timed(
     setattr(owner, name, wrapper)
 
 
+# The executor's timed parts (Pipeline.timed -> Hooks.phase) under the names this script's analysis reads.
+PHASE_NAMES = {"observe": "complete_checkpoints", "load_stack": "imports", "fetch_inputs": "fetch_dir"}
+
+
 def child_trainer(ns: argparse.Namespace) -> int:
-    """`loraresume-train` in this process, with timing wrappers and optional un-uploaded checkpoints."""
+    """`loraresume-train` in this process, watched through the executor's seam (seams.Hooks): timed
+    phases, an instrumented Trainer, and optionally checkpoints left un-uploaded (uploads-off cycles)."""
     bench_event("child_start", t=time.monotonic(), spawn=ns.spawn)
     sys.path[:0] = [str(ROOT / "trainer_image")]
-    from loraresume_trainer import checkpoint_store as cs
     from loraresume_trainer import cli
-    from loraresume_trainer import model_loading as ml
-    from loraresume_trainer import pipeline as pl
-    from loraresume_trainer import uploader as up
+    from loraresume_trainer.seams import Hooks
 
     bench_event("pipeline_imported", t=time.monotonic())
     skip_steps = {int(s) for s in ns.skip_upload.split(",") if s}
-    gated = [False]
 
-    def gate_once(*_a: Any, **_k: Any) -> None:
-        if not gated[0]:
-            gated[0] = True
+    class BenchHooks(Hooks):
+        def phase(self, name: str, t0: float, t1: float, **fields: Any) -> None:
+            bench_event(PHASE_NAMES.get(name, name), t0=t0, t1=t1, ok=True, **fields)
+
+        def before_model_load(self) -> None:
             wait_gate(ns.gate)
+            install_hf_hooks()
 
-    timed(pl.Pipeline, "run")
-    timed(cs.CheckpointStore, "complete_checkpoints")
-    timed(pl.Pipeline, "fetch_dir", before=gate_once)
-    timed(pl.Pipeline, "prepare_texts")
-    timed(pl.Pipeline, "fingerprint")
-    timed(pl.Pipeline, "fetch_candidate")
-    timed(cs.CheckpointStore, "download_tree")
-    timed(
-        cs.CheckpointStore,
-        "upload_checkpoint",
-        extra=lambda self, local_dir, step, fp: {"step": step, "bytes": _dir_bytes(Path(local_dir))},
-    )
-    timed(ml, "load_model", extra=lambda *a, **k: {"mem": cuda_mem()})
-    timed(pl.Pipeline, "train", before=lambda *a, **k: install_hf_hooks())
+        def model_loaded(self, model: Any) -> None:
+            bench_event("model_mem", t=time.monotonic(), mem=cuda_mem())
 
-    orig_submit = up.BackgroundUploader.submit_checkpoint
+        def trainer_ready(self, trainer: Any) -> None:
+            instrument_trainer(trainer)
+            instrument_train(trainer)
 
-    def submit_checkpoint(self: Any, local_checkpoint_dir: Path, step: int) -> None:
-        if step in skip_steps:
-            bench_event("upload_skipped", step=step, t=time.monotonic())
-            return
-        t0 = time.monotonic()
-        orig_submit(self, local_checkpoint_dir, step)
-        bench_event("upload_submitted", step=step, t0=t0, t1=time.monotonic())
+        def upload_checkpoint(self, step: int) -> bool:
+            if step in skip_steps:
+                bench_event("upload_skipped", step=step, t=time.monotonic())
+                return False
+            return True
 
-    up.BackgroundUploader.submit_checkpoint = submit_checkpoint
-    return cli.main(["--config", ns.config, "--termination-log", ns.termination_log])
+    return cli.main(["--config", ns.config, "--termination-log", ns.termination_log], hooks=BenchHooks())
 
 
 def _dir_bytes(path: Path) -> int:
@@ -361,7 +353,7 @@ def _dir_bytes(path: Path) -> int:
 
 
 def install_hf_hooks() -> None:
-    """Called once Unsloth is imported (it must come before transformers): time HF's resume steps."""
+    """Called once Unsloth is imported (it must come before transformers): time HF's data fast-forward."""
     import transformers.trainer as tt
 
     if getattr(tt, "_gpu_bench_hooked", False):
@@ -376,25 +368,6 @@ def install_hf_hooks() -> None:
         return out
 
     tt.skip_first_batches = skip_first_batches
-    # Unsloth's SFTTrainer re-binds `self.train` at the end of its __init__, so train() is wrapped when
-    # the pipeline removes the PrinterCallback, the one call between construction and train().
-    orig_remove = tt.Trainer.remove_callback
-
-    @functools.wraps(orig_remove)
-    def remove_callback(self: Any, callback: Any) -> Any:
-        out = orig_remove(self, callback)
-        instrument_train(self)
-        return out
-
-    tt.Trainer.remove_callback = remove_callback
-    orig_init = tt.Trainer.__init__
-
-    @functools.wraps(orig_init)
-    def init(self: Any, *a: Any, **k: Any) -> None:
-        orig_init(self, *a, **k)
-        instrument_trainer(self)
-
-    tt.Trainer.__init__ = init
 
 
 STEP_EVENTS_ENV = "GPU_BENCH_STEP_EVENTS"  # set by --speed: per-step tokens and memory events
@@ -1377,13 +1350,18 @@ def startup_split(child: Child) -> dict[str, Any]:
     restore = [b("load_from_checkpoint"), b("load_optimizer_and_scheduler"), b("load_rng_state")]
     t0 = child.t_spawn
     phases: dict[str, float | None] = {}
-    if cs_ and pi and listing and fetch_dir and load and train_start:
+    imports = b("imports")
+    if cs_ and pi and listing and imports and load and train_start:
         gate_wait = dur(gate) or 0.0
         phases["python_start"] = cs_["_t"] - t0
         phases["imports_light"] = pi["_t"] - cs_["_t"]
-        phases["s3_listing"] = listing["t1"] - listing["t0"]
-        phases["imports_unsloth_trl"] = fetch_dir["t0"] - listing["t1"] - gate_wait
-        phases["dataset_and_fingerprint"] = sum(dur(b(n)) or 0.0 for n in ("prepare_texts", "fingerprint"))
+        phases["s3_listing"] = listing["t1"] - listing["t0"]  # and the adapter manifest, fromCheckpoint
+        # The downloads (inputs, the likely checkpoint) run on a thread beside the imports: only what
+        # they take past the imports is start-up time.
+        phases["imports_unsloth_trl"] = imports["t1"] - imports["t0"]
+        ahead = [e for e in (fetch_dir, b("fetch_checkpoint")) if e]
+        phases["downloads_past_imports"] = max([0.0] + [e["t1"] - imports["t1"] for e in ahead])
+        phases["dataset_and_fingerprint"] = dur(b("prepare")) or 0.0
         phases["checkpoint_download_verify"] = dur(b("fetch_candidate")) or 0.0
         phases["model_load"] = load["t1"] - load["t0"]
         phases["trainer_setup_tokenize"] = train_start["t"] - load["t1"]  # LoRA hash, SFTTrainer (tokenizes)
@@ -1408,6 +1386,8 @@ def startup_split(child: Child) -> dict[str, Any]:
         "skip_first_batches_s": dur(skip),
         "first_get_batch_samples_s": dur(gb[0]) if gb else None,
         "steady_get_batch_samples_s": rnd(median([x for x in steady_gb if x is not None])) if steady_gb else None,
+        # The trainer's own start-up phases (its `startup` events: seconds since its process started).
+        "trainer_startup_s": {e["phase"]: e["seconds"] for e in child.of("startup")},
         "trainer_events_view_s": {  # what the trainer's own JSON events show without instrumentation
             "start_event": rel(child, start_ev["_t"]) if start_ev else None,
             "start_prepare_seconds": (start_ev or {}).get("prepare_seconds"),

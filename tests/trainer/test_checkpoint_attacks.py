@@ -112,6 +112,7 @@ def state_bytes(name: str) -> bytes:
 
 def checkpoint_files(**replace: bytes) -> dict[str, bytes]:
     files = {name: f"{name} content".encode() for name in GOOD_FILES}
+    files["trainer_state.json"] = json.dumps({"global_step": 1}).encode()
     for name in STATE_FILES:
         files[name] = replace.get(name) or state_bytes(name)
     files.update({k: v for k, v in replace.items() if k not in files})
@@ -202,7 +203,7 @@ def test_the_payloads_do_run_code_when_loaded_unsafely(tmp_path: Path) -> None:
 def test_code_running_pickle_is_refused_without_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, force_unsafe_env: bool
 ) -> None:
-    from loraresume_trainer.pipeline import check_pickles_safe
+    from loraresume_trainer.checkpoint_store import check_pickles_safe
 
     if force_unsafe_env:  # a hostile or careless image env must not switch the check off
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -218,7 +219,7 @@ def test_code_running_pickle_is_refused_without_running(
 
 
 def test_plain_state_files_pass_the_pickle_check(tmp_path: Path) -> None:
-    from loraresume_trainer.pipeline import check_pickles_safe
+    from loraresume_trainer.checkpoint_store import check_pickles_safe
 
     for file, content in checkpoint_files().items():
         (tmp_path / file).write_bytes(content)
@@ -261,7 +262,7 @@ def test_trainer_skips_a_code_running_checkpoint_for_the_previous(
     publish(pipeline.store, 10, checkpoint_files())
     publish(pipeline.store, 20, checkpoint_files(**{name: evil_payloads(marker)["os-system-legacy-pickle"]}))
     with caplog.at_level(logging.WARNING):
-        cand, path = pipeline.fetch_candidate(candidates(pipeline))
+        cand, path, _ = pipeline.fetch_candidate(candidates(pipeline))
     assert cand.step == 10 and path.name == "checkpoint-10"
     assert not marker.exists()
     [warning] = [r.getMessage() for r in caplog.records if "checkpoint-20" in r.getMessage()]

@@ -62,8 +62,11 @@ def make_checkpoint(parent: Path, step: int, files: dict[str, bytes] | None = No
     path = parent / f"local-checkpoint-{step}-{os.urandom(3).hex()}"
     path.mkdir(parents=True)
     files = files or {
+        "adapter_config.json": b"{}",
         "adapter_model.safetensors": os.urandom(4096),
         "optimizer.pt": os.urandom(8192),
+        "scheduler.pt": os.urandom(64),
+        "rng_state.pth": os.urandom(100),
         "trainer_state.json": json.dumps({"global_step": step}).encode(),
         "sub/rng_state.pth": os.urandom(100),
         "training_args.bin": b"an arbitrary pickle",

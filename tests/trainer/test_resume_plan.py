@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 import torch
 
+from loraresume_trainer.attempt_plan import training_finished
+from loraresume_trainer.checkpoint_store import read_checkpoint_state
 from loraresume_trainer.config import parse_job
 from loraresume_trainer.errors import ConfigError, ResumeRefused
 from loraresume_trainer.fingerprint import (
@@ -16,7 +18,6 @@ from loraresume_trainer.fingerprint import (
     tensors_sha256,
     texts_sha256,
 )
-from loraresume_trainer.pipeline import training_finished
 from loraresume_trainer.resume_plan import (
     Candidate,
     ResumeMode,
@@ -614,7 +615,7 @@ def test_training_finished_counts_the_jobs_length(
     tmp_path, state: dict[str, int], max_steps: int, finished: bool
 ) -> None:
     (tmp_path / "trainer_state.json").write_text(json.dumps(state))
-    assert training_finished(tmp_path, max_steps) is finished
+    assert training_finished(read_checkpoint_state(tmp_path), max_steps) is finished
 
 
 def test_extend_by_epochs_goes_past_the_epochs_done() -> None:

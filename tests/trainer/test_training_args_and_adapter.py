@@ -106,6 +106,7 @@ def test_build_sft_config_defaults(tmp_path: Path) -> None:
         "save_total_limit": None,
         "save_only_model": False,
         "ignore_data_skip": False,
+        "include_num_input_tokens_seen": "non_padding",
         "max_length": MAX_SEQ,
         "dataset_text_field": "text",
         "disable_tqdm": True,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
 from .checkpoint_store import PROGRESS_NAME
-from .progress import emit_event, mean_train_loss, progress_record, tokens_before
+from .progress import StartupClock, emit_event, mean_train_loss, progress_record, tokens_before
 from .stop_signal import StopRequest
 from .uploader import BackgroundUploader
 
@@ -29,24 +29,43 @@ class DurableCheckpointCallback(TrainerCallback):
         attempt: int,
         logs: tuple[Path, Any] | None = None,
         foreign_checkpoints: Sequence[int] = (),
+        clock: StartupClock | None = None,
+        upload: Callable[[int], bool] | None = None,
     ) -> None:
         """`logs`: (local TensorBoard dir, S3 prefix) uploaded with every checkpoint, so a preempted
-        attempt's curves survive too. `foreign_checkpoints`: reported in every progress record."""
+        attempt's curves survive too. `foreign_checkpoints`: reported in every progress record.
+        `clock`: marks the start-up's last phases (state restored, first step). `upload(step)`: whether
+        to upload that checkpoint (Hooks.upload_checkpoint; always in production)."""
         self.uploader = uploader
         self.foreign_checkpoints = tuple(foreign_checkpoints)
         self.logs = logs
         self.stop = stop
         self.attempt = attempt
+        self.clock = clock or StartupClock(attempt=attempt)
+        self.upload = upload
         self.resumed_from = 0
-        self.token_offset = 0.0
+        self.count_offset = 0.0
+        self.trl_offset = 0.0
         self.last_save_seconds: float | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.resumed_from = state.global_step
-        # TRL counts tokens from this process's start; carry on from the restored history.
-        self.token_offset = tokens_before(state.log_history, state.global_step) if state.global_step else 0.0
+        # num_tokens is the Trainer's own count (training_args: include_num_input_tokens_seen), which
+        # the checkpoint's trainer state carries across resumes; a checkpoint saved before it was
+        # counted restores 0: carry on from its logged history (TRL's count) instead.
+        restored = float(getattr(state, "num_input_tokens_seen", 0) or 0)
+        before = tokens_before(state.log_history, state.global_step) if state.global_step else 0.0
+        self.count_offset = 0.0 if restored else before
+        self.trl_offset = before  # TRL counts from this process's start
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # HF calls this after it restored optimizer, scheduler and RNG and fetched the first batches
+        # (past the skipped ones): the state is restored and the data positioned.
+        self.clock.mark("state_restored", step=state.global_step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if "first_step" not in self.clock.phases:
+            self.clock.mark("first_step", step=state.global_step)
         if self.stop.requested and not control.should_training_stop:
             log.warning("%s received: saving checkpoint-%d and stopping", self.stop.signal_name, state.global_step)
             control.should_save = True
@@ -57,6 +76,8 @@ class DurableCheckpointCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = state.global_step
         self.last_save_seconds = time.monotonic() - self._save_started
+        if self.upload is not None and not self.upload(step):
+            return
         self.uploader.submit_checkpoint(Path(args.output_dir) / f"checkpoint-{step}", step)
         if self.logs and self.logs[0].is_dir():
             self.uploader.submit_files(*self.logs)
@@ -65,8 +86,12 @@ class DurableCheckpointCallback(TrainerCallback):
         if logs is None:
             return
         fixed: dict[str, Any] = {}
-        if "num_tokens" in logs:
-            fixed["num_tokens"] = self.token_offset + float(logs["num_tokens"])
+        if "num_tokens" in logs:  # TRL's count, none on Unsloth's GPU path: kept beside ours (this run's part)
+            fixed["num_tokens_trl"] = float(logs["num_tokens"])
+        if "num_input_tokens_seen" in logs:
+            fixed["num_tokens"] = self.count_offset + float(logs["num_input_tokens_seen"])
+        elif "num_tokens_trl" in fixed:
+            fixed["num_tokens"] = self.trl_offset + fixed["num_tokens_trl"]
         if "train_loss" in logs:
             fixed["train_loss"] = mean_train_loss(state.log_history, args.logging_steps)
         logs.update(fixed)
@@ -82,5 +107,6 @@ class DurableCheckpointCallback(TrainerCallback):
                 durable_step=self.uploader.durable_step,
                 phase="Running",
                 foreign_checkpoints=self.foreign_checkpoints,
+                startup=self.clock.phases,
             )
             self.uploader.submit_json(PROGRESS_NAME, record)

@@ -11,6 +11,12 @@ Layout under the job's root URI::
 Invariants: a manifest is written after every file it lists and deleted before any of
 them; downloads verify every size and hash into a temporary directory and only then
 rename it into place; names from listings are validated, never used as paths.
+
+The checkpoint contract lives here, whole: the files a checkpoint must hold to resume
+exactly (REQUIRED_CHECKPOINT_FILES), the pickled ones and their weights-only check
+(check_pickles_safe), the one parser of a checkpoint URI (parse_checkpoint_uri), the
+progress object's name (PROGRESS_NAME) and the one verified download with fallback
+(fetch_first_verified) that the trainer, the stand-in trainer and the tests all use.
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .attempt_plan import CheckpointState
 from .errors import ConfigError, DamagedCheckpoint, StorageAuthError, StorageError, TrainerError
 from .fingerprint import same_run
 from .manifest import (
@@ -41,6 +48,8 @@ from .manifest import (
     safe_join,
     tree_problem,
 )
+from .progress import emit_event
+from .resume_plan import Candidate
 from .s3client import is_not_found, s3_errors
 from .s3uri import S3Uri
 
@@ -52,6 +61,20 @@ LOGS_DIR = "logs/"
 PROGRESS_NAME = "progress.json"
 # An arbitrary pickle that HF does not need to resume: never published.
 CHECKPOINT_EXCLUDES = frozenset({"training_args.bin"})
+# Files that are pickles in an HF checkpoint; HF loads them with weights_only=True and
+# so do we, once, before the Trainer sees the checkpoint (an unsafe one is "damaged").
+PICKLED_STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt")
+# Without any of these HF resumes silently inexact (notes/training-stack.md) or crashes.
+REQUIRED_CHECKPOINT_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state.pth",
+    "trainer_state.json",
+)
+# Trainer state in a checkpoint; everything else in it is the adapter + tokenizer as saved.
+TRAINER_STATE_FILES = frozenset(PICKLED_STATE_FILES) | {"trainer_state.json", "training_args.bin"}
 MiB = 1 << 20
 GiB = 1 << 30
 # Download caps: a manifest or listing is storage content, so nothing is fetched blindly. Both can
@@ -433,16 +456,32 @@ class CheckpointStore:
         """Verified download of ``checkpoint-<step>`` to ``dest_parent/checkpoint-<step>``."""
         return self.download_tree(self.checkpoint_uri(step), manifest, Path(dest_parent) / f"checkpoint-{step}")
 
-    def download_newest_complete(self, dest_parent: Path) -> tuple[int, Manifest, Path] | None:
-        """The newest complete checkpoint that verifies, falling back past damaged ones; None if none."""
-        for step, manifest in self.complete_checkpoints():
-            try:
-                path = self.download_checkpoint(step, manifest, dest_parent)
-            except DamagedCheckpoint as exc:
-                log.warning("falling back past checkpoint-%d: %s", step, exc)
-                continue
-            return step, manifest, path
-        return None
+    def download_newest_complete(
+        self, dest_parent: Path, *, verify: Callable[[Path], None] | None = None
+    ) -> tuple[int, Manifest, Path] | None:
+        """The newest complete checkpoint that verifies (fetch_first_verified), falling back past
+        damaged ones; None if none."""
+        complete = self.complete_checkpoints()
+        manifests = dict(complete)
+        candidates = [Candidate(step, str(self.checkpoint_uri(step)), m.fingerprint) for step, m in complete]
+        found = fetch_first_verified(self.client, candidates, dest_parent, verify=verify)
+        if found is None:
+            return None
+        return found.candidate.step, manifests[found.candidate.step], found.path
+
+    def download_verified(self, step: int, dest_parent: Path) -> tuple[Manifest, Path]:
+        """``checkpoint-<step>`` checked against the contract: its manifest (read again: it may have
+        gone since the listing), every required file listed, every size and hash. Raises
+        DamagedCheckpoint."""
+        manifest = self.read_manifest(step)
+        uri = self.checkpoint_uri(step)
+        if manifest is None:
+            raise DamagedCheckpoint(f"{uri} lost its manifest")
+        listed = {f.path for f in manifest.files}
+        missing = [name for name in REQUIRED_CHECKPOINT_FILES if name not in listed]
+        if missing:
+            raise DamagedCheckpoint(f"{uri} lacks {', '.join(missing)}: it cannot resume exactly")
+        return manifest, self.download_checkpoint(step, manifest, dest_parent)
 
     def fetch_tree(self, uri: S3Uri, dest: Path) -> Path:
         """Download a directory-like prefix (a base model, a user's adapter) to ``dest``.
@@ -700,3 +739,114 @@ class CheckpointStore:
             log.warning("ignoring %s: not a JSON object", uri)
             return None
         return doc
+
+
+# ----------------------------------------------------------------- the checkpoint contract
+
+
+def parse_checkpoint_uri(text: str) -> tuple[S3Uri, int] | None:
+    """``s3://bucket/<root>/checkpoints/checkpoint-<step>[/]`` as (the job's root, step); None when
+    the URI does not name a checkpoint that way. Raises ValueError for a malformed URI."""
+    uri = S3Uri.parse(text)
+    parts = uri.key.rstrip("/").split("/")
+    if len(parts) < 2 or parts[-2] != CHECKPOINTS_DIR.rstrip("/"):
+        return None
+    step = parse_checkpoint_name(parts[-1])
+    if step is None:
+        return None
+    root = "/".join(parts[:-2])
+    return S3Uri(uri.bucket, root + "/" if root else ""), step
+
+
+def check_pickles_safe(checkpoint_dir: Path) -> None:
+    """Load each pickled state file with torch's weights-only unpickler; refuse anything else
+    (DamagedCheckpoint). Uses transformers' allow-list (numpy RNG state) exactly as its resume does."""
+    import pickle
+
+    import torch
+    from transformers.trainer import safe_globals
+
+    for name in PICKLED_STATE_FILES:
+        path = checkpoint_dir / name
+        if not path.is_file():
+            continue
+        try:
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DamagedCheckpoint(f"{name} is not a plain tensor/state file ({first[:200]})") from None
+
+
+def read_checkpoint_state(checkpoint_dir: Path) -> CheckpointState:
+    """The run a checkpoint's trainer_state.json describes; DamagedCheckpoint when it does not parse."""
+    path = Path(checkpoint_dir) / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        return CheckpointState(
+            global_step=int(state["global_step"]),
+            max_steps=int(state.get("max_steps") or 0),
+            epoch=float(state.get("epoch") or 0.0),
+        )
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise DamagedCheckpoint(f"trainer_state.json is unusable ({type(exc).__name__}: {exc})"[:300]) from None
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A checkpoint downloaded and verified: the candidate it was, and where it lies now."""
+
+    candidate: Candidate
+    path: Path
+
+
+def fetch_verified(client: Any, cand: Candidate, dest_parent: Path, *, verify: Callable[[Path], None] | None) -> Path:
+    """Download one candidate under ``dest_parent`` checked against the contract (manifest, required
+    files, sizes, hashes, a trainer_state.json that parses), then ``verify(path)`` (the trainer's
+    pickle check). Raises DamagedCheckpoint; a checkpoint that fails a check is removed again."""
+    parsed = parse_checkpoint_uri(cand.uri)
+    if parsed is None or parsed[1] != cand.step:
+        raise DamagedCheckpoint(f"{cand.uri} does not name checkpoint-{cand.step}")
+    _, path = CheckpointStore(client, parsed[0]).download_verified(cand.step, dest_parent)
+    _verify_or_remove(path, verify)
+    return path
+
+
+def _verify_or_remove(path: Path, verify: Callable[[Path], None] | None) -> None:
+    try:
+        if verify is not None:
+            verify(path)
+        read_checkpoint_state(path)
+    except DamagedCheckpoint:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def fetch_first_verified(
+    client: Any,
+    candidates: Sequence[Candidate],
+    dest_parent: Path,
+    *,
+    verify: Callable[[Path], None] | None = None,
+    ready: Mapping[str, Path | DamagedCheckpoint] | None = None,
+) -> Fetched | None:
+    """The first candidate that downloads and verifies (fetch_verified); a damaged one is skipped
+    with a warning and a ``checkpoint_damaged`` event, for the next. None when none verifies.
+
+    ``ready``: candidates already downloaded and verified but for ``verify`` (by URI), or the
+    damage found doing so (the start-up prefetch): used instead of reading them again."""
+    for cand in candidates:
+        try:
+            done = (ready or {}).get(cand.uri)
+            if isinstance(done, DamagedCheckpoint):
+                raise done
+            if done is not None:
+                _verify_or_remove(done, verify)
+                path = done
+            else:
+                path = fetch_verified(client, cand, dest_parent, verify=verify)
+            return Fetched(cand, path)
+        except DamagedCheckpoint as exc:
+            log.warning("skipping damaged checkpoint %s: %s", cand.uri, exc)
+            emit_event("checkpoint_damaged", uri=cand.uri, reason=str(exc))
+    return None

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING
 from .config import load_job
 from .errors import ConfigError, StorageError, TrainerError
 from .outcome import Outcome, TerminationMessage, write_termination_message
+from .progress import StartupClock
 from .redact import install_log_redaction, redact
 from .stop_signal import StopRequest
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
+    from .seams import Engine, Hooks
 
 log = logging.getLogger("loraresume_trainer")
 
@@ -44,7 +46,10 @@ def _finish(message: TerminationMessage, path: Path) -> int:
     return message.exit_code
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, engine: Engine | None = None, hooks: Hooks | None = None) -> int:
+    """`engine`: what trains (default: the trainer's UnslothEngine; the sandbox's stand-in passes its
+    own); `hooks`: what watches (benchmarks). Both go to the Pipeline as they are (seams.py)."""
+    clock = StartupClock()  # first: the start-up phases count from the process's start
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("LORARESUME_LOG_LEVEL", "INFO"),
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         termination_log = args.termination_log or job.termination_log
         from .pipeline import Pipeline  # imports boto3; the heavy stack loads inside run()
 
-        pipeline = Pipeline(job, stop)
+        clock.attempt = job.attempt
+        pipeline = Pipeline(job, stop, engine=engine, hooks=hooks, clock=clock)
         message = pipeline.run()
     except ConfigError as exc:
         message = TerminationMessage(

@@ -57,13 +57,7 @@ def plan_resume(
     and the job must be longer); one of the job's own (the operator's relaunch names the job's newest)
     is resumed as any of them. Raises ResumeRefused.
     """
-    if explicit is None:
-        ordered = list(complete)
-    else:
-        rest = [c for c in complete if c.uri != explicit.uri]
-        ordered = (
-            [c for c in rest if c.step > explicit.step] + [explicit] + [c for c in rest if c.step <= explicit.step]
-        )
+    ordered = ordered_candidates(complete, explicit)
     own = {c.uri for c in complete}
     extended = explicit if extend and explicit is not None and explicit.uri not in own else None
     if extended is not None:
@@ -84,6 +78,15 @@ def plan_resume(
         "that checkpoint and resume.warmStart: true to start a new schedule from its adapter weights, or "
         "resume.extend: true to continue it exactly with a larger max_steps or num_train_epochs)"
     )
+
+
+def ordered_candidates(complete: Sequence[Candidate], explicit: Candidate | None) -> list[Candidate]:
+    """The order a resume tries checkpoints in: this job's newest first, an explicit checkpoint
+    after the job's own newer ones (they continue from it) and before its older ones."""
+    if explicit is None:
+        return list(complete)
+    rest = [c for c in complete if c.uri != explicit.uri]
+    return [c for c in rest if c.step > explicit.step] + [explicit] + [c for c in rest if c.step <= explicit.step]
 
 
 def check_extension(cand: Candidate, current: Mapping[str, Any], *, epochs_done: float | None = None) -> None:

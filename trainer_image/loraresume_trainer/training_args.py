@@ -106,6 +106,11 @@ def build_sft_config(
         ignore_data_skip=False,
         gradient_checkpointing=sft_gradient_checkpointing(gradient_checkpointing),
     )
+    # num_tokens in logs and progress: the Trainer's own count of the batches' real tokens (attention
+    # mask; without one, tokens other than padding), kept in its state across resumes. TRL's count
+    # comes from its loss, which Unsloth's GPU path replaces: it logs none there. (A job may choose
+    # another counting; with "no", num_tokens is TRL's where TRL counts.)
+    values.setdefault("include_num_input_tokens_seen", "non_padding")
     try:
         return SFTConfig(**values)
     except (TypeError, ValueError) as exc:

@@ -109,7 +109,9 @@ class BackgroundUploader:
         on_durable: Callable[[int, Manifest], None] | None = None,
         durable_step: int | None = None,
         retry_delay: float = 1.0,
+        observe: Callable[..., None] | None = None,
     ):
+        """``observe(name, t0, t1, **fields)``: told of every checkpoint upload (seams.Hooks.phase)."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if max_attempts < 1:
@@ -122,6 +124,7 @@ class BackgroundUploader:
         self._max_attempts = max_attempts
         self._on_durable = on_durable
         self._retry_delay = retry_delay
+        self._observe = observe
 
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
@@ -282,6 +285,8 @@ class BackgroundUploader:
             self._record(f"{job.label}: upload failed: {_describe(exc)}")
             shutil.rmtree(job.snapshot, ignore_errors=True)
             return
+        if self._observe is not None:
+            self._observe("upload_checkpoint", started, time.monotonic(), step=job.step, bytes=manifest.total_bytes)
 
         with self._cond:
             protect = frozenset(j.step for j in self._queue if isinstance(j, _CheckpointJob))
