@@ -26,6 +26,7 @@ from loraresume_operator.s3_view import read_storage
 from loraresume_operator.spec import LoraResumeSpec
 from loraresume_sandbox.stand_in_trainer import ENV_FAIL_AT_STEP, ENV_LOAD_SECONDS, ENV_STEP_SECONDS
 from loraresume_trainer.checkpoint_store import REQUIRED_CHECKPOINT_FILES, CheckpointStore
+from loraresume_trainer.progress import STARTUP_PHASES
 from loraresume_trainer.s3uri import S3Uri
 from tests.support.waiting import wait_for
 
@@ -146,12 +147,17 @@ def test_full_run_writes_what_the_operator_reads(run):
     assert view.progress["step"] == 12 and view.progress["max_steps"] == 12
     assert view.progress["phase"] == "Succeeded" and view.progress["attempt"] == 1
     assert view.progress["durable_step"] == 12 and view.progress["loss"] > 0
+    # The start-up split, through the trainer's executor (the stand-in has no compile cache to restore).
+    startup = run.store.get_json("progress.json")["startup"]
+    phases = [p for p in STARTUP_PHASES if p != "compile_cache_restored"]
+    assert set(startup) == set(phases)
+    assert [startup[p] for p in phases] == sorted(startup.values()) and startup["first_step"] > 0
     assert [s for s, _ in run.store.complete_checkpoints()] == [12, 10, 5]
     manifest = run.store.read_manifest(10)
     assert set(REQUIRED_CHECKPOINT_FILES) <= {f.path for f in manifest.files}
     assert manifest.fingerprint["stand_in"] is True and manifest.fingerprint["max_steps"] == 12
     assert run.store.read_adapter_manifest().fingerprint == manifest.fingerprint
-    kinds = [e["event"] for e in events if e["event"] not in ("prefetch", "startup")]
+    kinds = [e["event"] for e in events if e["event"] not in ("prefetch", "prefetch_done", "startup")]
     assert kinds[0] == "start" and kinds.count("checkpoint_durable") == 3 and kinds[-1] == "adapter_saved"
     assert run.end(code, message).kind is EndKind.SUCCEEDED
 

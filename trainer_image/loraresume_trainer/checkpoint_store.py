@@ -462,18 +462,21 @@ class CheckpointStore:
         """The newest complete checkpoint that verifies (fetch_first_verified), falling back past
         damaged ones; None if none."""
         complete = self.complete_checkpoints()
-        manifests = dict(complete)
+        manifests = {str(self.checkpoint_uri(step)): m for step, m in complete}
         candidates = [Candidate(step, str(self.checkpoint_uri(step)), m.fingerprint) for step, m in complete]
-        found = fetch_first_verified(self.client, candidates, dest_parent, verify=verify)
+        found = fetch_first_verified(self.client, candidates, dest_parent, verify=verify, manifests=manifests)
         if found is None:
             return None
-        return found.candidate.step, manifests[found.candidate.step], found.path
+        return found.candidate.step, manifests[found.candidate.uri], found.path
 
-    def download_verified(self, step: int, dest_parent: Path) -> tuple[Manifest, Path]:
-        """``checkpoint-<step>`` checked against the contract: its manifest (read again: it may have
-        gone since the listing), every required file listed, every size and hash. Raises
-        DamagedCheckpoint."""
-        manifest = self.read_manifest(step)
+    def download_verified(
+        self, step: int, dest_parent: Path, *, manifest: Manifest | None = None
+    ) -> tuple[Manifest, Path]:
+        """``checkpoint-<step>`` checked against the contract: its manifest (``manifest``, as the
+        listing read it moments ago, or read now), every required file listed, every size (HEAD
+        before any body) and hash. A checkpoint deleted or replaced since fails those checks.
+        Raises DamagedCheckpoint."""
+        manifest = manifest if manifest is not None else self.read_manifest(step)
         uri = self.checkpoint_uri(step)
         if manifest is None:
             raise DamagedCheckpoint(f"{uri} lost its manifest")
@@ -800,14 +803,22 @@ class Fetched:
     path: Path
 
 
-def fetch_verified(client: Any, cand: Candidate, dest_parent: Path, *, verify: Callable[[Path], None] | None) -> Path:
+def fetch_verified(
+    client: Any,
+    cand: Candidate,
+    dest_parent: Path,
+    *,
+    verify: Callable[[Path], None] | None,
+    manifest: Manifest | None = None,
+) -> Path:
     """Download one candidate under ``dest_parent`` checked against the contract (manifest, required
     files, sizes, hashes, a trainer_state.json that parses), then ``verify(path)`` (the trainer's
-    pickle check). Raises DamagedCheckpoint; a checkpoint that fails a check is removed again."""
+    pickle check). ``manifest``: the candidate's as already read (else read now). Raises
+    DamagedCheckpoint; a checkpoint that fails a check is removed again."""
     parsed = parse_checkpoint_uri(cand.uri)
     if parsed is None or parsed[1] != cand.step:
         raise DamagedCheckpoint(f"{cand.uri} does not name checkpoint-{cand.step}")
-    _, path = CheckpointStore(client, parsed[0]).download_verified(cand.step, dest_parent)
+    _, path = CheckpointStore(client, parsed[0]).download_verified(cand.step, dest_parent, manifest=manifest)
     _verify_or_remove(path, verify)
     return path
 
@@ -829,12 +840,14 @@ def fetch_first_verified(
     *,
     verify: Callable[[Path], None] | None = None,
     ready: Mapping[str, Path | DamagedCheckpoint] | None = None,
+    manifests: Mapping[str, Manifest] | None = None,
 ) -> Fetched | None:
     """The first candidate that downloads and verifies (fetch_verified); a damaged one is skipped
     with a warning and a ``checkpoint_damaged`` event, for the next. None when none verifies.
 
     ``ready``: candidates already downloaded and verified but for ``verify`` (by URI), or the
-    damage found doing so (the start-up prefetch): used instead of reading them again."""
+    damage found doing so (the start-up prefetch): used instead of reading them again.
+    ``manifests``: the candidates' manifests as the listing read them (by URI): not read again."""
     for cand in candidates:
         try:
             done = (ready or {}).get(cand.uri)
@@ -844,7 +857,9 @@ def fetch_first_verified(
                 _verify_or_remove(done, verify)
                 path = done
             else:
-                path = fetch_verified(client, cand, dest_parent, verify=verify)
+                path = fetch_verified(
+                    client, cand, dest_parent, verify=verify, manifest=(manifests or {}).get(cand.uri)
+                )
             return Fetched(cand, path)
         except DamagedCheckpoint as exc:
             log.warning("skipping damaged checkpoint %s: %s", cand.uri, exc)

@@ -46,6 +46,7 @@ from .config import JobConfig
 from .errors import ConfigError, DamagedCheckpoint
 from .fingerprint import unchecked_keys
 from .local_checkpoints import local_steps, prune_older_than
+from .manifest import Manifest
 from .outcome import Outcome, TerminationMessage
 from .progress import StartupClock, emit_event, progress_record
 from .resume_plan import Candidate, ResumeMode, ResumePlan
@@ -130,6 +131,7 @@ class Pipeline:
         self.store = CheckpointStore(self.client, S3Uri.parse(job.storage.uri))
         self.durable_step: int | None = None
         self.foreign_steps: tuple[int, ...] = ()  # ResumePlan.foreign, reported in progress.json
+        self.manifests: dict[str, Manifest] = {}  # checkpoint URI -> its manifest, as observe() read it
 
     @contextmanager
     def timed(self, name: str, **fields: Any) -> Iterator[None]:
@@ -142,11 +144,12 @@ class Pipeline:
 
     # 1. what the store holds -------------------------------------------------------------
     def observe(self) -> StoreView:
+        """One read of each: the listing with every manifest, the adapter's manifest, the explicit
+        checkpoint's manifest (kept in `manifests`: the downloads verify against them, unread again)."""
         with self.timed("observe"):
-            complete = tuple(
-                Candidate(s, str(self.store.checkpoint_uri(s)), m.fingerprint)
-                for s, m in self.store.complete_checkpoints()
-            )
+            listed = self.store.complete_checkpoints()
+            self.manifests.update({str(self.store.checkpoint_uri(s)): m for s, m in listed})
+            complete = tuple(Candidate(s, str(self.store.checkpoint_uri(s)), m.fingerprint) for s, m in listed)
             done = self.store.read_adapter_manifest()
             explicit, error = None, None
             try:
@@ -170,7 +173,9 @@ class Pipeline:
         manifest = store.read_manifest(step)
         if manifest is None:
             raise ConfigError(f"{ref} is not a complete checkpoint (no manifest)", field="resume.fromCheckpoint")
-        return Candidate(step, str(store.checkpoint_uri(step)), manifest.fingerprint)
+        uri = str(store.checkpoint_uri(step))
+        self.manifests[uri] = manifest
+        return Candidate(step, uri, manifest.fingerprint)
 
     # 2. inputs, fetched while the imports run ----------------------------------------------
     def fetch_dir(self, ref: str, kind: str, field: str) -> str:
@@ -214,21 +219,35 @@ class Pipeline:
         """The job's inputs and the likely checkpoint; run on the prefetch thread (boto3 clients are
         thread-safe). A damaged checkpoint is recorded, not raised: the plan decides what it means."""
         job = self.job
+        emit_event(
+            "prefetch",
+            seconds=round(self.clock.seconds(), 3),
+            sources=[d.source for d in prefetch.inputs],
+            checkpoint=prefetch.checkpoint.uri if prefetch.checkpoint else None,
+        )
         checkpoints: dict[str, Path | DamagedCheckpoint] = {}
         if prefetch.checkpoint is not None:
             cand = prefetch.checkpoint
             with self.timed("fetch_checkpoint", step=cand.step, ahead=True):
                 try:
-                    checkpoints[cand.uri] = fetch_verified(self.client, cand, self.dirs.resume / "ahead", verify=None)
+                    checkpoints[cand.uri] = fetch_verified(
+                        self.client,
+                        cand,
+                        self.dirs.resume / "ahead",
+                        verify=None,  # the engine's own check (torch) runs after the imports
+                        manifest=self.manifests.get(cand.uri),
+                    )
                 except DamagedCheckpoint as exc:
                     checkpoints[cand.uri] = exc
-        if not self.engine.fetches_inputs:
-            return Inputs(checkpoints=checkpoints)
-        with self.timed("fetch_inputs", sources=[d.source for d in prefetch.inputs]):
-            base_path = self.fetch_dir(job.base_model, "base", "base_model")
-            adapter_dir = Path(self.fetch_dir(job.adapter, "adapter", "adapter")) if job.adapter else None
-            dataset_file = self.fetch_dataset_file()
-        return Inputs(base_path, adapter_dir, dataset_file, checkpoints)
+        inputs = Inputs(checkpoints=checkpoints)
+        if self.engine.fetches_inputs:
+            with self.timed("fetch_inputs", sources=[d.source for d in prefetch.inputs]):
+                base_path = self.fetch_dir(job.base_model, "base", "base_model")
+                adapter_dir = Path(self.fetch_dir(job.adapter, "adapter", "adapter")) if job.adapter else None
+                dataset_file = self.fetch_dataset_file()
+            inputs = Inputs(base_path, adapter_dir, dataset_file, checkpoints)
+        emit_event("prefetch_done", seconds=round(self.clock.seconds(), 3))
+        return inputs
 
     # 3. the checkpoint to start from ---------------------------------------------------------
     def fetch_candidate(
@@ -240,7 +259,12 @@ class Pipeline:
             return None
         with self.timed("fetch_candidate"):
             found = fetch_first_verified(
-                self.client, plan.candidates, self.dirs.resume, verify=self.engine.verify_checkpoint, ready=ready
+                self.client,
+                plan.candidates,
+                self.dirs.resume,
+                verify=self.engine.verify_checkpoint,
+                ready=ready,
+                manifests=self.manifests,
             )
         if found is None:
             return None
@@ -261,12 +285,8 @@ class Pipeline:
                 log.info("aborted %d unfinished multipart upload(s) under %s", len(aborted), self.store.root)
                 emit_event("uploads_aborted", keys=aborted)
             prefetch = plan_prefetch(job, view, inputs=self.engine.fetches_inputs)
+            # The downloads run while the heavy imports do (nothing on that thread imports them).
             fetching = _Background(lambda: self.fetch_inputs(prefetch), "loraresume-prefetch")
-            emit_event(
-                "prefetch",
-                sources=[d.source for d in prefetch.inputs],
-                checkpoint=prefetch.checkpoint.uri if prefetch.checkpoint else None,
-            )
             with self.timed("load_stack"):
                 self.engine.load_stack(self)
             self.clock.mark("imports_done")
@@ -287,7 +307,8 @@ class Pipeline:
                 warn_unchecked(fetched[0].fingerprint, fingerprint, fetched[0].uri)
             self.report_foreign(plan.resume)
             start = plan_start(plan, fingerprint, fetched, checkpoints_uri=str(self.store.root.child(CHECKPOINTS_DIR)))
-            self.clock.mark("checkpoint_verified", step=start.step)
+            ahead = fetched is not None and isinstance(inputs.checkpoints.get(fetched[0].uri), Path)
+            self.clock.mark("checkpoint_verified", step=start.step, prefetched=ahead)
             emit_event(
                 "start",
                 attempt=job.attempt,
