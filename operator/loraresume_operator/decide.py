@@ -568,6 +568,24 @@ def accounted(pod: ObservedPod, status: LoraResumeStatus) -> bool:
     return status.phase.is_terminal and (pod.ended or pod.terminating)
 
 
+def storage_needed(status: LoraResumeStatus, pod: ObservedPod | None) -> bool:
+    """Whether a reconcile must read the job's storage fresh before deciding: no attempt in flight (a
+    launch starts from the newest checkpoint), or the attempt's pod has ended, is going or is gone
+    (its end is counted against what is durable). A pod alive does with a recent read."""
+    return status.pod_name is None or pod is None or pod.ended or pod.terminating or pod.stuck
+
+
+def reads_storage_fresh(before: LoraResumeStatus, plan: Plan) -> bool:
+    """Whether `plan` rests on storage that must have been read just now: it launches a pod or counts
+    an attempt's end (a decision taken on a recent read that does either is taken again on a fresh one)."""
+    return (
+        any(isinstance(a, CreatePod) for a in plan.actions)
+        or plan.status.last_attempt_ended != before.last_attempt_ended
+        or plan.status.attempt != before.attempt
+        or (plan.status.phase.is_terminal and not before.phase.is_terminal)
+    )
+
+
 def releases(obs: Observation, plan: Plan) -> tuple[ReleasePod, ...]:
     """The pods whose accounting finalizer `plan` lets go (after its status is written)."""
     deleted = {a.name for a in plan.actions if isinstance(a, DeletePod)}

@@ -1,5 +1,8 @@
 """kopf handlers: thin. Each turns an event into `Reconciler.reconcile(namespace, name)`.
 
+Every LoraResume and trainer pod the watches deliver is kept in the run's WatchCache first, so
+that reconciles read them from there instead of GETting them (watch_cache.py).
+
 Level-based: one background loop reconciles every known resource periodically (progress,
 backoff expiry), pod events reconcile the owner at once, create/update/resume reconcile
 immediately. Retries are bounded here; the loop is the standing retry. (Per-object kopf
@@ -29,7 +32,9 @@ from .defaults import OperatorDefaults
 from .observed import ObservedPod
 from .pods import LABEL_RESOURCE
 from .reconcile import Reconciler
+from .s3_view import StorageViews
 from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus
+from .watch_cache import WatchCache
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ class Runtime:
     cluster_wide: bool
     interval: float  # seconds between periodic reconciles
     reconciler: Reconciler | None = None
+    cache: WatchCache = field(default_factory=WatchCache)
     known: set[tuple[str, str]] = field(default_factory=set)  # reconciled by the periodic loop
     known_lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -88,7 +94,14 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     except config.ConfigException:
         config.load_kube_config()
     api = client.ApiClient()
-    rt.reconciler = Reconciler(client.CoreV1Api(api), client.CustomObjectsApi(api), OperatorDefaults.from_env())
+    rt.reconciler = Reconciler(
+        client.CoreV1Api(api),
+        client.CustomObjectsApi(api),
+        OperatorDefaults.from_env(),
+        cache=rt.cache,
+        # progress.json once per round of the periodic loop at most: pod events in between reuse it
+        views=StorageViews(progress_seconds=rt.interval),
+    )
     settings.persistence.finalizer = f"{GROUP}/cleanup"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -141,9 +154,20 @@ def on_change(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> No
     _reconcile(rt.rec(), *key)
 
 
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **kw: Any) -> None:
+    """Keep the LoraResume as delivered (kopf runs event handlers before the change handlers of the
+    same event, so a create or update handler finds it here)."""
+    cache = runtime(memo).cache
+    if kw.get("type") == "DELETED":
+        cache.drop_resource(_namespaced(namespace), name)
+    else:
+        cache.put_resource(body)
+
+
 @kopf.on.event("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
 async def on_pod_event(
-    namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any
+    namespace: str | None, name: str, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **kw: Any
 ) -> None:
     """A trainer pod changed: reconcile its LoraResume now, on the pod-event pool (errors wait for the
     timer). At start-up kopf lists every trainer pod here, so a pod left held by a crash is let go then.
@@ -151,10 +175,15 @@ async def on_pod_event(
     Only pods that carry the accounting finalizer: one without it was let go (its end is counted; its
     release and removal would each cost a reconcile for nothing) or comes from an operator version
     before the finalizer, whose end the periodic reconcile notices."""
-    rt, pod = runtime(memo), ObservedPod.from_api(dict(body))
+    rt, ns = runtime(memo), _namespaced(namespace)
+    if kw.get("type") == "DELETED":
+        rt.cache.drop_pod(ns, name)
+        pod = ObservedPod.from_api(dict(body))
+    else:
+        pod = rt.cache.put_pod(ns, body)
     if not pod.held:
         return
-    key = (_namespaced(namespace), labels[LABEL_RESOURCE])
+    key = (ns, labels[LABEL_RESOURCE])
     await asyncio.get_running_loop().run_in_executor(rt.pod_events, _after_pod_event, rt.rec(), key, pod)
 
 

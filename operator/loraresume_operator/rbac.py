@@ -32,7 +32,7 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
         PLURAL,
         ("get", "list", "watch", "patch"),
         "kopf watches LoraResumes and patches their finalizer and handler-progress annotations; "
-        "each reconcile reads the resource afresh",
+        "reconciles read them from the watch, and get one afresh after a conflicting status write",
     ),
     Rule(
         GROUP,
@@ -44,8 +44,9 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
     Rule(
         "",
         "pods",
-        ("get", "list", "watch", "create", "delete", "deletecollection", "patch"),
-        "trainer pods: one created per attempt, watched for their end, read by name, removed with their LoraResume; "
+        ("list", "watch", "create", "delete", "deletecollection", "patch"),
+        "trainer pods: one created per attempt, watched for their end (one the watch has not delivered yet is "
+        "listed by name), removed with their LoraResume; "
         "one that never started (no spot capacity, an image that cannot be pulled) deleted; their accounting "
         "finalizer removed (patch) once the status counts their end",
     ),
@@ -60,7 +61,7 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
         "secrets",
         ("get",),
         "the S3 credentials Secret named in spec.storage.credentialsSecret, to read progress and "
-        "checkpoints from S3 (never copied, logged or written anywhere)",
+        "checkpoints from S3 (kept in memory for a minute, never copied, logged or written anywhere)",
     ),
 )
 

@@ -1,19 +1,29 @@
-"""One reconcile: observe (API + S3), decide (pure), write status once, then act.
+"""One reconcile: observe (watch cache, S3), decide (pure), write status once, then act.
 
-The status is written first, conditionally on the resourceVersion read (optimistic
-concurrency), so two reconciles racing for one resource cannot both count a pod's end;
-only then are pods created (AlreadyExists is success: names are per attempt).
+Observed from what the watches delivered (watch_cache.py), not by GETs: the resource, its pods
+and the LoraResumes it starts from; a miss falls back to a GET. The status is written first,
+conditionally on the resourceVersion read (optimistic concurrency), so two reconciles racing for
+one resource, or one that read a stale body, cannot both count a pod's end: a 409 makes the
+reconcile GET the resource (the one GET of it in the normal run) and decide again. Only then are
+pods created (AlreadyExists is success: names are per attempt).
+
+S3 is read at a bounded rate while the attempt's pod is alive (s3_view.StorageViews), and fresh
+when the decision needs it: nothing in flight (a launch starts from the newest checkpoint), or
+the pod ended or is gone (its end is counted against what is durable). The credentials Secret is
+cached for SECRET_TTL_SECONDS and read again after any storage error (a rotated key that S3
+refuses is picked up at once).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,19 +50,29 @@ from .decide import (
     decide,
     iso,
     parse_iso,
+    reads_storage_fresh,
+    storage_needed,
 )
 from .defaults import OperatorDefaults, effective_spec
 from .k8s_names import MAX_LABEL_VALUE
 from .observed import ObservedPod
 from .pods import ACCOUNTING_FINALIZER, LABEL_RESOURCE, build_trainer_pod
 from .policy import credentials_problem, spec_problems
-from .s3_view import DownloadSizes, StorageView, read_storage, s3_client
+from .s3_view import DownloadSizes, StorageView, StorageViews, s3_client
 from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus, Phase
+from .watch_cache import WatchCache
 
 log = logging.getLogger(__name__)
 
 CONFLICT_RETRY_SECONDS = 1.0
 STORAGE_RETRY_SECONDS = 30.0
+# How long a credentials Secret read is used before it is read again (any storage error reads it again
+# at once). One GET per Secret per minute, not one per reconcile; a rotation takes effect within it.
+SECRET_TTL_SECONDS = 60.0
+
+
+class StatusConflict(Exception):
+    """The status write was refused (409): the resource changed since it was read."""
 
 
 def utcnow() -> datetime:
@@ -79,36 +99,61 @@ class Reconciler:
         defaults: OperatorDefaults,
         clock: Callable[[], datetime] = utcnow,
         s3_factory: Callable[..., Any] = s3_client,
+        cache: WatchCache | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        views: StorageViews | None = None,
     ) -> None:
         self.core, self.custom, self.defaults, self.clock, self.s3_factory = core, custom, defaults, clock, s3_factory
+        self.cache = cache if cache is not None else WatchCache()  # empty: every read is a GET
+        self.monotonic = monotonic
         self.download_sizes = DownloadSizes()
+        self.views = views if views is not None else StorageViews()
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._phases: dict[tuple[str, str], str] = {}
+        self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
+        self._secrets_lock = threading.Lock()
 
     # ---- observe ----------------------------------------------------------------------------
-    def _get(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def _get(self, namespace: str, name: str, *, fresh: bool = False) -> dict[str, Any] | None:
+        """The resource as the watch delivered it; a GET if it has not (or `fresh`: after a 409)."""
+        if not fresh:
+            cached = self.cache.resource(namespace, name)
+            if cached is not None:
+                return cached
         try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            body: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+        self.cache.refresh_resource(body)
+        return body
 
     def _pod(self, namespace: str, name: str | None) -> ObservedPod | None:
+        """The pod as the watch delivered it; a GET if it has not (the operator is starting, or the pod
+        was created a moment ago): a pod the cache lacks is never taken for gone."""
         if not name:
             return None
-        try:
-            pod = self.core.read_namespaced_pod(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return ObservedPod.from_api(self.core.api_client.sanitize_for_serialization(pod))
+        cached = self.cache.pod(namespace, name)
+        if cached is not None:
+            return cached
+        found = self._list_pods(namespace, field_selector=f"metadata.name={name}")
+        return ObservedPod.from_api(found[0]) if found else None
+
+    def _list_pods(self, namespace: str, **selector: str) -> list[dict[str, Any]]:
+        """Trainer pods as dicts, by a list (the operator needs no `get` of pods: its watch lists too)."""
+        items = self.core.list_namespaced_pod(namespace, **selector).items
+        return [self.core.api_client.sanitize_for_serialization(pod) for pod in items]
 
     def _credentials(self, namespace: str, spec: LoraResumeSpec) -> dict[str, str] | None:
         name = spec.storage.credentials_secret
         if not name:
             return None
+        now = self.monotonic()
+        with self._secrets_lock:
+            known = self._secrets.get((namespace, name))
+        if known is not None and now - known[0] < SECRET_TTL_SECONDS:
+            return known[1]
         try:
             secret = self.core.read_namespaced_secret(name, namespace)
         except ApiException as exc:
@@ -123,7 +168,14 @@ class Reconciler:
         values = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
         for key in SECRET_KEYS:
             remember_secret(values.get(key, ""))
+        with self._secrets_lock:
+            self._secrets[(namespace, name)] = (now, values)
         return values
+
+    def forget_credentials(self, namespace: str, spec: LoraResumeSpec) -> None:
+        """Read the Secret again next time (storage refused it, or could not be read with it)."""
+        with self._secrets_lock:
+            self._secrets.pop((namespace, spec.storage.credentials_secret or ""), None)
 
     def storage_client(self, namespace: str, spec: LoraResumeSpec) -> Any:
         """For an effective spec (defaults applied): its endpoint, region and credentials."""
@@ -157,7 +209,8 @@ class Reconciler:
         )
 
     # ---- act ----------------------------------------------------------------------------------
-    def _write_status(self, body: dict[str, Any], status: LoraResumeStatus) -> bool:
+    def _write_status(self, body: Mapping[str, Any], status: LoraResumeStatus) -> None:
+        """Raises StatusConflict when the resource changed since `body` was read."""
         meta = body["metadata"]
         new = {
             "apiVersion": body["apiVersion"],
@@ -170,15 +223,15 @@ class Reconciler:
             "status": status.model_dump(by_alias=True, mode="json", exclude_none=True),
         }
         try:
-            self.custom.replace_namespaced_custom_object_status(
+            written = self.custom.replace_namespaced_custom_object_status(
                 GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], new
             )
         except ApiException as exc:
             if exc.status == 409:
-                log.info("status of %s/%s changed meanwhile; reconciling again", meta["namespace"], meta["name"])
-                return False
+                raise StatusConflict(f"{meta['namespace']}/{meta['name']}") from None
             raise
-        return True
+        if isinstance(written, Mapping):
+            self.cache.refresh_resource(written)
 
     def _create_pod(
         self, resource: Resource, spec: LoraResumeSpec, action: CreatePod, view: StorageView, client: Any
@@ -198,14 +251,26 @@ class Reconciler:
         `event_pod`: the trainer pod whose event asked for this reconcile; if it is not the
         attempt's current pod, it is let go once the status has counted it."""
         with self._locks[(namespace, name)]:
-            body = self._get(namespace, name)
-            if body is None or body["metadata"].get("deletionTimestamp"):
-                if event_pod is not None and event_pod.held:  # nothing left to count it in
-                    self.release_pod(namespace, event_pod.name)
-                return None
-            return self._reconcile(body, event_pod)
+            try:
+                return self._reconcile_body(namespace, self._get(namespace, name), event_pod)
+            except StatusConflict:
+                log.info("status of %s/%s changed meanwhile; reading it again", namespace, name)
+            try:
+                return self._reconcile_body(namespace, self._get(namespace, name, fresh=True), event_pod)
+            except StatusConflict:
+                log.info("status of %s/%s changed meanwhile again; a later reconcile decides", namespace, name)
+                return CONFLICT_RETRY_SECONDS
 
-    def _reconcile(self, body: dict[str, Any], event_pod: ObservedPod | None = None) -> float | None:
+    def _reconcile_body(
+        self, namespace: str, body: Mapping[str, Any] | None, event_pod: ObservedPod | None
+    ) -> float | None:
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            if event_pod is not None and event_pod.held:  # nothing left to count it in
+                self.release_pod(namespace, event_pod.name, event_pod.finalizers)
+            return None
+        return self._reconcile(body, event_pod)
+
+    def _reconcile(self, body: Mapping[str, Any], event_pod: ObservedPod | None = None) -> float | None:
         meta = body["metadata"]
         resource = Resource(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation") or 1))
         status = LoraResumeStatus.model_validate(body.get("status") or {})
@@ -226,7 +291,7 @@ class Reconciler:
         if status.phase.is_terminal and status.observed_generation == resource.generation:
             self.record_phase(resource.namespace, resource.name, status.phase.value)
             if event_pod is not None and event_pod.held and accounted(event_pod, status):
-                self.release_pod(resource.namespace, event_pod.name)
+                self.release_pod(resource.namespace, event_pod.name, event_pod.finalizers)
             return None
         written = status
         storage_uri = self.storage_uri(resource.namespace, resource.name, spec, status)
@@ -251,10 +316,15 @@ class Reconciler:
         if refused and (pod is None or pod.ended):  # a pod admitted under an older policy may finish
             self._invalid(body, resource, status, "; ".join(refused), reason=c.POLICY_VIOLATION)
             return None
+        key = (resource.namespace, resource.name)
         try:
-            client = self.storage_client(resource.namespace, spec)  # one Secret read per reconcile
-            view = read_storage(spec, client)
+            client = self.storage_client(resource.namespace, spec)
+            if storage_needed(status, pod):
+                view, fresh = self.views.read(key, spec, client, self.monotonic()), True
+            else:
+                view, fresh = self.views.view(key, spec, client, self.monotonic())
         except TrainerError as exc:
+            self.forget_credentials(resource.namespace, spec)
             return self._storage_unavailable(body, resource, written, exc)
         now = self.clock()
         observation = Observation(
@@ -272,22 +342,38 @@ class Reconciler:
             other_pod=event_pod if event_pod is not None and event_pod.name != status.pod_name else None,
         )
         plan = decide(observation)
-        if plan.status != written and not self._write_status(body, plan.status):
-            return CONFLICT_RETRY_SECONDS
+        if not fresh and reads_storage_fresh(status, plan):  # it launches or counts an end: read S3 now
+            try:
+                view = self.views.read(key, spec, client, self.monotonic())
+            except TrainerError as exc:
+                self.forget_credentials(resource.namespace, spec)
+                return self._storage_unavailable(body, resource, written, exc)
+            observation = dataclasses.replace(
+                observation,
+                checkpoint=view.checkpoint,
+                progress=view.progress,
+                adapter_complete=view.adapter_complete,
+                predecessor=None if view.checkpoint else self._source(resource.namespace, spec.resume.extend_from),
+            )
+            plan = decide(observation)
+        if plan.status != written:
+            self._write_status(body, plan.status)
         self.record_phase(resource.namespace, resource.name, plan.status.phase.value)
-        self._execute(body, resource, spec, written, plan, view, client)
+        known = {p.name: p for p in (pod, event_pod) if p is not None}
+        self._execute(body, resource, spec, written, plan, view, client, known)
         self._observe_metrics(resource, written, plan, view, now)
         return plan.requeue.after_seconds if plan.requeue else None
 
     def _execute(
         self,
-        body: dict[str, Any],
+        body: Mapping[str, Any],
         resource: Resource,
         spec: LoraResumeSpec,
         before: LoraResumeStatus,
         plan: Plan,
         view: StorageView,
         client: Any,
+        pods: Mapping[str, ObservedPod],
     ) -> None:
         for action in plan.actions:
             if isinstance(action, CreatePod):
@@ -313,7 +399,8 @@ class Reconciler:
             elif isinstance(action, DeletePod):
                 self._delete_pod(resource.namespace, action.name)
             elif isinstance(action, ReleasePod):
-                self.release_pod(resource.namespace, action.name)
+                known = pods.get(action.name)
+                self.release_pod(resource.namespace, action.name, known.finalizers if known else None)
             elif isinstance(action, EmitEvent):
                 self.post_event(body, type_=action.type, reason=action.reason, message=action.message)
 
@@ -338,7 +425,7 @@ class Reconciler:
                 pass
 
     def _storage_unavailable(
-        self, body: dict[str, Any], resource: Resource, status: LoraResumeStatus, exc: TrainerError
+        self, body: Mapping[str, Any], resource: Resource, status: LoraResumeStatus, exc: TrainerError
     ) -> float:
         """No decision without S3 (checkpoints, progress): say why, keep the budgets, retry later.
 
@@ -358,8 +445,8 @@ class Reconciler:
                 iso(self.clock()),
                 resource.generation,
             )
-            if self._write_status(body, status.model_copy(update={"message": message, "conditions": conds})):
-                self.post_event(body, type_="Warning", reason=c.STORAGE_UNAVAILABLE, message=message)
+            self._write_status(body, status.model_copy(update={"message": message, "conditions": conds}))
+            self.post_event(body, type_="Warning", reason=c.STORAGE_UNAVAILABLE, message=message)
         return STORAGE_RETRY_SECONDS
 
     def _pod_refused(self, resource: Resource, action: CreatePod, exc: ApiException) -> None:
@@ -374,14 +461,15 @@ class Reconciler:
         if exc.status == 403:
             metrics.RECONCILE_ERRORS.labels("api").inc()
             log.warning("%s/%s: %s", resource.namespace, resource.name, message)
-            if status.message != message and self._write_status(body, status.model_copy(update={"message": message})):
+            if status.message != message:
+                self._write_status(body, status.model_copy(update={"message": message}))
                 self.post_event(body, type_="Warning", reason="PodForbidden", message=message)
             return
         self._invalid(body, resource, status, message)
 
     def _invalid(
         self,
-        body: dict[str, Any],
+        body: Mapping[str, Any],
         resource: Resource,
         status: LoraResumeStatus,
         problems: str,
@@ -402,8 +490,8 @@ class Reconciler:
                 "observed_generation": resource.generation,
             }
         )
-        if self._write_status(body, failed):
-            self.post_event(body, type_="Warning", reason=reason, message=message)
+        self._write_status(body, failed)
+        self.post_event(body, type_="Warning", reason=reason, message=message)
         return None
 
     def _delete_pod(self, namespace: str, name: str) -> None:
@@ -418,20 +506,21 @@ class Reconciler:
         """The resource is going: its pods go (SIGTERM, the trainer checkpoints) and are let go."""
         selector = f"{LABEL_RESOURCE}={name}"
         self.core.delete_collection_namespaced_pod(namespace, label_selector=selector)
-        for pod in self.core.list_namespaced_pod(namespace, label_selector=selector).items:
-            if ACCOUNTING_FINALIZER in (pod.metadata.finalizers or ()):
-                self.release_pod(namespace, pod.metadata.name)
+        for pod in self._list_pods(namespace, label_selector=selector):
+            finalizers = tuple(pod["metadata"].get("finalizers") or ())
+            if ACCOUNTING_FINALIZER in finalizers:
+                self.release_pod(namespace, pod["metadata"]["name"], finalizers)
 
-    def release_pod(self, namespace: str, name: str) -> None:
+    def release_pod(self, namespace: str, name: str, finalizers: tuple[str, ...] | None = None) -> None:
         """Remove the accounting finalizer (a JSON patch guarded by a test of the entry, so another
-        controller's finalizers are never touched); a pod already gone is released."""
-        try:
-            pod = self.core.read_namespaced_pod(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
+        controller's finalizers are never touched); a pod already gone is released. `finalizers`: as
+        the watch delivered them (no GET; if they changed since, the test refuses the patch and the
+        pod's next event retries)."""
+        if finalizers is None:
+            found = self._pod(namespace, name)
+            if found is None:
                 return
-            raise
-        finalizers = list(pod.metadata.finalizers or ())
+            finalizers = found.finalizers
         if ACCOUNTING_FINALIZER not in finalizers:
             return
         at = f"/metadata/finalizers/{finalizers.index(ACCOUNTING_FINALIZER)}"
@@ -447,7 +536,7 @@ class Reconciler:
             raise
         log.info("pod %s/%s: counted, accounting finalizer removed", namespace, name)
 
-    def post_event(self, body: dict[str, Any], *, type_: str, reason: str, message: str) -> None:
+    def post_event(self, body: Mapping[str, Any], *, type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the resource, through the API client: works from any thread (kopf's
         own poster needs its context variables), and a failure to post never stops a reconcile."""
         meta = body["metadata"]
@@ -492,6 +581,7 @@ class Reconciler:
                 metrics.CHECKPOINT_AGE.remove(namespace, name)
             except KeyError:
                 pass
+            self.views.forget((namespace, name))
         self._locks.pop((namespace, name), None)
 
     def record_phase(self, namespace: str, name: str, phase: str | None) -> None:

@@ -7,8 +7,10 @@ operator's own identity when it names none.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,9 +73,7 @@ def read_storage(spec: LoraResumeSpec, client: Any) -> StorageView:
     """Raises loraresume_trainer.errors.TrainerError (StorageError / StorageAuthError) on S3 trouble.
 
     `spec` is the effective spec: its storage.uri is resolved (effective_spec)."""
-    if spec.storage.uri is None:
-        raise ValueError("read_storage needs the effective spec, with storage.uri resolved")
-    store = CheckpointStore(client, S3Uri.parse(spec.storage.uri))
+    store = _store(spec, client)
     complete = store.complete_checkpoints()
     checkpoint, created, size = None, None, None
     if complete:
@@ -83,6 +83,64 @@ def read_storage(spec: LoraResumeSpec, client: Any) -> StorageView:
     progress = store.get_json(PROGRESS_NAME)
     adapter = store.read_adapter_manifest()
     return StorageView(checkpoint, progress, adapter is not None, created, size)
+
+
+# While its pod is alive (pending or running), a job's progress.json is read at most this often (the
+# operator passes its reconcile interval), and its
+# checkpoint listing and adapter manifest at most every LISTING_SECONDS, or sooner when progress.json
+# says a newer checkpoint is durable: a pod event, a periodic round in between reuses the last read. A
+# decision that needs them (a launch, an ended or vanished pod) reads them fresh (reconcile.py).
+PROGRESS_SECONDS = 10.0
+LISTING_SECONDS = 60.0
+
+
+class StorageViews:
+    """The last StorageView of each resource, and when its parts were read (monotonic seconds)."""
+
+    def __init__(self, progress_seconds: float = PROGRESS_SECONDS, listing_seconds: float = LISTING_SECONDS) -> None:
+        self.progress_seconds, self.listing_seconds = progress_seconds, listing_seconds
+        self._lock = threading.Lock()
+        self._views: dict[tuple[str, str], tuple[float, float, StorageView]] = {}  # listed at, progress at
+
+    def view(self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float) -> tuple[StorageView, bool]:
+        """(view, fresh): the last view while its parts are young enough; fresh is True when all of it
+        was read now. Raises what read_storage raises."""
+        with self._lock:
+            known = self._views.get(key)
+        if known is None or now - known[0] >= self.listing_seconds:
+            return self.read(key, spec, client, now), True
+        listed_at, progress_at, view = known
+        if now - progress_at >= self.progress_seconds:
+            progress = _store(spec, client).get_json(PROGRESS_NAME)
+            if _durable_step(progress) > (view.checkpoint.step if view.checkpoint else 0):
+                return self.read(key, spec, client, now), True  # the trainer says a newer checkpoint is durable
+            view = dataclasses.replace(view, progress=progress)
+            with self._lock:
+                self._views[key] = (listed_at, now, view)
+        return view, False
+
+    def read(self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float) -> StorageView:
+        """All of it, now."""
+        view = read_storage(spec, client)
+        with self._lock:
+            self._views[key] = (now, now, view)
+        return view
+
+    def forget(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._views.pop(key, None)
+
+
+def _durable_step(progress: Any) -> int:
+    """The newest checkpoint step the trainer says is durable (progress.json, read as untrusted; 0: none)."""
+    step = progress.get("durable_step") if isinstance(progress, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) and step > 0 else 0
+
+
+def _store(spec: LoraResumeSpec, client: Any) -> CheckpointStore:
+    if spec.storage.uri is None:
+        raise ValueError("reading storage needs the effective spec, with storage.uri resolved")
+    return CheckpointStore(client, S3Uri.parse(spec.storage.uri))
 
 
 class DownloadSizes:
@@ -127,4 +185,4 @@ class DownloadSizes:
         )
 
 
-__all__ = ["DownloadSizes", "StorageView", "TrainerError", "read_storage", "s3_client"]
+__all__ = ["DownloadSizes", "StorageView", "StorageViews", "TrainerError", "read_storage", "s3_client"]

@@ -25,7 +25,7 @@ def test_apply_preempt_fail_succeed_story(operator, job, tmp_path):
     job.run_pod(1)
     wait_for("Running", lambda: job.status().get("phase") == "Running")
     job.checkpoint(tmp_path, 10)
-    job.progress(14, attempt=1)
+    job.progress(14, attempt=1, durable_step=10)
     wait_for("progress", lambda: job.status().get("progress") == "14/30")
     assert job.status()["latestCheckpoint"]["step"] == 10 and job.status()["loss"] == "1.5"
 

@@ -176,8 +176,12 @@ class Job:
         self.store.upload_adapter(adapter, {"fake": True})
         self.end_pod(attempt, 0, {"outcome": "succeeded", "reason": "adapter saved"})
 
-    def progress(self, step: int, attempt: int, loss: float = 1.5) -> None:
-        self.store.put_json("progress.json", {"step": step, "max_steps": 30, "loss": loss, "attempt": attempt})
+    def progress(self, step: int, attempt: int, loss: float = 1.5, durable_step: int | None = None) -> None:
+        """progress.json as the trainer writes it (`durable_step`: its newest checkpoint in S3)."""
+        self.store.put_json(
+            "progress.json",
+            {"step": step, "max_steps": 30, "loss": loss, "attempt": attempt, "durable_step": durable_step},
+        )
 
     def condition(self, type_: str) -> dict[str, Any] | None:
         return next((c for c in self.status().get("conditions", []) if c["type"] == type_), None)

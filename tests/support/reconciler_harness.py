@@ -16,13 +16,9 @@ from typing import Any
 from botocore.exceptions import ClientError
 from kubernetes.client import ApiException
 
+from loraresume_operator.defaults import OperatorDefaults
 from loraresume_operator.policy import ANY, CREDENTIALS_LABEL, Policy
 from loraresume_operator.reconcile import Reconciler
-
-try:  # the defaults moved out of pods.py; either home works
-    from loraresume_operator.defaults import OperatorDefaults
-except ImportError:  # pragma: no cover
-    from loraresume_operator.pods import OperatorDefaults  # type: ignore[no-redef]
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 NS = "fuzz"
@@ -76,6 +72,11 @@ class _Refusal:
 
 
 @dataclass
+class _Items:
+    items: list[dict[str, Any]]
+
+
+@dataclass
 class _Meta:
     labels: dict[str, str] | None
 
@@ -95,15 +96,23 @@ class FakeCore:
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     created: list[dict[str, Any]] = field(default_factory=list)
+    patches: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)
     refused: list[dict[str, Any]] = field(default_factory=list)
     api_client: _ApiClient = field(default_factory=_ApiClient)
     validate_pod: Any = None  # pod -> [(field, detail)]: what a real API server would refuse
     refusal_code: int = 422  # 422 Invalid; 403 as a ResourceQuota or admission webhook refuses
 
-    def read_namespaced_pod(self, name: str, namespace: str) -> Any:
-        if name not in self.pods:
-            raise _not_found()
-        return self.pods[name]
+    def list_namespaced_pod(self, namespace: str, field_selector: str = "", label_selector: str = "") -> Any:
+        """By `metadata.name=NAME` or by the resource label (the only selectors the operator uses)."""
+        wanted = field_selector.removeprefix("metadata.name=") if field_selector else None
+        label = dict([label_selector.split("=", 1)]) if label_selector else {}
+        items = [
+            copy.deepcopy(pod)
+            for name, pod in self.pods.items()
+            if (wanted is None or name == wanted)
+            and all((pod["metadata"].get("labels") or {}).get(k) == v for k, v in label.items())
+        ]
+        return _Items(items)
 
     def read_namespaced_secret(self, name: str, namespace: str) -> Any:
         data = ANY_SECRET if self.secrets is None else self.secrets.get(name)
@@ -129,6 +138,20 @@ class FakeCore:
 
     def delete_collection_namespaced_pod(self, namespace: str, label_selector: str) -> None:
         self.pods.clear()
+
+    def patch_namespaced_pod(self, name: str, namespace: str, patch: list[dict[str, Any]]) -> Any:
+        """The JSON patch that lets a pod go: its `test` entry is checked, as the API server does."""
+        if name not in self.pods:
+            raise _not_found()
+        self.patches.append((name, copy.deepcopy(patch)))
+        finalizers = self.pods[name]["metadata"].setdefault("finalizers", [])
+        for op in patch:
+            index = int(op["path"].rsplit("/", 1)[1])
+            if op["op"] == "test" and (index >= len(finalizers) or finalizers[index] != op["value"]):
+                raise ApiException(status=422, reason="Unprocessable Entity")
+            if op["op"] == "remove":
+                del finalizers[index]
+        return self.pods[name]
 
 
 @dataclass

@@ -81,7 +81,7 @@ policy_rules(); change both together.
 */}}
 {{- define "loraresume-operator.namespacedRules" -}}
 # kopf watches LoraResumes and patches their finalizer and handler-progress annotations;
-# each reconcile reads the resource afresh.
+# reconciles read them from the watch, and get one afresh after a conflicting status write.
 - apiGroups: ["loraresume.dev"]
   resources: ["loraresumes"]
   verbs: ["get", "list", "watch", "patch"]
@@ -90,19 +90,19 @@ policy_rules(); change both together.
 - apiGroups: ["loraresume.dev"]
   resources: ["loraresumes/status"]
   verbs: ["update"]
-# Trainer pods: one created per attempt, watched for their end, read by name,
-# removed with their LoraResume; one that never started (no spot capacity, an image
-# that cannot be pulled) deleted; their accounting finalizer removed (patch) once the
-# status counts their end.
+# Trainer pods: one created per attempt, watched for their end (one the watch has not
+# delivered yet is listed by name), removed with their LoraResume; one that never started
+# (no spot capacity, an image that cannot be pulled) deleted; their accounting finalizer
+# removed (patch) once the status counts their end.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "delete", "deletecollection", "patch"]
+  verbs: ["list", "watch", "create", "delete", "deletecollection", "patch"]
 # Relaunching, Preempted, Succeeded... events on the LoraResume (kopf posts its own too).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
 # The S3 credentials Secret named in spec.storage.credentialsSecret, to read progress and
-# checkpoints from S3 (never copied, logged or written anywhere).
+# checkpoints from S3 (kept in memory for a minute, never copied, logged or written anywhere).
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]

@@ -1,0 +1,102 @@
+"""What the watch streams delivered: LoraResume bodies and trainer pods, for reconciles without GETs.
+
+kopf already watches both kinds; its event handlers (handlers.py) put every body they are given
+here, and a reconcile reads from here first. A miss (not delivered yet: the operator is starting,
+or a pod created a moment ago) falls back to a GET, so the cache never decides that something is
+gone. A body older than the stored one cannot matter for the counting: the status is written
+conditionally on the resourceVersion read (reconcile.py), so a reconcile from a stale body writes
+nothing and acts on nothing, and reads the resource again.
+
+Thread-safe: kopf's event loop writes, the reconcile threads read.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from .observed import ObservedPod
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+def _newer(candidate: str | None, stored: str | None) -> bool:
+    """Whether `candidate` may replace `stored`. resourceVersions are opaque strings; the API server's
+    are etcd revisions, so digits compare as numbers (a late watch event never overwrites the answer
+    to a status write); anything else replaces."""
+    if candidate and stored and candidate.isdigit() and stored.isdigit():
+        return int(candidate) >= int(stored)
+    return True
+
+
+class WatchCache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._resources: dict[Key, dict[str, Any]] = {}
+        self._pods: dict[Key, tuple[str | None, ObservedPod]] = {}
+
+    # ---- LoraResumes ----------------------------------------------------------------------------
+    def put_resource(self, body: Mapping[str, Any]) -> None:
+        """A body a watch event (or a status write's answer) delivered."""
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        with self._lock:
+            stored = self._resources.get(key)
+            if stored is None or _newer(meta.get("resourceVersion"), stored["metadata"].get("resourceVersion")):
+                self._resources[key] = _plain(body)
+
+    def refresh_resource(self, body: Mapping[str, Any]) -> None:
+        """The answer to this process's own write: stored only over a body the watch delivered (a
+        resource the watch does not deliver, e.g. outside the watched namespaces, is not kept)."""
+        meta = body.get("metadata") or {}
+        with self._lock:
+            if (str(meta.get("namespace", "")), str(meta.get("name", ""))) not in self._resources:
+                return
+        self.put_resource(body)
+
+    def drop_resource(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._resources.pop((namespace, name), None)
+
+    def resource(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The newest body delivered (read-only: the reconciler parses it, never edits it), or None."""
+        with self._lock:
+            return self._resources.get((namespace, name))
+
+    # ---- trainer pods ---------------------------------------------------------------------------
+    def put_pod(self, namespace: str, body: Mapping[str, Any]) -> ObservedPod:
+        pod = ObservedPod.from_api(dict(body))
+        version = (body.get("metadata") or {}).get("resourceVersion")
+        with self._lock:
+            stored = self._pods.get((namespace, pod.name))
+            if stored is None or _newer(version, stored[0]):
+                self._pods[(namespace, pod.name)] = (version, pod)
+        return pod
+
+    def drop_pod(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._pods.pop((namespace, name), None)
+
+    def pod(self, namespace: str, name: str) -> ObservedPod | None:
+        with self._lock:
+            found = self._pods.get((namespace, name))
+        return found[1] if found else None
+
+    def sizes(self) -> tuple[int, int]:
+        """(LoraResumes, pods) held."""
+        with self._lock:
+            return len(self._resources), len(self._pods)
+
+
+def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain-dict copy of the parts a reconcile reads (kopf's Body is a live view of its own copy)."""
+    return {key: _copy(body.get(key)) for key in ("apiVersion", "kind", "metadata", "spec", "status") if key in body}
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value

@@ -1,0 +1,229 @@
+"""A reconcile observes from what the watches delivered, not by GETs (issue 15).
+
+The real Reconciler over the harness's stand-ins, with its WatchCache filled as kopf's event
+handlers fill it: every API read and S3 request is counted. What is read, and when:
+- the resource and its pods from the cache; a GET only on a miss or after a 409 (stale body);
+- the credentials Secret once per SECRET_TTL_SECONDS, again at once after a storage error;
+- S3 in full when the decision needs it (a launch, an ended pod), else progress.json at most every
+  PROGRESS_SECONDS and the listing every LISTING_SECONDS.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from loraresume_operator.observed import ACCOUNTING_FINALIZER
+from loraresume_operator.reconcile import SECRET_TTL_SECONDS
+from loraresume_operator.s3_view import LISTING_SECONDS, PROGRESS_SECONDS
+from loraresume_operator.watch_cache import WatchCache
+from tests.support.reconciler_harness import NS, Cluster, EmptyBucket
+from tests.support.specs import resource
+
+SPEC = {
+    "baseModel": "/models/base",
+    "dataset": {"source": "/data/d.jsonl"},
+    "storage": {"uri": "s3://bucket/bot/", "credentialsSecret": "creds"},
+}
+
+
+class CountingBucket(EmptyBucket):
+    def __init__(self, calls: Counter[str], denied: bool = False) -> None:
+        self.calls, self.denied = calls, denied
+
+    def get_paginator(self, name: str) -> Any:
+        self.calls["list"] += 1
+        if self.denied:
+            raise ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "List")
+        return super().get_paginator(name)
+
+    def get_object(self, **kw: Any) -> Any:
+        self.calls[f"get {kw.get('Key', '').rsplit('/', 1)[-1]}"] += 1
+        return super().get_object(**kw)
+
+    def head_object(self, **kw: Any) -> Any:
+        self.calls[f"head {kw.get('Key', '').rsplit('/', 1)[-1]}"] += 1
+        return super().head_object(**kw)
+
+
+class Counted:
+    """Wraps a stand-in: every call of a method is counted by name."""
+
+    def __init__(self, inner: Any, calls: Counter[str]) -> None:
+        self._inner, self._calls = inner, calls
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._inner, name)
+        if not callable(target):
+            return target
+
+        def call(*args: Any, **kw: Any) -> Any:
+            self._calls[name] += 1
+            return target(*args, **kw)
+
+        return call
+
+
+class Fleet:
+    """One LoraResume, the Reconciler with a watch cache, a clock, and counters of every read."""
+
+    def __init__(self) -> None:
+        self.cluster = Cluster(resource(SPEC, name="bot"), secrets={"creds": {"AWS_ACCESS_KEY_ID": "k"}})
+        self.api: Counter[str] = Counter()
+        self.s3: Counter[str] = Counter()
+        rec = self.cluster.reconciler
+        rec.core, rec.custom = Counted(self.cluster.core, self.api), Counted(self.cluster.custom, self.api)
+        self.denied = False  # S3 refuses the credentials
+        rec.s3_factory = lambda *_: CountingBucket(self.s3, self.denied)
+        self.t = 1000.0
+        rec.monotonic = lambda: self.t
+        rec.cache = self.cache = WatchCache()
+        self.deliver()
+
+    def deliver(self) -> None:
+        """The watch delivers the resource as stored now (kopf's event handler)."""
+        self.cache.put_resource(copy.deepcopy(self.cluster.custom.body))
+
+    def deliver_pod(self, phase: str, **status: Any) -> None:
+        pod = self.cluster.core.pods["bot-attempt-1"]
+        pod["status"] = {"phase": phase, **status}
+        self.cache.put_pod(NS, pod)
+
+    def reconcile(self) -> None:
+        self.cluster.reconciler.reconcile(NS, "bot")
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.cluster.status
+
+
+def test_a_lifecycle_reads_neither_the_resource_nor_its_pods():
+    f = Fleet()
+    f.reconcile()  # launch
+    assert f.status["podName"] == "bot-attempt-1"
+    f.deliver_pod("Pending")
+    f.reconcile()
+    f.deliver_pod("Running")
+    f.reconcile()
+    assert f.status["phase"] == "Running"
+    assert f.api["get_namespaced_custom_object"] == 0 and f.api["list_namespaced_pod"] == 0, f.api
+    assert f.api["replace_namespaced_custom_object_status"] == 3  # launched, pending since, running
+
+
+def test_a_pod_the_watch_has_not_delivered_is_read_not_taken_for_gone():
+    f = Fleet()
+    f.reconcile()
+    f.cluster.core.pods["bot-attempt-1"]["status"] = {"phase": "Running"}
+    f.reconcile()  # the pod's ADDED event is not in yet
+    assert f.api["list_namespaced_pod"] == 1
+    assert f.status["phase"] == "Running" and f.status.get("preemptions", 0) == 0
+
+
+def test_a_stale_body_costs_one_get_and_counts_nothing_twice():
+    f = Fleet()
+    f.reconcile()
+    stale = copy.deepcopy(f.cache.resource(NS, "bot"))
+    assert stale is not None
+    f.deliver_pod("Running")
+    f.reconcile()
+    f.cache.drop_resource(NS, "bot")
+    f.cache.put_resource(stale)  # e.g. a late event: the cache holds the launch, not Running
+    f.deliver_pod("Failed", reason="Evicted", message="The node was low on memory")
+    before = f.api["get_namespaced_custom_object"]
+    f.reconcile()  # decided on the stale body: its write conflicts, the resource is read, decided again
+    assert f.api["get_namespaced_custom_object"] == before + 1
+    assert (f.status["preemptions"], f.status["attempt"]) == (1, 2)
+    f.reconcile()
+    assert (f.status["preemptions"], f.status["attempt"]) == (1, 2)
+
+
+def test_the_status_write_answer_keeps_the_cache_current():
+    f = Fleet()
+    f.reconcile()
+    assert f.cache.resource(NS, "bot")["status"]["podName"] == "bot-attempt-1"  # type: ignore[index]
+
+
+def test_the_credentials_secret_is_read_once_per_ttl_and_again_after_a_storage_error():
+    f = Fleet()
+    f.reconcile()
+    f.deliver_pod("Running")
+    for _ in range(3):
+        f.t += PROGRESS_SECONDS
+        f.reconcile()
+    assert f.api["read_namespaced_secret"] == 1
+    f.t += SECRET_TTL_SECONDS
+    f.reconcile()
+    assert f.api["read_namespaced_secret"] == 2
+
+    f.deliver_pod("Failed", reason="Evicted", message="evicted")  # an end: S3 is read in full
+    f.denied = True
+    f.reconcile()
+    assert "cannot read storage" in f.status["message"]
+    f.reconcile()
+    assert f.api["read_namespaced_secret"] == 3
+
+
+@pytest.mark.parametrize(
+    ("after", "want"),
+    [
+        (1.0, Counter()),
+        (PROGRESS_SECONDS, Counter({"get progress.json": 1})),
+        (LISTING_SECONDS, Counter({"list": 1, "get progress.json": 1, "get _COMPLETE.json": 1})),
+    ],
+    ids=["within", "progress-due", "listing-due"],
+)
+def test_storage_is_read_at_a_bounded_rate_while_the_pod_runs(after, want):
+    f = Fleet()
+    f.reconcile()
+    f.deliver_pod("Running")
+    f.reconcile()
+    f.s3.clear()
+    f.t += after
+    f.reconcile()
+    assert +f.s3 == want
+
+
+def test_an_ended_pod_is_decided_on_a_fresh_read():
+    f = Fleet()
+    f.reconcile()
+    f.deliver_pod("Running")
+    f.reconcile()
+    f.s3.clear()
+    f.t += 1
+    f.deliver_pod("Failed", reason="Evicted", message="evicted")
+    f.reconcile()
+    assert f.s3["list"] >= 1 and f.s3["get progress.json"] == 1
+    assert f.status["attempt"] == 2
+
+
+def test_a_counted_pod_is_let_go_without_reading_it():
+    f = Fleet()
+    f.reconcile()
+    assert f.cluster.core.pods["bot-attempt-1"]["metadata"]["finalizers"] == [ACCOUNTING_FINALIZER]
+    f.deliver_pod("Running")
+    f.reconcile()
+    f.deliver_pod("Failed", reason="Evicted", message="evicted")
+    f.reconcile()
+    assert [name for name, _ in f.cluster.core.patches] == ["bot-attempt-1"]
+    assert f.cluster.core.pods["bot-attempt-1"]["metadata"]["finalizers"] == []
+    assert f.api["list_namespaced_pod"] == 0
+
+
+def test_the_cache_keeps_the_newest_delivery():
+    cache = WatchCache()
+    body = resource(SPEC, name="bot", namespace=NS)
+    body["metadata"]["resourceVersion"] = "12"
+    cache.put_resource(body)
+    older = copy.deepcopy(body)
+    older["metadata"]["resourceVersion"] = "9"
+    older["status"] = {"phase": "Pending"}
+    cache.put_resource(older)  # a late event: the answer to a write was newer
+    assert cache.resource(NS, "bot") == body
+    cache.refresh_resource(resource(SPEC, name="other", namespace=NS))  # never delivered by a watch
+    assert cache.resource(NS, "other") is None
+    cache.drop_resource(NS, "bot")
+    assert cache.resource(NS, "bot") is None
