@@ -82,6 +82,7 @@ class StandInEngine:
     """The trainer's Engine with the model replaced: a fingerprint without data, a timed loop."""
 
     fetches_inputs = False  # no model, no data: nothing of the job's inputs is read
+    compiles = False  # no kernels: no compile caches to keep
     event_fields: Mapping[str, Any] = MappingProxyType({"stand_in": True})
 
     def __init__(self) -> None:

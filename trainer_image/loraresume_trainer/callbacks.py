@@ -31,11 +31,14 @@ class DurableCheckpointCallback(TrainerCallback):
         foreign_checkpoints: Sequence[int] = (),
         clock: StartupClock | None = None,
         upload: Callable[[int], bool] | None = None,
+        on_warm: Callable[[], None] | None = None,
+        warm_steps: int = 3,
     ) -> None:
         """`logs`: (local TensorBoard dir, S3 prefix) uploaded with every checkpoint, so a preempted
         attempt's curves survive too. `foreign_checkpoints`: reported in every progress record.
         `clock`: marks the start-up's last phases (state restored, first step). `upload(step)`: whether
-        to upload that checkpoint (Hooks.upload_checkpoint; always in production)."""
+        to upload that checkpoint (Hooks.upload_checkpoint; always in production). `on_warm()`: called
+        once after `warm_steps` optimizer steps of this attempt (the compile cache's save)."""
         self.uploader = uploader
         self.foreign_checkpoints = tuple(foreign_checkpoints)
         self.logs = logs
@@ -43,6 +46,8 @@ class DurableCheckpointCallback(TrainerCallback):
         self.attempt = attempt
         self.clock = clock or StartupClock(attempt=attempt)
         self.upload = upload
+        self.on_warm = on_warm
+        self.warm_steps = warm_steps
         self.resumed_from = 0
         self.count_offset = 0.0
         self.trl_offset = 0.0
@@ -66,6 +71,9 @@ class DurableCheckpointCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if "first_step" not in self.clock.phases:
             self.clock.mark("first_step", step=state.global_step)
+        if self.on_warm is not None and state.global_step - self.resumed_from >= self.warm_steps:
+            on_warm, self.on_warm = self.on_warm, None
+            on_warm()
         if self.stop.requested and not control.should_training_stop:
             log.warning("%s received: saving checkpoint-%d and stopping", self.stop.signal_name, state.global_step)
             control.should_save = True

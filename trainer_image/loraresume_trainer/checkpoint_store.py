@@ -5,6 +5,7 @@ Layout under the job's root URI::
     checkpoints/checkpoint-<step>/<files>            HF Trainer checkpoint files
     checkpoints/checkpoint-<step>/_COMPLETE.json     written last; the checkpoint counts only then
     adapter/<files> + adapter/_COMPLETE.json         the final adapter and tokenizer
+    compile-cache/<key>/<name>.tar + _COMPLETE.json  compile caches for a relaunch (compile_cache.py)
     progress.json                                    read by the operator for the status
     logs/                                            TensorBoard event files
 
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints/"
 ADAPTER_DIR = "adapter/"
+COMPILE_CACHE_DIR = "compile-cache/"
 LOGS_DIR = "logs/"
 PROGRESS_NAME = "progress.json"
 # An arbitrary pickle that HF does not need to resume: never published.
@@ -195,6 +197,17 @@ class CheckpointStore:
 
     def logs_uri(self) -> S3Uri:
         return self.root.child(LOGS_DIR)
+
+    def compile_cache_uri(self, key: str) -> S3Uri:
+        if not re.fullmatch(r"[0-9a-f]{16,64}", key):
+            raise ValueError(f"compile cache key must be lowercase hex, got {key!r}")
+        return self.root.child(COMPILE_CACHE_DIR, f"{key}/")
+
+    def read_tree_manifest(self, prefix_uri: S3Uri) -> Manifest | None:
+        """The ``_COMPLETE.json`` under a prefix (None until it is complete; DamagedCheckpoint if unusable)."""
+        uri = prefix_uri.as_dir().child(MANIFEST_NAME)
+        data = self._get_small(uri, MAX_MANIFEST_BYTES)
+        return None if data is None else Manifest.from_bytes(data, source=str(uri))
 
     # -------------------------------------------------------------- low level
 

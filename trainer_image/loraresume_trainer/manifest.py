@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 MAX_FILES = 10_000
 MAX_SEGMENT_CHARS = 255  # NAME_MAX of the usual Linux filesystems
 MAX_PATH_CHARS = 1024
-KINDS = frozenset({"checkpoint", "adapter"})
+KINDS = frozenset({"checkpoint", "adapter", "compile-cache"})
 CHECKPOINT_NAME_RE = re.compile(r"^checkpoint-([0-9]{1,12})$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -113,7 +113,7 @@ class FileEntry:
 class Manifest:
     """What a complete checkpoint (or adapter) in S3 consists of."""
 
-    kind: str  # "checkpoint" | "adapter"
+    kind: str  # "checkpoint" | "adapter" | "compile-cache"
     step: int | None
     files: tuple[FileEntry, ...]
     fingerprint: dict[str, Any] = field(default_factory=dict)

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from botocore.exceptions import ClientError
 
+from . import compile_cache
 from .attempt_plan import CheckpointState, Prefetch, StoreView, plan_attempt, plan_prefetch, plan_start
 from .checkpoint_store import (
     CHECKPOINTS_DIR,
@@ -42,6 +43,7 @@ from .checkpoint_store import (
     parse_checkpoint_uri,
     read_checkpoint_state,
 )
+from .compile_cache import CompileCache
 from .config import JobConfig
 from .errors import ConfigError, DamagedCheckpoint
 from .fingerprint import unchecked_keys
@@ -132,6 +134,7 @@ class Pipeline:
         self.durable_step: int | None = None
         self.foreign_steps: tuple[int, ...] = ()  # ResumePlan.foreign, reported in progress.json
         self.manifests: dict[str, Manifest] = {}  # checkpoint URI -> its manifest, as observe() read it
+        self.compile_cache: CompileCache | None = None
 
     @contextmanager
     def timed(self, name: str, **fields: Any) -> Iterator[None]:
@@ -249,6 +252,19 @@ class Pipeline:
         emit_event("prefetch_done", seconds=round(self.clock.seconds(), 3))
         return inputs
 
+    def restore_compile_cache(self) -> CompileCache | None:
+        """Point the compile caches into the work dir and fill them (compile_cache.py); None when the
+        engine compiles nothing or $LORARESUME_COMPILE_CACHE is off. Never fails the attempt."""
+        if not self.engine.compiles or not compile_cache.enabled():
+            return None
+        with self.timed("restore_compile_cache"):
+            cache = CompileCache(self.store, self.dirs.root / "compile-cache", compile_cache.key_inputs(self.job))
+            cache.point_env()
+            source = cache.restore()
+        if source != "miss":
+            self.clock.mark("compile_cache_restored", source=source, files=cache.file_count())
+        return cache
+
     # 3. the checkpoint to start from ---------------------------------------------------------
     def fetch_candidate(
         self, plan: ResumePlan, ready: Mapping[str, Path | DamagedCheckpoint] | None = None
@@ -287,6 +303,7 @@ class Pipeline:
             prefetch = plan_prefetch(job, view, inputs=self.engine.fetches_inputs)
             # The downloads run while the heavy imports do (nothing on that thread imports them).
             fetching = _Background(lambda: self.fetch_inputs(prefetch), "loraresume-prefetch")
+            self.compile_cache = self.restore_compile_cache()  # before the imports: they read its variables
             with self.timed("load_stack"):
                 self.engine.load_stack(self)
             self.clock.mark("imports_done")

@@ -48,6 +48,10 @@ class Engine(Protocol):
     def event_fields(self) -> Mapping[str, Any]:
         """Extra fields of the `start` event (the stand-in marks itself)."""
 
+    @property
+    def compiles(self) -> bool:
+        """Whether it compiles kernels whose caches are worth keeping across attempts (compile_cache.py)."""
+
     def load_stack(self, run: Pipeline) -> None:
         """The heavy imports; the executor's downloads run meanwhile. Must not touch S3."""
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .attempt_plan import StartPoint, StoreView, saved_fingerprints
 from .checkpoint_store import check_pickles_safe
+from .compile_cache import SAVE_AFTER_STEPS
 from .fingerprint import job_fingerprint, texts_sha256
 from .grad_checkpointing import FINGERPRINT_KEY, Decision, kept_mode
 from .outcome import TerminationMessage
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+
+COMPILE_CACHE_WAIT_S = 120.0  # a successful attempt waits this long, at most, for its compile cache upload
 
 
 class _State:
@@ -45,6 +48,7 @@ class _State:
 
 class UnslothEngine:
     fetches_inputs = True
+    compiles = True
     event_fields: Mapping[str, Any] = MappingProxyType({})
 
     def load_stack(self, run: Pipeline) -> None:
@@ -133,6 +137,9 @@ class UnslothEngine:
             foreign_checkpoints=run.foreign_steps,
             clock=run.clock,
             upload=run.hooks.upload_checkpoint,
+            # The first steps compiled what this attempt needs: keep it for the next (once per key).
+            on_warm=cache.save_in_background if (cache := run.compile_cache) and cache.should_save else None,
+            warm_steps=SAVE_AFTER_STEPS,
         )
         trainer = SFTTrainer(
             model=model, processing_class=tokenizer, train_dataset=state.texts, args=args, callbacks=[callback]
@@ -163,6 +170,8 @@ class UnslothEngine:
         uploader.close(timeout=None)
         run.durable_step = uploader.durable_step
         save_adapter(run, model, tokenizer, fingerprint)
+        if run.compile_cache is not None:
+            run.compile_cache.wait(timeout=COMPILE_CACHE_WAIT_S)  # the result is out; let the cache land too
         if job.tensorboard:
             run.store.upload_files(run.dirs.tensorboard, run.store.logs_uri())
         last = next((e for e in reversed(trainer.state.log_history) if "loss" in e), {})
