@@ -100,7 +100,15 @@ class Requeue:
     after_seconds: float
 
 
-Action = CreatePod | DeletePod | ReleasePod | EmitEvent | Requeue
+@dataclass(frozen=True)
+class DeleteCheckpoints:
+    """The resource is being deleted and its spec asks so: its complete checkpoints under `uri` go (the
+    adapter stays)."""
+
+    uri: str
+
+
+Action = CreatePod | DeletePod | ReleasePod | EmitEvent | Requeue | DeleteCheckpoints
 
 
 @dataclass(frozen=True)
@@ -566,6 +574,73 @@ def accounted(pod: ObservedPod, status: LoraResumeStatus) -> bool:
     if pod.name != status.pod_name:
         return True
     return status.phase.is_terminal and (pod.ended or pod.terminating)
+
+
+# Problems found before a decision can be taken (reconcile.py finds them; what they mean is decided here).
+STORAGE_RETRY_SECONDS = 30.0
+PROBLEM_PREFIX = {c.INVALID_SPEC: "invalid spec", c.POLICY_VIOLATION: "refused by the operator's policy"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why no attempt can be decided on. `kind`: c.INVALID_SPEC (the model or the API server refuses the
+    spec, or a pod built from it: Failed), c.POLICY_VIOLATION (the operator's policy: Failed),
+    c.STORAGE_UNAVAILABLE (S3 or its credentials cannot be read: said, retried, budgets kept) or
+    POD_FORBIDDEN (the API server forbids the attempt's pod, e.g. a ResourceQuota: said, retried)."""
+
+    kind: str
+    message: str
+
+
+POD_FORBIDDEN = "PodForbidden"
+
+
+def decide_problem(resource: Resource, status: LoraResumeStatus, problem: Problem, now: datetime) -> Plan:
+    """The status and events for a problem that stops the decision. Said once: the same problem found
+    again changes nothing (no status write, no event)."""
+    moment = iso(now)
+    if problem.kind in PROBLEM_PREFIX:
+        message = f"{PROBLEM_PREFIX[problem.kind]}: {problem.message}"
+        if status.phase is Phase.FAILED and status.message == message:
+            return Plan(status)
+        conds = c.set_condition(
+            list(status.conditions), c.FAILED, True, problem.kind, message, moment, resource.generation
+        )
+        failed = status.model_copy(
+            update={
+                "phase": Phase.FAILED,
+                "message": message,
+                "conditions": conds,
+                "observed_generation": resource.generation,
+            }
+        )
+        return Plan(failed, (EmitEvent("Warning", problem.kind, message),))
+    if problem.kind == c.STORAGE_UNAVAILABLE:
+        message = f"cannot read storage: {problem.message}"
+        retry = Requeue(STORAGE_RETRY_SECONDS)
+        if status.message == message:
+            return Plan(status, (retry,))
+        conds = c.set_condition(
+            list(status.conditions), c.STORAGE_READY, False, c.STORAGE_UNAVAILABLE, message, moment, resource.generation
+        )
+        unavailable = status.model_copy(update={"message": message, "conditions": conds})
+        return Plan(unavailable, (EmitEvent("Warning", c.STORAGE_UNAVAILABLE, message), retry))
+    if problem.kind == POD_FORBIDDEN:
+        if status.message == problem.message:
+            return Plan(status)
+        return Plan(
+            status.model_copy(update={"message": problem.message}),
+            (EmitEvent("Warning", POD_FORBIDDEN, problem.message),),
+        )
+    raise ValueError(f"unknown problem kind {problem.kind!r}")
+
+
+def deletion_actions(spec: LoraResumeSpec) -> tuple[Action, ...]:
+    """What goes with a deleted LoraResume besides its pods (always deleted and let go): its checkpoints,
+    when spec.storage.deleteOnResourceDeletion asks (`spec`: the effective spec)."""
+    if spec.storage.delete_on_resource_deletion and spec.storage.uri:
+        return (DeleteCheckpoints(spec.storage.uri),)
+    return ()
 
 
 def storage_needed(status: LoraResumeStatus, pod: ObservedPod | None) -> bool:

@@ -24,16 +24,13 @@ import kopf
 from kubernetes import client, config
 from kubernetes.client import ApiException
 
-from loraresume_trainer.checkpoint_store import CheckpointStore
-from loraresume_trainer.s3uri import S3Uri
-
 from . import metrics
 from .defaults import OperatorDefaults
 from .observed import ObservedPod
 from .pods import LABEL_RESOURCE
 from .reconcile import Reconciler
 from .s3_view import StorageViews
-from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus
+from .spec import GROUP, PLURAL, VERSION
 from .watch_cache import WatchCache
 
 log = logging.getLogger(__name__)
@@ -203,16 +200,4 @@ def on_delete(
     namespace, rt = _namespaced(namespace), runtime(memo)
     with rt.known_lock:
         rt.known.discard((namespace, name))
-    rec = rt.rec()
-    rec.delete_pods(namespace, name)
-    rec.forget(namespace, name)
-    try:
-        parsed = LoraResumeSpec.model_validate(dict(spec))
-        parsed = rec.effective(namespace, name, parsed, LoraResumeStatus.model_validate(dict(status or {})))
-    except ValueError:
-        return
-    if parsed.storage.delete_on_resource_deletion and parsed.storage.uri:
-        store = CheckpointStore(rec.storage_client(namespace, parsed), S3Uri.parse(parsed.storage.uri))
-        for listing in store.list_checkpoints():
-            store.delete_checkpoint(listing.step)
-        log.info("%s/%s: deleted checkpoints under %s (adapter kept)", namespace, name, parsed.storage.uri)
+    rt.rec().delete_resource(namespace, name, dict(spec), dict(status or {}))

@@ -30,25 +30,31 @@ from typing import Any
 from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi
 from pydantic import ValidationError
 
+from loraresume_trainer.checkpoint_store import CheckpointStore
 from loraresume_trainer.config import format_validation_error
 from loraresume_trainer.errors import ConfigError, StorageAuthError, TrainerError
 from loraresume_trainer.redact import SECRET_ENV_VARS as SECRET_KEYS
 from loraresume_trainer.redact import remember_secret
+from loraresume_trainer.s3uri import S3Uri
 
 from . import conditions as c
 from . import metrics
 from .decide import (
+    POD_FORBIDDEN,
     CreatePod,
+    DeleteCheckpoints,
     DeletePod,
     EmitEvent,
     Observation,
     Plan,
+    Problem,
     ReleasePod,
     Resource,
     SourceState,
     accounted,
     decide,
-    iso,
+    decide_problem,
+    deletion_actions,
     parse_iso,
     reads_storage_fresh,
     storage_needed,
@@ -65,7 +71,6 @@ from .watch_cache import WatchCache
 log = logging.getLogger(__name__)
 
 CONFLICT_RETRY_SECONDS = 1.0
-STORAGE_RETRY_SECONDS = 30.0
 # How long a credentials Secret read is used before it is read again (any storage error reads it again
 # at once). One GET per Secret per minute, not one per reconcile; a rotation takes effect within it.
 SECRET_TTL_SECONDS = 60.0
@@ -86,9 +91,6 @@ def _api_message(exc: ApiException) -> str:
     except (TypeError, ValueError):
         return str(exc.reason)
     return str(body.get("message") or exc.reason)[:2000] if isinstance(body, dict) else str(exc.reason)
-
-
-INVALID_PREFIX = {c.INVALID_SPEC: "invalid spec", c.POLICY_VIOLATION: "refused by the operator's policy"}
 
 
 class Reconciler:
@@ -277,17 +279,14 @@ class Reconciler:
         try:
             spec = LoraResumeSpec.model_validate(body.get("spec") or {})
         except ValidationError as exc:
-            self._invalid(body, resource, status, format_validation_error(exc))
-            return None  # only a change of the resource can make it valid
+            # only a change of the resource can make it valid
+            return self._problem(body, resource, status, Problem(c.INVALID_SPEC, format_validation_error(exc)))
         if len(resource.name) > MAX_LABEL_VALUE:  # the CRD says so too; an older CRD may have let it in
-            self._invalid(
-                body,
-                resource,
-                status,
-                f"metadata.name: at most {MAX_LABEL_VALUE} characters (the "
-                f"trainer pods carry it as a label value), got {len(resource.name)}",
+            too_long = (
+                f"metadata.name: at most {MAX_LABEL_VALUE} characters (the trainer pods carry it as a label "
+                f"value), got {len(resource.name)}"
             )
-            return None
+            return self._problem(body, resource, status, Problem(c.INVALID_SPEC, too_long))
         if status.phase.is_terminal and status.observed_generation == resource.generation:
             self.record_phase(resource.namespace, resource.name, status.phase.value)
             if event_pod is not None and event_pod.held and accounted(event_pod, status):
@@ -314,8 +313,7 @@ class Reconciler:
         # relaunch could resume from the one before).
         pod = self._pod(resource.namespace, status.pod_name)
         if refused and (pod is None or pod.ended):  # a pod admitted under an older policy may finish
-            self._invalid(body, resource, status, "; ".join(refused), reason=c.POLICY_VIOLATION)
-            return None
+            return self._problem(body, resource, status, Problem(c.POLICY_VIOLATION, "; ".join(refused)))
         key = (resource.namespace, resource.name)
         try:
             client = self.storage_client(resource.namespace, spec)
@@ -424,75 +422,45 @@ class Reconciler:
             except ValueError:
                 pass
 
+    def _problem(
+        self, body: Mapping[str, Any], resource: Resource, status: LoraResumeStatus, problem: Problem
+    ) -> float | None:
+        """No attempt decided: the plan for the problem (decide.decide_problem), its status written once."""
+        plan = decide_problem(resource, status, problem, self.clock())
+        if plan.status != status:
+            self._write_status(body, plan.status)
+        for action in plan.actions:
+            if isinstance(action, EmitEvent):
+                self.post_event(body, type_=action.type, reason=action.reason, message=action.message)
+        self.record_phase(resource.namespace, resource.name, plan.status.phase.value)
+        return plan.requeue.after_seconds if plan.requeue else None
+
     def _storage_unavailable(
         self, body: Mapping[str, Any], resource: Resource, status: LoraResumeStatus, exc: TrainerError
-    ) -> float:
+    ) -> float | None:
         """No decision without S3 (checkpoints, progress): say why, keep the budgets, retry later.
 
         A missing credentials Secret lands here too: with GitOps it often arrives a moment
         after the resource, so this waits instead of failing.
         """
         metrics.RECONCILE_ERRORS.labels("storage").inc()
-        message = f"cannot read storage: {exc}"
-        log.warning("%s/%s: %s", resource.namespace, resource.name, message)
-        if status.message != message:
-            conds = c.set_condition(
-                list(status.conditions),
-                c.STORAGE_READY,
-                False,
-                c.STORAGE_UNAVAILABLE,
-                message,
-                iso(self.clock()),
-                resource.generation,
-            )
-            self._write_status(body, status.model_copy(update={"message": message, "conditions": conds}))
-            self.post_event(body, type_="Warning", reason=c.STORAGE_UNAVAILABLE, message=message)
-        return STORAGE_RETRY_SECONDS
+        log.warning("%s/%s: cannot read storage: %s", resource.namespace, resource.name, exc)
+        return self._problem(body, resource, status, Problem(c.STORAGE_UNAVAILABLE, str(exc)))
 
     def _pod_refused(self, resource: Resource, action: CreatePod, exc: ApiException) -> None:
         """The API server refused the attempt's pod. Invalid (400/422): the spec feeds it something
         a pod cannot carry; Failed, with the server's field-level message. Forbidden (403, e.g. a
         ResourceQuota): said in the status; the pod is created again on later reconciles."""
         message = f"the API server refused pod {action.name} ({exc.status} {exc.reason}): {_api_message(exc)}"
-        body = self._get(resource.namespace, resource.name)
+        body = self._get(resource.namespace, resource.name)  # its status was written just now
         if body is None:
             return
         status = LoraResumeStatus.model_validate(body.get("status") or {})
         if exc.status == 403:
             metrics.RECONCILE_ERRORS.labels("api").inc()
             log.warning("%s/%s: %s", resource.namespace, resource.name, message)
-            if status.message != message:
-                self._write_status(body, status.model_copy(update={"message": message}))
-                self.post_event(body, type_="Warning", reason="PodForbidden", message=message)
-            return
-        self._invalid(body, resource, status, message)
-
-    def _invalid(
-        self,
-        body: Mapping[str, Any],
-        resource: Resource,
-        status: LoraResumeStatus,
-        problems: str,
-        reason: str = c.INVALID_SPEC,
-    ) -> None:
-        """A spec the schema let through but the model (or the operator's policy) refuses: Failed,
-        with every field named."""
-        message = f"{INVALID_PREFIX[reason]}: {problems}"
-        if status.phase is Phase.FAILED and status.message == message:
-            return None
-        now = iso(self.clock())
-        conds = c.set_condition(list(status.conditions), c.FAILED, True, reason, message, now, resource.generation)
-        failed = status.model_copy(
-            update={
-                "phase": Phase.FAILED,
-                "message": message,
-                "conditions": conds,
-                "observed_generation": resource.generation,
-            }
-        )
-        self._write_status(body, failed)
-        self.post_event(body, type_="Warning", reason=reason, message=message)
-        return None
+        kind = POD_FORBIDDEN if exc.status == 403 else c.INVALID_SPEC
+        self._problem(body, resource, status, Problem(kind, message))
 
     def _delete_pod(self, namespace: str, name: str) -> None:
         """An attempt's pod that never started (no spot capacity, an image that cannot be pulled)."""
@@ -501,6 +469,24 @@ class Reconciler:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    def delete_resource(self, namespace: str, name: str, spec: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+        """The resource is being deleted: its pods go and are let go, what this process kept for it is
+        dropped, and what decide.deletion_actions says goes with it goes (its checkpoints, if asked)."""
+        self.delete_pods(namespace, name)
+        self.forget(namespace, name)
+        try:
+            parsed = self.effective(
+                namespace, name, LoraResumeSpec.model_validate(spec), LoraResumeStatus.model_validate(status)
+            )
+        except ValueError:  # an invalid spec never stored anything
+            return
+        for action in deletion_actions(parsed):
+            if isinstance(action, DeleteCheckpoints):
+                store = CheckpointStore(self.storage_client(namespace, parsed), S3Uri.parse(action.uri))
+                for listing in store.list_checkpoints():
+                    store.delete_checkpoint(listing.step)
+                log.info("%s/%s: deleted checkpoints under %s (adapter kept)", namespace, name, action.uri)
 
     def delete_pods(self, namespace: str, name: str) -> None:
         """The resource is going: its pods go (SIGTERM, the trainer checkpoints) and are let go."""
