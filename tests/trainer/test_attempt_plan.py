@@ -19,33 +19,15 @@ from loraresume_trainer.attempt_plan import (
 )
 from loraresume_trainer.config import JobConfig, parse_job
 from loraresume_trainer.errors import ConfigError, ResumeRefused, TrainerError
-from loraresume_trainer.fingerprint import make_fingerprint
 from loraresume_trainer.grad_checkpointing import FINGERPRINT_KEY
 from loraresume_trainer.resume_plan import Candidate, ResumeMode, ResumePlan
-
-LORA = {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj"], "bias": "none", "use_rslora": False}
+from tests.trainer.test_resume_plan import ckpt
+from tests.trainer.test_resume_plan import fp as resume_fp
 
 
 def fp(**overrides: Any) -> dict[str, Any]:
-    values: dict[str, Any] = dict(
-        base_model="tiny",
-        dataset_sha256="a" * 64,
-        template="alpaca",
-        max_seq_length=512,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=4,
-        max_steps=30,
-        num_train_epochs=3.0,
-        seed=3407,
-        lora=LORA,
-        training={"learning_rate": 2e-4},
-    )
-    values.update(overrides)
-    return {**make_fingerprint(**values), FINGERPRINT_KEY: "unsloth"}
-
-
-def ckpt(step: int, fingerprint: dict[str, Any], job: str = "job") -> Candidate:
-    return Candidate(step, f"s3://bkt/{job}/checkpoints/checkpoint-{step}/", fingerprint)
+    """test_resume_plan's fingerprint, with the gradient-checkpointing mode a run records."""
+    return {**resume_fp(**overrides), FINGERPRINT_KEY: "unsloth"}
 
 
 def job(**fields: Any) -> JobConfig:

@@ -17,20 +17,16 @@ import boto3
 import pytest
 
 from loraresume_sandbox.s3_faults import RequestInfo
-from tests.support.trainer_runs import Kill, job_config, run_attempt
+from tests.support.trainer_runs import Kill, run_attempt
+from tests.trainer.test_s3_faults import trainer_job
 
 pytestmark = pytest.mark.slow
 
 
 def _job(seeded: dict[str, str], endpoint: str, prefix: str, work: Path) -> dict:
-    return job_config(
-        work,
-        endpoint=endpoint,
-        storage_uri=f"s3://{seeded['bucket']}/{prefix}/",
-        base_model=seeded["model"],
-        dataset_file=seeded["dataset"],
-        training={"max_steps": 12, "save_steps": 5},
-    )
+    config = trainer_job(seeded, endpoint, prefix, work)  # the tiny model and dataset from the seeded bucket
+    config["training"].update(max_steps=16, save_steps=5)
+    return config
 
 
 def _adapter(endpoint: str, bucket: str, prefix: str) -> bytes:
@@ -46,7 +42,7 @@ def test_a_relaunch_downloads_while_importing_reads_nothing_twice_and_ends_bitwi
     assert baseline.exit_code == 0, baseline.stderr[-3000:]
 
     config = _job(seeded_bucket, proxy.endpoint, "resumed", tmp_path / "b")
-    first = run_attempt(config, tmp_path / "b", kill=Kill(signal.SIGTERM, 6))
+    first = run_attempt(config, tmp_path / "b", kill=Kill(signal.SIGTERM, 6, after_durable=False))  # saves itself
     assert first.killed_with == "SIGTERM" and first.exit_code == 75, first.stderr[-3000:]
     stopped = first.of("preempted")[0]["durable_step"]
 
