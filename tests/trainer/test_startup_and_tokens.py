@@ -46,8 +46,8 @@ def assert_startup_split(attempt: Attempt) -> None:
 @pytest.mark.slow
 def test_startup_phases_and_token_counts_across_a_preemption(make_job, s3):
     _, _, client = s3
-    config, work = make_job(training={"max_steps": 12, "save_steps": 5})
-    story = run_story(config, work, [Kill(signal.SIGTERM, 7)])
+    config, work = make_job(training={"max_steps": 16, "save_steps": 5})
+    story = run_story(config, work, [Kill(signal.SIGTERM, 7, after_durable=False)])  # it saves its own
     first, second = story.attempts
     assert first.killed_with == "SIGTERM" and second.exit_code == 0
 
