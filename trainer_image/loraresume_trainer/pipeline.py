@@ -271,22 +271,22 @@ class Pipeline:
     ) -> tuple[Candidate, Path, CheckpointState] | None:
         """The first candidate that downloads and verifies (the checkpoint contract, then the engine's
         own check); damaged ones are skipped with a warning and a checkpoint_damaged event."""
-        if not plan.candidates:
-            return None
-        with self.timed("fetch_candidate"):
-            found = fetch_first_verified(
-                self.client,
-                plan.candidates,
-                self.dirs.resume,
-                verify=self.engine.verify_checkpoint,
-                ready=ready,
-                manifests=self.manifests,
-            )
+        found = None
+        if plan.candidates:
+            with self.timed("fetch_candidate"):
+                found = fetch_first_verified(
+                    self.client,
+                    plan.candidates,
+                    self.dirs.resume,
+                    verify=self.engine.verify_checkpoint,
+                    ready=ready,
+                    manifests=self.manifests,
+                )
+        for uri, path in (ready or {}).items():  # a prefetched checkpoint the plan did not take: free the disk
+            if (found is None or uri != found.candidate.uri) and isinstance(path, Path):
+                shutil.rmtree(path, ignore_errors=True)
         if found is None:
             return None
-        for uri, path in (ready or {}).items():  # a prefetched checkpoint the plan did not take
-            if uri != found.candidate.uri and isinstance(path, Path):
-                shutil.rmtree(path, ignore_errors=True)
         return found.candidate, found.path, read_checkpoint_state(found.path)
 
     # the whole attempt ------------------------------------------------------------------
