@@ -45,16 +45,22 @@ clock taken when the operator was started):
    (counted as `ran_to_the_end_first`).
 3. restart: when `--restart-at` of wave 2 has Succeeded (the rest Running, Pending,
    Resuming), the operator is SIGKILLed, left down `--down-seconds`, and started again.
-   "Reconciled" for a resource means: the new process's reconciler has read the resource
-   (GET loraresumes/NAME answered, per the audit log) and, when its status named a pod,
-   that pod (GET pods/POD answered) -- the reads before its decision. Reported: time from
-   the new process's start to its first API request, to every resource reconciled (p50 and
-   all), and to every resource whose pod ended while the operator was down showing it in
-   its status (Succeeded, or the next attempt).
+   "Reconciled" for a resource means: the new process has decided on it (its
+   `loraresume_resources{phase}` gauge counts every resource it reconciled, so the k-th resource
+   was reconciled when the sum first reached k; sampled every 50 ms). The operator reconciles
+   from its watches, so there is no per-resource GET to time. Reported: time from the new
+   process's start to its first API request, to every resource in the cluster reconciled (p50 and
+   all), and to every resource whose pod ended while the operator was down showing it in its
+   status (Succeeded, or the next attempt).
 4. wave 2 runs to all Succeeded (its wall time includes the disruptions and the restart).
 5. steady (unless `--skip-steady`): with wave 2's resources Succeeded and the operator
    settled, `--steady-disrupt` long runs are lost and relaunched (half deleted, half
-   reclaimed), then the operator is restarted with them running.
+   reclaimed; with `--steady-how reclaim`, every node holding one is reclaimed at once, as a
+   cloud takes back a spot pool), then the operator is restarted with them running.
+
+Counting (exit 1, "COUNTING WRONG"): every pod ended by the benchmark and not finished first is
+counted as exactly one preemption and relaunched as the next attempt (never re-created under its
+own name), the operator restart counts none of them again, and no pod name is created twice.
 """
 
 from __future__ import annotations
@@ -313,6 +319,12 @@ class Tracker:
             if state.get("terminated"):
                 pod.setdefault("ended", t)
 
+    def names_created_twice(self) -> list[str]:
+        """Pod names created more than once (pod names are per attempt: each is created once)."""
+        with self.lock:
+            seen = Counter(name for adds in self.adds.values() for _t, name, _uid in adds)
+        return sorted(name for name, n in seen.items() if n > 1)
+
     def pod(self, name: str) -> dict[str, Any]:
         """The newest incarnation of the pod with this name ({} if none)."""
         with self.lock:
@@ -521,8 +533,8 @@ class Prober(threading.Thread):
             values = [v for p, k, v in self.samples if p == phase and k == kind]
             out[kind] = {
                 "n": len(values),
-                "p50_ms": r(1000 * pct(values, 50), 1) if values else None,
-                "p99_ms": r(1000 * pct(values, 99), 1) if values else None,
+                "p50_ms": r(1000 * (pct(values, 50) or 0.0), 1) if values else None,
+                "p99_ms": r(1000 * (pct(values, 99) or 0.0), 1) if values else None,
             }
         return out
 
@@ -1055,47 +1067,34 @@ class Bench:
                 pod = self.tracker.pod(st["podName"])
                 if pod.get("ended") or pod.get("deleted"):
                     ended_down[n] = st
-        reads: dict[str, dict[str, float]] = {"lr": {}, "pod": {}}  # resource -> answered (wall clock)
         received: list[float] = []  # every request of the new process
-        watched = set(names)
-        pod_owner = {s["podName"]: n for n, s in at_kill.items() if s.get("podName")}
         t_wall = time.time()  # the killed process's last requests were received before this
 
         def hook(req: Request) -> None:
-            if req.received < t_wall:
-                return
-            received.append(req.received)
-            if req.who != "client" or req.verb != "get" or req.sub or req.name is None:
-                return
-            if req.res == LR and req.name in watched:
-                reads["lr"].setdefault(req.name, req.answered)
-            elif req.res == "pods" and req.name in pod_owner:
-                reads["pod"].setdefault(pod_owner[req.name], req.answered)
+            if req.received >= t_wall:
+                received.append(req.received)
 
+        with self.tracker.lock:
+            present = sum(1 for n in self.tracker.lr_created if n not in self.tracker.lr_deleted)
         self.requests.hooks.append(hook)
         self.operator.start()
-        t_start = self.operator.started_wall
+        t_start, t_start_wall = self.operator.started_at, self.operator.started_wall
         self.wait("the first request of the new operator", lambda: received, 120, every=0.02)
-
-        def reconciled(n: str) -> float | None:
-            t_lr = reads["lr"].get(n)
-            if t_lr is None:
-                return None
-            status = at_kill[n]
-            if status.get("phase") in ("Succeeded", "Failed") or not status.get("podName"):
-                return t_lr
-            t_pod = reads["pod"].get(n)
-            return None if t_pod is None else max(t_lr, t_pod)
-
-        self.wait(
-            "every resource reconciled after the restart",
-            lambda: all(reconciled(n) is not None for n in names),
-            a.timeout,
-            every=0.2,
-        )
-        done = {n: reconciled(n) - t_start for n in names}  # type: ignore[operator]
-        t_all = t_start + max(done.values())
-        requests_until = sum(1 for t in list(received) if t <= t_all)
+        # Reconciled: the new process has decided on the resource (loraresume_resources{phase} counts
+        # every resource it reconciled, whatever it found), so the k-th resource was reconciled when
+        # the sum first reached k. Sampled every 50 ms (reconciles no longer read the resource by GET).
+        done: list[float] = []  # done[k - 1]: seconds from the start until k were reconciled
+        deadline = now() + a.timeout
+        while len(done) < present:
+            if now() > deadline:
+                raise TimeoutError(f"only {len(done)} of {present} resources reconciled after the restart")
+            count = int(sum(v for _k, v in self.operator.metric("loraresume_resources{")))
+            t = now() - t_start
+            while len(done) < min(count, present):
+                done.append(t)
+            time.sleep(0.05)
+        t_all_wall = t_start_wall + max(done)
+        requests_until = sum(1 for t in list(received) if t <= t_all_wall)
 
         def caught_up(n: str) -> float | None:
             s0 = at_kill[n]
@@ -1120,17 +1119,18 @@ class Bench:
             "phases_at_kill": dict(phases),
             "operator_rss_before_kill_mib": r(mem_before.get("VmRSS"), 1),
             "down_seconds": a.down_seconds,
-            "start_to_first_request_seconds": r(min(received) - t_start),
-            "start_to_all_reconciled_seconds": r(max(done.values())),
-            "reconciled_seconds": {"p50": r(pct(list(done.values()), 50)), "p99": r(pct(list(done.values()), 99))},
+            "resources_in_cluster": present,
+            "start_to_first_request_seconds": r(min(received) - t_start_wall),
+            "start_to_all_reconciled_seconds": r(max(done)),
+            "reconciled_seconds": {"p50": r(pct(done, 50)), "p99": r(pct(done, 99))},
             "requests_until_all_reconciled": requests_until,
             "pods_ended_while_down": len(ended_down),
             "start_to_those_caught_up_seconds": {"p50": r(pct(catch, 50)), "max": r(max(catch, default=None))},
-            "kill_to_all_reconciled_seconds": r(self.operator.started_at - t_kill + max(done.values())),
+            "kill_to_all_reconciled_seconds": r(self.operator.started_at - t_kill + max(done)),
         }
         self.log(
             f"restart: first request after {out['start_to_first_request_seconds']} s, "
-            f"all {len(names)} reconciled after {out['start_to_all_reconciled_seconds']} s"
+            f"all {present} reconciled after {out['start_to_all_reconciled_seconds']} s"
         )
         return out
 
@@ -1233,10 +1233,11 @@ class Bench:
             seen = [self.tracker.lr_running[(n, 1)] - self.tracker.lr_created[n] for n in names]
         lag = self.tracker.observe_lag(names)
         victims: Victims = {}
-        for name in names:
+        for name in names:  # back to back: with --steady-how reclaim, the whole pool is reclaimed at once
             pod = f"{name}-attempt-1"
             if pod not in victims:  # a reclaim of a node with more GPUs may have ended it already
-                self.disrupt(pod, self.next_how(victims), victims)
+                how = "preempt" if a.steady_how == "reclaim" else self.next_how(victims)
+                self.disrupt(pod, how, victims)
         relaunch = self.relaunch_stats(victims)
         self.log(
             f"steady relaunch ({relaunch['pods']} pods): p50 {relaunch['seconds']['p50']} s, "
@@ -1246,6 +1247,11 @@ class Bench:
         with self.tracker.lock:
             preemptions = sum(int((self.tracker.lr_status.get(n) or {}).get("preemptions") or 0) for n in names)
         restart = self.measure_restart(self.wave2_names + names) if a.restart_at is not None else {}
+        if restart:
+            self.wait(f"{m} resources Running after the restart", lambda: running_seen(2), a.timeout)
+            time.sleep(2 * a.interval)  # the restarted process has had its rounds: a double count would show
+        with self.tracker.lock:
+            after_restart = sum(int((self.tracker.lr_status.get(n) or {}).get("preemptions") or 0) for n in names)
         self.result["steady"] = {
             "succeeded_resources_in_cluster": len(self.wave2_names),
             "settle_seconds_after_wave2": r(settle, 1),
@@ -1255,6 +1261,8 @@ class Bench:
             "pod_running_to_status_running_seconds": {"p50": r(pct(lag, 50)), "p99": r(pct(lag, 99))},
             "relaunch_after_pod_loss": relaunch,
             "preemptions_counted": preemptions,
+            "preemptions_counted_after_restart": after_restart,
+            "how": a.steady_how,
             "operator_restart": restart,
             "sandbox_latency": self.prober.summary("steady") if self.prober else None,
             "seconds": r(now() - t0, 1),
@@ -1295,6 +1303,7 @@ class Bench:
                 )
                 self.result["operator_rss_samples"] = len(self.sampler.samples)
             self.result["api_user_agents"] = dict(self.requests.user_agents) if self.requests else {}
+            self.result["pod_names_created_twice"] = self.tracker.names_created_twice()
             self.teardown()
             kids = resource.getrusage(resource.RUSAGE_CHILDREN)
             me = resource.getrusage(resource.RUSAGE_SELF)
@@ -1576,6 +1585,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steady-steps", type=int, default=120, help="steps of the steady phase's long runs")
     parser.add_argument("--steady-step-seconds", type=float, default=1.0, help="their step time")
+    parser.add_argument(
+        "--steady-how",
+        choices=("mixed", "reclaim"),
+        default="mixed",
+        help="how the steady phase ends its long runs: half deleted, half reclaimed (mixed), or every node "
+        "holding one reclaimed at once (reclaim: a spot pool taken back)",
+    )
     parser.add_argument("--skip-steady", action="store_true", help="no steady phase")
     parser.add_argument(
         "--quiet-seconds",
@@ -1625,7 +1641,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def counting_problems(result: dict[str, Any]) -> list[str]:
     """Every pod this benchmark ended (and that had not finished first) must be counted as exactly one
-    preemption, and relaunched as the next attempt, never re-created under its own name unseen."""
+    preemption, and relaunched as the next attempt, never re-created under its own name unseen; an
+    operator restart counts nothing again; no pod name is ever created twice."""
     problems = []
     for phase in ("wave2", "steady"):
         section = result.get(phase) or {}
@@ -1637,6 +1654,11 @@ def counting_problems(result: dict[str, Any]) -> list[str]:
             problems.append(f"{phase}: {lost} pods lost and relaunched, {counted} preemptions counted")
         if relaunch.get("relaunched_as_the_same_pod_name"):
             problems.append(f"{phase}: {relaunch['relaunched_as_the_same_pod_name']} re-created under the same name")
+        after = section.get("preemptions_counted_after_restart")
+        if after is not None and after != counted:
+            problems.append(f"{phase}: {counted} preemptions before the operator restart, {after} after it")
+    if result.get("pod_names_created_twice"):
+        problems.append(f"pod names created twice: {result['pod_names_created_twice'][:10]}")
     return problems
 
 

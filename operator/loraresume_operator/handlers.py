@@ -4,10 +4,12 @@ Every LoraResume and trainer pod the watches deliver is kept in the run's WatchC
 that reconciles read them from there instead of GETting them (watch_cache.py).
 
 Level-based: one background loop reconciles every known resource periodically (progress,
-backoff expiry), pod events reconcile the owner at once, create/update/resume reconcile
-immediately. Retries are bounded here; the loop is the standing retry. (Per-object kopf
-timers were dropped: kopf holds an object's finalizer until its timers stop, which left
-deletions hanging, and one loop scales better than a timer per resource.)
+backoff expiry), pod events reconcile the owner at once, and a LoraResume event reconciles it
+when it is new to this process (created, or listed at start-up) or its spec changed (its
+generation is not the one its status last judged): from the event itself, on the first event
+kopf delivers, not after kopf's finalizer patch as its create handler would. The loop is the
+standing retry. (Per-object kopf timers were dropped: kopf holds an object's finalizer until its
+timers stop, which left deletions hanging, and one loop scales better than a timer per resource.)
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ from .watch_cache import WatchCache
 log = logging.getLogger(__name__)
 
 
-# A reconcile mostly waits on the API server and S3, so its threads outnumber the cores. kopf runs the
-# sync handlers (create, update, resume, delete) in its executor (CHANGE_WORKERS threads); pod events
-# (an ended pod means a relaunch) have a pool of their own, so a burst of creations cannot queue
-# relaunches behind it. A per-resource lock keeps one reconcile per resource at a time either way.
+# A reconcile mostly waits on the API server and S3, so its threads outnumber the cores. Resource
+# events (creations, spec changes) and pod events (an ended pod means a relaunch) have a pool each,
+# so a burst of creations cannot queue relaunches behind it. kopf's own executor runs only the
+# delete handler. A per-resource lock keeps one reconcile per resource at a time either way.
 CHANGE_WORKERS = 16
 POD_EVENT_WORKERS = 16
+KOPF_WORKERS = 4
 
 
 @dataclass
@@ -58,6 +61,9 @@ class Runtime:
     stop: threading.Event = field(default_factory=threading.Event)
     pod_events: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(POD_EVENT_WORKERS, thread_name_prefix="pod-events")
+    )
+    changes: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(CHANGE_WORKERS, thread_name_prefix="changes")
     )
 
     def rec(self) -> Reconciler:
@@ -105,7 +111,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.scanning.disabled = not rt.cluster_wide
     settings.watching.server_timeout = 300
-    settings.execution.max_workers = CHANGE_WORKERS
+    settings.execution.max_workers = KOPF_WORKERS
     threading.Thread(target=_periodic, args=(rt,), name="reconcile-loop", daemon=True).start()
 
 
@@ -114,6 +120,7 @@ def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt = runtime(memo)
     rt.stop.set()
     rt.pod_events.shutdown(wait=False, cancel_futures=True)
+    rt.changes.shutdown(wait=False, cancel_futures=True)
 
 
 def _periodic(rt: Runtime) -> None:
@@ -133,33 +140,34 @@ def _periodic(rt: Runtime) -> None:
                     rt.known.discard((namespace, name))
 
 
-def _reconcile(rec: Reconciler, namespace: str, name: str) -> float | None:
-    try:
-        return rec.reconcile(namespace, name)
-    except ApiException as exc:
-        metrics.RECONCILE_ERRORS.labels("api").inc()
-        raise kopf.TemporaryError(f"Kubernetes API error {exc.status} {exc.reason}", delay=5) from None
-
-
-@kopf.on.create(GROUP, VERSION, PLURAL, retries=5, backoff=5)
-@kopf.on.resume(GROUP, VERSION, PLURAL, retries=5, backoff=5)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", retries=5, backoff=5)
-def on_change(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
-    rt, key = runtime(memo), (_namespaced(namespace), name)
-    with rt.known_lock:
-        rt.known.add(key)
-    _reconcile(rt.rec(), *key)
+def wants_reconcile(event_type: str | None, body: Mapping[str, Any]) -> bool:
+    """Whether a LoraResume event asks for a reconcile: listed at start-up (None) or created, or its
+    spec changed since its status was last decided (generation ahead of status.observedGeneration).
+    Not its own status writes, nor kopf's annotation and finalizer patches, nor a deletion (the
+    delete handler's)."""
+    meta = body.get("metadata") or {}
+    if event_type == "DELETED" or meta.get("deletionTimestamp"):
+        return False
+    if event_type in (None, "ADDED"):
+        return True
+    observed = (body.get("status") or {}).get("observedGeneration")
+    return observed != meta.get("generation")
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **kw: Any) -> None:
-    """Keep the LoraResume as delivered (kopf runs event handlers before the change handlers of the
-    same event, so a create or update handler finds it here)."""
-    cache = runtime(memo).cache
+    """Keep the LoraResume as delivered; reconcile it when wants_reconcile says so, on the changes pool
+    (errors are retried by the periodic loop, which knows it from here on)."""
+    rt, key = runtime(memo), (_namespaced(namespace), name)
     if kw.get("type") == "DELETED":
-        cache.drop_resource(_namespaced(namespace), name)
-    else:
-        cache.put_resource(body)
+        rt.cache.drop_resource(*key)
+        return
+    rt.cache.put_resource(body)
+    if not wants_reconcile(kw.get("type"), body):
+        return
+    with rt.known_lock:
+        rt.known.add(key)
+    await asyncio.get_running_loop().run_in_executor(rt.changes, _after_event, rt.rec(), key, None)
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
@@ -181,15 +189,15 @@ async def on_pod_event(
     if not pod.held:
         return
     key = (ns, labels[LABEL_RESOURCE])
-    await asyncio.get_running_loop().run_in_executor(rt.pod_events, _after_pod_event, rt.rec(), key, pod)
+    await asyncio.get_running_loop().run_in_executor(rt.pod_events, _after_event, rt.rec(), key, pod)
 
 
-def _after_pod_event(rec: Reconciler, key: tuple[str, str], pod: ObservedPod) -> None:
+def _after_event(rec: Reconciler, key: tuple[str, str], pod: ObservedPod | None) -> None:
     try:
         rec.reconcile(*key, event_pod=pod)
     except ApiException as exc:
         metrics.RECONCILE_ERRORS.labels("api").inc()
-        log.warning("reconcile after pod event failed (%s); the timer retries", exc.status)
+        log.warning("reconcile of %s/%s after an event failed (%s); the periodic loop retries", *key, exc.status)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=5)

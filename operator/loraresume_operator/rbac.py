@@ -30,9 +30,9 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
     Rule(
         GROUP,
         PLURAL,
-        ("get", "list", "watch", "patch"),
-        "kopf watches LoraResumes and patches their finalizer and handler-progress annotations; "
-        "reconciles read them from the watch, and get one afresh after a conflicting status write",
+        ("list", "watch", "patch"),
+        "kopf watches LoraResumes and patches their finalizer and diff-base annotations; reconciles read "
+        "them from the watch, and list one by name after a conflicting status write",
     ),
     Rule(
         GROUP,

@@ -65,7 +65,7 @@ from .observed import ObservedPod
 from .pods import ACCOUNTING_FINALIZER, LABEL_RESOURCE, build_trainer_pod
 from .policy import credentials_problem, spec_problems
 from .s3_view import DownloadSizes, StorageView, StorageViews, s3_client
-from .spec import GROUP, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus, Phase
+from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus, Phase
 from .watch_cache import WatchCache
 
 log = logging.getLogger(__name__)
@@ -117,17 +117,19 @@ class Reconciler:
 
     # ---- observe ----------------------------------------------------------------------------
     def _get(self, namespace: str, name: str, *, fresh: bool = False) -> dict[str, Any] | None:
-        """The resource as the watch delivered it; a GET if it has not (or `fresh`: after a 409)."""
+        """The resource as the watch delivered it; read from the API server if it has not (or `fresh`: after
+        a 409), by a list of that one name (what the watch is allowed: the operator needs no `get`)."""
         if not fresh:
             cached = self.cache.resource(namespace, name)
             if cached is not None:
                 return cached
-        try:
-            body: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        found = self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, field_selector=f"metadata.name={name}"
+        )
+        items = found.get("items") or []
+        if not items:
+            return None
+        body: dict[str, Any] = {"apiVersion": API_VERSION, "kind": KIND, **items[0]}
         self.cache.refresh_resource(body)
         return body
 
@@ -320,7 +322,8 @@ class Reconciler:
             if storage_needed(status, pod):
                 view, fresh = self.views.read(key, spec, client, self.monotonic()), True
             else:
-                view, fresh = self.views.view(key, spec, client, self.monotonic())
+                running = pod is not None and pod.phase == "Running"
+                view, fresh = self.views.view(key, spec, client, self.monotonic(), running=running)
         except TrainerError as exc:
             self.forget_credentials(resource.namespace, spec)
             return self._storage_unavailable(body, resource, written, exc)

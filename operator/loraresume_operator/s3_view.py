@@ -102,15 +102,18 @@ class StorageViews:
         self._lock = threading.Lock()
         self._views: dict[tuple[str, str], tuple[float, float, StorageView]] = {}  # listed at, progress at
 
-    def view(self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float) -> tuple[StorageView, bool]:
+    def view(
+        self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float, *, running: bool = True
+    ) -> tuple[StorageView, bool]:
         """(view, fresh): the last view while its parts are young enough; fresh is True when all of it
-        was read now. Raises what read_storage raises."""
+        was read now. `running`: the pod runs (a pending pod's trainer writes no progress yet, so
+        progress.json is not read for it). Raises what read_storage raises."""
         with self._lock:
             known = self._views.get(key)
         if known is None or now - known[0] >= self.listing_seconds:
             return self.read(key, spec, client, now), True
         listed_at, progress_at, view = known
-        if now - progress_at >= self.progress_seconds:
+        if running and now - progress_at >= self.progress_seconds:
             progress = _store(spec, client).get_json(PROGRESS_NAME)
             if _durable_step(progress) > (view.checkpoint.step if view.checkpoint else 0):
                 return self.read(key, spec, client, now), True  # the trainer says a newer checkpoint is durable

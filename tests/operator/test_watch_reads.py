@@ -110,7 +110,7 @@ def test_a_lifecycle_reads_neither_the_resource_nor_its_pods():
     f.deliver_pod("Running")
     f.reconcile()
     assert f.status["phase"] == "Running"
-    assert f.api["get_namespaced_custom_object"] == 0 and f.api["list_namespaced_pod"] == 0, f.api
+    assert f.api["list_namespaced_custom_object"] == 0 and f.api["list_namespaced_pod"] == 0, f.api
     assert f.api["replace_namespaced_custom_object_status"] == 3  # launched, pending since, running
 
 
@@ -133,9 +133,9 @@ def test_a_stale_body_costs_one_get_and_counts_nothing_twice():
     f.cache.drop_resource(NS, "bot")
     f.cache.put_resource(stale)  # e.g. a late event: the cache holds the launch, not Running
     f.deliver_pod("Failed", reason="Evicted", message="The node was low on memory")
-    before = f.api["get_namespaced_custom_object"]
+    before = f.api["list_namespaced_custom_object"]
     f.reconcile()  # decided on the stale body: its write conflicts, the resource is read, decided again
-    assert f.api["get_namespaced_custom_object"] == before + 1
+    assert f.api["list_namespaced_custom_object"] == before + 1
     assert (f.status["preemptions"], f.status["attempt"]) == (1, 2)
     f.reconcile()
     assert (f.status["preemptions"], f.status["attempt"]) == (1, 2)
@@ -227,3 +227,38 @@ def test_the_cache_keeps_the_newest_delivery():
     assert cache.resource(NS, "other") is None
     cache.drop_resource(NS, "bot")
     assert cache.resource(NS, "bot") is None
+
+
+def test_a_pending_pod_costs_no_storage_read():
+    f = Fleet()
+    f.reconcile()
+    f.deliver_pod("Pending")
+    f.s3.clear()
+    for _ in range(3):
+        f.t += PROGRESS_SECONDS
+        f.reconcile()
+    assert +f.s3 == Counter()
+
+
+@pytest.mark.parametrize(
+    ("event_type", "generation", "observed", "deleting", "want"),
+    [
+        (None, 1, 1, False, True),  # listed at start-up: every resource once
+        ("ADDED", 1, None, False, True),
+        ("MODIFIED", 2, 1, False, True),  # a spec change
+        ("MODIFIED", 2, 2, False, False),  # its own status write, kopf's patches
+        ("MODIFIED", 1, None, False, True),  # never decided (a failed first reconcile)
+        ("MODIFIED", 2, 1, True, False),  # being deleted: the delete handler's
+        ("DELETED", 2, 2, False, False),
+    ],
+    ids=["listed", "created", "spec-changed", "own-write", "never-decided", "deleting", "deleted"],
+)
+def test_which_resource_events_reconcile(event_type, generation, observed, deleting, want):
+    from loraresume_operator.handlers import wants_reconcile
+
+    body: dict[str, Any] = {"metadata": {"name": "bot", "generation": generation}, "status": {}}
+    if observed is not None:
+        body["status"]["observedGeneration"] = observed
+    if deleting:
+        body["metadata"]["deletionTimestamp"] = "2026-12-05T00:00:00Z"
+    assert wants_reconcile(event_type, body) is want

@@ -159,7 +159,16 @@ class FakeCustom:
     body: dict[str, Any]
     status_writes: list[dict[str, Any]] = field(default_factory=list)
 
-    def get_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str, name: str) -> Any:
+    def list_namespaced_custom_object(
+        self, group: str, version: str, namespace: str, plural: str, field_selector: str = ""
+    ) -> Any:
+        """By `metadata.name=NAME`, the only list the operator makes (its watch is kopf's)."""
+        return {
+            "kind": "LoraResumeList",
+            "items": [self._get(namespace, field_selector.removeprefix("metadata.name="))],
+        }
+
+    def _get(self, namespace: str, name: str) -> Any:
         if name != self.body["metadata"]["name"]:  # any other LoraResume: a finished run to start from
             return {
                 "metadata": {"name": name, "namespace": namespace},

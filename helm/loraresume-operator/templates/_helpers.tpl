@@ -80,11 +80,11 @@ CLUSTER_RULES), one resource per rule. tests/helm/test_chart.py compares them wi
 policy_rules(); change both together.
 */}}
 {{- define "loraresume-operator.namespacedRules" -}}
-# kopf watches LoraResumes and patches their finalizer and handler-progress annotations;
-# reconciles read them from the watch, and get one afresh after a conflicting status write.
+# kopf watches LoraResumes and patches their finalizer and diff-base annotations; reconciles
+# read them from the watch, and list one by name after a conflicting status write.
 - apiGroups: ["loraresume.dev"]
   resources: ["loraresumes"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 # The status is replaced with a resourceVersion precondition (optimistic concurrency),
 # so two reconciles cannot both count an attempt's end.
 - apiGroups: ["loraresume.dev"]
