@@ -328,8 +328,10 @@ def child_trainer(ns: argparse.Namespace) -> int:
         def phase(self, name: str, t0: float, t1: float, **fields: Any) -> None:
             bench_event(PHASE_NAMES.get(name, name), t0=t0, t1=t1, ok=True, **fields)
 
-        def before_model_load(self) -> None:
+        def before_inputs(self) -> None:  # on the download thread, while the imports run
             wait_gate(ns.gate)
+
+        def before_model_load(self) -> None:  # after the imports (Unsloth must come before transformers)
             install_hf_hooks()
 
         def model_loaded(self, model: Any) -> None:
@@ -967,6 +969,9 @@ def trainer_env(ctx: Ctx, attempt: int) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "LORARESUME_ATTEMPT": str(attempt),
+        # This script sets the compile caches itself (cold: empty per run; warm: the machine's), so the
+        # trainer neither points them into its work dir nor restores them (goodput.py measures that).
+        "LORARESUME_COMPILE_CACHE": "off",
         "PYTHONPATH": os.pathsep.join(
             [str(ROOT / "trainer_image"), str(ROOT / "sandbox"), str(ROOT), os.environ.get("PYTHONPATH", "")]
         ),
@@ -1351,8 +1356,9 @@ def startup_split(child: Child) -> dict[str, Any]:
     t0 = child.t_spawn
     phases: dict[str, float | None] = {}
     imports = b("imports")
+    # The gate holds the download thread while the imports run: only its part past the imports delays.
+    gate_wait = max(0.0, gate["t1"] - imports["t1"]) if gate and imports else 0.0
     if cs_ and pi and listing and imports and load and train_start:
-        gate_wait = dur(gate) or 0.0
         phases["python_start"] = cs_["_t"] - t0
         phases["imports_light"] = pi["_t"] - cs_["_t"]
         phases["s3_listing"] = listing["t1"] - listing["t0"]  # and the adapter manifest, fromCheckpoint
@@ -1360,7 +1366,8 @@ def startup_split(child: Child) -> dict[str, Any]:
         # they take past the imports is start-up time.
         phases["imports_unsloth_trl"] = imports["t1"] - imports["t0"]
         ahead = [e for e in (fetch_dir, b("fetch_checkpoint")) if e]
-        phases["downloads_past_imports"] = max([0.0] + [e["t1"] - imports["t1"] for e in ahead])
+        after = imports["t1"] + gate_wait
+        phases["downloads_past_imports"] = max([0.0] + [e["t1"] - after for e in ahead])
         phases["dataset_and_fingerprint"] = dur(b("prepare")) or 0.0
         phases["checkpoint_download_verify"] = dur(b("fetch_candidate")) or 0.0
         phases["model_load"] = load["t1"] - load["t0"]
@@ -1377,8 +1384,8 @@ def startup_split(child: Child) -> dict[str, Any]:
         phases = {k: rnd(v) for k, v in phases.items()}
     steady_gb = [dur(e) for e in gb[1:]]
     return {
-        "total_s": rnd(first_log - t0 - (dur(gate) or 0.0)),
-        "gate_wait_s": dur(gate),
+        "total_s": rnd(first_log - t0 - gate_wait),
+        "gate_wait_s": rnd(gate_wait),
         "phases_s": phases,
         "resume_step": (start_ev or {}).get("step"),
         "mode": (start_ev or {}).get("mode"),

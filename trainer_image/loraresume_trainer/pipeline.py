@@ -222,6 +222,7 @@ class Pipeline:
         """The job's inputs and the likely checkpoint; run on the prefetch thread (boto3 clients are
         thread-safe). A damaged checkpoint is recorded, not raised: the plan decides what it means."""
         job = self.job
+        self.hooks.before_inputs()
         emit_event(
             "prefetch",
             seconds=round(self.clock.seconds(), 3),

@@ -71,8 +71,12 @@ class Hooks:
     def phase(self, name: str, t0: float, t1: float, **fields: Any) -> None:
         """A timed part of the attempt ended (time.monotonic() at start and end)."""
 
+    def before_inputs(self) -> None:
+        """Called once on the download thread, before the first download (the imports run meanwhile):
+        a benchmark may wait here for its inputs to exist and the GPU to be free."""
+
     def before_model_load(self) -> None:
-        """Called once, right before the model is loaded (a benchmark may wait here for the GPU)."""
+        """Called once, after the imports, right before the model is loaded."""
 
     def model_loaded(self, model: Any) -> None:
         """The model is loaded and its LoRA is ready."""

@@ -1,0 +1,387 @@
+"""Goodput, measured end to end (issue 16): what a preemption costs the seed job, and in what parts.
+
+The seed job (8B shape on the H200: 4-bit, LoRA r=16 on 7 projections, batch 2 x grad accumulation 4,
+2048-token rows, adamw_8bit) is run with the project's own `loraresume-train`, every attempt a fresh
+process in a fresh work dir (a new pod on a new node), against a moto S3 server on the machine:
+
+1. uninterrupted, once (a new job: no compile cache in its storage, so it compiles and saves one);
+2. for each variant, the same job under a new storage prefix with K SIGTERM preemptions at random
+   steps (seeded), each followed at once by a relaunch that resumes from the checkpoint the SIGTERM
+   saved:
+   - `restored`: the compile caches the first attempt saved are restored by every relaunch;
+   - `cold`: `LORARESUME_COMPILE_CACHE=off`, every relaunch compiles, as before issue 16.
+
+Per preemption it reports the overhead, the extra wall time of the preempted story over the
+uninterrupted run divided by K, and its parts from the trainer's own events: the JIT save (SIGTERM to
+the process's exit, the checkpoint durable in S3 on the way), the relaunch's start-up (process start
+to its first step done, less one steady step: its split by phase from the `startup` events), and the
+work lost (steps trained again after the resume, times the steady step time; none with SIGTERM);
+the rest is what the parts do not explain (slower first steps after a restart, the S3 upload's
+interference). From it, goodput at one preemption every 20 minutes and every hour, 1 - overhead / T;
+and whether each preempted story's adapter equals the uninterrupted run's, bitwise.
+
+    source benchmarks/gpu_env.sh && python3 benchmarks/goodput.py            # H200 (benchmarks/README.md)
+    python benchmarks/goodput.py --cpu-smoke                                 # here: the tiny model on the CPU
+
+Results go to $OUT/goodput.json (partial results after every attempt) and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "trainer_image"), str(ROOT / "sandbox")]
+
+from tests.support.trainer_runs import Attempt, Kill, job_config, run_attempt  # noqa: E402
+from tests.support.waiting import free_port  # noqa: E402
+
+BUCKET = "goodput"
+PERIODS = {"per_20_min": 1200.0, "per_hour": 3600.0}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu-smoke", action="store_true", help="the tiny model on the CPU (a few minutes)")
+    p.add_argument("--size", default=None, help="model shape: 8b (default on a GPU), 1b, tiny (CPU smoke)")
+    p.add_argument("--steps", type=int, default=None, help="max_steps of the job (default 40; CPU smoke 30)")
+    p.add_argument("--preemptions", type=int, default=3, help="K: SIGTERMs per preempted story")
+    p.add_argument("--variants", default="restored,cold", help="comma list of restored, cold")
+    p.add_argument("--seed", type=int, default=20261205, help="seeds the preemption steps")
+    p.add_argument("--budget-s", type=float, default=float(os.environ.get("GOODPUT_BUDGET_S", "560")))
+    p.add_argument("--work", type=Path, default=Path("/tmp/goodput"))
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/goodput-out")))
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def start_s3(work: Path) -> tuple[subprocess.Popen[bytes], str, Any]:
+    os.environ.update(AWS_ACCESS_KEY_ID="goodput", AWS_SECRET_ACCESS_KEY="goodput", AWS_DEFAULT_REGION="us-east-1")
+    port = free_port()
+    log = open(work / "moto.log", "wb")
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for _ in range(100):
+        try:
+            client.create_bucket(Bucket=BUCKET)
+            break
+        except Exception:
+            time.sleep(0.2)
+    return moto, endpoint, client
+
+
+def build(ns: argparse.Namespace, size: str, steps: int, seq: int, batch: int, accum: int) -> tuple[Path, Path]:
+    """The base model and full-length rows, by gpu_bench's builder (random init, 4-bit on a GPU)."""
+    out = ns.work / f"base-{size}"
+    data = ns.work / f"rows-{size}-{seq}.jsonl"
+    q4 = not ns.cpu_smoke
+    model = out / ("bnb4" if q4 else "model")
+    if not (model / "config.json").is_file() or not data.is_file():
+        argv = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_bench.py"),
+            "--child",
+            "build",
+            "--size",
+            size,
+            "--out",
+            str(out),
+            "--data",
+            str(data),
+            "--seq",
+            str(seq),
+            "--rows",
+            str(steps * batch * accum),
+            "--tokenizer-vocab",
+            "600" if size == "tiny" else "8000",
+            *(["--q4"] if q4 else []),
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "trainer_image"), os.environ.get("PYTHONPATH", "")]),
+        }
+        subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+    return model, data
+
+
+def make_job(ns: argparse.Namespace, endpoint: str, base: Path, data: Path, name: str, setup: dict[str, Any]) -> dict:
+    cfg = job_config(
+        ns.work / name,
+        endpoint=endpoint,
+        storage_uri=f"s3://{BUCKET}/{name}/",
+        base_model=str(base),
+        dataset_file=str(data),
+        training={
+            "per_device_train_batch_size": setup["batch"],
+            "gradient_accumulation_steps": setup["accum"],
+            "warmup_steps": 5,
+            "max_steps": setup["steps"],
+            "learning_rate": 2e-4,
+            "optim": setup["optim"],
+            "logging_steps": 1,
+            "save_steps": setup["save_steps"],
+            "seed": 3407,
+        },
+        lora={"r": 16, "alpha": 16, "dropout": 0.0},
+    )
+    cfg.update(loadIn4bit=setup["q4"], maxSeqLength=setup["seq"], dtype=setup["dtype"])
+    cfg["storage"]["keepCheckpoints"] = 3
+    return cfg
+
+
+def cold_env(caches: Path) -> dict[str, str]:
+    """Without the trainer's compile cache: each library's cache in an empty directory of this node
+    (the machine's own, e.g. gpu_lock's TRITON_CACHE_DIR, would be warm from the runs before)."""
+    from loraresume_trainer.compile_cache import CACHES, ENV_SWITCH
+
+    env = {ENV_SWITCH: "off"}
+    for name, var in CACHES.items():
+        (caches / name).mkdir(parents=True, exist_ok=True)
+        env[var] = str(caches / name)
+    return env
+
+
+def kill_steps(rng: random.Random, steps: int, k: int) -> list[int]:
+    """K distinct steps at which to send SIGTERM, increasing, each attempt training at least 2 steps."""
+    candidates = list(range(3, steps - 1))
+    while True:
+        chosen = sorted(rng.sample(candidates, k))
+        if all(b - a >= 2 for a, b in itertools.pairwise(chosen)):
+            return chosen
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def log_times(attempt: Attempt) -> dict[int, float]:
+    return {int(e["step"]): float(e["_t"]) for e in attempt.of("log") if "loss" in e}
+
+
+def steady_step_s(attempt: Attempt, skip: int = 5) -> float | None:
+    """Median seconds per step once compilation is over (the log line follows each step at once)."""
+    t = log_times(attempt)
+    steps = sorted(t)
+    gaps = [t[b] - t[a] for a, b in itertools.pairwise(steps) if b == a + 1 and a > steps[0] + skip]
+    return statistics.median(gaps) if gaps else None
+
+
+def startup_phases(attempt: Attempt) -> dict[str, float]:
+    return {e["phase"]: float(e["seconds"]) for e in attempt.of("startup")}
+
+
+def attempt_record(attempt: Attempt) -> dict[str, Any]:
+    start = (attempt.of("start") or [{}])[0]
+    cache = (attempt.of("compile_cache") or [{}])[0]
+    saved = (attempt.of("compile_cache_saved") or [{}])[0]
+    t = log_times(attempt)
+    return {
+        "exit_code": attempt.exit_code,
+        "killed_with": attempt.killed_with,
+        "seconds": round(attempt.seconds, 3),
+        "resumed_from_step": start.get("step"),
+        "steps": [min(t), max(t)] if t else None,
+        "startup_s": startup_phases(attempt),
+        "compile_cache": cache.get("result"),
+        "compile_cache_saved": {k: saved.get(k) for k in ("files", "bytes", "seconds") if k in saved} or None,
+        "preempted": (attempt.of("preempted") or [None])[0],
+    }
+
+
+def preemption_parts(killed: Attempt, relaunch: Attempt, step_s: float) -> dict[str, float | None]:
+    """One preemption: the killed attempt's JIT save and the relaunch's start-up and lost work."""
+    (pre,) = killed.of("preempted")
+    jit_save = float(pre["seconds"]) + (killed.seconds - float(pre["_t"]))  # signal -> durable, then -> exit
+    first_step = startup_phases(relaunch).get("first_step")
+    startup = first_step - step_s if first_step is not None else None
+    resumed = (relaunch.of("start") or [{}])[0].get("step") or 0
+    lost_steps = max(0, int(pre["step"]) - int(resumed))
+    return {
+        "jit_save_s": round(jit_save, 3),
+        "sigterm_to_durable_s": round(float(pre["seconds"]), 3),
+        "startup_s": round(startup, 3) if startup is not None else None,
+        "lost_steps": lost_steps,
+        "lost_work_s": round(lost_steps * step_s, 3),
+    }
+
+
+def summarize(story: list[Attempt], baseline: Attempt, step_s: float) -> dict[str, Any]:
+    k = len(story) - 1
+    total = sum(a.seconds for a in story)
+    overhead = (total - baseline.seconds) / k if k else 0.0
+    parts = [preemption_parts(story[i], story[i + 1], step_s) for i in range(k)]
+
+    def mean(key: str) -> float | None:
+        values = [p[key] for p in parts if p[key] is not None]
+        return round(statistics.mean(values), 3) if values else None
+
+    explained = sum(mean(key) or 0.0 for key in ("jit_save_s", "startup_s", "lost_work_s"))
+    relaunch_phases: dict[str, list[float]] = {}
+    for attempt in story[1:]:
+        previous = 0.0
+        for phase, seconds in sorted(startup_phases(attempt).items(), key=lambda kv: kv[1]):
+            relaunch_phases.setdefault(phase, []).append(seconds - previous)
+            previous = seconds
+    return {
+        "preemptions": k,
+        "wall_s": round(total, 3),
+        "overhead_per_preemption_s": round(overhead, 3),
+        "parts_mean_s": {
+            "jit_save": mean("jit_save_s"),
+            "startup": mean("startup_s"),
+            "lost_work": mean("lost_work_s"),
+            "unexplained": round(overhead - explained, 3),
+        },
+        "relaunch_startup_split_mean_s": {p: round(statistics.mean(v), 3) for p, v in relaunch_phases.items()},
+        "goodput": {name: round(1.0 - overhead / period, 4) for name, period in PERIODS.items()},
+        "per_preemption": parts,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    started = time.monotonic()
+    os.environ["LORARESUME_TEST_TRAINER_LAUNCH"] = "spawn"  # every attempt a fresh interpreter, as a new pod
+    ns.work.mkdir(parents=True, exist_ok=True)
+    ns.out.mkdir(parents=True, exist_ok=True)
+    size = ns.size or ("tiny" if ns.cpu_smoke else "8b")
+    setup = (
+        dict(
+            steps=ns.steps or 30,
+            seq=128,
+            batch=2,
+            accum=1,
+            q4=False,
+            dtype="float32",
+            optim="adamw_torch",
+            save_steps=5,
+        )
+        if ns.cpu_smoke
+        else dict(
+            steps=ns.steps or 40, seq=2048, batch=2, accum=4, q4=True, dtype="auto", optim="adamw_8bit", save_steps=10
+        )
+    )
+    variants = [v for v in ns.variants.split(",") if v]
+    rng = random.Random(ns.seed)
+    plan = {v: kill_steps(rng, setup["steps"], ns.preemptions) for v in variants}
+    result: dict[str, Any] = {
+        "mode": "cpu-smoke" if ns.cpu_smoke else "gpu",
+        "size": size,
+        "setup": setup,
+        "kill_steps": plan,
+        "seed": ns.seed,
+        "variants": {},
+    }
+
+    def write() -> None:
+        result["elapsed_s"] = round(time.monotonic() - started, 1)
+        (ns.out / "goodput.json").write_text(json.dumps(result, indent=1, default=str))
+
+    moto, endpoint, client = start_s3(ns.work)
+    try:
+        t0 = time.monotonic()
+        base, data = build(ns, size, setup["steps"], setup["seq"], setup["batch"], setup["accum"])
+        result["build_s"] = round(time.monotonic() - t0, 1)
+
+        def adapter(name: str) -> bytes:
+            return client.get_object(Bucket=BUCKET, Key=f"{name}/adapter/adapter_model.safetensors")["Body"].read()
+
+        cfg = make_job(ns, endpoint, base, data, "uninterrupted", setup)
+        baseline = run_attempt(cfg, ns.work / "uninterrupted" / "node-1", timeout=ns.budget_s)
+        if baseline.exit_code != 0:
+            result["error"] = f"uninterrupted run failed: {baseline.stderr[-2000:]}"
+            write()
+            return 1
+        step_s = steady_step_s(baseline) or 0.0
+        result["uninterrupted"] = {**attempt_record(baseline), "steady_step_s": round(step_s, 4)}
+        write()
+        # The time guard's guess at one story: the uninterrupted run plus a cold start-up per preemption.
+        per_story = 1.2 * (baseline.seconds + ns.preemptions * startup_phases(baseline).get("first_step", 60.0))
+
+        for variant in variants:
+            if time.monotonic() - started + per_story > ns.budget_s:
+                result["variants"][variant] = {"skipped": f"over the budget of {ns.budget_s:.0f} s"}
+                write()
+                continue
+            name = f"preempted-{variant}"
+            cfg = make_job(ns, endpoint, base, data, name, setup)
+            story: list[Attempt] = []
+            entry: dict[str, Any] = {"kill_steps": plan[variant], "attempts": []}
+            result["variants"][variant] = entry
+            kills = list(plan[variant])
+            for number in range(1, len(kills) + 2):
+                node = ns.work / name / f"node-{number}"  # a new node: empty scratch, cold caches
+                attempt_cfg = {**cfg, "workDir": str(node / "work")}
+                kill = Kill(signal.SIGTERM, kills[number - 1], after_durable=False) if number <= len(kills) else None
+                env = cold_env(node / "caches") if variant == "cold" else {}
+                attempt = run_attempt(attempt_cfg, node, kill=kill, env=env, attempt=number, timeout=ns.budget_s)
+                story.append(attempt)
+                entry["attempts"].append(attempt_record(attempt))
+                write()
+                expected = 75 if kill else 0
+                if attempt.exit_code != expected:
+                    entry["error"] = f"attempt {number} exited {attempt.exit_code}: {attempt.stderr[-2000:]}"
+                    write()
+                    break
+            else:
+                entry.update(summarize(story, baseline, step_s))
+                entry["adapter_bitwise_equal"] = adapter(name) == adapter("uninterrupted")
+                write()
+    finally:
+        moto.terminate()
+        write()
+    print(report(result))
+    return 0 if all("error" not in v for v in result["variants"].values()) else 1
+
+
+def report(result: dict[str, Any]) -> str:
+    """A markdown summary of one goodput.json."""
+    u = result.get("uninterrupted", {})
+    lines = [
+        f"mode {result['mode']}, shape {result['size']}, {result['setup']['steps']} steps, "
+        f"uninterrupted {u.get('seconds')} s (first step done at {u.get('startup_s', {}).get('first_step')} s, "
+        f"steady step {u.get('steady_step_s')} s)",
+        "",
+        "| variant | K | overhead per preemption s | JIT save s | start-up s | lost work s | unexplained s "
+        "| goodput 1/20 min | goodput 1/h | adapter bitwise equal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in result.get("variants", {}).items():
+        if "overhead_per_preemption_s" not in v:
+            lines.append(f"| {name} | - | {v.get('skipped') or v.get('error', '')[:80]} | | | | | | | |")
+            continue
+        p = v["parts_mean_s"]
+        lines.append(
+            f"| {name} | {v['preemptions']} | {v['overhead_per_preemption_s']} | {p['jit_save']} | {p['startup']} "
+            f"| {p['lost_work']} | {p['unexplained']} | {v['goodput']['per_20_min']:.2%} "
+            f"| {v['goodput']['per_hour']:.2%} | {v['adapter_bitwise_equal']} |"
+        )
+    for name, v in result.get("variants", {}).items():
+        if "relaunch_startup_split_mean_s" in v:
+            split = ", ".join(f"{k} {s}" for k, s in v["relaunch_startup_split_mean_s"].items())
+            lines.append(f"\n{name}: relaunch start-up by phase (mean s, each since the one before): {split}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
