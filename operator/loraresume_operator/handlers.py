@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 CHANGE_WORKERS = 16
 POD_EVENT_WORKERS = 16
 KOPF_WORKERS = 4
+FINALIZER = f"{GROUP}/cleanup"  # kopf's, for the delete handler
 
 
 @dataclass
@@ -80,6 +81,19 @@ def runtime(memo: Any) -> Runtime:
     return found
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf keeps the last handled spec (its "diff-base") to tell creations, updates and resumes apart
+    for their handlers; this operator has none (a LoraResume's own events trigger its reconcile,
+    wants_reconcile), so none is kept: an object always matches its stored essence. Saves a patch of
+    every new resource, and that patch's conflicts with the status writes (its resourceVersion test)."""
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence:
+        return self.build(body=body)
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def _namespaced(namespace: str | None) -> str:
     """kopf types `namespace` for cluster-scoped resources too; ours (and their pods) are namespaced."""
     if namespace is None:
@@ -105,9 +119,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         # progress.json once per round of the periodic loop at most: pod events in between reuse it
         views=StorageViews(progress_seconds=rt.interval),
     )
-    settings.persistence.finalizer = f"{GROUP}/cleanup"
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = logging.INFO
     settings.scanning.disabled = not rt.cluster_wide
     settings.watching.server_timeout = 300
@@ -143,10 +157,14 @@ def _periodic(rt: Runtime) -> None:
 def wants_reconcile(event_type: str | None, body: Mapping[str, Any]) -> bool:
     """Whether a LoraResume event asks for a reconcile: listed at start-up (None) or created, or its
     spec changed since its status was last decided (generation ahead of status.observedGeneration).
-    Not its own status writes, nor kopf's annotation and finalizer patches, nor a deletion (the
-    delete handler's)."""
+    Not its own status writes, nor a deletion (the delete handler's), nor a resource kopf has not
+    put its finalizer on yet: that patch comes first (the delete handler then cleans up whatever the
+    reconcile makes, and the patch's resourceVersion test does not race a status write); it brings
+    an event of its own."""
     meta = body.get("metadata") or {}
     if event_type == "DELETED" or meta.get("deletionTimestamp"):
+        return False
+    if FINALIZER not in (meta.get("finalizers") or ()):
         return False
     if event_type in (None, "ADDED"):
         return True

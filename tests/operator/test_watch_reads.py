@@ -241,22 +241,25 @@ def test_a_pending_pod_costs_no_storage_read():
 
 
 @pytest.mark.parametrize(
-    ("event_type", "generation", "observed", "deleting", "want"),
+    ("event_type", "generation", "observed", "deleting", "guarded", "want"),
     [
-        (None, 1, 1, False, True),  # listed at start-up: every resource once
-        ("ADDED", 1, None, False, True),
-        ("MODIFIED", 2, 1, False, True),  # a spec change
-        ("MODIFIED", 2, 2, False, False),  # its own status write, kopf's patches
-        ("MODIFIED", 1, None, False, True),  # never decided (a failed first reconcile)
-        ("MODIFIED", 2, 1, True, False),  # being deleted: the delete handler's
-        ("DELETED", 2, 2, False, False),
+        (None, 1, 1, False, True, True),  # listed at start-up: every resource once
+        ("ADDED", 1, None, False, True, True),
+        ("ADDED", 1, None, False, False, False),  # kopf's finalizer first: its patch brings an event
+        ("MODIFIED", 1, None, False, True, True),  # ... this one
+        ("MODIFIED", 2, 1, False, True, True),  # a spec change
+        ("MODIFIED", 2, 2, False, True, False),  # its own status write
+        ("MODIFIED", 2, 1, True, True, False),  # being deleted: the delete handler's
+        ("DELETED", 2, 2, False, True, False),
     ],
-    ids=["listed", "created", "spec-changed", "own-write", "never-decided", "deleting", "deleted"],
+    ids=["listed", "created", "unguarded", "guarded", "spec-changed", "own-write", "deleting", "deleted"],
 )
-def test_which_resource_events_reconcile(event_type, generation, observed, deleting, want):
-    from loraresume_operator.handlers import wants_reconcile
+def test_which_resource_events_reconcile(event_type, generation, observed, deleting, guarded, want):
+    from loraresume_operator.handlers import FINALIZER, wants_reconcile
 
     body: dict[str, Any] = {"metadata": {"name": "bot", "generation": generation}, "status": {}}
+    if guarded:
+        body["metadata"]["finalizers"] = [FINALIZER]
     if observed is not None:
         body["status"]["observedGeneration"] = observed
     if deleting:
