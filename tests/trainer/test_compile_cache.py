@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tarfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,24 @@ def test_a_damaged_cache_is_ignored_with_a_warning_never_fatal(store, tmp_path, 
     (event,) = [e for e in events(capsys, "compile_cache") if e["result"] == "damaged"]
     assert event["key"] == second.key
     assert "compile cache" in caplog.text and "not used" in caplog.text
+
+
+def test_a_new_cache_keeps_the_newest_others_and_deletes_older_ones(store, tmp_path, capsys) -> None:
+    made = []
+    for i, torch_version in enumerate(["2.10.0", "2.11.0", "2.12.0", "2.13.0"]):
+        cache = CompileCache(store, tmp_path / f"n{i}", {**inputs(), "versions": {**VERSIONS, "torch": torch_version}})
+        cache.point_env()
+        fill(cache)
+        assert cache.save()
+        made.append(cache.key)
+        if i < 3:
+            time.sleep(1.05)  # created_at has a resolution of a second: the order must show in it
+    saved = events(capsys, "compile_cache_saved")
+    assert [e["pruned"] for e in saved] == [[], [], [], [made[0]]]
+    assert [k for k, _ in store.compile_cache_keys()] == made[:0:-1]  # the newest three, newest first
+    assert store.read_tree_manifest(store.compile_cache_uri(made[0])) is None
+    listed = store.client.list_objects_v2(Bucket=store.root.bucket, Prefix=store.compile_cache_uri(made[0]).key)
+    assert listed.get("KeyCount", 0) == 0
 
 
 def test_nothing_compiled_nothing_saved(store, tmp_path) -> None:

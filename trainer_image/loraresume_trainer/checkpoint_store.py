@@ -203,6 +203,33 @@ class CheckpointStore:
             raise ValueError(f"compile cache key must be lowercase hex, got {key!r}")
         return self.root.child(COMPILE_CACHE_DIR, f"{key}/")
 
+    def compile_cache_keys(self) -> list[tuple[str, str]]:
+        """(key, created_at) of the complete compile caches under this job's prefix, newest first; keys
+        not shaped like one, and caches without a usable manifest, are left out."""
+        prefix = self.root.child(COMPILE_CACHE_DIR)
+        found: list[tuple[str, str]] = []
+        with s3_errors("listing", prefix):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key, Delimiter="/"):
+                for common in page.get("CommonPrefixes", []) or []:
+                    key = common.get("Prefix", "")[len(prefix.key) :].rstrip("/")
+                    if not re.fullmatch(r"[0-9a-f]{16,64}", key):
+                        continue
+                    try:
+                        manifest = self.read_tree_manifest(self.compile_cache_uri(key))
+                    except DamagedCheckpoint:
+                        continue
+                    if manifest is not None and manifest.kind == "compile-cache":
+                        found.append((key, manifest.created_at))
+        return sorted(found, key=lambda kc: kc[1], reverse=True)
+
+    def delete_tree(self, prefix_uri: S3Uri) -> None:
+        """Remove everything under a prefix: its manifest first, so it is never complete while half gone."""
+        prefix = prefix_uri.as_dir()
+        self._delete_object(prefix.child(MANIFEST_NAME), "deleting the manifest")
+        keys = [key for key, _ in self._list_objects(prefix)]
+        self._delete_keys(prefix.bucket, keys, prefix)
+
     def read_tree_manifest(self, prefix_uri: S3Uri) -> Manifest | None:
         """The ``_COMPLETE.json`` under a prefix (None until it is complete; DamagedCheckpoint if unusable)."""
         uri = prefix_uri.as_dir().child(MANIFEST_NAME)

@@ -60,6 +60,9 @@ VERSIONED = ("torch", "triton", "transformers", "trl", "peft", "accelerate", "un
 # Training settings that shape the compiled kernels (batch shapes, precision, checkpointing, optimizer).
 SHAPING = ("per_device_train_batch_size", "padding_free", "packing", "optim", "bf16", "fp16")
 SAVE_AFTER_STEPS = 3  # the first steps compile (and recompile once); archive after them
+# Caches kept per job: one per key a job ran with (GPU models of a mixed fleet, a library upgrade);
+# older ones are deleted when a new one is saved.
+KEEP_KEYS = 3
 _SKIP_SUFFIXES = (".lock", ".tmp")
 
 
@@ -306,8 +309,22 @@ class CompileCache:
             files=sum(counts.values()),
             bytes=manifest.total_bytes,
             seconds=round(time.monotonic() - started, 3),
+            pruned=self.prune(),
         )
         return True
+
+    def prune(self, keep: int = KEEP_KEYS) -> list[str]:
+        """Delete this job's oldest compile caches beyond the newest `keep` (never this attempt's);
+        returns their keys. Best effort: a failure is a warning."""
+        try:
+            keys = [key for key, _ in self.store.compile_cache_keys() if key != self.key]
+            doomed = keys[max(0, keep - 1) :]
+            for key in doomed:
+                self.store.delete_tree(self.store.compile_cache_uri(key))
+        except (TrainerError, ValueError) as exc:
+            log.warning("old compile caches under %s not pruned: %s", self.uri, exc)
+            return []
+        return doomed
 
     def save_in_background(self) -> None:
         """save() on a daemon thread, once (a preemption meanwhile leaves it without a manifest: unused)."""
