@@ -953,8 +953,14 @@ class Bench:
             return later[0] if later else None
 
         def ran_to_the_end(pod: str) -> bool:
-            """It exited 0 before the disruption reached it: its resource Succeeded, nothing to relaunch."""
-            return bool(self.tracker.pod_by_uid(victims[pod][2]).get("succeeded"))
+            """It exited 0 before the disruption reached it: its resource Succeeded with this attempt, nothing to
+            relaunch (its pod may be marked Failed all the same: a node shutting down marks every pod Failed)."""
+            if self.tracker.pod_by_uid(victims[pod][2]).get("succeeded"):
+                return True
+            name, attempt = pod.rsplit("-attempt-", 1)
+            with self.tracker.lock:
+                status = dict(self.tracker.lr_status.get(name) or {})
+            return status.get("phase") == "Succeeded" and str(status.get("attempt")) == attempt
 
         self.wait(
             "the replacement pods", lambda: all(replacement(p) or ran_to_the_end(p) for p in victims), self.args.timeout
@@ -1522,8 +1528,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         "ends. moto S3. Wave 1: N resources at once to Succeeded, then deleted. Wave 2: N more, with pod losses "
         "(half `delete pod`, half a spot reclaim of the pod's node: taint, DisruptionTarget, SIGTERM, the Node "
         "replaced) and an operator SIGKILL + restart while loaded. Steady: with N Succeeded resources present and "
-        'the operator settled, long runs are lost and relaunched, then the operator is restarted. "Reconciled" '
-        "after a restart: the new process has read the resource and, if its status names a pod, that pod.",
+        "the operator settled, long runs are lost and relaunched (`--steady-how reclaim`: every node holding one "
+        'reclaimed at once), then the operator is restarted. "Reconciled" after a restart: the new process has '
+        "decided on the resource (its loraresume_resources gauge counts every resource it reconciled).",
         "",
         "| metric | value |",
         "| --- | --- |",

@@ -188,6 +188,16 @@ async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, m
     await asyncio.get_running_loop().run_in_executor(rt.changes, _after_event, rt.rec(), key, None)
 
 
+@kopf.index("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
+async def trainer_pods(namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    """Every trainer pod into the run's WatchCache, as an indexer: kopf runs indexers before any other
+    handler and, at start-up, holds every handler until all indexers have seen their listing. So a
+    restarted operator reconciles no LoraResume before it knows all trainer pods (each a list request
+    otherwise). kopf's own index stays empty; a deleted pod leaves the cache in on_pod_event."""
+    runtime(memo).cache.put_pod(_namespaced(namespace), body)
+    return {}
+
+
 @kopf.on.event("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
 async def on_pod_event(
     namespace: str | None, name: str, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **kw: Any
@@ -201,9 +211,7 @@ async def on_pod_event(
     rt, ns = runtime(memo), _namespaced(namespace)
     if kw.get("type") == "DELETED":
         rt.cache.drop_pod(ns, name)
-        pod = ObservedPod.from_api(dict(body))
-    else:
-        pod = rt.cache.put_pod(ns, body)
+    pod = ObservedPod.from_api(dict(body))  # in the cache already: trainer_pods
     if not pod.held:
         return
     key = (ns, labels[LABEL_RESOURCE])
