@@ -206,6 +206,23 @@ def test_sigterm_while_loading_exits_75_at_once(run):
     assert run.end(code, message).kind is EndKind.PREEMPTED
 
 
+@pytest.mark.parametrize(
+    ("ref", "reason"),
+    [
+        ("s3://{bucket}/elsewhere/model/", "is not a checkpoint URI"),
+        ("s3://{bucket}/other-job/checkpoints/checkpoint-10/", "is not a complete checkpoint (no manifest)"),
+    ],
+)
+def test_an_unusable_from_checkpoint_is_refused_before_loading(run, ref, reason):
+    """Before the slow part of the start-up (the trainer's imports; the stand-in's loading time)."""
+    started = time.monotonic()
+    proc = run.start(1, env={ENV_LOAD_SECONDS: "30"}, resume_from=ref.format(bucket=run.bucket))
+    code, message, events, err = run.finish(proc, 1)
+    assert code == 78 and message["field"] == "resume.fromCheckpoint" and reason in message["reason"], err
+    assert time.monotonic() - started < 20
+    assert not [e for e in events if e["event"] == "prefetch"]  # nothing downloaded either
+
+
 def test_crash_is_a_failure_and_a_bad_config_is_permanent(run):
     code, message, _, err = run.finish(run.start(1, env={ENV_FAIL_AT_STEP: "3"}), 1)
     assert code == 1 and message["outcome"] == "failed" and "simulated crash" in message["reason"], err

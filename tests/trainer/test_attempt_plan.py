@@ -15,6 +15,7 @@ from loraresume_trainer.attempt_plan import (
     plan_attempt,
     plan_prefetch,
     plan_start,
+    refuse_early,
     saved_fingerprints,
 )
 from loraresume_trainer.config import JobConfig, parse_job
@@ -200,6 +201,26 @@ REFUSALS = [
 def test_plan_attempt_refuses(view: StoreView, fields: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         plan_attempt(job(**fields), view, CURRENT, adapter_uri="s3://bkt/job/adapter/")
+
+
+@pytest.mark.parametrize(
+    ("view", "refused"),
+    [
+        pytest.param(StoreView(explicit_error=ConfigError("no manifest", field="resume.fromCheckpoint")), True),
+        pytest.param(
+            StoreView(adapter_fingerprint=CURRENT, explicit_error=ConfigError("gone", field="resume.fromCheckpoint")),
+            False,
+            id="adapter-complete",
+        ),
+        pytest.param(StoreView(explicit=OLD), False, id="usable"),
+    ],
+)
+def test_refuse_early(view: StoreView, refused: bool) -> None:
+    if refused:
+        with pytest.raises(ConfigError, match=r"resume\.fromCheckpoint"):
+            refuse_early(view)
+    else:
+        refuse_early(view)
 
 
 # ------------------------------------------------------------------------------------------ start

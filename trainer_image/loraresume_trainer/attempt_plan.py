@@ -102,6 +102,13 @@ class StartPoint:
         return None
 
 
+def refuse_early(view: StoreView) -> None:
+    """What can be refused before the slow imports: an unusable resume.fromCheckpoint, unless the
+    job's adapter is complete (then there is nothing to do, whatever became of it). Raises ConfigError."""
+    if view.explicit_error is not None and view.adapter_fingerprint is None:
+        raise view.explicit_error
+
+
 def plan_prefetch(job: JobConfig, view: StoreView, *, inputs: bool = True) -> Prefetch:
     """What to download before the fingerprint is known. Inputs come from S3 only (a local path
     or a hub id is used as is); the checkpoint is the first in resume order, which the fingerprint

@@ -32,7 +32,15 @@ from typing import Any, TypeVar
 from botocore.exceptions import ClientError
 
 from . import compile_cache
-from .attempt_plan import CheckpointState, Prefetch, StoreView, plan_attempt, plan_prefetch, plan_start
+from .attempt_plan import (
+    CheckpointState,
+    Prefetch,
+    StoreView,
+    plan_attempt,
+    plan_prefetch,
+    plan_start,
+    refuse_early,
+)
 from .checkpoint_store import (
     CHECKPOINTS_DIR,
     PROGRESS_NAME,
@@ -296,6 +304,7 @@ class Pipeline:
         t_start = time.monotonic()
         with self.timed("run"):
             view = self.observe()
+            refuse_early(view)  # a bad resume.fromCheckpoint fails in a second, not after the imports
             self.durable_step = view.durable_step
             aborted = self.store.abort_unfinished_uploads()  # an earlier attempt's, killed mid-upload
             if aborted:
