@@ -44,7 +44,11 @@ def s3_client(endpoint: str | None, region: str | None, credentials: dict[str, s
     rotated Secret gives new credentials, hence a new client.
     """
     creds = tuple(sorted((credentials or {}).items()))
-    return _client(endpoint or None, region or None, creds)
+    with _CLIENTS_LOCK:  # one build per key: a fresh process's many reconcile threads would each build one
+        return _client(endpoint or None, region or None, creds)
+
+
+_CLIENTS_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=256)

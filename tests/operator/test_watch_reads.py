@@ -265,3 +265,34 @@ def test_which_resource_events_reconcile(event_type, generation, observed, delet
     if deleting:
         body["metadata"]["deletionTimestamp"] = "2026-12-05T00:00:00Z"
     assert wants_reconcile(event_type, body) is want
+
+
+def test_many_threads_asking_for_one_new_s3_client_build_it_once(monkeypatch):
+    """A restarted operator's reconcile threads all want the same client at once; building one parses
+    botocore's S3 model (~0.1 s of CPU), so each building its own stalled the restart."""
+    import threading
+
+    import boto3
+
+    from loraresume_operator import s3_view
+
+    built: list[int] = []
+    real = boto3.session.Session
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        built.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(boto3.session, "Session", counting)
+    start = threading.Barrier(8)
+
+    def ask() -> None:
+        start.wait()
+        s3_view.s3_client("http://127.0.0.1:1", "us-east-1", {"AWS_ACCESS_KEY_ID": f"k-{id(start)}"})
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1
