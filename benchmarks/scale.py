@@ -319,6 +319,20 @@ class Tracker:
             if state.get("terminated"):
                 pod.setdefault("ended", t)
 
+    def ended_on(self, nodes: dict[str, float], known: set[str]) -> list[tuple[str, str, str]]:
+        """(name, uid, node) of pods bound to one of `nodes` that began to end at or after its time there
+        and had not succeeded, except those named in `known`."""
+        with self.lock:
+            return [
+                (p["name"], uid, p["node"])
+                for uid, p in self.pods.items()
+                if p.get("node") in nodes
+                and p["name"] not in known
+                and not p.get("succeeded")
+                and min((t for t in (p.get("ending"), p.get("ended"), p.get("deleted")) if t), default=-1.0)
+                >= nodes[p["node"]]
+            ]
+
     def names_created_twice(self) -> list[str]:
         """Pod names created more than once (pod names are per attempt: each is created once)."""
         with self.lock:
@@ -591,6 +605,7 @@ class Bench:
         self.sampler: MemorySampler | None = None
         self.prober: Prober | None = None
         self.wave2_names: list[str] = []
+        self.reclaimed: dict[str, float] = {}  # node -> when this phase reclaimed it
 
     def log(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -933,11 +948,21 @@ class Bench:
             on_node = sorted({pod, *self.tracker.live_pods_on(node)} - set(victims))
             uids, t_call = {p: self.tracker.uid_of.get(p) for p in on_node}, now()
             agent.reclaim_spot(node, wait=False)  # taint, DisruptionTarget, SIGTERM, grace, Node replaced
+            self.reclaimed[node] = t_call
         except LookupError:
             return 0
         for p in on_node:
             victims[p] = (how, t_call, uids[p])
         return len(on_node)
+
+    def late_victims(self, victims: Victims) -> int:
+        """Adds the pods a reclaim ended that were not on its node when the node's pods were listed (bound
+        by the scheduler just after): every pod bound to a reclaimed node that began to end after the
+        reclaim, unless it had succeeded. Returns how many were added."""
+        found = self.tracker.ended_on(self.reclaimed, set(victims))
+        for name, uid, node in found:
+            victims[name] = ("preempt", self.reclaimed[node], uid)
+        return len(found)
 
     def relaunch_stats(self, victims: Victims) -> dict[str, Any]:
         """Waits for every victim's replacement pod; latencies from the call and from the old pod's end."""
@@ -962,9 +987,14 @@ class Bench:
                 status = dict(self.tracker.lr_status.get(name) or {})
             return status.get("phase") == "Succeeded" and str(status.get("attempt")) == attempt
 
-        self.wait(
-            "the replacement pods", lambda: all(replacement(p) or ran_to_the_end(p) for p in victims), self.args.timeout
-        )
+        late = 0
+
+        def replaced() -> bool:
+            nonlocal late
+            late += self.late_victims(victims)
+            return all(replacement(p) or ran_to_the_end(p) for p in victims)
+
+        self.wait("the replacement pods", replaced, self.args.timeout)
         by: dict[str, list[float]] = defaultdict(list)
         share: dict[str, list[float]] = defaultdict(list)
         same_name = finished_first = 0
@@ -986,6 +1016,7 @@ class Bench:
             "pods": len(every),
             "victims": len(victims),
             "ran_to_the_end_first": finished_first,
+            "bound_to_a_reclaimed_node_after_it_was_listed": late,
             "relaunched_as_the_same_pod_name": same_name,
             "seconds": {"p50": r(pct(every, 50)), "p99": r(pct(every, 99)), "max": r(max(every, default=None))},
             "operator_share_seconds": {"p50": r(pct(every_share, 50)), "p99": r(pct(every_share, 99))},
@@ -1022,6 +1053,7 @@ class Bench:
         # Each victim is picked once it has trained a couple of steps, until `disrupt` are ended
         # or no first-attempt pod is left to pick.
         victims: Victims = {}
+        self.reclaimed = {}
         deadline = now() + a.timeout
         while len(victims) < disrupt:
             if now() > deadline:
@@ -1239,6 +1271,7 @@ class Bench:
             seen = [self.tracker.lr_running[(n, 1)] - self.tracker.lr_created[n] for n in names]
         lag = self.tracker.observe_lag(names)
         victims: Victims = {}
+        self.reclaimed = {}
         for name in names:  # back to back: with --steady-how reclaim, the whole pool is reclaimed at once
             pod = f"{name}-attempt-1"
             if pod not in victims:  # a reclaim of a node with more GPUs may have ended it already
