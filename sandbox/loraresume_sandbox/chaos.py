@@ -872,7 +872,8 @@ class ChaosRunner:
             else:
                 pod_dir = self.stack.agent.pod_dir(NAMESPACE, run.pod_name(attempt)) or Path("/nonexistent")
                 work = pod_dir / "volumes" / "work"  # the pod's /work emptyDir
-                partial = list((work / "resume").glob(f".checkpoint-{step}.partial-*"))
+                # under resume/ (a download after the imports) or resume/ahead/ (prefetched during them)
+                partial = list((work / "resume").rglob(f".checkpoint-{step}.partial-*"))
                 started = any(e["event"] == "start" for e in run.events(attempt))
                 hit = bool(partial) and not started
                 note = (
