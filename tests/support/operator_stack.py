@@ -21,7 +21,7 @@ import pytest
 from loraresume_operator.policy import CREDENTIALS_LABEL
 from loraresume_sandbox.cluster import OperatorProcess, SandboxCluster
 from loraresume_sandbox.kube_client import KubeClient
-from loraresume_trainer.checkpoint_store import CheckpointStore
+from loraresume_trainer.checkpoint_store import REQUIRED_CHECKPOINT_FILES, CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
 from tests.support import specs, waiting
 
@@ -157,14 +157,7 @@ class Job:
     def checkpoint(self, tmp_path: Path, step: int) -> None:
         d = tmp_path / f"ckpt-{step}"
         d.mkdir()
-        for name in (
-            "adapter_config.json",
-            "adapter_model.safetensors",
-            "optimizer.pt",
-            "scheduler.pt",
-            "rng_state.pth",
-            "trainer_state.json",
-        ):
+        for name in REQUIRED_CHECKPOINT_FILES:
             (d / name).write_text(f"{name} {step}")
         self.store.upload_checkpoint(d, step, {"fake": True})
 
