@@ -325,8 +325,7 @@ class Reconciler:
                 running = pod is not None and pod.phase == "Running"
                 view, fresh = self.views.view(key, spec, client, self.monotonic(), running=running)
         except TrainerError as exc:
-            self.forget_credentials(resource.namespace, spec)
-            return self._storage_unavailable(body, resource, written, exc)
+            return self._storage_refused(body, resource, written, spec, exc)
         now = self.clock()
         observation = Observation(
             resource=resource,
@@ -347,8 +346,7 @@ class Reconciler:
             try:
                 view = self.views.read(key, spec, client, self.monotonic())
             except TrainerError as exc:
-                self.forget_credentials(resource.namespace, spec)
-                return self._storage_unavailable(body, resource, written, exc)
+                return self._storage_refused(body, resource, written, spec, exc)
             observation = dataclasses.replace(
                 observation,
                 checkpoint=view.checkpoint,
@@ -437,6 +435,19 @@ class Reconciler:
                 self.post_event(body, type_=action.type, reason=action.reason, message=action.message)
         self.record_phase(resource.namespace, resource.name, plan.status.phase.value)
         return plan.requeue.after_seconds if plan.requeue else None
+
+    def _storage_refused(
+        self,
+        body: Mapping[str, Any],
+        resource: Resource,
+        status: LoraResumeStatus,
+        spec: LoraResumeSpec,
+        exc: TrainerError,
+    ) -> float | None:
+        """S3 could not be read with the credentials in hand: read the Secret again next time (a rotated
+        key is picked up at once), and wait, saying why."""
+        self.forget_credentials(resource.namespace, spec)
+        return self._storage_unavailable(body, resource, status, exc)
 
     def _storage_unavailable(
         self, body: Mapping[str, Any], resource: Resource, status: LoraResumeStatus, exc: TrainerError

@@ -36,6 +36,9 @@ class StorageView:
     checkpoint_bytes: int | None = None  # the newest complete checkpoint's files, from its manifest
 
 
+_CLIENTS_LOCK = threading.Lock()  # one S3 client build at a time (s3_client)
+
+
 def s3_client(endpoint: str | None, region: str | None, credentials: dict[str, str] | None) -> Any:
     """A client with bounded retries and timeouts: a slow store must not stall reconciles.
 
@@ -46,9 +49,6 @@ def s3_client(endpoint: str | None, region: str | None, credentials: dict[str, s
     creds = tuple(sorted((credentials or {}).items()))
     with _CLIENTS_LOCK:  # one build per key: a fresh process's many reconcile threads would each build one
         return _client(endpoint or None, region or None, creds)
-
-
-_CLIENTS_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=256)
