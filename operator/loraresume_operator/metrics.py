@@ -22,3 +22,9 @@ CHECKPOINT_AGE = Gauge(
     ["namespace", "name"],
 )
 RECONCILE_ERRORS = Counter("loraresume_reconcile_errors_total", "Reconciles that failed and will be retried", ["kind"])
+STARTUP_SECONDS = Histogram(
+    "loraresume_trainer_startup_seconds",
+    "A trainer attempt's start-up by phase (the trainer's own measure; phase total: process start to first step)",
+    ["phase"],
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600),
+)

@@ -542,6 +542,24 @@ class CheckpointRef(_Spec):
     step: int = Field(..., description="Training step the checkpoint was saved at.")
 
 
+class StartupPhase(_Spec):
+    """One phase of a trainer's start-up, as the trainer measured it."""
+
+    phase: str = Field(..., description="imports_done, inputs_ready, checkpoint_verified, model_loaded, ...")
+    at_seconds: float = Field(..., ge=0, description="Seconds from the trainer process's start to this phase's end.")
+    took_seconds: float = Field(..., ge=0, description="Seconds this phase took (since the phase before).")
+
+
+class LastStartup(_Spec):
+    """Where the newest attempt's start-up time went (the trainer's progress.json `startup`)."""
+
+    attempt: int = Field(..., ge=0, description="The attempt these phases belong to.")
+    seconds: float = Field(
+        ..., ge=0, description="Process start to the last phase reached (first_step: the whole start-up)."
+    )
+    phases: list[StartupPhase] = Field(default_factory=list, description="The phases reached, in order.")
+
+
 class Condition(_Spec):
     """Standard Kubernetes condition."""
 
@@ -593,6 +611,9 @@ class LoraResumeStatus(_Spec):
         default_factory=list,
         description="Steps of complete checkpoints under the storage prefix made by another job (another "
         "fingerprint, as the trainer reported): kept, never resumed from nor written over.",
+    )
+    last_startup: LastStartup | None = Field(
+        None, description="The newest attempt's start-up, by phase (imports, downloads, restore, first step)."
     )
     training_extra_digest: str | None = Field(
         None, description="Digest of spec.training.extra when the first attempt started; a changed extra holds the job."
