@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from loraresume_operator.spec import LastStartup
 from loraresume_operator.startup import last_startup, to_observe
 
