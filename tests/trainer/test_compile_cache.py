@@ -253,6 +253,24 @@ def test_a_new_cache_keeps_the_newest_others_and_deletes_older_ones(store, tmp_p
     assert listed.get("KeyCount", 0) == 0
 
 
+def test_deleting_the_jobs_compile_caches_takes_complete_and_half_saved_ones_and_nothing_else(store, tmp_path) -> None:
+    for i, torch_version in enumerate(["2.10.0", "2.11.0"]):
+        cache = CompileCache(store, tmp_path / f"n{i}", {**inputs(), "versions": {**VERSIONS, "torch": torch_version}})
+        cache.point_env()
+        fill(cache)
+        assert cache.save()
+    half = store.compile_cache_uri("ab" * 16).child("triton.tar")  # a save a preemption cut short
+    store.client.put_object(Bucket=half.bucket, Key=half.key, Body=b"partial")
+    store.put_json("progress.json", {"step": 1})
+    assert len(store.compile_cache_keys()) == 2
+
+    store.delete_compile_caches()
+
+    bucket = store.root.bucket
+    left = [o["Key"] for o in store.client.list_objects_v2(Bucket=bucket, Prefix=store.root.key).get("Contents", [])]
+    assert left == [store.root.child("progress.json").key]
+
+
 def test_nothing_compiled_nothing_saved(store, tmp_path) -> None:
     cache = CompileCache(store, tmp_path / "a", inputs())
     cache.point_env()

@@ -223,6 +223,15 @@ class CheckpointStore:
                         found.append((key, manifest.created_at))
         return sorted(found, key=lambda kc: kc[1], reverse=True)
 
+    def delete_compile_caches(self) -> None:
+        """Every compile cache of this job, complete or not (the job itself is being deleted): all the
+        manifests first, so no cache is ever complete while half gone."""
+        prefix = self.root.child(COMPILE_CACHE_DIR)
+        keys = [key for key, _ in self._list_objects(prefix)]
+        manifests = [key for key in keys if key.endswith("/" + MANIFEST_NAME)]
+        self._delete_keys(prefix.bucket, manifests, prefix)
+        self._delete_keys(prefix.bucket, [key for key in keys if key not in set(manifests)], prefix)
+
     def delete_tree(self, prefix_uri: S3Uri) -> None:
         """Remove everything under a prefix: its manifest first, so it is never complete while half gone."""
         prefix = prefix_uri.as_dir()
