@@ -20,6 +20,7 @@ from typing import Any
 from . import conditions as c
 from .observed import EndKind, ObservedPod, PodEnd, classify_end
 from .spec import CheckpointRef, LoraResumeSpec, LoraResumeStatus, Phase
+from .startup import last_startup
 
 WAIT_FOR_SOURCE_SECONDS = 30.0
 POD_APPEAR_SECONDS = 10.0
@@ -221,6 +222,9 @@ def _report_progress(b: _Builder) -> None:
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         b.set(loss=f"{float(loss):.4g}")
     _report_foreign(b, progress)
+    startup = last_startup(progress)
+    if startup is not None:
+        b.set(last_startup=startup)
 
 
 MAX_FOREIGN_LISTED = 20

@@ -66,6 +66,7 @@ from .pods import ACCOUNTING_FINALIZER, LABEL_RESOURCE, build_trainer_pod
 from .policy import credentials_problem, spec_problems
 from .s3_view import DownloadSizes, StorageView, StorageViews, s3_client
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus, Phase
+from .startup import to_observe as startup_to_observe
 from .watch_cache import WatchCache
 
 log = logging.getLogger(__name__)
@@ -416,6 +417,8 @@ class Reconciler:
             metrics.DISK_EVICTIONS.labels(ns).inc(after.disk_evictions - before.disk_evictions)
         if after.lost_steps > before.lost_steps:
             metrics.LOST_STEPS.labels(ns).inc(after.lost_steps - before.lost_steps)
+        for phase, seconds in startup_to_observe(before.last_startup, after.last_startup):
+            metrics.STARTUP_SECONDS.labels(phase).observe(seconds)
         if view.checkpoint_created_at:
             try:
                 created = datetime.fromisoformat(view.checkpoint_created_at.replace("Z", "+00:00"))
@@ -500,7 +503,10 @@ class Reconciler:
                 store = CheckpointStore(self.storage_client(namespace, parsed), S3Uri.parse(action.uri))
                 for listing in store.list_checkpoints():
                     store.delete_checkpoint(listing.step)
-                log.info("%s/%s: deleted checkpoints under %s (adapter kept)", namespace, name, action.uri)
+                store.delete_compile_caches()
+                log.info(
+                    "%s/%s: deleted checkpoints and compile caches under %s (adapter kept)", namespace, name, action.uri
+                )
 
     def delete_pods(self, namespace: str, name: str) -> None:
         """The resource is going: its pods go (SIGTERM, the trainer checkpoints) and are let go."""

@@ -186,9 +186,15 @@ def test_checkpoints_deleted_with_the_resource_only_when_asked(operator, job, tm
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_text("w")
     job.store.upload_adapter(adapter, {})
+    cache = job.store.compile_cache_uri("c0" * 16)  # what an attempt saved after its first steps
+    job.store.upload_tree(adapter, cache, kind="compile-cache", step=None, fingerprint={})
+    assert len(job.store.compile_cache_keys()) == 1
     job.k8s.delete("loraresumes", NS, job.name)
     wait_for("resource gone", lambda: job.resource() is None)
     assert job.store.complete_checkpoints() == []
+    assert job.store.compile_cache_keys() == []
+    left = job.store.client.list_objects_v2(Bucket=job.bucket, Prefix=cache.key)
+    assert left.get("KeyCount", 0) == 0
     assert job.store.read_adapter_manifest() is not None  # the adapter is the product: kept
 
 
@@ -221,6 +227,29 @@ def test_another_jobs_checkpoints_under_the_prefix_are_reported(operator, job):
     wait_for("status lists them", lambda: job.status().get("foreignCheckpoints") == [10, 20])
     [event] = [e for e in job.events() if e["reason"] == "ForeignCheckpoints"]
     assert "2 complete checkpoint(s)" in event["message"] and "steps 10, 20" in event["message"]
+
+
+def test_the_trainers_startup_phases_reach_the_status_and_the_metric(operator, job):
+    import urllib.request
+
+    job.apply()
+    job.run_pod(1)
+    wait_for("Running", lambda: job.status().get("phase") == "Running")
+    phases = {"imports_done": 20.0, "inputs_ready": 20.5, "model_loaded": 30.0, "first_step": 34.0}
+    job.store.put_json("progress.json", {"step": 1, "max_steps": 30, "attempt": 1, "startup": phases})
+    wait_for("status.lastStartup", lambda: (job.status().get("lastStartup") or {}).get("seconds") == 34.0)
+    startup = job.status()["lastStartup"]
+    assert startup["attempt"] == 1
+    assert [(p["phase"], p["tookSeconds"]) for p in startup["phases"]] == [
+        ("imports_done", 20.0),
+        ("inputs_ready", 0.5),
+        ("model_loaded", 9.5),
+        ("first_step", 4.0),
+    ]
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'loraresume_trainer_startup_seconds_count{phase="total"}' in text
+    assert 'loraresume_trainer_startup_seconds_sum{phase="model_loaded"}' in text
 
 
 def test_an_extending_job_waits_then_starts_from_the_final_checkpoint(operator, job, k8s, tmp_path):
