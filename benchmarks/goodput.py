@@ -194,6 +194,7 @@ def attempt_record(attempt: Attempt) -> dict[str, Any]:
     cache = (attempt.of("compile_cache") or [{}])[0]
     saved = (attempt.of("compile_cache_saved") or [{}])[0]
     t = log_times(attempt)
+    logged = [e for e in attempt.of("log") if "loss" in e]
     return {
         "exit_code": attempt.exit_code,
         "killed_with": attempt.killed_with,
@@ -204,6 +205,9 @@ def attempt_record(attempt: Attempt) -> dict[str, Any]:
         "compile_cache": cache.get("result"),
         "compile_cache_saved": {k: saved.get(k) for k in ("files", "bytes", "seconds") if k in saved} or None,
         "preempted": (attempt.of("preempted") or [None])[0],
+        # the Trainer's cumulative token count at this attempt's first and last logged step (issue 16:
+        # filled on the GPU path too, and continuing across a resume)
+        "num_tokens": [logged[0].get("num_tokens"), logged[-1].get("num_tokens")] if logged else None,
     }
 
 
