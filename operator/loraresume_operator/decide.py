@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import conditions as c
-from .observed import EndKind, ObservedPod, PodEnd, classify_end
+from .observed import IMAGE_PULL_REASONS, UNSCHEDULABLE, EndKind, ObservedPod, PodEnd, classify_end
 from .spec import CheckpointRef, LoraResumeSpec, LoraResumeStatus, Phase
 from .startup import last_startup
 
@@ -466,12 +466,19 @@ def _disk_evicted(b: _Builder, end: PodEnd, lost_text: str) -> None:
 
 
 def _pending(b: _Builder, pod: ObservedPod) -> None:
-    """A pod that has not started: say why and for how long; past a timeout, act on it."""
+    """A pod that has not started: past a timeout, act on it; else say why, when it is something a
+    person would act on (no node for it, an image that cannot be pulled), once per reason.
+
+    What every pod waits for on its way to Running (Scheduling, ContainerCreating: observed.
+    TRANSIENT_PENDING_REASONS) changes nothing: the launch's status already says the pod is starting,
+    and a write per flap would double the status writes of a launch. A reason said before (the pod was
+    Unschedulable, then bound) stays until the pod has been bound PENDING_RECHECK_SECONDS, so that a
+    long image pull after it is not shown as a wait for a node. The wait is timed from the pod's
+    creation (status.pendingSince when an earlier version recorded it)."""
     obs, spec, status = b.obs, b.obs.spec, b.obs.status
-    since = parse_iso(status.pending_since) or obs.now
+    since = parse_iso(status.pending_since) or pod.created or obs.now
     waited = max(0.0, (obs.now - since).total_seconds())
     reason, detail = pod.pending_reason
-    b.set(pending_since=iso(since), pending_reason=reason)
     spot, policy = spec.scheduling.spot, spec.restart_policy
     if pod.unschedulable and spot.enabled and not status.on_demand and waited >= spot.pending_timeout_seconds:
         b.set(spot_timeouts=status.spot_timeouts + 1)
@@ -489,6 +496,7 @@ def _pending(b: _Builder, pod: ObservedPod) -> None:
         return
     if pod.pulling_fails and waited >= policy.image_pull_timeout_seconds:
         b.actions.append(DeletePod(pod.name))
+        b.set(pending_since=iso(since), pending_reason=reason)
         _fail(
             b,
             c.IMAGE_PULL_FAILED,
@@ -496,19 +504,36 @@ def _pending(b: _Builder, pod: ObservedPod) -> None:
             f"(restartPolicy.imagePullTimeoutSeconds={policy.image_pull_timeout_seconds}): {reason}: {detail}",
         )
         return
-    # "since", not "for 3m20s": a message that ticks would rewrite the status on every reconcile.
-    message = f"attempt {status.attempt}: pod {pod.name} pending since {iso(since)}: {reason}"
-    message += f": {detail}" if detail else ""
-    if reason != status.pending_reason and reason != "Scheduling":
-        b.event("Warning" if pod.unschedulable or pod.pulling_fails else "Normal", reason, message)
-    b.set(phase=Phase.PENDING, message=message)
-    b.condition(c.RUNNING, False, reason, message)
     deadlines = [PENDING_RECHECK_SECONDS]
     if pod.unschedulable and spot.enabled and not status.on_demand:
         deadlines.append(spot.pending_timeout_seconds - waited)
     if pod.pulling_fails:
         deadlines.append(policy.image_pull_timeout_seconds - waited)
+    said = status.pending_reason
+    if pod.pending_transient:
+        bound_for = (obs.now - pod.scheduled_at).total_seconds() if pod.scheduled_at else None
+        if said != UNSCHEDULABLE or bound_for is None or bound_for < PENDING_RECHECK_SECONDS:
+            if said == UNSCHEDULABLE and bound_for is not None:
+                deadlines.append(PENDING_RECHECK_SECONDS - bound_for)
+            b.requeue(min(deadlines))
+            return
+    elif _same_wait(said, reason):  # said already (its detail, e.g. the scheduler's node count, may tick)
+        b.requeue(min(deadlines))
+        return
+    # "since", not "for 3m20s": a message that ticks would rewrite the status on every reconcile.
+    message = f"attempt {status.attempt}: pod {pod.name} pending since {iso(since)}: {reason}"
+    message += f": {detail}" if detail else ""
+    if not pod.pending_transient and not pod.unschedulable:  # the scheduler's own event says Unschedulable
+        b.event("Warning", reason, message)
+    b.set(phase=Phase.PENDING, message=message, pending_since=iso(since), pending_reason=reason)
+    b.condition(c.RUNNING, False, reason, message)
     b.requeue(min(deadlines))
+
+
+def _same_wait(said: str | None, reason: str) -> bool:
+    """Whether the status names this wait already (the kubelet's ErrImagePull and ImagePullBackOff take
+    turns while it retries: one wait)."""
+    return said == reason or (said in IMAGE_PULL_REASONS and reason in IMAGE_PULL_REASONS)
 
 
 def _suspend(b: _Builder) -> bool:
@@ -649,9 +674,11 @@ def deletion_actions(spec: LoraResumeSpec) -> tuple[Action, ...]:
 
 def storage_needed(status: LoraResumeStatus, pod: ObservedPod | None) -> bool:
     """Whether a reconcile must read the job's storage fresh before deciding: no attempt in flight (a
-    launch starts from the newest checkpoint), or the attempt's pod has ended, is going or is gone
-    (its end is counted against what is durable). A pod alive does with a recent read."""
-    return status.pod_name is None or pod is None or pod.ended or pod.terminating or pod.stuck
+    launch starts from the newest checkpoint), or the attempt's pod has ended or is gone (its end is
+    counted against what is durable). A pod alive does with a recent read, a pod that is going too (its
+    trainer is still saving: a read now is out of date when it ends; a plan that counts its end anyway,
+    an unconfirmed deletion, is decided again on a fresh read: reads_storage_fresh)."""
+    return status.pod_name is None or pod is None or pod.ended or pod.stuck
 
 
 def reads_storage_fresh(before: LoraResumeStatus, plan: Plan) -> bool:
@@ -741,9 +768,8 @@ def _decide(obs: Observation) -> Plan:
         _pending(b, pod)
         return b.plan()
     if not pod.ended:
+        # No event: the status says it (phase Running, condition Running=True); the launch had its event.
         b.set(pending_since=None, pending_reason=None)
-        if status.phase != Phase.RUNNING:
-            b.event("Normal", c.POD_RUNNING, f"attempt {status.attempt}: pod {pod.name} is {pod.phase.lower()}")
         b.set(phase=Phase.RUNNING, message=f"attempt {status.attempt}: pod {pod.name} {pod.phase.lower()}")
         b.condition(c.RUNNING, True, c.POD_RUNNING, b.values["message"])
         return b.plan()

@@ -46,6 +46,9 @@ PERMANENT_WAITING_REASONS = frozenset({"CreateContainerConfigError", "InvalidIma
 # The kubelet retries these with a backoff; past restartPolicy.imagePullTimeoutSeconds they are a config error.
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff"})
 SCHEDULED_CONDITION = "PodScheduled"
+# What every pod waits for on its way to Running, for seconds: nothing a person acts on, so the status
+# does not name them (decide._pending); Unschedulable, image pulls that fail and the like it does.
+TRANSIENT_PENDING_REASONS = frozenset({"Scheduling", "ContainerCreating", "PodInitializing"})
 UNSCHEDULABLE = "Unschedulable"
 
 
@@ -83,6 +86,8 @@ class ObservedPod:
     finalizers: tuple[str, ...] = ()
     deletion_deadline: datetime | None = None  # deletionTimestamp: when it should be gone
     node_name: str | None = None  # spec.nodeName: the node that runs it, once scheduled
+    created: datetime | None = None  # metadata.creationTimestamp: since then it has waited to start
+    scheduled_at: datetime | None = None  # PodScheduled True: when the scheduler bound it to a node
 
     @property
     def held(self) -> bool:
@@ -103,6 +108,11 @@ class ObservedPod:
         return "Scheduling", ""
 
     @property
+    def pending_transient(self) -> bool:
+        """It waits only for what every pod waits for on its way to Running (TRANSIENT_PENDING_REASONS)."""
+        return self.pending_reason[0] in TRANSIENT_PENDING_REASONS
+
+    @property
     def stuck(self) -> bool:
         """Waiting for something only a person can fix (a missing Secret key, a bad image name)."""
         return self.waiting_reason in PERMANENT_WAITING_REASONS
@@ -115,8 +125,10 @@ class ObservedPod:
     def from_api(cls, pod: dict[str, Any]) -> ObservedPod:
         meta, status = pod.get("metadata", {}), pod.get("status", {}) or {}
         disrupted, disruption_reason = False, None
-        unschedulable, scheduling_message = False, ""
+        unschedulable, scheduling_message, scheduled_at = False, "", None
         for cond in status.get("conditions") or []:
+            if cond.get("type") == SCHEDULED_CONDITION and cond.get("status") == "True":
+                scheduled_at = _timestamp(cond.get("lastTransitionTime"))
             if cond.get("type") == DISRUPTION_CONDITION and cond.get("status") == "True":
                 disrupted, disruption_reason = True, cond.get("reason")
             if (
@@ -147,6 +159,8 @@ class ObservedPod:
             finalizers=tuple(str(f) for f in meta.get("finalizers") or ()),
             deletion_deadline=_timestamp(meta.get("deletionTimestamp")),
             node_name=(pod.get("spec") or {}).get("nodeName") or None,
+            created=_timestamp(meta.get("creationTimestamp")),
+            scheduled_at=scheduled_at,
             exit_code=exit_code,
             container_reason=container_reason,
             pod_reason=status.get("reason"),

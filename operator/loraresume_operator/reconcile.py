@@ -244,10 +244,14 @@ class Reconciler:
         inputs = self.download_sizes.inputs(client, spec, action.adapter_uri, view, time.monotonic())
         pod = build_trainer_pod(resource, spec, action, self.defaults, inputs)
         try:
-            self.core.create_namespaced_pod(resource.namespace, pod)
+            created = self.core.create_namespaced_pod(resource.namespace, pod)
         except ApiException as exc:
             if exc.status != 409:  # AlreadyExists: this attempt's pod was created before a restart
                 raise
+            return
+        answer = self.core.api_client.sanitize_for_serialization(created)
+        if isinstance(answer, Mapping) and isinstance(answer.get("metadata"), Mapping):
+            self.cache.refresh_pod(resource.namespace, resource.name, answer)
 
     # ---- the loop -------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str, event_pod: ObservedPod | None = None) -> float | None:
@@ -321,7 +325,9 @@ class Reconciler:
         try:
             client = self.storage_client(resource.namespace, spec)
             if storage_needed(status, pod):
-                view, fresh = self.views.read(key, spec, client, self.monotonic()), True
+                never_launched = status.attempt == 0 and status.latest_checkpoint is None
+                view = self.views.read(key, spec, client, self.monotonic(), maybe_empty=never_launched)
+                fresh = True
             else:
                 running = pod is not None and pod.phase == "Running"
                 view, fresh = self.views.view(key, spec, client, self.monotonic(), running=running)

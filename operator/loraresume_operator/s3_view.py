@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import logging
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,8 @@ import boto3
 from botocore.config import Config
 
 from loraresume_trainer.checkpoint_store import PROGRESS_NAME, CheckpointStore
-from loraresume_trainer.errors import TrainerError
+from loraresume_trainer.errors import DamagedCheckpoint, TrainerError
+from loraresume_trainer.s3client import s3_errors
 from loraresume_trainer.s3uri import S3Uri
 
 from .scratch import ScratchInputs
@@ -36,6 +39,12 @@ class StorageView:
     checkpoint_bytes: int | None = None  # the newest complete checkpoint's files, from its manifest
 
 
+# S3 reads in flight beside the reconcile threads' own (read_storage's progress.json and adapter manifest):
+# bounded, so a burst of launches cannot open a connection per object at once.
+READ_WORKERS = 16
+# Connections the shared client keeps per endpoint: the reconcile threads of both pools plus READ_WORKERS
+# (botocore's default of 10 made every further request open and drop a connection under load).
+MAX_POOL_CONNECTIONS = 64
 _CLIENTS_LOCK = threading.Lock()  # one S3 client build at a time (s3_client)
 
 
@@ -64,6 +73,7 @@ def _client(endpoint: str | None, region: str | None, creds: tuple[tuple[str, st
     session = boto3.session.Session(region_name=region or None, **kwargs)
     config = Config(
         retries={"mode": "standard", "max_attempts": 3},
+        max_pool_connections=MAX_POOL_CONNECTIONS,
         connect_timeout=3,
         read_timeout=10,
         s3={"addressing_style": "path"} if endpoint else None,
@@ -73,20 +83,66 @@ def _client(endpoint: str | None, region: str | None, creds: tuple[tuple[str, st
     return session.client("s3", endpoint_url=endpoint or None, config=config)
 
 
-def read_storage(spec: LoraResumeSpec, client: Any) -> StorageView:
+Submit = Callable[..., "Future[Any]"]
+
+
+def read_storage(
+    spec: LoraResumeSpec, client: Any, *, submit: Submit | None = None, maybe_empty: bool = False
+) -> StorageView:
     """Raises loraresume_trainer.errors.TrainerError (StorageError / StorageAuthError) on S3 trouble.
 
-    `spec` is the effective spec: its storage.uri is resolved (effective_spec)."""
+    `spec` is the effective spec: its storage.uri is resolved (effective_spec). The three parts are
+    read side by side when `submit` (an executor's) is given: progress.json and the adapter manifest
+    beside the checkpoint listing and the newest complete manifest (the only one read). `maybe_empty`:
+    the job has never launched; one listing of its prefix tells an empty one (the usual new job: no
+    further read) from one that holds a run already."""
     store = _store(spec, client)
-    complete = store.complete_checkpoints()
+    if maybe_empty and _empty(store):
+        return StorageView(None, None, False)
+    run: Submit = submit or _inline
+    progress = run(store.get_json, PROGRESS_NAME)
+    adapter = run(store.read_adapter_manifest)
     checkpoint, created, size = None, None, None
-    if complete:
-        step, manifest = complete[0]
+    newest = _newest_complete(store)
+    if newest is not None:
+        step, manifest = newest
         checkpoint = CheckpointRef(uri=str(store.checkpoint_uri(step)), step=step)
         created, size = manifest.created_at or None, manifest.total_bytes
-    progress = store.get_json(PROGRESS_NAME)
-    adapter = store.read_adapter_manifest()
-    return StorageView(checkpoint, progress, adapter is not None, created, size)
+    return StorageView(checkpoint, progress.result(), adapter.result() is not None, created, size)
+
+
+def _inline(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    done: Future[Any] = Future()
+    try:
+        done.set_result(fn(*args))
+    except BaseException as exc:
+        done.set_exception(exc)
+    return done
+
+
+def _empty(store: CheckpointStore) -> bool:
+    """Nothing at all under the job's prefix (one listing of at most one key)."""
+    root = store.root.as_dir()
+    with s3_errors("listing", root):
+        pages = store.client.get_paginator("list_objects_v2").paginate(
+            Bucket=root.bucket, Prefix=root.key, PaginationConfig={"PageSize": 1, "MaxItems": 1}
+        )
+        first: dict[str, Any] = next(iter(pages), {})
+    return not first.get("Contents")
+
+
+def _newest_complete(store: CheckpointStore) -> tuple[int, Any] | None:
+    """The newest checkpoint with a usable manifest (older ones are not read; a damaged one is
+    skipped with a warning, as complete_checkpoints does)."""
+    for step in store._checkpoint_steps():  # newest first
+        try:
+            manifest = store.read_manifest(step)
+        except DamagedCheckpoint as exc:
+            log.warning("skipping checkpoint-%d: %s", step, exc)
+            continue
+        if manifest is not None:
+            return step, manifest
+    return None
 
 
 # While its pod is alive (pending or running), a job's progress.json is read at most this often (the
@@ -101,8 +157,14 @@ LISTING_SECONDS = 60.0
 class StorageViews:
     """The last StorageView of each resource, and when its parts were read (monotonic seconds)."""
 
-    def __init__(self, progress_seconds: float = PROGRESS_SECONDS, listing_seconds: float = LISTING_SECONDS) -> None:
+    def __init__(
+        self,
+        progress_seconds: float = PROGRESS_SECONDS,
+        listing_seconds: float = LISTING_SECONDS,
+        read_workers: int = READ_WORKERS,
+    ) -> None:
         self.progress_seconds, self.listing_seconds = progress_seconds, listing_seconds
+        self._reads = ThreadPoolExecutor(read_workers, thread_name_prefix="s3-reads")  # threads start on demand
         self._lock = threading.Lock()
         self._views: dict[tuple[str, str], tuple[float, float, StorageView]] = {}  # listed at, progress at
 
@@ -126,9 +188,11 @@ class StorageViews:
                 self._views[key] = (listed_at, now, view)
         return view, False
 
-    def read(self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float) -> StorageView:
-        """All of it, now."""
-        view = read_storage(spec, client)
+    def read(
+        self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float, *, maybe_empty: bool = False
+    ) -> StorageView:
+        """All of it, now (its parts side by side; `maybe_empty`: see read_storage)."""
+        view = read_storage(spec, client, submit=self._reads.submit, maybe_empty=maybe_empty)
         with self._lock:
             self._views[key] = (now, now, view)
         return view

@@ -74,6 +74,15 @@ class WatchCache:
                 self._pods[(namespace, pod.name)] = (version, pod)
         return pod
 
+    def refresh_pod(self, namespace: str, owner: str, body: Mapping[str, Any]) -> None:
+        """The answer to this process's own pod creation, so that the reconciles before its watch event
+        need no list of it: stored only when the watch delivers the owning LoraResume (then it delivers
+        its pods too, and their later events replace this)."""
+        with self._lock:
+            if (namespace, owner) not in self._resources:
+                return
+        self.put_pod(namespace, body)
+
     def drop_pod(self, namespace: str, name: str) -> None:
         with self._lock:
             self._pods.pop((namespace, name), None)

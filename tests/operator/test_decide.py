@@ -338,13 +338,14 @@ PULL_FAILS = dict(phase="Pending", waiting_reason="ImagePullBackOff", waiting_me
 @pytest.mark.parametrize(
     ("p", "spot", "on_demand", "waited", "want"),
     [
-        # what the pod is waiting for, the job's spot settings, seconds waited -> what happens
-        (dict(phase="Pending"), SPOT, False, 0, "waits:Scheduling"),
+        # what the pod is waiting for, the job's spot settings, seconds since the pod was created -> what happens
+        (dict(phase="Pending"), SPOT, False, 0, "quiet"),
         (UNSCHEDULABLE, SPOT, False, 599, "waits:Unschedulable"),
         (UNSCHEDULABLE, SPOT, False, 600, "on-demand"),
         (UNSCHEDULABLE, {"enabled": False}, False, 10_000, "waits:Unschedulable"),  # nowhere else to go
         (UNSCHEDULABLE, SPOT, True, 10_000, "waits:Unschedulable"),  # on-demand already
-        (dict(phase="Pending", waiting_reason="ContainerCreating"), SPOT, False, 10_000, "waits:ContainerCreating"),
+        (dict(phase="Pending", waiting_reason="ContainerCreating"), SPOT, False, 10_000, "quiet"),
+        (dict(phase="Pending", waiting_reason="PodInitializing"), SPOT, False, 30, "quiet"),
         (PULL_FAILS, SPOT, False, 299, "waits:ImagePullBackOff"),
         (PULL_FAILS, SPOT, False, 300, "failed"),
         ({**PULL_FAILS, "waiting_reason": "ErrImagePull"}, {"enabled": False}, False, 300, "failed"),
@@ -356,31 +357,32 @@ PULL_FAILS = dict(phase="Pending", waiting_reason="ImagePullBackOff", waiting_me
         "unschedulable-no-spot",
         "unschedulable-on-demand",
         "container-creating",
+        "pod-initializing",
         "image-pull-before-timeout",
         "image-pull-timeout",
         "err-image-pull-timeout",
     ],
 )
 def test_a_pod_that_has_not_started(p, spot, on_demand, waited, want):
-    since = NOW - timedelta(seconds=waited)
-    st = status(
-        phase=Phase.PENDING,
-        attempt=1,
-        pod_name="bot-attempt-1",
-        on_demand=on_demand,
-        pending_since=iso(since),
-        pending_reason=pod(**p).pending_reason[0],
-    )
-    plan = decide(obs(st, pod(**p), spec=spec(scheduling={"spot": spot})))
+    created = NOW - timedelta(seconds=waited)
+    st = status(phase=Phase.PENDING, attempt=1, pod_name="bot-attempt-1", on_demand=on_demand, observed_generation=1)
+    plan = decide(obs(st, pod(**p, created=created), spec=spec(scheduling={"spot": spot})))
     deleted = [a.name for a in plan.actions if isinstance(a, DeletePod)]
+    events = [a for a in plan.actions if isinstance(a, EmitEvent)]
     assert plan.status.preemptions == 0 and plan.status.failures == 0  # neither a preemption nor a failure
-    if want.startswith("waits:"):
+    if want == "quiet":  # what every pod waits for: the status (as the launch wrote it) stays, no event
+        assert said_of(plan.status) == said_of(st) and not events and not creates(plan) and not deleted
+        assert 1 <= plan.requeue.after_seconds <= PENDING_RECHECK_SECONDS
+    elif want.startswith("waits:"):
         reason = want.removeprefix("waits:")
         assert not creates(plan) and not deleted and plan.status.phase is Phase.PENDING
-        assert plan.status.pending_reason == reason and plan.status.pending_since == iso(since)
+        assert plan.status.pending_reason == reason and plan.status.pending_since == iso(created)  # from creation
         assert cond(plan, c.RUNNING).status == "False" and cond(plan, c.RUNNING).reason == reason
         assert reason in plan.status.message and (NO_GPU in plan.status.message) == bool(p.get("unschedulable"))
         assert 1 <= plan.requeue.after_seconds <= PENDING_RECHECK_SECONDS
+        # a Warning for what a person must fix; Unschedulable has the scheduler's own event on the pod
+        assert [e.reason for e in events] == ([] if p.get("unschedulable") else [reason])
+        assert all(e.type == "Warning" for e in events)
     elif want == "on-demand":
         [new] = creates(plan)
         assert deleted == ["bot-attempt-1"] and new.on_demand and new.attempt == 2
@@ -393,17 +395,76 @@ def test_a_pod_that_has_not_started(p, spot, on_demand, waited, want):
         assert cond(plan, c.FAILED).reason == c.IMAGE_PULL_FAILED and "imagePullTimeoutSeconds" in plan.status.message
 
 
-def test_the_wait_is_measured_from_the_first_pending_observation():
-    st = status(phase=Phase.PENDING, attempt=1, pod_name="bot-attempt-1")
-    first = decide(obs(st, pod(**UNSCHEDULABLE), spec=spec(scheduling={"spot": SPOT})))
-    assert first.status.pending_since == iso(NOW) and f"pending since {iso(NOW)}" in first.status.message
-    assert [a.reason for a in first.actions if isinstance(a, EmitEvent)] == ["Unschedulable"]
-    later = decide(
-        obs(first.status, pod(**UNSCHEDULABLE), spec=spec(scheduling={"spot": SPOT}), now=NOW + timedelta(seconds=200))
+def said_of(st: LoraResumeStatus) -> tuple[Any, ...]:
+    """What a pending pod's decision may change in the status (progress and generation aside)."""
+    return (st.phase, st.message, st.pending_since, st.pending_reason, st.conditions)
+
+
+CREATED = NOW - timedelta(seconds=40)
+BOUND_LONG_AGO = dict(phase="Pending", waiting_reason="ContainerCreating", scheduled_at=NOW - timedelta(seconds=20))
+BOUND_JUST_NOW = dict(phase="Pending", waiting_reason="ContainerCreating", scheduled_at=NOW - timedelta(seconds=2))
+
+
+@pytest.mark.parametrize(
+    ("said", "p", "written", "event"),
+    [
+        # the wait the status names, the pod now -> the status rewritten?, an event?
+        (None, dict(phase="Pending"), False, False),  # Scheduling: the launch's status says "starting"
+        (None, dict(phase="Pending", waiting_reason="ContainerCreating"), False, False),
+        (None, UNSCHEDULABLE, True, False),  # a wait for a node: said; the scheduler posts its own event
+        ("Unschedulable", UNSCHEDULABLE, False, False),  # said already (its node count may tick)
+        ("Unschedulable", {**UNSCHEDULABLE, "scheduling_message": "0/9 nodes are available"}, False, False),
+        ("Unschedulable", BOUND_JUST_NOW, False, False),  # bound a moment ago: Running usually follows
+        ("Unschedulable", BOUND_LONG_AGO, True, False),  # bound long ago: no longer a wait for a node
+        ("Unschedulable", dict(phase="Pending"), False, False),  # no PodScheduled=True yet
+        (None, PULL_FAILS, True, True),
+        ("ErrImagePull", PULL_FAILS, False, False),  # the kubelet's two pull reasons take turns: one wait
+        ("ImagePullBackOff", BOUND_LONG_AGO, False, False),  # a pull retried: still that wait
+        ("Unschedulable", PULL_FAILS, True, True),
+        ("ContainerCreating", dict(phase="Pending"), False, False),  # written by an earlier version: left
+    ],
+)
+def test_the_status_names_a_wait_a_person_would_act_on_once(said, p, written, event):
+    st = status(
+        phase=Phase.PENDING,
+        attempt=1,
+        pod_name="bot-attempt-1",
+        observed_generation=1,
+        pending_since=iso(CREATED) if said else None,
+        pending_reason=said,
     )
-    assert later.status.pending_since == iso(NOW) and later.status.message == first.status.message  # no rewrite
-    assert not [a for a in later.actions if isinstance(a, EmitEvent)]  # one event per reason, not per reconcile
+    plan = decide(obs(st, pod(**p, created=CREATED)))
+    events = [a.reason for a in plan.actions if isinstance(a, EmitEvent)]
+    assert (said_of(plan.status) != said_of(st)) == written and bool(events) == event
+    if written:
+        reason = pod(**p).pending_reason[0]
+        assert plan.status.pending_reason == reason and plan.status.pending_since == iso(CREATED)
+        assert cond(plan, c.RUNNING).reason == reason
+    assert 1 <= plan.requeue.after_seconds <= PENDING_RECHECK_SECONDS
+    if p is BOUND_JUST_NOW:  # back when it is bound long enough to tell
+        assert plan.requeue.after_seconds == pytest.approx(PENDING_RECHECK_SECONDS - 2)
+
+
+def test_the_wait_is_timed_from_the_pods_creation_and_said_once():
+    st = status(phase=Phase.PENDING, attempt=1, pod_name="bot-attempt-1")
+    created = NOW - timedelta(seconds=5)
+    first = decide(obs(st, pod(**UNSCHEDULABLE, created=created), spec=spec(scheduling={"spot": SPOT})))
+    assert first.status.pending_since == iso(created) and f"pending since {iso(created)}" in first.status.message
+    assert not [a for a in first.actions if isinstance(a, EmitEvent)]
+    later = decide(
+        obs(
+            first.status,
+            pod(**UNSCHEDULABLE, created=created),
+            spec=spec(scheduling={"spot": SPOT}),
+            now=NOW + timedelta(seconds=200),
+        )
+    )
+    assert later.status == first.status  # no rewrite
+    assert not [a for a in later.actions if isinstance(a, EmitEvent)]
     assert later.requeue.after_seconds == PENDING_RECHECK_SECONDS
+    # no creation time known (a pod from an older API answer): from the first observation, as before
+    unknown = decide(obs(st, pod(**UNSCHEDULABLE), spec=spec(scheduling={"spot": SPOT})))
+    assert unknown.status.pending_since == iso(NOW)
 
 
 def test_a_later_preemption_relaunch_stays_on_demand_after_a_spot_timeout():

@@ -111,14 +111,24 @@ def test_a_lifecycle_reads_neither_the_resource_nor_its_pods():
     f.reconcile()
     assert f.status["phase"] == "Running"
     assert f.api["list_namespaced_custom_object"] == 0 and f.api["list_namespaced_pod"] == 0, f.api
-    assert f.api["replace_namespaced_custom_object_status"] == 3  # launched, pending since, running
+    # launched, running: a pod on its way to Running (Scheduling, ContainerCreating) writes nothing
+    assert f.api["replace_namespaced_custom_object_status"] == 2
+
+
+def test_the_creation_answer_serves_until_the_watch_delivers_the_pod():
+    f = Fleet()
+    f.reconcile()  # launch: the created pod is kept from the API server's answer
+    f.reconcile()  # before the pod's ADDED event: read from there, no list
+    assert f.api["list_namespaced_pod"] == 0 and f.status["podName"] == "bot-attempt-1"
+    assert f.cluster.core.created == [f.cluster.core.created[0]]  # not created again
 
 
 def test_a_pod_the_watch_has_not_delivered_is_read_not_taken_for_gone():
     f = Fleet()
     f.reconcile()
     f.cluster.core.pods["bot-attempt-1"]["status"] = {"phase": "Running"}
-    f.reconcile()  # the pod's ADDED event is not in yet
+    f.cache.drop_pod(NS, "bot-attempt-1")  # e.g. a restarted process: its watch has not delivered the pod yet
+    f.reconcile()
     assert f.api["list_namespaced_pod"] == 1
     assert f.status["phase"] == "Running" and f.status.get("preemptions", 0) == 0
 
