@@ -14,7 +14,6 @@ timers stop, which left deletions hanging, and one loop scales better than a tim
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Mapping
@@ -34,16 +33,21 @@ from .reconcile import Reconciler
 from .s3_view import StorageViews
 from .spec import GROUP, PLURAL, VERSION
 from .watch_cache import WatchCache
+from .work_queue import WorkQueue
 
 log = logging.getLogger(__name__)
 
 
 # A reconcile mostly waits on the API server and S3, so its threads outnumber the cores. Resource
 # events (creations, spec changes) and pod events (an ended pod means a relaunch) have a pool each,
-# so a burst of creations cannot queue relaunches behind it. kopf's own executor runs only the
-# delete handler. A per-resource lock keeps one reconcile per resource at a time either way.
-CHANGE_WORKERS = 16
-POD_EVENT_WORKERS = 16
+# so a burst of creations cannot queue relaunches behind it; each pool is fed by a WorkQueue, which
+# gives a worker only a resource nobody else works on. kopf's own executor runs only the delete
+# handler. A per-resource lock keeps one reconcile per resource at a time either way.
+CHANGE_WORKERS = 24
+POD_EVENT_WORKERS = 24
+# The Kubernetes client's connections kept open: the workers of both pools and the periodic loop (its
+# default, 5 per core, made most requests under load open a new TLS connection and drop it).
+API_CONNECTIONS = CHANGE_WORKERS + POD_EVENT_WORKERS + 8
 KOPF_WORKERS = 4
 FINALIZER = f"{GROUP}/cleanup"  # kopf's, for the delete handler
 
@@ -66,6 +70,20 @@ class Runtime:
     changes: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(CHANGE_WORKERS, thread_name_prefix="changes")
     )
+
+    pod_queue: WorkQueue = field(init=False)
+    change_queue: WorkQueue = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pod_queue = WorkQueue(self.pod_events, self._after_event)
+        self.change_queue = WorkQueue(self.changes, self._after_event)
+
+    def _after_event(self, key: tuple[str, str], pod: ObservedPod | None) -> None:
+        try:
+            self.rec().reconcile(*key, event_pod=pod)
+        except ApiException as exc:
+            metrics.RECONCILE_ERRORS.labels("api").inc()
+            log.warning("reconcile of %s/%s after an event failed (%s); the periodic loop retries", *key, exc.status)
 
     def rec(self) -> Reconciler:
         if self.reconciler is None:
@@ -110,7 +128,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    api = client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = API_CONNECTIONS
+    api = client.ApiClient(configuration)
     rt.reconciler = Reconciler(
         client.CoreV1Api(api),
         client.CustomObjectsApi(api),
@@ -185,7 +205,8 @@ async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, m
         return
     with rt.known_lock:
         rt.known.add(key)
-    await asyncio.get_running_loop().run_in_executor(rt.changes, _after_event, rt.rec(), key, None)
+    rt.rec()  # kopf retries the event while the operator is still starting
+    rt.change_queue.submit(key)
 
 
 @kopf.index("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
@@ -215,15 +236,8 @@ async def on_pod_event(
     if not pod.held:
         return
     key = (ns, labels[LABEL_RESOURCE])
-    await asyncio.get_running_loop().run_in_executor(rt.pod_events, _after_event, rt.rec(), key, pod)
-
-
-def _after_event(rec: Reconciler, key: tuple[str, str], pod: ObservedPod | None) -> None:
-    try:
-        rec.reconcile(*key, event_pod=pod)
-    except ApiException as exc:
-        metrics.RECONCILE_ERRORS.labels("api").inc()
-        log.warning("reconcile of %s/%s after an event failed (%s); the periodic loop retries", *key, exc.status)
+    rt.rec()
+    rt.pod_queue.submit(key, pod)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=5)
