@@ -290,7 +290,8 @@ class StorageSpec(_Spec):
     _uri = field_validator("uri")(lambda v: _s3_uri(v))
     delete_on_resource_deletion: bool = Field(
         False,
-        description="Delete the checkpoints and compile caches in S3 when the resource is deleted (the adapter is kept).",
+        description="Delete the checkpoints and compile caches in S3 when the resource is deleted "
+        "(the adapter is kept).",
     )
 
 
