@@ -18,13 +18,25 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import conditions as c
-from .observed import IMAGE_PULL_REASONS, UNSCHEDULABLE, EndKind, ObservedPod, PodEnd, classify_end
+from .observed import (
+    IMAGE_PULL_REASONS,
+    TRANSIENT_PENDING_REASONS,
+    UNSCHEDULABLE,
+    EndKind,
+    ObservedPod,
+    PodEnd,
+    classify_end,
+)
 from .spec import CheckpointRef, LoraResumeSpec, LoraResumeStatus, Phase
 from .startup import last_startup
 
 WAIT_FOR_SOURCE_SECONDS = 30.0
 POD_APPEAR_SECONDS = 10.0
 PENDING_RECHECK_SECONDS = 15.0
+# A pod is said to be Unschedulable once it has waited this long for a node: a moment's wait (the
+# scheduler's first pass before a node frees up, a reclaimed node's replacement registering) is what
+# many launches on a busy or spot pool go through, nothing a person acts on.
+UNSCHEDULABLE_REPORT_SECONDS = 10.0
 # A pod deleted this long past its deletionTimestamp and still not ended has nobody to end it (a
 # force delete on a node that is gone): it is counted as ended, as a vanished pod would be.
 UNCONFIRMED_DELETION_SECONDS = 60.0
@@ -467,7 +479,8 @@ def _disk_evicted(b: _Builder, end: PodEnd, lost_text: str) -> None:
 
 def _pending(b: _Builder, pod: ObservedPod) -> None:
     """A pod that has not started: past a timeout, act on it; else say why, when it is something a
-    person would act on (no node for it, an image that cannot be pulled), once per reason.
+    person would act on (no node for it for UNSCHEDULABLE_REPORT_SECONDS, an image that cannot be
+    pulled), once per reason.
 
     What every pod waits for on its way to Running (Scheduling, ContainerCreating: observed.
     TRANSIENT_PENDING_REASONS) changes nothing: the launch's status already says the pod is starting,
@@ -476,7 +489,8 @@ def _pending(b: _Builder, pod: ObservedPod) -> None:
     long image pull after it is not shown as a wait for a node. The wait is timed from the pod's
     creation (status.pendingSince when an earlier version recorded it)."""
     obs, spec, status = b.obs, b.obs.spec, b.obs.status
-    since = parse_iso(status.pending_since) or pod.created or obs.now
+    known = parse_iso(status.pending_since) or pod.created
+    since = known or obs.now
     waited = max(0.0, (obs.now - since).total_seconds())
     reason, detail = pod.pending_reason
     spot, policy = spec.scheduling.spot, spec.restart_policy
@@ -510,6 +524,10 @@ def _pending(b: _Builder, pod: ObservedPod) -> None:
     if pod.pulling_fails:
         deadlines.append(policy.image_pull_timeout_seconds - waited)
     said = status.pending_reason
+    moment = known is not None and waited < UNSCHEDULABLE_REPORT_SECONDS  # (unknown: said at once)
+    if pod.unschedulable and (said is None or said in TRANSIENT_PENDING_REASONS) and moment:
+        b.requeue(min([*deadlines, UNSCHEDULABLE_REPORT_SECONDS - waited]))
+        return
     if pod.pending_transient:
         bound_for = (obs.now - pod.scheduled_at).total_seconds() if pod.scheduled_at else None
         if said != UNSCHEDULABLE or bound_for is None or bound_for < PENDING_RECHECK_SECONDS:

@@ -13,6 +13,7 @@ from loraresume_operator.decide import (
     EXTRA_CHANGED,
     PENDING_RECHECK_SECONDS,
     UNCONFIRMED_DELETION_SECONDS,
+    UNSCHEDULABLE_REPORT_SECONDS,
     CreatePod,
     DeletePod,
     EmitEvent,
@@ -340,6 +341,7 @@ PULL_FAILS = dict(phase="Pending", waiting_reason="ImagePullBackOff", waiting_me
     [
         # what the pod is waiting for, the job's spot settings, seconds since the pod was created -> what happens
         (dict(phase="Pending"), SPOT, False, 0, "quiet"),
+        (UNSCHEDULABLE, SPOT, False, 9, "quiet"),  # a moment's wait for a node: said from 10 s on
         (UNSCHEDULABLE, SPOT, False, 599, "waits:Unschedulable"),
         (UNSCHEDULABLE, SPOT, False, 600, "on-demand"),
         (UNSCHEDULABLE, {"enabled": False}, False, 10_000, "waits:Unschedulable"),  # nowhere else to go
@@ -352,6 +354,7 @@ PULL_FAILS = dict(phase="Pending", waiting_reason="ImagePullBackOff", waiting_me
     ],
     ids=[
         "just-created",
+        "unschedulable-a-moment",
         "unschedulable-before-timeout",
         "unschedulable-spot-timeout",
         "unschedulable-no-spot",
@@ -445,9 +448,19 @@ def test_the_status_names_a_wait_a_person_would_act_on_once(said, p, written, ev
         assert plan.requeue.after_seconds == pytest.approx(PENDING_RECHECK_SECONDS - 2)
 
 
+def test_a_moments_wait_for_a_node_is_rechecked_when_it_would_be_said():
+    st = status(phase=Phase.RESUMING, attempt=2, pod_name="bot-attempt-2", observed_generation=1)
+    p = pod(name="bot-attempt-2", **UNSCHEDULABLE, created=NOW - timedelta(seconds=3))
+    plan = decide(obs(st, p, spec=spec(scheduling={"spot": SPOT})))
+    assert said_of(plan.status) == said_of(st) and not [a for a in plan.actions if isinstance(a, EmitEvent)]
+    assert plan.requeue.after_seconds == pytest.approx(UNSCHEDULABLE_REPORT_SECONDS - 3)
+    later = decide(obs(st, p, spec=spec(scheduling={"spot": SPOT}), now=NOW + timedelta(seconds=7)))
+    assert later.status.pending_reason == "Unschedulable" and later.status.phase is Phase.PENDING
+
+
 def test_the_wait_is_timed_from_the_pods_creation_and_said_once():
     st = status(phase=Phase.PENDING, attempt=1, pod_name="bot-attempt-1")
-    created = NOW - timedelta(seconds=5)
+    created = NOW - timedelta(seconds=30)
     first = decide(obs(st, pod(**UNSCHEDULABLE, created=created), spec=spec(scheduling={"spot": SPOT})))
     assert first.status.pending_since == iso(created) and f"pending since {iso(created)}" in first.status.message
     assert not [a for a in first.actions if isinstance(a, EmitEvent)]
