@@ -432,9 +432,10 @@ class Operator:
     """The operator, started each time as the chart's Deployment runs it (`SandboxCluster.new_operator`:
     a fresh ServiceAccount token), with its memory and CPU from /proc and its /metrics."""
 
-    def __init__(self, cluster: SandboxCluster, logdir: Path) -> None:
-        self.cluster, self.logdir = cluster, logdir
+    def __init__(self, cluster: SandboxCluster, logdir: Path, profile_dir: Path | None = None) -> None:
+        self.cluster, self.logdir, self.profile_dir = cluster, logdir, profile_dir
         self.process: OperatorProcess | None = None
+        self.profilers: list[subprocess.Popen[bytes]] = []
         self.starts = 0
         self.started_at = 0.0  # monotonic
         self.started_wall = 0.0  # wall clock, to compare with audit timestamps
@@ -454,6 +455,24 @@ class Operator:
         )
         self.started_at, self.started_wall = now(), time.time()
         self.process.start()
+        if self.profile_dir is not None and self.proc is not None:
+            self.profilers.append(self.profile(self.proc.pid, self.profile_dir / f"operator-{self.starts}.txt"))
+
+    @staticmethod
+    def profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
+        """py-spy samples the process from outside (collapsed stacks, idle threads left out) until it exits."""
+        py_spy = Path(sys.executable).with_name("py-spy")
+        command = [str(py_spy), "record", "--pid", str(pid), "--rate", "50", "--format", "raw", "--nonblocking"]
+        return subprocess.Popen([*command, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop_profilers(self) -> None:
+        for profiler in self.profilers:
+            if profiler.poll() is None:
+                profiler.send_signal(signal.SIGINT)  # py-spy writes what it has
+            try:
+                profiler.wait(30)
+            except subprocess.TimeoutExpired:
+                profiler.kill()
 
     def kill(self) -> None:
         assert self.process is not None
@@ -696,7 +715,10 @@ class Bench:
 
         if a.request_log:
             self.log_requests(Path(a.request_log))
-        self.operator = Operator(self.cluster, self.workdir)
+        profile_dir = Path(self.args.py_spy) if self.args.py_spy else None
+        if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+        self.operator = Operator(self.cluster, self.workdir, profile_dir)
         self.sampler = MemorySampler(self.operator)
         self.prober = Prober(self.kube, s3, self.sampler)
         self.result["operator_start_seconds"] = r(self.start_operator())
@@ -743,6 +765,7 @@ class Bench:
                 thread.stopped.set()
         if self.operator:
             self.operator.stop()
+            self.operator.stop_profilers()
         if self.cluster:
             self.cluster.stop()
         if self.moto and self.moto.poll() is None:
@@ -998,11 +1021,13 @@ class Bench:
         by: dict[str, list[float]] = defaultdict(list)
         share: dict[str, list[float]] = defaultdict(list)
         same_name = finished_first = 0
+        lost_by_resource: Counter[str] = Counter()
         for pod, (how, t_call, uid) in victims.items():
             found = replacement(pod)
             if found is None:
                 finished_first += 1
                 continue
+            lost_by_resource[pod.rsplit("-attempt-", 1)[0]] += 1
             t_new, new_name = found
             same_name += new_name == pod
             old = self.tracker.pod_by_uid(uid)
@@ -1018,6 +1043,7 @@ class Bench:
             "ran_to_the_end_first": finished_first,
             "bound_to_a_reclaimed_node_after_it_was_listed": late,
             "relaunched_as_the_same_pod_name": same_name,
+            "lost_by_resource": dict(sorted(lost_by_resource.items())),
             "seconds": {"p50": r(pct(every, 50)), "p99": r(pct(every, 99)), "max": r(max(every, default=None))},
             "operator_share_seconds": {"p50": r(pct(every_share, 50)), "p99": r(pct(every_share, 99))},
             "by_kind": {
@@ -1032,6 +1058,36 @@ class Bench:
                 if v
             },
         }
+
+    def miscounted(self, names: list[str], lost_by_resource: dict[str, int]) -> list[dict[str, Any]]:
+        """Resources whose status.preemptions is not the number of their pods this benchmark ended (and
+        that did not finish first), each with what this script saw of its pods: a loss counted twice,
+        one not counted, or a loss the benchmark did not record, and which pod it was."""
+        out = []
+        with self.tracker.lock:
+            for name in names:
+                counted = int((self.tracker.lr_status.get(name) or {}).get("preemptions") or 0)
+                lost = lost_by_resource.get(name, 0)
+                if counted == lost:
+                    continue
+                pods = [
+                    {k: (r(v) if isinstance(v, float) else v) for k, v in p.items() if k != "resource"}
+                    for p in self.tracker.pods.values()
+                    if p.get("resource") == name
+                ]
+                status = self.tracker.lr_status.get(name) or {}
+                out.append(
+                    {
+                        "resource": name,
+                        "preemptions_counted": counted,
+                        "pods_lost_recorded": lost,
+                        "attempt": status.get("attempt"),
+                        "phase": status.get("phase"),
+                        "pods": sorted(pods, key=lambda p: p.get("added") or 0.0),
+                        "reclaimed_nodes": {n: r(t) for n, t in self.reclaimed.items()},
+                    }
+                )
+        return out
 
     def disrupt_while_loaded(self, names: list[str], disrupt: int) -> dict[str, Any]:
         """Pods of `names` are ended as they run, once `--disrupt-at` of the first pods have ended."""
@@ -1231,6 +1287,7 @@ class Bench:
             "wall_seconds_to_all_succeeded": r(t_done - t0),
             "attempts": attempts,
             "preemptions_counted": preemptions,
+            "miscounted_resources": self.miscounted(names, relaunch.get("lost_by_resource") or {}),
             "api_requests": total1 - total0,
             "api_requests_per_succeeded_resource": r((total1 - total0) / len(names)),
             "operator_rss_mib_after_restart": {"peak_hwm": r(mem.get("VmHWM"), 1), "now": r(mem.get("VmRSS"), 1)},
@@ -1301,6 +1358,7 @@ class Bench:
             "relaunch_after_pod_loss": relaunch,
             "preemptions_counted": preemptions,
             "preemptions_counted_after_restart": after_restart,
+            "miscounted_resources": self.miscounted(names, relaunch.get("lost_by_resource") or {}),
             "how": a.steady_how,
             "operator_restart": restart,
             "sandbox_latency": self.prober.summary("steady") if self.prober else None,
@@ -1447,6 +1505,11 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
                     f"{rl['relaunched_as_the_same_pod_name']}; {rl.get('ran_to_the_end_first')}; "
                     f"{w2.get('preemptions_counted')}",
                 ),
+                (
+                    "  per resource: preemptions counted = its pods lost (late-bound victims among them)",
+                    f"{len(w2.get('miscounted_resources') or [])} resources differ; "
+                    f"{rl.get('bound_to_a_reclaimed_node_after_it_was_listed')} late-bound",
+                ),
             ]
         if rs:
             rows += [
@@ -1498,6 +1561,11 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
                 "  operator's share p50 / p99; same pod name; preemptions counted",
                 f"{rl['operator_share_seconds']['p50']} / {rl['operator_share_seconds']['p99']} s; "
                 f"{rl['relaunched_as_the_same_pod_name']}; {st['preemptions_counted']}",
+            ),
+            (
+                "  per resource: preemptions counted = its pods lost",
+                f"{len(st.get('miscounted_resources') or [])} resources differ; "
+                f"{rl.get('bound_to_a_reclaimed_node_after_it_was_listed')} late-bound",
             ),
         ]
         if rs:
@@ -1647,6 +1715,12 @@ def main(argv: list[str] | None = None) -> int:
         help="write every answered API request of the operator (not watches) and "
         "every change this script's watches see here",
     )
+    parser.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        help="sample every operator process with py-spy (pip install py-spy) into DIR/operator-N.txt "
+        "(collapsed stacks); it costs CPU on the same cores, so a profiled run's times are not reported",
+    )
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--markdown", help="write a markdown section here")
     args = parser.parse_args(argv)
@@ -1694,6 +1768,11 @@ def counting_problems(result: dict[str, Any]) -> list[str]:
             problems.append(f"{phase}: {lost} pods lost and relaunched, {counted} preemptions counted")
         if relaunch.get("relaunched_as_the_same_pod_name"):
             problems.append(f"{phase}: {relaunch['relaunched_as_the_same_pod_name']} re-created under the same name")
+        for wrong in section.get("miscounted_resources") or []:
+            problems.append(
+                f"{phase}: {wrong['resource']}: {wrong['preemptions_counted']} preemptions counted, "
+                f"{wrong['pods_lost_recorded']} of its pods lost"
+            )
         after = section.get("preemptions_counted_after_restart")
         if after is not None and after != counted:
             problems.append(f"{phase}: {counted} preemptions before the operator restart, {after} after it")
