@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from loraresume_operator import conditions as c
+from loraresume_operator.decide import UNSCHEDULABLE_REPORT_SECONDS
 from loraresume_operator.observed import ACCOUNTING_FINALIZER
 from loraresume_operator.policy import CREDENTIALS_LABEL
 from loraresume_sandbox.cluster import SANDBOX_TRAINER_IMAGE, SandboxCluster, sandbox_values
@@ -85,7 +86,9 @@ def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
 
 def test_spot_capacity_that_never_comes_moves_the_attempt_to_on_demand(cluster, s3_bucket):
     kube = cluster.kube
-    name = _apply(kube, s3_bucket, scheduling={"spot": {"enabled": True, "pendingTimeoutSeconds": 5}})
+    # past UNSCHEDULABLE_REPORT_SECONDS (said in the status), then past the spot timeout
+    timeout = int(UNSCHEDULABLE_REPORT_SECONDS) + 5
+    name = _apply(kube, s3_bucket, scheduling={"spot": {"enabled": True, "pendingTimeoutSeconds": timeout}})
     # First: Pending, with the scheduler's own words and the time waited.
     pending = wait_for(
         lambda: (s := _status(kube, name)).get("pendingReason") == "Unschedulable" and s,
