@@ -43,11 +43,12 @@ log = logging.getLogger(__name__)
 # so a burst of creations cannot queue relaunches behind it; each pool is fed by a WorkQueue, which
 # gives a worker only a resource nobody else works on. kopf's own executor runs only the delete
 # handler. A per-resource lock keeps one reconcile per resource at a time either way.
-CHANGE_WORKERS = 24
-POD_EVENT_WORKERS = 24
-# The Kubernetes client's connections kept open: the workers of both pools and the periodic loop (its
+CHANGE_WORKERS = 48
+POD_EVENT_WORKERS = 32
+EVENT_POSTERS = 4  # Events are posted off the reconcile threads (Reconciler.post_event)
+# The Kubernetes client's connections kept open: the workers of the pools and the periodic loop (its
 # default, 5 per core, made most requests under load open a new TLS connection and drop it).
-API_CONNECTIONS = CHANGE_WORKERS + POD_EVENT_WORKERS + 8
+API_CONNECTIONS = CHANGE_WORKERS + POD_EVENT_WORKERS + EVENT_POSTERS + 8
 KOPF_WORKERS = 4
 FINALIZER = f"{GROUP}/cleanup"  # kopf's, for the delete handler
 
@@ -69,6 +70,9 @@ class Runtime:
     )
     changes: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(CHANGE_WORKERS, thread_name_prefix="changes")
+    )
+    event_posts: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(EVENT_POSTERS, thread_name_prefix="events")
     )
 
     pod_queue: WorkQueue = field(init=False)
@@ -138,6 +142,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         cache=rt.cache,
         # progress.json once per round of the periodic loop at most: pod events in between reuse it
         views=StorageViews(progress_seconds=rt.interval),
+        events=rt.event_posts,
     )
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -155,6 +160,7 @@ def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt.stop.set()
     rt.pod_events.shutdown(wait=False, cancel_futures=True)
     rt.changes.shutdown(wait=False, cancel_futures=True)
+    rt.event_posts.shutdown(wait=True)  # what was decided is said before the process goes
 
 
 def _periodic(rt: Runtime) -> None:

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -105,12 +106,16 @@ class Reconciler:
         cache: WatchCache | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         views: StorageViews | None = None,
+        events: Executor | None = None,
     ) -> None:
         self.core, self.custom, self.defaults, self.clock, self.s3_factory = core, custom, defaults, clock, s3_factory
         self.cache = cache if cache is not None else WatchCache()  # empty: every read is a GET
         self.monotonic = monotonic
         self.download_sizes = DownloadSizes()
         self.views = views if views is not None else StorageViews()
+        # Where Events are posted from: off the reconcile thread (a launch's worker takes the next resource
+        # instead of waiting on the API server for its AttemptStarted), or inline when None (tests).
+        self.events = events
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._phases: dict[tuple[str, str], str] = {}
         self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
@@ -550,7 +555,9 @@ class Reconciler:
 
     def post_event(self, body: Mapping[str, Any], *, type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the resource, through the API client: works from any thread (kopf's
-        own poster needs its context variables), and a failure to post never stops a reconcile."""
+        own poster needs its context variables), and a failure to post never stops a reconcile. Posted
+        on `self.events` when the operator gave one (the status already says what happened; the Event
+        follows it by at most the pool's queue)."""
         meta = body["metadata"]
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         event = {
@@ -574,10 +581,21 @@ class Reconciler:
             "lastTimestamp": now[:19] + "Z",
             "count": 1,
         }
+        if self.events is None:
+            self._create_event(event)
+        else:
+            self.events.submit(self._create_event, event)
+
+    def _create_event(self, event: dict[str, Any]) -> None:
+        where = event["involvedObject"]
         try:
-            self.core.create_namespaced_event(meta["namespace"], event)
+            self.core.create_namespaced_event(where["namespace"], event)
         except ApiException as exc:
-            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.status)
+            log.warning(
+                "could not post event %s on %s/%s: %s", event["reason"], where["namespace"], where["name"], exc.status
+            )
+        except Exception:  # on the events pool nobody else would see it
+            log.exception("could not post event %s on %s/%s", event["reason"], where["namespace"], where["name"])
 
     def is_terminal(self, namespace: str, name: str) -> bool:
         return self._phases.get((namespace, name)) in (Phase.SUCCEEDED.value, Phase.FAILED.value)

@@ -44,7 +44,7 @@ class StorageView:
 READ_WORKERS = 16
 # Connections the shared client keeps per endpoint: the reconcile threads of both pools plus READ_WORKERS
 # (botocore's default of 10 made every further request open and drop a connection under load).
-MAX_POOL_CONNECTIONS = 64
+MAX_POOL_CONNECTIONS = 128
 _CLIENTS_LOCK = threading.Lock()  # one S3 client build at a time (s3_client)
 
 
