@@ -432,8 +432,11 @@ class Operator:
     """The operator, started each time as the chart's Deployment runs it (`SandboxCluster.new_operator`:
     a fresh ServiceAccount token), with its memory and CPU from /proc and its /metrics."""
 
-    def __init__(self, cluster: SandboxCluster, logdir: Path, profile_dir: Path | None = None) -> None:
+    def __init__(
+        self, cluster: SandboxCluster, logdir: Path, profile_dir: Path | None = None, profile_seconds: float = 0.0
+    ) -> None:
         self.cluster, self.logdir, self.profile_dir = cluster, logdir, profile_dir
+        self.profile_seconds = profile_seconds
         self.process: OperatorProcess | None = None
         self.profilers: list[subprocess.Popen[bytes]] = []
         self.starts = 0
@@ -456,13 +459,16 @@ class Operator:
         self.started_at, self.started_wall = now(), time.time()
         self.process.start()
         if self.profile_dir is not None and self.proc is not None:
-            self.profilers.append(self.profile(self.proc.pid, self.profile_dir / f"operator-{self.starts}.txt"))
+            out = self.profile_dir / f"operator-{self.starts}.txt"
+            self.profilers.append(self.profile(self.proc.pid, out, self.profile_seconds))
 
     @staticmethod
-    def profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
-        """py-spy samples the process from outside (collapsed stacks, idle threads left out) until it exits."""
+    def profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
+        """py-spy samples the process from outside (collapsed stacks per thread, waiting threads included:
+        where the wall time goes) for its first `seconds` (0: until it exits)."""
         py_spy = Path(sys.executable).with_name("py-spy")
         command = [str(py_spy), "record", "--pid", str(pid), "--rate", "50", "--format", "raw", "--nonblocking"]
+        command += ["--idle", "--threads", *(["--duration", str(max(1, round(seconds)))] if seconds else [])]
         return subprocess.Popen([*command, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop_profilers(self) -> None:
@@ -718,7 +724,7 @@ class Bench:
         profile_dir = Path(self.args.py_spy) if self.args.py_spy else None
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
-        self.operator = Operator(self.cluster, self.workdir, profile_dir)
+        self.operator = Operator(self.cluster, self.workdir, profile_dir, self.args.py_spy_seconds)
         self.sampler = MemorySampler(self.operator)
         self.prober = Prober(self.kube, s3, self.sampler)
         self.result["operator_start_seconds"] = r(self.start_operator())
@@ -1720,6 +1726,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="sample every operator process with py-spy (pip install py-spy) into DIR/operator-N.txt "
         "(collapsed stacks); it costs CPU on the same cores, so a profiled run's times are not reported",
+    )
+    parser.add_argument(
+        "--py-spy-seconds", type=float, default=0.0, help="with --py-spy: sample each process's first N s only"
     )
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--markdown", help="write a markdown section here")
