@@ -227,7 +227,8 @@ def _report_progress(b: _Builder) -> None:
         b.set(latest_checkpoint=obs.checkpoint)
     progress = obs.progress if isinstance(obs.progress, dict) else {}
     # By epochs, the step count is known once the trainer has read the dataset (progress.json).
-    max_steps = _count(progress.get("max_steps"), 0) or obs.spec.training.planned_steps() or 0
+    # (by epochs and no progress.json read this time: the count the status has from an earlier read)
+    max_steps = _count(progress.get("max_steps"), 0) or obs.spec.training.planned_steps() or b.values["max_steps"]
     step = _count(progress.get("step"), 0) or b.values["step"]
     b.set(step=step, max_steps=max_steps, progress=f"{step}/{max_steps or '?'}")
     loss = progress.get("loss")

@@ -335,7 +335,8 @@ class Reconciler:
                 fresh = True
             else:
                 running = pod is not None and pod.phase == "Running"
-                view, fresh = self.views.view(key, spec, client, self.monotonic(), running=running)
+                recorded = StorageView(status.latest_checkpoint, None, False)  # what the status says is durable
+                view, fresh = self.views.view(key, spec, client, self.monotonic(), running=running, seed=recorded)
         except TrainerError as exc:
             return self._storage_refused(body, resource, written, spec, exc)
         now = self.clock()

@@ -169,13 +169,25 @@ class StorageViews:
         self._views: dict[tuple[str, str], tuple[float, float, StorageView]] = {}  # listed at, progress at
 
     def view(
-        self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float, *, running: bool = True
+        self,
+        key: tuple[str, str],
+        spec: LoraResumeSpec,
+        client: Any,
+        now: float,
+        *,
+        running: bool = True,
+        seed: StorageView | None = None,
     ) -> tuple[StorageView, bool]:
         """(view, fresh): the last view while its parts are young enough; fresh is True when all of it
         was read now. `running`: the pod runs (a pending pod's trainer writes no progress yet, so
-        progress.json is not read for it). Raises what read_storage raises."""
+        progress.json is not read for it). `seed`: what the status recorded, taken as the last view when
+        none is known (a restarted operator): a pending pod then costs no read, a running one its
+        progress.json only, unless that names a newer durable checkpoint than the seed. Raises what
+        read_storage raises."""
         with self._lock:
             known = self._views.get(key)
+            if known is None and seed is not None:
+                known = self._views[key] = (now, now - self.progress_seconds, seed)
         if known is None or now - known[0] >= self.listing_seconds:
             return self.read(key, spec, client, now), True
         listed_at, progress_at, view = known

@@ -855,3 +855,12 @@ def test_storage_read_again_ends_a_storage_ready_false():
     ready = cond(plan, c.STORAGE_READY)
     assert (ready.status, ready.reason) == ("True", c.STORAGE_OK)
     assert cond(decide(obs(status(**RUNNING_1), pod())), c.STORAGE_READY) is None  # never down: not added
+
+
+def test_by_epochs_a_decision_without_progress_keeps_the_step_count_the_status_has():
+    by_epochs = spec(training={"numTrainEpochs": 2, "maxSteps": None})
+    st = status(**RUNNING_1, step=40, max_steps=120, progress="40/120")
+    plan = decide(obs(st, pod(), spec=by_epochs, progress=None))  # e.g. a restarted operator, nothing read yet
+    assert (plan.status.step, plan.status.max_steps, plan.status.progress) == (40, 120, "40/120")
+    read = decide(obs(st, pod(), spec=by_epochs, progress={"step": 41, "max_steps": 118, "attempt": 1}))
+    assert (read.status.max_steps, read.status.progress) == (118, "41/118")  # what the trainer counted wins

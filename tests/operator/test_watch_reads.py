@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 
 from loraresume_operator.observed import ACCOUNTING_FINALIZER
 from loraresume_operator.reconcile import SECRET_TTL_SECONDS
-from loraresume_operator.s3_view import LISTING_SECONDS, PROGRESS_SECONDS
+from loraresume_operator.s3_view import LISTING_SECONDS, PROGRESS_SECONDS, StorageViews
 from loraresume_operator.watch_cache import WatchCache
 from tests.support.reconciler_harness import NS, Cluster, EmptyBucket
 from tests.support.specs import resource
@@ -248,6 +248,27 @@ def test_a_pending_pod_costs_no_storage_read():
         f.t += PROGRESS_SECONDS
         f.reconcile()
     assert +f.s3 == Counter()
+
+
+@pytest.mark.parametrize(("phase", "want"), [("Pending", Counter()), ("Running", Counter({"get progress.json": 1}))])
+def test_a_restarted_operator_starts_from_what_the_status_says_is_durable(phase, want):
+    f = Fleet()
+    f.reconcile()  # launch
+    f.deliver_pod(phase)
+    f.reconcile()
+    f.deliver()
+    f.cluster.reconciler.views = StorageViews(progress_seconds=PROGRESS_SECONDS)  # a new process: nothing read yet
+    f.s3.clear()
+    f.t += 1
+    f.reconcile()
+    # a pending pod: no read at all; a running one: its progress.json, which names no newer durable checkpoint
+    assert +f.s3 == want
+    f.s3.clear()
+    f.cluster.core.pods["bot-attempt-1"]["status"] = {"phase": "Failed", "reason": "Evicted"}
+    f.cache.put_pod(NS, f.cluster.core.pods["bot-attempt-1"])
+    f.t += 1
+    f.reconcile()  # its end is counted on a fresh read
+    assert f.s3["list"] >= 1 and f.status["attempt"] == 2
 
 
 @pytest.mark.parametrize(
