@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="max_steps of the job (default 40; CPU smoke 30)")
     p.add_argument("--preemptions", type=int, default=3, help="K: SIGTERMs per preempted story")
     p.add_argument("--variants", default="restored,cold", help="comma list of restored, cold")
+    p.add_argument(
+        "--repeat-uninterrupted",
+        action="store_true",
+        help="run the uninterrupted job a second time (fresh node, own prefix) and compare: is training "
+        "on this machine deterministic run to run?",
+    )
     p.add_argument("--seed", type=int, default=20261205, help="seeds the preemption steps")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("GOODPUT_BUDGET_S", "560")))
     p.add_argument("--work", type=Path, default=Path("/tmp/goodput"))
@@ -208,7 +214,14 @@ def attempt_record(attempt: Attempt) -> dict[str, Any]:
         # the Trainer's cumulative token count at this attempt's first and last logged step (issue 16:
         # filled on the GPU path too, and continuing across a resume)
         "num_tokens": [logged[0].get("num_tokens"), logged[-1].get("num_tokens")] if logged else None,
+        "losses": {int(e["step"]): e["loss"] for e in logged},
     }
+
+
+def first_difference(a: Attempt, b: Attempt) -> int | None:
+    """The first step both logged whose losses differ (bitwise), or None."""
+    la, lb = a.losses(), b.losses()
+    return next((step for step in sorted(set(la) & set(lb)) if la[step] != lb[step]), None)
 
 
 def preemption_parts(killed: Attempt, relaunch: Attempt, step_s: float) -> dict[str, float | None]:
@@ -348,6 +361,16 @@ def main(argv: list[str] | None = None) -> int:
         step_s = steady_step_s(baseline) or 0.0
         result["uninterrupted"] = {**attempt_record(baseline), "steady_step_s": round(step_s, 4)}
         write()
+        if ns.repeat_uninterrupted:
+            cfg = make_job(ns, endpoint, base, data, "uninterrupted-again", setup)
+            again = run_attempt(cfg, ns.work / "uninterrupted-again" / "node-1", timeout=ns.budget_s)
+            result["uninterrupted_again"] = {
+                **attempt_record(again),
+                "adapter_bitwise_equal": again.exit_code == 0
+                and adapter("uninterrupted-again") == uninterrupted_adapter,
+                "first_differing_loss_step": first_difference(baseline, again),
+            }
+            write()
         # The time guard's guess at one story: the uninterrupted run plus a cold start-up per preemption.
         per_story = 1.2 * (baseline.seconds + ns.preemptions * startup_phases(baseline).get("first_step", 60.0))
 
@@ -379,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 entry.update(summarize(story, baseline, step_s))
                 entry["adapter_bitwise_equal"] = adapter(name) == uninterrupted_adapter
+                entry["first_differing_loss_step"] = [first_difference(baseline, a) for a in story]
                 write()
     finally:
         moto.terminate()
