@@ -572,17 +572,19 @@ class NodeAgent:
             with self._lock:
                 running = [r for r in self._runs.values() if r.running and not r.stopping]
             for run in running:
-                over = self._volume_over_limit(run)
-                if over is not None:
-                    self._evict(run, EMPTY_DIR_OVER_LIMIT.format(volume=over[0], limit=over[1]))
+                try:
+                    over = self._volume_over_limit(run)
+                    if over is not None:
+                        self._evict(run, EMPTY_DIR_OVER_LIMIT.format(volume=over[0], limit=over[1]))
+                except Exception:  # one pod's trouble must not end the enforcement for every pod
+                    log.exception("node agent: storage check of %s/%s failed", run.namespace, run.name)
 
     def _volume_over_limit(self, run: _Run) -> tuple[str, str] | None:
         for volume in run.pod["spec"].get("volumes") or []:
             limit = (volume.get("emptyDir") or {}).get("sizeLimit")
             if not limit:
                 continue
-            local = run.dir / "volumes" / _SAFE.sub("_", volume["name"])
-            used = sum(f.stat().st_size for f in local.rglob("*") if f.is_file()) if local.is_dir() else 0
+            used = _tree_bytes(run.dir / "volumes" / _SAFE.sub("_", volume["name"]))
             if used > quantity_bytes(str(limit)):
                 return str(volume["name"]), str(limit)
         return None
@@ -1073,3 +1075,17 @@ class NodeAgent:
                 return True
             time.sleep(0.05)
         return False
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of the files under `root`, walked while the trainer writes there: a directory or file it
+    renames or removes meanwhile (a checkpoint moved into place, an upload's temporary file) is skipped,
+    as du does (rglob raised FileNotFoundError and the storage loop ended for every pod)."""
+    total = 0
+    for folder, _dirs, files in os.walk(root, onerror=lambda _exc: None):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(folder, name), follow_symlinks=False).st_size
+            except OSError:
+                continue
+    return total
