@@ -1345,12 +1345,19 @@ class Bench:
             f"steady relaunch ({relaunch['pods']} pods): p50 {relaunch['seconds']['p50']} s, "
             f"p99 {relaunch['seconds']['p99']} s"
         )
-        self.wait(f"{m} resources Running again", lambda: running_seen(2), a.timeout)
+        # the relaunched ones (a run that ended before the reclaim reached it has no next attempt)
+        lost = relaunch.get("lost_by_resource") or {}
+
+        def relaunched_running() -> bool:
+            with self.tracker.lock:
+                return all((n, 1 + k) in self.tracker.lr_running for n, k in lost.items())
+
+        self.wait(f"{len(lost)} relaunched resources Running again", relaunched_running, a.timeout)
         with self.tracker.lock:
             preemptions = sum(int((self.tracker.lr_status.get(n) or {}).get("preemptions") or 0) for n in names)
         restart = self.measure_restart(self.wave2_names + names) if a.restart_at is not None else {}
         if restart:
-            self.wait(f"{m} resources Running after the restart", lambda: running_seen(2), a.timeout)
+            self.wait(f"{len(lost)} resources Running after the restart", relaunched_running, a.timeout)
             time.sleep(2 * a.interval)  # the restarted process has had its rounds: a double count would show
         with self.tracker.lock:
             after_restart = sum(int((self.tracker.lr_status.get(n) or {}).get("preemptions") or 0) for n in names)
