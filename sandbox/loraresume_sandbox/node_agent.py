@@ -69,6 +69,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -406,14 +407,19 @@ class NodeAgent:
             self.kube.create("leases", {"metadata": {"name": node}, "spec": spec}, "kube-node-lease")
 
     def _heartbeats(self) -> None:
-        while not self._closed.wait(self.lease_renew_seconds):
-            with self._lock:
-                beating = [n.name for n in self.nodes.values() if n.heartbeat]
-            for name in beating:
-                try:
-                    self._renew_lease(name)
-                except Exception as exc:
-                    log.warning("node agent: lease of %s not renewed: %s", name, exc)
+        """Every node's Lease renewed each round, side by side, as each kubelet renews its own: one after
+        the other, 20 nodes under load (a renewal taking 0.5-1.4 s) outlasted the 8 s node-monitor grace,
+        so the node lifecycle controller took healthy nodes for unreachable and tainted them (a 500-resource
+        scale run kept 25 of 100 GPUs schedulable)."""
+        with ThreadPoolExecutor(16, thread_name_prefix="node-agent-lease") as renewals:
+            while not self._closed.wait(self.lease_renew_seconds):
+                with self._lock:
+                    beating = [n.name for n in self.nodes.values() if n.heartbeat]
+                for name, done in [(name, renewals.submit(self._renew_lease, name)) for name in beating]:
+                    try:
+                        done.result()
+                    except Exception as exc:
+                        log.warning("node agent: lease of %s not renewed: %s", name, exc)
 
     def node_of(self, namespace: str, pod: str) -> str:
         found = self.kube.get("pods", namespace, pod)
