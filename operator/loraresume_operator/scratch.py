@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 from .k8s_names import QUANTITY_PATTERN
 
@@ -32,6 +33,9 @@ FIRST_CHECKPOINT_ESTIMATE = 1 * GIB
 # The dataset file, and the `datasets` cache of the rows made from it.
 DATASET_COPIES = 2
 TMP_SIZE_LIMIT = "4Gi"
+# Quantities are computed exactly (fractions): `.8e400` is valid to the API server's pattern, and a float
+# would overflow (the pod build with it). Exponents past this are refused as out of range.
+MAX_EXPONENT = 1000
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,8 @@ class ScratchSize:
     ephemeral_storage_request: str
 
 
-def _gib(n_bytes: float) -> int:
-    return max(1, math.ceil(n_bytes / GIB))
+def _gib(n_bytes: int | Fraction) -> int:
+    return max(1, math.ceil(Fraction(n_bytes) / GIB))
 
 
 def derived_work_bytes(inputs: ScratchInputs) -> int:
@@ -74,25 +78,32 @@ def derived_work_bytes(inputs: ScratchInputs) -> int:
 
 _QUANTITY = re.compile(QUANTITY_PATTERN)  # groups: 1 the number, 3 the suffix
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+_DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
 
 
-def quantity_bytes(text: str) -> float:
-    """A Kubernetes quantity (`100Gi`, `50G`, `1e9`) in bytes; ValueError when it is not one."""
+def quantity_bytes(text: str) -> Fraction:
+    """A Kubernetes quantity (`100Gi`, `50G`, `1e9`) in bytes, exactly; ValueError when it is not one."""
     match = _QUANTITY.match(text.strip())
     if not match:
         raise ValueError(f"not a Kubernetes quantity: {text!r}")
-    number, suffix = float(match[1]), match[3] or ""
+    number, suffix = Fraction(match[1]), match[3] or ""
     if suffix in _BINARY:
         return number * _BINARY[suffix]
-    if suffix in _DECIMAL:
-        return number * _DECIMAL[suffix]
-    return number * 10 ** int(suffix[1:])
+    exponent = _DECIMAL[suffix] if suffix in _DECIMAL else int(suffix[1:])
+    if abs(exponent) > MAX_EXPONENT:
+        raise ValueError(f"quantity out of range: {text!r}")
+    return number * Fraction(10) ** exponent
 
 
 def scratch_size(inputs: ScratchInputs, *, scratch: str | None, ephemeral_storage: str | None) -> ScratchSize:
     """The limits and request of one attempt: `resources.scratchSize` / `ephemeralStorage` win
     where set; otherwise derived (rounded up to whole GiB); the request covers both volumes."""
     work = scratch or f"{_gib(derived_work_bytes(inputs))}Gi"
-    request = ephemeral_storage or f"{_gib(quantity_bytes(work) + quantity_bytes(TMP_SIZE_LIMIT))}Gi"
+    if ephemeral_storage:
+        request = ephemeral_storage
+    else:
+        try:
+            request = f"{_gib(quantity_bytes(work) + quantity_bytes(TMP_SIZE_LIMIT))}Gi"
+        except ValueError:  # an exponent past any arithmetic: the API server judges the pod that asks for it
+            request = work
     return ScratchSize(work, TMP_SIZE_LIMIT, request)

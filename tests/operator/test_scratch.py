@@ -77,6 +77,20 @@ def test_quantity_bytes_refuses(text: str) -> None:
         quantity_bytes(text)
 
 
+@pytest.mark.parametrize(
+    "scratch, request_",
+    [
+        (".8e400", f"{8 * 10**399 // GIB + 4}Gi"),  # valid to the API server's pattern: no float overflow
+        ("1e" + "9" * 30, "1e" + "9" * 30),  # past any arithmetic: the API server judges the pod asking for it
+    ],
+)
+def test_a_scratch_size_too_large_for_a_float_still_builds_a_pod(scratch: str, request_: str) -> None:
+    size = scratch_size(ScratchInputs(MODEL_7G, True), scratch=scratch, ephemeral_storage=None)
+    assert (size.work_size_limit, size.ephemeral_storage_request) == (scratch, request_)
+    with pytest.raises(ValueError, match="out of range"):
+        quantity_bytes("1e" + "9" * 30)
+
+
 def _pod(resources: dict, inputs: ScratchInputs | None) -> dict:
     spec = LoraResumeSpec.model_validate({**MINIMAL, "storage": {"uri": "s3://bkt/run/"}, "resources": resources})
     create = CreatePod("job-attempt-1", 1, None, False, None)
