@@ -600,7 +600,7 @@ class LoraResumeStatus(_Spec):
     next_attempt_after: str | None = Field(None, description="Backoff: no new pod before this time (RFC 3339).")
     on_demand: bool = Field(False, description="True once the job has fallen back from spot to on-demand nodes.")
     pending_since: str | None = Field(
-        None, description="When the current attempt's pod was first seen not started (RFC 3339)."
+        None, description="Since when the current attempt's pod has waited to start (its creation, RFC 3339)."
     )
     pending_reason: str | None = Field(None, description="Why the current attempt's pod has not started.")
     spot_timeouts: int = Field(
