@@ -20,7 +20,7 @@ import boto3
 from botocore.config import Config
 
 from loraresume_trainer.checkpoint_store import PROGRESS_NAME, CheckpointStore
-from loraresume_trainer.errors import DamagedCheckpoint, TrainerError
+from loraresume_trainer.errors import TrainerError
 from loraresume_trainer.s3client import s3_errors
 from loraresume_trainer.s3uri import S3Uri
 
@@ -134,15 +134,7 @@ def _empty(store: CheckpointStore) -> bool:
 def _newest_complete(store: CheckpointStore) -> tuple[int, Any] | None:
     """The newest checkpoint with a usable manifest (older ones are not read; a damaged one is
     skipped with a warning, as complete_checkpoints does)."""
-    for step in store._checkpoint_steps():  # newest first
-        try:
-            manifest = store.read_manifest(step)
-        except DamagedCheckpoint as exc:
-            log.warning("skipping checkpoint-%d: %s", step, exc)
-            continue
-        if manifest is not None:
-            return step, manifest
-    return None
+    return next(store.iter_complete_checkpoints(), None)
 
 
 # While its pod is alive (pending or running), a job's progress.json is read at most this often (the

@@ -423,7 +423,11 @@ class CheckpointStore:
 
     def complete_checkpoints(self) -> list[tuple[int, Manifest]]:
         """Checkpoints with a usable manifest, newest first; unusable ones are skipped with a warning."""
-        found: list[tuple[int, Manifest]] = []
+        return list(self.iter_complete_checkpoints())
+
+    def iter_complete_checkpoints(self) -> Iterator[tuple[int, Manifest]]:
+        """complete_checkpoints, newest first, reading each manifest only when asked for the next one
+        (the newest complete checkpoint costs the listing and its own manifest)."""
         for step in self._checkpoint_steps():
             try:
                 manifest = self.read_manifest(step)
@@ -431,8 +435,7 @@ class CheckpointStore:
                 log.warning("skipping checkpoint-%d: %s", step, exc)
                 continue
             if manifest is not None:
-                found.append((step, manifest))
-        return found
+                yield step, manifest
 
     # -------------------------------------------------------------- downloads
 
