@@ -33,16 +33,17 @@ from .reconcile import Reconciler
 from .s3_view import StorageViews
 from .spec import GROUP, PLURAL, VERSION
 from .watch_cache import WatchCache
-from .work_queue import WorkQueue
+from .work_queue import CHANGES, PODS, WorkQueue
 
 log = logging.getLogger(__name__)
 
 
 # A reconcile mostly waits on the API server and S3, so its threads outnumber the cores. Resource
 # events (creations, spec changes) and pod events (an ended pod means a relaunch) have a pool each,
-# so a burst of creations cannot queue relaunches behind it; each pool is fed by a WorkQueue, which
-# gives a worker only a resource nobody else works on. kopf's own executor runs only the delete
-# handler. A per-resource lock keeps one reconcile per resource at a time either way.
+# so a burst of creations cannot queue relaunches behind it; both are fed by one WorkQueue, which
+# gives a worker only a resource nobody else works on (whichever watch asked) and serves relaunches
+# first. kopf's own executor runs only the delete handler. A per-resource lock keeps one reconcile
+# per resource at a time either way (the periodic loop reconciles beside the queue).
 CHANGE_WORKERS = 48
 POD_EVENT_WORKERS = 32
 EVENT_POSTERS = 4  # Events are posted off the reconcile threads (Reconciler.post_event)
@@ -75,12 +76,10 @@ class Runtime:
         default_factory=lambda: ThreadPoolExecutor(EVENT_POSTERS, thread_name_prefix="events")
     )
 
-    pod_queue: WorkQueue = field(init=False)
-    change_queue: WorkQueue = field(init=False)
+    queue: WorkQueue = field(init=False)
 
     def __post_init__(self) -> None:
-        self.pod_queue = WorkQueue(self.pod_events, self._after_event)
-        self.change_queue = WorkQueue(self.changes, self._after_event)
+        self.queue = WorkQueue({CHANGES: self.changes, PODS: self.pod_events}, self._after_event)
 
     def _after_event(self, key: tuple[str, str], pod: ObservedPod | None) -> None:
         try:
@@ -212,7 +211,7 @@ async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, m
     with rt.known_lock:
         rt.known.add(key)
     rt.rec()  # kopf retries the event while the operator is still starting
-    rt.change_queue.submit(key)
+    rt.queue.submit(key, lane=CHANGES)
 
 
 @kopf.index("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
@@ -243,7 +242,7 @@ async def on_pod_event(
         return
     key = (ns, labels[LABEL_RESOURCE])
     rt.rec()
-    rt.pod_queue.submit(key, pod)
+    rt.queue.submit(key, pod, lane=PODS)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=5)
