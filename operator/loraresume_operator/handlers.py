@@ -106,10 +106,18 @@ class NoDiffBase(kopf.DiffBaseStorage):
     """kopf keeps the last handled spec (its "diff-base") to tell creations, updates and resumes apart
     for their handlers; this operator has none (a LoraResume's own events trigger its reconcile,
     wants_reconcile), so none is kept: an object always matches its stored essence. Saves a patch of
-    every new resource, and that patch's conflicts with the status writes (its resourceVersion test)."""
+    every new resource, and that patch's conflicts with the status writes (its resourceVersion test).
+
+    The essence is a constant, not built: kopf builds one (a deep copy of the body) for every event of
+    every watched object, LoraResumes and pods alike, only to compare it with the stored one (9 % of the
+    operator's CPU at 200 resources). Equal and empty, kopf sees no change: only the delete handler
+    runs (deletion is told by the deletionTimestamp, not by the essence)."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence:
-        return self.build(body=body)
+        return kopf.BodyEssence()
 
     def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
         return None

@@ -298,6 +298,51 @@ def test_which_resource_events_reconcile(event_type, generation, observed, delet
     assert wants_reconcile(event_type, body) is want
 
 
+@pytest.mark.parametrize(
+    ("event_type", "deleting", "finalizers", "initial", "want"),
+    [
+        ("ADDED", False, [], False, "noop"),  # a creation: no create handler, nothing stored
+        ("MODIFIED", False, ["loraresume.dev/cleanup"], False, "noop"),  # a spec or status change alike
+        (None, False, ["loraresume.dev/cleanup"], True, "resume"),  # listed at start-up
+        ("MODIFIED", True, ["loraresume.dev/cleanup"], False, "delete"),  # the delete handler runs
+        ("MODIFIED", True, [], False, "free"),
+        ("DELETED", True, [], False, "gone"),
+    ],
+)
+def test_kopf_sees_no_change_without_building_an_essence(event_type, deleting, finalizers, initial, want, monkeypatch):
+    """NoDiffBase hands kopf a constant essence (no deep copy of every event's body); kopf's cause
+    detection then tells deletions apart as before and finds nothing else to do."""
+    import kopf
+    from kopf._cogs.structs import diffs
+    from kopf._core.intents import causes
+
+    from loraresume_operator.handlers import NoDiffBase
+
+    raw: Any = {"metadata": {"name": "bot", "namespace": NS, "finalizers": finalizers}, "spec": {"baseModel": "/m"}}
+    if deleting:
+        raw["metadata"]["deletionTimestamp"] = "2026-12-05T00:00:00Z"
+    body = kopf.Body(raw)
+    storage = NoDiffBase()
+    monkeypatch.setattr(copy, "deepcopy", lambda *_a, **_k: pytest.fail("an essence was deep-copied"))
+    old, new = storage.fetch(body=body), storage.build(body=body, extra_fields=None)
+    monkeypatch.undo()
+    cause = causes.detect_changing_cause(
+        finalizer="loraresume.dev/cleanup",
+        raw_event={"type": event_type, "object": raw},
+        body=body,
+        old=old,
+        new=new,
+        diff=diffs.diff(old, new),
+        initial=initial,
+        resource=None,
+        indices=None,
+        logger=None,
+        patch=None,
+        memo=None,
+    )
+    assert cause.reason.value == want
+
+
 def test_many_threads_asking_for_one_new_s3_client_build_it_once(monkeypatch):
     """A restarted operator's reconcile threads all want the same client at once; building one parses
     botocore's S3 model (~0.1 s of CPU), so each building its own stalled the restart."""
