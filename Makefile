@@ -14,7 +14,12 @@ TORCH := torch==2.13.0
 KUBE_BUILD := tools/kube/build.sh
 KUBE_ENV = LORARESUME_KUBE_BIN="$$($(KUBE_BUILD))"
 
-.PHONY: venv kube lint test test-fast demo docs crds clean
+# gofakes3, an S3-compatible server in Go (tools/s3/build.sh: cached the same way, ~30 s the first
+# time), for tests/sandbox/test_s3_server_compat.py and `benchmarks/scale.py --s3-server go`.
+S3_BUILD := tools/s3/build.sh
+S3_ENV = LORARESUME_S3_SERVER="$$($(S3_BUILD))"
+
+.PHONY: venv kube s3 lint test test-fast demo docs crds clean
 
 venv: $(STAMP)
 
@@ -30,6 +35,9 @@ $(STAMP): pyproject.toml sandbox/pyproject.toml Makefile
 kube:
 	$(KUBE_BUILD) >/dev/null
 
+s3:
+	$(S3_BUILD) >/dev/null
+
 # ruff (lint rules, formatting), import-linter (the layering contracts) and mypy (types), as
 # configured in pyproject.toml; the pre-commit hooks run the same.
 lint: $(STAMP)
@@ -41,12 +49,12 @@ lint: $(STAMP)
 # In parallel (pytest-xdist), one test file per worker at a time: a file's module-scoped control
 # plane is started once. TEST_WORKERS=1 runs serially.
 TEST_WORKERS ?= 2
-test: lint kube
-	$(KUBE_ENV) $(BIN)/python -m pytest -q -ra --durations=15 $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+test: lint kube s3
+	$(KUBE_ENV) $(S3_ENV) $(BIN)/python -m pytest -q -ra --durations=15 $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # Unit and integration tests only (no trainer subprocesses).
-test-fast: $(STAMP) kube
-	$(KUBE_ENV) $(BIN)/python -m pytest -q -ra -m "not slow"
+test-fast: $(STAMP) kube s3
+	$(KUBE_ENV) $(S3_ENV) $(BIN)/python -m pytest -q -ra -m "not slow"
 
 demo: $(STAMP) kube
 	$(KUBE_ENV) $(BIN)/python -m loraresume_sandbox.demo
