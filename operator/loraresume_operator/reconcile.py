@@ -79,7 +79,11 @@ SECRET_TTL_SECONDS = 60.0
 
 
 class StatusConflict(Exception):
-    """The status write was refused (409): the resource changed since it was read."""
+    """The status write was refused (409): the resource changed since it was read (`version`)."""
+
+    def __init__(self, where: str, version: str | None = None) -> None:
+        super().__init__(where)
+        self.version = version
 
 
 def utcnow() -> datetime:
@@ -238,7 +242,7 @@ class Reconciler:
             )
         except ApiException as exc:
             if exc.status == 409:
-                raise StatusConflict(f"{meta['namespace']}/{meta['name']}") from None
+                raise StatusConflict(f"{meta['namespace']}/{meta['name']}", meta.get("resourceVersion")) from None
             raise
         if isinstance(written, Mapping):
             self.cache.refresh_resource(written)
@@ -265,26 +269,52 @@ class Reconciler:
         `event_pod`: the trainer pod whose event asked for this reconcile; if it is not the
         attempt's current pod, it is let go once the status has counted it."""
         with self._locks[(namespace, name)]:
+            started = self.monotonic()
             try:
                 return self._reconcile_body(namespace, self._get(namespace, name), event_pod)
-            except StatusConflict:
+            except StatusConflict as conflict:
                 log.info("status of %s/%s changed meanwhile; reading it again", namespace, name)
+                body = self._newer(namespace, name, conflict.version)
             try:
-                return self._reconcile_body(namespace, self._get(namespace, name, fresh=True), event_pod)
+                return self._reconcile_body(namespace, body, event_pod, read_since=started)
             except StatusConflict:
                 log.info("status of %s/%s changed meanwhile again; a later reconcile decides", namespace, name)
                 return CONFLICT_RETRY_SECONDS
 
+    def _newer(self, namespace: str, name: str, refused: str | None) -> dict[str, Any] | None:
+        """The resource after a refused status write: as the watch delivered it if that is newer than the
+        version refused (a new resource's first status write races kopf's finalizer patch, whose event
+        is usually in by then), else read from the API server."""
+        cached = self.cache.resource(namespace, name)
+        version = (cached or {}).get("metadata", {}).get("resourceVersion")
+        digits = bool(refused and version and version.isdigit() and refused.isdigit())
+        if cached is not None and digits and int(str(version)) > int(str(refused)):
+            return cached
+        return self._get(namespace, name, fresh=True)
+
     def _reconcile_body(
-        self, namespace: str, body: Mapping[str, Any] | None, event_pod: ObservedPod | None
+        self,
+        namespace: str,
+        body: Mapping[str, Any] | None,
+        event_pod: ObservedPod | None,
+        read_since: float | None = None,
     ) -> float | None:
+        """`read_since`: a storage read made since then (by this reconcile's first pass) serves again."""
         if body is None or body["metadata"].get("deletionTimestamp"):
             if event_pod is not None and event_pod.held:  # nothing left to count it in
+                if body is None and not (event_pod.terminating or event_pod.ended):
+                    # Its resource is gone without the delete handler (deleted before kopf's finalizer
+                    # landed: handlers.wants_reconcile): the pod goes, as the garbage collector would
+                    # have it go (which may not know the CRD yet on a new cluster).
+                    log.info("pod %s/%s: its LoraResume is gone; deleting the pod", namespace, event_pod.name)
+                    self._delete_pod(namespace, event_pod.name)
                 self.release_pod(namespace, event_pod.name, event_pod.finalizers)
             return None
-        return self._reconcile(body, event_pod)
+        return self._reconcile(body, event_pod, read_since)
 
-    def _reconcile(self, body: Mapping[str, Any], event_pod: ObservedPod | None = None) -> float | None:
+    def _reconcile(
+        self, body: Mapping[str, Any], event_pod: ObservedPod | None = None, read_since: float | None = None
+    ) -> float | None:
         meta = body["metadata"]
         resource = Resource(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation") or 1))
         status = LoraResumeStatus.model_validate(body.get("status") or {})
@@ -329,7 +359,14 @@ class Reconciler:
         key = (resource.namespace, resource.name)
         try:
             client = self.storage_client(resource.namespace, spec)
-            if storage_needed(status, pod):
+            # No attempt in flight (a launch, e.g. a new resource's first status write refused because kopf's
+            # finalizer patch came first): the read this reconcile's first pass made serves again. Not with a
+            # pod: one seen ended now must be counted against a read made after it ended.
+            idle = status.pod_name is None and read_since is not None
+            recent = self.views.read_since(key, read_since) if idle and read_since is not None else None
+            if recent is not None:
+                view, fresh = recent, True
+            elif storage_needed(status, pod):
                 never_launched = status.attempt == 0 and status.latest_checkpoint is None
                 view = self.views.read(key, spec, client, self.monotonic(), maybe_empty=never_launched)
                 fresh = True

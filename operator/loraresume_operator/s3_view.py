@@ -201,6 +201,12 @@ class StorageViews:
             self._views[key] = (now, now, view)
         return view
 
+    def read_since(self, key: tuple[str, str], since: float) -> StorageView | None:
+        """The view read in full at or after `since` (monotonic seconds), or None."""
+        with self._lock:
+            known = self._views.get(key)
+        return known[2] if known is not None and known[0] >= since and known[1] >= since else None
+
     def forget(self, key: tuple[str, str]) -> None:
         with self._lock:
             self._views.pop(key, None)

@@ -151,6 +151,62 @@ def test_a_stale_body_costs_one_get_and_counts_nothing_twice():
     assert (f.status["preemptions"], f.status["attempt"]) == (1, 2)
 
 
+@pytest.mark.parametrize("delivered", [True, False], ids=["watch-delivered-it", "watch-behind"])
+def test_a_first_status_write_refused_after_kopfs_finalizer_patch_decides_again_without_reading_s3_again(delivered):
+    """A new resource is reconciled before kopf's finalizer lands (handlers.wants_reconcile); when the
+    finalizer patch comes first, the launch's status write is refused (409). The resource as the watch
+    delivered it since serves (no list), else one list; the storage read just made serves again."""
+    f = Fleet()
+    custom = f.cluster.custom
+    real_write = custom.replace_namespaced_custom_object_status
+    raced: list[bool] = []
+
+    def write(*args: Any, **kw: Any) -> Any:
+        if not raced:  # kopf's finalizer patch lands just before the operator's first status write
+            raced.append(True)
+            custom.body["metadata"]["finalizers"] = ["loraresume.dev/cleanup"]
+            custom.body["metadata"]["resourceVersion"] = "2"
+            if delivered:
+                f.deliver()
+        return real_write(*args, **kw)
+
+    custom.replace_namespaced_custom_object_status = write  # type: ignore[method-assign]
+    f.reconcile()
+    assert f.status["podName"] == "bot-attempt-1" and len(f.cluster.core.created) == 1
+    assert f.api["list_namespaced_custom_object"] == (0 if delivered else 1)
+    assert f.s3["list"] == 1  # the new job's empty prefix, listed once
+
+
+@pytest.mark.parametrize(
+    ("pod_status", "terminating", "deleted"),
+    [
+        ({"phase": "Pending"}, False, True),  # deleted right after creation: its pod goes and is let go
+        ({"phase": "Running"}, False, True),
+        ({"phase": "Running"}, True, False),  # going already (the garbage collector): let go only
+        ({"phase": "Failed", "reason": "Evicted"}, False, False),  # ended: let go only
+    ],
+    ids=["pending", "running", "terminating", "ended"],
+)
+def test_a_pod_whose_resource_is_gone_is_deleted_and_let_go(pod_status, terminating, deleted):
+    """A resource deleted before kopf's finalizer landed goes without the delete handler; its pods'
+    events find it gone (a list says so, not the cache) and clean up, as the garbage collector would."""
+    from loraresume_operator.observed import ObservedPod
+
+    f = Fleet()
+    f.reconcile()  # launched
+    pod = f.cluster.core.pods["bot-attempt-1"]
+    pod["status"] = pod_status
+    if terminating:
+        pod["metadata"]["deletionTimestamp"] = "2026-12-05T00:00:00Z"
+    removed: list[str] = []
+    f.cluster.core.delete_namespaced_pod = lambda name, _ns: removed.append(name)  # type: ignore[attr-defined]
+    f.cache.drop_resource(NS, "bot")  # its DELETED event
+    f.cluster.custom.list_namespaced_custom_object = lambda *_a, **_k: {"items": []}  # type: ignore[method-assign]
+    f.cluster.reconciler.reconcile(NS, "bot", event_pod=ObservedPod.from_api(copy.deepcopy(pod)))
+    assert removed == (["bot-attempt-1"] if deleted else [])
+    assert f.cluster.core.pods["bot-attempt-1"]["metadata"]["finalizers"] == []  # let go
+
+
 def test_the_status_write_answer_keeps_the_cache_current():
     f = Fleet()
     f.reconcile()
@@ -272,29 +328,52 @@ def test_a_restarted_operator_starts_from_what_the_status_says_is_durable(phase,
 
 
 @pytest.mark.parametrize(
-    ("event_type", "generation", "observed", "deleting", "guarded", "want"),
+    ("event_type", "generation", "observed", "deleting", "guarded", "delete_checkpoints", "want"),
     [
-        (None, 1, 1, False, True, True),  # listed at start-up: every resource once
-        ("ADDED", 1, None, False, True, True),
-        ("ADDED", 1, None, False, False, False),  # kopf's finalizer first: its patch brings an event
-        ("MODIFIED", 1, None, False, True, True),  # ... this one
-        ("MODIFIED", 2, 1, False, True, True),  # a spec change
-        ("MODIFIED", 2, 2, False, True, False),  # its own status write
-        ("MODIFIED", 2, 1, True, True, False),  # being deleted: the delete handler's
-        ("DELETED", 2, 2, False, True, False),
+        (None, 1, 1, False, True, False, True),  # listed at start-up: every resource once
+        ("ADDED", 1, None, False, True, False, True),
+        ("ADDED", 1, None, False, False, False, True),  # at once: kopf's finalizer patch is not waited for
+        ("MODIFIED", 1, None, False, True, False, True),  # kopf's patch before the first status write
+        ("MODIFIED", 1, 1, False, True, False, False),  # kopf's patch after it
+        ("ADDED", 1, None, False, False, True, False),  # its checkpoints go with it: the finalizer first
+        (None, 1, None, False, False, True, False),
+        ("MODIFIED", 1, None, False, True, True, True),  # ... whose patch brings this event
+        ("ADDED", 1, None, False, False, "yes", False),  # invalid: judged once the finalizer is on
+        ("MODIFIED", 2, 1, False, False, False, True),  # a spec change
+        ("MODIFIED", 2, 2, False, True, False, False),  # its own status write
+        ("MODIFIED", 2, 1, True, True, False, False),  # being deleted: the delete handler's
+        ("MODIFIED", 2, 1, True, False, False, False),  # deleted before kopf's finalizer: gone at once
+        ("DELETED", 2, 2, False, True, False, False),
     ],
-    ids=["listed", "created", "unguarded", "guarded", "spec-changed", "own-write", "deleting", "deleted"],
+    ids=[
+        "listed",
+        "created",
+        "created-unguarded",
+        "guarded-first",
+        "guarded-after",
+        "deletes-checkpoints-unguarded",
+        "deletes-checkpoints-listed-unguarded",
+        "deletes-checkpoints-guarded",
+        "deletes-checkpoints-invalid",
+        "spec-changed",
+        "own-write",
+        "deleting",
+        "deleting-unguarded",
+        "deleted",
+    ],
 )
-def test_which_resource_events_reconcile(event_type, generation, observed, deleting, guarded, want):
+def test_which_resource_events_reconcile(event_type, generation, observed, deleting, guarded, delete_checkpoints, want):
     from loraresume_operator.handlers import FINALIZER, wants_reconcile
 
-    body: dict[str, Any] = {"metadata": {"name": "bot", "generation": generation}, "status": {}}
+    body: dict[str, Any] = {"metadata": {"name": "bot", "generation": generation}, "status": {}, "spec": {}}
     if guarded:
         body["metadata"]["finalizers"] = [FINALIZER]
     if observed is not None:
         body["status"]["observedGeneration"] = observed
     if deleting:
         body["metadata"]["deletionTimestamp"] = "2026-12-05T00:00:00Z"
+    if delete_checkpoints:
+        body["spec"]["storage"] = {"uri": "s3://b/bot/", "deleteOnResourceDeletion": delete_checkpoints}
     assert wants_reconcile(event_type, body) is want
 
 
