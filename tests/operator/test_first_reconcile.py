@@ -11,6 +11,7 @@ whose checkpoints go with it waits for the finalizer.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from typing import Any
@@ -48,6 +49,22 @@ def new_jobs(stack: SandboxCluster, s3_bucket: tuple[str, str], count: int) -> l
     return jobs
 
 
+def launched(job: Job) -> bool:
+    return bool(job.status().get("podName") == job.pod_name(1))
+
+
+def guarded(job: Job) -> bool:
+    return FINALIZER in finalizers(job)
+
+
+def gone(job: Job) -> bool:
+    return job.resource() is None
+
+
+def no_pods(job: Job) -> bool:
+    return not job.pods()
+
+
 def finalizers(job: Job) -> list[str]:
     return list(((job.resource() or {}).get("metadata") or {}).get("finalizers") or [])
 
@@ -79,8 +96,8 @@ def test_new_resources_get_their_pod_and_kopfs_finalizer_lands_after_the_status_
             job.k8s.update_status("loraresumes", NS, job.name, {})
     for job in jobs:
         job.pod(1)
-        wait_for(f"{job.name}: status names its pod", lambda j=job: j.status().get("podName") == j.pod_name(1))
-        wait_for(f"{job.name}: kopf's finalizer", lambda j=job: FINALIZER in finalizers(j))
+        wait_for(f"{job.name}: status names its pod", functools.partial(launched, job))
+        wait_for(f"{job.name}: kopf's finalizer", functools.partial(guarded, job))
     refused = conflicts = 0
     for job in jobs:
         writes = operator_requests(stack, "loraresumes", job.name)
@@ -96,8 +113,8 @@ def test_new_resources_get_their_pod_and_kopfs_finalizer_lands_after_the_status_
     for job in jobs:  # and the delete handler runs as before
         job.k8s.delete("loraresumes", NS, job.name)
     for job in jobs:
-        wait_for(f"{job.name} gone", lambda j=job: j.resource() is None)
-        wait_for(f"{job.name}: pods gone", lambda j=job: not j.pods())
+        wait_for(f"{job.name} gone", functools.partial(gone, job))
+        wait_for(f"{job.name}: pods gone", functools.partial(no_pods, job))
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.3, 1.0])
@@ -109,9 +126,9 @@ def test_a_resource_deleted_right_after_creation_leaves_no_pod_and_no_held_final
     for job in jobs:
         job.k8s.delete("loraresumes", NS, job.name)
     for job in jobs:
-        wait_for(f"{job.name} gone", lambda j=job: j.resource() is None)
+        wait_for(f"{job.name} gone", functools.partial(gone, job))
         # the garbage collector (ownerReference) or the pod's own event deletes it; the operator lets it go
-        wait_for(f"{job.name}: no pod left", lambda j=job: not j.pods(), 60)
+        wait_for(f"{job.name}: no pod left", functools.partial(no_pods, job), 60)
 
 
 def test_a_resource_whose_checkpoints_go_with_it_waits_for_kopfs_finalizer(stack, s3_bucket, tmp_path):
