@@ -7,8 +7,11 @@ Runs the sandbox cluster (`loraresume_sandbox.cluster.SandboxCluster`): a real c
 (etcd, kube-apiserver, kube-controller-manager, kube-scheduler as local processes) with the Helm
 chart's CRD, ServiceAccount and RBAC applied; the node agent playing the kubelets of a spot node
 pool, running each pod as the stand-in trainer (`loraresume_sandbox.stand_in_trainer`: the
-trainer's CLI, checkpoint store, progress and exit codes around a timed loop, no torch); a moto S3
-server; and the operator as a real process, started as the chart's Deployment runs it,
+trainer's CLI, checkpoint store, progress and exit codes around a timed loop, no torch); an S3
+server on loopback (`--s3-server`: moto, one Python process, the default; or `go`, gofakes3 built
+from Go modules by `tools/s3/build.sh`, which answers in milliseconds where moto takes seconds
+under this load, so that the operator's share of a number can be told from the test S3's); and
+the operator as a real process, started as the chart's Deployment runs it,
 cluster-wide (`watch.clusterWide`: `loraresume-operator -A`), with a token of the chart's
 ServiceAccount.
 
@@ -105,6 +108,8 @@ AWS = {
 }
 _AWS_CLEARED = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 LR = "loraresumes"
+S3_SERVERS = ("moto", "go")
+ENV_S3_SERVER = "LORARESUME_S3_SERVER"  # a built gofakes3 binary (`make test` sets it); else tools/s3/build.sh
 
 
 def now() -> float:
@@ -123,6 +128,57 @@ def pct(values: list[float], q: float) -> float | None:
 
 def r(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def git_state() -> dict[str, Any]:
+    """The commit this checkout is at, and which files of what the run exercises differ from it (the
+    operator, the trainer and the sandbox run from this tree, uncommitted edits included)."""
+
+    def git(*args: str) -> str:
+        try:
+            repo = Path(__file__).resolve().parents[1]
+            return subprocess.run(
+                ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    paths = ("operator", "trainer_image", "sandbox", "helm", "crds", "benchmarks/scale.py")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
+    return {"commit": git("rev-parse", "HEAD") or None, "uncommitted": changed.splitlines()}
+
+
+def gofakes3_binary() -> Path:
+    """The gofakes3 server: $LORARESUME_S3_SERVER, else tools/s3/build.sh's (built once into a cache
+    outside the repository, ~30 s the first time; progress on stderr)."""
+    if os.environ.get(ENV_S3_SERVER):
+        return Path(os.environ[ENV_S3_SERVER])
+    script = Path(__file__).resolve().parents[1] / "tools" / "s3" / "build.sh"
+    out = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, text=True, check=True).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def s3_server_command(kind: str, port: int) -> tuple[list[str], str]:
+    """(argv, what it is) of the S3 server this run starts on 127.0.0.1:port."""
+    if kind == "go":
+        binary = gofakes3_binary()
+        version = binary.parent.name.split("-")[1] if binary.parent.name.startswith("gofakes3-") else "?"
+        argv = [str(binary), "-backend", "memory", "-host", f"127.0.0.1:{port}", "-quiet"]
+        return argv, f"gofakes3 {version} (Go, in-memory backend; tools/s3/build.sh)"
+    from importlib.metadata import version as dist_version
+
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    return argv, f"moto {dist_version('moto')} (moto.server: one Python process)"
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a running process (Linux /proc), None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def chart_interval() -> float:
@@ -545,7 +601,7 @@ class MemorySampler(threading.Thread):
 
 class Prober(threading.Thread):
     """Latency of the sandbox itself, once a second: an API GET (as the admin: not counted) and an S3 GET
-    from moto."""
+    from the run's S3 server (moto or gofakes3: `--s3-server`)."""
 
     def __init__(self, kube: KubeClient, s3: Any, sampler: MemorySampler, every: float = 1.0) -> None:
         super().__init__(daemon=True, name="sandbox-prober")
@@ -625,7 +681,7 @@ class Bench:
         self.kube: KubeClient | None = None
         self.requests: RequestLog | None = None
         self.feeds: list[Feed] = []
-        self.moto: subprocess.Popen[bytes] | None = None
+        self.s3_server: subprocess.Popen[bytes] | None = None
         self.operator: Operator | None = None
         self.sampler: MemorySampler | None = None
         self.prober: Prober | None = None
@@ -665,15 +721,13 @@ class Bench:
         os.environ.update(AWS)  # the operator's environment too (it reads S3 with the resource's Secret)
         s3_port = free_port()
         endpoint = f"http://127.0.0.1:{s3_port}"
-        moto_log = open(self.workdir / "moto.log", "wb")
-        self.moto = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
-            stdout=moto_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        moto_log.close()
-        self.wait("moto", lambda: _http_ok(f"{endpoint}/moto-api/"), 60)
+        argv, what = s3_server_command(a.s3_server, s3_port)  # (a gofakes3 build happens here, untimed)
+        self.result["s3_server"] = {"kind": a.s3_server, "what": what}
+        s3_log = open(self.workdir / f"s3-{a.s3_server}.log", "wb")
+        self.s3_server = subprocess.Popen(argv, stdout=s3_log, stderr=subprocess.STDOUT, start_new_session=True)
+        s3_log.close()
+        self.wait(what, lambda: _http_ok(f"{endpoint}/"), 60)
+        self.log(f"S3: {what} at {endpoint}")
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name=AWS["AWS_DEFAULT_REGION"])
         s3.create_bucket(Bucket=BUCKET)
         s3.put_object(Bucket=BUCKET, Key="probe.json", Body=b"{}")
@@ -689,6 +743,8 @@ class Bench:
                 **{k: AWS[k] for k in ("AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")},
                 ENV_STEP_SECONDS: str(a.step_seconds),
                 "PYTHONUNBUFFERED": "1",
+                # the stand-ins import the same tree as this process (a run from a pinned worktree)
+                **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ},
             },
             entrypoints={"*": [sys.executable, "-m", "loraresume_sandbox.stand_in_trainer"]},
             with_operator=False,
@@ -774,12 +830,14 @@ class Bench:
             self.operator.stop_profilers()
         if self.cluster:
             self.cluster.stop()
-        if self.moto and self.moto.poll() is None:
-            self.moto.terminate()
+        if self.s3_server and self.s3_server.poll() is None:
+            if "s3_server" in self.result:
+                self.result["s3_server"]["cpu_seconds"] = r(process_cpu_seconds(self.s3_server.pid) or 0.0, 1)
+            self.s3_server.terminate()
             try:
-                self.moto.wait(20)
+                self.s3_server.wait(20)
             except subprocess.TimeoutExpired:
-                self.moto.kill()
+                self.s3_server.kill()
 
     # -- resources ---------------------------------------------------------------------------
     def body(self, name: str, wave: str, steps: int | None = None) -> dict[str, Any]:
@@ -1388,6 +1446,7 @@ class Bench:
             "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
             "settings": {k: v for k, v in vars(a).items() if k not in ("json", "markdown")},
             "machine": machine(),
+            "git": git_state(),
             "load_before": host_load(),
             "stand_in": {
                 "steps": a.steps,
@@ -1419,7 +1478,7 @@ class Bench:
             me = resource.getrusage(resource.RUSAGE_SELF)
             self.result["cpu_seconds"] = {
                 "this_process_node_agent_watches": r(me.ru_utime + me.ru_stime, 1),
-                "children_control_plane_operator_moto_stand_ins": r(kids.ru_utime + kids.ru_stime, 1),
+                "children_control_plane_operator_s3_stand_ins": r(kids.ru_utime + kids.ru_stime, 1),
             }
             self.result["workdir"] = str(self.workdir)
         return self.result
@@ -1449,6 +1508,18 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
             f"{s['step_seconds']} s, checkpoint every {s['save_steps']})",
         )
     )
+    s3 = result.get("s3_server") or {"what": "moto (before --s3-server)"}
+    rows.append(
+        ("S3 server (its CPU over the run)", f"{s3['what']} ({s3.get('cpu_seconds', '-')} s)"),
+    )
+    git = result.get("git") or {}
+    if git:
+        rows.append(
+            (
+                "commit (uncommitted edits to what runs)",
+                f"{(git.get('commit') or '?')[:12]} ({len(git.get('uncommitted') or [])} files)",
+            )
+        )
     rows.append(("operator start to watching", f"{result.get('operator_start_seconds')} s"))
     if w1:
         mem = w1["operator_rss_mib"]
@@ -1580,6 +1651,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{len(st.get('miscounted_resources') or [])} resources differ; "
                 f"{rl.get('bound_to_a_reclaimed_node_after_it_was_listed')} late-bound",
             ),
+            ("steady: sandbox latency, API GET / S3 GET p50 (p99)", _latency(st.get("sandbox_latency"))),
         ]
         if rs:
             rows += [
@@ -1628,8 +1700,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, Python {m['python']}. "
         "Shared with other work: load average before / after "
         f"{result['load_before']['loadavg_1_5_15']} / {result['load_after']['loadavg_1_5_15']}, so times are noisy "
-        "and include CPU contention (the control plane, the node agent, moto, the stand-in trainers and the operator "
-        "all share the same cores).",
+        "and include CPU contention (the control plane, the node agent, the S3 server, the stand-in trainers and the "
+        "operator all share the same cores).",
         "",
         "Setup: the sandbox cluster: etcd, kube-apiserver, kube-controller-manager and kube-scheduler (v1.37) as "
         "local processes, the Helm chart's CRD, ServiceAccount and RBAC applied, the operator as a process started "
@@ -1639,7 +1711,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "`--capacity` GPUs and runs each pod as the stand-in trainer (`loraresume_sandbox.stand_in_trainer`: the "
         "trainer's CLI, checkpoint store, progress.json and exit codes around a timed loop, no torch); each "
         "resource asks for one GPU, so the real scheduler keeps further pods Pending (Unschedulable) until one "
-        "ends. moto S3. Wave 1: N resources at once to Succeeded, then deleted. Wave 2: N more, with pod losses "
+        f"ends. S3: {(result.get('s3_server') or {}).get('what', 'moto')}, on loopback. "
+        "Wave 1: N resources at once to Succeeded, then deleted. Wave 2: N more, with pod losses "
         "(half `delete pod`, half a spot reclaim of the pod's node: taint, DisruptionTarget, SIGTERM, the Node "
         "replaced) and an operator SIGKILL + restart while loaded. Steady: with N Succeeded resources present and "
         "the operator settled, long runs are lost and relaunched (`--steady-how reclaim`: every node holding one "
@@ -1736,6 +1809,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--py-spy-seconds", type=float, default=0.0, help="with --py-spy: sample each process's first N s only"
+    )
+    parser.add_argument(
+        "--s3-server",
+        choices=S3_SERVERS,
+        default="moto",
+        help="the S3 server on loopback: moto (one Python process; the default, as in rounds 1 and 2) or go "
+        "(gofakes3, built from Go modules by tools/s3/build.sh, or $LORARESUME_S3_SERVER)",
     )
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--markdown", help="write a markdown section here")
