@@ -56,6 +56,7 @@ from .decide import (
     decide,
     decide_problem,
     deletion_actions,
+    finished_step,
     parse_iso,
     reads_storage_fresh,
     storage_needed,
@@ -367,8 +368,10 @@ class Reconciler:
             if recent is not None:
                 view, fresh = recent, True
             elif storage_needed(status, pod):
+                step = finished_step(status, pod)
+                finished = self.views.read_finished(key, spec, client, self.monotonic(), step) if step else None
                 never_launched = status.attempt == 0 and status.latest_checkpoint is None
-                view = self.views.read(key, spec, client, self.monotonic(), maybe_empty=never_launched)
+                view = finished or self.views.read(key, spec, client, self.monotonic(), maybe_empty=never_launched)
                 fresh = True
             else:
                 running = pod is not None and pod.phase == "Running"

@@ -19,7 +19,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from loraresume_trainer.checkpoint_store import PROGRESS_NAME, CheckpointStore
+from loraresume_trainer.checkpoint_store import PROGRESS_NAME, CheckpointStore, DamagedCheckpoint
 from loraresume_trainer.errors import TrainerError
 from loraresume_trainer.s3client import s3_errors
 from loraresume_trainer.s3uri import S3Uri
@@ -109,6 +109,27 @@ def read_storage(
         checkpoint = CheckpointRef(uri=str(store.checkpoint_uri(step)), step=step)
         created, size = manifest.created_at or None, manifest.total_bytes
     return StorageView(checkpoint, progress.result(), adapter.result() is not None, created, size)
+
+
+def read_finished(spec: LoraResumeSpec, client: Any, step: int, *, submit: Submit | None = None) -> StorageView | None:
+    """The storage of an attempt whose trainer exited 0 saying checkpoint-`step` is durable: the adapter
+    manifest, progress.json and that checkpoint's manifest, side by side (one round trip, no listing).
+    None when the adapter is not complete or that manifest is missing or unusable: then the full read
+    (read_storage) decides. Raises what read_storage raises."""
+    store = _store(spec, client)
+    run: Submit = submit or _inline
+    progress = run(store.get_json, PROGRESS_NAME)
+    adapter = run(store.read_adapter_manifest)
+    manifest = run(store.read_manifest, step)
+    try:
+        found = manifest.result()
+    except DamagedCheckpoint:
+        found = None
+    if adapter.result() is None or found is None:
+        progress.result()  # its errors are the same as the full read's: raised here
+        return None
+    checkpoint = CheckpointRef(uri=str(store.checkpoint_uri(step)), step=step)
+    return StorageView(checkpoint, progress.result(), True, found.created_at or None, found.total_bytes)
 
 
 def _inline(fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -201,6 +222,16 @@ class StorageViews:
             self._views[key] = (now, now, view)
         return view
 
+    def read_finished(
+        self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float, step: int
+    ) -> StorageView | None:
+        """read_finished, kept as the last view (as a full read's) when it answers."""
+        view = read_finished(spec, client, step, submit=self._reads.submit)
+        if view is not None:
+            with self._lock:
+                self._views[key] = (now, now, view)
+        return view
+
     def read_since(self, key: tuple[str, str], since: float) -> StorageView | None:
         """The view read in full at or after `since` (monotonic seconds), or None."""
         with self._lock:
@@ -266,4 +297,4 @@ class DownloadSizes:
         )
 
 
-__all__ = ["DownloadSizes", "StorageView", "StorageViews", "TrainerError", "read_storage", "s3_client"]
+__all__ = ["DownloadSizes", "StorageView", "StorageViews", "TrainerError", "read_finished", "read_storage", "s3_client"]

@@ -1,7 +1,8 @@
 """What one full read of a job's storage costs (s3_view.read_storage), on moto: a never-launched job's
 empty prefix is one listing; a job with checkpoints has only its newest complete manifest read, a
 damaged newest falls back to the one before; progress.json and the adapter manifest are read beside
-the listing when a pool is given, with the same result as read one after the other."""
+the listing when a pool is given, with the same result as read one after the other. An attempt that
+exited 0 naming its durable checkpoint is counted on three reads side by side, without the listing."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from typing import Any
 import boto3
 import pytest
 
+from loraresume_operator.decide import finished_step
 from loraresume_operator.defaults import OperatorDefaults, effective_spec
-from loraresume_operator.s3_view import read_storage
-from loraresume_operator.spec import LoraResumeSpec
+from loraresume_operator.observed import ObservedPod
+from loraresume_operator.s3_view import read_finished, read_storage
+from loraresume_operator.spec import LoraResumeSpec, LoraResumeStatus
 from loraresume_trainer.checkpoint_store import MANIFEST_NAME, REQUIRED_CHECKPOINT_FILES, CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
-from tests.support.specs import build_spec
+from tests.support.reconciler_harness import Cluster
+from tests.support.specs import build_spec, resource
 
 
 class Counting:
@@ -107,3 +111,98 @@ def test_the_parts_are_read_side_by_side_with_the_same_result(job, tmp_path):
         side_by_side = read_storage(spec, client, submit=pool.submit)
     assert side_by_side == one_by_one and side_by_side.adapter_complete
     assert any(name.startswith("s3-reads") for name in client.threads)
+
+
+def adapter(store: CheckpointStore, tmp_path: Path) -> None:
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_model.safetensors").write_text("weights")
+    store.upload_adapter(d, {"fake": True})
+
+
+def ended_pod(exit_code: int, termination: dict[str, Any] | None, name: str = "job-attempt-1") -> ObservedPod:
+    return ObservedPod(
+        name=name, phase="Succeeded" if exit_code == 0 else "Failed", exit_code=exit_code, termination=termination
+    )
+
+
+ATTEMPT_1 = LoraResumeStatus(attempt=1, pod_name="job-attempt-1")
+
+
+@pytest.mark.parametrize(
+    ("pod", "want"),
+    [
+        (None, None),
+        (ObservedPod(name="job-attempt-1", phase="Running"), None),
+        (ended_pod(0, {"outcome": "succeeded", "durable_step": 30}), 30),
+        (ended_pod(0, {"outcome": "succeeded"}), None),  # no checkpoint named: the full read
+        (ended_pod(0, None), None),
+        (ended_pod(0, {"durable_step": "30"}), None),  # read as untrusted
+        (ended_pod(0, {"durable_step": True}), None),
+        (ended_pod(0, {"durable_step": 0}), None),
+        (ended_pod(0, {"durable_step": -3}), None),
+        (ended_pod(0, {"durable_step": 2**70}), None),
+        (ended_pod(75, {"outcome": "preempted", "durable_step": 30}), None),  # a relaunch: the newest, listed
+        (ended_pod(0, {"durable_step": 30}, name="job-attempt-0"), None),  # not the attempt's pod
+    ],
+)
+def test_which_ends_are_read_without_the_listing(pod, want):
+    assert finished_step(ATTEMPT_1, pod) == want
+
+
+def test_a_finished_attempt_costs_three_reads_side_by_side_and_no_listing(job, tmp_path):
+    spec, client, store = job
+    for step in (10, 20, 30):
+        checkpoint(store, tmp_path, step)
+    adapter(store, tmp_path)
+    store.put_json("progress.json", {"step": 30, "attempt": 1, "durable_step": 30})
+    with ThreadPoolExecutor(3, thread_name_prefix="s3-reads") as pool:
+        view = read_finished(spec, client, 30, submit=pool.submit)
+    assert view is not None and view.adapter_complete and view.checkpoint is not None
+    assert view.checkpoint.step == 30 and view.progress == {"step": 30, "attempt": 1, "durable_step": 30}
+    assert view == read_storage(spec, Counting(store.client))  # what the full read says
+    assert client.calls == Counter(
+        {f"get checkpoints/checkpoint-30/{MANIFEST_NAME}": 1, "get progress.json": 1, f"get adapter/{MANIFEST_NAME}": 1}
+    )
+
+
+@pytest.mark.parametrize("missing", ["adapter", "manifest", "damaged"])
+def test_a_finished_attempt_falls_back_to_the_full_read(job, tmp_path, missing):
+    spec, client, store = job
+    checkpoint(store, tmp_path, 10)
+    if missing != "adapter":
+        adapter(store, tmp_path)
+    if missing == "damaged":
+        checkpoint(store, tmp_path, 30)
+        key = store.checkpoint_uri(30).child(MANIFEST_NAME)
+        store.client.put_object(Bucket=key.bucket, Key=key.key, Body=b"{not json")
+    assert read_finished(spec, client, 30) is None
+    assert "list" not in client.calls
+
+
+def test_a_success_is_counted_on_the_finished_read(job, tmp_path):
+    """The Reconciler: an attempt's pod exited 0 naming checkpoint-30 durable: Succeeded, that checkpoint
+    recorded (what resume.extendFrom reads), and no listing for it."""
+    spec, client, store = job
+    cluster = Cluster(resource(spec.model_dump(by_alias=True, mode="json", exclude_none=True)))
+    cluster.reconciler.s3_factory = lambda *_: client
+    cluster.reconcile()  # launched
+    assert cluster.status["podName"] == "job-attempt-1"
+    for step in (10, 20, 30):
+        checkpoint(store, tmp_path, step)
+    adapter(store, tmp_path)
+    store.put_json("progress.json", {"step": 30, "max_steps": 30, "attempt": 1, "durable_step": 30, "loss": 0.5})
+    cluster.core.pods["job-attempt-1"]["status"] = {
+        "phase": "Succeeded",
+        "containerStatuses": [
+            {
+                "name": "trainer",
+                "state": {"terminated": {"exitCode": 0, "message": '{"outcome":"succeeded","durable_step":30}'}},
+            }
+        ],
+    }
+    client.calls.clear()
+    cluster.reconcile()
+    assert cluster.status["phase"] == "Succeeded"
+    assert cluster.status["latestCheckpoint"]["step"] == 30 and cluster.status["step"] == 30
+    assert "list" not in client.calls
