@@ -700,13 +700,14 @@ def storage_needed(status: LoraResumeStatus, pod: ObservedPod | None) -> bool:
     return status.pod_name is None or pod is None or pod.ended or pod.stuck
 
 
-def finished_step(status: LoraResumeStatus, pod: ObservedPod | None) -> int | None:
-    """The checkpoint the attempt's trainer says is durable as it exits 0 (its termination message's
-    `durable_step`), or None. Such an end is a success if the adapter is complete, and the status then
-    records that checkpoint: its manifest, the adapter manifest and progress.json are all the decision
-    needs, read side by side without the listing (s3_view.read_finished; the full read when any is
-    missing). The step comes from the pod and is checked against that manifest, never trusted alone."""
-    if pod is None or pod.name != status.pod_name or pod.exit_code != 0 or not pod.ended:
+def said_durable(status: LoraResumeStatus, pod: ObservedPod | None) -> int | None:
+    """The checkpoint the attempt's trainer said was durable as it exited (its termination message's
+    `durable_step`: after a success, or a SIGTERM with its checkpoint saved), or None. The trainer
+    writes it once every upload has landed, so it is the newest: its end is decided on that
+    checkpoint's manifest, the adapter manifest and progress.json, read side by side without the
+    listing (s3_view.read_said; the full read when the manifest, or a success's adapter, is missing).
+    The step comes from the pod and is checked against that manifest, never trusted alone."""
+    if pod is None or pod.name != status.pod_name or not pod.ended or pod.exit_code is None:
         return None
     step = (pod.termination or {}).get("durable_step")
     return step if isinstance(step, int) and not isinstance(step, bool) and 0 < step <= MAX_STEP else None

@@ -56,9 +56,9 @@ from .decide import (
     decide,
     decide_problem,
     deletion_actions,
-    finished_step,
     parse_iso,
     reads_storage_fresh,
+    said_durable,
     storage_needed,
 )
 from .defaults import OperatorDefaults, effective_spec
@@ -368,10 +368,13 @@ class Reconciler:
             if recent is not None:
                 view, fresh = recent, True
             elif storage_needed(status, pod):
-                step = finished_step(status, pod)
-                finished = self.views.read_finished(key, spec, client, self.monotonic(), step) if step else None
+                step, said = said_durable(status, pod), None
+                if step is not None and pod is not None:  # an end its trainer reported: no listing
+                    said = self.views.read_said(
+                        key, spec, client, self.monotonic(), step, adapter_needed=pod.exit_code == 0
+                    )
                 never_launched = status.attempt == 0 and status.latest_checkpoint is None
-                view = finished or self.views.read(key, spec, client, self.monotonic(), maybe_empty=never_launched)
+                view = said or self.views.read(key, spec, client, self.monotonic(), maybe_empty=never_launched)
                 fresh = True
             else:
                 running = pod is not None and pod.phase == "Running"

@@ -111,11 +111,14 @@ def read_storage(
     return StorageView(checkpoint, progress.result(), adapter.result() is not None, created, size)
 
 
-def read_finished(spec: LoraResumeSpec, client: Any, step: int, *, submit: Submit | None = None) -> StorageView | None:
-    """The storage of an attempt whose trainer exited 0 saying checkpoint-`step` is durable: the adapter
-    manifest, progress.json and that checkpoint's manifest, side by side (one round trip, no listing).
-    None when the adapter is not complete or that manifest is missing or unusable: then the full read
-    (read_storage) decides. Raises what read_storage raises."""
+def read_said(
+    spec: LoraResumeSpec, client: Any, step: int, *, adapter_needed: bool, submit: Submit | None = None
+) -> StorageView | None:
+    """The storage of an attempt whose trainer exited saying checkpoint-`step` is durable: that
+    checkpoint's manifest, the adapter manifest and progress.json, side by side (one round trip, no
+    listing). None when that manifest is missing or unusable, or the adapter is not complete and
+    `adapter_needed` (the trainer exited 0): then the full read (read_storage) decides. Raises what
+    read_storage raises."""
     store = _store(spec, client)
     run: Submit = submit or _inline
     progress = run(store.get_json, PROGRESS_NAME)
@@ -125,11 +128,12 @@ def read_finished(spec: LoraResumeSpec, client: Any, step: int, *, submit: Submi
         found = manifest.result()
     except DamagedCheckpoint:
         found = None
-    if adapter.result() is None or found is None:
-        progress.result()  # its errors are the same as the full read's: raised here
+    complete = adapter.result() is not None
+    said = progress.result()
+    if found is None or (adapter_needed and not complete):
         return None
     checkpoint = CheckpointRef(uri=str(store.checkpoint_uri(step)), step=step)
-    return StorageView(checkpoint, progress.result(), True, found.created_at or None, found.total_bytes)
+    return StorageView(checkpoint, said, complete, found.created_at or None, found.total_bytes)
 
 
 def _inline(fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -222,11 +226,11 @@ class StorageViews:
             self._views[key] = (now, now, view)
         return view
 
-    def read_finished(
-        self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float, step: int
+    def read_said(
+        self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float, step: int, *, adapter_needed: bool
     ) -> StorageView | None:
-        """read_finished, kept as the last view (as a full read's) when it answers."""
-        view = read_finished(spec, client, step, submit=self._reads.submit)
+        """read_said, kept as the last view (as a full read's) when it answers."""
+        view = read_said(spec, client, step, adapter_needed=adapter_needed, submit=self._reads.submit)
         if view is not None:
             with self._lock:
                 self._views[key] = (now, now, view)
@@ -297,4 +301,4 @@ class DownloadSizes:
         )
 
 
-__all__ = ["DownloadSizes", "StorageView", "StorageViews", "TrainerError", "read_finished", "read_storage", "s3_client"]
+__all__ = ["DownloadSizes", "StorageView", "StorageViews", "TrainerError", "read_said", "read_storage", "s3_client"]

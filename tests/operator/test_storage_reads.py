@@ -15,10 +15,10 @@ from typing import Any
 import boto3
 import pytest
 
-from loraresume_operator.decide import finished_step
+from loraresume_operator.decide import said_durable
 from loraresume_operator.defaults import OperatorDefaults, effective_spec
 from loraresume_operator.observed import ObservedPod
-from loraresume_operator.s3_view import read_finished, read_storage
+from loraresume_operator.s3_view import read_said, read_storage
 from loraresume_operator.spec import LoraResumeSpec, LoraResumeStatus
 from loraresume_trainer.checkpoint_store import MANIFEST_NAME, REQUIRED_CHECKPOINT_FILES, CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
@@ -142,12 +142,13 @@ ATTEMPT_1 = LoraResumeStatus(attempt=1, pod_name="job-attempt-1")
         (ended_pod(0, {"durable_step": 0}), None),
         (ended_pod(0, {"durable_step": -3}), None),
         (ended_pod(0, {"durable_step": 2**70}), None),
-        (ended_pod(75, {"outcome": "preempted", "durable_step": 30}), None),  # a relaunch: the newest, listed
+        (ended_pod(75, {"outcome": "preempted", "durable_step": 30}), 30),  # SIGTERM, checkpoint saved: said
+        (ended_pod(1, {"outcome": "failed", "reason": "RuntimeError"}), None),  # a crash says none: listed
         (ended_pod(0, {"durable_step": 30}, name="job-attempt-0"), None),  # not the attempt's pod
     ],
 )
 def test_which_ends_are_read_without_the_listing(pod, want):
-    assert finished_step(ATTEMPT_1, pod) == want
+    assert said_durable(ATTEMPT_1, pod) == want
 
 
 def test_a_finished_attempt_costs_three_reads_side_by_side_and_no_listing(job, tmp_path):
@@ -157,7 +158,7 @@ def test_a_finished_attempt_costs_three_reads_side_by_side_and_no_listing(job, t
     adapter(store, tmp_path)
     store.put_json("progress.json", {"step": 30, "attempt": 1, "durable_step": 30})
     with ThreadPoolExecutor(3, thread_name_prefix="s3-reads") as pool:
-        view = read_finished(spec, client, 30, submit=pool.submit)
+        view = read_said(spec, client, 30, adapter_needed=True, submit=pool.submit)
     assert view is not None and view.adapter_complete and view.checkpoint is not None
     assert view.checkpoint.step == 30 and view.progress == {"step": 30, "attempt": 1, "durable_step": 30}
     assert view == read_storage(spec, Counting(store.client))  # what the full read says
@@ -176,7 +177,7 @@ def test_a_finished_attempt_falls_back_to_the_full_read(job, tmp_path, missing):
         checkpoint(store, tmp_path, 30)
         key = store.checkpoint_uri(30).child(MANIFEST_NAME)
         store.client.put_object(Bucket=key.bucket, Key=key.key, Body=b"{not json")
-    assert read_finished(spec, client, 30) is None
+    assert read_said(spec, client, 30, adapter_needed=True) is None
     assert "list" not in client.calls
 
 
@@ -205,4 +206,31 @@ def test_a_success_is_counted_on_the_finished_read(job, tmp_path):
     cluster.reconcile()
     assert cluster.status["phase"] == "Succeeded"
     assert cluster.status["latestCheckpoint"]["step"] == 30 and cluster.status["step"] == 30
+    assert "list" not in client.calls
+
+
+def test_a_preemption_said_durable_is_relaunched_from_that_checkpoint_without_a_listing(job, tmp_path):
+    """SIGTERM: the trainer saved checkpoint-20 and said so; the relaunch resumes from it, the steps
+    after it counted as lost, and no listing is read for it (the adapter is not needed)."""
+    spec, client, store = job
+    doc = spec.model_dump(by_alias=True, mode="json", exclude_none=True)
+    doc["dataset"]["source"] = str(store.root.child("data.jsonl"))  # sized at each launch: it exists here
+    store.client.put_object(Bucket=store.root.bucket, Key=store.root.child("data.jsonl").key, Body=b"{}\n")
+    cluster = Cluster(resource(doc))
+    cluster.reconciler.s3_factory = lambda *_: client
+    cluster.reconcile()
+    for step in (10, 20):
+        checkpoint(store, tmp_path, step)
+    store.put_json("progress.json", {"step": 23, "max_steps": 30, "attempt": 1, "durable_step": 20})
+    said = '{"outcome":"preempted","durable_step":20}'
+    cluster.core.pods["job-attempt-1"]["status"] = {
+        "phase": "Failed",
+        "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 75, "message": said}}}],
+    }
+    client.calls.clear()
+    cluster.reconcile()
+    assert (cluster.status["attempt"], cluster.status["preemptions"], cluster.status["lostSteps"]) == (2, 1, 3)
+    assert cluster.status["latestCheckpoint"]["step"] == 20
+    created = cluster.core.created[-1]
+    assert "checkpoint-20" in str(created)  # resume_from
     assert "list" not in client.calls
