@@ -35,6 +35,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -67,6 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "on this machine deterministic run to run?",
     )
     p.add_argument("--seed", type=int, default=20261205, help="seeds the preemption steps")
+    p.add_argument(
+        "--training",
+        type=json.loads,
+        default={},
+        help="extra fields for every job's `training` (JSON), e.g. '{\"full_determinism\": true}'",
+    )
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("GOODPUT_BUDGET_S", "560")))
     p.add_argument("--work", type=Path, default=Path("/tmp/goodput"))
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/goodput-out")))
@@ -147,12 +154,23 @@ def make_job(ns: argparse.Namespace, endpoint: str, base: Path, data: Path, name
             "logging_steps": 1,
             "save_steps": setup["save_steps"],
             "seed": 3407,
+            **setup["training"],
         },
         lora={"r": 16, "alpha": 16, "dropout": 0.0},
     )
     cfg.update(loadIn4bit=setup["q4"], maxSeqLength=setup["seq"], dtype=setup["dtype"])
     cfg["storage"]["keepCheckpoints"] = 3
     return cfg
+
+
+def new_node(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The job as a new pod on a new node sees it: its scratch volume mounted at the same path as on
+    every node (the pod's workDir is fixed, operator/pods.py), and empty. The path may matter: the
+    compile caches live under it, Unsloth's compiled modules among them (RESULTS.md, issue 16)."""
+    scratch = work / "scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    return {**cfg, "workDir": str(scratch / "work")}
 
 
 def cold_env(caches: Path) -> dict[str, str]:
@@ -320,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             steps=ns.steps or 40, seq=2048, batch=2, accum=4, q4=True, dtype="auto", optim="adamw_8bit", save_steps=10
         )
     )
+    setup["training"] = ns.training  # part of the setup: the kept uninterrupted run is keyed by it
     variants = [v for v in ns.variants.split(",") if v]
     rng = random.Random(ns.seed)
     plan = {v: kill_steps(rng, setup["steps"], ns.preemptions) for v in variants}
@@ -351,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             result["uninterrupted_reused"] = True
         else:
             cfg = make_job(ns, endpoint, base, data, "uninterrupted", setup)
-            baseline = run_attempt(cfg, ns.work / "uninterrupted" / "node-1", timeout=ns.budget_s)
+            baseline = run_attempt(new_node(cfg, ns.work), ns.work / "uninterrupted" / "node-1", timeout=ns.budget_s)
             if baseline.exit_code != 0:
                 result["error"] = f"uninterrupted run failed: {baseline.stderr[-2000:]}"
                 write()
@@ -363,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         write()
         if ns.repeat_uninterrupted:
             cfg = make_job(ns, endpoint, base, data, "uninterrupted-again", setup)
-            again = run_attempt(cfg, ns.work / "uninterrupted-again" / "node-1", timeout=ns.budget_s)
+            again = run_attempt(new_node(cfg, ns.work), ns.work / "uninterrupted-again" / "node-1", timeout=ns.budget_s)
             result["uninterrupted_again"] = {
                 **attempt_record(again),
                 "adapter_bitwise_equal": again.exit_code == 0
@@ -387,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             kills = list(plan[variant])
             for number in range(1, len(kills) + 2):
                 node = ns.work / name / f"node-{number}"  # a new node: empty scratch, cold caches
-                attempt_cfg = {**cfg, "workDir": str(node / "work")}
+                attempt_cfg = new_node(cfg, ns.work)
                 kill = Kill(signal.SIGTERM, kills[number - 1], after_durable=False) if number <= len(kills) else None
                 env = cold_env(node / "caches") if variant == "cold" else {}
                 attempt = run_attempt(attempt_cfg, node, kill=kill, env=env, attempt=number, timeout=ns.budget_s)

@@ -23,6 +23,7 @@ from loraresume_trainer.model_loading import (
 from loraresume_trainer.training_args import (
     build_sft_config,
     check_training_fields,
+    determinism_env,
     precision_defaults,
 )
 
@@ -384,3 +385,51 @@ def test_stage_adapter(tmp_path: Path) -> None:
     assert (dest / "tokenizer.json").read_text() == '{"t": 1}'
     assert not (dest / "stale.bin").exists()
     assert json.loads((src / ADAPTER_CONFIG).read_text()) == original  # the source is untouched
+
+
+@pytest.mark.parametrize(
+    ("training", "environ", "expected"),
+    [
+        ({}, {}, {}),
+        ({"full_determinism": False}, {}, {}),
+        ({"full_determinism": "yes"}, {}, {}),  # SFTConfig's own check judges the value; nothing set here
+        ({"full_determinism": True}, {}, {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}),
+        ({"full_determinism": True}, {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}, {}),  # the pod's own value wins
+    ],
+)
+def test_determinism_env(training: dict[str, Any], environ: dict[str, str], expected: dict[str, str]) -> None:
+    assert determinism_env(training, environ) == expected
+
+
+class _StopAtImports:
+    """An engine that records the environment its imports would see, then stops the attempt."""
+
+    fetches_inputs = False
+    compiles = False
+
+    def __init__(self) -> None:
+        self.event_fields: dict[str, Any] = {}
+        self.seen: str | None = None
+
+    def load_stack(self, run: Any) -> None:
+        self.seen = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        raise ConfigError("stopped by the test after the imports' environment was seen", field="training")
+
+
+@pytest.mark.parametrize(("training", "seen"), [({"full_determinism": True}, ":4096:8"), ({}, None)])
+def test_full_determinism_sets_cublas_before_the_imports(
+    make_job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, training: dict[str, Any], seen: str | None
+) -> None:
+    import yaml
+
+    from loraresume_trainer import cli
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "unset-by-the-test")  # restored (absent) at teardown
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    config, work = make_job(training={"max_steps": 2, **training})
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    engine = _StopAtImports()
+    code = cli.main(["--config", str(path), "--termination-log", str(tmp_path / "term")], engine=engine)
+    assert code == 78 and engine.seen == seen

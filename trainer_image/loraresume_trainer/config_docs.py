@@ -88,6 +88,15 @@ def render() -> str:
         "`padding_free: false`, measured faster on the H200: benchmarks/RESULTS.md, issue 16):",
         "",
         ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in DEFAULTS.items()) + ".",
+        "",
+        "A resume restores everything the trajectory depends on, so it repeats an uninterrupted run as",
+        "far as the hardware repeats itself: bitwise on the CPU and on the H200's 1B-shaped runs. On a",
+        "GPU, training need not be deterministic: on the 8B shape with these defaults two uninterrupted",
+        "runs on an H100 already differed from step 3 (loss 12.60298 against 12.60314), and resumed runs",
+        "differ from them as much (benchmarks/RESULTS.md, issue 16). `full_determinism: true` asks",
+        "transformers for deterministic kernels (the trainer also sets `CUBLAS_WORKSPACE_CONFIG=:4096:8`",
+        "before torch loads, unless the pod sets it); what it costs and whether it makes the 8B runs",
+        "repeat bitwise on a GPU is not measured yet.",
     ]
     lines += [
         "",

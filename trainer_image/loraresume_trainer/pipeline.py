@@ -64,6 +64,7 @@ from .s3client import is_not_found, make_s3_client, s3_errors
 from .s3uri import S3Uri
 from .seams import Engine, Hooks, Inputs
 from .stop_signal import StopRequest
+from .training_args import determinism_env
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +315,7 @@ class Pipeline:
             # The downloads run while the heavy imports do (nothing on that thread imports them).
             fetching = _Background(lambda: self.fetch_inputs(prefetch), "loraresume-prefetch")
             self.compile_cache = self.restore_compile_cache()  # before the imports: they read its variables
+            os.environ.update(determinism_env(job.training, os.environ))  # before the imports, likewise
             with self.timed("load_stack"):
                 self.engine.load_stack(self)
             self.clock.mark("imports_done")

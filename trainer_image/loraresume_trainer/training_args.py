@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,20 @@ def precision_defaults(on_gpu: bool, bf16_supported: bool) -> dict[str, bool]:
     if not on_gpu:
         return {"bf16": False, "fp16": False}
     return {"bf16": bf16_supported, "fp16": not bf16_supported}
+
+
+# What `training.full_determinism` needs in the environment before torch loads. transformers sets it
+# too, but only when the Trainer is built, after the model is on the GPU; cuBLAS sizes its workspace
+# once, from the value it sees at its first call (PyTorch's reproducibility notes).
+DETERMINISM_ENV: dict[str, str] = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+
+
+def determinism_env(training: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables to set before the imports: DETERMINISM_ENV for a job that asks for full
+    determinism, less what the pod's environment already sets (an operator's explicit choice wins)."""
+    if training.get("full_determinism") is not True:
+        return {}
+    return {k: v for k, v in DETERMINISM_ENV.items() if k not in environ}
 
 
 def effective_training(job: JobConfig) -> dict[str, Any]:
