@@ -7,7 +7,8 @@ Level-based: one background loop reconciles every known resource periodically (p
 backoff expiry), pod events reconcile the owner at once, and a LoraResume event reconciles it
 when it is new to this process (created, or listed at start-up) or its spec changed (its
 generation is not the one its status last judged): from the event itself, on the first event
-kopf delivers, not after kopf's finalizer patch as its create handler would. The loop is the
+kopf delivers, not after kopf's finalizer patch as its create handler would (a resource whose
+checkpoints go with it waits for that patch: wants_reconcile). The loop is the
 standing retry. (Per-object kopf timers were dropped: kopf holds an object's finalizer until its
 timers stop, which left deletions hanging, and one loop scales better than a timer per resource.)
 """

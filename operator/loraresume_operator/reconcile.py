@@ -100,6 +100,13 @@ def _api_message(exc: ApiException) -> str:
     return str(body.get("message") or exc.reason)[:2000] if isinstance(body, dict) else str(exc.reason)
 
 
+def _newer_version(body: Mapping[str, Any] | None, than: str | None) -> bool:
+    """Whether `body` is a later version of its resource than resourceVersion `than` (the API server's
+    are etcd revisions: digits compare as numbers; anything else is not known to be newer)."""
+    version = str(((body or {}).get("metadata") or {}).get("resourceVersion") or "")
+    return bool(than) and version.isdigit() and str(than).isdigit() and int(version) > int(str(than))
+
+
 class Reconciler:
     def __init__(
         self,
@@ -225,8 +232,12 @@ class Reconciler:
 
     # ---- act ----------------------------------------------------------------------------------
     def _write_status(self, body: Mapping[str, Any], status: LoraResumeStatus) -> None:
-        """Raises StatusConflict when the resource changed since `body` was read."""
+        """Raises StatusConflict when the resource changed since `body` was read: without a request when
+        the watch has delivered a newer version meanwhile (the write would be refused: e.g. kopf's
+        finalizer patch during a new resource's first storage read), else on the API server's 409."""
         meta = body["metadata"]
+        if _newer_version(self.cache.resource(meta["namespace"], meta["name"]), meta.get("resourceVersion")):
+            raise StatusConflict(f"{meta['namespace']}/{meta['name']}", meta.get("resourceVersion"))
         new = {
             "apiVersion": body["apiVersion"],
             "kind": body["kind"],
@@ -287,9 +298,7 @@ class Reconciler:
         version refused (a new resource's first status write races kopf's finalizer patch, whose event
         is usually in by then), else read from the API server."""
         cached = self.cache.resource(namespace, name)
-        version = (cached or {}).get("metadata", {}).get("resourceVersion")
-        digits = bool(refused and version and version.isdigit() and refused.isdigit())
-        if cached is not None and digits and int(str(version)) > int(str(refused)):
+        if cached is not None and _newer_version(cached, refused):
             return cached
         return self._get(namespace, name, fresh=True)
 

@@ -177,6 +177,27 @@ def test_a_first_status_write_refused_after_kopfs_finalizer_patch_decides_again_
     assert f.s3["list"] == 1  # the new job's empty prefix, listed once
 
 
+def test_a_newer_version_delivered_during_the_storage_read_is_decided_on_without_a_refused_write():
+    """kopf's finalizer patch lands, and its event is in, while a new resource's first reconcile reads
+    S3: the status write would be refused, so it is not sent; the decision is taken again on the newer
+    body, with the same storage read."""
+    f = Fleet()
+    views = f.cluster.reconciler.views
+    real_read = views.read
+
+    def read(*args: Any, **kw: Any) -> Any:
+        f.cluster.custom.body["metadata"]["finalizers"] = ["loraresume.dev/cleanup"]
+        f.cluster.custom.body["metadata"]["resourceVersion"] = "2"
+        f.deliver()
+        return real_read(*args, **kw)
+
+    views.read = read  # type: ignore[method-assign]
+    f.reconcile()
+    assert f.status["podName"] == "bot-attempt-1" and len(f.cluster.core.created) == 1
+    assert f.api["replace_namespaced_custom_object_status"] == 1  # none refused
+    assert f.api["list_namespaced_custom_object"] == 0 and f.s3["list"] == 1
+
+
 @pytest.mark.parametrize(
     ("pod_status", "terminating", "deleted"),
     [
