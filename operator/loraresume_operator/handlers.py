@@ -230,6 +230,13 @@ async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, m
     rt, key = runtime(memo), (_namespaced(namespace), name)
     if kw.get("type") == "DELETED":
         rt.cache.drop_resource(*key)
+        # Gone, with or without the delete handler (one deleted before kopf's finalizer landed has none):
+        # the periodic loop stops, and what this process kept for it goes (off the event loop: forget
+        # waits for a reconcile of it in flight).
+        with rt.known_lock:
+            rt.known.discard(key)
+        if rt.reconciler is not None:
+            rt.changes.submit(rt.reconciler.forget, *key)
         return
     rt.cache.put_resource(body)
     if not wants_reconcile(kw.get("type"), body):

@@ -472,3 +472,35 @@ def test_many_threads_asking_for_one_new_s3_client_build_it_once(monkeypatch):
     for t in threads:
         t.join()
     assert len(built) == 1
+
+
+def test_a_deleted_resource_leaves_the_periodic_loop_and_what_the_process_kept_for_it_goes():
+    """Deleted before kopf's finalizer landed, a resource goes without the delete handler: its DELETED
+    event alone must stop its periodic reconciles (each a list of a resource that is gone: idle requests)
+    and drop what the process kept for it."""
+    import asyncio
+    import time
+
+    import kopf
+
+    from loraresume_operator import handlers
+
+    on_resource_event: Any = handlers.on_resource_event  # as kopf calls it (kopf types it for its callers)
+    f = Fleet()
+    rec = f.cluster.reconciler
+    rt = handlers.Runtime(cluster_wide=False, interval=10.0, reconciler=rec, cache=f.cache)
+    memo = kopf.Memo(runtime=rt)
+    raw: Any = copy.deepcopy(f.cluster.custom.body)
+    body = kopf.Body(raw)
+    asyncio.run(on_resource_event(namespace=NS, name="bot", body=body, memo=memo, type="ADDED"))
+    deadline = time.monotonic() + 10
+    while (rt.queue.pending() or "podName" not in f.status) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert (NS, "bot") in rt.known and rec._phases.get((NS, "bot")) == "Pending"
+    asyncio.run(on_resource_event(namespace=NS, name="bot", body=body, memo=memo, type="DELETED"))
+    rt.changes.shutdown(wait=True)
+    rt.pod_events.shutdown(wait=True)
+    rt.event_posts.shutdown(wait=True)
+    assert (NS, "bot") not in rt.known and (NS, "bot") not in rec._phases
+    assert f.cache.resource(NS, "bot") is None
