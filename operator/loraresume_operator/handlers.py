@@ -28,6 +28,7 @@ from kubernetes.client import ApiException
 
 from . import metrics
 from .defaults import OperatorDefaults
+from .lean_api import LeanCoreV1Api
 from .observed import ObservedPod
 from .pods import LABEL_RESOURCE
 from .reconcile import Reconciler
@@ -144,7 +145,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     configuration.connection_pool_maxsize = API_CONNECTIONS
     api = client.ApiClient(configuration)
     rt.reconciler = Reconciler(
-        client.CoreV1Api(api),
+        LeanCoreV1Api(client.CoreV1Api(api)),
         client.CustomObjectsApi(api),
         OperatorDefaults.from_env(),
         cache=rt.cache,
