@@ -330,11 +330,16 @@ class NodeAgent:
 
     # -- nodes ----------------------------------------------------------------------------
     def add_node(self, pool: NodePool) -> str:
-        """Register one more node of `pool` (as a cloud's autoscaler would) and return its name."""
+        """Register one more node of `pool` (as a cloud's autoscaler would) and return its name.
+
+        The node is this agent's before the API server shows it Ready: a pod the scheduler binds to it
+        at once brings one event, which `_on_pod` drops for a node it does not know (two scale runs
+        kept 5 pods bound to a replacement node that never ran them)."""
         with self._lock:
             index = self._pool_counters.get(pool.name, 0)
             self._pool_counters[pool.name] = index + 1
-        name = f"{pool.name}-{index}"
+            name = f"{pool.name}-{index}"
+            self.nodes[name] = _Node(name, pool)
         labels = {
             "kubernetes.io/hostname": name,
             "kubernetes.io/os": "linux",
@@ -352,8 +357,6 @@ class NodeAgent:
             "nodes", None, name, {"status": self._node_status(pool)}, subresource="status", patch_type="strategic"
         )
         self._renew_lease(name)
-        with self._lock:
-            self.nodes[name] = _Node(name, pool)
         return name
 
     def _node_status(self, pool: NodePool) -> Object:

@@ -516,3 +516,25 @@ def test_image_entrypoint_and_secret_created_later(kube: KubeClient, agent: Node
         assert "argv ['--config', 'job.yaml']" in agent.read_log(NS, name, "trainer")
     finally:
         agent.entrypoints = saved
+
+
+def test_a_new_node_is_the_agents_before_it_is_ready(
+    kube: KubeClient, agent: NodeAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod bound to a replacement node the moment it is Ready brings one event; the agent must know
+    the node by then, or the pod is never run (seen in two scale runs: 5 pods Pending on a Ready node)."""
+    known_when_ready: list[bool] = []
+    patch = agent.kube.patch
+
+    def spy(resource: str, namespace: str | None, name: str, body: Any, **kw: Any) -> Any:
+        if resource == "nodes" and kw.get("subresource") == "status":
+            known_when_ready.append(name in agent.nodes)
+        return patch(resource, namespace, name, body, **kw)
+
+    monkeypatch.setattr(agent.kube, "patch", spy)
+    tiny = next(p for p in agent.pools if p.name == "tiny")
+    name = agent.add_node(tiny)
+    monkeypatch.undo()
+    assert known_when_ready == [True]
+    assert _ready(kube.get("nodes", None, name))
+    agent.reclaim_spot(name, replace=False)  # no pods on it: the node goes, and the other tests see 3 nodes
