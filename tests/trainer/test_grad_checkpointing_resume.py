@@ -15,8 +15,10 @@ pytestmark = pytest.mark.slow
 
 def test_the_mode_is_recorded_kept_by_auto_and_a_changed_mode_is_refused(make_job, s3):
     _, _, client = s3
-    cfg, work = make_job(training={"max_steps": 12}, gradientCheckpointing="unsloth")
-    stopped = run_attempt(cfg, work, kill=Kill(signal.SIGTERM, 6))
+    cfg, work = make_job(training={"max_steps": 40}, gradientCheckpointing="unsloth")
+    # SIGTERM at step 6 without waiting for an upload to be durable (its own save makes one): waiting
+    # for checkpoint-5's upload let the tiny run finish all its steps first on a loaded machine.
+    stopped = run_attempt(cfg, work, kill=Kill(signal.SIGTERM, 6, after_durable=False))
     assert stopped.exit_code == 75, stopped.stderr[-2000:]
     (chosen,) = stopped.of("gradient_checkpointing")
     assert chosen["mode"] == "unsloth" and chosen["requested"] == "unsloth"
