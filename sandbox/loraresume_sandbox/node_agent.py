@@ -339,7 +339,7 @@ class NodeAgent:
             index = self._pool_counters.get(pool.name, 0)
             self._pool_counters[pool.name] = index + 1
             name = f"{pool.name}-{index}"
-            self.nodes[name] = _Node(name, pool)
+            node = self.nodes[name] = _Node(name, pool, heartbeat=False)  # beats once its Lease is made below
         labels = {
             "kubernetes.io/hostname": name,
             "kubernetes.io/os": "linux",
@@ -357,6 +357,8 @@ class NodeAgent:
             "nodes", None, name, {"status": self._node_status(pool)}, subresource="status", patch_type="strategic"
         )
         self._renew_lease(name)
+        with self._lock:
+            node.heartbeat = not node.lost  # a node lost meanwhile stays silent
         return name
 
     def _node_status(self, pool: NodePool) -> Object:
@@ -407,7 +409,12 @@ class NodeAgent:
         except ApiError as exc:
             if exc.code != 404:
                 raise
-            self.kube.create("leases", {"metadata": {"name": node}, "spec": spec}, "kube-node-lease")
+            try:
+                self.kube.create("leases", {"metadata": {"name": node}, "spec": spec}, "kube-node-lease")
+            except ApiError as exc:
+                if exc.code != 409:  # made meanwhile (a renewal beside add_node's): renew that one
+                    raise
+                self.kube.patch("leases", "kube-node-lease", node, {"spec": spec})
 
     def _heartbeats(self) -> None:
         """Every node's Lease renewed each round, side by side, as each kubelet renews its own: one after

@@ -538,3 +538,24 @@ def test_a_new_node_is_the_agents_before_it_is_ready(
     assert known_when_ready == [True]
     assert _ready(kube.get("nodes", None, name))
     agent.reclaim_spot(name, replace=False)  # no pods on it: the node goes, and the other tests see 3 nodes
+
+
+def test_a_lease_made_meanwhile_is_renewed_not_an_error(
+    kube: KubeClient, agent: NodeAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new node's Lease may be made by the heartbeat round beside add_node's own renewal: the second
+    create is refused (409), and that must renew the Lease, not fail (a demo's spot reclaim did)."""
+    name = "lease-race-0"
+    create = agent.kube.create
+
+    def racing(resource: str, body: Any, namespace: str | None = None) -> Any:
+        if resource == "leases":  # the other renewer gets there first
+            kube.create("leases", {"metadata": {"name": name}, "spec": {"holderIdentity": name}}, "kube-node-lease")
+        return create(resource, body, namespace)
+
+    monkeypatch.setattr(agent.kube, "create", racing)
+    agent._renew_lease(name)
+    monkeypatch.undo()
+    lease = kube.get("leases", "kube-node-lease", name)
+    assert lease is not None and lease["spec"].get("renewTime")
+    kube.delete("leases", "kube-node-lease", name)
