@@ -102,13 +102,8 @@ def read_storage(
     run: Submit = submit or _inline
     progress = run(store.get_json, PROGRESS_NAME)
     adapter = run(store.read_adapter_manifest)
-    checkpoint, created, size = None, None, None
-    newest = _newest_complete(store)
-    if newest is not None:
-        step, manifest = newest
-        checkpoint = CheckpointRef(uri=str(store.checkpoint_uri(step)), step=step)
-        created, size = manifest.created_at or None, manifest.total_bytes
-    return StorageView(checkpoint, progress.result(), adapter.result() is not None, created, size)
+    newest = next(store.iter_complete_checkpoints(), None)  # newest first: only that manifest is read
+    return _view(store, newest, progress.result(), adapter.result() is not None)
 
 
 def read_said(
@@ -132,8 +127,16 @@ def read_said(
     said = progress.result()
     if found is None or (adapter_needed and not complete):
         return None
+    return _view(store, (step, found), said, complete)
+
+
+def _view(store: CheckpointStore, newest: tuple[int, Any] | None, progress: Any, complete: bool) -> StorageView:
+    """A StorageView from a checkpoint's step and manifest (or none), progress.json and the adapter's state."""
+    if newest is None:
+        return StorageView(None, progress, complete)
+    step, manifest = newest
     checkpoint = CheckpointRef(uri=str(store.checkpoint_uri(step)), step=step)
-    return StorageView(checkpoint, said, complete, found.created_at or None, found.total_bytes)
+    return StorageView(checkpoint, progress, complete, manifest.created_at or None, manifest.total_bytes)
 
 
 def _inline(fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -154,12 +157,6 @@ def _empty(store: CheckpointStore) -> bool:
         )
         first: dict[str, Any] = next(iter(pages), {})
     return not first.get("Contents")
-
-
-def _newest_complete(store: CheckpointStore) -> tuple[int, Any] | None:
-    """The newest checkpoint with a usable manifest (older ones are not read; a damaged one is
-    skipped with a warning, as complete_checkpoints does)."""
-    return next(store.iter_complete_checkpoints(), None)
 
 
 # While its pod is alive (pending or running), a job's progress.json is read at most this often (the
@@ -237,7 +234,7 @@ class StorageViews:
         return view
 
     def read_since(self, key: tuple[str, str], since: float) -> StorageView | None:
-        """The view read in full at or after `since` (monotonic seconds), or None."""
+        """The view read (in full, or read_said's) at or after `since` (monotonic seconds), or None."""
         with self._lock:
             known = self._views.get(key)
         return known[2] if known is not None and known[0] >= since and known[1] >= since else None
