@@ -192,20 +192,15 @@ def _periodic(rt: Runtime) -> None:
 def wants_reconcile(event_type: str | None, body: Mapping[str, Any]) -> bool:
     """Whether a LoraResume event asks for a reconcile: listed at start-up (None) or created, or its
     spec changed since its status was last decided (generation ahead of status.observedGeneration).
-    Not its own status writes, nor a deletion (the delete handler's).
+    Not its own status writes, nor a deletion (the delete handler's, or on_resource_event's).
 
-    A new resource is reconciled at once, before kopf's finalizer lands (under load that patch came
-    p99 4.5-11.5 s after the creation, and the first pod waited for it), unless its checkpoints are to
-    be deleted with it (`waits_for_finalizer`). Deleted before the finalizer lands, such a resource
-    goes at once, and what its reconcile made goes without the delete handler: its pods carry an
-    ownerReference (the garbage collector deletes them), and a pod event for a resource that is gone
-    deletes and lets go of that pod (Reconciler.reconcile), which also covers a garbage collector
-    that does not know the CRD yet. Its checkpoints stay, as asked. kopf's patch tests the
-    resourceVersion, so one that races a status write is refused and sent again on the next event."""
+    A new resource is reconciled at once, on its first event, unless its checkpoints are to be
+    deleted with it (`checkpoints_go_with_it`): such a resource alone carries kopf's finalizer (the
+    delete handler must run before it goes), and it is first reconciled once that finalizer is on."""
     meta = body.get("metadata") or {}
     if event_type == "DELETED" or meta.get("deletionTimestamp"):
         return False
-    if FINALIZER not in (meta.get("finalizers") or ()) and waits_for_finalizer(body):
+    if FINALIZER not in (meta.get("finalizers") or ()) and checkpoints_go_with_it(body):
         return False
     if event_type in (None, "ADDED"):
         return True
@@ -213,11 +208,15 @@ def wants_reconcile(event_type: str | None, body: Mapping[str, Any]) -> bool:
     return observed != meta.get("generation")
 
 
-def waits_for_finalizer(body: Mapping[str, Any]) -> bool:
-    """A resource whose deletion must run the delete handler (its checkpoints go with it:
-    spec.storage.deleteOnResourceDeletion) is first reconciled once kopf's finalizer is on: deleted
-    before, nothing would delete what its trainer wrote. Read from the raw spec: an invalid spec
-    waits too (it is judged once the finalizer lands)."""
+def checkpoints_go_with_it(body: Mapping[str, Any], **_: Any) -> bool:
+    """Whether deleting the resource deletes what its trainer wrote (spec.storage.deleteOnResourceDeletion):
+    only then does its deletion need the delete handler, so only then does kopf put its finalizer on it
+    (on_delete's `when`). Every other LoraResume has no finalizer of the operator's: deleting it is never
+    held up by the operator (nor stuck while the operator is down), nothing of its creation races a
+    metadata patch (kopf's finalizer patch refused one status write in two of a burst, and was itself
+    refused and sent again), and its pods go when it goes (on_resource_event, and the garbage collector
+    by their ownerReference). Read from the raw spec: an invalid spec that asks for it waits too (it is
+    judged once the finalizer lands)."""
     spec = body.get("spec")
     storage = spec.get("storage") if isinstance(spec, Mapping) else None
     flag = storage.get("deleteOnResourceDeletion", False) if isinstance(storage, Mapping) else False
@@ -231,13 +230,13 @@ async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, m
     rt, key = runtime(memo), (_namespaced(namespace), name)
     if kw.get("type") == "DELETED":
         rt.cache.drop_resource(*key)
-        # Gone, with or without the delete handler (one deleted before kopf's finalizer landed has none):
-        # the periodic loop stops, and what this process kept for it goes (off the event loop: forget
-        # waits for a reconcile of it in flight).
+        # Gone, with or without the delete handler (only a resource whose checkpoints go with it has one):
+        # the periodic loop stops, its pods go and are let go, and what this process kept for it goes (off
+        # the event loop: forget waits for a reconcile of it in flight).
         with rt.known_lock:
             rt.known.discard(key)
         if rt.reconciler is not None:
-            rt.changes.submit(rt.reconciler.forget, *key)
+            rt.changes.submit(_gone, rt.reconciler, key)
         return
     rt.cache.put_resource(body)
     if not wants_reconcile(kw.get("type"), body):
@@ -246,6 +245,17 @@ async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, m
         rt.known.add(key)
     rt.rec()  # kopf retries the event while the operator is still starting
     rt.queue.submit(key, lane=CHANGES)
+
+
+def _gone(rec: Reconciler, key: tuple[str, str]) -> None:
+    """A LoraResume is gone: its pods are deleted and let go (the garbage collector would delete them by
+    their ownerReference, but only once it knows the CRD, and never lets go of the accounting finalizer),
+    and what this process kept for it goes."""
+    try:
+        rec.delete_pods(*key)
+    except ApiException as exc:  # a pod left behind is let go on its next event (resource gone)
+        log.warning("pods of deleted %s/%s not deleted (%s); their events retry", *key, exc.status)
+    rec.forget(*key)
 
 
 @kopf.index("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
@@ -279,11 +289,12 @@ async def on_pod_event(
     rt.queue.submit(key, pod, lane=PODS)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=5)
+@kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=5, when=checkpoints_go_with_it)
 def on_delete(
     namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo, **_: Any
 ) -> None:
-    """Pods go with the resource; checkpoints in S3 stay unless the spec asks otherwise."""
+    """A resource whose checkpoints go with it (the only ones kopf's finalizer holds): its pods go first
+    (SIGTERM: a last checkpoint), then what decide.deletion_actions says."""
     namespace, rt = _namespaced(namespace), runtime(memo)
     with rt.known_lock:
         rt.known.discard((namespace, name))

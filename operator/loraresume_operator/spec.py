@@ -291,7 +291,8 @@ class StorageSpec(_Spec):
     delete_on_resource_deletion: bool = Field(
         False,
         description="Delete the checkpoints and compile caches in S3 when the resource is deleted "
-        "(the adapter is kept).",
+        "(the adapter is kept). While true, the resource carries the operator's finalizer "
+        "loraresume.dev/cleanup: its deletion waits until they are deleted.",
     )
 
 

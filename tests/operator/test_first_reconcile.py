@@ -1,12 +1,11 @@
 """A new resource's first reconcile does not wait for kopf's finalizer patch (issue 15, the burst target),
 on the real API server.
 
-kopf puts its finalizer on every LoraResume (for the delete handler) with a JSON patch that tests the
-resourceVersion: a status write in between makes the API server refuse it, and kopf sends it again on
-the next event. A resource that keeps its checkpoints is reconciled at once (handlers.wants_reconcile);
-one deleted before the finalizer lands goes at once, and what its reconcile made goes with it (the
-pods' ownerReference for the garbage collector, the pod-event path for the accounting finalizer). One
-whose checkpoints go with it waits for the finalizer.
+kopf's finalizer (for the delete handler) goes only on a LoraResume whose checkpoints go with it
+(`storage.deleteOnResourceDeletion`): that one is first reconciled once the finalizer is on. Every other
+one is reconciled on its first event, no metadata patch races its status writes, and deleting it is
+never held up: its pods go with it (the operator's DELETED path, the pods' ownerReference for the
+garbage collector, the pod-event path for the accounting finalizer).
 """
 
 from __future__ import annotations
@@ -86,35 +85,38 @@ def operator_requests(stack: SandboxCluster, resource: str, name: str) -> list[d
     return sorted(out, key=lambda r: r["at"])
 
 
-def test_new_resources_get_their_pod_and_kopfs_finalizer_lands_after_the_status_writes(stack, s3_bucket):
-    """A burst: each resource is launched (status written, pod created) and kopf's finalizer lands on
-    each, whichever of kopf's patch and the operator's first status write the API server took first."""
+def test_a_burst_is_launched_without_a_finalizer_or_a_refused_write_and_deleted_with_its_pods(stack, s3_bucket):
+    """Each resource of a burst is launched (status written, pod created) with no metadata patch of the
+    operator's to race its status writes: no write refused, no finalizer; deleted, it goes at once and
+    its running pods go (and are let go) with it."""
     jobs = new_jobs(stack, s3_bucket, 8)
-    for i, job in enumerate(jobs):
+    for job in jobs:
         job.apply()
-        if i % 2:  # a status write at once (as the operator's own may be): kopf's patch races it
-            job.k8s.update_status("loraresumes", NS, job.name, {})
     for job in jobs:
         job.pod(1)
         wait_for(f"{job.name}: status names its pod", functools.partial(launched, job))
-        wait_for(f"{job.name}: kopf's finalizer", functools.partial(guarded, job))
-    refused = conflicts = 0
     for job in jobs:
         writes = operator_requests(stack, "loraresumes", job.name)
-        patches = [r for r in writes if r["verb"] == "patch" and r["sub"] is None]
-        assert patches and patches[-1]["code"] == 200, writes  # the finalizer's patch was taken in the end
-        refused += sum(1 for r in patches if r["code"] == 422)
-        statuses = [r for r in writes if r["sub"] == "status" and r["code"] == 200]
-        assert statuses, writes
-        conflicts += sum(1 for r in writes if r["sub"] == "status" and r["code"] == 409)
-    print(
-        f"kopf's finalizer patches refused and sent again: {refused}; the operator's status writes refused: {conflicts}"
-    )
-    for job in jobs:  # and the delete handler runs as before
+        assert not [r for r in writes if r["verb"] == "patch" and r["sub"] is None], writes  # no finalizer patch
+        codes = [r["code"] for r in writes if r["sub"] == "status"]
+        assert codes and set(codes) == {200}, writes  # every status write taken
+        assert finalizers(job) == []
+    for job in jobs:
         job.k8s.delete("loraresumes", NS, job.name)
     for job in jobs:
-        wait_for(f"{job.name} gone", functools.partial(gone, job))
+        wait_for(f"{job.name} gone", functools.partial(gone, job), 10)
         wait_for(f"{job.name}: pods gone", functools.partial(no_pods, job))
+
+
+def test_the_finalizer_follows_delete_on_resource_deletion_when_the_spec_is_edited(stack, s3_bucket):
+    (job,) = new_jobs(stack, s3_bucket, 1)
+    job.apply()
+    job.pod(1)
+    assert finalizers(job) == []
+    job.k8s.patch("loraresumes", NS, job.name, {"spec": {"storage": {"deleteOnResourceDeletion": True}}})
+    wait_for("kopf's finalizer put on", functools.partial(guarded, job))
+    job.k8s.patch("loraresumes", NS, job.name, {"spec": {"storage": {"deleteOnResourceDeletion": False}}})
+    wait_for("kopf's finalizer taken off", lambda: not guarded(job))
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.3, 1.0])
