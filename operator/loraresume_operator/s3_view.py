@@ -259,21 +259,40 @@ def _store(spec: LoraResumeSpec, client: Any) -> CheckpointStore:
 class DownloadSizes:
     """Sizes of what a pod downloads (base model, adapter, dataset), measured in S3 at launch.
 
-    Remembered for `ttl_seconds` per URI: a base model shared by a fleet is listed once, not
-    once per pod (those are large prefixes that do not change under a running job).
+    Remembered for `ttl_seconds` per URI and S3 client (a client is one endpoint and one set of
+    credentials: a job is never sized from what another job's credentials could read): a base model
+    shared by a fleet is listed once, not once per pod (those are large prefixes that do not change
+    under a running job). Measured once even when a burst of launches asks for it at the same moment:
+    the first asker lists, the others wait for its answer (48 launch workers listed the same base
+    model and dataset at the start of a burst).
     """
 
     def __init__(self, ttl_seconds: float = 600.0) -> None:
         self.ttl_seconds = ttl_seconds
-        self._known: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+        # (client id, uri) -> (measured at, the measurement, the client: kept so its id is not reused)
+        self._known: dict[tuple[int, str], tuple[float, Future[int], Any]] = {}
 
     def bytes_at(self, client: Any, uri: str, now: float) -> int:
-        known = self._known.get(uri)
-        if known is not None and now - known[0] < self.ttl_seconds:
-            return known[1]
+        key = (id(client), uri)
+        with self._lock:
+            known = self._known.get(key)
+            fresh = known is not None and now - known[0] < self.ttl_seconds
+            if not fresh:
+                measuring: Future[int] = Future()
+                self._known[key] = (now, measuring, client)
+        if known is not None and fresh:
+            return known[1].result()  # measured, or being measured by another launch: its answer
         parsed = S3Uri.parse(uri)
-        size = CheckpointStore(client, parsed).stored_bytes(parsed)
-        self._known[uri] = (now, size)
+        try:
+            size = CheckpointStore(client, parsed).stored_bytes(parsed)
+        except BaseException as exc:
+            with self._lock:  # not remembered: the next launch measures again
+                if self._known.get(key, (0.0, None, None))[1] is measuring:
+                    del self._known[key]
+            measuring.set_exception(exc)
+            raise
+        measuring.set_result(size)
         return size
 
     def inputs(

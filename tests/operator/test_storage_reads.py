@@ -18,7 +18,7 @@ import pytest
 from loraresume_operator.decide import said_durable
 from loraresume_operator.defaults import OperatorDefaults, effective_spec
 from loraresume_operator.observed import ObservedPod
-from loraresume_operator.s3_view import read_said, read_storage
+from loraresume_operator.s3_view import DownloadSizes, read_said, read_storage
 from loraresume_operator.spec import LoraResumeSpec, LoraResumeStatus
 from loraresume_trainer.checkpoint_store import MANIFEST_NAME, REQUIRED_CHECKPOINT_FILES, CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
@@ -234,3 +234,37 @@ def test_a_preemption_said_durable_is_relaunched_from_that_checkpoint_without_a_
     created = cluster.core.created[-1]
     assert "checkpoint-20" in str(created)  # resume_from
     assert "list" not in client.calls
+
+
+def test_a_burst_of_launches_sizes_a_shared_input_once_per_client(job, tmp_path):
+    """DownloadSizes: launches asking for the same base model at once list it once (the others wait for
+    that answer); another client (other credentials) measures for itself; a failed measurement is not
+    remembered."""
+    _, client, store = job
+    checkpoint(store, tmp_path, 10)
+    uri = str(store.checkpoint_uri(10))
+    sizes = DownloadSizes()
+    start = threading.Barrier(16)
+
+    def launch(_: int) -> int:
+        start.wait()
+        return sizes.bytes_at(client, uri, 0.0)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = set(pool.map(launch, range(16)))
+    assert len(answers) == 1 and answers.pop() > 0
+    assert client.calls["list"] == 1
+    other = Counting(client.inner)
+    assert sizes.bytes_at(other, uri, 1.0) > 0 and other.calls["list"] == 1
+    assert sizes.bytes_at(client, uri, 700.0) > 0 and client.calls["list"] == 2  # past its ttl: measured again
+
+    class Refused(Exception):
+        pass
+
+    broken = Counting(client.inner)
+    broken.get_paginator = lambda name: (_ for _ in ()).throw(Refused())  # type: ignore[method-assign]
+    with pytest.raises(Refused):
+        sizes.bytes_at(broken, uri, 0.0)
+    assert sizes.bytes_at(other, uri, 2.0) > 0 and other.calls["list"] == 1
+    broken.get_paginator = other.get_paginator  # type: ignore[method-assign]
+    assert sizes.bytes_at(broken, uri, 3.0) > 0  # the failure was not remembered
