@@ -66,7 +66,7 @@ from .k8s_names import MAX_LABEL_VALUE
 from .observed import ObservedPod
 from .pods import ACCOUNTING_FINALIZER, LABEL_RESOURCE, build_trainer_pod
 from .policy import credentials_problem, spec_problems
-from .s3_view import DownloadSizes, StorageView, StorageViews, s3_client
+from .s3_view import DownloadSizes, StorageView, StorageViews, s3_client, warm_s3
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, LoraResumeSpec, LoraResumeStatus, Phase
 from .startup import to_observe as startup_to_observe
 from .watch_cache import WatchCache
@@ -130,8 +130,15 @@ class Reconciler:
         self.events = events
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._phases: dict[tuple[str, str], str] = {}
+        self._phase_counts: defaultdict[str, int] = defaultdict(int)  # of _phases' values, kept as they change
+        self._phases_lock = threading.Lock()
+        self._counted = False  # every phase's gauge set once (to 0 where none is in it)
         self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
         self._secrets_lock = threading.Lock()
+        # one read of a Secret at a time: a restarted operator's reconcile threads all want it at once
+        self._secret_reads: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        if s3_factory is s3_client:  # botocore's data files loaded beside kopf's start-up, not by the first reconcile
+            threading.Thread(target=warm_s3, name="s3-warm", daemon=True).start()
 
     # ---- observe ----------------------------------------------------------------------------
     def _get(self, namespace: str, name: str, *, fresh: bool = False) -> dict[str, Any] | None:
@@ -171,6 +178,12 @@ class Reconciler:
         name = spec.storage.credentials_secret
         if not name:
             return None
+        with self._secrets_lock:
+            reading = self._secret_reads[(namespace, name)]
+        with reading:  # the threads that wait for a read in flight take its answer
+            return self._secret_values(namespace, name)
+
+    def _secret_values(self, namespace: str, name: str) -> dict[str, str]:
         now = self.monotonic()
         with self._secrets_lock:
             known = self._secrets.get((namespace, name))
@@ -313,9 +326,10 @@ class Reconciler:
         if body is None or body["metadata"].get("deletionTimestamp"):
             if event_pod is not None and event_pod.held:  # nothing left to count it in
                 if body is None and not (event_pod.terminating or event_pod.ended):
-                    # Its resource is gone without the delete handler (deleted before kopf's finalizer
-                    # landed: handlers.wants_reconcile): the pod goes, as the garbage collector would
-                    # have it go (which may not know the CRD yet on a new cluster).
+                    # Its resource is gone without the delete handler (only one whose checkpoints go with
+                    # it has one: handlers.checkpoints_go_with_it) and the pod outlived the DELETED event's
+                    # deletion (created meanwhile, or the operator was down): the pod goes, as the garbage
+                    # collector would have it go (which may not know the CRD yet on a new cluster).
                     log.info("pod %s/%s: its LoraResume is gone; deleting the pod", namespace, event_pod.name)
                     self._delete_pod(namespace, event_pod.name)
                 self.release_pod(namespace, event_pod.name, event_pod.finalizers)
@@ -668,13 +682,20 @@ class Reconciler:
         self._locks.pop((namespace, name), None)
 
     def record_phase(self, namespace: str, name: str, phase: str | None) -> None:
-        """Resources by phase, from what this process reconciled (no cluster-wide list needed)."""
-        if phase is None:
-            self._phases.pop((namespace, name), None)
-        else:
-            self._phases[(namespace, name)] = phase
-        counts = {p.value: 0 for p in Phase}
-        for value in self._phases.values():
-            counts[value] = counts.get(value, 0) + 1
-        for value, count in counts.items():
-            metrics.RESOURCES_BY_PHASE.labels(value).set(count)
+        """Resources by phase, from what this process reconciled (no cluster-wide list needed). Counted as
+        phases change (every reconcile records one: recounting all resources each time was O(N))."""
+        key = (namespace, name)
+        with self._phases_lock:
+            before = self._phases.pop(key, None) if phase is None else self._phases.get(key)
+            if phase is not None:
+                self._phases[key] = phase
+            if before == phase and self._counted:
+                return
+            if before is not None:
+                self._phase_counts[before] -= 1
+            if phase is not None:
+                self._phase_counts[phase] += 1
+            changed = {p.value for p in Phase} if not self._counted else {v for v in (before, phase) if v is not None}
+            self._counted = True
+            for value in changed:  # under the lock: two threads' sets cannot land out of order
+                metrics.RESOURCES_BY_PHASE.labels(value).set(self._phase_counts[value])

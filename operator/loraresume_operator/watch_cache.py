@@ -99,8 +99,14 @@ class WatchCache:
 
 
 def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A plain-dict copy of the parts a reconcile reads (kopf's Body is a live view of its own copy)."""
-    return {key: _copy(body.get(key)) for key in ("apiVersion", "kind", "metadata", "spec", "status") if key in body}
+    """A plain-dict copy of the parts a reconcile reads (kopf's Body is a live view of its own copy), less
+    metadata.managedFields: the API server's field-ownership records, read by nobody here, were most of
+    what was copied for every event and status answer."""
+    plain = {key: _copy(body.get(key)) for key in ("apiVersion", "kind", "spec", "status") if key in body}
+    meta = body.get("metadata")
+    if isinstance(meta, Mapping):
+        plain["metadata"] = {k: _copy(v) for k, v in meta.items() if k != "managedFields"}
+    return plain
 
 
 def _copy(value: Any) -> Any:
