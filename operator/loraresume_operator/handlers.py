@@ -248,14 +248,14 @@ async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, m
 
 
 def _gone(rec: Reconciler, key: tuple[str, str]) -> None:
-    """A LoraResume is gone: its pods are deleted and let go (the garbage collector would delete them by
-    their ownerReference, but only once it knows the CRD, and never lets go of the accounting finalizer),
-    and what this process kept for it goes."""
+    """A LoraResume is gone: what this process kept for it goes (its metric series at once, not after the
+    pods' requests), and its pods are deleted and let go (the garbage collector would delete them by their
+    ownerReference, but only once it knows the CRD, and never lets go of the accounting finalizer)."""
+    rec.forget(*key)
     try:
         rec.delete_pods(*key)
     except ApiException as exc:  # a pod left behind is let go on its next event (resource gone)
         log.warning("pods of deleted %s/%s not deleted (%s); their events retry", *key, exc.status)
-    rec.forget(*key)
 
 
 @kopf.index("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
