@@ -178,17 +178,21 @@ class Reconciler:
         name = spec.storage.credentials_secret
         if not name:
             return None
+        cached = self._cached_secret(namespace, name)
+        if cached is not None:  # the usual case: no lock but the dict's
+            return cached
         with self._secrets_lock:
             reading = self._secret_reads[(namespace, name)]
         with reading:  # the threads that wait for a read in flight take its answer
-            return self._secret_values(namespace, name)
+            return self._cached_secret(namespace, name) or self._read_secret(namespace, name)
 
-    def _secret_values(self, namespace: str, name: str) -> dict[str, str]:
-        now = self.monotonic()
+    def _cached_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         with self._secrets_lock:
             known = self._secrets.get((namespace, name))
-        if known is not None and now - known[0] < SECRET_TTL_SECONDS:
-            return known[1]
+        return known[1] if known is not None and self.monotonic() - known[0] < SECRET_TTL_SECONDS else None
+
+    def _read_secret(self, namespace: str, name: str) -> dict[str, str]:
+        now = self.monotonic()
         try:
             secret = self.core.read_namespaced_secret(name, namespace)
         except ApiException as exc:
