@@ -49,7 +49,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,12 @@ class Plan:
 
     def compared(self, k: int) -> bool:
         return 2 <= k <= self.cycles + 1
+
+
+def upload_ab_plan(plan: Plan, cycles: int) -> Plan:
+    """`plan` narrowed to the upload A/B: the build and the trainer run only, with up to `cycles` compared
+    cycles (the time guard stops the run earlier where the budget ends; whole ABBA blocks are kept)."""
+    return replace(plan, cycles=cycles, max_steps=(cycles + 3) * plan.save_steps, phases=("build", "unsloth"))
 
 
 def plans(mode: str) -> list[Plan]:
@@ -1222,7 +1228,7 @@ def analyze_unsloth(ctx: Ctx, plan: Plan, child: Child, rc: int | None, fl: dict
     for k in range(2, C + 2):
         cyc_steps = list(range(k * S + 1, (k + 1) * S + 1))
         if not all(s in intervals for s in cyc_steps):
-            continue
+            break  # stopped early (the time guard): the compared cycles are the complete ABBA blocks before it
         ckpt = k * S
         up = uploads.get(ckpt)
         cycles.append(
@@ -1239,6 +1245,8 @@ def analyze_unsloth(ctx: Ctx, plan: Plan, child: Child, rc: int | None, fl: dict
                 "upload_done_within_cycle": (up is not None and up["t1"] <= t.get((k + 1) * S, 0)) if up else None,
             }
         )
+    if len(cycles) < C:
+        cycles = cycles[: len(cycles) // 4 * 4]
     on = [c for c in cycles if c["uploads"]]
     off = [c for c in cycles if not c["uploads"]]
     res: dict[str, Any] = {
@@ -1270,6 +1278,11 @@ def analyze_unsloth(ctx: Ctx, plan: Plan, child: Child, rc: int | None, fl: dict
             for i in range(0, len(cycles) - 3, 4)
         ]
         se = statistics.stdev(blocks) / math.sqrt(len(blocks)) if len(blocks) >= 2 else None
+        # the same in seconds per uploaded checkpoint (what the upload adds, whatever the cycle length)
+        extra = [
+            (cycles[i + 1]["seconds"] + cycles[i + 2]["seconds"] - cycles[i]["seconds"] - cycles[i + 3]["seconds"]) / 2
+            for i in range(0, len(cycles) - 3, 4)
+        ]
         res["upload_slowdown"] = {
             "cycles": cycles,
             "cycle_steps": S,
@@ -1280,6 +1293,12 @@ def analyze_unsloth(ctx: Ctx, plan: Plan, child: Child, rc: int | None, fl: dict
             "abba_blocks_pct": [rnd(x, 2) for x in blocks],
             "abba_mean_pct": rnd(mean(blocks), 2) if blocks else None,
             "abba_standard_error_pct": rnd(se, 2),
+            "abba_median_pct": rnd(statistics.median(blocks), 2) if blocks else None,
+            "abba_blocks": len(blocks),
+            "extra_seconds_per_uploaded_checkpoint": rnd(mean(extra)) if extra else None,
+            "extra_seconds_standard_error": rnd(statistics.stdev(extra) / math.sqrt(len(extra)))
+            if len(extra) >= 2
+            else None,
             "method": "one process; after each checkpoint, the next save_steps steps are timed; checkpoints "
             "alternate (ABBA) uploaded by the BackgroundUploader / not submitted at all; all save locally",
         }
@@ -1679,6 +1698,8 @@ def orchestrate(ns: argparse.Namespace) -> int:
     moto = start_moto(ctx)
     try:
         selected = plans(ns.mode)
+        if ns.upload_ab is not None:
+            selected = [upload_ab_plan(p, ns.upload_ab) for p in selected]
         if ns.sizes:
             keep = ns.sizes.split(",")
             selected = [p for p in selected if p.size in keep]
@@ -2945,6 +2966,13 @@ def main(argv: list[str] | None = None) -> int:
         help="add first-step losses to a results JSON from its gpu_bench-logs.tar.gz",
     )
     p.add_argument("--sizes", help="comma list of sizes to run (default: the mode's plan)")
+    p.add_argument(
+        "--upload-ab",
+        type=int,
+        metavar="CYCLES",
+        help="only the upload slowdown: build and the trainer run, with CYCLES compared cycles (a multiple of "
+        "4; as many whole ABBA blocks as the budget allows are kept)",
+    )
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the script")
     p.add_argument("--out", help="result folder (default $OUT)")
     p.add_argument("--work", default="/tmp/gpu-bench")
@@ -2993,6 +3021,8 @@ def main(argv: list[str] | None = None) -> int:
         ns.budget_s = ns.budget_s or {"cpu-smoke": 900.0, "speed": 560.0}[ns.mode]
         return orchestrate_speed(ns)
     ns.mode = "cpu-smoke" if ns.cpu_smoke else "smoke" if ns.smoke else "full"
+    if ns.upload_ab is not None and (ns.upload_ab < 4 or ns.upload_ab % 4):
+        p.error(f"--upload-ab takes a positive multiple of 4 (whole ABBA blocks), got {ns.upload_ab}")
     if ns.budget_s is None:
         ns.budget_s = {"cpu-smoke": 900.0, "smoke": 250.0, "full": 540.0}[ns.mode]
     return orchestrate(ns)
