@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from loraresume_trainer.outcome import Outcome
+
 from . import conditions as c
 from .observed import (
     IMAGE_PULL_REASONS,
@@ -384,6 +386,11 @@ def _adapter_uri(b: _Builder) -> tuple[bool, str | None]:
 
 
 def _lost_steps(obs: Observation) -> int:
+    """Steps trained after the newest durable checkpoint: as the ended attempt's trainer said them (the step
+    it stopped at and the checkpoint it made durable), else progress.json against the newest checkpoint."""
+    said = said_stop(obs.status, obs.pod)
+    if said is not None:
+        return said[0] - said[1]
     progress = obs.progress if isinstance(obs.progress, dict) else {}
     if _count(progress.get("attempt"), 0) != obs.status.attempt:
         return 0  # the ended attempt never reported a step
@@ -711,6 +718,30 @@ def said_durable(status: LoraResumeStatus, pod: ObservedPod | None) -> int | Non
         return None
     step = (pod.termination or {}).get("durable_step")
     return step if isinstance(step, int) and not isinstance(step, bool) and 0 < step <= MAX_STEP else None
+
+
+def said_stop(status: LoraResumeStatus, pod: ObservedPod | None) -> tuple[int, int] | None:
+    """(the step it stopped at, the checkpoint it made durable), as the attempt's trainer said them in its
+    termination message (read as untrusted: both steps, the first not below the second), or None."""
+    durable = said_durable(status, pod)
+    stopped = (pod.termination or {}).get("step") if pod is not None and durable is not None else None
+    if not isinstance(stopped, int) or isinstance(stopped, bool) or durable is None:
+        return None
+    return (stopped, durable) if durable <= stopped <= MAX_STEP else None
+
+
+def counted_on_its_word(status: LoraResumeStatus, pod: ObservedPod | None) -> bool:
+    """Whether the end of the attempt's pod is counted, and the attempt relaunched, without reading S3: its
+    trainer stopped on a SIGTERM (exit 75, a preemption by DESIGN.md's table whatever S3 holds) and said at
+    which step it stopped and which checkpoint of the job's it made durable (said_stop). A spot reclaim
+    ends a pool's trainers at once and each uploads its last checkpoint as it goes: the store is at its
+    slowest just when the relaunches are wanted, and the relaunch waits on the API server only. The
+    relaunch resumes from that checkpoint, which its trainer verifies as it downloads (one that is not
+    complete after all: the job's newest complete checkpoint, pipeline.explicit_candidate); the steps lost
+    are the trainer's; the listing that follows within StorageViews' bounds confirms latestCheckpoint."""
+    if pod is None or pod.exit_code != Outcome.PREEMPTED.code or said_stop(status, pod) is None:
+        return False
+    return classify_end(pod, adapter_complete=False).kind is EndKind.PREEMPTED
 
 
 def reads_storage_fresh(before: LoraResumeStatus, plan: Plan) -> bool:

@@ -9,7 +9,8 @@ pods created (AlreadyExists is success: names are per attempt).
 
 S3 is read at a bounded rate while the attempt's pod is alive (s3_view.StorageViews), and fresh
 when the decision needs it: nothing in flight (a launch starts from the newest checkpoint), or
-the pod ended or is gone (its end is counted against what is durable). The credentials Secret is
+the pod ended or is gone (its end is counted against what is durable), unless its trainer said
+what is durable as it stopped on a SIGTERM (a preemption: decide.counted_on_its_word). The credentials Secret is
 cached for SECRET_TTL_SECONDS and read again after any storage error (a rotated key that S3
 refuses is picked up at once).
 """
@@ -53,12 +54,14 @@ from .decide import (
     Resource,
     SourceState,
     accounted,
+    counted_on_its_word,
     decide,
     decide_problem,
     deletion_actions,
     parse_iso,
     reads_storage_fresh,
     said_durable,
+    said_stop,
     storage_needed,
 )
 from .defaults import OperatorDefaults, effective_spec
@@ -394,6 +397,8 @@ class Reconciler:
             recent = self.views.read_since(key, read_since) if idle and read_since is not None else None
             if recent is not None:
                 view, fresh = recent, True
+            elif (stop := said_stop(status, pod)) is not None and counted_on_its_word(status, pod):  # no read
+                view, fresh = self.views.said(key, spec, client, self.monotonic(), stop[1]), True
             elif storage_needed(status, pod):
                 step, said = said_durable(status, pod), None
                 if step is not None and pod is not None:  # an end its trainer reported: no listing

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -257,6 +258,17 @@ class StorageViews:
         if view is not None:
             with self._lock:
                 self._views[key] = (now, now, view)
+        return view
+
+    def said(self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float, step: int) -> StorageView:
+        """Without a read: checkpoint-`step` as the attempt's trainer said it is durable (decide.counted_on_its_word),
+        with the last view's progress and checkpoint size. Kept as the last view, but not as a listing: the
+        listing is read when it is next due (or sooner: the trainer's progress.json names a newer checkpoint)."""
+        checkpoint = CheckpointRef(uri=str(_store(spec, client).checkpoint_uri(step)), step=step)
+        with self._lock:
+            listed_at, progress_at, last = self._views.get(key, (-math.inf, -math.inf, StorageView(None, None, False)))
+            view = StorageView(checkpoint, last.progress, False, None, last.checkpoint_bytes)
+            self._views[key] = (listed_at, progress_at, view)
         return view
 
     def read_since(self, key: tuple[str, str], since: float) -> StorageView | None:

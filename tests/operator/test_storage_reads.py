@@ -15,7 +15,7 @@ from typing import Any
 import boto3
 import pytest
 
-from loraresume_operator.decide import said_durable
+from loraresume_operator.decide import counted_on_its_word, said_durable, said_stop
 from loraresume_operator.defaults import OperatorDefaults, effective_spec
 from loraresume_operator.observed import ObservedPod
 from loraresume_operator.s3_view import DownloadSizes, read_said, read_storage
@@ -151,6 +151,33 @@ def test_which_ends_are_read_without_the_listing(pod, want):
     assert said_durable(ATTEMPT_1, pod) == want
 
 
+PREEMPTED_AT_23 = {"outcome": "preempted", "durable_step": 20, "step": 23}
+
+
+@pytest.mark.parametrize(
+    ("pod", "stop", "on_its_word"),
+    [
+        (ended_pod(75, PREEMPTED_AT_23), (23, 20), True),  # SIGTERM, checkpoint-20 durable, stopped at 23
+        (ended_pod(75, {**PREEMPTED_AT_23, "step": 20}), (20, 20), True),  # saved where it stopped: none lost
+        (ended_pod(75, {"outcome": "preempted", "durable_step": 20}), None, False),  # no stop step: read S3
+        (ended_pod(75, {**PREEMPTED_AT_23, "step": 19}), None, False),  # stopped before its durable one: untrue
+        (ended_pod(75, {**PREEMPTED_AT_23, "step": "23"}), None, False),  # read as untrusted
+        (ended_pod(75, {**PREEMPTED_AT_23, "step": True}), None, False),
+        (ended_pod(75, {**PREEMPTED_AT_23, "step": 2**70}), None, False),
+        (ended_pod(0, {"outcome": "succeeded", "durable_step": 30, "step": 30}), (30, 30), False),  # the adapter
+        (ended_pod(1, {**PREEMPTED_AT_23, "outcome": "failed"}), (23, 20), False),  # a failure: backoff, read
+        (ended_pod(75, PREEMPTED_AT_23, name="job-attempt-0"), None, False),  # not the attempt's pod
+        (ObservedPod(name="job-attempt-1", phase="Running"), None, False),
+        (None, None, False),
+    ],
+)
+def test_which_ends_are_counted_on_the_trainers_word(pod, stop, on_its_word):
+    """decide.counted_on_its_word: a preemption whose trainer said where it stopped and what is durable
+    is counted and relaunched without reading S3; anything else reads it (read_said or the full read)."""
+    assert said_stop(ATTEMPT_1, pod) == stop
+    assert counted_on_its_word(ATTEMPT_1, pod) is on_its_word
+
+
 def test_a_finished_attempt_costs_three_reads_side_by_side_and_no_listing(job, tmp_path):
     spec, client, store = job
     for step in (10, 20, 30):
@@ -268,3 +295,36 @@ def test_a_burst_of_launches_sizes_a_shared_input_once_per_client(job, tmp_path)
     assert sizes.bytes_at(other, uri, 2.0) > 0 and other.calls["list"] == 1
     broken.get_paginator = other.get_paginator  # type: ignore[method-assign]
     assert sizes.bytes_at(broken, uri, 3.0) > 0  # the failure was not remembered
+
+
+def test_a_preemption_the_trainer_said_is_relaunched_without_reading_s3(job, tmp_path):
+    """A pool reclaimed: the trainer stopped at step 23 on SIGTERM with checkpoint-20 durable and said both.
+    The end is counted (3 steps lost, as it said) and the relaunch created from checkpoint-20 with no S3
+    request at all; the next reconcile of the running replacement lists the storage (the confirmation)."""
+    spec, client, store = job
+    doc = spec.model_dump(by_alias=True, mode="json", exclude_none=True)
+    doc["dataset"]["source"] = str(store.root.child("data.jsonl"))  # sized at the first launch, then remembered
+    store.client.put_object(Bucket=store.root.bucket, Key=store.root.child("data.jsonl").key, Body=b"{}\n")
+    cluster = Cluster(resource(doc))
+    cluster.reconciler.s3_factory = lambda *_: client
+    cluster.reconcile()
+    for step in (10, 20):
+        checkpoint(store, tmp_path, step)
+    store.put_json("progress.json", {"step": 17, "max_steps": 30, "attempt": 1, "durable_step": 10})  # stale
+    said = '{"outcome":"preempted","durable_step":20,"step":23}'
+    cluster.core.pods["job-attempt-1"]["status"] = {
+        "phase": "Failed",
+        "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 75, "message": said}}}],
+    }
+    client.calls.clear()
+    cluster.reconcile()
+    assert (cluster.status["attempt"], cluster.status["preemptions"], cluster.status["lostSteps"]) == (2, 1, 3)
+    assert cluster.status["latestCheckpoint"]["step"] == 20
+    assert "checkpoint-20" in str(cluster.core.created[-1])  # resume_from
+    assert client.calls == Counter()  # not one S3 request
+    cluster.core.pods["job-attempt-2"]["status"] = {"phase": "Running"}
+    cluster.reconcile()  # the launch's listing is recent: the said checkpoint stands for now
+    assert client.calls["list"] == 0
+    cluster.reconciler.views.listing_seconds = 0.0  # the listing is due
+    cluster.reconcile()
+    assert client.calls["list"] == 1 and cluster.status["latestCheckpoint"]["step"] == 20

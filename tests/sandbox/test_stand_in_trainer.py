@@ -211,16 +211,33 @@ def test_sigterm_while_loading_exits_75_at_once(run):
     [
         ("s3://{bucket}/elsewhere/model/", "is not a checkpoint URI"),
         ("s3://{bucket}/other-job/checkpoints/checkpoint-10/", "is not a complete checkpoint (no manifest)"),
+        # the job's own, and it has none complete: nothing to fall back to
+        ("s3://{bucket}/{name}/checkpoints/checkpoint-10/", "is not a complete checkpoint (no manifest)"),
     ],
 )
 def test_an_unusable_from_checkpoint_is_refused_before_loading(run, ref, reason):
     """Before the slow part of the start-up (the trainer's imports; the stand-in's loading time)."""
     started = time.monotonic()
-    proc = run.start(1, env={ENV_LOAD_SECONDS: "30"}, resume_from=ref.format(bucket=run.bucket))
+    proc = run.start(1, env={ENV_LOAD_SECONDS: "30"}, resume_from=ref.format(bucket=run.bucket, name=run.name))
     code, message, events, err = run.finish(proc, 1)
     assert code == 78 and message["field"] == "resume.fromCheckpoint" and reason in message["reason"], err
     assert time.monotonic() - started < 20
     assert not [e for e in events if e["event"] == "prefetch"]  # nothing downloaded either
+
+
+def test_a_relaunch_from_an_own_checkpoint_that_is_not_complete_resumes_from_the_newest_complete(run):
+    """The operator relaunches a preempted attempt from the checkpoint its trainer said was durable, without
+    reading S3 (decide.counted_on_its_word). Should that checkpoint not be complete after all, the relaunch
+    resumes from the job's newest complete checkpoint, as from a damaged one, instead of failing the job."""
+    code, _, _, err = run.finish(run.start(1, env={ENV_FAIL_AT_STEP: "7"}), 1)
+    assert code == 1, err
+    assert [s for s, _ in run.store.complete_checkpoints()] == [5]
+    said = f"s3://{run.bucket}/{run.name}/checkpoints/checkpoint-7/"
+    code, _, events, err = run.finish(run.start(2, resume_from=said), 2)
+    assert code == 0, err
+    start = next(e for e in events if e["event"] == "start")
+    assert (start["mode"], start["step"]) == ("exact", 5)
+    assert "is not a complete checkpoint (no manifest); resuming from this job's newest complete" in err
 
 
 def test_crash_is_a_failure_and_a_bad_config_is_permanent(run):

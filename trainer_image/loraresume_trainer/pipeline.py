@@ -165,12 +165,16 @@ class Pipeline:
             done = self.store.read_adapter_manifest()
             explicit, error = None, None
             try:
-                explicit = self.explicit_candidate()
+                explicit = self.explicit_candidate(own_newest=complete[0] if complete else None)
             except ConfigError as exc:
                 error = exc
         return StoreView(complete, done.fingerprint if done is not None else None, explicit, error)
 
-    def explicit_candidate(self) -> Candidate | None:
+    def explicit_candidate(self, own_newest: Candidate | None = None) -> Candidate | None:
+        """resume.fromCheckpoint resolved to its manifest. One of this job's own checkpoints that is not
+        complete (the operator relaunches a preempted attempt from the checkpoint its trainer said was
+        durable, without reading S3 first) is no error while the job has a complete one: `own_newest`,
+        from which it resumes, as from any damaged checkpoint. Raises ConfigError otherwise."""
         ref = self.job.resume.from_checkpoint
         if ref is None:
             return None
@@ -183,6 +187,14 @@ class Pipeline:
         root, step = parsed
         store = CheckpointStore(self.client, root)
         manifest = store.read_manifest(step)
+        if manifest is None and own_newest is not None and root.as_dir() == self.store.root.as_dir():
+            log.warning(
+                "resume.fromCheckpoint %s is not a complete checkpoint (no manifest); resuming from this job's "
+                "newest complete checkpoint, %s",
+                ref,
+                own_newest.uri,
+            )
+            return None
         if manifest is None:
             raise ConfigError(f"{ref} is not a complete checkpoint (no manifest)", field="resume.fromCheckpoint")
         uri = str(store.checkpoint_uri(step))
