@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.namespace and not args.all_namespaces:
         args.namespace = [os.environ.get("POD_NAMESPACE", "default")]
-    memo = kopf.Memo(runtime=Runtime(cluster_wide=args.all_namespaces, interval=args.interval))
+    memo = kopf.Memo(
+        runtime=Runtime(cluster_wide=args.all_namespaces, interval=args.interval, namespaces=tuple(args.namespace))
+    )
     if args.metrics_port:
         start_http_server(args.metrics_port)
     asyncio.run(

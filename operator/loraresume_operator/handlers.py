@@ -1,7 +1,8 @@
 """kopf handlers: thin. Each turns an event into `Reconciler.reconcile(namespace, name)`.
 
 Every LoraResume and trainer pod the watches deliver is kept in the run's WatchCache first, so
-that reconciles read them from there instead of GETting them (watch_cache.py).
+that reconciles read them from there instead of GETting them (watch_cache.py); at start-up, before
+kopf's watches begin, one list of each kind seeds it (`startup`).
 
 Level-based: one background loop reconciles every known resource periodically (progress,
 backoff expiry), pod events reconcile the owner at once, and a LoraResume event reconciles it
@@ -15,6 +16,7 @@ timers stop, which left deletions hanging, and one loop scales better than a tim
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -63,6 +65,7 @@ class Runtime:
 
     cluster_wide: bool
     interval: float  # seconds between periodic reconciles
+    namespaces: tuple[str, ...] = ()  # served when not cluster-wide
     reconciler: Reconciler | None = None
     cache: WatchCache = field(default_factory=WatchCache)
     known: set[tuple[str, str]] = field(default_factory=set)  # reconciled by the periodic loop
@@ -153,6 +156,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         views=StorageViews(progress_seconds=rt.interval),
         events=rt.event_posts,
     )
+    _seed(rt, client.CustomObjectsApi(api), client.CoreV1Api(api))
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = NoDiffBase()
@@ -161,6 +165,31 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.execution.max_workers = KOPF_WORKERS
     threading.Thread(target=_periodic, args=(rt,), name="reconcile-loop", daemon=True).start()
+
+
+def _seed(rt: Runtime, custom: client.CustomObjectsApi, core: client.CoreV1Api) -> None:
+    """Every LoraResume and trainer pod served, by one list each (per namespace when namespaced), into the
+    WatchCache before kopf's watches start: a restarted operator decides nothing without knowing a
+    resource's pods, and asks for none of them one by one (watch_cache.py says why not kopf's indexer).
+    A list that fails only costs the requests it would have saved: each miss is read when needed."""
+    scopes: tuple[str | None, ...] = (None,) if rt.cluster_wide else rt.namespaces
+    resources: list[dict[str, Any]] = []
+    pods: list[dict[str, Any]] = []
+    try:
+        for namespace in scopes:
+            if namespace is None:
+                listed = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+                found = core.list_pod_for_all_namespaces(label_selector=LABEL_RESOURCE, _preload_content=False)
+            else:
+                listed = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+                found = core.list_namespaced_pod(namespace, label_selector=LABEL_RESOURCE, _preload_content=False)
+            resources += listed.get("items") or []
+            pods += json.loads(found.data).get("items") or []
+    except ApiException as exc:
+        log.warning("start-up: LoraResumes and trainer pods not listed (%s); each is read when needed", exc.status)
+        return
+    rt.cache.seed(resources, pods)
+    log.info("start-up: %d LoraResumes and %d trainer pods known before the watches start", len(resources), len(pods))
 
 
 @kopf.on.cleanup()
@@ -258,22 +287,13 @@ def _gone(rec: Reconciler, key: tuple[str, str]) -> None:
         log.warning("pods of deleted %s/%s not deleted (%s); their events retry", *key, exc.status)
 
 
-@kopf.index("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
-async def trainer_pods(namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[str, Any]:
-    """Every trainer pod into the run's WatchCache, as an indexer: kopf runs indexers before any other
-    handler and, at start-up, holds every handler until all indexers have seen their listing. So a
-    restarted operator reconciles no LoraResume before it knows all trainer pods (each a list request
-    otherwise). kopf's own index stays empty; a deleted pod leaves the cache in on_pod_event."""
-    runtime(memo).cache.put_pod(_namespaced(namespace), body)
-    return {}
-
-
 @kopf.on.event("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
 async def on_pod_event(
     namespace: str | None, name: str, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **kw: Any
 ) -> None:
-    """A trainer pod changed: reconcile its LoraResume now, on the pod-event pool (errors wait for the
-    timer). At start-up kopf lists every trainer pod here, so a pod left held by a crash is let go then.
+    """A trainer pod changed: kept in the WatchCache, and its LoraResume reconciled now, on the pod-event
+    pool (errors wait for the timer). At start-up kopf lists every trainer pod here, so a pod left held by
+    a crash is let go then.
 
     Only pods that carry the accounting finalizer: one without it was let go (its end is counted; its
     release and removal would each cost a reconcile for nothing) or comes from an operator version
@@ -281,7 +301,9 @@ async def on_pod_event(
     rt, ns = runtime(memo), _namespaced(namespace)
     if kw.get("type") == "DELETED":
         rt.cache.drop_pod(ns, name)
-    pod = ObservedPod.from_api(dict(body))  # in the cache already: trainer_pods
+        pod = ObservedPod.from_api(dict(body))
+    else:
+        pod = rt.cache.put_pod(ns, body)
     if not pod.held:
         return
     key = (ns, labels[LABEL_RESOURCE])

@@ -20,7 +20,7 @@ from botocore.exceptions import ClientError
 from loraresume_operator.observed import ACCOUNTING_FINALIZER
 from loraresume_operator.reconcile import SECRET_TTL_SECONDS
 from loraresume_operator.s3_view import LISTING_SECONDS, PROGRESS_SECONDS, StorageViews
-from loraresume_operator.watch_cache import WatchCache
+from loraresume_operator.watch_cache import SEED_SECONDS, WatchCache
 from tests.support.reconciler_harness import NS, Cluster, EmptyBucket
 from tests.support.specs import resource
 
@@ -314,6 +314,34 @@ def test_the_cache_keeps_the_newest_delivery():
     assert cache.resource(NS, "other") is None
     cache.drop_resource(NS, "bot")
     assert cache.resource(NS, "bot") is None
+
+
+def test_a_seeded_entry_serves_until_the_watch_delivers_it_or_its_time_is_up():
+    """Start-up: one list of each kind seeds the cache (handlers._seed) before kopf's watches start. A seeded
+    entry is served until the watch delivers that object (then the watch's); one the watch never delivers
+    (deleted between the list and kopf's listing) stops being served after SEED_SECONDS: a miss, read then."""
+    t = [0.0]
+    cache = WatchCache(monotonic=lambda: t[0])
+    listed = resource(SPEC, name="bot", namespace=NS)
+    listed["metadata"]["resourceVersion"] = "5"
+    gone = resource(SPEC, name="gone", namespace=NS)
+    pod = {
+        "metadata": {"name": "bot-attempt-1", "namespace": NS, "resourceVersion": "6"},
+        "status": {"phase": "Running"},
+    }
+    vanished = {"metadata": {"name": "gone-attempt-1", "namespace": NS}, "status": {"phase": "Running"}}
+    delivered_first = resource(SPEC, name="early", namespace=NS)
+    delivered_first["status"] = {"phase": "Running"}
+    cache.put_resource(delivered_first)  # a watch delivery before the seed: never overwritten by it
+    cache.seed([listed, gone, resource(SPEC, name="early", namespace=NS)], [pod, vanished])
+    assert cache.resource(NS, "early")["status"] == {"phase": "Running"}
+    assert cache.resource(NS, "bot") == listed and cache.pod(NS, "bot-attempt-1").phase == "Running"
+    cache.put_resource(listed)
+    cache.put_pod(NS, {**pod, "status": {"phase": "Succeeded"}})
+    t[0] = SEED_SECONDS + 1
+    assert cache.resource(NS, "bot") == listed  # delivered by the watch since: served
+    assert cache.pod(NS, "bot-attempt-1").phase == "Succeeded"
+    assert cache.resource(NS, "gone") is None and cache.pod(NS, "gone-attempt-1") is None  # never delivered
 
 
 def test_a_pending_pod_costs_no_storage_read():
