@@ -254,7 +254,8 @@ class Reconciler:
     def _write_status(self, body: Mapping[str, Any], status: LoraResumeStatus) -> None:
         """Raises StatusConflict when the resource changed since `body` was read: without a request when
         the watch has delivered a newer version meanwhile (the write would be refused: e.g. kopf's
-        finalizer patch during a new resource's first storage read), else on the API server's 409."""
+        finalizer patch during a new resource's first storage read), else on the API server's 409, or its
+        404 (the resource is gone: the cached body is dropped, and the fresh read finds it gone)."""
         meta = body["metadata"]
         if _newer_version(self.cache.resource(meta["namespace"], meta["name"]), meta.get("resourceVersion")):
             raise StatusConflict(f"{meta['namespace']}/{meta['name']}", meta.get("resourceVersion"))
@@ -273,7 +274,9 @@ class Reconciler:
                 GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], new
             )
         except ApiException as exc:
-            if exc.status == 409:
+            if exc.status == 404:  # gone since the body was delivered (or seeded): the fresh read says so
+                self.cache.drop_resource(meta["namespace"], meta["name"])
+            if exc.status in (404, 409):
                 raise StatusConflict(f"{meta['namespace']}/{meta['name']}", meta.get("resourceVersion")) from None
             raise
         if isinstance(written, Mapping):

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from kubernetes.client import ApiException
 
 from loraresume_operator.observed import ACCOUNTING_FINALIZER
 from loraresume_operator.reconcile import SECRET_TTL_SECONDS
@@ -225,6 +226,28 @@ def test_a_pod_whose_resource_is_gone_is_deleted_and_let_go(pod_status, terminat
     f.cluster.custom.list_namespaced_custom_object = lambda *_a, **_k: {"items": []}  # type: ignore[method-assign]
     f.cluster.reconciler.reconcile(NS, "bot", event_pod=ObservedPod.from_api(copy.deepcopy(pod)))
     assert removed == (["bot-attempt-1"] if deleted else [])
+    assert f.cluster.core.pods["bot-attempt-1"]["metadata"]["finalizers"] == []  # let go
+
+
+def test_a_seeded_body_of_a_resource_gone_since_lets_its_pods_go():
+    """A resource deleted between the start-up list that seeded the cache and kopf's listing: kopf never
+    delivers it, nor its deletion. Its pod's event decides on the seeded body; the status write is answered
+    404; the body is dropped and the fresh read finds the resource gone: its pod is let go."""
+    from loraresume_operator.observed import ObservedPod
+
+    f = Fleet()
+    f.reconcile()  # launched
+    pod = f.cluster.core.pods["bot-attempt-1"]
+    crashed = {"name": "trainer", "state": {"terminated": {"exitCode": 1}}}
+    f.deliver_pod("Failed", containerStatuses=[crashed])
+
+    def gone(*_a: Any, **_k: Any) -> Any:
+        raise ApiException(status=404, reason="Not Found")
+
+    f.cluster.custom.replace_namespaced_custom_object_status = gone  # type: ignore[method-assign]
+    f.cluster.custom.list_namespaced_custom_object = lambda *_a, **_k: {"items": []}  # type: ignore[method-assign]
+    f.cluster.reconciler.reconcile(NS, "bot", event_pod=ObservedPod.from_api(copy.deepcopy(pod)))
+    assert f.cache.resource(NS, "bot") is None
     assert f.cluster.core.pods["bot-attempt-1"]["metadata"]["finalizers"] == []  # let go
 
 
