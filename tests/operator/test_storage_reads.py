@@ -236,26 +236,36 @@ def test_a_success_is_counted_on_the_finished_read(job, tmp_path):
     assert "list" not in client.calls
 
 
-def test_a_preemption_said_durable_is_relaunched_from_that_checkpoint_without_a_listing(job, tmp_path):
-    """SIGTERM: the trainer saved checkpoint-20 and said so; the relaunch resumes from it, the steps
-    after it counted as lost, and no listing is read for it (the adapter is not needed)."""
+def preempted_after_checkpoint_20(
+    job: tuple[LoraResumeSpec, Counting, CheckpointStore], tmp_path: Path, progress: dict[str, Any], said: str
+) -> tuple[Cluster, Counting]:
+    """A launched job with checkpoints 10 and 20 and `progress` in S3, whose attempt-1 pod then ended with exit
+    75 and the termination message `said`, reconciled once after its S3 request counts were cleared."""
     spec, client, store = job
     doc = spec.model_dump(by_alias=True, mode="json", exclude_none=True)
-    doc["dataset"]["source"] = str(store.root.child("data.jsonl"))  # sized at each launch: it exists here
+    doc["dataset"]["source"] = str(store.root.child("data.jsonl"))  # sized at the launch: it exists here
     store.client.put_object(Bucket=store.root.bucket, Key=store.root.child("data.jsonl").key, Body=b"{}\n")
     cluster = Cluster(resource(doc))
     cluster.reconciler.s3_factory = lambda *_: client
     cluster.reconcile()
     for step in (10, 20):
         checkpoint(store, tmp_path, step)
-    store.put_json("progress.json", {"step": 23, "max_steps": 30, "attempt": 1, "durable_step": 20})
-    said = '{"outcome":"preempted","durable_step":20}'
+    store.put_json("progress.json", progress)
     cluster.core.pods["job-attempt-1"]["status"] = {
         "phase": "Failed",
         "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 75, "message": said}}}],
     }
     client.calls.clear()
     cluster.reconcile()
+    return cluster, client
+
+
+def test_a_preemption_said_durable_is_relaunched_from_that_checkpoint_without_a_listing(job, tmp_path):
+    """SIGTERM: the trainer saved checkpoint-20 and said so; the relaunch resumes from it, the steps
+    after it counted as lost, and no listing is read for it (the adapter is not needed)."""
+    progress = {"step": 23, "max_steps": 30, "attempt": 1, "durable_step": 20}
+    said = '{"outcome":"preempted","durable_step":20}'
+    cluster, client = preempted_after_checkpoint_20(job, tmp_path, progress, said)
     assert (cluster.status["attempt"], cluster.status["preemptions"], cluster.status["lostSteps"]) == (2, 1, 3)
     assert cluster.status["latestCheckpoint"]["step"] == 20
     created = cluster.core.created[-1]
@@ -301,23 +311,9 @@ def test_a_preemption_the_trainer_said_is_relaunched_without_reading_s3(job, tmp
     """A pool reclaimed: the trainer stopped at step 23 on SIGTERM with checkpoint-20 durable and said both.
     The end is counted (3 steps lost, as it said) and the relaunch created from checkpoint-20 with no S3
     request at all; the next reconcile of the running replacement lists the storage (the confirmation)."""
-    spec, client, store = job
-    doc = spec.model_dump(by_alias=True, mode="json", exclude_none=True)
-    doc["dataset"]["source"] = str(store.root.child("data.jsonl"))  # sized at the first launch, then remembered
-    store.client.put_object(Bucket=store.root.bucket, Key=store.root.child("data.jsonl").key, Body=b"{}\n")
-    cluster = Cluster(resource(doc))
-    cluster.reconciler.s3_factory = lambda *_: client
-    cluster.reconcile()
-    for step in (10, 20):
-        checkpoint(store, tmp_path, step)
-    store.put_json("progress.json", {"step": 17, "max_steps": 30, "attempt": 1, "durable_step": 10})  # stale
+    stale = {"step": 17, "max_steps": 30, "attempt": 1, "durable_step": 10}
     said = '{"outcome":"preempted","durable_step":20,"step":23}'
-    cluster.core.pods["job-attempt-1"]["status"] = {
-        "phase": "Failed",
-        "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 75, "message": said}}}],
-    }
-    client.calls.clear()
-    cluster.reconcile()
+    cluster, client = preempted_after_checkpoint_20(job, tmp_path, stale, said)
     assert (cluster.status["attempt"], cluster.status["preemptions"], cluster.status["lostSteps"]) == (2, 1, 3)
     assert cluster.status["latestCheckpoint"]["step"] == 20
     assert "checkpoint-20" in str(cluster.core.created[-1])  # resume_from
