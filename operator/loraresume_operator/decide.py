@@ -724,10 +724,12 @@ def said_stop(status: LoraResumeStatus, pod: ObservedPod | None) -> tuple[int, i
     """(the step it stopped at, the checkpoint it made durable), as the attempt's trainer said them in its
     termination message (read as untrusted: both steps, the first not below the second), or None."""
     durable = said_durable(status, pod)
-    stopped = (pod.termination or {}).get("step") if pod is not None and durable is not None else None
-    if not isinstance(stopped, int) or isinstance(stopped, bool) or durable is None:
+    if durable is None or pod is None:
         return None
-    return (stopped, durable) if durable <= stopped <= MAX_STEP else None
+    stopped = (pod.termination or {}).get("step")
+    if not isinstance(stopped, int) or isinstance(stopped, bool) or not durable <= stopped <= MAX_STEP:
+        return None
+    return stopped, durable
 
 
 def counted_on_its_word(status: LoraResumeStatus, pod: ObservedPod | None) -> bool:

@@ -16,7 +16,6 @@ timers stop, which left deletions hanging, and one loop scales better than a tim
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -147,16 +146,17 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     configuration = client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = API_CONNECTIONS
     api = client.ApiClient(configuration)
+    core, custom = LeanCoreV1Api(client.CoreV1Api(api)), client.CustomObjectsApi(api)
     rt.reconciler = Reconciler(
-        LeanCoreV1Api(client.CoreV1Api(api)),
-        client.CustomObjectsApi(api),
+        core,
+        custom,
         OperatorDefaults.from_env(),
         cache=rt.cache,
         # progress.json once per round of the periodic loop at most: pod events in between reuse it
         views=StorageViews(progress_seconds=rt.interval),
         events=rt.event_posts,
     )
-    _seed(rt, client.CustomObjectsApi(api), client.CoreV1Api(api))
+    _seed(rt, custom, core)
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = NoDiffBase()
@@ -167,24 +167,21 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     threading.Thread(target=_periodic, args=(rt,), name="reconcile-loop", daemon=True).start()
 
 
-def _seed(rt: Runtime, custom: client.CustomObjectsApi, core: client.CoreV1Api) -> None:
+def _seed(rt: Runtime, custom: client.CustomObjectsApi, core: LeanCoreV1Api) -> None:
     """Every LoraResume and trainer pod served, by one list each (per namespace when namespaced), into the
     WatchCache before kopf's watches start: a restarted operator decides nothing without knowing a
     resource's pods, and asks for none of them one by one (watch_cache.py says why not kopf's indexer).
     A list that fails only costs the requests it would have saved: each miss is read when needed."""
-    scopes: tuple[str | None, ...] = (None,) if rt.cluster_wide else rt.namespaces
     resources: list[dict[str, Any]] = []
     pods: list[dict[str, Any]] = []
     try:
-        for namespace in scopes:
+        for namespace in (None,) if rt.cluster_wide else rt.namespaces:
             if namespace is None:
                 listed = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
-                found = core.list_pod_for_all_namespaces(label_selector=LABEL_RESOURCE, _preload_content=False)
             else:
                 listed = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
-                found = core.list_namespaced_pod(namespace, label_selector=LABEL_RESOURCE, _preload_content=False)
             resources += listed.get("items") or []
-            pods += json.loads(found.data).get("items") or []
+            pods += core.list_pods(namespace, label_selector=LABEL_RESOURCE)
     except ApiException as exc:
         log.warning("start-up: LoraResumes and trainer pods not listed (%s); each is read when needed", exc.status)
         return

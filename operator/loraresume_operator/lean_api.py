@@ -6,7 +6,8 @@ the operator then turns a created pod back into JSON (the watch cache keeps JSON
 (an Event posted, a pod let go). The answer to letting a pod go alone was ~6 % of the operator's CPU at
 200 resources (py-spy, round 2). Here those three calls ask the client for the raw answer
 (`_preload_content=False`) and parse it as JSON; errors are raised as before (ApiException, its
-`body` the raw answer). Every other call goes to the client unchanged.
+`body` the raw answer). A list of pods (the start-up seeding, handlers._seed) is read the same way.
+Every other call goes to the client unchanged.
 """
 
 from __future__ import annotations
@@ -45,3 +46,11 @@ class LeanCoreV1Api:
 
     def create_namespaced_event(self, namespace: str, body: Any, **kw: Any) -> Any:
         return _raw(self._core.create_namespaced_event, namespace, body, **kw)
+
+    def list_pods(self, namespace: str | None, **kw: Any) -> list[dict[str, Any]]:
+        """Pods as JSON, of one namespace or (None) of all."""
+        if namespace is None:
+            answer = _raw(self._core.list_pod_for_all_namespaces, **kw)
+        else:
+            answer = _raw(self._core.list_namespaced_pod, namespace, **kw)
+        return list((answer or {}).get("items") or [])

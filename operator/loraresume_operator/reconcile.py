@@ -61,7 +61,6 @@ from .decide import (
     parse_iso,
     reads_storage_fresh,
     said_durable,
-    said_stop,
     storage_needed,
 )
 from .defaults import OperatorDefaults, effective_spec
@@ -400,11 +399,11 @@ class Reconciler:
             recent = self.views.read_since(key, read_since) if idle and read_since is not None else None
             if recent is not None:
                 view, fresh = recent, True
-            elif (stop := said_stop(status, pod)) is not None and counted_on_its_word(status, pod):  # no read
-                view, fresh = self.views.said(key, spec, client, self.monotonic(), stop[1]), True
             elif storage_needed(status, pod):
                 step, said = said_durable(status, pod), None
-                if step is not None and pod is not None:  # an end its trainer reported: no listing
+                if step is not None and counted_on_its_word(status, pod):  # a preemption: no read at all
+                    said = self.views.said(key, spec, client, self.monotonic(), step)
+                elif step is not None and pod is not None:  # an end its trainer reported: no listing
                     said = self.views.read_said(
                         key, spec, client, self.monotonic(), step, adapter_needed=pod.exit_code == 0
                     )

@@ -36,6 +36,8 @@ class Server(BaseHTTPRequestHandler):
         Server.seen.append((self.command, self.path, self.headers.get("Content-Type", ""), self.client_address[1]))
         if Server.refuse:
             status, answer = 422, {"kind": "Status", "message": "the test failed", "code": 422}
+        elif self.command == "GET":
+            status, answer = 200, {"kind": "PodList", "items": [POD]}
         elif self.path.endswith("/events"):
             status, answer = 201, {**body, "metadata": {**body["metadata"], "name": "bot.1"}}
         else:
@@ -47,7 +49,7 @@ class Server(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    do_POST = do_PATCH = _answer
+    do_GET = do_POST = do_PATCH = _answer
 
     def log_message(self, *_: Any) -> None:
         pass
@@ -80,6 +82,13 @@ def test_the_answers_are_json_and_the_connection_is_reused(core):
     ]
     assert len({port for *_, port in Server.seen}) == 1  # one connection, back in the pool after each answer
     assert isinstance(core.api_client, client.ApiClient)  # everything else is the client's own
+
+
+def test_a_list_of_pods_is_json(core):
+    assert core.list_pods("ns", label_selector="loraresume.dev/resource") == [POD]
+    assert core.list_pods(None) == [POD]
+    paths = [p for _m, p, _t, _port in Server.seen]
+    assert paths == ["/api/v1/namespaces/ns/pods?labelSelector=loraresume.dev%2Fresource", "/api/v1/pods"]
 
 
 def test_a_refusal_is_the_clients_api_exception(core):
