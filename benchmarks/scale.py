@@ -565,6 +565,14 @@ class Operator:
             pass
         return out
 
+    def s3_requests(self) -> dict[str, float]:
+        """This operator process's S3 requests so far, by operation (loraresume_s3_requests_total)."""
+        out: dict[str, float] = {}
+        for key, value in self.metric("loraresume_s3_requests_total{"):
+            operation = key.split('operation="', 1)[1].split('"', 1)[0]
+            out[operation] = out.get(operation, 0.0) + value
+        return out
+
     def metric(self, name: str) -> list[tuple[str, float]]:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
@@ -916,6 +924,7 @@ class Bench:
         mem_start = self.operator.memory()
         total0, counts0 = self.requests.snapshot()
         cpu0 = self.operator.cpu_seconds() or 0.0
+        s3_0 = self.operator.s3_requests()
         self.log(f"wave 1: creating {a.resources} resources")
         t0 = now()
         names = self.create_wave("w1")
@@ -923,6 +932,8 @@ class Bench:
         t_done = self.wait_all_succeeded(names, "wave 1")
         total1, counts1 = self.requests.snapshot()
         cpu1 = self.operator.cpu_seconds() or 0.0
+        s3_1 = self.operator.s3_requests()
+        s3_window = {op: s3_1[op] - s3_0.get(op, 0.0) for op in sorted(s3_1) if s3_1[op] > s3_0.get(op, 0.0)}
         window = diff_counts(counts1, counts0)
         first_pod = [
             self.tracker.adds[n][0][0] - self.tracker.lr_created[n]
@@ -944,8 +955,10 @@ class Bench:
         self.sampler.phase = "idle"
         t_idle = now()
         idle_total0, idle_counts0 = self.requests.snapshot()
+        idle_s3_0 = sum(self.operator.s3_requests().values())
         time.sleep(a.idle_seconds)
         idle_total1, idle_counts1 = self.requests.snapshot()
+        idle_s3_1 = sum(self.operator.s3_requests().values())
         idle_span = now() - t_idle
         idle_rss = self.sampler.of("idle")
         self.result["wave1"] = {
@@ -977,6 +990,8 @@ class Bench:
                 f"{who} {verb} {res}": n for (who, verb, res), n in sorted(window.items(), key=lambda kv: -kv[1])
             },
             "operator_cpu_seconds": r(cpu1 - cpu0),
+            "s3_requests_per_succeeded_resource": r(sum(s3_window.values()) / len(names)),
+            "s3_requests_by_operation": {op: int(n) for op, n in s3_window.items()},
             "sandbox_latency": self.prober.summary("wave1") if self.prober else None,
             "operator_rss_mib": {
                 "at_start": r(mem_start.get("VmRSS"), 1),
@@ -988,6 +1003,7 @@ class Bench:
             "idle": {
                 "seconds": r(idle_span, 1),
                 "api_requests_per_second": r((idle_total1 - idle_total0) / idle_span),
+                "s3_requests_per_second": r((idle_s3_1 - idle_s3_0) / idle_span),
                 "by_kind": {
                     f"{who} {verb} {res}": n
                     for (who, verb, res), n in sorted(
@@ -1567,6 +1583,11 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{w1['api_requests_per_succeeded_resource']} ({w1['api_requests']} in all)",
             ),
             (
+                "wave 1: operator's S3 requests per Succeeded resource",
+                f"{w1.get('s3_requests_per_succeeded_resource')} "
+                + ", ".join(f"{op} {n}" for op, n in (w1.get("s3_requests_by_operation") or {}).items()),
+            ),
+            (
                 "wave 1: operator CPU",
                 f"{w1['operator_cpu_seconds']} s ({r(w1['operator_cpu_seconds'] / n, 3)} s per resource)",
             ),
@@ -1578,7 +1599,10 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
                 "wave 1: operator busy after the last Succeeded (backlog)",
                 f"{w1['settle_seconds_after_all_succeeded']} s",
             ),
-            (f"idle API requests/s ({n} Succeeded, settled)", f"{w1['idle']['api_requests_per_second']}"),
+            (
+                f"idle API requests/s; S3 requests/s ({n} Succeeded, settled)",
+                f"{w1['idle']['api_requests_per_second']}; {w1['idle'].get('s3_requests_per_second')}",
+            ),
             (
                 f"delete {n} resources",
                 f"{w1['delete_all_seconds']} s"

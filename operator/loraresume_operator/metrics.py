@@ -21,6 +21,11 @@ CHECKPOINT_AGE = Gauge(
     "Seconds since the newest complete checkpoint was seen to change",
     ["namespace", "name"],
 )
+S3_REQUESTS = Counter(
+    "loraresume_s3_requests_total",
+    "HTTP requests the operator sent to S3 (each retry counted), by operation",
+    ["operation"],
+)
 RECONCILE_ERRORS = Counter("loraresume_reconcile_errors_total", "Reconciles that failed and will be retried", ["kind"])
 STARTUP_SECONDS = Histogram(
     "loraresume_trainer_startup_seconds",

@@ -28,6 +28,7 @@ from loraresume_trainer.errors import TrainerError
 from loraresume_trainer.s3client import s3_errors
 from loraresume_trainer.s3uri import S3Uri
 
+from . import metrics
 from .scratch import ScratchInputs
 from .spec import CheckpointRef, LoraResumeSpec
 
@@ -105,8 +106,14 @@ def _client(endpoint: str | None, region: str | None, creds: tuple[tuple[str, st
         response_checksum_validation="when_required",
     )
     client = session.client("s3", endpoint_url=endpoint or None, config=config)
+    client.meta.events.register("before-send.s3", _count_request)
     client.can_paginate("list_objects_v2")  # its paginators, read now: many threads' first listings each read them
     return client
+
+
+def _count_request(event_name: str = "", **_: Any) -> None:
+    """botocore's before-send.s3.<Operation>, once per HTTP attempt (retries too): what S3 bills."""
+    metrics.S3_REQUESTS.labels(event_name.rsplit(".", 1)[-1]).inc()
 
 
 Submit = Callable[..., "Future[Any]"]

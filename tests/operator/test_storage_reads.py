@@ -324,3 +324,28 @@ def test_a_preemption_the_trainer_said_is_relaunched_without_reading_s3(job, tmp
     cluster.reconciler.views.listing_seconds = 0.0  # the listing is due
     cluster.reconcile()
     assert client.calls["list"] == 1 and cluster.status["latestCheckpoint"]["step"] == 20
+
+
+def test_the_operators_s3_requests_are_counted_by_operation(s3_bucket, tmp_path):
+    """loraresume_s3_requests_total: every HTTP request the operator's own client sends, by operation."""
+    from prometheus_client import REGISTRY
+
+    from loraresume_operator.s3_view import s3_client
+
+    def sent(operation: str) -> float:
+        return REGISTRY.get_sample_value("loraresume_s3_requests_total", {"operation": operation}) or 0.0
+
+    endpoint, bucket = s3_bucket
+    client = s3_client(endpoint, "us-east-1", None)
+    uri = f"s3://{bucket}/counted/"
+    spec = effective_spec(build_spec(storage={"uri": uri, "endpoint": endpoint}), OperatorDefaults(), uri)
+    before = {op: sent(op) for op in ("ListObjectsV2", "GetObject")}
+    read_storage(spec, client, maybe_empty=True)  # a never-launched job's empty prefix: one listing
+    assert {op: sent(op) - before[op] for op in before} == {"ListObjectsV2": 1, "GetObject": 0}
+    store = CheckpointStore(client, S3Uri.parse(uri))
+    checkpoint(store, tmp_path, 5)
+    store.put_json("progress.json", {"step": 6})
+    before = {op: sent(op) for op in ("ListObjectsV2", "GetObject")}
+    assert read_storage(spec, client).checkpoint.step == 5  # type: ignore[union-attr]
+    # the listing, the newest manifest, progress.json, the adapter manifest (missing: a 404 is a request too)
+    assert {op: sent(op) - before[op] for op in before} == {"ListObjectsV2": 1, "GetObject": 3}
