@@ -85,6 +85,7 @@ class UnslothEngine:
         from .callbacks import DurableCheckpointCallback
         from .model_loading import check_adapter_fits, load_model, stage_adapter
         from .training_args import build_sft_config
+        from .upload_process import ChildPublisher
         from .uploader import BackgroundUploader
 
         job, state = run.job, prepared.state
@@ -127,6 +128,8 @@ class UnslothEngine:
             durable_step=run.durable_step,
             on_durable=run.on_durable,
             observe=run.hooks.phase,
+            # a checkpoint's bytes go from a child process: on a thread they slowed training (upload_process.py)
+            publisher=ChildPublisher(job.storage.endpoint, job.storage.region, run.store.root),
         )
         logs = (run.dirs.tensorboard, run.store.logs_uri()) if job.tensorboard else None
         callback = DurableCheckpointCallback(

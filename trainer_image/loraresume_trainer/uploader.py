@@ -110,13 +110,17 @@ class BackgroundUploader:
         durable_step: int | None = None,
         retry_delay: float = 1.0,
         observe: Callable[..., None] | None = None,
+        publisher: Any = None,
     ):
-        """``observe(name, t0, t1, **fields)``: told of every checkpoint upload (seams.Hooks.phase)."""
+        """``observe(name, t0, t1, **fields)``: told of every checkpoint upload (seams.Hooks.phase).
+        ``publisher``: what publishes a checkpoint (``upload_checkpoint`` as CheckpointStore's, e.g. an
+        upload_process.ChildPublisher: off the training process), the store when None; closed by close()."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self._store = store
+        self._publisher = publisher if publisher is not None else store
         self._keep = keep
         self._fingerprint = dict(fingerprint)
         self._staging = Path(staging_dir)
@@ -227,6 +231,8 @@ class BackgroundUploader:
             log.warning("uploader closed with %d item(s) not uploaded", left)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         self._thread.join(remaining)
+        if self._publisher is not self._store and hasattr(self._publisher, "close"):
+            self._publisher.close()
         return drained
 
     def __enter__(self) -> BackgroundUploader:
@@ -279,7 +285,7 @@ class BackgroundUploader:
         try:
             manifest = self._with_retries(
                 job.label,
-                lambda: self._store.upload_checkpoint(job.snapshot, job.step, self._fingerprint),
+                lambda: self._publisher.upload_checkpoint(job.snapshot, job.step, self._fingerprint),
             )
         except Exception as exc:
             self._record(f"{job.label}: upload failed: {_describe(exc)}")
