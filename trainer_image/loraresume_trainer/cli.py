@@ -14,7 +14,7 @@ from .config import load_job
 from .errors import ConfigError, StorageError, TrainerError
 from .outcome import Outcome, TerminationMessage, write_termination_message
 from .progress import StartupClock
-from .redact import install_log_redaction, redact
+from .redact import configure_logging, redact
 from .stop_signal import StopRequest
 
 if TYPE_CHECKING:
@@ -51,12 +51,7 @@ def main(argv: list[str] | None = None, *, engine: Engine | None = None, hooks: 
     own); `hooks`: what watches (benchmarks). Both go to the Pipeline as they are (seams.py)."""
     clock = StartupClock()  # first: the start-up phases count from the process's start
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("LORARESUME_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    install_log_redaction()
+    configure_logging()
     termination_log = args.termination_log or DEFAULT_TERMINATION_LOG
     stop = StopRequest()
     pipeline: Pipeline | None = None

@@ -10,6 +10,7 @@ import base64
 import logging
 import os
 import re
+import sys
 
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 # Userinfo runs to the last "@" before the path: passwords may contain "@", users may be empty.
@@ -55,6 +56,17 @@ class _RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
         return True
+
+
+def configure_logging() -> None:
+    """The trainer's logging, for each of its processes (the trainer, its upload process): level from
+    $LORARESUME_LOG_LEVEL (INFO), one format, on stderr, every record scrubbed."""
+    logging.basicConfig(
+        level=os.environ.get("LORARESUME_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    install_log_redaction()
 
 
 def install_log_redaction() -> None:

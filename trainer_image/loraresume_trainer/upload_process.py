@@ -21,7 +21,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -30,6 +29,7 @@ from typing import Any
 
 from .errors import TrainerError
 from .manifest import Manifest
+from .redact import configure_logging
 from .s3uri import S3Uri
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def serve(conn: Connection, endpoint: str | None, region: str | None, root: str,
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(parent)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     from .checkpoint_store import CheckpointStore
     from .s3client import make_s3_client
 
