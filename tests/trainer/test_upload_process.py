@@ -145,3 +145,23 @@ def test_the_child_dies_with_the_training_process(s3_bucket, tmp_path):
             trainer.kill()
         trainer.wait(30)
         assert wait_gone(child, 10), f"the publisher outlived its trainer ({how})"
+
+
+def test_closing_with_an_upload_in_flight_abandons_it_without_a_manifest(s3_bucket, tmp_path):
+    """An uploader closed with a timeout that runs out mid-upload: close() does not wait for the upload; the
+    child is killed, and the checkpoint has no manifest (readers never see it)."""
+    endpoint, bucket = s3_bucket
+    store = CheckpointStore(make_s3_client(endpoint, "us-east-1"), S3Uri.parse(f"s3://{bucket}/job/"))
+    publisher = ChildPublisher(endpoint, "us-east-1", store.root)
+    child = publisher.pid
+    assert child is not None
+    os.kill(child, signal.SIGSTOP)  # the upload cannot progress: in flight for as long as the test wants
+    uploader = BackgroundUploader(
+        store, keep=2, fingerprint=FP, staging_dir=tmp_path / "staging", publisher=publisher, max_attempts=1
+    )
+    uploader.submit_checkpoint(checkpoint_dir(tmp_path, 4), 4)
+    started = time.monotonic()
+    assert uploader.close(timeout=1.0) is False
+    assert time.monotonic() - started < 5
+    assert wait_gone(child, 10)
+    assert store.read_manifest(4) is None

@@ -92,10 +92,18 @@ class ChildPublisher:
         return None if self._process is None else self._process.pid
 
     def close(self, timeout: float = 5.0) -> None:
-        """Ask the child to end; kill it if it does not within `timeout` (an upload it was in is abandoned:
-        its manifest is never written)."""
-        with self._lock:
-            self._stop(timeout)
+        """Ask the child to end; kill it if it does not within `timeout`. With an upload in flight (its
+        caller gave up waiting for it) the child is killed at once: that upload is abandoned, and its
+        manifest, written last, never lands."""
+        if self._lock.acquire(timeout=0):
+            try:
+                self._stop(timeout)
+            finally:
+                self._lock.release()
+            return
+        process = self._process
+        if process is not None:
+            process.kill()
 
     def _stop(self, timeout: float = 5.0) -> None:
         process, conn = self._process, self._conn
