@@ -411,9 +411,11 @@ class Reconciler:
                 view = said or self.views.read(key, spec, client, self.monotonic(), maybe_empty=never_launched)
                 fresh = True
             else:
-                running = pod is not None and pod.phase == "Running"
+                running, pending = (pod.phase == "Running", pod.phase == "Pending") if pod else (False, False)
                 recorded = StorageView(status.latest_checkpoint, None, False)  # what the status says is durable
-                view, fresh = self.views.view(key, spec, client, self.monotonic(), running=running, seed=recorded)
+                view, fresh = self.views.view(
+                    key, spec, client, self.monotonic(), running=running, pending=pending, seed=recorded
+                )
         except TrainerError as exc:
             return self._storage_refused(body, resource, written, spec, exc)
         now = self.clock()

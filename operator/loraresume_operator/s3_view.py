@@ -192,11 +192,11 @@ def _empty(store: CheckpointStore) -> bool:
     return not first.get("Contents")
 
 
-# While its pod is alive (pending or running), a job's progress.json is read at most this often (the
-# operator passes its reconcile interval), and its
-# checkpoint listing and adapter manifest at most every LISTING_SECONDS, or sooner when progress.json
-# says a newer checkpoint is durable: a pod event, a periodic round in between reuses the last read. A
-# decision that needs them (a launch, an ended or vanished pod) reads them fresh (reconcile.py).
+# While its pod runs, a job's progress.json is read at most this often (the operator passes its reconcile
+# interval), and its checkpoint listing and adapter manifest at most every LISTING_SECONDS, or sooner when
+# progress.json says a newer checkpoint is durable: a pod event, a periodic round in between reuses the
+# last read; while its pod is pending, nothing (StorageViews.view). A decision that needs them (a launch,
+# an ended or vanished pod) reads them fresh (reconcile.py).
 PROGRESS_SECONDS = 10.0
 LISTING_SECONDS = 60.0
 
@@ -223,20 +223,28 @@ class StorageViews:
         now: float,
         *,
         running: bool = True,
+        pending: bool = False,
         seed: StorageView | None = None,
     ) -> tuple[StorageView, bool]:
         """(view, fresh): the last view while its parts are young enough; fresh is True when all of it
-        was read now. `running`: the pod runs (a pending pod's trainer writes no progress yet, so
-        progress.json is not read for it). `seed`: what the status recorded, taken as the last view when
-        none is known (a restarted operator), as if just read: its first reconcile costs no read, pending
-        or running (progress.json is read a round later; at a loaded restart 50 running jobs' reads held
-        their first reconciles up to the slowest answer). An ended or vanished pod is read fresh anyway
-        (reconcile.py). Raises what read_storage raises."""
+        was read now. `running`: the pod runs (progress.json is read only then). `pending`: the pod is
+        Pending, its trainer not started: nothing of the job's changes in the store while it waits (the
+        attempt before it ended first, and its uploads with it), so the last view serves however old it
+        is (at 500 resources on 100 GPUs every waiting resource was listed again each LISTING_SECONDS for
+        minutes). `seed`: what the status recorded, taken as the last view when none is known (a
+        restarted operator), as if just read: its first reconcile costs no read, pending or running
+        (progress.json is read a round later; at a loaded restart 50 running jobs' reads held their first
+        reconciles up to the slowest answer). A decision that launches or counts an end, and an ended or
+        vanished pod, read fresh anyway (reconcile.py). Raises what read_storage raises."""
         with self._lock:
             known = self._views.get(key)
             if known is None and seed is not None:
                 known = self._views[key] = (now, now, seed)
-        if known is None or now - known[0] >= self.listing_seconds:
+        if known is None:
+            return self.read(key, spec, client, now), True
+        if pending:
+            return known[2], False
+        if now - known[0] >= self.listing_seconds:
             return self.read(key, spec, client, now), True
         listed_at, progress_at, view = known
         if running and now - progress_at >= self.progress_seconds:
