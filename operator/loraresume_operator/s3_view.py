@@ -214,6 +214,7 @@ class StorageViews:
         self._reads = ThreadPoolExecutor(read_workers, thread_name_prefix="s3-reads")  # threads start on demand
         self._lock = threading.Lock()
         self._views: dict[tuple[str, str], tuple[float, float, StorageView]] = {}  # listed at, progress at
+        self._unconfirmed: set[tuple[str, str]] = set()  # views taken on a trainer's word (said), not yet listed
 
     def view(
         self,
@@ -230,12 +231,14 @@ class StorageViews:
         was read now. `running`: the pod runs (progress.json is read only then). `pending`: the pod is
         Pending, its trainer not started: nothing of the job's changes in the store while it waits (the
         attempt before it ended first, and its uploads with it), so the last view serves however old it
-        is (at 500 resources on 100 GPUs every waiting resource was listed again each LISTING_SECONDS for
-        minutes). `seed`: what the status recorded, taken as the last view when none is known (a
-        restarted operator), as if just read: its first reconcile costs no read, pending or running
-        (progress.json is read a round later; at a loaded restart 50 running jobs' reads held their first
-        reconciles up to the slowest answer). A decision that launches or counts an end, and an ended or
-        vanished pod, read fresh anyway (reconcile.py). Raises what read_storage raises."""
+        is, and the wait does not age it (at 500 resources on 100 GPUs, every resource that waited over
+        LISTING_SECONDS for a GPU was listed again as its pod started); a view taken on a trainer's word
+        (said) is the exception: its confirming listing stays due. `seed`: what the status recorded,
+        taken as the last view when none is known (a restarted operator), as if just read: its first
+        reconcile costs no read, pending or running (progress.json is read a round later; at a loaded
+        restart 50 running jobs' reads held their first reconciles up to the slowest answer). A decision
+        that launches or counts an end, and an ended or vanished pod, read fresh anyway (reconcile.py).
+        Raises what read_storage raises."""
         with self._lock:
             known = self._views.get(key)
             if known is None and seed is not None:
@@ -243,6 +246,9 @@ class StorageViews:
         if known is None:
             return self.read(key, spec, client, now), True
         if pending:
+            with self._lock:
+                if key not in self._unconfirmed:  # as good as read now (a said view's listing stays due: said)
+                    self._views[key] = (now, now, known[2])
             return known[2], False
         if now - known[0] >= self.listing_seconds:
             return self.read(key, spec, client, now), True
@@ -263,6 +269,7 @@ class StorageViews:
         view = read_storage(spec, client, submit=self._reads.submit, maybe_empty=maybe_empty)
         with self._lock:
             self._views[key] = (now, now, view)
+            self._unconfirmed.discard(key)
         return view
 
     def read_said(
@@ -273,6 +280,7 @@ class StorageViews:
         if view is not None:
             with self._lock:
                 self._views[key] = (now, now, view)
+                self._unconfirmed.discard(key)
         return view
 
     def said(self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float, step: int) -> StorageView:
@@ -284,6 +292,7 @@ class StorageViews:
             listed_at, progress_at, last = self._views.get(key, (-math.inf, -math.inf, StorageView(None, None, False)))
             view = StorageView(checkpoint, last.progress, False, None, last.checkpoint_bytes)
             self._views[key] = (listed_at, progress_at, view)
+            self._unconfirmed.add(key)
         return view
 
     def read_since(self, key: tuple[str, str], since: float) -> StorageView | None:
@@ -295,6 +304,7 @@ class StorageViews:
     def forget(self, key: tuple[str, str]) -> None:
         with self._lock:
             self._views.pop(key, None)
+            self._unconfirmed.discard(key)
 
 
 def _durable_step(progress: Any) -> int:

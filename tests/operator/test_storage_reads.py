@@ -7,6 +7,7 @@ exited 0 naming its durable checkpoint is counted on three reads side by side, w
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -322,6 +323,26 @@ def test_a_preemption_the_trainer_said_is_relaunched_without_reading_s3(job, tmp
     cluster.reconcile()  # the launch's listing is recent: the said checkpoint stands for now
     assert client.calls["list"] == 0
     cluster.reconciler.views.listing_seconds = 0.0  # the listing is due
+    cluster.reconcile()
+    assert client.calls["list"] == 1 and cluster.status["latestCheckpoint"]["step"] == 20
+
+
+def test_a_relaunch_that_waited_for_a_gpu_still_confirms_the_said_checkpoint(job, tmp_path):
+    """The relaunch counted on the trainer's word waits Pending (no GPU free) past the listing interval: a
+    pending pod reads nothing, but the wait does not stand for the confirming listing: it is read once the
+    pod runs."""
+    stale = {"step": 17, "max_steps": 30, "attempt": 1, "durable_step": 10}
+    said = '{"outcome":"preempted","durable_step":20,"step":23}'
+    cluster, client = preempted_after_checkpoint_20(job, tmp_path, stale, said)
+    assert client.calls == Counter()
+    clock = [time.monotonic()]
+    cluster.reconciler.monotonic = lambda: clock[0]  # type: ignore[method-assign]
+    cluster.core.pods["job-attempt-2"]["status"] = {"phase": "Pending"}
+    for _ in range(3):
+        clock[0] += cluster.reconciler.views.listing_seconds
+        cluster.reconcile()
+    assert client.calls == Counter()  # pending: nothing read
+    cluster.core.pods["job-attempt-2"]["status"] = {"phase": "Running"}
     cluster.reconcile()
     assert client.calls["list"] == 1 and cluster.status["latestCheckpoint"]["step"] == 20
 

@@ -299,7 +299,8 @@ def test_storage_is_read_at_a_bounded_rate_while_the_pod_runs(after, want):
 
 def test_nothing_is_read_while_the_pod_is_pending_however_long_it_waits():
     """A pod Pending for minutes (no GPU free: the scheduler keeps it waiting): its trainer has not started,
-    so nothing in the job's storage changes; once it runs, the listing due long ago is read at once."""
+    so nothing in the job's storage changes, and the wait does not age the last read: once the pod runs,
+    progress.json and the listing are read on their usual clocks from then."""
     f = Fleet()
     f.reconcile()  # launch
     unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/20 nodes"}
@@ -312,7 +313,13 @@ def test_nothing_is_read_while_the_pod_is_pending_however_long_it_waits():
     assert +f.s3 == Counter()
     f.deliver_pod("Running")
     f.reconcile()
-    assert f.s3["list"] == 1 and f.s3["get progress.json"] == 1
+    assert +f.s3 == Counter()
+    f.t += PROGRESS_SECONDS
+    f.reconcile()
+    assert +f.s3 == Counter({"get progress.json": 1})
+    f.t += LISTING_SECONDS
+    f.reconcile()
+    assert f.s3["list"] == 1
 
 
 def test_an_ended_pod_is_decided_on_a_fresh_read():
