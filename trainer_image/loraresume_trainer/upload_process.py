@@ -93,8 +93,8 @@ class ChildPublisher:
 
     def close(self, timeout: float = 5.0) -> None:
         """Ask the child to end; kill it if it does not within `timeout`. With an upload in flight (its
-        caller gave up waiting for it) the child is killed at once: that upload is abandoned, and its
-        manifest, written last, never lands."""
+        caller gave up waiting for it) the child is killed at once and that upload abandoned: its files
+        without their manifest are no checkpoint to a reader (the manifest goes last, over files complete)."""
         if self._lock.acquire(timeout=0):
             try:
                 self._stop(timeout)
