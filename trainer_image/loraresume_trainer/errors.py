@@ -40,3 +40,10 @@ class ResumeRefused(ConfigError):
 
 class Preempted(TrainerError):
     """SIGTERM arrived; raised where training cannot stop at an optimizer-step boundary."""
+
+
+def describe(exc: BaseException) -> str:
+    """Error class and, for our own and OS errors (known to hold no secrets), the message."""
+    if isinstance(exc, (TrainerError, OSError)):
+        return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__

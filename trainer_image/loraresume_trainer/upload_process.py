@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from .errors import TrainerError
+from .errors import TrainerError, describe
 from .manifest import Manifest
 from .redact import configure_logging
 from .s3uri import S3Uri
@@ -144,18 +144,11 @@ def serve(conn: Connection, endpoint: str | None, region: str | None, root: str,
             manifest = store.upload_checkpoint(Path(local_dir), step, fingerprint)
             answer: tuple[str, Any] = ("ok", manifest.to_bytes())
         except Exception as exc:
-            answer = ("error", (_describe(exc), bool(getattr(exc, "permanent", False))))
+            answer = ("error", (describe(exc), bool(getattr(exc, "permanent", False))))
         try:
             conn.send(answer)
         except OSError:
             return
-
-
-def _describe(exc: BaseException) -> str:
-    """As uploader._describe: the message only of errors known to hold no secrets."""
-    if isinstance(exc, (TrainerError, OSError)):
-        return f"{type(exc).__name__}: {exc}"
-    return type(exc).__name__
 
 
 def _die_with(parent: int) -> None:

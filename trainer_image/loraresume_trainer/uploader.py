@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import TrainerError
+from .errors import describe
 from .manifest import Manifest
 from .s3uri import S3Uri
 
@@ -82,13 +82,6 @@ def snapshot_tree(src: Path, dst: Path) -> None:
     except BaseException:
         shutil.rmtree(dst, ignore_errors=True)
         raise
-
-
-def _describe(exc: BaseException) -> str:
-    """Error class and, for our own and OS errors (known to hold no secrets), the message."""
-    if isinstance(exc, (TrainerError, OSError)):
-        return f"{type(exc).__name__}: {exc}"
-    return type(exc).__name__
 
 
 class BackgroundUploader:
@@ -278,7 +271,7 @@ class BackgroundUploader:
             else:
                 self._with_retries(job.label, lambda: self._store.upload_files(job.local_dir, job.prefix_uri))
         except Exception as exc:
-            self._record(f"{job.label}: upload failed: {_describe(exc)}")
+            self._record(f"{job.label}: upload failed: {describe(exc)}")
 
     def _process_checkpoint(self, job: _CheckpointJob) -> None:
         started = time.monotonic()
@@ -288,7 +281,7 @@ class BackgroundUploader:
                 lambda: self._publisher.upload_checkpoint(job.snapshot, job.step, self._fingerprint),
             )
         except Exception as exc:
-            self._record(f"{job.label}: upload failed: {_describe(exc)}")
+            self._record(f"{job.label}: upload failed: {describe(exc)}")
             shutil.rmtree(job.snapshot, ignore_errors=True)
             return
         if self._observe is not None:
@@ -299,7 +292,7 @@ class BackgroundUploader:
         try:
             self._store.apply_retention(self._keep, self._fingerprint, protect=protect)
         except Exception as exc:
-            log.warning("retention after %s failed: %s", job.label, _describe(exc))
+            log.warning("retention after %s failed: %s", job.label, describe(exc))
 
         with self._cond:
             if self._durable_step is None or job.step > self._durable_step:
@@ -335,7 +328,7 @@ class BackgroundUploader:
                     label,
                     attempt,
                     self._max_attempts,
-                    _describe(exc),
+                    describe(exc),
                     delay,
                 )
                 if self._stop.wait(delay):
