@@ -32,7 +32,7 @@ from .defaults import OperatorDefaults
 from .lean_api import LeanCoreV1Api
 from .observed import ObservedPod
 from .pods import LABEL_RESOURCE
-from .reconcile import Reconciler
+from .reconcile import Reconciler, finished_phase
 from .s3_view import StorageViews
 from .spec import GROUP, PLURAL, VERSION
 from .watch_cache import WatchCache
@@ -252,7 +252,8 @@ def checkpoints_go_with_it(body: Mapping[str, Any], **_: Any) -> bool:
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **kw: Any) -> None:
     """Keep the LoraResume as delivered; reconcile it when wants_reconcile says so, on the changes pool
-    (errors are retried by the periodic loop, which knows it from here on)."""
+    (errors are retried by the periodic loop, which knows it from here on), unless it has finished
+    (finished_phase): then it is only counted."""
     rt, key = runtime(memo), (_namespaced(namespace), name)
     if kw.get("type") == "DELETED":
         rt.cache.drop_resource(*key)
@@ -266,6 +267,13 @@ async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, m
         return
     rt.cache.put_resource(body)
     if not wants_reconcile(kw.get("type"), body):
+        return
+    finished = finished_phase(body)
+    if finished is not None:
+        # Listed at start-up, finished and judged at its generation: counted by phase here, without a
+        # reconcile (half of a restart's work at 500 resources was reconciling finished ones only to
+        # count them). A pod of it still held is let go by that pod's own event.
+        rt.rec().record_phase(*key, finished)
         return
     with rt.known_lock:
         rt.known.add(key)

@@ -109,6 +109,21 @@ def _newer_version(body: Mapping[str, Any] | None, than: str | None) -> bool:
     return bool(than) and version.isdigit() and str(than).isdigit() and int(version) > int(str(than))
 
 
+def finished_phase(body: Mapping[str, Any]) -> str | None:
+    """Succeeded or Failed for a resource that has finished and whose status judged its current spec
+    (status.observedGeneration == metadata.generation): nothing is left to decide until its spec
+    changes. None for any other. Read from the raw body: a restarted operator counts its finished
+    resources from their listing without a reconcile (handlers.on_resource_event)."""
+    status = body.get("status")
+    if not isinstance(status, Mapping):
+        return None
+    phase = status.get("phase")
+    if phase not in (Phase.SUCCEEDED.value, Phase.FAILED.value):
+        return None
+    generation = (body.get("metadata") or {}).get("generation") or 1
+    return phase if status.get("observedGeneration") == generation else None
+
+
 class Reconciler:
     def __init__(
         self,
@@ -362,7 +377,7 @@ class Reconciler:
                 f"value), got {len(resource.name)}"
             )
             return self._problem(body, resource, status, Problem(c.INVALID_SPEC, too_long))
-        if status.phase.is_terminal and status.observed_generation == resource.generation:
+        if finished_phase(body) is not None:
             self.record_phase(resource.namespace, resource.name, status.phase.value)
             if event_pod is not None and event_pod.held and accounted(event_pod, status):
                 self.release_pod(resource.namespace, event_pod.name, event_pod.finalizers)

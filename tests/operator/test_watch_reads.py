@@ -584,3 +584,60 @@ def test_a_deleted_resource_leaves_the_periodic_loop_and_what_the_process_kept_f
     rt.event_posts.shutdown(wait=True)
     assert (NS, "bot") not in rt.known and (NS, "bot") not in rec._phases
     assert f.cache.resource(NS, "bot") is None
+
+
+@pytest.mark.parametrize(
+    ("phase", "generation", "observed", "want"),
+    [
+        ("Succeeded", 3, 3, "Succeeded"),
+        ("Failed", 1, 1, "Failed"),
+        ("Succeeded", 4, 3, None),  # its spec changed since: decided again
+        ("Succeeded", None, 1, "Succeeded"),  # no generation: 1, as the reconcile reads it
+        ("Running", 2, 2, None),
+        ("Resuming", 2, 2, None),
+        (None, 1, 1, None),
+        ("Succeeded", 1, None, None),  # never judged
+        (["Succeeded"], 1, 1, None),  # not a phase
+    ],
+)
+def test_which_resources_are_finished(phase, generation, observed, want):
+    from loraresume_operator.reconcile import finished_phase
+
+    body: dict[str, Any] = {"metadata": {"name": "bot"}, "status": {}}
+    if generation is not None:
+        body["metadata"]["generation"] = generation
+    if phase is not None:
+        body["status"]["phase"] = phase
+    if observed is not None:
+        body["status"]["observedGeneration"] = observed
+    assert finished_phase(body) == want
+
+
+@pytest.mark.parametrize(("generation", "reconciled"), [(1, False), (2, True)], ids=["judged", "edited-while-down"])
+def test_a_restart_counts_a_finished_resource_from_its_listing_without_a_reconcile(generation, reconciled):
+    """A restarted operator lists every resource; a finished one judged at its generation is counted by
+    phase from the listing, with no reconcile queued and no periodic one (at 500 resources, half a loaded
+    restart was spent reconciling finished ones only to count them). One whose spec changed is decided."""
+    import asyncio
+
+    import kopf
+
+    from loraresume_operator import handlers
+
+    on_resource_event: Any = handlers.on_resource_event
+    f = Fleet()
+    rec = f.cluster.reconciler
+    rt = handlers.Runtime(cluster_wide=False, interval=10.0, reconciler=rec, cache=f.cache)
+    submitted: list[Any] = []
+    rt.queue.submit = lambda key, *a, **kw: submitted.append(key)  # type: ignore[method-assign]
+    raw: Any = copy.deepcopy(f.cluster.custom.body)
+    raw["metadata"]["generation"] = generation
+    raw["status"] = {"phase": "Succeeded", "observedGeneration": 1}
+    asyncio.run(on_resource_event(namespace=NS, name="bot", body=kopf.Body(raw), memo=kopf.Memo(runtime=rt), type=None))
+    for pool in (rt.changes, rt.pod_events, rt.event_posts):
+        pool.shutdown(wait=True)
+    if reconciled:
+        assert submitted == [(NS, "bot")] and (NS, "bot") in rt.known
+    else:
+        assert submitted == [] and (NS, "bot") not in rt.known
+        assert rec._phases.get((NS, "bot")) == "Succeeded" and rec.is_terminal(NS, "bot")
