@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra fields for every job's `training` (JSON), e.g. '{\"full_determinism\": true}'",
     )
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("GOODPUT_BUDGET_S", "560")))
+    p.add_argument(
+        "--trainer-python",
+        default=None,
+        help="the interpreter every attempt runs under (default this one's); on the GPU machine "
+        "$LOCK_PYTHON from gpu_lock.py install: the trainer image's packages and no others",
+    )
     p.add_argument("--work", type=Path, default=Path("/tmp/goodput"))
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/goodput-out")))
     return p.parse_args(argv)
@@ -339,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     setup["training"] = ns.training  # part of the setup: the kept uninterrupted run is keyed by it
+    setup["trainer_python"] = ns.trainer_python or sys.executable
     variants = [v for v in ns.variants.split(",") if v]
     rng = random.Random(ns.seed)
     plan = {v: kill_steps(rng, setup["steps"], ns.preemptions) for v in variants}
@@ -370,7 +377,12 @@ def main(argv: list[str] | None = None) -> int:
             result["uninterrupted_reused"] = True
         else:
             cfg = make_job(ns, endpoint, base, data, "uninterrupted", setup)
-            baseline = run_attempt(new_node(cfg, ns.work), ns.work / "uninterrupted" / "node-1", timeout=ns.budget_s)
+            baseline = run_attempt(
+                new_node(cfg, ns.work),
+                ns.work / "uninterrupted" / "node-1",
+                timeout=ns.budget_s,
+                python=ns.trainer_python,
+            )
             if baseline.exit_code != 0:
                 result["error"] = f"uninterrupted run failed: {baseline.stderr[-2000:]}"
                 write()
@@ -382,7 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         write()
         if ns.repeat_uninterrupted:
             cfg = make_job(ns, endpoint, base, data, "uninterrupted-again", setup)
-            again = run_attempt(new_node(cfg, ns.work), ns.work / "uninterrupted-again" / "node-1", timeout=ns.budget_s)
+            again = run_attempt(
+                new_node(cfg, ns.work),
+                ns.work / "uninterrupted-again" / "node-1",
+                timeout=ns.budget_s,
+                python=ns.trainer_python,
+            )
             result["uninterrupted_again"] = {
                 **attempt_record(again),
                 "adapter_bitwise_equal": again.exit_code == 0
@@ -409,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
                 attempt_cfg = new_node(cfg, ns.work)
                 kill = Kill(signal.SIGTERM, kills[number - 1], after_durable=False) if number <= len(kills) else None
                 env = cold_env(node / "caches") if variant == "cold" else {}
-                attempt = run_attempt(attempt_cfg, node, kill=kill, env=env, attempt=number, timeout=ns.budget_s)
+                attempt = run_attempt(
+                    attempt_cfg, node, kill=kill, env=env, attempt=number, timeout=ns.budget_s, python=ns.trainer_python
+                )
                 story.append(attempt)
                 entry["attempts"].append(attempt_record(attempt))
                 write()

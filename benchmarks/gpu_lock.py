@@ -29,6 +29,7 @@ lists each mismatch and runs `pip check`; it exits 1 when a lock package is miss
 from __future__ import annotations
 
 import base64
+import compileall
 import hashlib
 import json
 import os
@@ -47,6 +48,8 @@ CONSTRAINTS = ROOT / "trainer_image" / "h200-constraints.txt"
 DIR = ROOT / ".gpu" / "lock"
 SITE = Path("/tmp/site")
 TOOLS_SITE = Path("/tmp/gpu-tools")
+LOCK_VENV = Path("/tmp/lock-venv")  # a Python that sees the lock's packages and nothing else
+LOCK_PYTHON = LOCK_VENV / "bin" / "lock-python"
 
 # Not carried whole: (what to drop from the unpacked wheel, why).
 REPACK = {
@@ -157,12 +160,15 @@ def install() -> int:
     log = sys.stderr
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(DIR / "whl"),
-         "--require-hashes", "--no-deps", "--only-binary=:all:", "--no-compile", "--target", str(SITE),
+         "--require-hashes", "--no-deps", "--only-binary=:all:", "--target", str(SITE),
          "-r", str(DIR / "intact.lock")],
         check=True, stdout=log,
     )  # fmt: skip
     with tarfile.open(DIR / "repacked.tar.xz") as tar:
         tar.extractall(SITE, filter="data")
+    # Bytecode, as the image's `pip install` compiles it: the machine sets PYTHONDONTWRITEBYTECODE=1,
+    # so a module without its .pyc is compiled from source in every process (issue 16's import phase).
+    compileall.compile_dir(str(SITE), quiet=2, workers=0)
     report = verify_records(json.loads((DIR / "repacked.json").read_text()))
     print(json.dumps(report), file=log)
     if not report["ok"]:
@@ -173,12 +179,67 @@ def install() -> int:
          str(TOOLS_SITE), *map(str, sorted((DIR / "tools").glob("*.whl")))],
         check=True, stdout=log,
     )  # fmt: skip
+    view = lock_view()
+    print(json.dumps(view), file=log)
     path = f"{SITE}:{ROOT / 'trainer_image'}:{ROOT / 'sandbox'}:{ROOT}:{TOOLS_SITE}"
     print(f"export PYTHONPATH={path} PATH={SITE}/bin:{TOOLS_SITE}/bin:$PATH")
+    if not view["missing"] and not view["other_version"]:  # else the lock's set is not all here
+        print(f"export LOCK_PYTHON={LOCK_PYTHON}")
     print("export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1")
     print("export HF_HUB_DISABLE_TELEMETRY=1 TRITON_CACHE_DIR=/tmp/triton_cache HF_HOME=/tmp/hf_home")
     print("export PYTHONUNBUFFERED=1")
     return 0
+
+
+def lock_view() -> dict:
+    """A venv whose Python sees exactly the lock's packages, as the trainer image does: the machine's
+    image has many more (scikit-learn, scipy, timm, jax, sentence-transformers, ...), and transformers,
+    peft and Unsloth import what they find installed, so a trainer run with them all in sight imports
+    more than one in the image (issue 16's import phase). The lock's packages that the machine has at
+    the lock's version are linked in from its site-packages (their top-level files, from the
+    distribution's RECORD) and compiled to bytecode where the machine's image has none, as the trainer
+    image's `pip install` does; the difference comes from SITE, first on the path. `lock-python` runs it
+    with only SITE and the trainer package on PYTHONPATH (none of the benchmark's own tools)."""
+    import importlib.metadata as md
+
+    in_site = {norm(d.metadata["Name"]) for d in md.distributions(path=[str(SITE)])}
+    shutil.rmtree(LOCK_VENV, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(LOCK_VENV)], check=True)
+    (site_packages,) = LOCK_VENV.glob("lib/python3*/site-packages")
+    missing, other_version, linked, uncompiled = [], [], 0, 0
+    for name, (version, _) in sorted(lock_entries().items()):
+        if name in in_site:
+            continue
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            missing.append(name)
+            continue
+        if dist.version != version:
+            other_version.append(f"{name}: lock {version}, machine {dist.version}")
+            continue
+        base = Path(str(dist.locate_file("")))
+        tops = {Path(str(f)).parts[0] for f in dist.files or () if not str(f).startswith("..")} - {"__pycache__"}
+        if not tops:
+            missing.append(f"{name} (no RECORD to link it by)")
+        for top in sorted(tops):
+            target = site_packages / top
+            if (base / top).exists() and not target.exists():
+                target.symlink_to(base / top)
+                linked += 1
+                if (base / top).is_dir():  # the machine's image ships some (torch) without bytecode
+                    uncompiled += not compileall.compile_dir(str(base / top), quiet=2, workers=0)
+    LOCK_PYTHON.write_text(
+        f'#!/bin/sh\nPYTHONPATH={SITE}:{ROOT / "trainer_image"} exec {LOCK_VENV / "bin" / "python3"} "$@"\n'
+    )
+    LOCK_PYTHON.chmod(0o755)
+    return {
+        "lock_python": str(LOCK_PYTHON),
+        "linked": linked,
+        "missing": missing,
+        "other_version": other_version,
+        "not_all_compiled": uncompiled,  # directories some file of which has no bytecode (read-only?)
+    }
 
 
 def verify_records(repacked: list[dict]) -> dict:

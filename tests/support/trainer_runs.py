@@ -129,7 +129,9 @@ def run_attempt(
     env: dict[str, str] | None = None,
     attempt: int = 1,
     timeout: float = 300,
+    python: str | None = None,
 ) -> Attempt:
+    """`python`: the interpreter to run the trainer with (default this one's)."""
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"job-{attempt}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -139,11 +141,15 @@ def run_attempt(
     argv = ["--config", str(path), "--termination-log", str(term)]
     launch_env = _env({**(env or {}), "LORARESUME_ATTEMPT": str(attempt)})
     proc: subprocess.Popen[str] | warm_trainer.WarmProcess
-    if warm_trainer.warm_enabled():
+    if warm_trainer.warm_enabled() and python is None:
         proc = warm_trainer.launch(argv, launch_env, server_env=_env(None))
     else:
         proc = subprocess.Popen(
-            [*TRAIN, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env
+            [python or TRAIN[0], *TRAIN[1:], *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=launch_env,
         )
     stderr_lines: list[str] = []
     reader = threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]

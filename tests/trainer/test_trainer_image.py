@@ -9,7 +9,8 @@ engine runs here):
   `pip check`) and the local package (`--no-index --no-deps`); no other index anywhere;
 - the lock pins every package exactly with sha256 hashes, keeps requirements-gpu.txt's pins, matches
   the H200 machine's torch/triton (h200-constraints.txt) and stays inside Unsloth 2026.10.9's pins;
-- lock.sh resolves for the venv's Python version.
+- lock.sh resolves for the venv's Python version;
+- the venv ships bytecode (no `--no-compile` or PIP_NO_COMPILE).
 
 `TRAINER_DOCKERFILE=path pytest tests/trainer/test_trainer_image.py` checks another Dockerfile
 against the same lock (e.g. an older revision's).
@@ -227,6 +228,18 @@ def test_pip_check_runs_after_the_lock_install() -> None:
     commands = run_commands()
     lock_at = next(i for i, w in enumerate(commands) if is_pip(w) and ("-r" in w or "--requirement" in w))
     assert any(w[:2] == ["pip", "check"] or w[1:4] == ["-m", "pip", "check"] for w in commands[lock_at + 1 :])
+
+
+def test_the_image_ships_bytecode() -> None:
+    """Every module imports from the .pyc compiled at build (pip's default): the trainer runs as a user
+    who cannot write to the venv, so a module without one is compiled from source at every start of
+    every attempt (measured on the GPU machine, whose image lacks them: 10-16 s of a relaunch's import
+    phase, benchmarks/RESULTS.md "Import phase")."""
+    for words in pip_installs():
+        assert "--no-compile" not in words, f"a pip install skips the bytecode: {' '.join(words)}"
+    for keyword, args in final_stage():
+        if keyword in ("ENV", "ARG"):
+            assert "PIP_NO_COMPILE" not in args, f"{keyword} PIP_NO_COMPILE: the venv's modules would have no bytecode"
 
 
 @pytest.mark.parametrize("path", [DOCKERFILE, LOCK], ids=["Dockerfile", "lock"])
