@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -186,6 +186,11 @@ def test_an_unchanged_extra_with_a_float_is_admitted_again(judge: ApiJudge, valu
     valid_specs(),
     st.sets(st.sampled_from([*IMMUTABLE, "storage", "resources", "scheduling", "restartPolicy", "image"])),
 )
+@example(  # found by CI: each spec valid, together invalid (extendFrom with an adapter) as a creation too
+    old_spec={"baseModel": "0", "dataset": {"name": "yahma/alpaca-cleaned"}, "resume": {"extendFrom": "0"}},
+    other={"baseModel": "0", "dataset": {"source": "s3://000/"}, "adapter": {"uri": "s3://000/"}},
+    fields={"adapter"},
+)
 def test_updates_change_only_what_may_change(judge: ApiJudge, old_spec: dict, other: dict, fields: set[str]) -> None:
     old, _ = judge.admit(resource(old_spec))
     new_spec = copy.deepcopy(old_spec)
@@ -196,13 +201,18 @@ def test_updates_change_only_what_may_change(judge: ApiJudge, old_spec: dict, ot
             new_spec.pop(field, None)
     new = resource(new_spec)
     try:
+        defaulted, _ = judge.admit(new)
+    except ApiError:
+        # invalid as a creation too (a cross-field rule: e.g. resume.extendFrom with spec.adapter, each
+        # taken from another spec): a question for the creation properties, not for updates
+        assume(False)
+    try:
         stored, _ = judge.admit(new, old=old)
     except ApiError as error:
         refused = {cause["field"] for cause in error.details["causes"]}
     else:
         refused = set()
         assert LoraResumeSpec.model_validate(stored["spec"])
-    defaulted, _ = judge.admit(new)
     expected = {
         f"spec.{f}"
         for f in IMMUTABLE
