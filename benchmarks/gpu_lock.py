@@ -197,7 +197,7 @@ def lock_view() -> dict:
     peft and Unsloth import what they find installed, so a trainer run with them all in sight imports
     more than one in the image (issue 16's import phase). The lock's packages that the machine has at
     the lock's version are linked in from its site-packages (their top-level files, from the
-    distribution's RECORD) and compiled to bytecode where the machine's image has none, as the trainer
+    distribution's RECORD), their site-packages compiled to bytecode where the machine's image has none, as the trainer
     image's `pip install` does; the difference comes from SITE, first on the path. `lock-python` runs it
     with only SITE and the trainer package on PYTHONPATH (none of the benchmark's own tools)."""
     import importlib.metadata as md
@@ -206,7 +206,8 @@ def lock_view() -> dict:
     shutil.rmtree(LOCK_VENV, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(LOCK_VENV)], check=True)
     (site_packages,) = LOCK_VENV.glob("lib/python3*/site-packages")
-    missing, other_version, linked, uncompiled = [], [], 0, 0
+    missing, other_version, linked = [], [], 0
+    linked_from: dict[Path, set[str]] = {}  # site-packages -> the top-level names linked from it
     for name, (version, _) in sorted(lock_entries().items()):
         if name in in_site:
             continue
@@ -227,8 +228,14 @@ def lock_view() -> dict:
             if (base / top).exists() and not target.exists():
                 target.symlink_to(base / top)
                 linked += 1
-                if (base / top).is_dir():  # the machine's image ships some (torch) without bytecode
-                    uncompiled += not compileall.compile_dir(str(base / top), quiet=2, workers=0)
+                linked_from.setdefault(base, set()).add(top)
+    # The machine's image ships some (torch) without bytecode: what was linked is compiled, in one pass (one
+    # pool of workers) over each site-packages, skipping what was not linked.
+    uncompiled = []
+    for base, tops in sorted(linked_from.items()):
+        other = re.compile(rf"^{re.escape(str(base))}/(?!(?:{'|'.join(map(re.escape, sorted(tops)))})(?:/|$))")
+        if not compileall.compile_dir(str(base), quiet=2, workers=0, rx=other):
+            uncompiled.append(str(base))
     LOCK_PYTHON.write_text(
         f'#!/bin/sh\nPYTHONPATH={SITE}:{ROOT / "trainer_image"} exec {LOCK_VENV / "bin" / "python3"} "$@"\n'
     )
@@ -238,7 +245,7 @@ def lock_view() -> dict:
         "linked": linked,
         "missing": missing,
         "other_version": other_version,
-        "not_all_compiled": uncompiled,  # directories some file of which has no bytecode (read-only?)
+        "not_all_compiled": uncompiled,  # site-packages a linked file of which has no bytecode (read-only?)
     }
 
 

@@ -208,12 +208,12 @@ def _reconcile_seeded(rt: Runtime, resources: list[dict[str, Any]], pods: list[d
     for body in pods:
         meta = body.get("metadata") or {}
         owner = (meta.get("labels") or {}).get(LABEL_RESOURCE)
-        if owner is None:
-            continue
         pod = ObservedPod.from_api(body)
-        rt.seeded[("pod", _namespaced(meta.get("namespace")), pod.name)] = meta.get("resourceVersion")
-        if pod.held:
-            rt.queue.submit((_namespaced(meta.get("namespace")), owner), pod, lane=PODS)
+        if owner is None or not pod.held:  # its listing event does nothing either
+            continue
+        namespace = _namespaced(meta.get("namespace"))
+        rt.seeded[("pod", namespace, pod.name)] = meta.get("resourceVersion")
+        rt.queue.submit((namespace, owner), pod, lane=PODS)
 
 
 def _acted_on_at_start(
