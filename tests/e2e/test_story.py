@@ -147,10 +147,13 @@ def progress_step(cluster, name) -> int:
 
 
 def test_apply_train_preempt_twice_resume_succeed_bitwise(cluster):
-    apply(cluster, "baseline")
+    # 120 steps, not 40: the tiny model trains a step in well under 0.1 s, and attempt 1 may be durable at
+    # step 20 before its deletion lands; attempt 2 must still have steps to go when its node is reclaimed
+    training = {**resource(cluster, "baseline")["spec"]["training"], "maxSteps": 120}
+    apply(cluster, "baseline", training=training)
     wait_succeeded(cluster, "baseline")
 
-    apply(cluster, "story", scheduling={"spot": {"enabled": True}})
+    apply(cluster, "story", scheduling={"spot": {"enabled": True}}, training=training)
     # Preemption 1: `kubectl delete pod` while training, once a checkpoint is durable.
     wait_for(lambda: progress_step(cluster, "story") >= 5, 300, "a durable checkpoint in attempt 1")
     deleted = kubectl(cluster, "delete", "pod", "story-attempt-1", "--wait=false")

@@ -365,7 +365,7 @@ def test_the_cache_keeps_the_newest_delivery():
 
 
 def test_a_seeded_entry_serves_until_the_watch_delivers_it_or_its_time_is_up():
-    """Start-up: one list of each kind seeds the cache (handlers._seed) before kopf's watches start. A seeded
+    """Start-up: one list of LoraResumes seeds the cache (handlers._seed) before kopf's watch starts. A seeded
     entry is served until the watch delivers that object (then the watch's); one the watch never delivers
     (deleted between the list and kopf's listing) stops being served after SEED_SECONDS: a miss, read then."""
     t = [0.0]
@@ -373,23 +373,16 @@ def test_a_seeded_entry_serves_until_the_watch_delivers_it_or_its_time_is_up():
     listed = resource(SPEC, name="bot", namespace=NS)
     listed["metadata"]["resourceVersion"] = "5"
     gone = resource(SPEC, name="gone", namespace=NS)
-    pod = {
-        "metadata": {"name": "bot-attempt-1", "namespace": NS, "resourceVersion": "6"},
-        "status": {"phase": "Running"},
-    }
-    vanished = {"metadata": {"name": "gone-attempt-1", "namespace": NS}, "status": {"phase": "Running"}}
     delivered_first = resource(SPEC, name="early", namespace=NS)
     delivered_first["status"] = {"phase": "Running"}
     cache.put_resource(delivered_first)  # a watch delivery before the seed: never overwritten by it
-    cache.seed([listed, gone, resource(SPEC, name="early", namespace=NS)], [pod, vanished])
+    cache.seed([listed, gone, resource(SPEC, name="early", namespace=NS)])
     assert cache.resource(NS, "early")["status"] == {"phase": "Running"}
-    assert cache.resource(NS, "bot") == listed and cache.pod(NS, "bot-attempt-1").phase == "Running"
+    assert cache.resource(NS, "bot") == listed
     cache.put_resource(listed)
-    cache.put_pod(NS, {**pod, "status": {"phase": "Succeeded"}})
     t[0] = SEED_SECONDS + 1
     assert cache.resource(NS, "bot") == listed  # delivered by the watch since: served
-    assert cache.pod(NS, "bot-attempt-1").phase == "Succeeded"
-    assert cache.resource(NS, "gone") is None and cache.pod(NS, "gone-attempt-1") is None  # never delivered
+    assert cache.resource(NS, "gone") is None  # never delivered
 
 
 def test_a_pending_pod_costs_no_storage_read():
@@ -644,7 +637,7 @@ def test_a_restart_counts_a_finished_resource_from_its_listing_without_a_reconci
 
 
 class Listed:
-    """The start-up lists (handlers._seed's two calls), as the API server would answer them."""
+    """The start-up lists (handlers._seed's, and the pod watch's first), as the API server would answer them."""
 
     def __init__(self, resources: list[dict[str, Any]], pods: list[dict[str, Any]]) -> None:
         self.resources, self.pods = resources, pods
@@ -652,19 +645,24 @@ class Listed:
     def list_namespaced_custom_object(self, *_: Any) -> dict[str, Any]:
         return {"items": copy.deepcopy(self.resources)}
 
-    def list_pods(self, *_: Any, **__: Any) -> list[dict[str, Any]]:
-        return copy.deepcopy(self.pods)
+    def list_pods(self, *_: Any, **__: Any) -> Any:
+        from loraresume_operator.lean_api import Listing
+
+        return Listing(copy.deepcopy(self.pods), "20")
 
 
 def test_a_restart_acts_on_its_start_up_lists_and_not_again_on_kopfs_listing_of_the_same_versions():
     """A restarted operator reconciles what it listed at start-up at once (kopf hands each listed object
     to its handler only after its own per-object processing: ~10 s at 500 resources under load); kopf's
-    listing events of the same versions are then only kept, and a newer version is acted on."""
+    listing events of the same versions are then only kept, and a newer version is acted on. Each held
+    pod's owner is asked for by the pod watch's first list, and the watch goes on from that list's version."""
     import asyncio
+    import threading
 
     import kopf
 
     from loraresume_operator import handlers
+    from loraresume_operator.pod_watch import PodWatch
     from loraresume_operator.pods import LABEL_RESOURCE
 
     f = Fleet()
@@ -687,32 +685,27 @@ def test_a_restart_acts_on_its_start_up_lists_and_not_again_on_kopfs_listing_of_
         },
         "status": {"phase": "Running"},
     }
-    handlers._seed(rt, Listed([running, done], [pod]), Listed([running, done], [pod]))  # type: ignore[arg-type]
-    assert submitted == [((NS, "bot"), None), ((NS, "bot"), "bot-attempt-1")]
+    listed = Listed([running, done], [pod])
+    watch = PodWatch(
+        listed, NS, lambda kind, body: handlers.pod_event(rt, kind, body), rt.cache.pod_keys, threading.Event()
+    )  # type: ignore[arg-type]
+    handlers._seed(rt, listed, [watch])  # type: ignore[arg-type]
+    assert submitted == [((NS, "bot"), "bot-attempt-1"), ((NS, "bot"), None)]
+    assert watch.version == "20" and rt.cache.pod(NS, "bot-attempt-1") is not None
     assert (NS, "bot") in rt.known and (NS, "done") not in rt.known
     assert f.cluster.reconciler._phases.get((NS, "done")) == "Succeeded"
 
     memo = kopf.Memo(runtime=rt)
     on_resource_event: Any = handlers.on_resource_event
-    on_pod_event: Any = handlers.on_pod_event
-    labels = pod["metadata"]["labels"]
     for body in (running, done):
         asyncio.run(
             on_resource_event(namespace=NS, name=body["metadata"]["name"], body=kopf.Body(body), memo=memo, type=None)
         )
-    asyncio.run(
-        on_pod_event(namespace=NS, name="bot-attempt-1", labels=labels, body=kopf.Body(pod), memo=memo, type=None)
-    )
     assert len(submitted) == 2, "kopf's listing of the versions acted on at start-up acted on again"
 
-    newer: Any = copy.deepcopy(pod)
-    newer["metadata"]["resourceVersion"] = "14"
-    newer["status"] = {"phase": "Failed"}
-    asyncio.run(
-        on_pod_event(
-            namespace=NS, name="bot-attempt-1", labels=labels, body=kopf.Body(newer), memo=memo, type="MODIFIED"
-        )
-    )
-    assert submitted[2:] == [((NS, "bot"), "bot-attempt-1")]
+    newer: Any = copy.deepcopy(running)
+    newer["metadata"].update(resourceVersion="14", generation=2)
+    asyncio.run(on_resource_event(namespace=NS, name="bot", body=kopf.Body(newer), memo=memo, type="MODIFIED"))
+    assert submitted[2:] == [((NS, "bot"), None)]
     for pool in (rt.changes, rt.pod_events, rt.event_posts):
         pool.shutdown(wait=True)
