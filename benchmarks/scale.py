@@ -489,10 +489,15 @@ class Operator:
     a fresh ServiceAccount token), with its memory and CPU from /proc and its /metrics."""
 
     def __init__(
-        self, cluster: SandboxCluster, logdir: Path, profile_dir: Path | None = None, profile_seconds: float = 0.0
+        self,
+        cluster: SandboxCluster,
+        logdir: Path,
+        profile_dir: Path | None = None,
+        profile_seconds: float = 0.0,
+        profile_gil: bool = False,
     ) -> None:
         self.cluster, self.logdir, self.profile_dir = cluster, logdir, profile_dir
-        self.profile_seconds = profile_seconds
+        self.profile_seconds, self.profile_gil = profile_seconds, profile_gil
         self.process: OperatorProcess | None = None
         self.profilers: list[subprocess.Popen[bytes]] = []
         self.starts = 0
@@ -516,15 +521,17 @@ class Operator:
         self.process.start()
         if self.profile_dir is not None and self.proc is not None:
             out = self.profile_dir / f"operator-{self.starts}.txt"
-            self.profilers.append(self.profile(self.proc.pid, out, self.profile_seconds))
+            self.profilers.append(self.profile(self.proc.pid, out, self.profile_seconds, self.profile_gil))
 
     @staticmethod
-    def profile(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
-        """py-spy samples the process from outside (collapsed stacks per thread, waiting threads included:
-        where the wall time goes) for its first `seconds` (0: until it exits)."""
+    def profile(pid: int, out: Path, seconds: float, gil: bool = False) -> subprocess.Popen[bytes]:
+        """py-spy samples the process from outside (collapsed stacks per thread) for its first `seconds` (0:
+        until it exits): waiting threads included (where the wall time goes), or with `gil` only the thread
+        holding the interpreter's lock (where the operator's Python runs: its CPU)."""
         py_spy = Path(sys.executable).with_name("py-spy")
         command = [str(py_spy), "record", "--pid", str(pid), "--rate", "50", "--format", "raw", "--nonblocking"]
-        command += ["--idle", "--threads", *(["--duration", str(max(1, round(seconds)))] if seconds else [])]
+        command += ["--gil" if gil else "--idle", "--threads"]
+        command += ["--duration", str(max(1, round(seconds)))] if seconds else []
         return subprocess.Popen([*command, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop_profilers(self) -> None:
@@ -788,7 +795,9 @@ class Bench:
         profile_dir = Path(self.args.py_spy) if self.args.py_spy else None
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
-        self.operator = Operator(self.cluster, self.workdir, profile_dir, self.args.py_spy_seconds)
+        self.operator = Operator(
+            self.cluster, self.workdir, profile_dir, self.args.py_spy_seconds, self.args.py_spy_gil
+        )
         self.sampler = MemorySampler(self.operator)
         self.prober = Prober(self.kube, s3, self.sampler)
         self.result["operator_start_seconds"] = r(self.start_operator())
@@ -1856,6 +1865,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--py-spy-seconds", type=float, default=0.0, help="with --py-spy: sample each process's first N s only"
+    )
+    parser.add_argument(
+        "--py-spy-gil",
+        action="store_true",
+        help="with --py-spy: sample only the thread holding the GIL (the operator's CPU), not every thread",
     )
     parser.add_argument(
         "--s3-server",

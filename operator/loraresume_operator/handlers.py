@@ -37,7 +37,7 @@ from .observed import ObservedPod
 from .pod_watch import PodWatch
 from .pods import LABEL_RESOURCE
 from .reconcile import Reconciler, finished_phase
-from .s3_view import StorageViews
+from .s3_view import REFRESH_WORKERS, StorageViews
 from .spec import GROUP, PLURAL, VERSION
 from .watch_cache import WatchCache
 from .work_queue import CHANGES, PODS, WorkQueue
@@ -85,6 +85,10 @@ class Runtime:
     )
     event_posts: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(EVENT_POSTERS, thread_name_prefix="events")
+    )
+    # running jobs' storage views refreshed off the reconciles (StorageViews)
+    refreshes: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(REFRESH_WORKERS, thread_name_prefix="s3-refresh")
     )
 
     queue: WorkQueue = field(init=False)
@@ -159,8 +163,13 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         custom,
         OperatorDefaults.from_env(),
         cache=rt.cache,
-        # progress.json once per round of the periodic loop at most: pod events in between reuse it
-        views=StorageViews(progress_seconds=rt.interval),
+        # progress.json once per round of the periodic loop at most: pod events in between reuse it; read
+        # off the reconciles, and a view it changed is reconciled (the status shows it)
+        views=StorageViews(
+            progress_seconds=rt.interval,
+            refresher=rt.refreshes,
+            refreshed=lambda key: rt.queue.submit(key, lane=CHANGES),
+        ),
         events=rt.event_posts,
     )
     watches = [
@@ -236,6 +245,7 @@ def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt.stop.set()
     rt.pod_events.shutdown(wait=False, cancel_futures=True)
     rt.changes.shutdown(wait=False, cancel_futures=True)
+    rt.refreshes.shutdown(wait=False, cancel_futures=True)
     rt.event_posts.shutdown(wait=True)  # what was decided is said before the process goes
 
 

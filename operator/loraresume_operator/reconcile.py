@@ -426,7 +426,10 @@ class Reconciler:
                 view = said or self.views.read(key, spec, client, self.monotonic(), maybe_empty=never_launched)
                 fresh = True
             else:
-                running, pending = (pod.phase == "Running", pod.phase == "Pending") if pod else (False, False)
+                # a pod going (deleted, DisruptionTarget) is not read for: its end is, once it has saved
+                going = pod is not None and (pod.terminating or pod.disrupted)
+                running = pod is not None and pod.phase == "Running" and not going
+                pending = pod is not None and pod.phase == "Pending"
                 recorded = StorageView(status.latest_checkpoint, None, False)  # what the status says is durable
                 view, fresh = self.views.view(
                     key, spec, client, self.monotonic(), running=running, pending=pending, seed=recorded

@@ -11,7 +11,11 @@ handlers fill it: every API read and S3 request is counted. What is read, and wh
 from __future__ import annotations
 
 import copy
+import io
+import json
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -320,6 +324,84 @@ def test_nothing_is_read_while_the_pod_is_pending_however_long_it_waits():
     f.t += LISTING_SECONDS
     f.reconcile()
     assert f.s3["list"] == 1
+
+
+class HangingProgress(CountingBucket):
+    """progress.json answers `progress`; the first read of it hangs until `release` (S3 at its busiest)."""
+
+    def __init__(self, calls: Counter[str], progress: dict[str, Any] | None = None) -> None:
+        super().__init__(calls)
+        self.progress, self.release, self.hung = progress, threading.Event(), threading.Event()
+
+    def get_object(self, **kw: Any) -> Any:
+        if kw.get("Key", "").endswith("progress.json"):
+            self.calls["get progress.json"] += 1
+            if not self.hung.is_set():
+                self.hung.set()
+                assert self.release.wait(30), "the test never released the hanging read"
+            if self.progress is None:
+                raise self._missing("GetObject")
+            return {"Body": io.BytesIO(json.dumps(self.progress).encode())}
+        return super().get_object(**kw)
+
+
+def background_fleet(bucket: HangingProgress) -> tuple[Fleet, list[Any], ThreadPoolExecutor]:
+    """A Fleet whose running pod's views are refreshed in the background, as the operator's are."""
+    f = Fleet()
+    refreshed: list[Any] = []
+    pool = ThreadPoolExecutor(1)
+    f.cluster.reconciler.views = StorageViews(refresher=pool, refreshed=refreshed.append)
+    f.cluster.reconciler.s3_factory = lambda *_: bucket
+    bucket.hung.set()  # the launch's and the start's reads answer at once
+    f.reconcile()
+    f.deliver_pod("Running")
+    f.reconcile()
+    bucket.hung.clear()
+    return f, refreshed, pool
+
+
+def test_a_running_pods_due_read_holds_neither_its_reconcile_nor_its_end():
+    """A spot reclaim is when S3 is busiest: a running pod's due progress.json read goes on in the background,
+    and the pod's end, delivered while that read still hangs, is counted and relaunched at once; the late
+    answer is older than the end's fresh read and is not kept."""
+    bucket = HangingProgress(Counter())
+    f, refreshed, pool = background_fleet(bucket)
+    f.t += PROGRESS_SECONDS
+    f.reconcile()  # the read is due: it starts, and hangs
+    assert bucket.hung.wait(5)
+    f.t += 1
+    f.deliver_pod("Failed", reason="Evicted", message="evicted")
+    f.reconcile()
+    assert f.status["attempt"] == 2 and f.status["preemptions"] == 1  # while the read still hangs
+    bucket.release.set()
+    pool.shutdown(wait=True)
+    assert refreshed == []  # nothing newer than what the end read
+
+
+def test_a_background_refresh_that_changes_the_view_asks_for_a_reconcile_and_the_status_shows_it():
+    bucket = HangingProgress(Counter(), progress={"step": 3, "loss": 1.25})
+    f, refreshed, pool = background_fleet(bucket)
+    f.t += PROGRESS_SECONDS
+    f.reconcile()
+    bucket.release.set()
+    pool.shutdown(wait=True)
+    assert refreshed == [(NS, "bot")]
+    f.reconcile()  # the reconcile it asked for
+    assert f.status["step"] == 3 and bucket.calls["get progress.json"] == 1
+
+
+def test_a_background_refresh_refused_by_s3_is_reported_by_the_reconcile_it_asks_for():
+    bucket = HangingProgress(Counter())
+    f, refreshed, pool = background_fleet(bucket)
+    bucket.denied = True
+    denied = ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "Get")
+    bucket.get_object = lambda **_: (_ for _ in ()).throw(denied)  # type: ignore[method-assign]
+    f.t += PROGRESS_SECONDS
+    f.reconcile()
+    pool.shutdown(wait=True)
+    assert refreshed == [(NS, "bot")]
+    f.reconcile()
+    assert "cannot read storage" in f.status["message"]
 
 
 def test_an_ended_pod_is_decided_on_a_fresh_read():
