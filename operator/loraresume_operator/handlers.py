@@ -1,11 +1,9 @@
-"""kopf handlers, and the pod watch's: thin. Each turns an event into `Reconciler.reconcile(namespace, name)`.
+"""kopf handlers: thin. Each turns an event into `Reconciler.reconcile(namespace, name)`.
 
-Every LoraResume kopf delivers and every trainer pod the operator's own pod watch delivers (pod_watch.py:
-kopf's per-event processing is spared the stream with most events) is kept in the run's WatchCache
-first, so that reconciles read them from there instead of GETting them (watch_cache.py). At start-up,
-before kopf's watch begins, one list of LoraResumes seeds it and the pod watch lists the pods
-(`startup`); what those lists hold is acted on at once, the LoraResumes as their listing events would
-be (`_reconcile_seeded`).
+Every LoraResume and trainer pod the watches deliver is kept in the run's WatchCache first, so
+that reconciles read them from there instead of GETting them (watch_cache.py); at start-up, before
+kopf's watches begin, one list of each kind seeds it (`startup`), and what those lists hold is acted
+on at once, as their listing events would be (`_reconcile_seeded`).
 
 Level-based: one background loop reconciles every known resource periodically (progress,
 backoff expiry), pod events reconcile the owner at once, and a LoraResume event reconciles it
@@ -34,10 +32,9 @@ from . import metrics
 from .defaults import OperatorDefaults
 from .lean_api import LeanCoreV1Api
 from .observed import ObservedPod
-from .pod_watch import PodWatch
 from .pods import LABEL_RESOURCE
 from .reconcile import Reconciler, finished_phase
-from .s3_view import REFRESH_WORKERS, StorageViews
+from .s3_view import StorageViews
 from .spec import GROUP, PLURAL, VERSION
 from .watch_cache import WatchCache
 from .work_queue import CHANGES, PODS, WorkQueue
@@ -54,8 +51,8 @@ log = logging.getLogger(__name__)
 CHANGE_WORKERS = 48
 POD_EVENT_WORKERS = 32
 EVENT_POSTERS = 4  # Events are posted off the reconcile threads (Reconciler.post_event)
-# The Kubernetes client's connections kept open: the workers of the pools, the periodic loop and the pod
-# watches (its default, 5 per core, made most requests under load open a new TLS connection and drop it).
+# The Kubernetes client's connections kept open: the workers of the pools and the periodic loop (its
+# default, 5 per core, made most requests under load open a new TLS connection and drop it).
 API_CONNECTIONS = CHANGE_WORKERS + POD_EVENT_WORKERS + EVENT_POSTERS + 8
 KOPF_WORKERS = 4
 FINALIZER = f"{GROUP}/cleanup"  # kopf's, for the delete handler
@@ -73,9 +70,9 @@ class Runtime:
     cache: WatchCache = field(default_factory=WatchCache)
     known: set[tuple[str, str]] = field(default_factory=set)  # reconciled by the periodic loop
     known_lock: threading.Lock = field(default_factory=threading.Lock)
-    # (namespace, name) -> resourceVersion of the LoraResumes start-up acted on from its own list: kopf's
+    # (kind, namespace, name) -> resourceVersion of what start-up acted on from its own lists: kopf's
     # listing event of that same version is not acted on again (_reconcile_seeded)
-    seeded: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    seeded: dict[tuple[str, str, str], str | None] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
     pod_events: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(POD_EVENT_WORKERS, thread_name_prefix="pod-events")
@@ -85,10 +82,6 @@ class Runtime:
     )
     event_posts: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(EVENT_POSTERS, thread_name_prefix="events")
-    )
-    # running jobs' storage views refreshed off the reconciles (StorageViews)
-    refreshes: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(REFRESH_WORKERS, thread_name_prefix="s3-refresh")
     )
 
     queue: WorkQueue = field(init=False)
@@ -163,39 +156,31 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         custom,
         OperatorDefaults.from_env(),
         cache=rt.cache,
-        # progress.json once per round of the periodic loop at most: pod events in between reuse it; read
-        # off the reconciles, and a view it changed is reconciled (the status shows it)
-        views=StorageViews(
-            progress_seconds=rt.interval,
-            refresher=rt.refreshes,
-            refreshed=lambda key: rt.queue.submit(key, lane=CHANGES),
-        ),
+        # progress.json once per round of the periodic loop at most: pod events in between reuse it
+        views=StorageViews(progress_seconds=rt.interval),
         events=rt.event_posts,
     )
-    watches = [
-        PodWatch(core, namespace, lambda kind, body: pod_event(rt, kind, body), rt.cache.pod_keys, rt.stop)
-        for namespace in ((None,) if rt.cluster_wide else rt.namespaces)
-    ]
-    _seed(rt, custom, watches)
-    for watch in watches:
-        watch.start()
+    _seed(rt, custom, core)
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = logging.INFO
     settings.scanning.disabled = not rt.cluster_wide
     settings.watching.server_timeout = 300
+    # Only trainer pods, by the API server's label selector: kopf's `labels=` filter alone is applied after
+    # every pod of the namespace (or, cluster-wide, of the cluster) has been sent and decoded.
+    settings.watching.label_selectors["", "v1", "pods"] = LABEL_RESOURCE
     settings.execution.max_workers = KOPF_WORKERS
     threading.Thread(target=_periodic, args=(rt,), name="reconcile-loop", daemon=True).start()
 
 
-def _seed(rt: Runtime, custom: client.CustomObjectsApi, watches: list[PodWatch]) -> None:
-    """Every LoraResume served, by one list (per namespace when namespaced), into the WatchCache before
-    kopf's watch starts, and every trainer pod by the pod watches' first lists: a restarted operator
-    decides nothing without knowing a resource's pods, and asks for none of them one by one
-    (watch_cache.py says why not kopf's indexer). A list that fails only costs the requests it would have
-    saved: each miss is read when needed (a pod watch lists again on its own thread)."""
+def _seed(rt: Runtime, custom: client.CustomObjectsApi, core: LeanCoreV1Api) -> None:
+    """Every LoraResume and trainer pod served, by one list each (per namespace when namespaced), into the
+    WatchCache before kopf's watches start: a restarted operator decides nothing without knowing a
+    resource's pods, and asks for none of them one by one (watch_cache.py says why not kopf's indexer).
+    A list that fails only costs the requests it would have saved: each miss is read when needed."""
     resources: list[dict[str, Any]] = []
+    pods: list[dict[str, Any]] = []
     try:
         for namespace in (None,) if rt.cluster_wide else rt.namespaces:
             if namespace is None:
@@ -203,39 +188,44 @@ def _seed(rt: Runtime, custom: client.CustomObjectsApi, watches: list[PodWatch])
             else:
                 listed = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
             resources += listed.get("items") or []
+            pods += core.list_pods(namespace, label_selector=LABEL_RESOURCE)
     except ApiException as exc:
-        log.warning("start-up: LoraResumes not listed (%s); each is read when needed", exc.status)
-        resources = []
-    rt.cache.seed(resources)
-    pods = 0
-    for watch in watches:  # files every pod and asks for the reconcile of each held pod's owner
-        try:
-            pods += len(watch.list_once().pods)
-        except ApiException as exc:
-            log.warning("start-up: trainer pods of %s not listed (%s); listed again", watch.namespace, exc.status)
-    log.info("start-up: %d LoraResumes and %d trainer pods known before the watches start", len(resources), pods)
-    _reconcile_seeded(rt, resources)
+        log.warning("start-up: LoraResumes and trainer pods not listed (%s); each is read when needed", exc.status)
+        return
+    rt.cache.seed(resources, pods)
+    log.info("start-up: %d LoraResumes and %d trainer pods known before the watches start", len(resources), len(pods))
+    _reconcile_seeded(rt, resources, pods)
 
 
-def _reconcile_seeded(rt: Runtime, resources: list[dict[str, Any]]) -> None:
-    """A restart acts on its start-up list at once, as on kopf's listing events (each LoraResume
-    reconciled or, finished, counted), instead of waiting for those events: kopf delivers a listed
-    object only after its own per-object processing, which held half of a loaded restart at 500
-    resources (~10 s). The listing event of a version acted on here is then only kept in the cache
-    (`seeded`); a newer version is acted on as any event. (Each held pod's owner was asked for by the
-    pod watch's own first list.)"""
+def _reconcile_seeded(rt: Runtime, resources: list[dict[str, Any]], pods: list[dict[str, Any]]) -> None:
+    """A restart acts on its start-up lists at once, as on kopf's listing events (each LoraResume
+    reconciled or, finished, counted; each held pod's owner reconciled), instead of waiting for those
+    events: kopf delivers a listed object only after its own per-object processing, which held half of
+    a loaded restart at 500 resources (~10 s). The listing event of a version acted on here is then
+    only kept in the cache (`seeded`); a newer version is acted on as any event."""
     for body in resources:
         meta = body.get("metadata") or {}
         key = (_namespaced(meta.get("namespace")), str(meta.get("name")))
-        rt.seeded[key] = meta.get("resourceVersion")
+        rt.seeded[("resource", *key)] = meta.get("resourceVersion")
         _resource_changed(rt, key, None, body)
+    for body in pods:
+        meta = body.get("metadata") or {}
+        owner = (meta.get("labels") or {}).get(LABEL_RESOURCE)
+        pod = ObservedPod.from_api(body)
+        if owner is None or not pod.held:  # its listing event does nothing either
+            continue
+        namespace = _namespaced(meta.get("namespace"))
+        rt.seeded[("pod", namespace, pod.name)] = meta.get("resourceVersion")
+        rt.queue.submit((namespace, owner), pod, lane=PODS)
 
 
-def _acted_on_at_start(rt: Runtime, key: tuple[str, str], event_type: str | None, body: Mapping[str, Any]) -> bool:
+def _acted_on_at_start(
+    rt: Runtime, kind: str, key: tuple[str, str], event_type: str | None, body: Mapping[str, Any]
+) -> bool:
     """Whether this is kopf's listing event of a version start-up acted on already (_reconcile_seeded)."""
     if event_type is not None or not rt.seeded:
         return False
-    version = rt.seeded.pop(key, "")
+    version = rt.seeded.pop((kind, *key), "")
     return version == (body.get("metadata") or {}).get("resourceVersion")
 
 
@@ -245,7 +235,6 @@ def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt.stop.set()
     rt.pod_events.shutdown(wait=False, cancel_futures=True)
     rt.changes.shutdown(wait=False, cancel_futures=True)
-    rt.refreshes.shutdown(wait=False, cancel_futures=True)
     rt.event_posts.shutdown(wait=True)  # what was decided is said before the process goes
 
 
@@ -317,7 +306,7 @@ async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, m
             rt.changes.submit(_gone, rt.reconciler, key)
         return
     rt.cache.put_resource(body)
-    if not _acted_on_at_start(rt, key, kw.get("type"), body):
+    if not _acted_on_at_start(rt, "resource", key, kw.get("type"), body):
         _resource_changed(rt, key, kw.get("type"), body)
 
 
@@ -350,25 +339,30 @@ def _gone(rec: Reconciler, key: tuple[str, str]) -> None:
         log.warning("pods of deleted %s/%s not deleted (%s); their events retry", *key, exc.status)
 
 
-def pod_event(rt: Runtime, event_type: str | None, body: dict[str, Any]) -> None:
-    """A trainer pod changed (pod_watch.py; None: listed): kept in the WatchCache, and its LoraResume
-    reconciled now, on the pod-event pool (errors wait for the periodic loop). A pod watch's first list
-    gives every trainer pod here, so a pod left held by a crash is let go then.
+@kopf.on.event("", "v1", "pods", labels={LABEL_RESOURCE: kopf.PRESENT})
+async def on_pod_event(
+    namespace: str | None, name: str, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **kw: Any
+) -> None:
+    """A trainer pod changed: kept in the WatchCache, and its LoraResume reconciled now, on the pod-event
+    pool (errors wait for the timer). At start-up kopf lists every trainer pod here, so a pod left held by
+    a crash is let go then.
 
     Only pods that carry the accounting finalizer: one without it was let go (its end is counted; its
     release and removal would each cost a reconcile for nothing) or comes from an operator version
     before the finalizer, whose end the periodic reconcile notices."""
-    meta = body.get("metadata") or {}
-    namespace = _namespaced(meta.get("namespace"))
-    if event_type == "DELETED":
-        rt.cache.drop_pod(namespace, str(meta.get("name")))
-        pod = ObservedPod.from_api(body)
+    rt, ns = runtime(memo), _namespaced(namespace)
+    if kw.get("type") == "DELETED":
+        rt.cache.drop_pod(ns, name)
+        pod = ObservedPod.from_api(dict(body))
     else:
-        pod = rt.cache.put_pod(namespace, body)
-    owner = (meta.get("labels") or {}).get(LABEL_RESOURCE)
-    if owner is None or not pod.held:
+        pod = rt.cache.put_pod(ns, body)
+        if _acted_on_at_start(rt, "pod", (ns, name), kw.get("type"), body):
+            return
+    if not pod.held:
         return
-    rt.queue.submit((namespace, owner), pod, lane=PODS)
+    key = (ns, labels[LABEL_RESOURCE])
+    rt.rec()
+    rt.queue.submit(key, pod, lane=PODS)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=5, when=checkpoints_go_with_it)

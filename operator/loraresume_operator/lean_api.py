@@ -6,15 +6,13 @@ the operator then turns a created pod back into JSON (the watch cache keeps JSON
 (an Event posted, a pod let go). The answer to letting a pod go alone was ~6 % of the operator's CPU at
 200 resources (py-spy, round 2). Here those three calls ask the client for the raw answer
 (`_preload_content=False`) and parse it as JSON; errors are raised as before (ApiException, its
-`body` the raw answer). A list of pods (pod_watch.py's) is read the same way, and a watch of pods is
-handed back as the open answer, its lines read as they come. Every other call goes to the client
-unchanged.
+`body` the raw answer). A list of pods (the start-up seeding, handlers._seed) is read the same way.
+Every other call goes to the client unchanged.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client import CoreV1Api
@@ -29,14 +27,6 @@ def _raw(call: Any, *args: Any, **kw: Any) -> Any:
     finally:
         answer.release_conn()
     return json.loads(data) if data else None
-
-
-@dataclass(frozen=True)
-class Listing:
-    """A list's answer: its items, and the resourceVersion a watch continues from."""
-
-    pods: list[dict[str, Any]]
-    version: str
 
 
 class LeanCoreV1Api:
@@ -57,17 +47,10 @@ class LeanCoreV1Api:
     def create_namespaced_event(self, namespace: str, body: Any, **kw: Any) -> Any:
         return _raw(self._core.create_namespaced_event, namespace, body, **kw)
 
-    def list_pods(self, namespace: str | None, **kw: Any) -> Listing:
-        """Pods as JSON, of one namespace or (None) of all, with the list's resourceVersion."""
+    def list_pods(self, namespace: str | None, **kw: Any) -> list[dict[str, Any]]:
+        """Pods as JSON, of one namespace or (None) of all."""
         if namespace is None:
-            answer = _raw(self._core.list_pod_for_all_namespaces, **kw) or {}
+            answer = _raw(self._core.list_pod_for_all_namespaces, **kw)
         else:
-            answer = _raw(self._core.list_namespaced_pod, namespace, **kw) or {}
-        return Listing(list(answer.get("items") or []), str((answer.get("metadata") or {}).get("resourceVersion", "")))
-
-    def watch_pods(self, namespace: str | None, **kw: Any) -> Any:
-        """A watch of pods, of one namespace or (None) of all: the open answer (urllib3's), whose lines
-        are its events as they come. The caller releases it."""
-        if namespace is None:
-            return self._core.list_pod_for_all_namespaces(watch=True, _preload_content=False, **kw)
-        return self._core.list_namespaced_pod(namespace, watch=True, _preload_content=False, **kw)
+            answer = _raw(self._core.list_namespaced_pod, namespace, **kw)
+        return list((answer or {}).get("items") or [])

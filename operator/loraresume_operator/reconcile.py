@@ -426,7 +426,8 @@ class Reconciler:
                 view = said or self.views.read(key, spec, client, self.monotonic(), maybe_empty=never_launched)
                 fresh = True
             else:
-                # a pod going (deleted, DisruptionTarget) is not read for: its end is, once it has saved
+                # a pod going (deleted, DisruptionTarget) is not read for: its end is, once it has saved, and a
+                # read in flight would hold that end's reconcile (a spot reclaim is when S3 is busiest)
                 going = pod is not None and (pod.terminating or pod.disrupted)
                 running = pod is not None and pod.phase == "Running" and not going
                 pending = pod is not None and pod.phase == "Pending"

@@ -14,7 +14,7 @@ import math
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,39 +199,22 @@ def _empty(store: CheckpointStore) -> bool:
 # an ended or vanished pod) reads them fresh (reconcile.py).
 PROGRESS_SECONDS = 10.0
 LISTING_SECONDS = 60.0
-# Refreshes of running jobs' views in flight at once (StorageViews' `refresher`, the operator's): one per job
-# at most, each a progress.json read or a full read.
-REFRESH_WORKERS = 16
 
 
 class StorageViews:
-    """The last StorageView of each resource, and when its parts were read (monotonic seconds).
-
-    A view due for its bounded-rate refresh (its pod alive) is refreshed on `refresher` when one is given
-    (the operator's: a pool), and the reconcile that found it due goes on with the last view: a decision
-    about a live pod needs no fresh read, and a reconcile must not wait on one (it holds its resource: at a
-    spot reclaim, S3 is at its busiest, and a pod's end, which needs its relaunch at once, waited behind a
-    progress.json read of its own resource in retries for 6-37 s). `refreshed(key)` is called when a
-    background refresh changed the view (the operator queues a reconcile: the status shows it), or failed
-    (the error is raised by the next `view`, as a read of its own would have raised it). Without a
-    refresher the refresh is made in the reconcile (tests: one thread, reads counted in order)."""
+    """The last StorageView of each resource, and when its parts were read (monotonic seconds)."""
 
     def __init__(
         self,
         progress_seconds: float = PROGRESS_SECONDS,
         listing_seconds: float = LISTING_SECONDS,
         read_workers: int = READ_WORKERS,
-        refresher: Executor | None = None,
-        refreshed: Callable[[tuple[str, str]], None] | None = None,
     ) -> None:
         self.progress_seconds, self.listing_seconds = progress_seconds, listing_seconds
         self._reads = ThreadPoolExecutor(read_workers, thread_name_prefix="s3-reads")  # threads start on demand
-        self._refresher, self._refreshed = refresher, refreshed
         self._lock = threading.Lock()
         self._views: dict[tuple[str, str], tuple[float, float, StorageView]] = {}  # listed at, progress at
         self._unconfirmed: set[tuple[str, str]] = set()  # views taken on a trainer's word (said), not yet listed
-        self._refreshing: set[tuple[str, str]] = set()  # a background refresh in flight
-        self._failed: dict[tuple[str, str], TrainerError] = {}  # a background refresh's error, raised by `view`
 
     def view(
         self,
@@ -244,25 +227,22 @@ class StorageViews:
         pending: bool = False,
         seed: StorageView | None = None,
     ) -> tuple[StorageView, bool]:
-        """(view, fresh): the last view, its due parts refreshed (in the background when there is a
-        refresher); fresh is True when all of it was read now. `running`: the pod runs (progress.json is
-        read only then). `pending`: the pod is Pending, its trainer not started: nothing of the job's
-        changes in the store while it waits (the attempt before it ended first, and its uploads with it),
-        so the last view serves however old it is, and the wait does not age it (at 500 resources on 100
-        GPUs, every resource that waited over LISTING_SECONDS for a GPU was listed again as its pod
-        started); a view taken on a trainer's word (said) is the exception: its confirming listing stays
-        due. `seed`: what the status recorded, taken as the last view when none is known (a restarted
-        operator), as if just read: its first reconcile costs no read, pending or running (progress.json is
-        read a round later; at a loaded restart 50 running jobs' reads held their first reconciles up to
-        the slowest answer). A decision that launches or counts an end, and an ended or vanished pod, read
-        fresh anyway (reconcile.py). Raises what read_storage raises (a background refresh's error too)."""
+        """(view, fresh): the last view while its parts are young enough; fresh is True when all of it
+        was read now. `running`: the pod runs (progress.json is read only then). `pending`: the pod is
+        Pending, its trainer not started: nothing of the job's changes in the store while it waits (the
+        attempt before it ended first, and its uploads with it), so the last view serves however old it
+        is, and the wait does not age it (at 500 resources on 100 GPUs, every resource that waited over
+        LISTING_SECONDS for a GPU was listed again as its pod started); a view taken on a trainer's word
+        (said) is the exception: its confirming listing stays due. `seed`: what the status recorded,
+        taken as the last view when none is known (a restarted operator), as if just read: its first
+        reconcile costs no read, pending or running (progress.json is read a round later; at a loaded
+        restart 50 running jobs' reads held their first reconciles up to the slowest answer). A decision
+        that launches or counts an end, and an ended or vanished pod, read fresh anyway (reconcile.py).
+        Raises what read_storage raises."""
         with self._lock:
-            failed = self._failed.pop(key, None)
             known = self._views.get(key)
             if known is None and seed is not None:
                 known = self._views[key] = (now, now, seed)
-        if failed is not None:
-            raise failed
         if known is None:
             return self.read(key, spec, client, now), True
         if pending:
@@ -270,74 +250,17 @@ class StorageViews:
                 if key not in self._unconfirmed:  # as good as read now (a said view's listing stays due: said)
                     self._views[key] = (now, now, known[2])
             return known[2], False
-        listing = now - known[0] >= self.listing_seconds
-        if not listing and not (running and now - known[1] >= self.progress_seconds):
-            return known[2], False
-        if self._refresher is None:
-            view, full = self._fetch(spec, client, listing, known[2])
+        if now - known[0] >= self.listing_seconds:
+            return self.read(key, spec, client, now), True
+        listed_at, progress_at, view = known
+        if running and now - progress_at >= self.progress_seconds:
+            progress = _store(spec, client).get_json(PROGRESS_NAME)
+            if _durable_step(progress) > (view.checkpoint.step if view.checkpoint else 0):
+                return self.read(key, spec, client, now), True  # the trainer says a newer checkpoint is durable
+            view = dataclasses.replace(view, progress=progress)
             with self._lock:
-                self._keep(key, now, view, full)
-            return view, full
-        with self._lock:
-            if key in self._refreshing:
-                return known[2], False
-            self._refreshing.add(key)
-        try:
-            self._refresher.submit(self._refresh_behind, key, spec, client, now, listing, known)
-        except RuntimeError:  # shut down: the process is going
-            with self._lock:
-                self._refreshing.discard(key)
-        return known[2], False
-
-    def _fetch(self, spec: LoraResumeSpec, client: Any, listing: bool, last: StorageView) -> tuple[StorageView, bool]:
-        """(view, read in full): the due parts, read: everything when the listing is due, or progress.json
-        says a newer checkpoint is durable; else progress.json alone. Raises what read_storage raises."""
-        if listing:
-            return read_storage(spec, client, submit=self._reads.submit), True
-        progress = _store(spec, client).get_json(PROGRESS_NAME)
-        if _durable_step(progress) > (last.checkpoint.step if last.checkpoint else 0):
-            return read_storage(spec, client, submit=self._reads.submit), True  # a newer checkpoint is durable
-        return dataclasses.replace(last, progress=progress), False
-
-    def _keep(self, key: tuple[str, str], now: float, view: StorageView, full: bool) -> None:
-        """(Under the lock.) `view`, read from `now` on, as the last view: a full read as a listing too."""
-        listed_at = now if full else self._views.get(key, (now, now, view))[0]
-        self._views[key] = (listed_at, now, view)
-        if full:
-            self._unconfirmed.discard(key)
-            self._failed.pop(key, None)
-
-    def _refresh_behind(
-        self,
-        key: tuple[str, str],
-        spec: LoraResumeSpec,
-        client: Any,
-        now: float,
-        listing: bool,
-        known: tuple[float, float, StorageView],
-    ) -> None:
-        """A background refresh. What it read is kept only over the view it started from: a view stored
-        meanwhile (a fresh read for a decision, a trainer's word, a forgotten resource) is newer than it.
-        `refreshed(key)` when it changed the view, or failed."""
-        changed = False
-        try:
-            view, full = self._fetch(spec, client, listing, known[2])
-            with self._lock:
-                if self._views.get(key) is known:
-                    self._keep(key, now, view, full)
-                    changed = view != known[2]
-        except TrainerError as exc:
-            with self._lock:
-                if self._views.get(key) is known:
-                    self._failed[key] = exc
-                    changed = True
-        except Exception:  # never the end of the pool's thread; the next due reconcile reads again
-            log.exception("refreshing the storage view of %s/%s failed", *key)
-        finally:
-            with self._lock:
-                self._refreshing.discard(key)
-        if changed and self._refreshed is not None:
-            self._refreshed(key)
+                self._views[key] = (listed_at, now, view)
+        return view, False
 
     def read(
         self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float, *, maybe_empty: bool = False
@@ -345,7 +268,8 @@ class StorageViews:
         """All of it, now (its parts side by side; `maybe_empty`: see read_storage)."""
         view = read_storage(spec, client, submit=self._reads.submit, maybe_empty=maybe_empty)
         with self._lock:
-            self._keep(key, now, view, True)  # a background refresh's error is older than this answer
+            self._views[key] = (now, now, view)
+            self._unconfirmed.discard(key)
         return view
 
     def read_said(
@@ -381,7 +305,6 @@ class StorageViews:
         with self._lock:
             self._views.pop(key, None)
             self._unconfirmed.discard(key)
-            self._failed.pop(key, None)
 
 
 def _durable_step(progress: Any) -> int:

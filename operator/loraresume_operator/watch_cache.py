@@ -1,23 +1,21 @@
 """What the watch streams delivered: LoraResume bodies and trainer pods, for reconciles without GETs.
 
-kopf watches the LoraResumes and the operator's own pod watch (pod_watch.py) the trainer pods; their
-handlers (handlers.py) put every body they are given here, and a reconcile reads from here first. A
-miss (not delivered yet: the operator is starting, or a pod created a moment ago) falls back to a
-GET, so the cache never decides that something is gone. A body older than the stored one cannot
-matter for the counting: the status is written conditionally on the resourceVersion read
-(reconcile.py), so a reconcile from a stale body writes nothing and acts on nothing, and reads the
-resource again.
+kopf already watches both kinds; its event handlers (handlers.py) put every body they are given
+here, and a reconcile reads from here first. A miss (not delivered yet: the operator is starting,
+or a pod created a moment ago) falls back to a GET, so the cache never decides that something is
+gone. A body older than the stored one cannot matter for the counting: the status is written
+conditionally on the resourceVersion read (reconcile.py), so a reconcile from a stale body writes
+nothing and acts on nothing, and reads the resource again.
 
-At start-up the LoraResumes are seeded from one list (`seed`), before kopf's watch delivers anything
-(the pods from the pod watch's own first list): a restarted operator then knows every LoraResume and
-trainer pod before its first decision, without a request per object and without a kopf indexer (kopf
-holds every handler until every indexed object is indexed, and wakes every waiting object at each one
-indexed: at 500 resources that held a loaded restart for 7-13 s). A seeded LoraResume is provisional:
-kopf's own delivery of it replaces it, and one kopf has not delivered within SEED_SECONDS is no longer
-served (a miss: a GET), so a resource deleted between the seeding list and kopf's listing is not taken
-for present for long.
+At start-up the cache is seeded from one list of each kind (`seed`), before kopf's watches deliver
+anything: a restarted operator then knows every LoraResume and trainer pod before its first decision,
+without a request per object and without a kopf indexer (kopf holds every handler until every indexed
+object is indexed, and wakes every waiting object at each one indexed: at 500 resources that held a
+loaded restart for 7-13 s). A seeded entry is provisional: the watch's own delivery of the object
+replaces it, and one the watch has not delivered within SEED_SECONDS is no longer served (a miss: a
+GET), so an object deleted between the seeding list and kopf's listing is not taken for present for long.
 
-Thread-safe: kopf's event loop and the pod watches write, the reconcile threads read.
+Thread-safe: kopf's event loop writes, the reconcile threads read.
 """
 
 from __future__ import annotations
@@ -31,8 +29,8 @@ from .observed import ObservedPod
 
 Key = tuple[str, str]  # (namespace, name)
 
-# How long a seeded LoraResume is served without kopf delivering it (kopf lists every watched object at
-# its start: well within this, also under load).
+# How long a seeded entry is served without the watch delivering its object (kopf lists every watched
+# object at its start: well within this, also under load).
 SEED_SECONDS = 30.0
 
 
@@ -51,12 +49,13 @@ class WatchCache:
         self._monotonic = monotonic
         self._resources: dict[Key, dict[str, Any]] = {}
         self._pods: dict[Key, tuple[str | None, ObservedPod]] = {}
-        # seeded, and not yet delivered by kopf: when each was seeded
+        # seeded, and not yet delivered by the watch: when each was seeded
         self._seeded_resources: dict[Key, float] = {}
+        self._seeded_pods: dict[Key, float] = {}
 
     # ---- seeding at start-up ----------------------------------------------------------------------
-    def seed(self, resources: Iterable[Mapping[str, Any]]) -> None:
-        """One list of LoraResumes, read before kopf's watch starts: provisional entries (see the module
+    def seed(self, resources: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]) -> None:
+        """One list of each kind, read before the watches start: provisional entries (see the module
         docstring). Never over what a watch delivered."""
         now = self._monotonic()
         for body in resources:
@@ -66,11 +65,19 @@ class WatchCache:
                 if key not in self._resources:
                     self._resources[key] = _plain(body)
                     self._seeded_resources[key] = now
+        for body in pods:
+            meta = body.get("metadata") or {}
+            pod = ObservedPod.from_api(dict(body))
+            key = (str(meta.get("namespace", "")), pod.name)
+            with self._lock:
+                if key not in self._pods:
+                    self._pods[key] = (meta.get("resourceVersion"), pod)
+                    self._seeded_pods[key] = now
 
-    def _served(self, key: Key) -> bool:
-        """Whether a LoraResume may be served: delivered by the watch, or seeded less than SEED_SECONDS
-        ago (under the lock)."""
-        at = self._seeded_resources.get(key)
+    def _served(self, seeded: dict[Key, float], key: Key) -> bool:
+        """Whether an entry may be served: delivered by the watch, or seeded less than SEED_SECONDS ago
+        (under the lock)."""
+        at = seeded.get(key)
         return at is None or self._monotonic() - at < SEED_SECONDS
 
     # ---- LoraResumes ----------------------------------------------------------------------------
@@ -101,7 +108,7 @@ class WatchCache:
     def resource(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The newest body delivered (read-only: the reconciler parses it, never edits it), or None."""
         with self._lock:
-            if not self._served((namespace, name)):
+            if not self._served(self._seeded_resources, (namespace, name)):
                 return None
             return self._resources.get((namespace, name))
 
@@ -113,6 +120,7 @@ class WatchCache:
             stored = self._pods.get((namespace, pod.name))
             if stored is None or _newer(version, stored[0]):
                 self._pods[(namespace, pod.name)] = (version, pod)
+            self._seeded_pods.pop((namespace, pod.name), None)
         return pod
 
     def refresh_pod(self, namespace: str, owner: str, body: Mapping[str, Any]) -> None:
@@ -127,17 +135,14 @@ class WatchCache:
     def drop_pod(self, namespace: str, name: str) -> None:
         with self._lock:
             self._pods.pop((namespace, name), None)
+            self._seeded_pods.pop((namespace, name), None)
 
     def pod(self, namespace: str, name: str) -> ObservedPod | None:
         with self._lock:
+            if not self._served(self._seeded_pods, (namespace, name)):
+                return None
             found = self._pods.get((namespace, name))
         return found[1] if found else None
-
-    def pod_keys(self, namespace: str | None) -> list[Key]:
-        """The pods held, (namespace, name), of one namespace or (None) of all: a new list of the pod
-        watch tells from them which went meanwhile."""
-        with self._lock:
-            return [key for key in self._pods if namespace is None or key[0] == namespace]
 
     def sizes(self) -> tuple[int, int]:
         """(LoraResumes, pods) held."""

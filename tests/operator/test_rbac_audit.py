@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
+from urllib.parse import unquote
 
 import boto3
 import pytest
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 
 def audited(cluster: SandboxCluster) -> list[dict[str, Any]]:
-    """The operator's resource requests: (verb, group, resource[/subresource], namespace, code)."""
+    """The operator's resource requests: (verb, group, resource[/subresource], namespace, code, uri)."""
     out = []
     for event in cluster.control_plane.audit_events(user=cluster.operator_user):
         ref = event.get("objectRef")
@@ -46,6 +47,7 @@ def audited(cluster: SandboxCluster) -> list[dict[str, Any]]:
                 "resource": resource,
                 "namespace": ref.get("namespace"),
                 "code": event.get("responseStatus", {}).get("code"),
+                "uri": event.get("requestURI", ""),
             }
         )
     return out
@@ -58,6 +60,15 @@ def observed(requests: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
 def assert_never_refused(requests: list[dict[str, Any]]) -> None:
     refused = sorted({(r["verb"], r["group"], r["resource"], r["namespace"]) for r in requests if r["code"] == 403})
     assert refused == [], f"the chart's RBAC refused the operator: {refused}"
+
+
+def assert_only_trainer_pods_read(requests: list[dict[str, Any]]) -> None:
+    """Every list and watch of pods asks the API server for trainer pods only (its label selector), or for one
+    pod by name: never every pod of a namespace, or of the cluster, filtered by the operator after decoding."""
+    reads = [unquote(r["uri"]) for r in requests if r["resource"] == "pods" and r["verb"] in ("list", "watch")]
+    assert any("watch=true" in uri for uri in reads), reads
+    unselected = sorted({uri for uri in reads if "labelSelector=loraresume.dev/resource" not in uri})
+    assert all("fieldSelector=metadata.name" in uri for uri in unselected), unselected
 
 
 def lifecycle(job: Job, tmp_path, *, delete_checkpoints: bool) -> None:
@@ -127,6 +138,7 @@ def test_namespaced_mode_uses_exactly_the_namespaced_rules(s3_bucket, tmp_path):
         requests = audited(cluster)
     assert requests, "the audit log holds the operator's requests"
     assert_never_refused(requests)
+    assert_only_trainer_pods_read(requests)
     outside = sorted({(r["verb"], r["resource"], r["namespace"]) for r in requests if r["namespace"] != NS})
     assert outside == [], f"namespaced mode must stay inside its namespace: {outside}"
     used = observed(requests)
@@ -160,6 +172,7 @@ def test_cluster_wide_mode_stays_within_the_cluster_rules(s3_bucket, tmp_path):
         spot_capacity_timeout(other, {**storage, "deleteOnResourceDeletion": True})
         requests = audited(cluster)
     assert_never_refused(requests)
+    assert_only_trainer_pods_read(requests)
     used = observed(requests)
     granted = rbac.grants(cluster_wide=True)
     assert used - granted == set(), (

@@ -11,11 +11,7 @@ handlers fill it: every API read and S3 request is counted. What is read, and wh
 from __future__ import annotations
 
 import copy
-import io
-import json
-import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -326,82 +322,28 @@ def test_nothing_is_read_while_the_pod_is_pending_however_long_it_waits():
     assert f.s3["list"] == 1
 
 
-class HangingProgress(CountingBucket):
-    """progress.json answers `progress`; the first read of it hangs until `release` (S3 at its busiest)."""
-
-    def __init__(self, calls: Counter[str], progress: dict[str, Any] | None = None) -> None:
-        super().__init__(calls)
-        self.progress, self.release, self.hung = progress, threading.Event(), threading.Event()
-
-    def get_object(self, **kw: Any) -> Any:
-        if kw.get("Key", "").endswith("progress.json"):
-            self.calls["get progress.json"] += 1
-            if not self.hung.is_set():
-                self.hung.set()
-                assert self.release.wait(30), "the test never released the hanging read"
-            if self.progress is None:
-                raise self._missing("GetObject")
-            return {"Body": io.BytesIO(json.dumps(self.progress).encode())}
-        return super().get_object(**kw)
-
-
-def background_fleet(bucket: HangingProgress) -> tuple[Fleet, list[Any], ThreadPoolExecutor]:
-    """A Fleet whose running pod's views are refreshed in the background, as the operator's are."""
+@pytest.mark.parametrize(
+    "going",
+    [{"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}]}, "deleted"],
+    ids=["disrupted", "deleted"],
+)
+def test_a_going_pod_is_not_read_for_until_it_ends(going):
+    """A pod being reclaimed or deleted is saving its last checkpoint: a read now is out of date when it ends,
+    and one in flight would hold the reconcile of that end (a spot reclaim is when S3 is busiest)."""
     f = Fleet()
-    refreshed: list[Any] = []
-    pool = ThreadPoolExecutor(1)
-    f.cluster.reconciler.views = StorageViews(refresher=pool, refreshed=refreshed.append)
-    f.cluster.reconciler.s3_factory = lambda *_: bucket
-    bucket.hung.set()  # the launch's and the start's reads answer at once
     f.reconcile()
     f.deliver_pod("Running")
     f.reconcile()
-    bucket.hung.clear()
-    return f, refreshed, pool
-
-
-def test_a_running_pods_due_read_holds_neither_its_reconcile_nor_its_end():
-    """A spot reclaim is when S3 is busiest: a running pod's due progress.json read goes on in the background,
-    and the pod's end, delivered while that read still hangs, is counted and relaunched at once; the late
-    answer is older than the end's fresh read and is not kept."""
-    bucket = HangingProgress(Counter())
-    f, refreshed, pool = background_fleet(bucket)
-    f.t += PROGRESS_SECONDS
-    f.reconcile()  # the read is due: it starts, and hangs
-    assert bucket.hung.wait(5)
-    f.t += 1
-    f.deliver_pod("Failed", reason="Evicted", message="evicted")
-    f.reconcile()
-    assert f.status["attempt"] == 2 and f.status["preemptions"] == 1  # while the read still hangs
-    bucket.release.set()
-    pool.shutdown(wait=True)
-    assert refreshed == []  # nothing newer than what the end read
-
-
-def test_a_background_refresh_that_changes_the_view_asks_for_a_reconcile_and_the_status_shows_it():
-    bucket = HangingProgress(Counter(), progress={"step": 3, "loss": 1.25})
-    f, refreshed, pool = background_fleet(bucket)
-    f.t += PROGRESS_SECONDS
-    f.reconcile()
-    bucket.release.set()
-    pool.shutdown(wait=True)
-    assert refreshed == [(NS, "bot")]
-    f.reconcile()  # the reconcile it asked for
-    assert f.status["step"] == 3 and bucket.calls["get progress.json"] == 1
-
-
-def test_a_background_refresh_refused_by_s3_is_reported_by_the_reconcile_it_asks_for():
-    bucket = HangingProgress(Counter())
-    f, refreshed, pool = background_fleet(bucket)
-    bucket.denied = True
-    denied = ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "Get")
-    bucket.get_object = lambda **_: (_ for _ in ()).throw(denied)  # type: ignore[method-assign]
-    f.t += PROGRESS_SECONDS
-    f.reconcile()
-    pool.shutdown(wait=True)
-    assert refreshed == [(NS, "bot")]
-    f.reconcile()
-    assert "cannot read storage" in f.status["message"]
+    if going == "deleted":
+        f.cluster.core.pods["bot-attempt-1"]["metadata"]["deletionTimestamp"] = "2026-12-05T00:00:00Z"
+        f.deliver_pod("Running")
+    else:
+        f.deliver_pod("Running", **going)
+    f.s3.clear()
+    for _ in range(3):
+        f.t += PROGRESS_SECONDS
+        f.reconcile()
+    assert +f.s3 == Counter()
 
 
 def test_an_ended_pod_is_decided_on_a_fresh_read():
@@ -447,7 +389,7 @@ def test_the_cache_keeps_the_newest_delivery():
 
 
 def test_a_seeded_entry_serves_until_the_watch_delivers_it_or_its_time_is_up():
-    """Start-up: one list of LoraResumes seeds the cache (handlers._seed) before kopf's watch starts. A seeded
+    """Start-up: one list of each kind seeds the cache (handlers._seed) before kopf's watches start. A seeded
     entry is served until the watch delivers that object (then the watch's); one the watch never delivers
     (deleted between the list and kopf's listing) stops being served after SEED_SECONDS: a miss, read then."""
     t = [0.0]
@@ -455,16 +397,23 @@ def test_a_seeded_entry_serves_until_the_watch_delivers_it_or_its_time_is_up():
     listed = resource(SPEC, name="bot", namespace=NS)
     listed["metadata"]["resourceVersion"] = "5"
     gone = resource(SPEC, name="gone", namespace=NS)
+    pod = {
+        "metadata": {"name": "bot-attempt-1", "namespace": NS, "resourceVersion": "6"},
+        "status": {"phase": "Running"},
+    }
+    vanished = {"metadata": {"name": "gone-attempt-1", "namespace": NS}, "status": {"phase": "Running"}}
     delivered_first = resource(SPEC, name="early", namespace=NS)
     delivered_first["status"] = {"phase": "Running"}
     cache.put_resource(delivered_first)  # a watch delivery before the seed: never overwritten by it
-    cache.seed([listed, gone, resource(SPEC, name="early", namespace=NS)])
+    cache.seed([listed, gone, resource(SPEC, name="early", namespace=NS)], [pod, vanished])
     assert cache.resource(NS, "early")["status"] == {"phase": "Running"}
-    assert cache.resource(NS, "bot") == listed
+    assert cache.resource(NS, "bot") == listed and cache.pod(NS, "bot-attempt-1").phase == "Running"
     cache.put_resource(listed)
+    cache.put_pod(NS, {**pod, "status": {"phase": "Succeeded"}})
     t[0] = SEED_SECONDS + 1
     assert cache.resource(NS, "bot") == listed  # delivered by the watch since: served
-    assert cache.resource(NS, "gone") is None  # never delivered
+    assert cache.pod(NS, "bot-attempt-1").phase == "Succeeded"
+    assert cache.resource(NS, "gone") is None and cache.pod(NS, "gone-attempt-1") is None  # never delivered
 
 
 def test_a_pending_pod_costs_no_storage_read():
@@ -719,7 +668,7 @@ def test_a_restart_counts_a_finished_resource_from_its_listing_without_a_reconci
 
 
 class Listed:
-    """The start-up lists (handlers._seed's, and the pod watch's first), as the API server would answer them."""
+    """The start-up lists (handlers._seed's two calls), as the API server would answer them."""
 
     def __init__(self, resources: list[dict[str, Any]], pods: list[dict[str, Any]]) -> None:
         self.resources, self.pods = resources, pods
@@ -727,24 +676,19 @@ class Listed:
     def list_namespaced_custom_object(self, *_: Any) -> dict[str, Any]:
         return {"items": copy.deepcopy(self.resources)}
 
-    def list_pods(self, *_: Any, **__: Any) -> Any:
-        from loraresume_operator.lean_api import Listing
-
-        return Listing(copy.deepcopy(self.pods), "20")
+    def list_pods(self, *_: Any, **__: Any) -> list[dict[str, Any]]:
+        return copy.deepcopy(self.pods)
 
 
 def test_a_restart_acts_on_its_start_up_lists_and_not_again_on_kopfs_listing_of_the_same_versions():
     """A restarted operator reconciles what it listed at start-up at once (kopf hands each listed object
     to its handler only after its own per-object processing: ~10 s at 500 resources under load); kopf's
-    listing events of the same versions are then only kept, and a newer version is acted on. Each held
-    pod's owner is asked for by the pod watch's first list, and the watch goes on from that list's version."""
+    listing events of the same versions are then only kept, and a newer version is acted on."""
     import asyncio
-    import threading
 
     import kopf
 
     from loraresume_operator import handlers
-    from loraresume_operator.pod_watch import PodWatch
     from loraresume_operator.pods import LABEL_RESOURCE
 
     f = Fleet()
@@ -767,27 +711,32 @@ def test_a_restart_acts_on_its_start_up_lists_and_not_again_on_kopfs_listing_of_
         },
         "status": {"phase": "Running"},
     }
-    listed = Listed([running, done], [pod])
-    watch = PodWatch(
-        listed, NS, lambda kind, body: handlers.pod_event(rt, kind, body), rt.cache.pod_keys, threading.Event()
-    )  # type: ignore[arg-type]
-    handlers._seed(rt, listed, [watch])  # type: ignore[arg-type]
-    assert submitted == [((NS, "bot"), "bot-attempt-1"), ((NS, "bot"), None)]
-    assert watch.version == "20" and rt.cache.pod(NS, "bot-attempt-1") is not None
+    handlers._seed(rt, Listed([running, done], [pod]), Listed([running, done], [pod]))  # type: ignore[arg-type]
+    assert submitted == [((NS, "bot"), None), ((NS, "bot"), "bot-attempt-1")]
     assert (NS, "bot") in rt.known and (NS, "done") not in rt.known
     assert f.cluster.reconciler._phases.get((NS, "done")) == "Succeeded"
 
     memo = kopf.Memo(runtime=rt)
     on_resource_event: Any = handlers.on_resource_event
+    on_pod_event: Any = handlers.on_pod_event
+    labels = pod["metadata"]["labels"]
     for body in (running, done):
         asyncio.run(
             on_resource_event(namespace=NS, name=body["metadata"]["name"], body=kopf.Body(body), memo=memo, type=None)
         )
+    asyncio.run(
+        on_pod_event(namespace=NS, name="bot-attempt-1", labels=labels, body=kopf.Body(pod), memo=memo, type=None)
+    )
     assert len(submitted) == 2, "kopf's listing of the versions acted on at start-up acted on again"
 
-    newer: Any = copy.deepcopy(running)
-    newer["metadata"].update(resourceVersion="14", generation=2)
-    asyncio.run(on_resource_event(namespace=NS, name="bot", body=kopf.Body(newer), memo=memo, type="MODIFIED"))
-    assert submitted[2:] == [((NS, "bot"), None)]
+    newer: Any = copy.deepcopy(pod)
+    newer["metadata"]["resourceVersion"] = "14"
+    newer["status"] = {"phase": "Failed"}
+    asyncio.run(
+        on_pod_event(
+            namespace=NS, name="bot-attempt-1", labels=labels, body=kopf.Body(newer), memo=memo, type="MODIFIED"
+        )
+    )
+    assert submitted[2:] == [((NS, "bot"), "bot-attempt-1")]
     for pool in (rt.changes, rt.pod_events, rt.event_posts):
         pool.shutdown(wait=True)
