@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 # per resource at a time either way (the periodic loop reconciles beside the queue).
 CHANGE_WORKERS = 48
 POD_EVENT_WORKERS = 32
-EVENT_POSTERS = 4  # Events are posted off the reconcile threads (Reconciler.post_event)
+EVENT_POSTERS = 4  # Events posted and counted pods let go off the reconcile threads (Reconciler.events)
 # The Kubernetes client's connections kept open: the workers of the pools and the periodic loop (its
 # default, 5 per core, made most requests under load open a new TLS connection and drop it).
 API_CONNECTIONS = CHANGE_WORKERS + POD_EVENT_WORKERS + EVENT_POSTERS + 8

@@ -142,8 +142,10 @@ class Reconciler:
         self.monotonic = monotonic
         self.download_sizes = DownloadSizes()
         self.views = views if views is not None else StorageViews()
-        # Where Events are posted from: off the reconcile thread (a launch's worker takes the next resource
-        # instead of waiting on the API server for its AttemptStarted), or inline when None (tests).
+        # Where Events are posted and counted pods let go from: off the reconcile thread (a relaunch's worker
+        # takes the next resource instead of waiting on the API server for its AttemptStarted, or for the
+        # release of the pod it replaced: at a spot reclaim, a hundred relaunches wait for 32 workers), or
+        # inline when None (tests).
         self.events = events
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._phases: dict[tuple[str, str], str] = {}
@@ -510,7 +512,7 @@ class Reconciler:
                 self._delete_pod(resource.namespace, action.name)
             elif isinstance(action, ReleasePod):
                 known = pods.get(action.name)
-                self.release_pod(resource.namespace, action.name, known.finalizers if known else None)
+                self._release_after(resource.namespace, action.name, known.finalizers if known else None)
             elif isinstance(action, EmitEvent):
                 self.post_event(body, type_=action.type, reason=action.reason, message=action.message)
 
@@ -651,6 +653,22 @@ class Reconciler:
                 return
             raise
         log.info("pod %s/%s: counted, accounting finalizer removed", namespace, name)
+
+    def _release_after(self, namespace: str, name: str, finalizers: tuple[str, ...] | None) -> None:
+        """release_pod, for a pod the status written has counted: on `self.events` when the operator gave one
+        (nothing waits on it; one that fails is let go on the pod's next event, as a refused patch is)."""
+        if self.events is None:
+            self.release_pod(namespace, name, finalizers)
+        else:
+            self.events.submit(self._release_logged, namespace, name, finalizers)
+
+    def _release_logged(self, namespace: str, name: str, finalizers: tuple[str, ...] | None) -> None:
+        try:
+            self.release_pod(namespace, name, finalizers)
+        except ApiException as exc:
+            log.warning("pod %s/%s not let go (%s); its next event retries", namespace, name, exc.status)
+        except Exception:  # on the pool nobody else would see it
+            log.exception("pod %s/%s not let go; its next event retries", namespace, name)
 
     def post_event(self, body: Mapping[str, Any], *, type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the resource, through the API client: works from any thread (kopf's

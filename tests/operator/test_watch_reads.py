@@ -346,6 +346,29 @@ def test_a_going_pod_is_not_read_for_until_it_ends(going):
     assert +f.s3 == Counter()
 
 
+def test_a_relaunch_does_not_wait_for_the_release_of_the_pod_it_replaces():
+    """At a spot reclaim a hundred relaunches share the pod-event workers: the ended pod's release (a patch)
+    and the Events go on the operator's pool once the status counts the end, and the worker moves on."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = Fleet()
+    f.reconcile()
+    f.deliver_pod("Running")
+    f.reconcile()
+    gate = threading.Event()
+    pool = ThreadPoolExecutor(1)
+    pool.submit(gate.wait, 30)  # the pool is busy
+    f.cluster.reconciler.events = pool
+    f.deliver_pod("Failed", reason="Evicted", message="evicted")
+    f.reconcile()
+    assert f.status["attempt"] == 2 and "bot-attempt-2" in f.cluster.core.pods
+    assert f.cluster.core.pods["bot-attempt-1"]["metadata"]["finalizers"] == [ACCOUNTING_FINALIZER]  # not yet
+    gate.set()
+    pool.shutdown(wait=True)
+    assert f.cluster.core.pods["bot-attempt-1"]["metadata"]["finalizers"] == []  # let go after
+
+
 def test_an_ended_pod_is_decided_on_a_fresh_read():
     f = Fleet()
     f.reconcile()
