@@ -431,11 +431,18 @@ class Reconciler:
                 # a pod going (deleted, DisruptionTarget) is not read for: its end is, once it has saved, and a
                 # read in flight would hold that end's reconcile (a spot reclaim is when S3 is busiest)
                 going = pod is not None and (pod.terminating or pod.disrupted)
-                running = pod is not None and pod.phase == "Running" and not going
+                running = pod is not None and pod.phase == "Running"
                 pending = pod is not None and pod.phase == "Pending"
                 recorded = StorageView(status.latest_checkpoint, None, False)  # what the status says is durable
                 view, fresh = self.views.view(
-                    key, spec, client, self.monotonic(), running=running, pending=pending, seed=recorded
+                    key,
+                    spec,
+                    client,
+                    self.monotonic(),
+                    running=running,
+                    pending=pending,
+                    going=going,
+                    seed=recorded,
                 )
         except TrainerError as exc:
             return self._storage_refused(body, resource, written, spec, exc)

@@ -225,6 +225,7 @@ class StorageViews:
         *,
         running: bool = True,
         pending: bool = False,
+        going: bool = False,
         seed: StorageView | None = None,
     ) -> tuple[StorageView, bool]:
         """(view, fresh): the last view while its parts are young enough; fresh is True when all of it
@@ -233,18 +234,22 @@ class StorageViews:
         attempt before it ended first, and its uploads with it), so the last view serves however old it
         is, and the wait does not age it (at 500 resources on 100 GPUs, every resource that waited over
         LISTING_SECONDS for a GPU was listed again as its pod started); a view taken on a trainer's word
-        (said) is the exception: its confirming listing stays due. `seed`: what the status recorded,
-        taken as the last view when none is known (a restarted operator), as if just read: its first
-        reconcile costs no read, pending or running (progress.json is read a round later; at a loaded
-        restart 50 running jobs' reads held their first reconciles up to the slowest answer). A decision
-        that launches or counts an end, and an ended or vanished pod, read fresh anyway (reconcile.py).
-        Raises what read_storage raises."""
+        (said) is the exception: its confirming listing stays due. `going`: the pod is going (deleted,
+        DisruptionTarget): its trainer is saving its last checkpoint, so a read now is out of date when it
+        ends, and its end is read fresh anyway; the last view serves, and nothing is read. `seed`: what
+        the status recorded, taken as the last view when none is known (a restarted operator), as if just
+        read: its first reconcile costs no read, pending or running (progress.json is read a round later;
+        at a loaded restart 50 running jobs' reads held their first reconciles up to the slowest answer).
+        A decision that launches or counts an end, and an ended or vanished pod, read fresh anyway
+        (reconcile.py). Raises what read_storage raises."""
         with self._lock:
             known = self._views.get(key)
             if known is None and seed is not None:
                 known = self._views[key] = (now, now, seed)
         if known is None:
             return self.read(key, spec, client, now), True
+        if going:
+            return known[2], False
         if pending:
             with self._lock:
                 if key not in self._unconfirmed:  # as good as read now (a said view's listing stays due: said)

@@ -341,7 +341,7 @@ def test_a_going_pod_is_not_read_for_until_it_ends(going):
         f.deliver_pod("Running", **going)
     f.s3.clear()
     for _ in range(3):
-        f.t += PROGRESS_SECONDS
+        f.t += LISTING_SECONDS  # neither progress.json nor the listing, however long it takes
         f.reconcile()
     assert +f.s3 == Counter()
 
@@ -445,7 +445,7 @@ def test_a_pending_pod_costs_no_storage_read():
     f.deliver_pod("Pending")
     f.s3.clear()
     for _ in range(3):
-        f.t += PROGRESS_SECONDS
+        f.t += LISTING_SECONDS  # neither progress.json nor the listing, however long it takes
         f.reconcile()
     assert +f.s3 == Counter()
 
