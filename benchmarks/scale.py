@@ -374,6 +374,7 @@ class Tracker:
                 pod.setdefault("running", t)
             if state.get("terminated"):
                 pod.setdefault("ended", t)
+                pod.setdefault("said_checkpoint", _names_a_checkpoint(state["terminated"].get("message")))
 
     def ended_on(self, nodes: dict[str, float], known: set[str]) -> list[tuple[str, str, str]]:
         """(name, uid, node) of pods bound to one of `nodes` that began to end at or after its time there
@@ -1127,6 +1128,9 @@ class Bench:
         self.wait("the replacement pods", replaced, self.args.timeout)
         by: dict[str, list[float]] = defaultdict(list)
         share: dict[str, list[float]] = defaultdict(list)
+        # the operator's share by what the trainer said as it ended: a durable checkpoint (counted on its word,
+        # no S3 read) or none (SIGTERMed before it trained, or deleted before it could say: its end is read)
+        by_word: dict[str, list[float]] = defaultdict(list)
         same_name = finished_first = 0
         lost_by_resource: Counter[str] = Counter()
         for pod, (how, t_call, uid) in victims.items():
@@ -1142,6 +1146,8 @@ class Bench:
             by[how].append(t_new - t_call)
             if ends:
                 share[how].append(t_new - min(ends))
+                said = "said a durable checkpoint" if old.get("said_checkpoint") else "said none"
+                by_word[said].append(t_new - min(ends))
         every = by["delete"] + by["preempt"]
         every_share = share["delete"] + share["preempt"]
         return {
@@ -1153,6 +1159,9 @@ class Bench:
             "lost_by_resource": dict(sorted(lost_by_resource.items())),
             "seconds": {"p50": r(pct(every, 50)), "p99": r(pct(every, 99)), "max": r(max(every, default=None))},
             "operator_share_seconds": {"p50": r(pct(every_share, 50)), "p99": r(pct(every_share, 99))},
+            "operator_share_by_what_the_trainer_said": {
+                said: {"n": len(v), "p50": r(pct(v, 50)), "p99": r(pct(v, 99))} for said, v in sorted(by_word.items())
+            },
             "by_kind": {
                 how: {
                     "n": len(v),
@@ -1640,6 +1649,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
                     "  operator's share (old pod ended -> new pod) p50 / p99",
                     f"{rl['operator_share_seconds']['p50']} / {rl['operator_share_seconds']['p99']} s",
                 ),
+                ("  operator's share by what the trainer said as it ended: n, p50 / p99", _by_word(rl)),
                 (
                     "  relaunched under the same pod name (loss not seen); ran to the end first; preemptions counted",
                     f"{rl['relaunched_as_the_same_pod_name']}; {rl.get('ran_to_the_end_first')}; "
@@ -1702,6 +1712,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{rl['operator_share_seconds']['p50']} / {rl['operator_share_seconds']['p99']} s; "
                 f"{rl['relaunched_as_the_same_pod_name']}; {st['preemptions_counted']}",
             ),
+            ("  operator's share by what the trainer said as it ended: n, p50 / p99", _by_word(rl)),
             (
                 "  per resource: preemptions counted = its pods lost",
                 f"{len(st.get('miscounted_resources') or [])} resources differ; "
@@ -1725,6 +1736,21 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
     load = result.get("load_before", {}).get("loadavg_1_5_15"), result.get("load_after", {}).get("loadavg_1_5_15")
     rows.append(("host load average before / after", f"{load[0]} / {load[1]}"))
     return rows
+
+
+def _names_a_checkpoint(message: Any) -> bool:
+    """Whether a trainer's termination message names a durable checkpoint (then the operator counts its end on
+    its word, without reading S3: decide.counted_on_its_word)."""
+    try:
+        said = json.loads(message) if isinstance(message, str) else None
+    except ValueError:
+        return False
+    return isinstance(said, dict) and bool(said.get("durable_step"))
+
+
+def _by_word(rl: dict[str, Any]) -> str:
+    split = rl.get("operator_share_by_what_the_trainer_said") or {}
+    return "; ".join(f"{said}: {v['n']}, {v['p50']} / {v['p99']} s" for said, v in split.items()) or "-"
 
 
 def _latency(lat: dict[str, Any] | None) -> str:
