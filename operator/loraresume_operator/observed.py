@@ -90,6 +90,12 @@ class ObservedPod:
     scheduled_at: datetime | None = None  # PodScheduled True: when the scheduler bound it to a node
 
     @property
+    def going(self) -> bool:
+        """It is being ended by someone else: deleted, or its node reclaimed (DisruptionTarget); its trainer
+        is saving its last checkpoint."""
+        return self.terminating or self.disrupted
+
+    @property
     def held(self) -> bool:
         """It carries the accounting finalizer: only the operator lets it go."""
         return ACCOUNTING_FINALIZER in self.finalizers

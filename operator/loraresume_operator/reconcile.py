@@ -430,9 +430,7 @@ class Reconciler:
             else:
                 # a pod going (deleted, DisruptionTarget) is not read for: its end is, once it has saved, and a
                 # read in flight would hold that end's reconcile (a spot reclaim is when S3 is busiest)
-                going = pod is not None and (pod.terminating or pod.disrupted)
-                running = pod is not None and pod.phase == "Running"
-                pending = pod is not None and pod.phase == "Pending"
+                running, pending = (pod.phase == "Running", pod.phase == "Pending") if pod else (False, False)
                 recorded = StorageView(status.latest_checkpoint, None, False)  # what the status says is durable
                 view, fresh = self.views.view(
                     key,
@@ -441,7 +439,7 @@ class Reconciler:
                     self.monotonic(),
                     running=running,
                     pending=pending,
-                    going=going,
+                    going=pod is not None and pod.going,
                     seed=recorded,
                 )
         except TrainerError as exc:

@@ -46,7 +46,7 @@ def urgent(pod: ObservedPod | None) -> bool:
     counted as a success (or found without its adapter) without hurry."""
     if pod is None:
         return False
-    if pod.terminating or pod.disrupted:
+    if pod.going:
         return True
     if pod.exit_code is not None:
         return pod.exit_code != 0
