@@ -374,7 +374,7 @@ class Tracker:
                 pod.setdefault("running", t)
             if state.get("terminated"):
                 pod.setdefault("ended", t)
-                pod.setdefault("said_checkpoint", _names_a_checkpoint(state["terminated"].get("message")))
+                pod.setdefault("said", _what_it_said(state["terminated"].get("message")))
 
     def ended_on(self, nodes: dict[str, float], known: set[str]) -> list[tuple[str, str, str]]:
         """(name, uid, node) of pods bound to one of `nodes` that began to end at or after its time there
@@ -1146,8 +1146,7 @@ class Bench:
             by[how].append(t_new - t_call)
             if ends:
                 share[how].append(t_new - min(ends))
-                said = "said a durable checkpoint" if old.get("said_checkpoint") else "said none"
-                by_word[said].append(t_new - min(ends))
+                by_word[old.get("said", "said none")].append(t_new - min(ends))
         every = by["delete"] + by["preempt"]
         every_share = share["delete"] + share["preempt"]
         return {
@@ -1738,14 +1737,19 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _names_a_checkpoint(message: Any) -> bool:
-    """Whether a trainer's termination message names a durable checkpoint (then the operator counts its end on
-    its word, without reading S3: decide.counted_on_its_word)."""
+def _what_it_said(message: Any) -> str:
+    """What a trainer's termination message says of what is durable: that it stopped before it trained, or a
+    durable checkpoint (a preemption saying either is counted on its word, without reading S3:
+    decide.counted_on_its_word), or neither."""
     try:
         said = json.loads(message) if isinstance(message, str) else None
     except ValueError:
-        return False
-    return isinstance(said, dict) and bool(said.get("durable_step"))
+        said = None
+    if isinstance(said, dict) and said.get("trained") is False:
+        return "said it had not trained"
+    if isinstance(said, dict) and said.get("durable_step"):
+        return "said a durable checkpoint"
+    return "said none"
 
 
 def _by_word(rl: dict[str, Any]) -> str:

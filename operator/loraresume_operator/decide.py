@@ -391,6 +391,8 @@ def _lost_steps(obs: Observation) -> int:
     said = said_stop(obs.status, obs.pod)
     if said is not None:
         return said[0] - said[1]
+    if said_untrained(obs.status, obs.pod):
+        return 0
     progress = obs.progress if isinstance(obs.progress, dict) else {}
     if _count(progress.get("attempt"), 0) != obs.status.attempt:
         return 0  # the ended attempt never reported a step
@@ -732,16 +734,29 @@ def said_stop(status: LoraResumeStatus, pod: ObservedPod | None) -> tuple[int, i
     return stopped, durable
 
 
+def said_untrained(status: LoraResumeStatus, pod: ObservedPod | None) -> bool:
+    """Whether the attempt's trainer said it stopped before its first training step (its termination
+    message's `trained: false`, written on a SIGTERM while it loaded): it wrote no checkpoint and lost no
+    step, so what the job has durable is what it had before the attempt (the status's latestCheckpoint, or
+    the checkpoint the trainer found durable as it started, `durable_step`, when it got that far)."""
+    if pod is None or pod.name != status.pod_name or not pod.ended or pod.exit_code is None:
+        return False
+    return (pod.termination or {}).get("trained") is False
+
+
 def counted_on_its_word(status: LoraResumeStatus, pod: ObservedPod | None) -> bool:
     """Whether the end of the attempt's pod is counted, and the attempt relaunched, without reading S3: its
     trainer stopped on a SIGTERM (exit 75, a preemption by DESIGN.md's table whatever S3 holds) and said at
-    which step it stopped and which checkpoint of the job's it made durable (said_stop). A spot reclaim
+    which step it stopped and which checkpoint of the job's it made durable (said_stop), or that it stopped
+    before it trained (said_untrained: a reclaim of trainers still loading, the slowest case to read). A spot reclaim
     ends a pool's trainers at once and each uploads its last checkpoint as it goes: the store is at its
     slowest just when the relaunches are wanted, and the relaunch waits on the API server only. The
     relaunch resumes from that checkpoint, which its trainer verifies as it downloads (one that is not
     complete after all: the job's newest complete checkpoint, pipeline.explicit_candidate); the steps lost
     are the trainer's; the listing that follows within StorageViews' bounds confirms latestCheckpoint."""
-    if pod is None or pod.exit_code != Outcome.PREEMPTED.code or said_stop(status, pod) is None:
+    if pod is None or pod.exit_code != Outcome.PREEMPTED.code:
+        return False
+    if said_stop(status, pod) is None and not said_untrained(status, pod):
         return False
     return classify_end(pod, adapter_complete=False).kind is EndKind.PREEMPTED
 

@@ -10,7 +10,8 @@ pods created (AlreadyExists is success: names are per attempt).
 S3 is read at a bounded rate while the attempt's pod is alive (s3_view.StorageViews), and fresh
 when the decision needs it: nothing in flight (a launch starts from the newest checkpoint), or
 the pod ended or is gone (its end is counted against what is durable), unless its trainer said
-what is durable as it stopped on a SIGTERM (a preemption: decide.counted_on_its_word). The credentials Secret is
+what is durable as it stopped on a SIGTERM, or that it stopped before it trained (a preemption:
+decide.counted_on_its_word). The credentials Secret is
 cached for SECRET_TTL_SECONDS and read again after any storage error (a rotated key that S3
 refuses is picked up at once).
 """
@@ -418,8 +419,8 @@ class Reconciler:
                 view, fresh = recent, True
             elif storage_needed(status, pod):
                 step, said = said_durable(status, pod), None
-                if step is not None and counted_on_its_word(status, pod):  # a preemption: no read at all
-                    said = self.views.said(key, spec, client, self.monotonic(), step)
+                if counted_on_its_word(status, pod):  # a preemption: no read at all
+                    said = self.views.said(key, spec, client, self.monotonic(), step, status.latest_checkpoint)
                 elif step is not None and pod is not None:  # an end its trainer reported: no listing
                     said = self.views.read_said(
                         key, spec, client, self.monotonic(), step, adapter_needed=pod.exit_code == 0

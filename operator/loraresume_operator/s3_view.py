@@ -288,11 +288,22 @@ class StorageViews:
                 self._unconfirmed.discard(key)
         return view
 
-    def said(self, key: tuple[str, str], spec: LoraResumeSpec, client: Any, now: float, step: int) -> StorageView:
+    def said(
+        self,
+        key: tuple[str, str],
+        spec: LoraResumeSpec,
+        client: Any,
+        now: float,
+        step: int | None,
+        recorded: CheckpointRef | None,
+    ) -> StorageView:
         """Without a read: checkpoint-`step` as the attempt's trainer said it is durable (decide.counted_on_its_word),
+        or `recorded` (the status's) when it named none (it stopped before it trained: decide.said_untrained),
         with the last view's progress and checkpoint size. Kept as the last view, but not as a listing: the
         listing is read when it is next due (or sooner: the trainer's progress.json names a newer checkpoint)."""
-        checkpoint = CheckpointRef(uri=str(_store(spec, client).checkpoint_uri(step)), step=step)
+        checkpoint = (
+            recorded if step is None else CheckpointRef(uri=str(_store(spec, client).checkpoint_uri(step)), step=step)
+        )
         with self._lock:
             listed_at, progress_at, last = self._views.get(key, (-math.inf, -math.inf, StorageView(None, None, False)))
             view = StorageView(checkpoint, last.progress, False, None, last.checkpoint_bytes)

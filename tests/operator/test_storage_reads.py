@@ -6,6 +6,7 @@ exited 0 naming its durable checkpoint is counted on three reads side by side, w
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -16,7 +17,7 @@ from typing import Any
 import boto3
 import pytest
 
-from loraresume_operator.decide import counted_on_its_word, said_durable, said_stop
+from loraresume_operator.decide import counted_on_its_word, said_durable, said_stop, said_untrained
 from loraresume_operator.defaults import OperatorDefaults, effective_spec
 from loraresume_operator.observed import ObservedPod
 from loraresume_operator.s3_view import DownloadSizes, read_said, read_storage
@@ -153,6 +154,7 @@ def test_which_ends_are_read_without_the_listing(pod, want):
 
 
 PREEMPTED_AT_23 = {"outcome": "preempted", "durable_step": 20, "step": 23}
+UNTRAINED = {"outcome": "preempted", "reason": "SIGTERM before training started; nothing new to save", "trained": False}
 
 
 @pytest.mark.parametrize(
@@ -170,11 +172,20 @@ PREEMPTED_AT_23 = {"outcome": "preempted", "durable_step": 20, "step": 23}
         (ended_pod(75, PREEMPTED_AT_23, name="job-attempt-0"), None, False),  # not the attempt's pod
         (ObservedPod(name="job-attempt-1", phase="Running"), None, False),
         (None, None, False),
+        # SIGTERM while loading: it trained nothing, so nothing new is durable, whatever it found as it started
+        (ended_pod(75, UNTRAINED), None, True),
+        (ended_pod(75, {**UNTRAINED, "durable_step": 20}), None, True),
+        (ended_pod(75, {**UNTRAINED, "trained": "false"}), None, False),  # read as untrusted
+        (ended_pod(75, {**UNTRAINED, "trained": 0}), None, False),
+        (ended_pod(75, {**UNTRAINED, "trained": True}), None, False),  # it trained, said no stop step: read S3
+        (ended_pod(1, {**UNTRAINED, "outcome": "failed"}), None, False),  # a failure: backoff, read
+        (ended_pod(75, UNTRAINED, name="job-attempt-0"), None, False),  # not the attempt's pod
     ],
 )
 def test_which_ends_are_counted_on_the_trainers_word(pod, stop, on_its_word):
-    """decide.counted_on_its_word: a preemption whose trainer said where it stopped and what is durable
-    is counted and relaunched without reading S3; anything else reads it (read_said or the full read)."""
+    """decide.counted_on_its_word: a preemption whose trainer said where it stopped and what is durable, or
+    that it stopped before it trained, is counted and relaunched without reading S3; anything else reads it
+    (read_said or the full read)."""
     assert said_stop(ATTEMPT_1, pod) == stop
     assert counted_on_its_word(ATTEMPT_1, pod) is on_its_word
 
@@ -272,6 +283,45 @@ def test_a_preemption_said_durable_is_relaunched_from_that_checkpoint_without_a_
     created = cluster.core.created[-1]
     assert "checkpoint-20" in str(created)  # resume_from
     assert "list" not in client.calls
+
+
+@pytest.mark.parametrize("found", [None, 20])
+def test_a_preemption_before_training_is_relaunched_from_the_recorded_checkpoint_without_a_read(job, tmp_path, found):
+    """SIGTERM while the trainer loaded (a pool reclaimed before its trainers trained): it said it trained
+    nothing, with or without the checkpoint it found durable as it started. The end is counted on that word
+    (a preemption, no step lost) and the relaunch resumes from the checkpoint the status records, with no S3
+    request at all: at a reclaim the store is busiest with the other trainers' last uploads."""
+    spec, client, store = job
+    doc = spec.model_dump(by_alias=True, mode="json", exclude_none=True)
+    doc["dataset"]["source"] = str(store.root.child("data.jsonl"))
+    store.client.put_object(Bucket=store.root.bucket, Key=store.root.child("data.jsonl").key, Body=b"{}\n")
+    for step in (10, 20):  # an earlier run's, found by the launch's read
+        checkpoint(store, tmp_path, step)
+    cluster = Cluster(resource(doc))
+    cluster.reconciler.s3_factory = lambda *_: client
+    cluster.reconcile()
+    assert cluster.status["podName"] == "job-attempt-1" and cluster.status["latestCheckpoint"]["step"] == 20
+    said = {**UNTRAINED, **({"durable_step": found} if found else {})}
+    pod = cluster.core.pods["job-attempt-1"]
+    pod["status"] = {
+        "phase": "Failed",
+        "containerStatuses": [
+            {"name": "trainer", "state": {"terminated": {"exitCode": 75, "message": json.dumps(said)}}}
+        ],
+    }
+    client.calls.clear()
+    cluster.reconcile()
+    assert (cluster.status["attempt"], cluster.status["preemptions"], cluster.status["lostSteps"]) == (2, 1, 0)
+    assert cluster.status["latestCheckpoint"]["step"] == 20
+    assert "checkpoint-20" in str(cluster.core.created[-1])  # resume_from
+    assert not client.calls
+
+
+def test_said_untrained_reads_only_a_preemption_of_the_attempts_ended_pod():
+    running = ObservedPod(name="job-attempt-1", phase="Running", termination=UNTRAINED)
+    assert not said_untrained(ATTEMPT_1, running)
+    assert said_untrained(ATTEMPT_1, ended_pod(75, UNTRAINED))
+    assert not said_untrained(ATTEMPT_1, ended_pod(75, {**UNTRAINED, "trained": None}))
 
 
 def test_a_burst_of_launches_sizes_a_shared_input_once_per_client(job, tmp_path):

@@ -174,7 +174,7 @@ def test_sigterm_saves_a_checkpoint_off_the_grid_exits_75_and_the_relaunch_resum
     stopped = message["durable_step"]
     assert message["outcome"] == "preempted" and stopped == message["step"] and stopped >= 7
     assert message["checkpoint"] == f"s3://{run.bucket}/{run.name}/checkpoints/checkpoint-{stopped}/"
-    assert f"checkpoint-{stopped} is durable" in message["reason"]
+    assert f"checkpoint-{stopped} is durable" in message["reason"] and "trained" not in message
     view = run.view()
     assert view.checkpoint.step == stopped and view.progress["phase"] == "Preempted" and not view.adapter_complete
     assert next(e for e in events if e["event"] == "preempted")["durable_step"] == stopped
@@ -203,6 +203,7 @@ def test_sigterm_while_loading_exits_75_at_once(run):
     assert code == 75, err
     assert time.monotonic() - t0 < 5
     assert message["outcome"] == "preempted" and "before training started" in message["reason"]
+    assert message["trained"] is False  # what the operator counts on: no checkpoint written, no step lost
     assert run.end(code, message).kind is EndKind.PREEMPTED
 
 

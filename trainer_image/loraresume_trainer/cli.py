@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None, *, engine: Engine | None = None, hooks: 
                 reason="SIGTERM before training started; nothing new to save",
                 exit_code=Outcome.PREEMPTED.code,
                 durable_step=pipeline.durable_step if pipeline is not None else None,
+                trained=False,
             ),
             termination_log,
         )

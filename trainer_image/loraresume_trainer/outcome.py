@@ -44,6 +44,9 @@ class TerminationMessage:
     checkpoint: str | None = None
     adapter: str | None = None
     step: int | None = None
+    # False: stopped before its first training step (a SIGTERM while loading), so this attempt wrote no
+    # checkpoint and lost no step: what the job has durable is what it had when the attempt started
+    trained: bool | None = None
     field: str | None = None
     time: float = dc_field(default_factory=time.time)
 
