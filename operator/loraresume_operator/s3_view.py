@@ -193,9 +193,9 @@ def _empty(store: CheckpointStore) -> bool:
 
 
 # While its pod runs, a job's progress.json is read at most this often (the operator passes its reconcile
-# interval), and its checkpoint listing and adapter manifest at most every LISTING_SECONDS, or sooner when
-# progress.json says a newer checkpoint is durable: a pod event, a periodic round in between reuses the
-# last read; while its pod is pending, nothing (StorageViews.view). A decision that needs them (a launch,
+# interval), and its checkpoint listing and adapter manifest at most every LISTING_SECONDS (a newer checkpoint
+# progress.json says is durable is taken on that word until then): a pod event, a periodic round in between
+# reuses the last read; while its pod is pending, nothing (StorageViews.view). A decision that needs them (a launch,
 # an ended or vanished pod) reads them fresh (reconcile.py).
 PROGRESS_SECONDS = 10.0
 LISTING_SECONDS = 60.0
@@ -259,12 +259,20 @@ class StorageViews:
             return self.read(key, spec, client, now), True
         listed_at, progress_at, view = known
         if running and now - progress_at >= self.progress_seconds:
-            progress = _store(spec, client).get_json(PROGRESS_NAME)
-            if _durable_step(progress) > (view.checkpoint.step if view.checkpoint else 0):
-                return self.read(key, spec, client, now), True  # the trainer says a newer checkpoint is durable
-            view = dataclasses.replace(view, progress=progress)
+            store = _store(spec, client)
+            progress = store.get_json(PROGRESS_NAME)
+            update: dict[str, Any] = {"progress": progress}
+            durable = _durable_step(progress)
+            if durable > (view.checkpoint.step if view.checkpoint else 0):
+                # The trainer writes progress.json once a checkpoint's upload has landed (manifest last): the
+                # newer checkpoint is taken on that word, as an end's (said), and the listing confirms it when
+                # due, not now (a trainer checkpointing often would cost a listing every progress read).
+                update["checkpoint"] = CheckpointRef(uri=str(store.checkpoint_uri(durable)), step=durable)
+            view = dataclasses.replace(view, **update)
             with self._lock:
                 self._views[key] = (listed_at, now, view)
+                if "checkpoint" in update:
+                    self._unconfirmed.add(key)
         return view, False
 
     def read(
@@ -300,7 +308,7 @@ class StorageViews:
         """Without a read: checkpoint-`step` as the attempt's trainer said it is durable (decide.counted_on_its_word),
         or `recorded` (the status's) when it named none (it stopped before it trained: decide.said_untrained),
         with the last view's progress and checkpoint size. Kept as the last view, but not as a listing: the
-        listing is read when it is next due (or sooner: the trainer's progress.json names a newer checkpoint)."""
+        listing is read when it is next due."""
         checkpoint = (
             recorded if step is None else CheckpointRef(uri=str(_store(spec, client).checkpoint_uri(step)), step=step)
         )

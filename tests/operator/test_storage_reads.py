@@ -20,7 +20,7 @@ import pytest
 from loraresume_operator.decide import counted_on_its_word, said_durable, said_stop, said_untrained
 from loraresume_operator.defaults import OperatorDefaults, effective_spec
 from loraresume_operator.observed import ObservedPod
-from loraresume_operator.s3_view import DownloadSizes, read_said, read_storage
+from loraresume_operator.s3_view import LISTING_SECONDS, PROGRESS_SECONDS, DownloadSizes, read_said, read_storage
 from loraresume_operator.spec import LoraResumeSpec, LoraResumeStatus
 from loraresume_trainer.checkpoint_store import MANIFEST_NAME, REQUIRED_CHECKPOINT_FILES, CheckpointStore
 from loraresume_trainer.s3uri import S3Uri
@@ -315,6 +315,40 @@ def test_a_preemption_before_training_is_relaunched_from_the_recorded_checkpoint
     assert cluster.status["latestCheckpoint"]["step"] == 20
     assert "checkpoint-20" in str(cluster.core.created[-1])  # resume_from
     assert not client.calls
+
+
+def test_a_running_jobs_newer_checkpoint_is_taken_on_progress_json_and_listed_when_due(job, tmp_path):
+    """While its pod runs, progress.json naming a newer durable checkpoint updates latestCheckpoint on that
+    word (the trainer writes it once the upload has landed) with no listing; the listing follows when
+    LISTING_SECONDS are up and corrects what the word got wrong (here: a checkpoint without its manifest)."""
+    spec, client, store = job
+    doc = spec.model_dump(by_alias=True, mode="json", exclude_none=True)
+    doc["dataset"]["source"] = str(store.root.child("data.jsonl"))
+    store.client.put_object(Bucket=store.root.bucket, Key=store.root.child("data.jsonl").key, Body=b"{}\n")
+    cluster = Cluster(resource(doc))
+    cluster.reconciler.s3_factory = lambda *_: client
+    clock = [1000.0]
+    cluster.reconciler.monotonic = lambda: clock[0]
+    cluster.reconcile()  # launched: the full read
+    cluster.core.pods["job-attempt-1"]["status"] = {"phase": "Running"}
+    cluster.reconcile()
+    for step in (10, 20):
+        checkpoint(store, tmp_path, step)
+    store.put_json("progress.json", {"step": 21, "max_steps": 30, "attempt": 1, "durable_step": 20})
+    client.calls.clear()
+    clock[0] += PROGRESS_SECONDS
+    cluster.reconcile()
+    assert client.calls == Counter({"get progress.json": 1})
+    assert cluster.status["latestCheckpoint"]["step"] == 20 and cluster.status["step"] == 21
+
+    store.put_json("progress.json", {"step": 31, "max_steps": 40, "attempt": 1, "durable_step": 30})  # no manifest
+    client.calls.clear()
+    clock[0] += PROGRESS_SECONDS
+    cluster.reconcile()
+    assert "list" not in client.calls and cluster.status["latestCheckpoint"]["step"] == 30  # its word, for now
+    clock[0] += LISTING_SECONDS
+    cluster.reconcile()
+    assert client.calls["list"] == 1 and cluster.status["latestCheckpoint"]["step"] == 20  # the listing says
 
 
 def test_said_untrained_reads_only_a_preemption_of_the_attempts_ended_pod():
