@@ -168,7 +168,7 @@ def _view(store: CheckpointStore, newest: tuple[int, Any] | None, progress: Any,
     if newest is None:
         return StorageView(None, progress, complete)
     step, manifest = newest
-    checkpoint = CheckpointRef(uri=str(store.checkpoint_uri(step)), step=step)
+    checkpoint = _checkpoint_ref(store, step)
     return StorageView(checkpoint, progress, complete, manifest.created_at or None, manifest.total_bytes)
 
 
@@ -267,7 +267,7 @@ class StorageViews:
                 # The trainer writes progress.json once a checkpoint's upload has landed (manifest last): the
                 # newer checkpoint is taken on that word, as an end's (said), and the listing confirms it when
                 # due, not now (a trainer checkpointing often would cost a listing every progress read).
-                update["checkpoint"] = CheckpointRef(uri=str(store.checkpoint_uri(durable)), step=durable)
+                update["checkpoint"] = _checkpoint_ref(store, durable)
             view = dataclasses.replace(view, **update)
             with self._lock:
                 self._views[key] = (listed_at, now, view)
@@ -309,9 +309,7 @@ class StorageViews:
         or `recorded` (the status's) when it named none (it stopped before it trained: decide.said_untrained),
         with the last view's progress and checkpoint size. Kept as the last view, but not as a listing: the
         listing is read when it is next due."""
-        checkpoint = (
-            recorded if step is None else CheckpointRef(uri=str(_store(spec, client).checkpoint_uri(step)), step=step)
-        )
+        checkpoint = recorded if step is None else _checkpoint_ref(_store(spec, client), step)
         with self._lock:
             listed_at, progress_at, last = self._views.get(key, (-math.inf, -math.inf, StorageView(None, None, False)))
             view = StorageView(checkpoint, last.progress, False, None, last.checkpoint_bytes)
@@ -335,6 +333,11 @@ def _durable_step(progress: Any) -> int:
     """The newest checkpoint step the trainer says is durable (progress.json, read as untrusted; 0: none)."""
     step = progress.get("durable_step") if isinstance(progress, dict) else None
     return step if isinstance(step, int) and not isinstance(step, bool) and step > 0 else 0
+
+
+def _checkpoint_ref(store: CheckpointStore, step: int) -> CheckpointRef:
+    """checkpoint-`step` of the job's store, as a status names it."""
+    return CheckpointRef(uri=str(store.checkpoint_uri(step)), step=step)
 
 
 def _store(spec: LoraResumeSpec, client: Any) -> CheckpointStore:
