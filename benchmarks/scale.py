@@ -1146,7 +1146,7 @@ class Bench:
             by[how].append(t_new - t_call)
             if ends:
                 share[how].append(t_new - min(ends))
-                by_word[old.get("said", "said none")].append(t_new - min(ends))
+                by_word[old.get("said", SAID_NONE)].append(t_new - min(ends))
         every = by["delete"] + by["preempt"]
         every_share = share["delete"] + share["preempt"]
         return {
@@ -1737,6 +1737,9 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+SAID_NONE = "said none"  # no termination message the benchmark saw, or one naming nothing durable
+
+
 def _what_it_said(message: Any) -> str:
     """What a trainer's termination message says of what is durable: that it stopped before it trained, or a
     durable checkpoint (a preemption saying either is counted on its word, without reading S3:
@@ -1749,7 +1752,7 @@ def _what_it_said(message: Any) -> str:
         return "said it had not trained"
     if isinstance(said, dict) and said.get("durable_step"):
         return "said a durable checkpoint"
-    return "said none"
+    return SAID_NONE
 
 
 def _by_word(rl: dict[str, Any]) -> str:

@@ -716,10 +716,15 @@ def said_durable(status: LoraResumeStatus, pod: ObservedPod | None) -> int | Non
     checkpoint's manifest, the adapter manifest and progress.json, read side by side without the
     listing (s3_view.read_said; the full read when the manifest, or a success's adapter, is missing).
     The step comes from the pod and is checked against that manifest, never trusted alone."""
-    if pod is None or pod.name != status.pod_name or not pod.ended or pod.exit_code is None:
-        return None
-    step = (pod.termination or {}).get("durable_step")
+    step = _end_message(status, pod).get("durable_step")
     return step if isinstance(step, int) and not isinstance(step, bool) and 0 < step <= MAX_STEP else None
+
+
+def _end_message(status: LoraResumeStatus, pod: ObservedPod | None) -> dict[str, Any]:
+    """The termination message of the attempt's pod once it has ended with an exit code, else {}."""
+    if pod is None or pod.name != status.pod_name or not pod.ended or pod.exit_code is None:
+        return {}
+    return pod.termination or {}
 
 
 def said_stop(status: LoraResumeStatus, pod: ObservedPod | None) -> tuple[int, int] | None:
@@ -739,9 +744,7 @@ def said_untrained(status: LoraResumeStatus, pod: ObservedPod | None) -> bool:
     message's `trained: false`, written on a SIGTERM while it loaded): it wrote no checkpoint and lost no
     step, so what the job has durable is what it had before the attempt (the status's latestCheckpoint, or
     the checkpoint the trainer found durable as it started, `durable_step`, when it got that far)."""
-    if pod is None or pod.name != status.pod_name or not pod.ended or pod.exit_code is None:
-        return False
-    return (pod.termination or {}).get("trained") is False
+    return _end_message(status, pod).get("trained") is False
 
 
 def counted_on_its_word(status: LoraResumeStatus, pod: ObservedPod | None) -> bool:

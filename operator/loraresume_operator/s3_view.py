@@ -261,17 +261,16 @@ class StorageViews:
         if running and now - progress_at >= self.progress_seconds:
             store = _store(spec, client)
             progress = store.get_json(PROGRESS_NAME)
-            update: dict[str, Any] = {"progress": progress}
             durable = _durable_step(progress)
-            if durable > (view.checkpoint.step if view.checkpoint else 0):
-                # The trainer writes progress.json once a checkpoint's upload has landed (manifest last): the
-                # newer checkpoint is taken on that word, as an end's (said), and the listing confirms it when
-                # due, not now (a trainer checkpointing often would cost a listing every progress read).
-                update["checkpoint"] = _checkpoint_ref(store, durable)
-            view = dataclasses.replace(view, **update)
+            # The trainer writes progress.json once a checkpoint's upload has landed (manifest last): a newer
+            # checkpoint is taken on that word, as an end's (said), and the listing confirms it when due, not
+            # now (a trainer checkpointing often would cost a listing every progress read).
+            newer = durable > (view.checkpoint.step if view.checkpoint else 0)
+            checkpoint = _checkpoint_ref(store, durable) if newer else view.checkpoint
+            view = dataclasses.replace(view, progress=progress, checkpoint=checkpoint)
             with self._lock:
                 self._views[key] = (listed_at, now, view)
-                if "checkpoint" in update:
+                if newer:
                     self._unconfirmed.add(key)
         return view, False
 
