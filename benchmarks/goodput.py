@@ -233,6 +233,8 @@ def attempt_record(attempt: Attempt) -> dict[str, Any]:
         "steps": [min(t), max(t)] if t else None,
         "startup_s": startup_phases(attempt),
         "compile_cache": cache.get("result"),
+        # torch's cache lookups by the first step: what the restored caches spared it
+        "compiled": next((e.get("compiled") for e in attempt.of("startup") if e["phase"] == "first_step"), None),
         "compile_cache_saved": {k: saved.get(k) for k in ("files", "bytes", "seconds") if k in saved} or None,
         "preempted": (attempt.of("preempted") or [None])[0],
         # the Trainer's cumulative token count at this attempt's first and last logged step (issue 16:
@@ -240,6 +242,11 @@ def attempt_record(attempt: Attempt) -> dict[str, Any]:
         "num_tokens": [logged[0].get("num_tokens"), logged[-1].get("num_tokens")] if logged else None,
         "losses": {int(e["step"]): e["loss"] for e in logged},
     }
+
+
+def keep_stderr(out: Path, label: str, attempt: Attempt) -> None:
+    """An attempt's stderr tail beside the results (the libraries' warnings and TORCH_LOGS output)."""
+    (out / f"stderr-{label}.txt").write_text(attempt.stderr[-200_000:], encoding="utf-8")
 
 
 def first_difference(a: Attempt, b: Attempt) -> int | None:
@@ -383,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=ns.budget_s,
                 python=ns.trainer_python,
             )
+            keep_stderr(ns.out, "uninterrupted", baseline)
             if baseline.exit_code != 0:
                 result["error"] = f"uninterrupted run failed: {baseline.stderr[-2000:]}"
                 write()
@@ -430,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                     attempt_cfg, node, kill=kill, env=env, attempt=number, timeout=ns.budget_s, python=ns.trainer_python
                 )
                 story.append(attempt)
+                keep_stderr(ns.out, f"{name}-{number}", attempt)
                 entry["attempts"].append(attempt_record(attempt))
                 write()
                 expected = 75 if kill else 0

@@ -21,7 +21,16 @@ import pytest
 
 from loraresume_trainer import compile_cache
 from loraresume_trainer.checkpoint_store import CheckpointStore
-from loraresume_trainer.compile_cache import CACHES, ENV_SEED, CompileCache, cache_key, export, key_inputs
+from loraresume_trainer.compile_cache import (
+    CACHES,
+    ENV_DEFAULTS,
+    ENV_SEED,
+    CompileCache,
+    cache_key,
+    export,
+    key_inputs,
+    lookup_counts,
+)
 from loraresume_trainer.config import parse_job
 from loraresume_trainer.manifest import MANIFEST_NAME, Manifest
 from loraresume_trainer.s3uri import S3Uri
@@ -44,7 +53,7 @@ def store(s3) -> CheckpointStore:
 @pytest.fixture(autouse=True)
 def _cache_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """point_env() sets the libraries' variables: give each test its own copy of the environment."""
-    for var in [*CACHES.values(), ENV_SEED]:
+    for var in [*CACHES.values(), *ENV_DEFAULTS, ENV_SEED]:
         monkeypatch.delenv(var, raising=False)
 
 
@@ -153,6 +162,40 @@ def test_round_trip_restores_every_file_bitwise_and_saves_once(store, tmp_path, 
     assert not second.should_save and second.save() is False  # already in storage: not uploaded again
     (restored,) = events(capsys, "compile_cache")
     assert restored["result"] == "storage" and restored["files"] == len(files)
+
+
+@pytest.mark.parametrize(
+    ("pod_sets", "expected"),
+    [
+        (None, "1"),  # AOTAutograd caches Unsloth's blocks (custom autograd.Functions): the relaunch skips tracing
+        ("0", "0"),  # a pod's own setting wins
+    ],
+)
+def test_point_env_allows_aotautograd_to_cache_custom_functions_unless_the_pod_says(
+    store, tmp_path, monkeypatch, pod_sets, expected
+) -> None:
+    var = "TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD"
+    assert var in ENV_DEFAULTS
+    if pod_sets is not None:
+        monkeypatch.setenv(var, pod_sets)
+    CompileCache(store, tmp_path / "c", inputs()).point_env()
+    assert os.environ[var] == expected
+
+
+def test_lookup_counts_reports_torchs_cache_outcomes_and_nothing_before_torch_compiled(monkeypatch) -> None:
+    import collections
+    import sys
+    import types
+
+    monkeypatch.delitem(sys.modules, "torch._dynamo.utils", raising=False)
+    assert lookup_counts() == {}
+    fake = types.ModuleType("torch._dynamo.utils")
+    counters: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    counters["inductor"].update(fxgraph_cache_hit=4, fxgraph_cache_miss=0, pattern_matcher_count=9)
+    counters["aot_autograd"].update(autograd_cache_bypass=2, autograd_cache_hit=1, total=3)
+    fake.counters = counters  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch._dynamo.utils", fake)
+    assert lookup_counts() == {"fxgraph_cache_hit": 4, "autograd_cache_bypass": 2, "autograd_cache_hit": 1}
 
 
 def test_a_cache_of_another_key_is_not_used(store, tmp_path) -> None:

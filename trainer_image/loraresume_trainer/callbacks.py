@@ -11,6 +11,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .checkpoint_store import PROGRESS_NAME
+from .compile_cache import lookup_counts
 from .progress import StartupClock, emit_event, mean_train_loss, progress_record, tokens_before
 from .stop_signal import StopRequest
 from .uploader import BackgroundUploader
@@ -70,7 +71,7 @@ class DurableCheckpointCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if "first_step" not in self.clock.phases:
-            self.clock.mark("first_step", step=state.global_step)
+            self.clock.mark("first_step", step=state.global_step, compiled=lookup_counts() or None)
         if self.on_warm is not None and state.global_step - self.resumed_from >= self.warm_steps:
             on_warm, self.on_warm = self.on_warm, None
             on_warm()

@@ -52,6 +52,12 @@ CACHES: Mapping[str, str] = {
     "inductor": "TORCHINDUCTOR_CACHE_DIR",
     "unsloth": "UNSLOTH_COMPILE_LOCATION",
 }
+# Settings the caches need to be of use, set unless the pod's env sets them. AOTAutograd's cache (under
+# inductor's dir) refuses graphs holding custom autograd.Functions unless allowed, and Unsloth's decoder
+# blocks hold them: without it every relaunch traces and partitions the joint graph again (about 6 s of
+# an 11 s first step on an H100, RESULTS.md). PyTorch keeps it off because the key does not cover a
+# Function's Python code; ours does (the library versions and the model), and the graph itself is in it.
+ENV_DEFAULTS: Mapping[str, str] = {"TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1"}
 ENV_SEED = "LORARESUME_COMPILE_CACHE_SEED"  # a directory in the image: triton/, inductor/, unsloth/, key.json
 ENV_SWITCH = "LORARESUME_COMPILE_CACHE"  # "off": neither restore nor save
 KEY_FILE = "key.json"
@@ -199,6 +205,8 @@ class CompileCache:
         for name, var in CACHES.items():
             self.dirs[name].mkdir(parents=True, exist_ok=True)
             os.environ[var] = str(self.dirs[name])
+        for var, value in ENV_DEFAULTS.items():
+            os.environ.setdefault(var, value)
 
     def _empty(self) -> bool:
         return not any(_files(d) for d in self.dirs.values() if d.is_dir())
@@ -335,6 +343,21 @@ class CompileCache:
     def wait(self, timeout: float | None = None) -> None:
         if self._saver is not None:
             self._saver.join(timeout)
+
+
+def lookup_counts() -> dict[str, int]:
+    """This process's compile-cache lookups so far, as torch counts them (inductor's FX graphs,
+    AOTAutograd's joint graphs: hits, misses, bypasses); empty when nothing was compiled. Shows whether a
+    restored cache spared the first step its compilation."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    counters = getattr(utils, "counters", None) or {}
+    wanted = (("inductor", "fxgraph_cache_"), ("aot_autograd", "autograd_cache_"))
+    return {
+        name: int(count)
+        for group, prefix in wanted
+        for name, count in sorted(counters.get(group, {}).items())
+        if name.startswith(prefix) and count
+    }
 
 
 def export(store: Any, uri: S3Uri, dest: Path) -> Path:
