@@ -179,6 +179,18 @@ def new_node(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     return {**cfg, "workDir": str(scratch / "work")}
 
 
+def node_env(node: Path) -> dict[str, str]:
+    """A new node's own $HOME and $TMPDIR, empty: what libraries cache there by default (inductor's
+    /tmp/torchinductor_<user>, Unsloth's ~/.cache/unsloth/mega_cache, Triton's ~/.triton) would otherwise
+    carry from one attempt to the next on this one machine, as no relaunched pod has them."""
+    env = {}
+    for var, name in (("HOME", "home"), ("TMPDIR", "tmp")):
+        shutil.rmtree(node / name, ignore_errors=True)
+        (node / name).mkdir(parents=True)
+        env[var] = str(node / name)
+    return env
+
+
 def cold_env(caches: Path) -> dict[str, str]:
     """Without the trainer's compile cache: each library's cache in an empty directory of this node
     (the machine's own, e.g. gpu_lock's TRITON_CACHE_DIR, would be warm from the runs before)."""
@@ -387,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             baseline = run_attempt(
                 new_node(cfg, ns.work),
                 ns.work / "uninterrupted" / "node-1",
+                env=node_env(ns.work / "uninterrupted" / "node-1"),
                 timeout=ns.budget_s,
                 python=ns.trainer_python,
             )
@@ -405,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             again = run_attempt(
                 new_node(cfg, ns.work),
                 ns.work / "uninterrupted-again" / "node-1",
+                env=node_env(ns.work / "uninterrupted-again" / "node-1"),
                 timeout=ns.budget_s,
                 python=ns.trainer_python,
             )
@@ -433,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                 node = ns.work / name / f"node-{number}"  # a new node: empty scratch, cold caches
                 attempt_cfg = new_node(cfg, ns.work)
                 kill = Kill(signal.SIGTERM, kills[number - 1], after_durable=False) if number <= len(kills) else None
-                env = cold_env(node / "caches") if variant == "cold" else {}
+                env = {**node_env(node), **(cold_env(node / "caches") if variant == "cold" else {})}
                 attempt = run_attempt(
                     attempt_cfg, node, kill=kill, env=env, attempt=number, timeout=ns.budget_s, python=ns.trainer_python
                 )

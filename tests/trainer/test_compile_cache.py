@@ -182,6 +182,20 @@ def test_point_env_allows_aotautograd_to_cache_custom_functions_unless_the_pod_s
     assert os.environ[var] == expected
 
 
+def test_repoint_points_back_what_an_import_changed(store, tmp_path, monkeypatch) -> None:
+    """`import unsloth` drops TORCHINDUCTOR_CACHE_DIR: inductor's caches then went to the node's /tmp,
+    outside what is saved and restored."""
+    cache = CompileCache(store, tmp_path / "c", inputs())
+    cache.point_env()
+    assert cache.repoint() == []
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")  # as unsloth_zoo's patch_torch_compile does
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert cache.repoint() == ["TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"]
+    assert {var: os.environ[var] for var in CACHES.values()} == {
+        var: str(cache.root / name) for name, var in CACHES.items()
+    }
+
+
 def test_lookup_counts_reports_torchs_cache_outcomes_and_nothing_before_torch_compiled(monkeypatch) -> None:
     import collections
     import sys

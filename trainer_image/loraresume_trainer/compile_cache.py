@@ -57,7 +57,13 @@ CACHES: Mapping[str, str] = {
 # blocks hold them: without it every relaunch traces and partitions the joint graph again (about 6 s of
 # an 11 s first step on an H100, RESULTS.md). PyTorch keeps it off because the key does not cover a
 # Function's Python code; ours does (the library versions and the model), and the graph itself is in it.
-ENV_DEFAULTS: Mapping[str, str] = {"TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1"}
+# Unsloth's own persistent compile cache ("mega cache") is off: it lives under $HOME, which a relaunched
+# pod starts without, and saves at a normal exit only (a preempted trainer ends with os._exit); this cache
+# holds the same artifacts (inductor's dir).
+ENV_DEFAULTS: Mapping[str, str] = {
+    "TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1",
+    "UNSLOTH_MEGA_CACHE": "0",
+}
 ENV_SEED = "LORARESUME_COMPILE_CACHE_SEED"  # a directory in the image: triton/, inductor/, unsloth/, key.json
 ENV_SWITCH = "LORARESUME_COMPILE_CACHE"  # "off": neither restore nor save
 KEY_FILE = "key.json"
@@ -207,6 +213,17 @@ class CompileCache:
             os.environ[var] = str(self.dirs[name])
         for var, value in ENV_DEFAULTS.items():
             os.environ.setdefault(var, value)
+
+    def repoint(self) -> list[str]:
+        """After the heavy imports: point back the variables an import changed, and name them. `import
+        unsloth` drops TORCHINDUCTOR_CACHE_DIR (unsloth_zoo's patch_torch_compile), which left inductor's
+        FX-graph and AOTAutograd caches in the node's /tmp, outside what is saved and restored."""
+        changed = [var for name, var in CACHES.items() if os.environ.get(var) != str(self.dirs[name])]
+        for name, var in CACHES.items():
+            os.environ[var] = str(self.dirs[name])
+        if changed:
+            log.info("compile cache: %s changed by the imports; pointed back into %s", ", ".join(changed), self.root)
+        return changed
 
     def _empty(self) -> bool:
         return not any(_files(d) for d in self.dirs.values() if d.is_dir())

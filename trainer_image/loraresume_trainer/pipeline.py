@@ -330,6 +330,8 @@ class Pipeline:
             os.environ.update(determinism_env(job.training, os.environ))  # before the imports, likewise
             with self.timed("load_stack"):
                 self.engine.load_stack(self)
+            if self.compile_cache is not None:
+                self.compile_cache.repoint()  # nothing has compiled yet: only the imports ran
             self.clock.mark("imports_done")
             inputs: Inputs = fetching.result()
             self.clock.mark("inputs_ready")
