@@ -407,3 +407,45 @@ def test_the_trainer_saves_its_caches_after_the_first_steps_and_a_relaunch_resto
     assert not second.of("compile_cache_saved")  # already there
     assert tree(tmp_path / "new-node" / "compile-cache") == files
     assert [e["phase"] for e in second.of("startup")][:2] == ["compile_cache_restored", "imports_done"]
+
+
+class _DropsInductorsDirAtImport:
+    """An engine whose imports drop TORCHINDUCTOR_CACHE_DIR as `import unsloth` does; it records the
+    environment the training would compile under, then stops the attempt."""
+
+    fetches_inputs = False
+    compiles = True
+
+    def __init__(self) -> None:
+        self.event_fields: dict[str, Any] = {}
+        self.seen: dict[str, str | None] = {}
+
+    def load_stack(self, run: Any) -> None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)  # unsloth_zoo's patch_torch_compile
+
+    def prepare(self, run: Any, inputs: Any, view: Any) -> Any:
+        from loraresume_trainer.errors import ConfigError
+
+        self.seen = {var: os.environ.get(var) for var in [*CACHES.values(), *ENV_DEFAULTS]}
+        raise ConfigError("stopped by the test once the imports were done", field="training")
+
+
+def test_the_caches_are_pointed_back_after_imports_that_changed_them(make_job, tmp_path, monkeypatch) -> None:
+    import yaml
+
+    from loraresume_trainer import cli
+
+    for var in [*CACHES.values(), *ENV_DEFAULTS]:  # what the attempt sets is undone at teardown
+        monkeypatch.setenv(var, "unset-by-the-test")
+        monkeypatch.delenv(var)
+    config, work = make_job(training={"max_steps": 2})
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "job.yaml").write_text(yaml.safe_dump(config))
+    engine = _DropsInductorsDirAtImport()
+    code = cli.main(["--config", str(work / "job.yaml"), "--termination-log", str(tmp_path / "term")], engine=engine)
+    assert code == 78
+    root = Path(config["workDir"]) / "compile-cache"
+    assert engine.seen == {
+        **{var: str(root / name) for name, var in CACHES.items()},
+        **ENV_DEFAULTS,
+    }
