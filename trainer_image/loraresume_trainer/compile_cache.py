@@ -54,9 +54,10 @@ CACHES: Mapping[str, str] = {
 }
 # Settings the caches need to be of use, set unless the pod's env sets them. AOTAutograd's cache (under
 # inductor's dir) refuses graphs holding custom autograd.Functions unless allowed, and Unsloth's decoder
-# blocks hold them: without it every relaunch traces and partitions the joint graph again (about 6 s of
-# an 11 s first step on an H100, RESULTS.md). PyTorch keeps it off because the key does not cover a
-# Function's Python code; ours does (the library versions and the model), and the graph itself is in it.
+# blocks hold them: without it every relaunch traces and partitions the joint graph again (an 8B
+# relaunch's first step on an H100: 10.2 s refused, 5.6 s allowed; RESULTS.md). PyTorch keeps it off
+# because the key does not cover a Function's Python code; ours does (the library versions and the
+# model), and the graph itself is in it.
 # Unsloth's own persistent compile cache ("mega cache") is off: it lives under $HOME, which a relaunched
 # pod starts without, and saves at a normal exit only (a preempted trainer ends with os._exit); this cache
 # holds the same artifacts (inductor's dir).
