@@ -257,7 +257,7 @@ def attempt_record(attempt: Attempt) -> dict[str, Any]:
 
 
 def keep_stderr(out: Path, label: str, attempt: Attempt) -> None:
-    """An attempt's stderr tail beside the results (the libraries' warnings and TORCH_LOGS output)."""
+    """An attempt's stderr tail beside the results (the trainer's log and the libraries' warnings)."""
     (out / f"stderr-{label}.txt").write_text(attempt.stderr[-200_000:], encoding="utf-8")
 
 

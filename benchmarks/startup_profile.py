@@ -17,10 +17,12 @@ import gzip
 import json
 import re
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer_image"))
+from loraresume_trainer.progress import STARTUP_PHASES  # the phases, in order
 
 IMPORTLIB = ("<frozen importlib", "<frozen runpy")
-ORDER = ["compile_cache_restored", "imports_done", "inputs_ready", "checkpoint_verified", "model_loaded",
-         "state_restored", "first_step"]  # fmt: skip
 
 
 def load(path):
@@ -183,7 +185,7 @@ def main():
     print("functions on the main thread (first, last seen; trainer clock s):", json.dumps(marks))
 
     windows, prev_name, prev_t = [], "process_start", 0.0
-    for ph in ORDER:
+    for ph in STARTUP_PHASES:
         if ph in startup:
             windows.append((f"{prev_name} -> {ph}", ph, prev_t, startup[ph]))
             prev_name, prev_t = ph, startup[ph]

@@ -209,19 +209,22 @@ class CompileCache:
 
     def point_env(self) -> None:
         """Point each library at its cache directory here (before the imports)."""
-        for name, var in CACHES.items():
-            self.dirs[name].mkdir(parents=True, exist_ok=True)
-            os.environ[var] = str(self.dirs[name])
+        for directory in self.dirs.values():
+            directory.mkdir(parents=True, exist_ok=True)
+        self._point()
         for var, value in ENV_DEFAULTS.items():
             os.environ.setdefault(var, value)
+
+    def _point(self) -> None:
+        for name, var in CACHES.items():
+            os.environ[var] = str(self.dirs[name])
 
     def repoint(self) -> list[str]:
         """After the heavy imports: point back the variables an import changed, and name them. `import
         unsloth` drops TORCHINDUCTOR_CACHE_DIR (unsloth_zoo's patch_torch_compile), which left inductor's
         FX-graph and AOTAutograd caches in the node's /tmp, outside what is saved and restored."""
         changed = [var for name, var in CACHES.items() if os.environ.get(var) != str(self.dirs[name])]
-        for name, var in CACHES.items():
-            os.environ[var] = str(self.dirs[name])
+        self._point()
         if changed:
             log.info("compile cache: %s changed by the imports; pointed back into %s", ", ".join(changed), self.root)
         return changed
