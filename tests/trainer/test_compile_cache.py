@@ -11,8 +11,10 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tarfile
 import time
+import types
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,13 @@ from loraresume_trainer.compile_cache import (
     CACHES,
     ENV_DEFAULTS,
     ENV_SEED,
+    PTXAS_VAR,
     CompileCache,
     cache_key,
     export,
     key_inputs,
     lookup_counts,
+    pin_ptxas,
 )
 from loraresume_trainer.config import parse_job
 from loraresume_trainer.manifest import MANIFEST_NAME, Manifest
@@ -426,7 +430,7 @@ class _DropsInductorsDirAtImport:
     def prepare(self, run: Any, inputs: Any, view: Any) -> Any:
         from loraresume_trainer.errors import ConfigError
 
-        self.seen = {var: os.environ.get(var) for var in [*CACHES.values(), *ENV_DEFAULTS]}
+        self.seen = {var: os.environ.get(var) for var in [*CACHES.values(), *ENV_DEFAULTS, PTXAS_VAR]}
         raise ConfigError("stopped by the test once the imports were done", field="training")
 
 
@@ -435,9 +439,10 @@ def test_the_caches_are_pointed_back_after_imports_that_changed_them(make_job, t
 
     from loraresume_trainer import cli
 
-    for var in [*CACHES.values(), *ENV_DEFAULTS]:  # what the attempt sets is undone at teardown
+    for var in [*CACHES.values(), *ENV_DEFAULTS, PTXAS_VAR]:  # what the attempt sets is undone at teardown
         monkeypatch.setenv(var, "unset-by-the-test")
         monkeypatch.delenv(var)
+    monkeypatch.setitem(sys.modules, _INDUCTOR_RULE, _inductor_rule("/torch/bin/ptxas"))
     config, work = make_job(training={"max_steps": 2})
     work.mkdir(parents=True, exist_ok=True)
     (work / "job.yaml").write_text(yaml.safe_dump(config))
@@ -448,4 +453,51 @@ def test_the_caches_are_pointed_back_after_imports_that_changed_them(make_job, t
     assert engine.seen == {
         **{var: str(root / name) for name, var in CACHES.items()},
         **ENV_DEFAULTS,
+        PTXAS_VAR: "/torch/bin/ptxas",  # pinned before the first kernel, as inductor would later
     }
+
+
+_INDUCTOR_RULE = "torch._inductor.runtime.compile_tasks"
+
+
+def _inductor_rule(bundled: str | None) -> types.ModuleType:
+    """Inductor's rule as torch writes it: the pod's TRITON_PTXAS_PATH, else torch's bundled ptxas if any."""
+    module = types.ModuleType(_INDUCTOR_RULE)
+
+    def _set_triton_ptxas_path() -> None:
+        if os.environ.get(PTXAS_VAR) is None and bundled is not None:
+            os.environ[PTXAS_VAR] = bundled
+
+    module._set_triton_ptxas_path = _set_triton_ptxas_path  # type: ignore[attr-defined]
+    return module
+
+
+@pytest.mark.parametrize(
+    ("pod_sets", "bundled", "expected"),
+    [
+        (None, "/torch/bin/ptxas", "/torch/bin/ptxas"),  # inductor's choice, from the first kernel on
+        ("/opt/cuda/bin/ptxas", "/torch/bin/ptxas", "/opt/cuda/bin/ptxas"),  # the pod's own wins
+        (None, None, None),  # torch bundles none: Triton's own, in every attempt alike
+    ],
+)
+def test_pin_ptxas_applies_inductors_rule_before_anything_compiles(monkeypatch, pod_sets, bundled, expected) -> None:
+    monkeypatch.delenv(PTXAS_VAR, raising=False)
+    if pod_sets is not None:
+        monkeypatch.setenv(PTXAS_VAR, pod_sets)
+    monkeypatch.setitem(sys.modules, _INDUCTOR_RULE, _inductor_rule(bundled))
+    assert pin_ptxas() == expected
+    assert os.environ.get(PTXAS_VAR) == expected
+
+
+def test_pin_ptxas_without_inductor_leaves_the_choice_to_triton(monkeypatch) -> None:
+    monkeypatch.delenv(PTXAS_VAR, raising=False)
+    monkeypatch.setitem(sys.modules, _INDUCTOR_RULE, None)  # import fails: ImportError
+    assert pin_ptxas() is None
+
+
+def test_the_inductor_rule_pin_ptxas_calls_exists_in_this_torch() -> None:
+    """pin_ptxas calls a private torch function; a torch that renames it would silently bring back the
+    relaunch's recompiles, so the tested torch must still have it."""
+    from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
+
+    assert callable(_set_triton_ptxas_path)

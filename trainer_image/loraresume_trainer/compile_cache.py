@@ -1,11 +1,14 @@
-"""Compile caches that survive attempts: Triton's kernels, inductor's graphs, Unsloth's generated modules.
+"""Compile caches that survive attempts: Triton's kernels, inductor's graphs, Unsloth's generated modules,
+the CUDA driver's and torch's JIT-compiled kernels.
 
 A pod starts with an empty scratch volume, so every relaunch used to compile again (on the H200:
 first step 10 s cold against 3 s warm, start-up 58.6 s against 43.6 s; issue 16). Here:
 
-1. Before the heavy imports, the three caches are pointed into the attempt's work dir
-   (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR, UNSLOTH_COMPILE_LOCATION: each library reads its
-   variable when it first needs the directory, so they must be set before the imports).
+1. Before the heavy imports, the caches are pointed into the attempt's work dir (TRITON_CACHE_DIR,
+   TORCHINDUCTOR_CACHE_DIR, UNSLOTH_COMPILE_LOCATION, CUDA_CACHE_PATH, PYTORCH_KERNEL_CACHE_PATH: each
+   reader takes its variable when it first needs the directory, so they must be set before the
+   imports). After the imports, `repoint` points back what an import changed and `pin_ptxas` fixes
+   Triton's ptxas (either would otherwise make a relaunch miss what it restored).
 2. They are restored from `<storage.uri>/compile-cache/<key>/` (one tar per cache plus a
    `_COMPLETE.json` manifest with sizes and sha256, written last: checkpoint_store's manifest and
    verified download), else from a directory baked into the image ($LORARESUME_COMPILE_CACHE_SEED).
@@ -46,12 +49,18 @@ from .s3uri import S3Uri
 log = logging.getLogger(__name__)
 
 # Cache name -> the variable its library reads (Triton's own kernels, inductor's FX graph and kernel
-# cache, Unsloth's generated trainer and model modules).
+# cache, Unsloth's generated trainer and model modules, the CUDA driver's JIT of kernels shipped as PTX
+# only (default ~/.nv/ComputeCache), torch's NVRTC-compiled kernels (default ~/.cache/torch/kernels)).
+# The last two live under $HOME by default, which a relaunched pod starts without: an 8B run left
+# ~0.9 MB there on every node (RESULTS.md, "A relaunch on a clean node").
 CACHES: Mapping[str, str] = {
     "triton": "TRITON_CACHE_DIR",
     "inductor": "TORCHINDUCTOR_CACHE_DIR",
     "unsloth": "UNSLOTH_COMPILE_LOCATION",
+    "cuda": "CUDA_CACHE_PATH",
+    "torch_kernels": "PYTORCH_KERNEL_CACHE_PATH",
 }
+PTXAS_VAR = "TRITON_PTXAS_PATH"
 # Settings the caches need to be of use, set unless the pod's env sets them. AOTAutograd's cache (under
 # inductor's dir) refuses graphs holding custom autograd.Functions unless allowed, and Unsloth's decoder
 # blocks hold them: without it every relaunch traces and partitions the joint graph again (an 8B
@@ -65,7 +74,7 @@ ENV_DEFAULTS: Mapping[str, str] = {
     "TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1",
     "UNSLOTH_MEGA_CACHE": "0",
 }
-ENV_SEED = "LORARESUME_COMPILE_CACHE_SEED"  # a directory in the image: triton/, inductor/, unsloth/, key.json
+ENV_SEED = "LORARESUME_COMPILE_CACHE_SEED"  # a directory in the image: one subdirectory per CACHES name, key.json
 ENV_SWITCH = "LORARESUME_COMPILE_CACHE"  # "off": neither restore nor save
 KEY_FILE = "key.json"
 # Libraries whose versions decide whether compiled code can be reused.
@@ -364,6 +373,28 @@ class CompileCache:
     def wait(self, timeout: float | None = None) -> None:
         if self._saver is not None:
             self._saver.join(timeout)
+
+
+def pin_ptxas() -> str | None:
+    """Have every Triton compile of this process use the ptxas inductor uses (torch's bundled one, unless
+    the pod sets TRITON_PTXAS_PATH), from the first kernel on; returns the path, None for Triton's own.
+
+    Triton's cache key holds the ptxas version. Inductor sets the variable in the trainer's process
+    only when it first builds a kernel there: on a cold attempt that is after Unsloth's own kernels
+    compiled with Triton's bundled ptxas (inductor builds its kernels in worker processes), on a
+    relaunch that found inductor's graphs in the cache it is before them. So no Unsloth kernel a
+    relaunch compiled ever matched a saved one (an H100: ptxas 12.8 against 13.0; RESULTS.md, "Why a
+    relaunch compiled Unsloth's kernels again"). Calls inductor's own rule, so it stays torch's."""
+    try:
+        from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
+    except ImportError:  # no inductor, or a torch without the rule: Triton picks its own, every time
+        return os.environ.get(PTXAS_VAR)
+    before = os.environ.get(PTXAS_VAR)
+    _set_triton_ptxas_path()
+    chosen = os.environ.get(PTXAS_VAR)
+    if chosen != before:
+        log.info("compile cache: Triton's ptxas pinned to %s (inductor's)", chosen)
+    return chosen
 
 
 def lookup_counts() -> dict[str, int]:

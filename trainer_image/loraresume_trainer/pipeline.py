@@ -332,6 +332,8 @@ class Pipeline:
                 self.engine.load_stack(self)
             if self.compile_cache is not None:
                 self.compile_cache.repoint()  # nothing has compiled yet: only the imports ran
+            if self.engine.compiles:
+                compile_cache.pin_ptxas()  # every attempt's Triton kernels: one ptxas, one cache key
             self.clock.mark("imports_done")
             inputs: Inputs = fetching.result()
             self.clock.mark("inputs_ready")
