@@ -29,11 +29,13 @@ from loraresume_trainer.compile_cache import (
     ENV_SEED,
     PTXAS_VAR,
     CompileCache,
+    TritonCompiles,
     cache_key,
     export,
     key_inputs,
     lookup_counts,
     pin_ptxas,
+    watch_triton_compiles,
 )
 from loraresume_trainer.config import parse_job
 from loraresume_trainer.manifest import MANIFEST_NAME, Manifest
@@ -213,7 +215,36 @@ def test_lookup_counts_reports_torchs_cache_outcomes_and_nothing_before_torch_co
     counters["aot_autograd"].update(autograd_cache_bypass=2, autograd_cache_hit=1, total=3)
     fake.counters = counters  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "torch._dynamo.utils", fake)
+    monkeypatch.setattr(compile_cache, "TRITON_COMPILES", TritonCompiles())
     assert lookup_counts() == {"fxgraph_cache_hit": 4, "autograd_cache_bypass": 2, "autograd_cache_hit": 1}
+    compile_cache.TRITON_COMPILES(src=None, metadata={}, metadata_group={}, times=None, cache_hit=False)
+    assert lookup_counts()["triton_compiled"] == 1
+
+
+def test_triton_builds_are_counted_as_triton_reports_them() -> None:
+    """Triton calls its compilation listener once per build: cache_hit True when the kernel came from its
+    cache (keyword arguments as Triton 3.6 passes them)."""
+    compiles = TritonCompiles()
+    assert compiles.snapshot() == {}
+    for hit in (True, True, False):
+        compiles(src=object(), metadata={}, metadata_group={}, times=None, cache_hit=hit)
+    assert compiles.snapshot() == {"triton_cache_hit": 2, "triton_compiled": 1}
+
+
+def test_watch_triton_compiles_listens_unless_another_listener_is_set(monkeypatch) -> None:
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.compilation, "listener", None)
+    assert watch_triton_compiles() is True
+    assert knobs.compilation.listener is compile_cache.TRITON_COMPILES
+    assert watch_triton_compiles() is True  # again: still ours
+
+    def someone_elses(**_: Any) -> None:
+        return None
+
+    monkeypatch.setattr(knobs.compilation, "listener", someone_elses)
+    assert watch_triton_compiles() is False
+    assert knobs.compilation.listener is someone_elses
 
 
 def test_a_cache_of_another_key_is_not_used(store, tmp_path) -> None:
@@ -423,14 +454,18 @@ class _DropsInductorsDirAtImport:
     def __init__(self) -> None:
         self.event_fields: dict[str, Any] = {}
         self.seen: dict[str, str | None] = {}
+        self.listening = False
 
     def load_stack(self, run: Any) -> None:
         os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)  # unsloth_zoo's patch_torch_compile
 
     def prepare(self, run: Any, inputs: Any, view: Any) -> Any:
+        from triton import knobs
+
         from loraresume_trainer.errors import ConfigError
 
         self.seen = {var: os.environ.get(var) for var in [*CACHES.values(), *ENV_DEFAULTS, PTXAS_VAR]}
+        self.listening = knobs.compilation.listener is compile_cache.TRITON_COMPILES
         raise ConfigError("stopped by the test once the imports were done", field="training")
 
 
@@ -443,6 +478,9 @@ def test_the_caches_are_pointed_back_after_imports_that_changed_them(make_job, t
         monkeypatch.setenv(var, "unset-by-the-test")
         monkeypatch.delenv(var)
     monkeypatch.setitem(sys.modules, _INDUCTOR_RULE, _inductor_rule("/torch/bin/ptxas"))
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.compilation, "listener", None)  # and back at teardown
     config, work = make_job(training={"max_steps": 2})
     work.mkdir(parents=True, exist_ok=True)
     (work / "job.yaml").write_text(yaml.safe_dump(config))
@@ -455,6 +493,7 @@ def test_the_caches_are_pointed_back_after_imports_that_changed_them(make_job, t
         **ENV_DEFAULTS,
         PTXAS_VAR: "/torch/bin/ptxas",  # pinned before the first kernel, as inductor would later
     }
+    assert engine.listening  # Triton's builds are counted from the first kernel on
 
 
 _INDUCTOR_RULE = "torch._inductor.runtime.compile_tasks"

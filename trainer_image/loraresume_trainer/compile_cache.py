@@ -397,18 +397,61 @@ def pin_ptxas() -> str | None:
     return chosen
 
 
+class TritonCompiles:
+    """Counts this process's Triton kernel builds, found in Triton's cache or compiled, through Triton's
+    compilation listener (`triton.knobs.compilation.listener`). torch's counters cover inductor's graphs
+    only: a relaunch whose every Unsloth kernel missed the restored cache showed all hits there (RESULTS.md,
+    "Why a relaunch compiled Unsloth's kernels again"). Builds in inductor's worker processes are not
+    seen; those are inductor's own kernels, whose graphs torch counts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, *, cache_hit: bool, **_: Any) -> None:
+        name = "triton_cache_hit" if cache_hit else "triton_compiled"
+        with self._lock:
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+
+TRITON_COMPILES = TritonCompiles()
+
+
+def watch_triton_compiles() -> bool:
+    """Listen to Triton's builds (after the imports, before the first kernel), unless another listener
+    is set or this Triton has none; whether it listens now."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return False
+    compilation = getattr(knobs, "compilation", None)
+    if compilation is None or not hasattr(compilation, "listener"):
+        return False
+    if compilation.listener is None:
+        compilation.listener = TRITON_COMPILES
+    return compilation.listener is TRITON_COMPILES
+
+
 def lookup_counts() -> dict[str, int]:
-    """This process's compile-cache lookups so far, as torch counts them (inductor's FX graphs,
-    AOTAutograd's joint graphs: hits, misses, bypasses); empty when nothing was compiled. Shows whether a
-    restored cache spared the first step its compilation."""
+    """This process's compile-cache lookups so far: as torch counts them (inductor's FX graphs,
+    AOTAutograd's joint graphs: hits, misses, bypasses) and Triton's kernel builds (TritonCompiles);
+    empty when nothing was compiled. Shows whether a restored cache spared the first step its
+    compilation."""
     utils = sys.modules.get("torch._dynamo.utils")
     counters = getattr(utils, "counters", None) or {}
     wanted = (("inductor", "fxgraph_cache_"), ("aot_autograd", "autograd_cache_"))
     return {
-        name: int(count)
-        for group, prefix in wanted
-        for name, count in sorted(counters.get(group, {}).items())
-        if name.startswith(prefix) and count
+        **{
+            name: int(count)
+            for group, prefix in wanted
+            for name, count in sorted(counters.get(group, {}).items())
+            if name.startswith(prefix) and count
+        },
+        **TRITON_COMPILES.snapshot(),
     }
 
 

@@ -334,6 +334,7 @@ class Pipeline:
                 self.compile_cache.repoint()  # nothing has compiled yet: only the imports ran
             if self.engine.compiles:
                 compile_cache.pin_ptxas()  # every attempt's Triton kernels: one ptxas, one cache key
+                compile_cache.watch_triton_compiles()  # counted in the first_step event's `compiled`
             self.clock.mark("imports_done")
             inputs: Inputs = fetching.result()
             self.clock.mark("inputs_ready")
