@@ -498,6 +498,8 @@ def report(result: dict[str, Any]) -> str:
         if "relaunch_startup_split_mean_s" in v:
             split = ", ".join(f"{k} {s}" for k, s in v["relaunch_startup_split_mean_s"].items())
             lines.append(f"\n{name}: relaunch start-up by phase (mean s, each since the one before): {split}")
+        for attempt in v.get("attempts", [])[1:]:  # the relaunches: what their first step found compiled
+            lines.append(f"{name}: relaunch from step {attempt.get('resumed_from_step')}: {attempt.get('compiled')}")
     return "\n".join(lines)
 
 
