@@ -408,8 +408,10 @@ class TritonCompiles:
         self._lock = threading.Lock()
         self.counts: dict[str, int] = {}
 
-    def __call__(self, *, cache_hit: bool, **_: Any) -> None:
-        name = "triton_cache_hit" if cache_hit else "triton_compiled"
+    def __call__(self, **build: Any) -> None:
+        # Triton calls it inside every compile (keywords: src, metadata, metadata_group, times, cache_hit):
+        # it must never raise, whatever a later Triton passes.
+        name = "triton_cache_hit" if build.get("cache_hit") else "triton_compiled"
         with self._lock:
             self.counts[name] = self.counts.get(name, 0) + 1
 
