@@ -528,6 +528,15 @@ def test_pin_ptxas_applies_inductors_rule_before_anything_compiles(monkeypatch, 
     assert os.environ.get(PTXAS_VAR) == expected
 
 
+def test_pin_ptxas_survives_a_torch_whose_rule_changed(monkeypatch, caplog) -> None:
+    monkeypatch.delenv(PTXAS_VAR, raising=False)
+    changed = types.ModuleType(_INDUCTOR_RULE)
+    changed._set_triton_ptxas_path = lambda device: None  # type: ignore[attr-defined]  # a new signature
+    monkeypatch.setitem(sys.modules, _INDUCTOR_RULE, changed)
+    assert pin_ptxas() is None
+    assert "not pinned" in caplog.text
+
+
 def test_pin_ptxas_without_inductor_leaves_the_choice_to_triton(monkeypatch) -> None:
     monkeypatch.delenv(PTXAS_VAR, raising=False)
     monkeypatch.setitem(sys.modules, _INDUCTOR_RULE, None)  # import fails: ImportError

@@ -390,7 +390,10 @@ def pin_ptxas() -> str | None:
     except ImportError:  # no inductor, or a torch without the rule: Triton picks its own, every time
         return os.environ.get(PTXAS_VAR)
     before = os.environ.get(PTXAS_VAR)
-    _set_triton_ptxas_path()
+    try:
+        _set_triton_ptxas_path()
+    except Exception as exc:  # a private function: a torch that changed it costs recompiles, not the attempt
+        log.warning("compile cache: Triton's ptxas not pinned (%s); a relaunch may compile Triton kernels again", exc)
     chosen = os.environ.get(PTXAS_VAR)
     if chosen != before:
         log.info("compile cache: Triton's ptxas pinned to %s (inductor's)", chosen)
