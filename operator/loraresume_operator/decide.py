@@ -35,6 +35,10 @@ from .startup import last_startup
 WAIT_FOR_SOURCE_SECONDS = 30.0
 POD_APPEAR_SECONDS = 10.0
 PENDING_RECHECK_SECONDS = 15.0
+# A pod waiting with no deadline of its own (no spot timeout, no failing pull) is looked at this often:
+# every change of it comes as its own watch event. At 500 resources on 100 GPUs most of them wait; a look
+# every 15 s was the periodic loop's main work (schedule.py).
+PENDING_POLL_SECONDS = 60.0
 # A pod is said to be Unschedulable once it has waited this long for a node: a moment's wait (the
 # scheduler's first pass before a node frees up, a reclaimed node's replacement registering) is what
 # many launches on a busy or spot pool go through, nothing a person acts on.
@@ -113,6 +117,10 @@ class EmitEvent:
 @dataclass(frozen=True)
 class Requeue:
     after_seconds: float
+    # Nothing to do before then but what a watch event of the resource or its pod brings (a pending pod's
+    # deadlines, a backoff's end): the periodic loop may wait that long, beyond its interval (schedule.py).
+    # Otherwise the loop looks no later than its interval.
+    idle: bool = False
 
 
 @dataclass(frozen=True)
@@ -215,8 +223,8 @@ class _Builder:
     def event(self, type_: str, reason: str, message: str) -> None:
         self.actions.append(EmitEvent(type_, reason, message))
 
-    def requeue(self, seconds: float) -> None:
-        self.actions.append(Requeue(max(1.0, seconds)))
+    def requeue(self, seconds: float, *, idle: bool = False) -> None:
+        self.actions.append(Requeue(max(1.0, seconds), idle))
 
     def plan(self) -> Plan:
         self.values["conditions"] = self.conditions
@@ -528,7 +536,7 @@ def _pending(b: _Builder, pod: ObservedPod) -> None:
             f"(restartPolicy.imagePullTimeoutSeconds={policy.image_pull_timeout_seconds}): {reason}: {detail}",
         )
         return
-    deadlines = [PENDING_RECHECK_SECONDS]
+    deadlines = [PENDING_POLL_SECONDS]
     if pod.unschedulable and spot.enabled and not status.on_demand:
         deadlines.append(spot.pending_timeout_seconds - waited)
     if pod.pulling_fails:
@@ -536,17 +544,17 @@ def _pending(b: _Builder, pod: ObservedPod) -> None:
     said = status.pending_reason
     moment = known is not None and waited < UNSCHEDULABLE_REPORT_SECONDS  # (unknown: said at once)
     if pod.unschedulable and (said is None or said in TRANSIENT_PENDING_REASONS) and moment:
-        b.requeue(min([*deadlines, UNSCHEDULABLE_REPORT_SECONDS - waited]))
+        b.requeue(min([*deadlines, UNSCHEDULABLE_REPORT_SECONDS - waited]), idle=True)
         return
     if pod.pending_transient:
         bound_for = (obs.now - pod.scheduled_at).total_seconds() if pod.scheduled_at else None
         if said != UNSCHEDULABLE or bound_for is None or bound_for < PENDING_RECHECK_SECONDS:
             if said == UNSCHEDULABLE and bound_for is not None:
                 deadlines.append(PENDING_RECHECK_SECONDS - bound_for)
-            b.requeue(min(deadlines))
+            b.requeue(min(deadlines), idle=True)
             return
     elif _same_wait(said, reason):  # said already (its detail, e.g. the scheduler's node count, may tick)
-        b.requeue(min(deadlines))
+        b.requeue(min(deadlines), idle=True)
         return
     # "since", not "for 3m20s": a message that ticks would rewrite the status on every reconcile.
     message = f"attempt {status.attempt}: pod {pod.name} pending since {iso(since)}: {reason}"
@@ -555,7 +563,7 @@ def _pending(b: _Builder, pod: ObservedPod) -> None:
         b.event("Warning", reason, message)
     b.set(phase=Phase.PENDING, message=message, pending_since=iso(since), pending_reason=reason)
     b.condition(c.RUNNING, False, reason, message)
-    b.requeue(min(deadlines))
+    b.requeue(min(deadlines), idle=True)
 
 
 def _same_wait(said: str | None, reason: str) -> bool:
@@ -819,7 +827,7 @@ def _decide(obs: Observation) -> Plan:
             wait = (due - obs.now).total_seconds()
             # Beyond the (possibly lowered) cap, or unreadable: the backoff is over.
             if 0 < wait <= obs.spec.restart_policy.max_backoff_seconds:
-                b.requeue(wait)
+                b.requeue(wait, idle=True)  # a spec change (an event) is the only thing sooner
                 return b.plan()
         ready, adapter = _adapter_uri(b)
         if ready:
