@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         "--interval",
         type=float,
         default=float(os.environ.get("LORARESUME_RECONCILE_INTERVAL") or DEFAULT_RECONCILE_INTERVAL),
-        help="seconds between periodic reconciles (default: LORARESUME_RECONCILE_INTERVAL, else 10)",
+        help="longest wait between periodic reconciles of a resource whose plan is not idle until a deadline "
+        "(default: LORARESUME_RECONCILE_INTERVAL, else 10)",
     )
     parser.add_argument("--peering", help="kopf peering name for several replicas (default: standalone)")
     parser.add_argument("--log-level", default=os.environ.get("LORARESUME_LOG_LEVEL", "INFO"))
