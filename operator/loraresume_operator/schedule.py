@@ -2,9 +2,9 @@
 
 decide's plan says when a resource next needs a look by itself: a deadline (a pending pod's timeout, the
 end of a backoff, a pod that should have appeared) or, with nothing timed, the operator's interval (a
-running job's progress is read at that rate). A deadline later than the interval is kept where the plan
-is idle until then (decide.Requeue.idle: a waiting pod, a backoff); every other plan is looked at every
-interval, as before. Everything else arrives as a watch event, which reconciles
+running job's progress is read at that rate). A deadline later than the interval is kept only where the
+plan is idle until then (decide.Requeue.idle: a waiting pod, a backoff); other plans are looked at no
+later than the interval, as before. Everything else arrives as a watch event, which reconciles
 at once whatever is scheduled here. The loop used to reconcile every resource every interval whatever its
 plan said: a resource waiting for a GPU was looked at every 10 s for nothing (at 500 resources on 100
 GPUs, about 14 times each; the periodic loop was 12 % of the operator's CPU at 200, RESULTS.md round 9).
@@ -20,17 +20,17 @@ from .decide import Requeue
 
 Key = tuple[str, str]  # (namespace, name) of a LoraResume
 
+MIN_WAIT_SECONDS = 1.0  # a deadline already past, or a moment away: the loop's next turn
 RESYNC_SECONDS = 300.0  # no resource goes longer without a reconcile, whatever its plan said
 
 
 def next_wait(requeue: Requeue | None, interval: float) -> float:
-    """Seconds until a resource's next periodic reconcile: the interval, or, when the plan is idle until a
-    later deadline, that deadline (at most RESYNC_SECONDS). A sooner deadline is met at the interval, as
-    the loop always met it: looking sooner would say a pod Unschedulable exactly at 10 s, and at 200
-    resources that was half a status write more per resource (RESULTS.md, round 10)."""
-    if requeue is None or not requeue.idle:
+    """Seconds until a resource's next periodic reconcile, from its plan's requeue: the interval when
+    nothing is timed; a sooner deadline when one is; a later one only when the plan is idle until then."""
+    if requeue is None:
         return interval
-    return min(max(requeue.after_seconds, interval), RESYNC_SECONDS)
+    wait = min(max(requeue.after_seconds, MIN_WAIT_SECONDS), RESYNC_SECONDS)
+    return wait if requeue.idle else min(wait, interval)
 
 
 class Schedule:

@@ -10,7 +10,7 @@ import pytest
 
 from loraresume_operator import handlers
 from loraresume_operator.decide import Requeue
-from loraresume_operator.schedule import RESYNC_SECONDS, Schedule, next_wait
+from loraresume_operator.schedule import MIN_WAIT_SECONDS, RESYNC_SECONDS, Schedule, next_wait
 
 A, B = ("ns", "a"), ("ns", "b")
 
@@ -21,10 +21,11 @@ A, B = ("ns", "a"), ("ns", "b")
         (None, 10.0),  # nothing timed: the interval (a running job's progress read)
         (Requeue(60.0, idle=True), 60.0),  # a pending pod with no deadline of its own
         (Requeue(15.0, idle=True), 15.0),
-        (Requeue(30.0), 10.0),  # not idle (e.g. waiting on another resource): every interval, as before
-        (Requeue(3.5), 10.0),  # a sooner deadline is met at the interval, as the loop always met it
-        (Requeue(3.5, idle=True), 10.0),
-        (Requeue(-4.0, idle=True), 10.0),
+        (Requeue(30.0), 10.0),  # not idle (e.g. waiting on another resource): no later than the interval
+        (Requeue(3.5), 3.5),  # a deadline sooner than the interval: kept
+        (Requeue(3.5, idle=True), 3.5),
+        (Requeue(0.0), MIN_WAIT_SECONDS),  # due now: the loop's next turn
+        (Requeue(-4.0, idle=True), MIN_WAIT_SECONDS),  # already past
         (Requeue(86_400.0, idle=True), RESYNC_SECONDS),  # a long backoff: still looked at now and then
     ],
 )
@@ -56,7 +57,7 @@ def test_a_resource_is_due_when_its_plan_asked() -> None:
     clock.now += 50
     assert schedule.due() == [A, B]
     schedule.discard(A)
-    schedule.reconciled(A, None)  # a reconcile that ended after the resource went: not brought back
+    schedule.reconciled(A, Requeue(1.0))  # a reconcile that ended after the resource went: not brought back
     assert A not in schedule and B in schedule and len(schedule) == 1
 
 
