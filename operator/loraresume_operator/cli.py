@@ -38,8 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         "--interval",
         type=float,
         default=float(os.environ.get("LORARESUME_RECONCILE_INTERVAL") or DEFAULT_RECONCILE_INTERVAL),
-        help="longest wait between periodic reconciles of a resource whose plan is not idle until a deadline "
-        "(default: LORARESUME_RECONCILE_INTERVAL, else 10)",
+        help="seconds between periodic reconciles (default: LORARESUME_RECONCILE_INTERVAL, else 10)",
     )
     parser.add_argument("--peering", help="kopf peering name for several replicas (default: standalone)")
     parser.add_argument("--log-level", default=os.environ.get("LORARESUME_LOG_LEVEL", "INFO"))
