@@ -35,10 +35,6 @@ from .startup import last_startup
 WAIT_FOR_SOURCE_SECONDS = 30.0
 POD_APPEAR_SECONDS = 10.0
 PENDING_RECHECK_SECONDS = 15.0
-# A pod waiting with no deadline of its own (no spot timeout, no failing pull) is looked at this often:
-# every change of it comes as its own watch event. At 500 resources on 100 GPUs most of them wait; a look
-# every 15 s was the periodic loop's main work (schedule.py).
-PENDING_POLL_SECONDS = 60.0
 # A pod is said to be Unschedulable once it has waited this long for a node: a moment's wait (the
 # scheduler's first pass before a node frees up, a reclaimed node's replacement registering) is what
 # many launches on a busy or spot pool go through, nothing a person acts on.
@@ -117,10 +113,6 @@ class EmitEvent:
 @dataclass(frozen=True)
 class Requeue:
     after_seconds: float
-    # Nothing to do before then but what a watch event of the resource or its pod brings (a pending pod's
-    # deadlines, a backoff's end): the periodic loop may wait that long, beyond its interval (schedule.py).
-    # Otherwise the loop looks no later than its interval.
-    idle: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,8 +215,8 @@ class _Builder:
     def event(self, type_: str, reason: str, message: str) -> None:
         self.actions.append(EmitEvent(type_, reason, message))
 
-    def requeue(self, seconds: float, *, idle: bool = False) -> None:
-        self.actions.append(Requeue(max(1.0, seconds), idle))
+    def requeue(self, seconds: float) -> None:
+        self.actions.append(Requeue(max(1.0, seconds)))
 
     def plan(self) -> Plan:
         self.values["conditions"] = self.conditions
@@ -536,7 +528,7 @@ def _pending(b: _Builder, pod: ObservedPod) -> None:
             f"(restartPolicy.imagePullTimeoutSeconds={policy.image_pull_timeout_seconds}): {reason}: {detail}",
         )
         return
-    deadlines = [PENDING_POLL_SECONDS]
+    deadlines = [PENDING_RECHECK_SECONDS]
     if pod.unschedulable and spot.enabled and not status.on_demand:
         deadlines.append(spot.pending_timeout_seconds - waited)
     if pod.pulling_fails:
@@ -544,17 +536,17 @@ def _pending(b: _Builder, pod: ObservedPod) -> None:
     said = status.pending_reason
     moment = known is not None and waited < UNSCHEDULABLE_REPORT_SECONDS  # (unknown: said at once)
     if pod.unschedulable and (said is None or said in TRANSIENT_PENDING_REASONS) and moment:
-        b.requeue(min([*deadlines, UNSCHEDULABLE_REPORT_SECONDS - waited]), idle=True)
+        b.requeue(min([*deadlines, UNSCHEDULABLE_REPORT_SECONDS - waited]))
         return
     if pod.pending_transient:
         bound_for = (obs.now - pod.scheduled_at).total_seconds() if pod.scheduled_at else None
         if said != UNSCHEDULABLE or bound_for is None or bound_for < PENDING_RECHECK_SECONDS:
             if said == UNSCHEDULABLE and bound_for is not None:
                 deadlines.append(PENDING_RECHECK_SECONDS - bound_for)
-            b.requeue(min(deadlines), idle=True)
+            b.requeue(min(deadlines))
             return
     elif _same_wait(said, reason):  # said already (its detail, e.g. the scheduler's node count, may tick)
-        b.requeue(min(deadlines), idle=True)
+        b.requeue(min(deadlines))
         return
     # "since", not "for 3m20s": a message that ticks would rewrite the status on every reconcile.
     message = f"attempt {status.attempt}: pod {pod.name} pending since {iso(since)}: {reason}"
@@ -563,7 +555,7 @@ def _pending(b: _Builder, pod: ObservedPod) -> None:
         b.event("Warning", reason, message)
     b.set(phase=Phase.PENDING, message=message, pending_since=iso(since), pending_reason=reason)
     b.condition(c.RUNNING, False, reason, message)
-    b.requeue(min(deadlines), idle=True)
+    b.requeue(min(deadlines))
 
 
 def _same_wait(said: str | None, reason: str) -> bool:
@@ -827,7 +819,7 @@ def _decide(obs: Observation) -> Plan:
             wait = (due - obs.now).total_seconds()
             # Beyond the (possibly lowered) cap, or unreadable: the backoff is over.
             if 0 < wait <= obs.spec.restart_policy.max_backoff_seconds:
-                b.requeue(wait, idle=True)  # a spec change (an event) is the only thing sooner
+                b.requeue(wait)
                 return b.plan()
         ready, adapter = _adapter_uri(b)
         if ready:

@@ -35,7 +35,6 @@ from .observed import ObservedPod
 from .pods import LABEL_RESOURCE
 from .reconcile import Reconciler, finished_phase
 from .s3_view import StorageViews
-from .schedule import Schedule
 from .spec import GROUP, PLURAL, VERSION
 from .watch_cache import WatchCache
 from .work_queue import CHANGES, PODS, WorkQueue
@@ -56,7 +55,6 @@ EVENT_POSTERS = 4  # Events posted and counted pods let go off the reconcile thr
 # default, 5 per core, made most requests under load open a new TLS connection and drop it).
 API_CONNECTIONS = CHANGE_WORKERS + POD_EVENT_WORKERS + EVENT_POSTERS + 8
 KOPF_WORKERS = 4
-LOOP_TURN_SECONDS = 1.0  # how often the periodic loop looks for resources whose time has come
 FINALIZER = f"{GROUP}/cleanup"  # kopf's, for the delete handler
 
 
@@ -70,7 +68,8 @@ class Runtime:
     namespaces: tuple[str, ...] = ()  # served when not cluster-wide
     reconciler: Reconciler | None = None
     cache: WatchCache = field(default_factory=WatchCache)
-    known: Schedule = field(init=False)  # reconciled by the periodic loop, each when its plan asked
+    known: set[tuple[str, str]] = field(default_factory=set)  # reconciled by the periodic loop
+    known_lock: threading.Lock = field(default_factory=threading.Lock)
     # (kind, namespace, name) -> resourceVersion of what start-up acted on from its own lists: kopf's
     # listing event of that same version is not acted on again (_reconcile_seeded)
     seeded: dict[tuple[str, str, str], str | None] = field(default_factory=dict)
@@ -88,12 +87,11 @@ class Runtime:
     queue: WorkQueue = field(init=False)
 
     def __post_init__(self) -> None:
-        self.known = Schedule(self.interval)
         self.queue = WorkQueue({CHANGES: self.changes, PODS: self.pod_events}, self._after_event)
 
     def _after_event(self, key: tuple[str, str], pod: ObservedPod | None) -> None:
         try:
-            self.known.reconciled(key, self.rec().reconcile(*key, event_pod=pod))
+            self.rec().reconcile(*key, event_pod=pod)
         except ApiException as exc:
             metrics.RECONCILE_ERRORS.labels("api").inc()
             log.warning("reconcile of %s/%s after an event failed (%s); the periodic loop retries", *key, exc.status)
@@ -241,23 +239,20 @@ def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 def _periodic(rt: Runtime) -> None:
-    """Reconciles each known resource when its last plan asked (schedule.py), retrying a failed one after
-    an interval; a finished one leaves (only a spec change brings it back)."""
-    while not rt.stop.wait(min(LOOP_TURN_SECONDS, rt.interval)):
+    while not rt.stop.wait(rt.interval):
+        with rt.known_lock:
+            keys = sorted(rt.known)
         rec = rt.rec()
-        for namespace, name in rt.known.due():
-            key = (namespace, name)
+        for namespace, name in keys:
             try:
-                requeue = rec.reconcile(namespace, name)
+                rec.reconcile(namespace, name)
             except Exception:
                 metrics.RECONCILE_ERRORS.labels("loop").inc()
                 log.exception("periodic reconcile of %s/%s failed; next round retries", namespace, name)
-                rt.known.reconciled(key, None)
                 continue
-            if rec.is_terminal(namespace, name):
-                rt.known.discard(key)
-            else:
-                rt.known.reconciled(key, requeue)
+            if rec.is_terminal(namespace, name):  # done: only a spec change brings it back
+                with rt.known_lock:
+                    rt.known.discard((namespace, name))
 
 
 def wants_reconcile(event_type: str | None, body: Mapping[str, Any]) -> bool:
@@ -305,7 +300,8 @@ async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, m
         # Gone, with or without the delete handler (only a resource whose checkpoints go with it has one):
         # the periodic loop stops, its pods go and are let go, and what this process kept for it goes (off
         # the event loop: forget waits for a reconcile of it in flight).
-        rt.known.discard(key)
+        with rt.known_lock:
+            rt.known.discard(key)
         if rt.reconciler is not None:
             rt.changes.submit(_gone, rt.reconciler, key)
         return
@@ -326,7 +322,8 @@ def _resource_changed(rt: Runtime, key: tuple[str, str], event_type: str | None,
         # count them). A pod of it still held is let go by that pod's own event.
         rt.rec().record_phase(*key, finished)
         return
-    rt.known.add(key)
+    with rt.known_lock:
+        rt.known.add(key)
     rt.rec()  # kopf retries the event while the operator is still starting
     rt.queue.submit(key, lane=CHANGES)
 
@@ -375,5 +372,6 @@ def on_delete(
     """A resource whose checkpoints go with it (the only ones kopf's finalizer holds): its pods go first
     (SIGTERM: a last checkpoint), then what decide.deletion_actions says."""
     namespace, rt = _namespaced(namespace), runtime(memo)
-    rt.known.discard((namespace, name))
+    with rt.known_lock:
+        rt.known.discard((namespace, name))
     rt.rec().delete_resource(namespace, name, dict(spec), dict(status or {}))

@@ -52,7 +52,6 @@ from .decide import (
     Plan,
     Problem,
     ReleasePod,
-    Requeue,
     Resource,
     SourceState,
     accounted,
@@ -316,8 +315,8 @@ class Reconciler:
             self.cache.refresh_pod(resource.namespace, resource.name, answer)
 
     # ---- the loop -------------------------------------------------------------------------------
-    def reconcile(self, namespace: str, name: str, event_pod: ObservedPod | None = None) -> Requeue | None:
-        """Returns when the next reconcile is wanted (None: nothing timed; schedule.py decides).
+    def reconcile(self, namespace: str, name: str, event_pod: ObservedPod | None = None) -> float | None:
+        """Returns seconds until the next reconcile is wanted (None: only on change).
 
         `event_pod`: the trainer pod whose event asked for this reconcile; if it is not the
         attempt's current pod, it is let go once the status has counted it."""
@@ -332,7 +331,7 @@ class Reconciler:
                 return self._reconcile_body(namespace, body, event_pod, read_since=started)
             except StatusConflict:
                 log.info("status of %s/%s changed meanwhile again; a later reconcile decides", namespace, name)
-                return Requeue(CONFLICT_RETRY_SECONDS)
+                return CONFLICT_RETRY_SECONDS
 
     def _newer(self, namespace: str, name: str, refused: str | None) -> dict[str, Any] | None:
         """The resource after a refused status write: as the watch delivered it if that is newer than the
@@ -349,7 +348,7 @@ class Reconciler:
         body: Mapping[str, Any] | None,
         event_pod: ObservedPod | None,
         read_since: float | None = None,
-    ) -> Requeue | None:
+    ) -> float | None:
         """`read_since`: a storage read made since then (by this reconcile's first pass) serves again."""
         if body is None or body["metadata"].get("deletionTimestamp"):
             if event_pod is not None and event_pod.held:  # nothing left to count it in
@@ -366,7 +365,7 @@ class Reconciler:
 
     def _reconcile(
         self, body: Mapping[str, Any], event_pod: ObservedPod | None = None, read_since: float | None = None
-    ) -> Requeue | None:
+    ) -> float | None:
         meta = body["metadata"]
         resource = Resource(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation") or 1))
         status = LoraResumeStatus.model_validate(body.get("status") or {})
@@ -481,7 +480,7 @@ class Reconciler:
         known = {p.name: p for p in (pod, event_pod) if p is not None}
         self._execute(body, resource, spec, written, plan, view, client, known)
         self._observe_metrics(resource, written, plan, view, now)
-        return plan.requeue
+        return plan.requeue.after_seconds if plan.requeue else None
 
     def _execute(
         self,
@@ -547,7 +546,7 @@ class Reconciler:
 
     def _problem(
         self, body: Mapping[str, Any], resource: Resource, status: LoraResumeStatus, problem: Problem
-    ) -> Requeue | None:
+    ) -> float | None:
         """No attempt decided: the plan for the problem (decide.decide_problem), its status written once."""
         plan = decide_problem(resource, status, problem, self.clock())
         if plan.status != status:
@@ -556,7 +555,7 @@ class Reconciler:
             if isinstance(action, EmitEvent):
                 self.post_event(body, type_=action.type, reason=action.reason, message=action.message)
         self.record_phase(resource.namespace, resource.name, plan.status.phase.value)
-        return plan.requeue
+        return plan.requeue.after_seconds if plan.requeue else None
 
     def _storage_refused(
         self,
@@ -565,7 +564,7 @@ class Reconciler:
         status: LoraResumeStatus,
         spec: LoraResumeSpec,
         exc: TrainerError,
-    ) -> Requeue | None:
+    ) -> float | None:
         """S3 could not be read with the credentials in hand: read the Secret again next time (a rotated
         key is picked up at once), and wait, saying why."""
         self.forget_credentials(resource.namespace, spec)
@@ -573,7 +572,7 @@ class Reconciler:
 
     def _storage_unavailable(
         self, body: Mapping[str, Any], resource: Resource, status: LoraResumeStatus, exc: TrainerError
-    ) -> Requeue | None:
+    ) -> float | None:
         """No decision without S3 (checkpoints, progress): say why, keep the budgets, retry later.
 
         A missing credentials Secret lands here too: with GitOps it often arrives a moment

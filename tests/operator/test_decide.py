@@ -11,7 +11,6 @@ import pytest
 from loraresume_operator import conditions as c
 from loraresume_operator.decide import (
     EXTRA_CHANGED,
-    PENDING_POLL_SECONDS,
     PENDING_RECHECK_SECONDS,
     UNCONFIRMED_DELETION_SECONDS,
     UNSCHEDULABLE_REPORT_SECONDS,
@@ -279,7 +278,7 @@ def test_backoff_doubles_and_is_capped(failures_before, delay):
 def test_backoff_waits_then_relaunches_from_the_newest_checkpoint():
     waiting = status(phase=Phase.RESUMING, attempt=1, failures=1, next_attempt_after=iso(NOW + timedelta(seconds=7)))
     plan = decide(obs(waiting))
-    assert not creates(plan) and plan.requeue == Requeue(7.0, idle=True)  # nothing to do before its end
+    assert not creates(plan) and plan.requeue == Requeue(7.0)
     later = decide(obs(waiting, now=NOW + timedelta(seconds=8)))
     assert creates(later) == [CreatePod("bot-attempt-2", 2, CKPT.uri, False, None)]
 
@@ -376,15 +375,14 @@ def test_a_pod_that_has_not_started(p, spot, on_demand, waited, want):
     assert plan.status.preemptions == 0 and plan.status.failures == 0  # neither a preemption nor a failure
     if want == "quiet":  # what every pod waits for: the status (as the launch wrote it) stays, no event
         assert said_of(plan.status) == said_of(st) and not events and not creates(plan) and not deleted
-        assert 1 <= plan.requeue.after_seconds <= PENDING_POLL_SECONDS
-        assert plan.requeue.idle  # its deadlines are all timed: the loop need not look sooner
+        assert 1 <= plan.requeue.after_seconds <= PENDING_RECHECK_SECONDS
     elif want.startswith("waits:"):
         reason = want.removeprefix("waits:")
         assert not creates(plan) and not deleted and plan.status.phase is Phase.PENDING
         assert plan.status.pending_reason == reason and plan.status.pending_since == iso(created)  # from creation
         assert cond(plan, c.RUNNING).status == "False" and cond(plan, c.RUNNING).reason == reason
         assert reason in plan.status.message and (NO_GPU in plan.status.message) == bool(p.get("unschedulable"))
-        assert 1 <= plan.requeue.after_seconds <= PENDING_POLL_SECONDS
+        assert 1 <= plan.requeue.after_seconds <= PENDING_RECHECK_SECONDS
         # a Warning for what a person must fix; Unschedulable has the scheduler's own event on the pod
         assert [e.reason for e in events] == ([] if p.get("unschedulable") else [reason])
         assert all(e.type == "Warning" for e in events)
@@ -445,7 +443,7 @@ def test_the_status_names_a_wait_a_person_would_act_on_once(said, p, written, ev
         reason = pod(**p).pending_reason[0]
         assert plan.status.pending_reason == reason and plan.status.pending_since == iso(CREATED)
         assert cond(plan, c.RUNNING).reason == reason
-    assert 1 <= plan.requeue.after_seconds <= PENDING_POLL_SECONDS
+    assert 1 <= plan.requeue.after_seconds <= PENDING_RECHECK_SECONDS
     if p is BOUND_JUST_NOW:  # back when it is bound long enough to tell
         assert plan.requeue.after_seconds == pytest.approx(PENDING_RECHECK_SECONDS - 2)
 
@@ -476,7 +474,7 @@ def test_the_wait_is_timed_from_the_pods_creation_and_said_once():
     )
     assert later.status == first.status  # no rewrite
     assert not [a for a in later.actions if isinstance(a, EmitEvent)]
-    assert later.requeue.after_seconds == PENDING_POLL_SECONDS and later.requeue.idle  # its events bring changes
+    assert later.requeue.after_seconds == PENDING_RECHECK_SECONDS
     # no creation time known (a pod from an older API answer): from the first observation, as before
     unknown = decide(obs(st, pod(**UNSCHEDULABLE), spec=spec(scheduling={"spot": SPOT})))
     assert unknown.status.pending_since == iso(NOW)
