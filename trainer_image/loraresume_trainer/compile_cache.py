@@ -7,7 +7,7 @@ first step 10 s cold against 3 s warm, start-up 58.6 s against 43.6 s; issue 16)
 1. Before the heavy imports, the caches are pointed into the attempt's work dir (TRITON_CACHE_DIR,
    TORCHINDUCTOR_CACHE_DIR, UNSLOTH_COMPILE_LOCATION, CUDA_CACHE_PATH, PYTORCH_KERNEL_CACHE_PATH: each
    reader takes its variable when it first needs the directory, so they must be set before the
-   imports). After the imports, `repoint` points back what an import changed and `pin_ptxas` fixes
+   imports). After the imports, `after_imports` points back what an import changed and fixes
    Triton's ptxas (either would otherwise make a relaunch miss what it restored).
 2. They are restored from `<storage.uri>/compile-cache/<key>/` (one tar per cache plus a
    `_COMPLETE.json` manifest with sizes and sha256, written last: checkpoint_store's manifest and
@@ -375,6 +375,16 @@ class CompileCache:
             self._saver.join(timeout)
 
 
+def after_imports(cache: CompileCache | None) -> None:
+    """What a compiling attempt sets once the heavy imports ran and before anything compiles: the cache
+    variables an import changed pointed back (when the caches are kept), one ptxas, Triton's builds
+    counted."""
+    if cache is not None:
+        cache.repoint()
+    pin_ptxas()
+    watch_triton_compiles()
+
+
 def pin_ptxas() -> str | None:
     """Have every Triton compile of this process use the ptxas inductor uses (torch's bundled one, unless
     the pod sets TRITON_PTXAS_PATH), from the first kernel on; returns the path, None for Triton's own.
@@ -409,18 +419,18 @@ class TritonCompiles:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.counts: dict[str, int] = {}
+        self._counts: dict[str, int] = {}
 
     def __call__(self, **build: Any) -> None:
         # Triton calls it inside every compile (keywords: src, metadata, metadata_group, times, cache_hit):
         # it must never raise, whatever a later Triton passes.
         name = "triton_cache_hit" if build.get("cache_hit") else "triton_compiled"
         with self._lock:
-            self.counts[name] = self.counts.get(name, 0) + 1
+            self._counts[name] = self._counts.get(name, 0) + 1
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return dict(self.counts)
+            return dict(self._counts)
 
 
 TRITON_COMPILES = TritonCompiles()
@@ -449,15 +459,13 @@ def lookup_counts() -> dict[str, int]:
     utils = sys.modules.get("torch._dynamo.utils")
     counters = getattr(utils, "counters", None) or {}
     wanted = (("inductor", "fxgraph_cache_"), ("aot_autograd", "autograd_cache_"))
-    return {
-        **{
-            name: int(count)
-            for group, prefix in wanted
-            for name, count in sorted(counters.get(group, {}).items())
-            if name.startswith(prefix) and count
-        },
-        **TRITON_COMPILES.snapshot(),
+    counts = {
+        name: int(count)
+        for group, prefix in wanted
+        for name, count in sorted(counters.get(group, {}).items())
+        if name.startswith(prefix) and count
     }
+    return counts | TRITON_COMPILES.snapshot()
 
 
 def export(store: Any, uri: S3Uri, dest: Path) -> Path:

@@ -330,11 +330,8 @@ class Pipeline:
             os.environ.update(determinism_env(job.training, os.environ))  # before the imports, likewise
             with self.timed("load_stack"):
                 self.engine.load_stack(self)
-            if self.compile_cache is not None:
-                self.compile_cache.repoint()  # nothing has compiled yet: only the imports ran
-            if self.engine.compiles:
-                compile_cache.pin_ptxas()  # every attempt's Triton kernels: one ptxas, one cache key
-                compile_cache.watch_triton_compiles()  # counted in the first_step event's `compiled`
+            if self.engine.compiles:  # nothing has compiled yet: only the imports ran
+                compile_cache.after_imports(self.compile_cache)
             self.clock.mark("imports_done")
             inputs: Inputs = fetching.result()
             self.clock.mark("inputs_ready")
