@@ -553,8 +553,18 @@ class Operator:
             self.process.stop(timeout=30)
 
     def cpu_seconds(self) -> float | None:
+        """The operator process's CPU, all its threads."""
+        return self._cpu(f"/proc/{self.proc.pid}/stat")  # type: ignore[union-attr]
+
+    def event_loop_cpu_seconds(self) -> float | None:
+        """The CPU of the operator's main thread alone: asyncio's event loop, where kopf receives, decodes
+        and processes every watch event and the handlers queue reconciles (they run on other threads)."""
+        return self._cpu(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat")  # type: ignore[union-attr]
+
+    @staticmethod
+    def _cpu(stat: str) -> float | None:
         try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:  # type: ignore[union-attr]
+            with open(stat) as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except (OSError, AttributeError, IndexError):
@@ -572,6 +582,22 @@ class Operator:
         except (OSError, AttributeError):
             pass
         return out
+
+    def watch_events(self) -> dict[str, float]:
+        """Watch events delivered to this operator process's handlers so far, by kind
+        (loraresume_watch_events_total)."""
+        return {
+            key.split('kind="', 1)[1].split('"', 1)[0]: value
+            for key, value in self.metric("loraresume_watch_events_total{")
+        }
+
+    def reconciles(self) -> tuple[float, float]:
+        """(reconciles run, their threads' CPU seconds) so far (loraresume_reconciles_total,
+        loraresume_reconcile_cpu_seconds_total)."""
+        return tuple(  # type: ignore[return-value]
+            sum(value for _, value in self.metric(f"{name} "))
+            for name in ("loraresume_reconciles_total", "loraresume_reconcile_cpu_seconds_total")
+        )
 
     def s3_requests(self) -> dict[str, float]:
         """This operator process's S3 requests so far, by operation (loraresume_s3_requests_total)."""
@@ -934,7 +960,10 @@ class Bench:
         mem_start = self.operator.memory()
         total0, counts0 = self.requests.snapshot()
         cpu0 = self.operator.cpu_seconds() or 0.0
+        loop_cpu0 = self.operator.event_loop_cpu_seconds() or 0.0
         s3_0 = self.operator.s3_requests()
+        events_0 = self.operator.watch_events()
+        reconciles_0 = self.operator.reconciles()
         self.log(f"wave 1: creating {a.resources} resources")
         t0 = now()
         names = self.create_wave("w1")
@@ -942,8 +971,12 @@ class Bench:
         t_done = self.wait_all_succeeded(names, "wave 1")
         total1, counts1 = self.requests.snapshot()
         cpu1 = self.operator.cpu_seconds() or 0.0
+        loop_cpu1 = self.operator.event_loop_cpu_seconds() or 0.0
         s3_1 = self.operator.s3_requests()
         s3_window = {op: s3_1[op] - s3_0.get(op, 0.0) for op in sorted(s3_1) if s3_1[op] > s3_0.get(op, 0.0)}
+        events_1 = self.operator.watch_events()
+        reconciles_1 = self.operator.reconciles()
+        events_window = {kind: int(events_1[kind] - events_0.get(kind, 0.0)) for kind in sorted(events_1)}
         window = diff_counts(counts1, counts0)
         first_pod = [
             self.tracker.adds[n][0][0] - self.tracker.lr_created[n]
@@ -1000,8 +1033,13 @@ class Bench:
                 f"{who} {verb} {res}": n for (who, verb, res), n in sorted(window.items(), key=lambda kv: -kv[1])
             },
             "operator_cpu_seconds": r(cpu1 - cpu0),
+            "operator_cpu_seconds_event_loop_thread": r(loop_cpu1 - loop_cpu0),
+            "reconciles_per_succeeded_resource": r((reconciles_1[0] - reconciles_0[0]) / len(names)),
+            "reconcile_cpu_seconds": r(reconciles_1[1] - reconciles_0[1]),
             "s3_requests_per_succeeded_resource": r(sum(s3_window.values()) / len(names)),
             "s3_requests_by_operation": {op: int(n) for op, n in s3_window.items()},
+            "watch_events_per_succeeded_resource": r(sum(events_window.values()) / len(names)),
+            "watch_events_by_kind": events_window,
             "sandbox_latency": self.prober.summary("wave1") if self.prober else None,
             "operator_rss_mib": {
                 "at_start": r(mem_start.get("VmRSS"), 1),
@@ -1605,8 +1643,16 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
                 + ", ".join(f"{op} {n}" for op, n in (w1.get("s3_requests_by_operation") or {}).items()),
             ),
             (
+                "wave 1: watch events delivered to the operator per Succeeded resource",
+                f"{w1.get('watch_events_per_succeeded_resource')} "
+                + ", ".join(f"{kind} {n}" for kind, n in (w1.get("watch_events_by_kind") or {}).items()),
+            ),
+            (
                 "wave 1: operator CPU",
-                f"{w1['operator_cpu_seconds']} s ({r(w1['operator_cpu_seconds'] / n, 3)} s per resource)",
+                f"{w1['operator_cpu_seconds']} s ({r(w1['operator_cpu_seconds'] / n, 3)} s per resource; "
+                f"event loop thread {w1.get('operator_cpu_seconds_event_loop_thread')} s; "
+                f"reconciles {w1.get('reconcile_cpu_seconds')} s, {w1.get('reconciles_per_succeeded_resource')} "
+                "per resource)",
             ),
             (
                 "operator RSS: start / peak (wave 1) / steady (idle)",

@@ -56,6 +56,8 @@ EVENT_POSTERS = 4  # Events posted and counted pods let go off the reconcile thr
 API_CONNECTIONS = CHANGE_WORKERS + POD_EVENT_WORKERS + EVENT_POSTERS + 8
 KOPF_WORKERS = 4
 FINALIZER = f"{GROUP}/cleanup"  # kopf's, for the delete handler
+RESOURCE_EVENTS = metrics.WATCH_EVENTS.labels(kind="LoraResume")
+POD_EVENTS = metrics.WATCH_EVENTS.labels(kind="Pod")
 
 
 @dataclass
@@ -294,6 +296,7 @@ async def on_resource_event(namespace: str | None, name: str, body: kopf.Body, m
     """Keep the LoraResume as delivered; reconcile it when wants_reconcile says so, on the changes pool
     (errors are retried by the periodic loop, which knows it from here on), unless it has finished
     (finished_phase): then it is only counted."""
+    RESOURCE_EVENTS.inc()
     rt, key = runtime(memo), (_namespaced(namespace), name)
     if kw.get("type") == "DELETED":
         rt.cache.drop_resource(*key)
@@ -350,6 +353,7 @@ async def on_pod_event(
     Only pods that carry the accounting finalizer: one without it was let go (its end is counted; its
     release and removal would each cost a reconcile for nothing) or comes from an operator version
     before the finalizer, whose end the periodic reconcile notices."""
+    POD_EVENTS.inc()
     rt, ns = runtime(memo), _namespaced(namespace)
     if kw.get("type") == "DELETED":
         rt.cache.drop_pod(ns, name)

@@ -26,6 +26,17 @@ S3_REQUESTS = Counter(
     "HTTP requests the operator sent to S3 (each retry counted), by operation",
     ["operation"],
 )
+WATCH_EVENTS = Counter(
+    "loraresume_watch_events_total",
+    "Watch events delivered to the operator's handlers, by kind (LoraResume or trainer Pod)",
+    ["kind"],
+)
+RECONCILES = Counter("loraresume_reconciles", "Reconciles run (event-driven and periodic)")
+RECONCILE_CPU_SECONDS = Counter(
+    "loraresume_reconcile_cpu_seconds",
+    "CPU seconds of the threads that ran reconciles, while they ran them (storage reads made side by side "
+    "on other threads not included)",
+)
 RECONCILE_ERRORS = Counter("loraresume_reconcile_errors_total", "Reconciles that failed and will be retried", ["kind"])
 STARTUP_SECONDS = Histogram(
     "loraresume_trainer_startup_seconds",

@@ -321,17 +321,27 @@ class Reconciler:
         `event_pod`: the trainer pod whose event asked for this reconcile; if it is not the
         attempt's current pod, it is let go once the status has counted it."""
         with self._locks[(namespace, name)]:
-            started = self.monotonic()
+            metrics.RECONCILES.inc()
+            cpu = time.thread_time()
             try:
-                return self._reconcile_body(namespace, self._get(namespace, name), event_pod)
-            except StatusConflict as conflict:
-                log.info("status of %s/%s changed meanwhile; reading it again", namespace, name)
-                body = self._newer(namespace, name, conflict.version)
-            try:
-                return self._reconcile_body(namespace, body, event_pod, read_since=started)
-            except StatusConflict:
-                log.info("status of %s/%s changed meanwhile again; a later reconcile decides", namespace, name)
-                return CONFLICT_RETRY_SECONDS
+                return self._reconcile_once_more_on_conflict(namespace, name, event_pod)
+            finally:
+                metrics.RECONCILE_CPU_SECONDS.inc(time.thread_time() - cpu)
+
+    def _reconcile_once_more_on_conflict(
+        self, namespace: str, name: str, event_pod: ObservedPod | None
+    ) -> float | None:
+        started = self.monotonic()
+        try:
+            return self._reconcile_body(namespace, self._get(namespace, name), event_pod)
+        except StatusConflict as conflict:
+            log.info("status of %s/%s changed meanwhile; reading it again", namespace, name)
+            body = self._newer(namespace, name, conflict.version)
+        try:
+            return self._reconcile_body(namespace, body, event_pod, read_since=started)
+        except StatusConflict:
+            log.info("status of %s/%s changed meanwhile again; a later reconcile decides", namespace, name)
+            return CONFLICT_RETRY_SECONDS
 
     def _newer(self, namespace: str, name: str, refused: str | None) -> dict[str, Any] | None:
         """The resource after a refused status write: as the watch delivered it if that is newer than the

@@ -619,6 +619,7 @@ def test_a_deleted_resource_leaves_the_periodic_loop_and_what_the_process_kept_f
     memo = kopf.Memo(runtime=rt)
     raw: Any = copy.deepcopy(f.cluster.custom.body)
     body = kopf.Body(raw)
+    events_before = handlers.RESOURCE_EVENTS._value.get()
     asyncio.run(on_resource_event(namespace=NS, name="bot", body=body, memo=memo, type="ADDED"))
     deadline = time.monotonic() + 10
     while (rt.queue.pending() or "podName" not in f.status) and time.monotonic() < deadline:
@@ -631,6 +632,7 @@ def test_a_deleted_resource_leaves_the_periodic_loop_and_what_the_process_kept_f
     rt.event_posts.shutdown(wait=True)
     assert (NS, "bot") not in rt.known and (NS, "bot") not in rec._phases
     assert f.cache.resource(NS, "bot") is None
+    assert handlers.RESOURCE_EVENTS._value.get() - events_before == 2  # loraresume_watch_events_total
 
 
 @pytest.mark.parametrize(
@@ -763,3 +765,15 @@ def test_a_restart_acts_on_its_start_up_lists_and_not_again_on_kopfs_listing_of_
     assert submitted[2:] == [((NS, "bot"), "bot-attempt-1")]
     for pool in (rt.changes, rt.pod_events, rt.event_posts):
         pool.shutdown(wait=True)
+
+
+def test_every_reconcile_is_counted_with_the_cpu_its_thread_spent():
+    """loraresume_reconciles_total and loraresume_reconcile_cpu_seconds_total: what one reconcile costs."""
+    from loraresume_operator import metrics
+
+    f = Fleet()
+    runs, cpu = metrics.RECONCILES._value.get(), metrics.RECONCILE_CPU_SECONDS._value.get()
+    for _ in range(3):
+        f.reconcile()
+    assert metrics.RECONCILES._value.get() - runs == 3
+    assert 0 < metrics.RECONCILE_CPU_SECONDS._value.get() - cpu < 5
