@@ -172,32 +172,35 @@ def settle(proc: subprocess.Popen[bytes], count_file: Path, quiet_s: float, time
     return last
 
 
-def make_objects(kube: Any, n: int) -> tuple[list[str], list[str]]:
+SPEC = {  # a spot LoraResume's spec, as a user applies it
+    "baseModel": "unsloth/llama-3-8b-bnb-4bit",
+    "dataset": {"source": "s3://data/d.jsonl"},
+    "storage": {"uri": "s3://ckpt/bot/", "credentialsSecret": "s3-creds"},
+    "resources": {"gpus": 1},
+    "scheduling": {"spot": {"enabled": True}},
+}
+
+
+def create_job(kube: Any, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A LoraResume created in the API, and the trainer pod manifest the operator would create for it."""
     from loraresume_operator.decide import CreatePod, Resource
     from loraresume_operator.defaults import OperatorDefaults
     from loraresume_operator.pods import build_trainer_pod
     from loraresume_operator.spec import LoraResumeSpec
 
-    spec_body = {
-        "baseModel": "unsloth/llama-3-8b-bnb-4bit",
-        "dataset": {"source": "s3://data/d.jsonl"},
-        "storage": {"uri": "s3://ckpt/bot/", "credentialsSecret": "s3-creds"},
-        "resources": {"gpus": 1},
-        "scheduling": {"spot": {"enabled": True}},
-    }
-    spec = LoraResumeSpec.model_validate(spec_body)
+    created = kube.create("loraresumes", {"metadata": {"name": name}, "spec": SPEC}, NAMESPACE)
+    pod = build_trainer_pod(
+        Resource(name, NAMESPACE, created["metadata"]["uid"], 1),
+        LoraResumeSpec.model_validate(SPEC),
+        CreatePod(f"{name}-attempt-1", 1, None, False, None),
+        OperatorDefaults(trainer_image="ghcr.io/loraresume/trainer:0.1.0"),
+    )
+    return created, pod
+
+
+def make_objects(kube: Any, n: int) -> tuple[list[str], list[str]]:
     names = [f"job-{i:04d}" for i in range(n)]
-    pods = []
-    for name in names:
-        created = kube.create("loraresumes", {"metadata": {"name": name}, "spec": spec_body}, NAMESPACE)
-        resource = Resource(name, NAMESPACE, created["metadata"]["uid"], 1)
-        pod = build_trainer_pod(
-            resource,
-            spec,
-            CreatePod(f"{name}-attempt-1", 1, None, False, None),
-            OperatorDefaults(trainer_image="ghcr.io/loraresume/trainer:0.1.0"),
-        )
-        pods.append(kube.create("pods", pod, NAMESPACE)["metadata"]["name"])
+    pods = [kube.create("pods", create_job(kube, name)[1], NAMESPACE)["metadata"]["name"] for name in names]
     return names, pods
 
 

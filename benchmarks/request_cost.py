@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 for sub in ("operator", "sandbox", "trainer_image", "benchmarks"):
     sys.path.insert(0, str(ROOT / sub))
 
-NAMESPACE = "bench"
 BLOCK = 25  # requests per timed block
 
 
@@ -58,15 +57,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import boto3
     import urllib3
+    from event_path import NAMESPACE, create_job
     from kubernetes import client, config
     from scale import s3_server_command
 
-    from loraresume_operator.decide import CreatePod, Resource
-    from loraresume_operator.defaults import OperatorDefaults
     from loraresume_operator.lean_api import LeanCoreV1Api
-    from loraresume_operator.pods import build_trainer_pod
     from loraresume_operator.s3_view import _client as operator_s3_client
-    from loraresume_operator.spec import GROUP, PLURAL, VERSION, LoraResumeSpec
+    from loraresume_operator.spec import GROUP, PLURAL, VERSION
     from loraresume_sandbox.cluster import install_chart, sandbox_values
     from loraresume_sandbox.control_plane import ControlPlane, free_port
 
@@ -80,20 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cp.create_namespace(NAMESPACE)
         install_chart(cp.admin, sandbox_values(namespaces=[NAMESPACE]))
-        spec_body = {
-            "baseModel": "unsloth/llama-3-8b-bnb-4bit",
-            "dataset": {"source": "s3://data/d.jsonl"},
-            "storage": {"uri": "s3://ckpt/bot/", "credentialsSecret": "s3-creds"},
-            "resources": {"gpus": 1},
-            "scheduling": {"spot": {"enabled": True}},
-        }
-        created = cp.admin.create("loraresumes", {"metadata": {"name": "bot"}, "spec": spec_body}, NAMESPACE)
-        pod = build_trainer_pod(
-            Resource("bot", NAMESPACE, created["metadata"]["uid"], 1),
-            LoraResumeSpec.model_validate(spec_body),
-            CreatePod("bot-attempt-1", 1, None, False, None),
-            OperatorDefaults(trainer_image="ghcr.io/loraresume/trainer:0.1.0"),
-        )
+        created, pod = create_job(cp.admin, "bot")
 
         # The operator's clients, configured as it configures them (handlers.startup, s3_view._client).
         api = client.ApiClient(config.new_client_from_config(str(cp.admin_kubeconfig)).configuration)
