@@ -31,9 +31,9 @@ WATCH_EVENTS = Counter(
     "Watch events delivered to the operator's handlers, by kind (LoraResume or trainer Pod)",
     ["kind"],
 )
-RECONCILES = Counter("loraresume_reconciles", "Reconciles run (event-driven and periodic)")
+RECONCILES = Counter("loraresume_reconciles_total", "Reconciles run (event-driven and periodic)")
 RECONCILE_CPU_SECONDS = Counter(
-    "loraresume_reconcile_cpu_seconds",
+    "loraresume_reconcile_cpu_seconds_total",
     "CPU seconds of the threads that ran reconciles, while they ran them (storage reads made side by side "
     "on other threads not included)",
 )
