@@ -6,7 +6,7 @@ Why: a resource's lifecycle at 200 costs the operator ~45 ms of CPU (issue 15's 
 ~8 API requests, ~5 S3 requests and ~11 watch events (scale.py); event_path.py prices the events.
 This prices the requests, on this process's clock only (the API server and S3 run in processes of
 their own), each made the way the operator makes it, and beside it the same request made with
-urllib3 alone (same TLS pool, `json` both ways), the floor any Python client pays:
+urllib3 alone (a pool of its own, the same TLS, `json` both ways), the floor any Python client pays:
 
 - a LoraResume status write (`CustomObjectsApi.replace_namespaced_custom_object_status`, the
   operator's status body);
