@@ -146,8 +146,13 @@ def watch_lean(count_file: Path, server: str, ca: str, cert: str, key: str) -> N
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """The watcher's CPU (scale.process_cpu_seconds); it runs throughout a measurement."""
+    from scale import process_cpu_seconds
+
+    seconds = process_cpu_seconds(pid)
+    if seconds is None:
+        raise SystemExit(f"CPU of watcher {pid} unreadable")
+    return seconds
 
 
 def read_count(path: Path) -> int:

@@ -171,10 +171,11 @@ def s3_server_command(kind: str, port: int) -> tuple[list[str], str]:
     return argv, f"moto {dist_version('moto')} (moto.server: one Python process)"
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU of a running process (Linux /proc), None when it cannot be read."""
+def process_cpu_seconds(pid: int, thread: int | None = None) -> float | None:
+    """User + system CPU of a running process, or of one of its threads (Linux /proc), None when it
+    cannot be read."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
@@ -554,21 +555,12 @@ class Operator:
 
     def cpu_seconds(self) -> float | None:
         """The operator process's CPU, all its threads."""
-        return self._cpu(f"/proc/{self.proc.pid}/stat")  # type: ignore[union-attr]
+        return process_cpu_seconds(self.proc.pid) if self.proc else None
 
     def event_loop_cpu_seconds(self) -> float | None:
         """The CPU of the operator's main thread alone: asyncio's event loop, where kopf receives, decodes
         and processes every watch event and the handlers queue reconciles (they run on other threads)."""
-        return self._cpu(f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat")  # type: ignore[union-attr]
-
-    @staticmethod
-    def _cpu(stat: str) -> float | None:
-        try:
-            with open(stat) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, AttributeError, IndexError):
-            return None
+        return process_cpu_seconds(self.proc.pid, thread=self.proc.pid) if self.proc else None
 
     def memory(self) -> dict[str, float]:
         """VmRSS and VmHWM (peak RSS) of the operator process, MiB."""
@@ -586,25 +578,27 @@ class Operator:
     def watch_events(self) -> dict[str, float]:
         """Watch events delivered to this operator process's handlers so far, by kind
         (loraresume_watch_events_total)."""
-        return {
-            key.split('kind="', 1)[1].split('"', 1)[0]: value
-            for key, value in self.metric("loraresume_watch_events_total{")
-        }
+        return self.by_label("loraresume_watch_events_total", "kind")
 
     def reconciles(self) -> tuple[float, float]:
         """(reconciles run, their threads' CPU seconds) so far (loraresume_reconciles_total,
         loraresume_reconcile_cpu_seconds_total)."""
-        return tuple(  # type: ignore[return-value]
+        runs, cpu = (
             sum(value for _, value in self.metric(f"{name} "))
             for name in ("loraresume_reconciles_total", "loraresume_reconcile_cpu_seconds_total")
         )
+        return runs, cpu
 
     def s3_requests(self) -> dict[str, float]:
         """This operator process's S3 requests so far, by operation (loraresume_s3_requests_total)."""
+        return self.by_label("loraresume_s3_requests_total", "operation")
+
+    def by_label(self, name: str, label: str) -> dict[str, float]:
+        """A labelled metric's samples so far, summed by one label's value."""
         out: dict[str, float] = {}
-        for key, value in self.metric("loraresume_s3_requests_total{"):
-            operation = key.split('operation="', 1)[1].split('"', 1)[0]
-            out[operation] = out.get(operation, 0.0) + value
+        for key, value in self.metric(name + "{"):
+            which = key.split(f'{label}="', 1)[1].split('"', 1)[0]
+            out[which] = out.get(which, 0.0) + value
         return out
 
     def metric(self, name: str) -> list[tuple[str, float]]:
