@@ -113,7 +113,11 @@ class WatchCache:
             return self._resources.get((namespace, name))
 
     # ---- trainer pods ---------------------------------------------------------------------------
-    def put_pod(self, namespace: str, body: Mapping[str, Any]) -> ObservedPod:
+    def put_pod(self, namespace: str, body: Mapping[str, Any]) -> tuple[ObservedPod, bool]:
+        """(the pod as observed, whether that differs from what was held for it). An event that changes
+        nothing the operator observes of a pod (ObservedPod: its kubelet's readiness conditions, its IP; or
+        the watch's ADDED of a pod this process created, held since the creation's answer) asks for no
+        reconcile: the last one decided on that same pod."""
         pod = ObservedPod.from_api(dict(body))
         version = (body.get("metadata") or {}).get("resourceVersion")
         with self._lock:
@@ -121,7 +125,7 @@ class WatchCache:
             if stored is None or _newer(version, stored[0]):
                 self._pods[(namespace, pod.name)] = (version, pod)
             self._seeded_pods.pop((namespace, pod.name), None)
-        return pod
+        return pod, stored is None or stored[1] != pod
 
     def refresh_pod(self, namespace: str, owner: str, body: Mapping[str, Any]) -> None:
         """The answer to this process's own pod creation, so that the reconciles before its watch event

@@ -767,6 +767,63 @@ def test_a_restart_acts_on_its_start_up_lists_and_not_again_on_kopfs_listing_of_
         pool.shutdown(wait=True)
 
 
+SCHEDULED = {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-12-06T10:00:00Z"}
+READY = {"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-06T10:00:05Z"}
+DISRUPTED = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}
+
+
+# One pod's events in order, each with whether it asks for a reconcile of its resource.
+POD_EVENTS_IN_ORDER: list[tuple[str, str, dict[str, Any], bool]] = [
+    # the watch's ADDED of the pod this process created (held since the creation's answer)
+    ("ADDED", "20", {"phase": "Pending"}, False),
+    ("MODIFIED", "21", {"phase": "Pending", "podIP": "10.0.0.7"}, False),  # nothing observed changed
+    ("MODIFIED", "22", {"phase": "Pending", "conditions": [SCHEDULED]}, True),  # scheduled: its wait is judged
+    ("MODIFIED", "23", {"phase": "Running", "conditions": [SCHEDULED]}, True),
+    ("MODIFIED", "24", {"phase": "Running", "conditions": [SCHEDULED, READY], "podIP": "10.0.0.7"}, False),
+    ("MODIFIED", "25", {"phase": "Running", "conditions": [SCHEDULED, DISRUPTED]}, True),  # going
+    ("DELETED", "26", {"phase": "Running", "conditions": [SCHEDULED, DISRUPTED]}, True),
+]
+
+
+@pytest.mark.parametrize("at", range(len(POD_EVENTS_IN_ORDER)), ids=lambda i: POD_EVENTS_IN_ORDER[i][1])
+def test_a_pod_event_asks_for_a_reconcile_only_when_it_changes_what_the_operator_observes(at: int):
+    """Each row of POD_EVENTS_IN_ORDER: the pod as the rows before it left it (the creation's answer
+    first), then its event."""
+    import asyncio
+
+    import kopf
+
+    from loraresume_operator import handlers
+    from loraresume_operator.pods import LABEL_RESOURCE
+
+    f = Fleet()
+    rt = handlers.Runtime(cluster_wide=False, interval=10.0, namespaces=(NS,), reconciler=f.cluster.reconciler)
+    submitted: list[Any] = []
+    rt.queue.submit = lambda key, pod=None, **kw: submitted.append(key)  # type: ignore[method-assign]
+    rt.cache.put_resource(copy.deepcopy(f.cluster.custom.body))
+    meta = {"name": "bot-attempt-1", "namespace": NS, "labels": {LABEL_RESOURCE: "bot"}}
+    meta["finalizers"] = [ACCOUNTING_FINALIZER]
+    rt.cache.refresh_pod(NS, "bot", {"metadata": {**meta, "resourceVersion": "20"}, "status": {"phase": "Pending"}})
+    event, version, status, reconciled = POD_EVENTS_IN_ORDER[at]
+    for before in POD_EVENTS_IN_ORDER[:at]:  # what the earlier rows left in the cache
+        rt.cache.put_pod(NS, {"metadata": {**meta, "resourceVersion": before[1]}, "status": before[2]})
+    body = {"metadata": {**meta, "resourceVersion": version}, "status": status}
+    on_pod_event: Any = handlers.on_pod_event
+    asyncio.run(
+        on_pod_event(
+            namespace=NS,
+            name="bot-attempt-1",
+            labels=meta["labels"],
+            body=kopf.Body(body),
+            memo=kopf.Memo(runtime=rt),
+            type=event,
+        )
+    )
+    assert submitted == ([(NS, "bot")] if reconciled else [])
+    for pool in (rt.changes, rt.pod_events, rt.event_posts):
+        pool.shutdown(wait=True)
+
+
 def test_every_reconcile_is_counted_with_the_cpu_its_thread_spent():
     """loraresume_reconciles_total and loraresume_reconcile_cpu_seconds_total: what one reconcile costs."""
     f = Fleet()
