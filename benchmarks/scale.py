@@ -502,6 +502,7 @@ class Operator:
         self.profile_seconds, self.profile_gil = profile_seconds, profile_gil
         self.process: OperatorProcess | None = None
         self.profilers: list[subprocess.Popen[bytes]] = []
+        self.cpu_shares: CpuShares | None = None  # --operator-cpu-request
         self.starts = 0
         self.started_at = 0.0  # monotonic
         self.started_wall = 0.0  # wall clock, to compare with audit timestamps
@@ -521,6 +522,8 @@ class Operator:
         )
         self.started_at, self.started_wall = now(), time.time()
         self.process.start()
+        if self.cpu_shares is not None and self.proc is not None:
+            self.cpu_shares.put_operator(self.proc.pid)
         if self.profile_dir is not None and self.proc is not None:
             out = self.profile_dir / f"operator-{self.starts}.txt"
             self.profilers.append(self.profile(self.proc.pid, out, self.profile_seconds, self.profile_gil))
@@ -701,6 +704,47 @@ def machine() -> dict[str, Any]:
     }
 
 
+class CpuShares:
+    """`--operator-cpu-request`: the host's CPUs shared as a Kubernetes node shares them under contention,
+    by the pods' requests. The kubelet gives each pod's cgroup cpu.shares of milliCPU * 1024 / 1000 (cgroup
+    v1); here the operator gets its request's shares and this benchmark with all it starts (control plane,
+    S3 server, node agent, stand-in trainers) the rest of the host's CPUs', as if their pods requested the
+    rest of the node. Without it (the default) every process competes on equal terms, which on 2 cores
+    leaves the operator a small share of a busy host. Needs a writable /sys/fs/cgroup/cpu (cgroup v1)."""
+
+    ROOT = Path("/sys/fs/cgroup/cpu")
+
+    def __init__(self, operator_millicpu: int) -> None:
+        host = (os.cpu_count() or 1) * 1000
+        if not 0 < operator_millicpu < host:
+            raise SystemExit(f"--operator-cpu-request: between 1 and {host - 1} milliCPU on this host")
+        if not os.access(self.ROOT, os.W_OK):
+            raise SystemExit(f"--operator-cpu-request: {self.ROOT} is not a writable cgroup v1 cpu hierarchy")
+        self.base = self.ROOT / f"loraresume-scale-{os.getpid()}"
+        self.operator, self.sandbox = self.base / "operator", self.base / "sandbox"
+        self.millicpu = {"operator": operator_millicpu, "sandbox": host - operator_millicpu}
+        for group, milli in ((self.operator, self.millicpu["operator"]), (self.sandbox, self.millicpu["sandbox"])):
+            group.mkdir(parents=True, exist_ok=True)
+            (group / "cpu.shares").write_text(str(milli * 1024 // 1000))
+        self.move(self.sandbox, os.getpid())  # what this process starts from now on is born there
+
+    @staticmethod
+    def move(group: Path, pid: int) -> None:
+        (group / "cgroup.procs").write_text(str(pid))  # the whole process, all its threads
+
+    def put_operator(self, pid: int) -> None:
+        self.move(self.operator, pid)
+
+    def close(self) -> None:
+        """This process back to the root group; the groups go once their processes have exited."""
+        self.move(self.ROOT, os.getpid())
+        for group in (self.operator, self.sandbox, self.base):
+            try:
+                group.rmdir()
+            except OSError:
+                pass
+
+
 # -- the benchmark ----------------------------------------------------------------------------------------
 Victims = dict[str, tuple[str, float, str | None]]  # pod -> (how, time of the call, its uid then)
 
@@ -723,6 +767,7 @@ class Bench:
         self.prober: Prober | None = None
         self.wave2_names: list[str] = []
         self.reclaimed: dict[str, float] = {}  # node -> when this phase reclaimed it
+        self.cpu_shares: CpuShares | None = None
 
     def log(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -819,6 +864,7 @@ class Bench:
         self.operator = Operator(
             self.cluster, self.workdir, profile_dir, self.args.py_spy_seconds, self.args.py_spy_gil
         )
+        self.operator.cpu_shares = self.cpu_shares
         self.sampler = MemorySampler(self.operator)
         self.prober = Prober(self.kube, s3, self.sampler)
         self.result["operator_start_seconds"] = r(self.start_operator())
@@ -876,6 +922,8 @@ class Bench:
                 self.s3_server.wait(20)
             except subprocess.TimeoutExpired:
                 self.s3_server.kill()
+        if self.cpu_shares is not None:
+            self.cpu_shares.close()
 
     # -- resources ---------------------------------------------------------------------------
     def body(self, name: str, wave: str, steps: int | None = None) -> dict[str, Any]:
@@ -1549,6 +1597,9 @@ class Bench:
         }
         t0 = now()
         try:
+            if a.operator_cpu_request:
+                self.cpu_shares = CpuShares(a.operator_cpu_request)
+                self.result["cpu_shares_millicpu"] = self.cpu_shares.millicpu
             self.setup()
             if not a.skip_wave1:
                 self.wave1()
@@ -1603,6 +1654,15 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
     s3 = result.get("s3_server") or {"what": "moto (before --s3-server)"}
     rows.append(
         ("S3 server (its CPU over the run)", f"{s3['what']} ({s3.get('cpu_seconds', '-')} s)"),
+    )
+    shares = result.get("cpu_shares_millicpu")
+    rows.append(
+        (
+            "the host's CPUs shared",
+            f"by requests (cgroup cpu.shares): operator {shares['operator']}m, everything else {shares['sandbox']}m"
+            if shares
+            else "on equal terms (every process)",
+        )
     )
     git = result.get("git") or {}
     if git:
@@ -1838,6 +1898,16 @@ def render_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _shared(shares: dict[str, int] | None) -> str:
+    """How the host's CPUs were shared (--operator-cpu-request), to end the machine line."""
+    if not shares:
+        return ", on equal terms)."
+    return (
+        f"; shared by requests as a node shares them, cgroup cpu.shares: the operator {shares['operator']}m, "
+        f"everything else {shares['sandbox']}m)."
+    )
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     out = [
@@ -1849,7 +1919,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "Shared with other work: load average before / after "
         f"{result['load_before']['loadavg_1_5_15']} / {result['load_after']['loadavg_1_5_15']}, so times are noisy "
         "and include CPU contention (the control plane, the node agent, the S3 server, the stand-in trainers and the "
-        "operator all share the same cores).",
+        "operator all share the same cores" + _shared(result.get("cpu_shares_millicpu")),
         "",
         "Setup: the sandbox cluster: etcd, kube-apiserver, kube-controller-manager and kube-scheduler (v1.37) as "
         "local processes, the Helm chart's CRD, ServiceAccount and RBAC applied, the operator as a process started "
@@ -1969,6 +2039,14 @@ def main(argv: list[str] | None = None) -> int:
         default="moto",
         help="the S3 server on loopback: moto (one Python process; the default, as in rounds 1 and 2) or go "
         "(gofakes3, built from Go modules by tools/s3/build.sh, or $LORARESUME_S3_SERVER)",
+    )
+    parser.add_argument(
+        "--operator-cpu-request",
+        type=int,
+        metavar="MILLICPU",
+        help="share the host's CPUs as a Kubernetes node does by requests: the operator's cgroup gets this "
+        "request's cpu.shares, everything else the rest of the host (CpuShares; needs cgroup v1). Default: "
+        "every process on equal terms",
     )
     parser.add_argument("--json", help="write the result as JSON here")
     parser.add_argument("--markdown", help="write a markdown section here")
