@@ -631,7 +631,7 @@ def test_deployment_runs_one_hardened_standalone_operator(chart: helm.Chart) -> 
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     assert {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
     assert {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in c["env"]
-    assert c["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
+    assert c["resources"] == {"requests": {"cpu": "1000m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
 
 
 @pytest.mark.parametrize(("values", "port"), [({}, 8081), (NON_DEFAULT, 9091)], ids=["default", "non_default"])
