@@ -801,8 +801,12 @@ def test_a_pod_event_asks_for_a_reconcile_only_when_it_changes_what_the_operator
     submitted: list[Any] = []
     rt.queue.submit = lambda key, pod=None, **kw: submitted.append(key)  # type: ignore[method-assign]
     rt.cache.put_resource(copy.deepcopy(f.cluster.custom.body))
-    meta = {"name": "bot-attempt-1", "namespace": NS, "labels": {LABEL_RESOURCE: "bot"}}
-    meta["finalizers"] = [ACCOUNTING_FINALIZER]
+    meta: dict[str, Any] = {
+        "name": "bot-attempt-1",
+        "namespace": NS,
+        "labels": {LABEL_RESOURCE: "bot"},
+        "finalizers": [ACCOUNTING_FINALIZER],
+    }
     rt.cache.refresh_pod(NS, "bot", {"metadata": {**meta, "resourceVersion": "20"}, "status": {"phase": "Pending"}})
     event, version, status, reconciled = POD_EVENTS_IN_ORDER[at]
     for before in POD_EVENTS_IN_ORDER[:at]:  # what the earlier rows left in the cache
