@@ -497,12 +497,13 @@ class Operator:
         profile_dir: Path | None = None,
         profile_seconds: float = 0.0,
         profile_gil: bool = False,
+        cpu_shares: CpuShares | None = None,
     ) -> None:
         self.cluster, self.logdir, self.profile_dir = cluster, logdir, profile_dir
         self.profile_seconds, self.profile_gil = profile_seconds, profile_gil
         self.process: OperatorProcess | None = None
         self.profilers: list[subprocess.Popen[bytes]] = []
-        self.cpu_shares: CpuShares | None = None  # --operator-cpu-request
+        self.cpu_shares = cpu_shares  # --operator-cpu-request: each process started goes into its group
         self.starts = 0
         self.started_at = 0.0  # monotonic
         self.started_wall = 0.0  # wall clock, to compare with audit timestamps
@@ -715,12 +716,19 @@ class CpuShares:
 
     ROOT = Path("/sys/fs/cgroup/cpu")
 
+    HOST_MILLICPU = (os.cpu_count() or 1) * 1000
+
+    @classmethod
+    def refusal(cls, operator_millicpu: int) -> str | None:
+        """Why this request cannot be set up here, or None."""
+        if not 0 < operator_millicpu < cls.HOST_MILLICPU:
+            return f"--operator-cpu-request: between 1 and {cls.HOST_MILLICPU - 1} milliCPU on this host"
+        if not os.access(cls.ROOT, os.W_OK):
+            return f"--operator-cpu-request: {cls.ROOT} is not a writable cgroup v1 cpu hierarchy"
+        return None
+
     def __init__(self, operator_millicpu: int) -> None:
-        host = (os.cpu_count() or 1) * 1000
-        if not 0 < operator_millicpu < host:
-            raise SystemExit(f"--operator-cpu-request: between 1 and {host - 1} milliCPU on this host")
-        if not os.access(self.ROOT, os.W_OK):
-            raise SystemExit(f"--operator-cpu-request: {self.ROOT} is not a writable cgroup v1 cpu hierarchy")
+        host = self.HOST_MILLICPU
         self.base = self.ROOT / f"loraresume-scale-{os.getpid()}"
         self.operator, self.sandbox = self.base / "operator", self.base / "sandbox"
         self.millicpu = {"operator": operator_millicpu, "sandbox": host - operator_millicpu}
@@ -863,9 +871,8 @@ class Bench:
         if profile_dir is not None:
             profile_dir.mkdir(parents=True, exist_ok=True)
         self.operator = Operator(
-            self.cluster, self.workdir, profile_dir, self.args.py_spy_seconds, self.args.py_spy_gil
+            self.cluster, self.workdir, profile_dir, self.args.py_spy_seconds, self.args.py_spy_gil, self.cpu_shares
         )
-        self.operator.cpu_shares = self.cpu_shares
         self.sampler = MemorySampler(self.operator)
         self.prober = Prober(self.kube, s3, self.sampler)
         self.result["operator_start_seconds"] = r(self.start_operator())
@@ -1371,7 +1378,7 @@ class Bench:
         t_start, t_start_wall = self.operator.started_at, self.operator.started_wall
         self.wait("the first request of the new operator", lambda: received, 120, every=0.02)
         cpu_at_first = self.operator.cpu_seconds()
-        load_at_start = host_load()["loadavg_1_5_15"][:1]
+        load_at_start = (host_load()["loadavg_1_5_15"] or [None])[0]
         # Reconciled: the new process has decided on the resource (loraresume_resources{phase} counts
         # every resource it reconciled, whatever it found), so the k-th resource was reconciled when
         # the sum first reached k. Sampled every 50 ms (reconciles no longer read the resource by GET).
@@ -1422,7 +1429,7 @@ class Bench:
             # above are that CPU at the share of the host's cores the operator gets beside the sandbox).
             "operator_cpu_seconds_to_first_request": r(cpu_at_first),
             "operator_cpu_seconds_to_all_reconciled": r(cpu_at_all),
-            "host_load_1min_at_start": load_at_start[0] if load_at_start else None,
+            "host_load_1min_at_start": load_at_start,
             "pods_ended_while_down": len(ended_down),
             "start_to_those_caught_up_seconds": {"p50": r(pct(catch, 50)), "max": r(max(catch, default=None))},
             "kill_to_all_reconciled_seconds": r(self.operator.started_at - t_kill + max(done)),
@@ -1598,7 +1605,7 @@ class Bench:
         }
         t0 = now()
         try:
-            if a.operator_cpu_request:
+            if a.operator_cpu_request is not None:
                 self.cpu_shares = CpuShares(a.operator_cpu_request)
                 self.result["cpu_shares_millicpu"] = self.cpu_shares.millicpu
             self.setup()
@@ -1656,15 +1663,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(
         ("S3 server (its CPU over the run)", f"{s3['what']} ({s3.get('cpu_seconds', '-')} s)"),
     )
-    shares = result.get("cpu_shares_millicpu")
-    rows.append(
-        (
-            "the host's CPUs shared",
-            f"by requests (cgroup cpu.shares): operator {shares['operator']}m, everything else {shares['sandbox']}m"
-            if shares
-            else "on equal terms (every process)",
-        )
-    )
+    rows.append(("the host's CPUs shared", shared(result.get("cpu_shares_millicpu"))))
     git = result.get("git") or {}
     if git:
         rows.append(
@@ -1781,11 +1780,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
                     "restart: start -> all reconciled (p50 / all)",
                     f"{rs['reconciled_seconds']['p50']} / {rs['start_to_all_reconciled_seconds']} s",
                 ),
-                (
-                    "restart: the new process's CPU to its first request / to all reconciled; host load then",
-                    f"{rs.get('operator_cpu_seconds_to_first_request')} / "
-                    f"{rs.get('operator_cpu_seconds_to_all_reconciled')} s; {rs.get('host_load_1min_at_start')}",
-                ),
+                restart_cpu_row("restart", rs),
                 (
                     f"restart: {rs['pods_ended_while_down']} pods ended while down -> status caught up (p50 / all)",
                     f"{rs['start_to_those_caught_up_seconds']['p50']} / "
@@ -1846,11 +1841,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
                     "steady restart: start -> all reconciled (p50 / all)",
                     f"{rs['reconciled_seconds']['p50']} / {rs['start_to_all_reconciled_seconds']} s",
                 ),
-                (
-                    "steady restart: the new process's CPU to its first request / to all reconciled; host load then",
-                    f"{rs.get('operator_cpu_seconds_to_first_request')} / "
-                    f"{rs.get('operator_cpu_seconds_to_all_reconciled')} s; {rs.get('host_load_1min_at_start')}",
-                ),
+                restart_cpu_row("steady restart", rs),
             ]
     load = result.get("load_before", {}).get("loadavg_1_5_15"), result.get("load_after", {}).get("loadavg_1_5_15")
     rows.append(("host load average before / after", f"{load[0]} / {load[1]}"))
@@ -1899,14 +1890,20 @@ def render_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _shared(shares: dict[str, int] | None) -> str:
-    """How the host's CPUs were shared (--operator-cpu-request), to end the machine line."""
-    if not shares:
-        return ", on equal terms)."
+def restart_cpu_row(label: str, restart: dict[str, Any]) -> tuple[str, str]:
+    """A restart's own CPU (measure_restart) as a table row."""
     return (
-        f"; shared by requests as a node shares them, cgroup cpu.shares: the operator {shares['operator']}m, "
-        f"everything else {shares['sandbox']}m)."
+        f"{label}: the new process's CPU to its first request / to all reconciled; host load then",
+        f"{restart.get('operator_cpu_seconds_to_first_request')} / "
+        f"{restart.get('operator_cpu_seconds_to_all_reconciled')} s; {restart.get('host_load_1min_at_start')}",
     )
+
+
+def shared(shares: dict[str, int] | None) -> str:
+    """How the host's CPUs were shared (--operator-cpu-request)."""
+    if not shares:
+        return "on equal terms (every process)"
+    return f"by requests (cgroup cpu.shares): operator {shares['operator']}m, everything else {shares['sandbox']}m"
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -1920,7 +1917,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "Shared with other work: load average before / after "
         f"{result['load_before']['loadavg_1_5_15']} / {result['load_after']['loadavg_1_5_15']}, so times are noisy "
         "and include CPU contention (the control plane, the node agent, the S3 server, the stand-in trainers and the "
-        "operator all share the same cores" + _shared(result.get("cpu_shares_millicpu")),
+        f"operator all share the same cores, {shared(result.get('cpu_shares_millicpu'))}).",
         "",
         "Setup: the sandbox cluster: etcd, kube-apiserver, kube-controller-manager and kube-scheduler (v1.37) as "
         "local processes, the Helm chart's CRD, ServiceAccount and RBAC applied, the operator as a process started "
@@ -2054,6 +2051,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gpus_per_node < 1 or args.capacity % args.gpus_per_node:
         parser.error("--gpus-per-node must divide --capacity")
+    if args.operator_cpu_request is not None and (refused := CpuShares.refusal(args.operator_cpu_request)):
+        parser.error(refused)
     if args.interval is None:
         args.interval = chart_interval()
     if args.quiet_seconds is None:
